@@ -1,0 +1,271 @@
+//! The host ABI between an agent (built with `agent-sdk`) and a host (`agent-runtime`).
+//!
+//! Both sides depend on this crate, so import names, operation codes and message types are
+//! defined once and cannot drift. Everything that crosses the sandbox boundary is either a
+//! plain integer or CBOR bytes of the types below.
+//!
+//! # The calling convention
+//! The module exports [`export::START`] (create the agent's task) and [`export::POLL`] (poll it
+//! once). `agent_poll` returns [`POLL_PENDING`] after the agent submitted exactly one suspending
+//! [`Op`] through [`import::SUBMIT`], or [`POLL_DONE`] after it reported its [`Outcome`] through
+//! [`import::FINISH`]. When `agent_poll` returns, the Wasm stack is empty: that is the safe point
+//! where a host may snapshot the agent. The host then completes the operation and polls again;
+//! the SDK reads the [`OpResult`] through [`import::TAKE`].
+//!
+//! Calls that return bytes take `(ptr, cap)` and return the full length: when that is larger
+//! than `cap` nothing was written and the caller retries with a larger buffer. Negative returns
+//! are the error codes in [`code`].
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Version of this ABI. A host refuses modules built for another version.
+pub const ABI_VERSION: u32 = 1;
+
+/// Name of the custom section in which the SDK records [`ABI_VERSION`] (4 bytes, little-endian).
+pub const ABI_SECTION: &str = "agent-abi";
+
+/// Wasm import module under which the host offers the functions of [`import`].
+pub const IMPORT_MODULE: &str = "agent_v1";
+
+/// Names of the host functions an agent may import from [`IMPORT_MODULE`].
+pub mod import {
+    /// `context(ptr: i32, cap: i32) -> i32`: CBOR [`AgentInfo`](crate::AgentInfo).
+    pub const CONTEXT: &str = "context";
+    /// `submit(ptr: i32, len: i32) -> i32`: submit one CBOR [`Op`](crate::Op); 0 or an error code.
+    pub const SUBMIT: &str = "submit";
+    /// `take(ptr: i32, cap: i32) -> i32`: CBOR [`OpResult`](crate::OpResult) of the completed op.
+    pub const TAKE: &str = "take";
+    /// `checkpoint_requested() -> i32`: 1 when the host wants the agent to stop at a safe point.
+    pub const CHECKPOINT_REQUESTED: &str = "checkpoint_requested";
+    /// `log(level: i32, ptr: i32, len: i32)`: one UTF-8 log line.
+    pub const LOG: &str = "log";
+    /// `finish(ptr: i32, len: i32) -> i32`: the agent's CBOR [`Outcome`](crate::Outcome).
+    pub const FINISH: &str = "finish";
+    /// Every import name, for hosts that check a module's imports.
+    pub const ALL: [&str; 6] = [CONTEXT, SUBMIT, TAKE, CHECKPOINT_REQUESTED, LOG, FINISH];
+}
+
+/// Names of the functions an agent module exports.
+pub mod export {
+    /// `agent_start()`: create the agent's task (never run again after a restore).
+    pub const START: &str = "agent_start";
+    /// `agent_poll() -> i32`: poll the task once; [`POLL_PENDING`](crate::POLL_PENDING) or
+    /// [`POLL_DONE`](crate::POLL_DONE).
+    pub const POLL: &str = "agent_poll";
+    /// The agent's linear memory.
+    pub const MEMORY: &str = "memory";
+}
+
+/// `agent_poll` result: the agent submitted an operation and waits for its result.
+pub const POLL_PENDING: i32 = 0;
+/// `agent_poll` result: the agent finished and reported its outcome.
+pub const POLL_DONE: i32 = 1;
+
+/// Negative return codes of the imports.
+pub mod code {
+    /// The call succeeded.
+    pub const OK: i32 = 0;
+    /// A pointer/length pair lies outside the agent's memory.
+    pub const BAD_POINTER: i32 = -1;
+    /// The bytes could not be decoded as the expected CBOR message.
+    pub const BAD_MESSAGE: i32 = -2;
+    /// The message is larger than [`MAX_MESSAGE`](crate::MAX_MESSAGE).
+    pub const TOO_LARGE: i32 = -3;
+    /// An operation is already pending: an agent awaits one host operation at a time.
+    pub const BUSY: i32 = -4;
+    /// No completed operation result is waiting to be taken.
+    pub const NO_RESULT: i32 = -5;
+}
+
+/// Largest message (operation, result, outcome) that crosses the sandbox, in bytes.
+pub const MAX_MESSAGE: usize = 4 << 20;
+/// Largest log line kept; longer lines are cut.
+pub const MAX_LOG_LINE: usize = 16 << 10;
+
+/// What the host tells the agent about itself and the host it runs on now.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// The agent's id (hex).
+    pub agent_id: String,
+    /// The site (host) the agent runs on now.
+    pub site: String,
+    /// The site where the agent was launched.
+    pub home: String,
+    /// Number of completed hops.
+    pub hops: u64,
+    /// The sites the launcher asked the agent to visit, in order.
+    pub itinerary: Vec<String>,
+    /// Arguments given at launch (`--arg k=v`).
+    pub args: BTreeMap<String, String>,
+}
+
+/// A suspending host operation. The agent is at a safe point while it is pending.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Move the agent to `site` and resume it there.
+    Hop {
+        /// Destination site name.
+        site: String,
+    },
+    /// Call one of the current host's services with a CBOR request.
+    Call {
+        /// Service name, e.g. [`services::CORPUS`].
+        service: String,
+        /// CBOR-encoded request.
+        #[serde(with = "serde_bytes")]
+        request: Vec<u8>,
+    },
+    /// Stop here if the host asked for it; resume at once otherwise.
+    Checkpoint,
+}
+
+/// The result of a completed [`Op`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpResult {
+    /// Result of [`Op::Hop`]: on error the agent is still where it was.
+    Hop(Result<(), HopError>),
+    /// Result of [`Op::Call`]: the CBOR-encoded response.
+    Call(Result<serde_bytes::ByteBuf, CallError>),
+    /// Result of [`Op::Checkpoint`].
+    Checkpoint,
+}
+
+/// Why a hop did not happen. The agent keeps running on the site it was on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HopError {
+    /// No site of that name is known to the host.
+    UnknownSite(String),
+    /// The destination refused the agent.
+    Refused {
+        /// Destination site.
+        site: String,
+        /// The destination's reason.
+        reason: String,
+    },
+    /// The destination could not be reached or the transfer failed before its commit point.
+    Unreachable {
+        /// Destination site.
+        site: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for HopError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HopError::UnknownSite(site) => write!(f, "unknown site `{site}`"),
+            HopError::Refused { site, reason } => write!(f, "site `{site}` refused the agent: {reason}"),
+            HopError::Unreachable { site, reason } => write!(f, "site `{site}` unreachable: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for HopError {}
+
+/// Why a service call failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallError {
+    /// The current host offers no service of that name.
+    UnknownService(String),
+    /// The service could not decode the request.
+    BadRequest(String),
+    /// The request or response exceeded the host's limit.
+    TooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The service failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::UnknownService(s) => write!(f, "this host offers no service `{s}`"),
+            CallError::BadRequest(why) => write!(f, "bad request: {why}"),
+            CallError::TooLarge { limit } => write!(f, "message exceeds the host's limit of {limit} bytes"),
+            CallError::Failed(why) => write!(f, "service failed: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// How an agent ended, reported through [`import::FINISH`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The agent returned `Ok`: its CBOR-encoded value.
+    Ok(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The agent returned `Err`: the error's display text.
+    Err(String),
+    /// The agent panicked: the panic message (the module then traps).
+    Panicked(String),
+}
+
+/// Log levels for [`import::LOG`].
+pub mod level {
+    /// Errors.
+    pub const ERROR: i32 = 1;
+    /// Warnings.
+    pub const WARN: i32 = 2;
+    /// Information.
+    pub const INFO: i32 = 3;
+    /// Debugging detail.
+    pub const DEBUG: i32 = 4;
+}
+
+/// Services a host may offer, called with [`Op::Call`].
+pub mod services {
+    use serde::{Deserialize, Serialize};
+
+    /// Full-text search over the site's documents.
+    pub const CORPUS: &str = "corpus";
+    /// Facts about the host.
+    pub const HOST_INFO: &str = "host-info";
+
+    /// Request to [`CORPUS`]: lines containing every word of `query` (case-insensitive).
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct CorpusQuery {
+        /// Words to look for.
+        pub query: String,
+        /// Most hits wanted.
+        pub limit: u32,
+    }
+
+    /// One matching line of a document.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct CorpusHit {
+        /// Document path relative to the site's corpus directory.
+        pub doc: String,
+        /// Line number, from 1.
+        pub line: u32,
+        /// The line's text.
+        pub text: String,
+    }
+
+    /// Response of [`CORPUS`].
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct CorpusReply {
+        /// Hits in document order.
+        pub hits: Vec<CorpusHit>,
+        /// True when more lines matched than were returned.
+        pub truncated: bool,
+    }
+
+    /// Response of [`HOST_INFO`].
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct HostInfo {
+        /// Site name.
+        pub site: String,
+        /// CPU architecture of the host (`std::env::consts::ARCH`).
+        pub arch: String,
+        /// Operating system of the host.
+        pub os: String,
+        /// Runtime version.
+        pub runtime: String,
+        /// Number of documents in the site's corpus.
+        pub documents: u64,
+    }
+}

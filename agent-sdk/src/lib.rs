@@ -1,0 +1,220 @@
+//! Write mobile agents in Rust: one `async fn` that hops between hosts and resumes where it
+//! stopped.
+//!
+//! An agent is an ordinary `async fn` taking a [`Context`]. Every `.await` on a host operation
+//! ([`Context::hop`], [`Context::call`], [`Context::checkpoint`]) is a *safe point*: the host may
+//! snapshot the agent's memory there, ship it to another host (of any CPU architecture) and
+//! resume it on the line after the `.await`. Everything the agent keeps in local variables,
+//! on its heap or in statics travels with it; nothing host-side does (open files, clocks).
+//!
+//! ```no_run
+//! use agent_sdk::{Context, services::{CorpusQuery, CorpusReply, CORPUS}};
+//!
+//! async fn run(ctx: Context) -> Result<Vec<String>, String> {
+//!     let mut found = Vec::new();
+//!     for site in ctx.itinerary() {
+//!         if let Err(e) = ctx.hop(&site).await {
+//!             ctx.log(format!("skipping {site}: {e}"));
+//!             continue;
+//!         }
+//!         let query = CorpusQuery { query: ctx.arg("query").unwrap_or_default(), limit: 10 };
+//!         let reply: CorpusReply = ctx.call(CORPUS, &query).await.map_err(|e| e.to_string())?;
+//!         found.extend(reply.hits.into_iter().map(|h| format!("{site}: {}", h.text)));
+//!     }
+//!     Ok(found)
+//! }
+//!
+//! agent_sdk::agent!(run);
+//! ```
+//!
+//! Build it as a `cdylib` for `wasm32-wasip1` (`agent build CRATE_DIR` does that) and run it
+//! with `agent run AGENT.wasm --sites siteA,siteB`.
+//!
+//! # Rules for agents
+//! - Await one host operation at a time (no `join!` of two host operations).
+//! - Get host facts from the [`Context`], never from WASI environment variables: those are
+//!   captured once and travel unchanged.
+//! - Do not compare monotonic clock readings across hops; each host has its own clock.
+
+mod op;
+mod sys;
+#[doc(hidden)]
+pub mod task;
+
+pub use agent_abi::services;
+pub use agent_abi::{CallError, HopError};
+pub use op::{Call, Checkpoint, Hop};
+
+use agent_abi::{AgentInfo, Op};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+
+/// Exports the entry points that let a host run `$agent` as a mobile agent.
+///
+/// `$agent` is an `async fn(Context) -> Result<T, E>` where `T: Serialize` (delivered to the
+/// launcher as the agent's result) and `E: Display` (reported as the agent's failure).
+///
+/// ```no_run
+/// async fn run(ctx: agent_sdk::Context) -> Result<String, String> {
+///     Ok(format!("hello from {}", ctx.site()))
+/// }
+/// agent_sdk::agent!(run);
+/// ```
+#[macro_export]
+macro_rules! agent {
+    ($agent:path) => {
+        #[unsafe(no_mangle)]
+        pub extern "C" fn agent_start() {
+            $crate::task::start($agent)
+        }
+
+        #[unsafe(no_mangle)]
+        pub extern "C" fn agent_poll() -> i32 {
+            $crate::task::poll()
+        }
+    };
+}
+
+/// The agent's handle on the runtime: where it is, what it was asked, and the host operations.
+///
+/// A `Context` holds no state of its own; every query asks the host the agent runs on *now*,
+/// so after a hop [`Context::site`] names the new host.
+#[derive(Clone, Copy, Debug)]
+pub struct Context {
+    _private: (),
+}
+
+impl Context {
+    pub(crate) fn new() -> Self {
+        Context { _private: () }
+    }
+
+    fn info(&self) -> AgentInfo {
+        let bytes = sys::context();
+        ciborium::from_reader(bytes.as_slice())
+            .unwrap_or_else(|e| panic!("agent-sdk: host sent an unreadable context: {e}"))
+    }
+
+    /// The site (host) the agent runs on now.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: agent_sdk::Context) {
+    /// ctx.log(format!("running on {}", ctx.site()));
+    /// # }
+    /// ```
+    pub fn site(&self) -> String {
+        self.info().site
+    }
+
+    /// The site where the agent was launched; its result is delivered there.
+    pub fn home(&self) -> String {
+        self.info().home
+    }
+
+    /// The agent's id, unique across hosts (hex).
+    pub fn agent_id(&self) -> String {
+        self.info().agent_id
+    }
+
+    /// Number of hops completed so far.
+    pub fn hops(&self) -> u64 {
+        self.info().hops
+    }
+
+    /// The sites the launcher asked the agent to visit, in order (`--hop a,b` or `--sites a,b`).
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: agent_sdk::Context) {
+    /// for site in ctx.itinerary() {
+    ///     let _ = ctx.hop(&site).await;
+    /// }
+    /// # }
+    /// ```
+    pub fn itinerary(&self) -> Vec<String> {
+        self.info().itinerary
+    }
+
+    /// All launch arguments (`--arg key=value`).
+    pub fn args(&self) -> BTreeMap<String, String> {
+        self.info().args
+    }
+
+    /// One launch argument.
+    ///
+    /// ```no_run
+    /// # fn f(ctx: agent_sdk::Context) {
+    /// let rounds: u32 = ctx.arg("rounds").and_then(|r| r.parse().ok()).unwrap_or(3);
+    /// # }
+    /// ```
+    pub fn arg(&self, key: &str) -> Option<String> {
+        self.info().args.remove(key)
+    }
+
+    /// Moves the agent to `site`; the future completes on the destination.
+    ///
+    /// # Errors
+    /// A [`HopError`] when the hop did not happen (unknown site, refused, unreachable); the
+    /// agent then still runs where it was and may try another site.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: agent_sdk::Context) {
+    /// match ctx.hop("siteB").await {
+    ///     Ok(()) => assert_eq!(ctx.site(), "siteB"),
+    ///     Err(e) => ctx.log(format!("staying on {}: {e}", ctx.site())),
+    /// }
+    /// # }
+    /// ```
+    pub fn hop(&self, site: &str) -> Hop {
+        Hop::new(Op::Hop { site: site.to_string() })
+    }
+
+    /// Calls a service of the current host with a request and decodes its response.
+    ///
+    /// # Errors
+    /// A [`CallError`] when the host lacks the service, the request or response exceeds the
+    /// host's limit, or the service fails.
+    ///
+    /// ```no_run
+    /// use agent_sdk::services::{HostInfo, HOST_INFO};
+    /// # async fn f(ctx: agent_sdk::Context) -> Result<(), agent_sdk::CallError> {
+    /// let info: HostInfo = ctx.call(HOST_INFO, &()).await?;
+    /// ctx.log(format!("{} runs on {}", info.site, info.arch));
+    /// # Ok(()) }
+    /// ```
+    pub fn call<Req: Serialize, Resp: DeserializeOwned>(&self, service: &str, request: &Req) -> Call<Resp> {
+        let mut bytes = Vec::new();
+        let encoded = ciborium::into_writer(request, &mut bytes);
+        Call::new(service, bytes, encoded.err().map(|e| e.to_string()))
+    }
+
+    /// A safe point where the host may stop the agent (to move or park it).
+    ///
+    /// Costs one host call when the host has not asked; CPU-bound agents should call it in
+    /// their loops so hosts can balance load or drain without waiting for them.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: agent_sdk::Context) {
+    /// let mut sum = 0u64;
+    /// for i in 0..1_000_000u64 {
+    ///     sum = sum.wrapping_add(i * i);
+    ///     if i % 10_000 == 0 {
+    ///         ctx.checkpoint().await;
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint::new(sys::checkpoint_requested())
+    }
+
+    /// Writes a line to the host's log for this agent.
+    pub fn log(&self, line: impl AsRef<str>) {
+        sys::log(agent_abi::level::INFO, line.as_ref());
+    }
+
+    /// Writes a warning line to the host's log for this agent.
+    pub fn warn(&self, line: impl AsRef<str>) {
+        sys::log(agent_abi::level::WARN, line.as_ref());
+    }
+}

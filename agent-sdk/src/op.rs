@@ -1,0 +1,144 @@
+//! Futures of the suspending host operations.
+//!
+//! Each future submits its operation on first poll and returns `Pending`, which makes
+//! `agent_poll` return to the host with an empty Wasm stack: the safe point. The host completes
+//! the operation (possibly on another machine, after a snapshot) and polls again; the future
+//! then takes the result the host holds for it.
+
+use crate::sys;
+use agent_abi::{CallError, HopError, Op, OpResult, code};
+use serde::de::DeserializeOwned;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// A submitted-or-not host operation.
+#[derive(Debug)]
+enum Pending {
+    Ready(Op),
+    Submitted,
+}
+
+impl Pending {
+    fn poll(&mut self) -> Poll<OpResult> {
+        match self {
+            Pending::Ready(op) => {
+                let mut bytes = Vec::new();
+                if let Err(e) = ciborium::into_writer(op, &mut bytes) {
+                    panic!("agent-sdk: could not encode {op:?}: {e}");
+                }
+                match sys::submit(&bytes) {
+                    code::OK => {}
+                    code::BUSY => panic!("agent-sdk: another host operation is pending; await one at a time"),
+                    code::TOO_LARGE => panic!(
+                        "agent-sdk: operation of {} bytes exceeds the limit of {} bytes",
+                        bytes.len(),
+                        agent_abi::MAX_MESSAGE
+                    ),
+                    other => panic!("agent-sdk: host refused the operation (code {other})"),
+                }
+                *self = Pending::Submitted;
+                Poll::Pending
+            }
+            Pending::Submitted => match sys::take() {
+                None => Poll::Pending,
+                Some(bytes) => match ciborium::from_reader(bytes.as_slice()) {
+                    Ok(result) => Poll::Ready(result),
+                    Err(e) => panic!("agent-sdk: host sent an unreadable operation result: {e}"),
+                },
+            },
+        }
+    }
+}
+
+fn mismatch(result: &OpResult) -> ! {
+    panic!("agent-sdk: host answered with the result of another operation: {result:?}")
+}
+
+/// Future of [`Context::hop`](crate::Context::hop).
+#[must_use = "a hop happens only when awaited"]
+#[derive(Debug)]
+pub struct Hop(Pending);
+
+impl Hop {
+    pub(crate) fn new(op: Op) -> Self {
+        Hop(Pending::Ready(op))
+    }
+}
+
+impl Future for Hop {
+    type Output = Result<(), HopError>;
+
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.poll().map(|result| match result {
+            OpResult::Hop(r) => r,
+            other => mismatch(&other),
+        })
+    }
+}
+
+/// Future of [`Context::call`](crate::Context::call).
+#[must_use = "a service call happens only when awaited"]
+#[derive(Debug)]
+pub struct Call<Resp> {
+    pending: Option<Pending>,
+    encode_error: Option<String>,
+    _resp: PhantomData<fn() -> Resp>,
+}
+
+impl<Resp> Call<Resp> {
+    pub(crate) fn new(service: &str, request: Vec<u8>, encode_error: Option<String>) -> Self {
+        let op = Op::Call { service: service.to_string(), request };
+        Call { pending: Some(Pending::Ready(op)), encode_error, _resp: PhantomData }
+    }
+}
+
+impl<Resp> Unpin for Call<Resp> {}
+
+impl<Resp: DeserializeOwned> Future for Call<Resp> {
+    type Output = Result<Resp, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(why) = self.encode_error.take() {
+            return Poll::Ready(Err(CallError::BadRequest(why)));
+        }
+        let Some(pending) = self.pending.as_mut() else {
+            panic!("agent-sdk: service call polled after it completed");
+        };
+        pending.poll().map(|result| {
+            self.pending = None;
+            match result {
+                OpResult::Call(Ok(bytes)) => ciborium::from_reader(bytes.as_slice())
+                    .map_err(|e| CallError::BadRequest(format!("could not decode the response: {e}"))),
+                OpResult::Call(Err(e)) => Err(e),
+                other => mismatch(&other),
+            }
+        })
+    }
+}
+
+/// Future of [`Context::checkpoint`](crate::Context::checkpoint).
+#[must_use = "a checkpoint happens only when awaited"]
+#[derive(Debug)]
+pub struct Checkpoint(Option<Pending>);
+
+impl Checkpoint {
+    pub(crate) fn new(requested: bool) -> Self {
+        Checkpoint(requested.then_some(Pending::Ready(Op::Checkpoint)))
+    }
+}
+
+impl Future for Checkpoint {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+        match self.0.as_mut() {
+            None => Poll::Ready(()),
+            Some(pending) => pending.poll().map(|result| match result {
+                OpResult::Checkpoint => (),
+                other => mismatch(&other),
+            }),
+        }
+    }
+}

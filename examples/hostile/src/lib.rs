@@ -1,0 +1,52 @@
+//! Test agent that misbehaves on purpose, to show hosts contain it. `--arg mode=`:
+//! - `bomb`: allocates without end (stopped by the memory limit);
+//! - `loop`: loops forever without a safe point (stopped by the CPU budget);
+//! - `spin`: loops forever, with checkpoints (stopped by the CPU budget at a safe point);
+//! - `recurse`: unbounded recursion (stopped by the Wasm stack limit);
+//! - `panic`: panics with a message;
+//! - `fail`: returns an error.
+
+use agent_sdk::Context;
+use std::hint::black_box;
+
+fn recurse(depth: u64) -> u64 {
+    if depth == u64::MAX {
+        return 0;
+    }
+    let local = [depth; 16];
+    black_box(&local);
+    recurse(black_box(depth + 1)) + local[3]
+}
+
+async fn misbehave(ctx: Context) -> Result<u64, String> {
+    match ctx.arg("mode").as_deref() {
+        Some("bomb") => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                black_box(&hoard);
+            }
+        }
+        Some("loop") => {
+            let mut x = 0u64;
+            loop {
+                x = black_box(x.wrapping_add(1));
+            }
+        }
+        Some("spin") => {
+            let mut x = 0u64;
+            loop {
+                x = black_box(x.wrapping_add(1));
+                if x % 100_000 == 0 {
+                    ctx.checkpoint().await;
+                }
+            }
+        }
+        Some("recurse") => Ok(recurse(0)),
+        Some("panic") => panic!("the agent gave up on purpose"),
+        Some("fail") => Err("the agent failed on purpose".to_string()),
+        other => Err(format!("unknown mode {other:?}: use bomb, loop, spin, recurse, panic or fail")),
+    }
+}
+
+agent_sdk::agent!(misbehave);

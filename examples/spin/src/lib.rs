@@ -1,0 +1,36 @@
+//! Test agent that is CPU-bound: counts primes below `n` (default 100000) by trial division
+//! and calls `ctx.checkpoint()` every `every` numbers (default 1000), so a host can stop it.
+
+use agent_sdk::Context;
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Report {
+    n: u64,
+    primes: u64,
+    sum: u64,
+    sqrt_sum_bits: u64,
+}
+
+fn is_prime(k: u64) -> bool {
+    k >= 2 && (2..).take_while(|d| d * d <= k).all(|d| k % d != 0)
+}
+
+async fn count(ctx: Context) -> Result<Report, String> {
+    let n: u64 = ctx.arg("n").map(|v| v.parse().map_err(|e| format!("bad n: {e}"))).transpose()?.unwrap_or(100_000);
+    let every: u64 = ctx.arg("every").map(|v| v.parse().map_err(|e| format!("bad every: {e}"))).transpose()?.unwrap_or(1000);
+    let (mut primes, mut sum, mut sqrt_sum) = (0u64, 0u64, 0f64);
+    for k in 0..n {
+        if is_prime(k) {
+            primes += 1;
+            sum += k;
+            sqrt_sum += (k as f64).sqrt();
+        }
+        if every > 0 && k % every == 0 {
+            ctx.checkpoint().await;
+        }
+    }
+    Ok(Report { n, primes, sum, sqrt_sum_bits: sqrt_sum.to_bits() })
+}
+
+agent_sdk::agent!(count);

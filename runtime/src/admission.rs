@@ -1,0 +1,260 @@
+//! Module admission: decide, before anything runs, whether a module can live as a mobile agent.
+//!
+//! An agent can be snapshotted only if all its mutable state is linear memory plus mutable
+//! globals. So we refuse what would hide state elsewhere or make memory non-portable (shared
+//! memory, memory64, several memories, code that writes tables, a start function that would run
+//! again on every restore) and what the host cannot link (unknown imports, another ABI version).
+//! On success we return the facts the snapshot code needs: the mutable globals and the
+//! module's initial memory image.
+
+use crate::snapshot::{InitialImage, PAGE_SIZE};
+use agent_abi::{ABI_SECTION, ABI_VERSION, IMPORT_MODULE, export, import};
+use wasmparser::{DataKind, Operator, Parser, Payload, TypeRef, ValType, Validator};
+
+/// The WASI preview 1 import module, linked so `std` works inside agents.
+pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
+
+/// Size of a Wasm page.
+pub const WASM_PAGE: u64 = 64 << 10;
+
+/// Why a module was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdmissionError {
+    /// The bytes are not a valid WebAssembly module.
+    #[error("not a valid WebAssembly module: {0}")]
+    Invalid(String),
+    /// A component or other non-core binary.
+    #[error("not a core WebAssembly module (components are not supported)")]
+    NotACoreModule,
+    /// The module has no ABI section: it was not built with agent-sdk.
+    #[error("not an agent: the module has no `{ABI_SECTION}` section; build it with agent-sdk (`agent build CRATE_DIR`)")]
+    NotAnAgent,
+    /// The module was built for another ABI version.
+    #[error("agent ABI version mismatch: the module was built for v{module}, this host speaks v{host}; rebuild it with a matching agent-sdk")]
+    AbiMismatch {
+        /// Version in the module.
+        module: u32,
+        /// Version of this host.
+        host: u32,
+    },
+    /// A required export is missing.
+    #[error("missing export `{0}`: agents export agent_start, agent_poll and memory (use `agent_sdk::agent!`)")]
+    MissingExport(&'static str),
+    /// The module imports something the host does not offer.
+    #[error("imports `{module}::{name}`, which this host does not offer")]
+    UnknownImport {
+        /// Import module.
+        module: String,
+        /// Import name.
+        name: String,
+    },
+    /// Shared memory (threads): state could change under a snapshot.
+    #[error("uses shared memory (threads), which cannot be snapshotted")]
+    SharedMemory,
+    /// 64-bit memory.
+    #[error("uses 64-bit memory (memory64), which this runtime does not support")]
+    Memory64,
+    /// More than one memory.
+    #[error("defines {0} memories; agents have exactly one")]
+    MemoryCount(usize),
+    /// A mutable global of a type whose value cannot be carried in an image.
+    #[error("global {index} is a mutable {ty}, which cannot be snapshotted")]
+    UnsupportedGlobal {
+        /// Global index.
+        index: u32,
+        /// Its type.
+        ty: String,
+    },
+    /// Code that changes a table: the table would have to travel with the agent.
+    #[error("function {func} uses `{op}`, which writes a table; tables must stay as instantiated")]
+    WritesTable {
+        /// Function index.
+        func: u32,
+        /// The instruction.
+        op: &'static str,
+    },
+    /// A start function runs at every instantiation, so it would run again at every restore.
+    #[error("has a start function, which would run again on every restore")]
+    StartFunction,
+    /// A data segment whose place is not a constant.
+    #[error("data segment {0} has a non-constant offset")]
+    DataOffset(u32),
+    /// The host could not link the module's imports.
+    #[error("cannot link the module: {0}")]
+    Link(String),
+    /// wasmtime failed to compile the module.
+    #[error("compilation failed: {0}")]
+    Compile(String),
+}
+
+/// Type of a mutable global, as carried in an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum GlobalKind {
+    /// `i32`
+    I32,
+    /// `i64`
+    I64,
+    /// `f32`, carried as bits.
+    F32,
+    /// `f64`, carried as bits.
+    F64,
+}
+
+/// What admission learned about a module.
+#[derive(Clone, Debug)]
+pub struct ModuleFacts {
+    /// Defined mutable globals: (global index, type).
+    pub globals: Vec<(u32, GlobalKind)>,
+    /// Whether the memory is exported under [`export::MEMORY`].
+    pub memory_exported: bool,
+    /// The memory right after instantiation: data segments applied, the rest zero.
+    pub initial: InitialImage,
+}
+
+/// Inspects a module and refuses what cannot be an agent.
+///
+/// # Errors
+/// The first [`AdmissionError`] found.
+pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
+    Validator::new().validate_all(wasm).map_err(|e| AdmissionError::Invalid(e.message().to_string()))?;
+
+    let mut abi = None;
+    let mut exports = Vec::new();
+    let mut memories = Vec::new();
+    let mut globals = Vec::new();
+    let mut imported_funcs = 0u32;
+    let mut defined_funcs = 0u32;
+    let mut segments = Vec::new();
+    let invalid = |e: wasmparser::BinaryReaderError| AdmissionError::Invalid(e.message().to_string());
+
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload.map_err(invalid)? {
+            Payload::Version { encoding: wasmparser::Encoding::Component, .. } => {
+                return Err(AdmissionError::NotACoreModule);
+            }
+            Payload::ImportSection(reader) => {
+                for import in reader.into_imports() {
+                    let import = import.map_err(invalid)?;
+                    let offered = match (import.module, import.ty) {
+                        (IMPORT_MODULE, TypeRef::Func(_)) => import::ALL.contains(&import.name),
+                        (WASI_MODULE, TypeRef::Func(_)) => true, // the linker checks names and types
+                        _ => false,
+                    };
+                    if !offered {
+                        return Err(AdmissionError::UnknownImport {
+                            module: import.module.to_string(),
+                            name: import.name.to_string(),
+                        });
+                    }
+                    imported_funcs += 1;
+                }
+            }
+            Payload::MemorySection(reader) => {
+                for memory in reader {
+                    memories.push(memory.map_err(invalid)?);
+                }
+            }
+            Payload::GlobalSection(reader) => {
+                for (index, global) in reader.into_iter().enumerate() {
+                    let ty = global.map_err(invalid)?.ty;
+                    if !ty.mutable {
+                        continue;
+                    }
+                    let kind = match ty.content_type {
+                        ValType::I32 => GlobalKind::I32,
+                        ValType::I64 => GlobalKind::I64,
+                        ValType::F32 => GlobalKind::F32,
+                        ValType::F64 => GlobalKind::F64,
+                        other => {
+                            return Err(AdmissionError::UnsupportedGlobal { index: index as u32, ty: other.to_string() });
+                        }
+                    };
+                    globals.push((index as u32, kind));
+                }
+            }
+            Payload::ExportSection(reader) => {
+                for export in reader {
+                    let export = export.map_err(invalid)?;
+                    exports.push((export.name.to_string(), export.kind));
+                }
+            }
+            Payload::StartSection { .. } => return Err(AdmissionError::StartFunction),
+            Payload::DataSection(reader) => {
+                for (index, data) in reader.into_iter().enumerate() {
+                    let data = data.map_err(invalid)?;
+                    if let DataKind::Active { offset_expr, .. } = data.kind {
+                        let mut ops = offset_expr.get_operators_reader();
+                        let offset = match ops.read().map_err(invalid)? {
+                            Operator::I32Const { value } => u64::from(value as u32),
+                            _ => return Err(AdmissionError::DataOffset(index as u32)),
+                        };
+                        segments.push((offset, data.data.to_vec()));
+                    }
+                }
+            }
+            Payload::CodeSectionEntry(body) => {
+                let func = imported_funcs + defined_funcs;
+                defined_funcs += 1;
+                let mut ops = body.get_operators_reader().map_err(invalid)?;
+                while !ops.eof() {
+                    if let Some(op) = table_write(&ops.read().map_err(invalid)?) {
+                        return Err(AdmissionError::WritesTable { func, op });
+                    }
+                }
+            }
+            Payload::CustomSection(section) if section.name() == ABI_SECTION => {
+                let version = <[u8; 4]>::try_from(section.data()).map(u32::from_le_bytes).unwrap_or(u32::MAX);
+                abi = Some(version);
+            }
+            _ => {}
+        }
+    }
+
+    match abi {
+        None => return Err(AdmissionError::NotAnAgent),
+        Some(v) if v != ABI_VERSION => return Err(AdmissionError::AbiMismatch { module: v, host: ABI_VERSION }),
+        Some(_) => {}
+    }
+    let memory = match memories.as_slice() {
+        [memory] => *memory,
+        other => return Err(AdmissionError::MemoryCount(other.len())),
+    };
+    if memory.shared {
+        return Err(AdmissionError::SharedMemory);
+    }
+    if memory.memory64 {
+        return Err(AdmissionError::Memory64);
+    }
+    let exported = |name: &str, kind| exports.iter().any(|(n, k)| n == name && *k == kind);
+    for name in [export::START, export::POLL] {
+        if !exported(name, wasmparser::ExternalKind::Func) {
+            return Err(AdmissionError::MissingExport(name));
+        }
+    }
+    let memory_bytes = memory.initial.saturating_mul(WASM_PAGE);
+    let mut initial = InitialImage::default();
+    for (offset, bytes) in segments {
+        // Validation cannot check this; wasmtime would fail at instantiation.
+        if offset + bytes.len() as u64 > memory_bytes {
+            return Err(AdmissionError::Invalid(format!(
+                "data segment at offset {offset} of {} bytes lies outside the initial memory",
+                bytes.len()
+            )));
+        }
+        initial.write(offset, &bytes);
+    }
+    debug_assert_eq!(PAGE_SIZE as u64 * 16, WASM_PAGE);
+    Ok(ModuleFacts { globals, memory_exported: exported(export::MEMORY, wasmparser::ExternalKind::Memory), initial })
+}
+
+/// The name of `op` if it writes a table.
+fn table_write(op: &Operator<'_>) -> Option<&'static str> {
+    Some(match op {
+        Operator::TableSet { .. } => "table.set",
+        Operator::TableGrow { .. } => "table.grow",
+        Operator::TableFill { .. } => "table.fill",
+        Operator::TableCopy { .. } => "table.copy",
+        Operator::TableInit { .. } => "table.init",
+        _ => return None,
+    })
+}

@@ -1,0 +1,99 @@
+//! The agent context: everything about an agent that is not its memory and globals, and that
+//! travels with it in every image (identity, itinerary, budgets, the pending operation).
+
+use agent_abi::{Op, OpResult};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// A 128-bit agent id, unique across hosts.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AgentId(#[serde(with = "serde_bytes")] pub [u8; 16]);
+
+impl AgentId {
+    /// A fresh random id.
+    pub fn random() -> AgentId {
+        let mut bytes = [0u8; 16];
+        // The seed mixes the clock, the process and a counter; blake3 spreads it over 128 bits.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut hasher = blake3::Hasher::new();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        hasher.update(&now.as_nanos().to_le_bytes());
+        hasher.update(&std::process::id().to_le_bytes());
+        hasher.update(&COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+        bytes.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+        AgentId(bytes)
+    }
+}
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AgentId({self})")
+    }
+}
+
+/// One completed hop, as recorded in the agent's trace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopRecord {
+    /// Hop sequence number after the hop.
+    pub seq: u64,
+    /// Source site.
+    pub from: String,
+    /// Destination site.
+    pub to: String,
+}
+
+/// The runtime's record of an agent, carried in its image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentContext {
+    /// The agent's id.
+    pub agent_id: AgentId,
+    /// Hop sequence number: the epoch of ownership, incremented by every hop.
+    pub hop_seq: u64,
+    /// Site where the agent was launched.
+    pub home: String,
+    /// Who launched it.
+    pub owner: String,
+    /// Sites the launcher asked it to visit.
+    pub itinerary: Vec<String>,
+    /// Launch arguments.
+    pub args: BTreeMap<String, String>,
+    /// CPU time used so far, in microseconds, on all hosts together.
+    pub cpu_used_us: u64,
+    /// The operation the agent waits for, if any.
+    pub pending: Option<Op>,
+    /// The result of that operation, once the host completed it and until the agent takes it.
+    pub result: Option<OpResult>,
+    /// The hops done so far.
+    pub trace: Vec<HopRecord>,
+}
+
+impl AgentContext {
+    /// The context of a newly launched agent.
+    pub fn new(home: &str, owner: &str, itinerary: Vec<String>, args: BTreeMap<String, String>) -> AgentContext {
+        AgentContext {
+            agent_id: AgentId::random(),
+            hop_seq: 0,
+            home: home.to_string(),
+            owner: owner.to_string(),
+            itinerary,
+            args,
+            cpu_used_us: 0,
+            pending: None,
+            result: None,
+            trace: Vec::new(),
+        }
+    }
+
+    /// CPU time used so far.
+    pub fn cpu_used(&self) -> Duration {
+        Duration::from_micros(self.cpu_used_us)
+    }
+}

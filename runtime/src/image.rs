@@ -1,0 +1,262 @@
+//! The agent image: a self-describing, versioned snapshot of an agent at a safe point.
+//!
+//! Wire layout: `MAGIC` (8 bytes) | header length (u32 LE) | CBOR header | zstd body.
+//! The header holds the format version, the module hash, memory size, mutable globals (as bits),
+//! the page runs, the agent context and a BLAKE3 hash of the canonical (uncompressed) image.
+//! The body is the carried pages ([`PageMap`]) compressed with zstd.
+//!
+//! Images arrive from other hosts and from disk, so [`AgentImage::decode`] treats every field as
+//! hostile: sizes are bounded before allocation, runs are checked against the memory size,
+//! decompression cannot exceed the size the runs imply, and the hash must match.
+
+use crate::admission::GlobalKind;
+use crate::context::AgentContext;
+use crate::modules::ModuleHash;
+use crate::snapshot::{PAGE_SIZE, PageMap, PageRun};
+use serde::{Deserialize, Serialize};
+
+/// Version of the image format this runtime writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+const MAGIC: [u8; 8] = *b"AGNTIMG\0";
+const ZSTD_LEVEL: i32 = 1;
+const RECURSION_LIMIT: usize = 32;
+
+/// The value of one mutable global.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalValue {
+    /// Global index in the module.
+    pub index: u32,
+    /// Its type.
+    pub kind: GlobalKind,
+    /// Its value's bits (floats keep their exact bit pattern, NaN payloads included).
+    pub bits: u64,
+}
+
+/// An agent captured at a safe point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentImage {
+    /// Hash of the (uninstrumented) module the agent runs.
+    pub module: ModuleHash,
+    /// Size of linear memory in bytes (a multiple of 64 KiB).
+    pub memory_bytes: u64,
+    /// Every mutable global of the module.
+    pub globals: Vec<GlobalValue>,
+    /// The pages that differ from the module's initial image.
+    pub pages: PageMap,
+    /// The runtime's record of the agent.
+    pub context: AgentContext,
+}
+
+/// Bounds applied while decoding an untrusted image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Largest memory an image may describe.
+    pub max_memory: u64,
+    /// Largest header, in bytes.
+    pub max_header: usize,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        ImageLimits { max_memory: 4 << 30, max_header: 4 << 20 }
+    }
+}
+
+/// Why an image could not be read or used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ImageError {
+    /// The bytes do not start with the image magic.
+    #[error("not an agent image (bad magic)")]
+    NotAnImage,
+    /// The bytes end before the image does.
+    #[error("truncated image: {0}")]
+    Truncated(String),
+    /// Bytes after the end of the image.
+    #[error("{0} unexpected bytes after the end of the image")]
+    TrailingBytes(u64),
+    /// The image was written by a runtime with another format version.
+    #[error("image format v{found} is not supported (this runtime reads v{supported})")]
+    VersionSkew {
+        /// Version in the image.
+        found: u32,
+        /// Version this runtime reads.
+        supported: u32,
+    },
+    /// The header is larger than the limit.
+    #[error("image header of {size} bytes exceeds the limit of {limit} bytes")]
+    HeaderTooLarge {
+        /// Declared size.
+        size: u64,
+        /// Limit.
+        limit: u64,
+    },
+    /// The header is not valid CBOR for an image header.
+    #[error("malformed image header: {0}")]
+    BadHeader(String),
+    /// The image describes more memory than allowed.
+    #[error("image memory of {size} bytes exceeds the limit of {limit} bytes")]
+    MemoryTooLarge {
+        /// Declared size.
+        size: u64,
+        /// Limit.
+        limit: u64,
+    },
+    /// The page runs do not fit the memory.
+    #[error("bad page map: {0}")]
+    BadPages(String),
+    /// The body could not be decompressed to the size the page map implies.
+    #[error("corrupt image body: {0}")]
+    CorruptBody(String),
+    /// The content does not match the hash in the header.
+    #[error("image hash mismatch: the image was corrupted or tampered with")]
+    HashMismatch,
+    /// The image belongs to another module.
+    #[error("image is for module {image}, not {module}")]
+    WrongModule {
+        /// Module hash in the image.
+        image: String,
+        /// Module it was restored into.
+        module: String,
+    },
+    /// The globals do not match the module's mutable globals.
+    #[error("image globals do not match the module: {0}")]
+    GlobalsMismatch(String),
+}
+
+/// The header as it appears on the wire.
+#[derive(Serialize, Deserialize)]
+struct WireHeader {
+    format: u32,
+    abi: u32,
+    module: ModuleHash,
+    memory_bytes: u64,
+    globals: Vec<GlobalValue>,
+    runs: Vec<PageRun>,
+    body_bytes: u64,
+    #[serde(with = "serde_bytes")]
+    hash: [u8; 32],
+    context: AgentContext,
+}
+
+impl AgentImage {
+    /// BLAKE3 over the canonical image: memory size, runs, pages, globals and context.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(&FORMAT_VERSION.to_le_bytes());
+        h.update(&self.module.0);
+        h.update(&self.memory_bytes.to_le_bytes());
+        for run in &self.pages.runs {
+            h.update(&run.start.to_le_bytes());
+            h.update(&run.count.to_le_bytes());
+        }
+        h.update(&self.pages.data);
+        for g in &self.globals {
+            h.update(&g.index.to_le_bytes());
+            h.update(&[g.kind as u8]);
+            h.update(&g.bits.to_le_bytes());
+        }
+        let mut context = Vec::new();
+        // Encoding into a Vec cannot fail for this plain data type.
+        let _ = ciborium::into_writer(&self.context, &mut context);
+        h.update(&context);
+        *h.finalize().as_bytes()
+    }
+
+    /// Encodes the image for the wire or disk.
+    ///
+    /// # Errors
+    /// When zstd fails to compress (out of memory).
+    pub fn encode(&self) -> std::io::Result<Vec<u8>> {
+        let body = zstd::bulk::compress(&self.pages.data, ZSTD_LEVEL)?;
+        let header = WireHeader {
+            format: FORMAT_VERSION,
+            abi: agent_abi::ABI_VERSION,
+            module: self.module,
+            memory_bytes: self.memory_bytes,
+            globals: self.globals.clone(),
+            runs: self.pages.runs.clone(),
+            body_bytes: body.len() as u64,
+            hash: self.digest(),
+            context: self.context.clone(),
+        };
+        let mut head = Vec::new();
+        // Encoding into a Vec cannot fail for this plain data type.
+        let _ = ciborium::into_writer(&header, &mut head);
+        let mut out = Vec::with_capacity(12 + head.len() + body.len());
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Decodes and verifies an untrusted image.
+    ///
+    /// # Errors
+    /// An [`ImageError`] naming the first problem found; nothing is allocated beyond the
+    /// limits before the sizes are checked.
+    pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<AgentImage, ImageError> {
+        if bytes.len() < MAGIC.len() + 4 {
+            return Err(if bytes.starts_with(&MAGIC[..bytes.len().min(MAGIC.len())]) {
+                ImageError::Truncated(format!("{} bytes, shorter than the fixed prefix", bytes.len()))
+            } else {
+                ImageError::NotAnImage
+            });
+        }
+        if bytes[..MAGIC.len()] != MAGIC {
+            return Err(ImageError::NotAnImage);
+        }
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&bytes[8..12]);
+        let head_len = u64::from(u32::from_le_bytes(len));
+        if head_len > limits.max_header as u64 {
+            return Err(ImageError::HeaderTooLarge { size: head_len, limit: limits.max_header as u64 });
+        }
+        let rest = &bytes[12..];
+        let Some(head) = rest.get(..head_len as usize) else {
+            return Err(ImageError::Truncated(format!("header of {head_len} bytes, {} present", rest.len())));
+        };
+        let header: WireHeader = ciborium::de::from_reader_with_recursion_limit(head, RECURSION_LIMIT)
+            .map_err(|e| ImageError::BadHeader(e.to_string()))?;
+        if header.format != FORMAT_VERSION {
+            return Err(ImageError::VersionSkew { found: header.format, supported: FORMAT_VERSION });
+        }
+        if header.memory_bytes > limits.max_memory {
+            return Err(ImageError::MemoryTooLarge { size: header.memory_bytes, limit: limits.max_memory });
+        }
+        if header.memory_bytes % crate::admission::WASM_PAGE != 0 {
+            return Err(ImageError::BadHeader(format!("memory size {} is not whole Wasm pages", header.memory_bytes)));
+        }
+        let pages = PageMap::check(&header.runs, header.memory_bytes).map_err(ImageError::BadPages)?;
+        let body = &rest[head_len as usize..];
+        match (body.len() as u64).cmp(&header.body_bytes) {
+            std::cmp::Ordering::Less => {
+                return Err(ImageError::Truncated(format!(
+                    "body of {} bytes, {} present",
+                    header.body_bytes,
+                    body.len()
+                )));
+            }
+            std::cmp::Ordering::Greater => return Err(ImageError::TrailingBytes(body.len() as u64 - header.body_bytes)),
+            std::cmp::Ordering::Equal => {}
+        }
+        // The runs fix the uncompressed size, so a decompression bomb stops at that size.
+        let expected = (pages * PAGE_SIZE as u64) as usize;
+        let data = zstd::bulk::decompress(body, expected).map_err(|e| ImageError::CorruptBody(e.to_string()))?;
+        if data.len() != expected {
+            return Err(ImageError::CorruptBody(format!("{} bytes of pages, the page map needs {expected}", data.len())));
+        }
+        let image = AgentImage {
+            module: header.module,
+            memory_bytes: header.memory_bytes,
+            globals: header.globals,
+            pages: PageMap { runs: header.runs, data },
+            context: header.context,
+        };
+        if image.digest() != header.hash {
+            return Err(ImageError::HashMismatch);
+        }
+        Ok(image)
+    }
+}

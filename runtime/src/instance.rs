@@ -1,0 +1,305 @@
+//! A running agent: a sandboxed wasmtime instance driven from safe point to safe point.
+//!
+//! [`AgentInstance::launch`] starts an agent, [`AgentInstance::poll`] runs it to its next safe
+//! point, [`AgentInstance::capture`] takes an [`AgentImage`] there, and
+//! [`AgentInstance::restore`] brings an image back to life in a fresh instance, on any host,
+//! without running any initializer again.
+
+use crate::context::AgentContext;
+use crate::image::{AgentImage, GlobalValue, ImageError};
+use crate::instrument::{MEMORY_EXPORT, global_export};
+use crate::limits::{LimitExceeded, Limits};
+use crate::log::LogLine;
+use crate::modules::AgentModule;
+use crate::services::Site;
+use crate::snapshot::PageMap;
+use crate::state::AgentState;
+use crate::{admission::GlobalKind, admission::WASM_PAGE};
+use agent_abi::{Op, OpResult, Outcome, POLL_DONE, POLL_PENDING, export};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::{Instance, Memory, Store, Trap, TypedFunc, UpdateDeadline, Val};
+
+/// Where an agent stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// At a safe point, waiting for the host to complete this operation.
+    Suspended(Op),
+    /// Done: the agent reported how it ended.
+    Finished(Outcome),
+}
+
+/// Why an agent stopped running (other than finishing).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    /// A resource limit stopped it.
+    #[error(transparent)]
+    Limit(#[from] LimitExceeded),
+    /// The agent panicked.
+    #[error("agent panicked: {0}")]
+    Panicked(String),
+    /// Recursion too deep.
+    #[error("agent exhausted its stack ({} KiB)", crate::engine::MAX_WASM_STACK >> 10)]
+    StackOverflow,
+    /// Any other trap.
+    #[error("agent trapped: {0}")]
+    Trap(String),
+    /// The agent returned an error.
+    #[error("agent failed: {0}")]
+    Failed(String),
+    /// The agent did not follow the calling convention.
+    #[error("agent broke the ABI: {0}")]
+    Abi(String),
+    /// An image could not be restored.
+    #[error("cannot restore the agent: {0}")]
+    Image(#[from] ImageError),
+    /// The instance could not be created.
+    #[error("cannot instantiate the agent: {0}")]
+    Instantiate(String),
+}
+
+/// One agent in its sandbox.
+pub struct AgentInstance {
+    store: Store<AgentState>,
+    instance: Instance,
+    memory: Memory,
+    poll: TypedFunc<(), i32>,
+    module: Arc<AgentModule>,
+}
+
+impl AgentInstance {
+    /// Instantiates `module` for a new agent and creates its task (`agent_start`).
+    ///
+    /// # Errors
+    /// When instantiation or `agent_start` fails or hits a limit.
+    pub async fn launch(
+        module: Arc<AgentModule>,
+        site: Arc<Site>,
+        context: AgentContext,
+        limits: &Limits,
+    ) -> Result<AgentInstance, AgentError> {
+        let mut agent = AgentInstance::instantiate(module, site, context, limits).await?;
+        // wasi-libc reactors initialize themselves here; this runs once in an agent's life.
+        if let Ok(init) = agent.instance.get_typed_func::<(), ()>(&mut agent.store, "_initialize") {
+            init.call_async(&mut agent.store, ()).await.map_err(|e| agent.classify(e))?;
+        }
+        let start = agent
+            .instance
+            .get_typed_func::<(), ()>(&mut agent.store, export::START)
+            .map_err(|e| AgentError::Abi(format!("{}: {e}", export::START)))?;
+        start.call_async(&mut agent.store, ()).await.map_err(|e| agent.classify(e))?;
+        Ok(agent)
+    }
+
+    /// Restores an agent from `image` into a fresh instance of `module` on `site`.
+    ///
+    /// The fresh instance holds the module's initial memory; the image's pages and globals
+    /// are written over it. No initializer runs.
+    ///
+    /// # Errors
+    /// [`AgentError::Image`] when the image does not fit the module; limit errors when its
+    /// memory exceeds `limits`.
+    pub async fn restore(
+        module: Arc<AgentModule>,
+        site: Arc<Site>,
+        image: AgentImage,
+        limits: &Limits,
+    ) -> Result<AgentInstance, AgentError> {
+        if image.module != module.hash {
+            return Err(ImageError::WrongModule { image: image.module.to_string(), module: module.hash.to_string() }.into());
+        }
+        check_globals(&image.globals, &module.facts.globals)?;
+        let AgentImage { memory_bytes, globals, pages, context, .. } = image;
+        let mut agent = AgentInstance::instantiate(module, site, context, limits).await?;
+        let current = agent.memory.data_size(&agent.store) as u64;
+        if memory_bytes < current {
+            return Err(ImageError::BadPages(format!(
+                "memory of {memory_bytes} bytes is smaller than the module's initial {current}"
+            ))
+            .into());
+        }
+        if memory_bytes > current {
+            agent.memory.grow(&mut agent.store, (memory_bytes - current) / WASM_PAGE).map_err(|e| agent.classify(e))?;
+        }
+        // Checked again here: this instance's memory, not the header, bounds the writes.
+        PageMap::check(&pages.runs, agent.memory.data_size(&agent.store) as u64).map_err(ImageError::BadPages)?;
+        pages.apply(agent.memory.data_mut(&mut agent.store));
+        for g in &globals {
+            let global = agent
+                .instance
+                .get_global(&mut agent.store, &global_export(g.index))
+                .ok_or_else(|| AgentError::Abi(format!("global {} is not exported", g.index)))?;
+            let value = match g.kind {
+                GlobalKind::I32 => Val::I32(g.bits as u32 as i32),
+                GlobalKind::I64 => Val::I64(g.bits as i64),
+                GlobalKind::F32 => Val::F32(g.bits as u32),
+                GlobalKind::F64 => Val::F64(g.bits),
+            };
+            global.set(&mut agent.store, value).map_err(|e| AgentError::Abi(format!("global {}: {e}", g.index)))?;
+        }
+        Ok(agent)
+    }
+
+    async fn instantiate(
+        module: Arc<AgentModule>,
+        site: Arc<Site>,
+        context: AgentContext,
+        limits: &Limits,
+    ) -> Result<AgentInstance, AgentError> {
+        let mut store = Store::new(module.pre.module().engine(), AgentState::new(context, site, limits));
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(on_epoch);
+        let instance = match module.pre.instantiate_async(&mut store).await {
+            Ok(instance) => instance,
+            Err(e) => {
+                return Err(match e.downcast::<LimitExceeded>() {
+                    Ok(limit) => limit.into(),
+                    Err(e) => AgentError::Instantiate(format!("{e:#}")),
+                });
+            }
+        };
+        let memory = instance
+            .get_memory(&mut store, MEMORY_EXPORT)
+            .ok_or_else(|| AgentError::Abi("the instrumented module exports no memory".into()))?;
+        store.data_mut().memory = Some(memory);
+        let poll = instance
+            .get_typed_func::<(), i32>(&mut store, export::POLL)
+            .map_err(|e| AgentError::Abi(format!("{}: {e}", export::POLL)))?;
+        Ok(AgentInstance { store, instance, memory, poll, module })
+    }
+
+    /// Runs the agent until its next safe point or its end.
+    ///
+    /// # Errors
+    /// [`AgentError`] when it traps, hits a limit or breaks the ABI; the instance must then be
+    /// dropped.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropping the future mid-poll leaves the agent in an unknown state.
+    pub async fn poll(&mut self) -> Result<Step, AgentError> {
+        let started = Instant::now();
+        self.store.data_mut().slice_start = Some(started);
+        let result = self.poll.call_async(&mut self.store, ()).await;
+        let state = self.store.data_mut();
+        state.slice_start = None;
+        state.context.cpu_used_us += started.elapsed().as_micros() as u64;
+        state.checkpoint_requested = false;
+        match result.map_err(|e| self.classify(e))? {
+            POLL_PENDING => match self.store.data().context.pending.clone() {
+                Some(op) => Ok(Step::Suspended(op)),
+                None => Err(AgentError::Abi(
+                    "agent_poll returned pending without a host operation (an await on a future that is not the host's?)".into(),
+                )),
+            },
+            POLL_DONE => match self.store.data_mut().outcome.take() {
+                Some(outcome) => Ok(Step::Finished(outcome)),
+                None => Err(AgentError::Abi("agent_poll returned done without reporting an outcome".into())),
+            },
+            other => Err(AgentError::Abi(format!("agent_poll returned {other}"))),
+        }
+    }
+
+    /// Completes the pending operation: the agent reads `result` when polled next.
+    pub fn complete(&mut self, result: OpResult) {
+        let context = &mut self.store.data_mut().context;
+        context.pending = None;
+        context.result = Some(result);
+    }
+
+    /// Asks the agent to suspend at its next `ctx.checkpoint()`.
+    pub fn request_checkpoint(&mut self) {
+        self.store.data_mut().checkpoint_requested = true;
+    }
+
+    /// Captures the agent at its current safe point.
+    ///
+    /// Call only between [`Self::poll`]s, when the Wasm stack is empty.
+    pub fn capture(&mut self) -> AgentImage {
+        let pages = PageMap::capture(self.memory.data(&self.store), &self.module.facts.initial);
+        let mut globals = Vec::with_capacity(self.module.facts.globals.len());
+        for (index, kind) in &self.module.facts.globals {
+            let bits = match self.instance.get_global(&mut self.store, &global_export(*index)).map(|g| g.get(&mut self.store)) {
+                Some(Val::I32(v)) => u64::from(v as u32),
+                Some(Val::I64(v)) => v as u64,
+                Some(Val::F32(v)) => u64::from(v),
+                Some(Val::F64(v)) => v,
+                _ => 0, // admission guarantees every mutable global is exported with its kind
+            };
+            globals.push(GlobalValue { index: *index, kind: *kind, bits });
+        }
+        AgentImage {
+            module: self.module.hash,
+            memory_bytes: self.memory.data_size(&self.store) as u64,
+            globals,
+            pages,
+            context: self.store.data().context.clone(),
+        }
+    }
+
+    /// The runtime's record of the agent.
+    pub fn context(&self) -> &AgentContext {
+        &self.store.data().context
+    }
+
+    /// Mutable access to the record, e.g. to count a hop.
+    pub fn context_mut(&mut self) -> &mut AgentContext {
+        &mut self.store.data_mut().context
+    }
+
+    /// The site the agent runs on.
+    pub fn site(&self) -> &Arc<Site> {
+        &self.store.data().site
+    }
+
+    /// The module the agent runs.
+    pub fn module(&self) -> &Arc<AgentModule> {
+        &self.module
+    }
+
+    /// Size of the agent's linear memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.data_size(&self.store) as u64
+    }
+
+    /// Lines logged since the last call, and how many were dropped for space.
+    pub fn drain_log(&self) -> (Vec<LogLine>, u64) {
+        self.store.data().log.drain()
+    }
+
+    /// Turns a wasmtime error into the reason the agent stopped.
+    fn classify(&mut self, e: wasmtime::Error) -> AgentError {
+        if let Some(limit) = e.downcast_ref::<LimitExceeded>() {
+            return limit.clone().into();
+        }
+        if let Some(Outcome::Panicked(message)) = self.store.data_mut().outcome.take() {
+            return AgentError::Panicked(message);
+        }
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::StackOverflow) => AgentError::StackOverflow,
+            _ => AgentError::Trap(format!("{e:#}")),
+        }
+    }
+}
+
+/// Called at every epoch tick while the agent runs: enforce the CPU budget, ask for a
+/// checkpoint at the end of a slice, and let other tasks of the executor run.
+fn on_epoch(mut store: wasmtime::StoreContextMut<'_, AgentState>) -> wasmtime::Result<UpdateDeadline> {
+    let state = store.data_mut();
+    let in_slice = state.slice_start.map(|t| t.elapsed()).unwrap_or(Duration::ZERO);
+    if state.context.cpu_used() + in_slice >= state.limits.cpu_budget {
+        return Err(LimitExceeded::Cpu { budget: state.limits.cpu_budget }.into());
+    }
+    if in_slice >= state.limits.slice {
+        state.checkpoint_requested = true;
+    }
+    Ok(UpdateDeadline::Yield(1))
+}
+
+fn check_globals(image: &[GlobalValue], module: &[(u32, GlobalKind)]) -> Result<(), ImageError> {
+    let found: Vec<(u32, GlobalKind)> = image.iter().map(|g| (g.index, g.kind)).collect();
+    if found != module {
+        return Err(ImageError::GlobalsMismatch(format!("image has {found:?}, module has {module:?}")));
+    }
+    Ok(())
+}

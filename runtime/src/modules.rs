@@ -1,0 +1,221 @@
+//! The code segment: admitted agent modules, content-addressed by BLAKE3 and compiled once.
+//!
+//! Admission hashes the bytes, inspects them ([`crate::admission`]), instruments them, and
+//! compiles them. Compiled code is cached in memory and, when the cache has a directory, on
+//! disk, so a restarted host loads machine code instead of compiling again. Only the module
+//! ever travels between hosts, never compiled code: each host compiles for its own CPU.
+
+use crate::admission::{self, AdmissionError, ModuleFacts};
+use crate::host_abi;
+use crate::instrument;
+use crate::state::AgentState;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use wasmtime::{Engine, InstancePre, Linker, Module};
+
+/// BLAKE3 hash of a module's bytes: its identity everywhere.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ModuleHash(#[serde(with = "serde_bytes")] pub [u8; 32]);
+
+impl ModuleHash {
+    /// The hash of `wasm`.
+    pub fn of(wasm: &[u8]) -> ModuleHash {
+        ModuleHash(*blake3::hash(wasm).as_bytes())
+    }
+}
+
+impl fmt::Display for ModuleHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for ModuleHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ModuleHash({self})")
+    }
+}
+
+/// An admitted, compiled agent module, ready to instantiate.
+pub struct AgentModule {
+    /// Hash of the original module bytes.
+    pub hash: ModuleHash,
+    /// Size of the original module in bytes.
+    pub size: usize,
+    /// What admission learned (globals, initial memory image).
+    pub facts: ModuleFacts,
+    /// Pre-linked for fast instantiation.
+    pub(crate) pre: InstancePre<AgentState>,
+}
+
+impl fmt::Debug for AgentModule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentModule").field("hash", &self.hash).field("size", &self.size).finish_non_exhaustive()
+    }
+}
+
+/// How modules were made ready, for tests and reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Modules compiled by Cranelift.
+    pub compiled: u64,
+    /// Modules loaded from compiled code on disk.
+    pub loaded_from_disk: u64,
+    /// Admissions answered from memory.
+    pub hits: u64,
+}
+
+/// Admitted modules of one host.
+pub struct ModuleCache {
+    engine: Engine,
+    linker: Linker<AgentState>,
+    dir: Option<PathBuf>,
+    modules: Mutex<HashMap<ModuleHash, Arc<AgentModule>>>,
+    compiled: AtomicU64,
+    loaded: AtomicU64,
+    hits: AtomicU64,
+}
+
+impl ModuleCache {
+    /// A cache for `engine`, keeping compiled code under `dir` when given.
+    ///
+    /// # Errors
+    /// When the host functions cannot be linked or `dir` cannot be created.
+    pub fn new(engine: &Engine, dir: Option<PathBuf>) -> anyhow::Result<ModuleCache> {
+        let mut linker = Linker::new(engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut AgentState| &mut s.wasi)?;
+        host_abi::add_to_linker(&mut linker)?;
+        if let Some(dir) = &dir {
+            std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        }
+        Ok(ModuleCache {
+            engine: engine.clone(),
+            linker,
+            dir,
+            modules: Mutex::default(),
+            compiled: AtomicU64::new(0),
+            loaded: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+        })
+    }
+
+    /// The engine modules are compiled for.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// An admitted module by hash.
+    pub fn get(&self, hash: &ModuleHash) -> Option<Arc<AgentModule>> {
+        self.modules.lock().ok()?.get(hash).cloned()
+    }
+
+    /// Counters of how admissions were served.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            compiled: self.compiled.load(Ordering::Relaxed),
+            loaded_from_disk: self.loaded.load(Ordering::Relaxed),
+            hits: self.hits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Admits a module: inspect, instrument, compile (or load compiled code), link.
+    ///
+    /// # Errors
+    /// [`AdmissionError`] saying why the module cannot run as an agent here.
+    pub fn admit(&self, wasm: &[u8]) -> Result<Arc<AgentModule>, AdmissionError> {
+        let hash = ModuleHash::of(wasm);
+        if let Some(module) = self.get(&hash) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(module);
+        }
+        let facts = admission::inspect(wasm)?;
+        let module = match self.load_compiled(&hash) {
+            Some(module) => {
+                self.loaded.fetch_add(1, Ordering::Relaxed);
+                module
+            }
+            None => {
+                let instrumented = instrument::instrument(wasm, &facts)?;
+                let module = Module::new(&self.engine, &instrumented)
+                    .map_err(|e| AdmissionError::Compile(format!("{e:#}")))?;
+                self.compiled.fetch_add(1, Ordering::Relaxed);
+                self.store_compiled(&hash, &module);
+                module
+            }
+        };
+        let pre = self.linker.instantiate_pre(&module).map_err(|e| AdmissionError::Link(format!("{e:#}")))?;
+        let admitted = Arc::new(AgentModule { hash, size: wasm.len(), facts, pre });
+        if let Ok(mut modules) = self.modules.lock() {
+            modules.insert(hash, admitted.clone());
+        }
+        Ok(admitted)
+    }
+
+    fn compiled_path(&self, hash: &ModuleHash) -> Option<PathBuf> {
+        // Compiled code is only valid for the same wasmtime build and settings.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        Some(self.dir.as_ref()?.join(format!("{hash}-{:016x}.cwasm", h.finish())))
+    }
+
+    /// Loads compiled code written by [`Self::store_compiled`]; `None` means compile instead.
+    fn load_compiled(&self, hash: &ModuleHash) -> Option<Module> {
+        let path = self.compiled_path(hash)?;
+        let bytes = std::fs::read(&path).ok()?;
+        // The file starts with the BLAKE3 of the rest, so a torn or altered file is never
+        // handed to wasmtime, which must trust compiled code.
+        let (check, code) = bytes.split_at_checked(32)?;
+        if check != blake3::hash(code).as_bytes() {
+            tracing::warn!(path = %path.display(), "compiled module fails its check; compiling again");
+            return None;
+        }
+        // SAFETY: `code` is what `Module::serialize` wrote for this engine configuration (the
+        // file name carries the compatibility hash) and its checksum matches.
+        match unsafe { Module::deserialize(&self.engine, code) } {
+            Ok(module) => Some(module),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot load compiled module ({e}); compiling again");
+                None
+            }
+        }
+    }
+
+    /// Writes compiled code durably: temp file, fsync, rename. Failure only costs a recompile.
+    fn store_compiled(&self, hash: &ModuleHash, module: &Module) {
+        let Some(path) = self.compiled_path(hash) else { return };
+        let result = module.serialize().map_err(std::io::Error::other).and_then(|code| {
+            let mut bytes = blake3::hash(&code).as_bytes().to_vec();
+            bytes.extend_from_slice(&code);
+            write_durably(&path, &bytes)
+        });
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), "cannot keep compiled module: {e}");
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a reader sees the old file or the whole new one.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile_in(dir)?;
+    tmp.1.write_all(bytes)?;
+    tmp.1.sync_all()?;
+    std::fs::rename(&tmp.0, path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let name = format!(".tmp-{}-{}", std::process::id(), crate::context::AgentId::random());
+    let path = dir.join(name);
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+    Ok((path, file))
+}

@@ -1,0 +1,304 @@
+//! The local runner: an agent visits in-process virtual sites, and every hop goes through the
+//! full capture → encode → decode → restore path into a fresh instance.
+//!
+//! This is the agent author's inner loop (`agent run`) and the test bed of the migration
+//! mechanism: with [`Migration::EverySafePoint`] or [`Migration::Chosen`] the runner also
+//! migrates the agent where it did not ask to move, which must not change its result.
+
+use crate::admission::AdmissionError;
+use crate::context::AgentContext;
+use crate::image::{AgentImage, ImageLimits};
+use crate::instance::{AgentError, AgentInstance, Step};
+use crate::limits::Limits;
+use crate::log::LogLine;
+use crate::modules::ModuleCache;
+use crate::services::Site;
+use agent_abi::{HopError, Op, OpResult, Outcome};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Name of the site where the local runner launches agents.
+pub const HOME_SITE: &str = "home";
+
+/// When the runner moves an agent that did not ask to hop.
+pub enum Migration {
+    /// Only on `ctx.hop`.
+    OnlyHops,
+    /// At every safe point: also after each service call and checkpoint, and the runner asks
+    /// for every checkpoint.
+    EverySafePoint,
+    /// At safe point `n` (counted from 1) when the function says so.
+    Chosen(Box<dyn FnMut(u64) -> bool + Send>),
+}
+
+/// What the launcher asked for.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// Sites the agent should visit.
+    pub itinerary: Vec<String>,
+    /// `--arg` values.
+    pub args: BTreeMap<String, String>,
+    /// Who launched it.
+    pub owner: String,
+}
+
+/// One move of the agent from instance to instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HopReport {
+    /// Hop sequence number after the move.
+    pub seq: u64,
+    /// Source site.
+    pub from: String,
+    /// Destination site (the same for an in-place migration).
+    pub to: String,
+    /// Whether the agent asked for this move (`ctx.hop`).
+    pub requested: bool,
+    /// Encoded image size.
+    pub image_bytes: usize,
+    /// Linear memory size.
+    pub memory_bytes: u64,
+    /// Pages carried (the others equal the module's initial image).
+    pub pages: u64,
+    /// Capture and encode.
+    pub capture: Duration,
+    /// Decode and restore.
+    pub restore: Duration,
+}
+
+/// Something that happened during a run, reported as it happens.
+#[derive(Clone, Debug)]
+pub enum RunEvent {
+    /// The agent moved.
+    Moved(HopReport),
+    /// A hop the agent asked for did not happen.
+    HopFailed {
+        /// Where it was.
+        site: String,
+        /// Why.
+        error: HopError,
+    },
+    /// A log line of the agent.
+    Log {
+        /// Where it was logged.
+        site: String,
+        /// The line.
+        line: LogLine,
+    },
+    /// Log lines dropped because the agent logged too much.
+    LogDropped {
+        /// How many.
+        lines: u64,
+    },
+}
+
+/// The end of a run.
+#[derive(Debug)]
+pub struct RunReport {
+    /// The agent's id.
+    pub agent_id: String,
+    /// Its result as JSON, or why it did not produce one.
+    pub outcome: Result<serde_json::Value, AgentError>,
+    /// Every move, in order.
+    pub moves: Vec<HopReport>,
+    /// Safe points reached.
+    pub safe_points: u64,
+    /// CPU time used.
+    pub cpu: Duration,
+    /// Site where the agent ended.
+    pub site: String,
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The module was refused.
+    #[error("module refused: {0}")]
+    Admission(#[from] AdmissionError),
+}
+
+/// Runs agents on virtual sites inside this process.
+pub struct LocalRunner {
+    modules: ModuleCache,
+    sites: BTreeMap<String, Arc<Site>>,
+    limits: Limits,
+    image_limits: ImageLimits,
+}
+
+impl LocalRunner {
+    /// A runner with `sites` (a site named [`HOME_SITE`] is added if missing).
+    pub fn new(modules: ModuleCache, sites: Vec<Site>, limits: Limits) -> LocalRunner {
+        let mut sites: BTreeMap<String, Arc<Site>> = sites.into_iter().map(|s| (s.name().to_string(), Arc::new(s))).collect();
+        sites.entry(HOME_SITE.to_string()).or_insert_with(|| Arc::new(Site::new(HOME_SITE, crate::services::Corpus::empty())));
+        let image_limits = ImageLimits { max_memory: limits.max_memory, ..ImageLimits::default() };
+        LocalRunner { modules, sites, limits, image_limits }
+    }
+
+    /// The module cache (for statistics).
+    pub fn modules(&self) -> &ModuleCache {
+        &self.modules
+    }
+
+    /// Runs `wasm` from launch to end.
+    ///
+    /// # Errors
+    /// [`RunError`] when the module is refused; an agent that fails still yields a report,
+    /// with the failure in [`RunReport::outcome`].
+    pub async fn run(
+        &self,
+        wasm: &[u8],
+        launch: Launch,
+        mut migration: Migration,
+        on_event: &mut (dyn FnMut(&RunEvent) + Send),
+    ) -> Result<RunReport, RunError> {
+        let module = self.modules.admit(wasm)?;
+        let home = self.sites[HOME_SITE].clone();
+        let context = AgentContext::new(HOME_SITE, &launch.owner, launch.itinerary, launch.args);
+        let agent_id = context.agent_id.to_string();
+        let mut report =
+            RunReport { agent_id, outcome: Ok(serde_json::Value::Null), moves: Vec::new(), safe_points: 0, cpu: Duration::ZERO, site: HOME_SITE.into() };
+        let mut agent = match AgentInstance::launch(module, home, context, &self.limits).await {
+            Ok(agent) => agent,
+            Err(e) => {
+                report.outcome = Err(e);
+                return Ok(report);
+            }
+        };
+        loop {
+            if matches!(migration, Migration::EverySafePoint) {
+                agent.request_checkpoint();
+            }
+            let step = agent.poll().await;
+            forward_log(&agent, on_event);
+            report.cpu = agent.context().cpu_used();
+            report.site = agent.site().name().to_string();
+            let op = match step {
+                Err(e) => {
+                    report.outcome = Err(e);
+                    return Ok(report);
+                }
+                Ok(Step::Finished(outcome)) => {
+                    report.outcome = match outcome {
+                        Outcome::Ok(bytes) => cbor_to_json(&bytes).map_err(AgentError::Abi),
+                        Outcome::Err(why) => Err(AgentError::Failed(why)),
+                        Outcome::Panicked(why) => Err(AgentError::Panicked(why)),
+                    };
+                    return Ok(report);
+                }
+                Ok(Step::Suspended(op)) => op,
+            };
+            report.safe_points += 1;
+            let move_anyway = match &mut migration {
+                Migration::OnlyHops => false,
+                Migration::EverySafePoint => true,
+                Migration::Chosen(choose) => choose(report.safe_points),
+            };
+            let here = agent.site().clone();
+            let mut hopped = false;
+            agent = match op {
+                Op::Hop { site } => match self.sites.get(&site) {
+                    None => {
+                        let error = HopError::UnknownSite(site);
+                        on_event(&RunEvent::HopFailed { site: here.name().into(), error: error.clone() });
+                        agent.complete(OpResult::Hop(Err(error)));
+                        agent
+                    }
+                    Some(dest) => match self.migrate(&mut agent, dest.clone(), true).await {
+                        Ok((mut moved, hop)) => {
+                            on_event(&RunEvent::Moved(hop.clone()));
+                            report.moves.push(hop);
+                            moved.complete(OpResult::Hop(Ok(())));
+                            hopped = true;
+                            moved
+                        }
+                        Err(e) => {
+                            // Before the destination has the agent, the source keeps it.
+                            let error = HopError::Refused { site: dest.name().into(), reason: e.to_string() };
+                            on_event(&RunEvent::HopFailed { site: here.name().into(), error: error.clone() });
+                            agent.complete(OpResult::Hop(Err(error)));
+                            agent
+                        }
+                    },
+                },
+                Op::Call { service, request } => {
+                    let result = here.call(&service, &request).map(serde_bytes::ByteBuf::from);
+                    agent.complete(OpResult::Call(result));
+                    agent
+                }
+                Op::Checkpoint => {
+                    agent.complete(OpResult::Checkpoint);
+                    agent
+                }
+            };
+            if move_anyway && !hopped {
+                match self.migrate(&mut agent, here.clone(), false).await {
+                    Ok((moved, hop)) => {
+                        on_event(&RunEvent::Moved(hop.clone()));
+                        report.moves.push(hop);
+                        agent = moved;
+                    }
+                    Err(e) => {
+                        report.outcome = Err(e);
+                        return Ok(report);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves `agent` to `dest` through an encoded image; the source instance is left intact
+    /// so a failure leaves the agent where it was.
+    async fn migrate(
+        &self,
+        agent: &mut AgentInstance,
+        dest: Arc<Site>,
+        requested: bool,
+    ) -> Result<(AgentInstance, HopReport), AgentError> {
+        let started = Instant::now();
+        let from = agent.site().name().to_string();
+        let mut image = agent.capture();
+        image.context.hop_seq += 1;
+        if requested {
+            image.context.trace.push(crate::context::HopRecord { seq: image.context.hop_seq, from: from.clone(), to: dest.name().into() });
+        }
+        let bytes = image.encode().map_err(|e| AgentError::Abi(format!("cannot encode the image: {e}")))?;
+        let capture = started.elapsed();
+        let started = Instant::now();
+        let image = AgentImage::decode(&bytes, &self.image_limits)?;
+        let module = self
+            .modules
+            .get(&image.module)
+            .ok_or_else(|| AgentError::Instantiate(format!("module {} is not admitted here", image.module)))?;
+        let (memory_bytes, pages, seq) = (image.memory_bytes, image.pages.pages(), image.context.hop_seq);
+        let moved = AgentInstance::restore(module, dest.clone(), image, &self.limits).await?;
+        let hop = HopReport {
+            seq,
+            from,
+            to: dest.name().into(),
+            requested,
+            image_bytes: bytes.len(),
+            memory_bytes,
+            pages,
+            capture,
+            restore: started.elapsed(),
+        };
+        Ok((moved, hop))
+    }
+}
+
+fn forward_log(agent: &AgentInstance, on_event: &mut (dyn FnMut(&RunEvent) + Send)) {
+    let (lines, dropped) = agent.drain_log();
+    for line in lines {
+        on_event(&RunEvent::Log { site: agent.site().name().into(), line });
+    }
+    if dropped > 0 {
+        on_event(&RunEvent::LogDropped { lines: dropped });
+    }
+}
+
+/// Converts an agent's CBOR result to JSON for people and scripts.
+fn cbor_to_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
+    let value: ciborium::Value = ciborium::de::from_reader_with_recursion_limit(bytes, 128)
+        .map_err(|e| format!("the agent's result is not valid CBOR: {e}"))?;
+    serde_json::to_value(&value).map_err(|e| format!("the agent's result has no JSON form: {e}"))
+}

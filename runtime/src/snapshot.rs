@@ -1,0 +1,163 @@
+//! Memory as a page map: which 4 KiB pages differ from the module's initial image.
+//!
+//! A fresh instance starts with exactly the initial image (data segments over zeros). So an
+//! image need only carry pages that differ from it: a mostly-zero heap costs almost nothing,
+//! and restoring into a fresh instance leaves the omitted pages right without touching them.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Granularity of the page map.
+pub const PAGE_SIZE: usize = 4096;
+
+/// The memory of a freshly instantiated module: non-zero pages only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InitialImage {
+    pages: BTreeMap<u32, Box<[u8]>>,
+}
+
+impl InitialImage {
+    /// Writes a data segment's bytes at `offset`, as instantiation does.
+    pub(crate) fn write(&mut self, offset: u64, bytes: &[u8]) {
+        let mut at = offset as usize;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let page = (at / PAGE_SIZE) as u32;
+            let within = at % PAGE_SIZE;
+            let n = rest.len().min(PAGE_SIZE - within);
+            let buf = self.pages.entry(page).or_insert_with(|| vec![0u8; PAGE_SIZE].into_boxed_slice());
+            buf[within..within + n].copy_from_slice(&rest[..n]);
+            at += n;
+            rest = &rest[n..];
+        }
+    }
+
+    /// Content of page `index` right after instantiation (`None`: all zero).
+    fn page(&self, index: u32) -> Option<&[u8]> {
+        self.pages.get(&index).map(|p| &p[..])
+    }
+}
+
+/// A run of consecutive pages carried in an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    /// First page index.
+    pub start: u32,
+    /// Number of pages.
+    pub count: u32,
+}
+
+/// The pages of a memory that differ from the initial image, in page order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageMap {
+    /// Runs of carried pages, sorted, not overlapping.
+    pub runs: Vec<PageRun>,
+    /// The carried pages' bytes, concatenated in run order.
+    pub data: Vec<u8>,
+}
+
+impl PageMap {
+    /// Compares `memory` with `initial` page by page and keeps the pages that differ.
+    pub fn capture(memory: &[u8], initial: &InitialImage) -> PageMap {
+        let mut map = PageMap::default();
+        for (index, page) in memory.chunks(PAGE_SIZE).enumerate() {
+            let index = index as u32;
+            let unchanged = match initial.page(index) {
+                Some(init) => page == init,
+                None => is_zero(page),
+            };
+            if unchanged {
+                continue;
+            }
+            match map.runs.last_mut() {
+                Some(run) if run.start + run.count == index => run.count += 1,
+                _ => map.runs.push(PageRun { start: index, count: 1 }),
+            }
+            map.data.extend_from_slice(page);
+        }
+        map
+    }
+
+    /// Number of pages carried.
+    pub fn pages(&self) -> u64 {
+        self.runs.iter().map(|r| u64::from(r.count)).sum()
+    }
+
+    /// Writes the carried pages into `memory`, which holds the initial image.
+    ///
+    /// The runs must have been checked against `memory.len()` (see [`PageMap::check`]).
+    pub fn apply(&self, memory: &mut [u8]) {
+        let mut data = self.data.chunks_exact(PAGE_SIZE);
+        for run in &self.runs {
+            for index in run.start..run.start + run.count {
+                let at = index as usize * PAGE_SIZE;
+                if let (Some(page), Some(dst)) = (data.next(), memory.get_mut(at..at + PAGE_SIZE)) {
+                    dst.copy_from_slice(page);
+                }
+            }
+        }
+    }
+
+    /// Checks that the runs are sorted, disjoint, inside a memory of `memory_bytes` and match
+    /// the amount of data. Runs come from untrusted images.
+    pub fn check(runs: &[PageRun], memory_bytes: u64) -> Result<u64, String> {
+        let limit = memory_bytes / PAGE_SIZE as u64;
+        let mut next = 0u64;
+        let mut pages = 0u64;
+        for run in runs {
+            let start = u64::from(run.start);
+            let end = start + u64::from(run.count);
+            if run.count == 0 || start < next || end > limit {
+                return Err(format!(
+                    "page run {}+{} is empty, out of order or outside the memory of {limit} pages",
+                    run.start, run.count
+                ));
+            }
+            next = end;
+            pages += u64::from(run.count);
+        }
+        Ok(pages)
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // An OR-reduction without early exit vectorizes well: this dominates capture of big memories.
+    page.iter().fold(0u8, |acc, b| acc | b) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_skips_zero_and_initial_pages_and_apply_restores() {
+        let mut initial = InitialImage::default();
+        initial.write(PAGE_SIZE as u64 - 2, b"data!");
+        let mut memory = vec![0u8; 8 * PAGE_SIZE];
+        memory[PAGE_SIZE - 2..PAGE_SIZE + 3].copy_from_slice(b"data!");
+        let map = PageMap::capture(&memory, &initial);
+        assert_eq!(map.pages(), 0, "memory equal to the initial image carries nothing");
+
+        memory[5 * PAGE_SIZE] = 9; // a dirty zero page
+        memory[6 * PAGE_SIZE + 7] = 1;
+        memory[PAGE_SIZE..PAGE_SIZE + 3].fill(0); // a cleared data page must be carried
+        let map = PageMap::capture(&memory, &initial);
+        assert_eq!(map.runs, vec![PageRun { start: 1, count: 1 }, PageRun { start: 5, count: 2 }]);
+        assert_eq!(PageMap::check(&map.runs, memory.len() as u64), Ok(3));
+
+        let mut fresh = vec![0u8; 8 * PAGE_SIZE];
+        fresh[PAGE_SIZE - 2..PAGE_SIZE + 3].copy_from_slice(b"data!");
+        map.apply(&mut fresh);
+        assert_eq!(fresh, memory);
+    }
+
+    #[test]
+    fn check_rejects_bad_runs() {
+        let run = |start, count| PageRun { start, count };
+        assert!(PageMap::check(&[run(0, 0)], 1 << 20).is_err());
+        assert!(PageMap::check(&[run(3, 1), run(2, 1)], 1 << 20).is_err());
+        assert!(PageMap::check(&[run(250, 7)], 1 << 20).is_err());
+        assert!(PageMap::check(&[run(u32::MAX, u32::MAX)], 1 << 20).is_err());
+        assert_eq!(PageMap::check(&[run(0, 2), run(2, 254)], 1 << 20), Ok(256));
+    }
+}

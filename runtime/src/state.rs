@@ -1,0 +1,55 @@
+//! The host-side state of one running agent: what its store holds besides Wasm.
+
+use crate::context::AgentContext;
+use crate::limits::{Limits, MemoryLimiter};
+use crate::log::{LogSink, LogSource};
+use crate::services::Site;
+use agent_abi::Outcome;
+use std::sync::Arc;
+use std::time::Instant;
+use wasmtime::Memory;
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+/// The data of an agent's wasmtime store.
+pub struct AgentState {
+    /// WASI preview 1, with no arguments, environment or preopened directories.
+    pub(crate) wasi: WasiP1Ctx,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) limits: Limits,
+    /// Travels with the agent.
+    pub(crate) context: AgentContext,
+    /// The site the agent runs on now.
+    pub(crate) site: Arc<Site>,
+    /// The agent's memory, set right after instantiation.
+    pub(crate) memory: Option<Memory>,
+    /// Set by the agent through `finish`.
+    pub(crate) outcome: Option<Outcome>,
+    pub(crate) log: LogSink,
+    /// The host wants the agent to stop at its next `checkpoint()`.
+    pub(crate) checkpoint_requested: bool,
+    /// When the current `agent_poll` began, for CPU accounting.
+    pub(crate) slice_start: Option<Instant>,
+}
+
+impl AgentState {
+    pub(crate) fn new(context: AgentContext, site: Arc<Site>, limits: &Limits) -> AgentState {
+        let log = LogSink::default();
+        let wasi = WasiCtxBuilder::new()
+            .stdout(log.stream(LogSource::Stdout))
+            .stderr(log.stream(LogSource::Stderr))
+            .build_p1();
+        AgentState {
+            wasi,
+            limiter: MemoryLimiter { max_memory: limits.max_memory },
+            limits: limits.clone(),
+            context,
+            site,
+            memory: None,
+            outcome: None,
+            log,
+            checkpoint_requested: false,
+            slice_start: None,
+        }
+    }
+}
