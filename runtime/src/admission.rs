@@ -258,3 +258,114 @@ fn table_write(op: &Operator<'_>) -> Option<&'static str> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal agent module in text form, with `items` added and the given ABI section.
+    fn agent(items: &str, abi: &str) -> Vec<u8> {
+        let text = format!(
+            r#"(module
+                (import "agent_v1" "submit" (func (param i32 i32) (result i32)))
+                {items}
+                (global $sp (mut i32) (i32.const 1024))
+                (global (mut i64) (i64.const -1))
+                (global i32 (i32.const 5))
+                (func (export "agent_start"))
+                (func (export "agent_poll") (result i32) i32.const 1)
+                {abi})"#
+        );
+        wat::parse_str(&text).unwrap_or_else(|e| panic!("bad test module: {e}\n{text}"))
+    }
+
+    const ABI: &str = r#"(@custom "agent-abi" "\01\00\00\00")"#;
+    const MEMORY: &str = r#"(memory (export "memory") 2) (data (i32.const 65530) "hello, world")"#;
+
+    fn refused(items: &str, abi: &str) -> AdmissionError {
+        match inspect(&agent(items, abi)) {
+            Ok(_) => panic!("module with {items} / {abi} was admitted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn admits_an_agent_and_learns_its_state() {
+        let facts = inspect(&agent(MEMORY, ABI)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(facts.globals, vec![(0, GlobalKind::I32), (1, GlobalKind::I64)]);
+        assert!(facts.memory_exported);
+        let mut expected = InitialImage::default();
+        expected.write(65530, b"hello, world");
+        assert_eq!(facts.initial, expected);
+    }
+
+    #[test]
+    fn instrumentation_exports_globals_and_memory_without_renumbering() {
+        let wasm = agent(MEMORY, ABI);
+        let facts = inspect(&wasm).unwrap_or_else(|e| panic!("{e}"));
+        let out = crate::instrument::instrument(&wasm, &facts).unwrap_or_else(|e| panic!("{e}"));
+        let again = inspect(&out).unwrap_or_else(|e| panic!("instrumented module refused: {e}"));
+        assert_eq!(again.globals, facts.globals);
+        let mut exports = Vec::new();
+        for payload in Parser::new(0).parse_all(&out) {
+            if let Ok(Payload::ExportSection(reader)) = payload {
+                exports = reader.into_iter().filter_map(Result::ok).map(|e| (e.name.to_string(), e.index)).collect();
+            }
+        }
+        for wanted in [("__agent_global_0", 0), ("__agent_global_1", 1), ("__agent_memory", 0), ("agent_poll", 2)] {
+            assert!(exports.contains(&(wanted.0.to_string(), wanted.1)), "{wanted:?} missing from {exports:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_an_agent() {
+        assert!(matches!(inspect(b"\0asm\x01\0\0\0garbage"), Err(AdmissionError::Invalid(_))));
+        assert_eq!(refused(MEMORY, ""), AdmissionError::NotAnAgent);
+        assert_eq!(
+            refused(MEMORY, r#"(@custom "agent-abi" "\02\00\00\00")"#),
+            AdmissionError::AbiMismatch { module: 2, host: ABI_VERSION }
+        );
+        assert_eq!(
+            refused(&format!(r#"(import "env" "open" (func)) {MEMORY}"#), ABI),
+            AdmissionError::UnknownImport { module: "env".into(), name: "open".into() }
+        );
+        assert_eq!(
+            refused(&format!(r#"(import "agent_v1" "teleport" (func)) {MEMORY}"#), ABI),
+            AdmissionError::UnknownImport { module: "agent_v1".into(), name: "teleport".into() }
+        );
+        assert_eq!(
+            refused(r#"(import "env" "memory" (memory 1))"#, ABI),
+            AdmissionError::UnknownImport { module: "env".into(), name: "memory".into() }
+        );
+        assert_eq!(refused(r#"(memory 1 1 shared)"#, ABI), AdmissionError::SharedMemory);
+        assert_eq!(refused(r#"(memory i64 1)"#, ABI), AdmissionError::Memory64);
+        assert_eq!(refused(r#"(memory 1) (memory 1)"#, ABI), AdmissionError::MemoryCount(2));
+        assert_eq!(refused("", ABI), AdmissionError::MemoryCount(0));
+        assert_eq!(
+            refused(&format!("{MEMORY} (global (mut v128) (v128.const i64x2 0 0))"), ABI),
+            AdmissionError::UnsupportedGlobal { index: 0, ty: "v128".into() }
+        );
+        assert_eq!(
+            refused(&format!("{MEMORY} (table 1 funcref) (func (drop (table.grow (ref.null func) (i32.const 1))))"), ABI),
+            AdmissionError::WritesTable { func: 1, op: "table.grow" }
+        );
+        assert_eq!(
+            refused(&format!("{MEMORY} (table 1 funcref) (func (table.set (i32.const 0) (ref.null func)))"), ABI),
+            AdmissionError::WritesTable { func: 1, op: "table.set" }
+        );
+        assert_eq!(refused(&format!("{MEMORY} (func $s) (start $s)"), ABI), AdmissionError::StartFunction);
+        assert_eq!(
+            refused(r#"(memory 1) (global $base i32 (i32.const 8)) (data (global.get $base) "x")"#, ABI),
+            AdmissionError::DataOffset(0)
+        );
+    }
+
+    #[test]
+    fn refuses_missing_entry_points() {
+        let text = format!(
+            r#"(module (memory (export "memory") 1) (func (export "agent_start")) {ABI})"#
+        );
+        let wasm = wat::parse_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(inspect(&wasm).err(), Some(AdmissionError::MissingExport(export::POLL)));
+    }
+}

@@ -20,7 +20,6 @@ pub const MAX_WASM_STACK: usize = 1 << 20;
 pub fn new_engine() -> wasmtime::Result<Engine> {
     let mut config = Config::new();
     config
-        .async_support(true)
         .epoch_interruption(true)
         .cranelift_nan_canonicalization(true)
         .wasm_memory64(false)

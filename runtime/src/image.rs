@@ -260,3 +260,132 @@ impl AgentImage {
         Ok(image)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::AgentContext;
+
+    fn image() -> AgentImage {
+        let mut data = vec![0u8; 3 * PAGE_SIZE];
+        data.iter_mut().enumerate().for_each(|(i, b)| *b = (i * 7 % 251) as u8);
+        let mut context = AgentContext::new("home", "alice", vec!["a".into(), "b".into()], Default::default());
+        context.pending = Some(agent_abi::Op::Hop { site: "b".into() });
+        AgentImage {
+            module: ModuleHash([7; 32]),
+            memory_bytes: 4 << 16,
+            globals: vec![
+                GlobalValue { index: 0, kind: GlobalKind::I32, bits: 65536 },
+                GlobalValue { index: 3, kind: GlobalKind::F64, bits: f64::NAN.to_bits() | 5 },
+            ],
+            pages: PageMap { runs: vec![PageRun { start: 1, count: 2 }, PageRun { start: 40, count: 1 }], data },
+            context,
+        }
+    }
+
+    /// Encodes `image` after letting the test tamper with its header.
+    fn encode_with(image: &AgentImage, body: Option<Vec<u8>>, tamper: impl FnOnce(&mut WireHeader)) -> Vec<u8> {
+        let body = body.unwrap_or_else(|| zstd::bulk::compress(&image.pages.data, ZSTD_LEVEL).unwrap_or_default());
+        let mut header = WireHeader {
+            format: FORMAT_VERSION,
+            abi: agent_abi::ABI_VERSION,
+            module: image.module,
+            memory_bytes: image.memory_bytes,
+            globals: image.globals.clone(),
+            runs: image.pages.runs.clone(),
+            body_bytes: body.len() as u64,
+            hash: image.digest(),
+            context: image.context.clone(),
+        };
+        tamper(&mut header);
+        let mut head = Vec::new();
+        ciborium::into_writer(&header, &mut head).unwrap_or_default();
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<AgentImage, ImageError> {
+        AgentImage::decode(bytes, &ImageLimits::default())
+    }
+
+    #[test]
+    fn round_trip_keeps_everything_bit_for_bit() {
+        let img = image();
+        let bytes = img.encode().unwrap_or_default();
+        assert_eq!(decode(&bytes), Ok(img.clone()));
+        assert_eq!(bytes, encode_with(&img, None, |_| {}), "the test encoder matches the real one");
+    }
+
+    #[test]
+    fn every_truncation_is_a_clear_error() {
+        let bytes = image().encode().unwrap_or_default();
+        for len in 0..bytes.len() {
+            match decode(&bytes[..len]) {
+                Err(ImageError::Truncated(_) | ImageError::NotAnImage | ImageError::BadHeader(_)) => {}
+                other => panic!("prefix of {len} bytes gave {other:?}"),
+            }
+        }
+        assert!(matches!(decode(&bytes[..100]), Err(ImageError::Truncated(_))));
+    }
+
+    #[test]
+    fn bad_images_are_refused_with_the_exact_error() {
+        let img = image();
+        let good = img.encode().unwrap_or_default();
+        assert_eq!(decode(b"GIF89a......"), Err(ImageError::NotAnImage));
+
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(decode(&trailing), Err(ImageError::TrailingBytes(1)));
+
+        let mut huge = good.clone();
+        huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(&huge), Err(ImageError::HeaderTooLarge { size: u64::from(u32::MAX), limit: 4 << 20 }));
+
+        let mut garbage = good.clone();
+        garbage[12..20].fill(0xff);
+        assert!(matches!(decode(&garbage), Err(ImageError::BadHeader(_))));
+
+        assert_eq!(
+            decode(&encode_with(&img, None, |h| h.format = 2)),
+            Err(ImageError::VersionSkew { found: 2, supported: FORMAT_VERSION })
+        );
+        assert_eq!(
+            AgentImage::decode(&good, &ImageLimits { max_memory: 1 << 16, ..ImageLimits::default() }),
+            Err(ImageError::MemoryTooLarge { size: 4 << 16, limit: 1 << 16 })
+        );
+        assert!(matches!(decode(&encode_with(&img, None, |h| h.memory_bytes = 1000)), Err(ImageError::BadHeader(_))));
+        assert!(matches!(
+            decode(&encode_with(&img, None, |h| h.runs[1].start = 64)),
+            Err(ImageError::BadPages(_))
+        ));
+        assert!(matches!(
+            decode(&encode_with(&img, None, |h| h.runs.push(PageRun { start: 41, count: 1 }))),
+            Err(ImageError::CorruptBody(_))
+        ));
+        // The header's hash no longer matches a changed global or context.
+        assert_eq!(decode(&encode_with(&img, None, |h| h.globals[0].bits += 1)), Err(ImageError::HashMismatch));
+        assert_eq!(decode(&encode_with(&img, None, |h| h.context.hop_seq = 9)), Err(ImageError::HashMismatch));
+        // A changed page byte (compressed body still valid).
+        let mut other = img.pages.data.clone();
+        other[5] ^= 1;
+        let body = zstd::bulk::compress(&other, 1).unwrap_or_default();
+        assert_eq!(decode(&encode_with(&img, Some(body), |_| {})), Err(ImageError::HashMismatch));
+        // Flipped bits in the compressed body.
+        let mut flipped = good.clone();
+        let at = flipped.len() - 3;
+        flipped[at] ^= 0x55;
+        assert!(matches!(decode(&flipped), Err(ImageError::CorruptBody(_) | ImageError::HashMismatch)));
+    }
+
+    #[test]
+    fn a_decompression_bomb_stops_at_the_size_the_page_map_implies() {
+        let img = image();
+        let bomb = zstd::bulk::compress(&vec![0u8; 256 << 20], 3).unwrap_or_default();
+        assert!(bomb.len() < 64 << 10, "the bomb is small on the wire");
+        assert!(matches!(decode(&encode_with(&img, Some(bomb), |_| {})), Err(ImageError::CorruptBody(_))));
+    }
+}

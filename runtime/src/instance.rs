@@ -277,7 +277,8 @@ impl AgentInstance {
         }
         match e.downcast_ref::<Trap>() {
             Some(Trap::StackOverflow) => AgentError::StackOverflow,
-            _ => AgentError::Trap(format!("{e:#}")),
+            Some(trap) => AgentError::Trap(trap.to_string()),
+            None => AgentError::Trap(e.root_cause().to_string()),
         }
     }
 }

@@ -165,7 +165,7 @@ impl LocalRunner {
             }
         };
         loop {
-            if matches!(migration, Migration::EverySafePoint) {
+            if !matches!(migration, Migration::OnlyHops) {
                 agent.request_checkpoint();
             }
             let step = agent.poll().await;

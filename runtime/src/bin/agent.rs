@@ -56,8 +56,11 @@ struct RunArgs {
     #[arg(long, default_value_t = 60.0)]
     cpu_budget: f64,
     /// Where compiled modules are kept [default: ~/.cache/agent-runtime/modules].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_disk_cache")]
     cache_dir: Option<PathBuf>,
+    /// Keep compiled modules in memory only.
+    #[arg(long)]
+    no_disk_cache: bool,
     /// Print one JSON object with the result and the hops instead of text.
     #[arg(long)]
     json: bool,
@@ -123,7 +126,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let sites = load_sites(&args.sites, args.data.as_deref())?;
     let engine = new_engine().map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e}"))?;
-    let cache_dir = args.cache_dir.clone().or_else(default_cache_dir);
+    let cache_dir = if args.no_disk_cache { None } else { args.cache_dir.clone().or_else(default_cache_dir) };
     let runner = LocalRunner::new(ModuleCache::new(&engine, cache_dir)?, sites, limits);
     let launch = Launch { itinerary: args.sites.clone(), args: args.args.iter().cloned().collect::<BTreeMap<_, _>>(), owner: whoami() };
     let migration = if args.migrate_every_safe_point { Migration::EverySafePoint } else { Migration::OnlyHops };
