@@ -11,7 +11,10 @@ use std::sync::OnceLock;
 
 /// The repository's root directory.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("..")).to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new(".."))
+        .to_path_buf()
 }
 
 /// Builds every example agent once per test process and returns the module `name`.
@@ -20,14 +23,24 @@ pub fn example(name: &str) -> Vec<u8> {
     let dir = BUILT.get_or_init(|| {
         let manifest = repo().join("examples/Cargo.toml");
         let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["build", "--release", "--workspace", "--target", agent_runtime::builder::TARGET, "--manifest-path"])
+            .args([
+                "build",
+                "--release",
+                "--workspace",
+                "--target",
+                agent_runtime::builder::TARGET,
+                "--manifest-path",
+            ])
             .arg(&manifest)
             .status()
             .map_err(|e| format!("cannot run cargo: {e}"))?;
         if !status.success() {
             return Err(format!("building the examples failed: {status}"));
         }
-        Ok(repo().join("examples/target").join(agent_runtime::builder::TARGET).join("release"))
+        Ok(repo()
+            .join("examples/target")
+            .join(agent_runtime::builder::TARGET)
+            .join("release"))
     });
     let dir = dir.as_ref().unwrap_or_else(|e| panic!("{e}"));
     let path = dir.join(format!("{name}.wasm"));
@@ -40,9 +53,16 @@ pub fn agent_bin() -> PathBuf {
         return bin.into();
     }
     let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe.parent().and_then(Path::parent).unwrap_or(Path::new("."));
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
     let bin = dir.join("agent");
-    assert!(bin.is_file(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
     bin
 }
 
@@ -68,13 +88,20 @@ pub fn runner(limits: Limits) -> LocalRunner {
 pub fn launch(itinerary: &[&str], args: &[(&str, &str)]) -> Launch {
     Launch {
         itinerary: itinerary.iter().map(|s| s.to_string()).collect(),
-        args: args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+        args: args
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
         owner: "test".into(),
     }
 }
 
 /// Runs an agent to its end on a fresh current-thread tokio runtime.
 pub fn run(runner: &LocalRunner, wasm: &[u8], launch: Launch, migration: Migration) -> RunReport {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
-    rt.block_on(runner.run(wasm, launch, migration, &mut |_| {})).unwrap_or_else(|e| panic!("{e}"))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    rt.block_on(runner.run(wasm, launch, migration, &mut |_| {}))
+        .unwrap_or_else(|e| panic!("{e}"))
 }

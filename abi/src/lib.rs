@@ -156,8 +156,12 @@ impl std::fmt::Display for HopError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             HopError::UnknownSite(site) => write!(f, "unknown site `{site}`"),
-            HopError::Refused { site, reason } => write!(f, "site `{site}` refused the agent: {reason}"),
-            HopError::Unreachable { site, reason } => write!(f, "site `{site}` unreachable: {reason}"),
+            HopError::Refused { site, reason } => {
+                write!(f, "site `{site}` refused the agent: {reason}")
+            }
+            HopError::Unreachable { site, reason } => {
+                write!(f, "site `{site}` unreachable: {reason}")
+            }
         }
     }
 }
@@ -185,7 +189,9 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::UnknownService(s) => write!(f, "this host offers no service `{s}`"),
             CallError::BadRequest(why) => write!(f, "bad request: {why}"),
-            CallError::TooLarge { limit } => write!(f, "message exceeds the host's limit of {limit} bytes"),
+            CallError::TooLarge { limit } => {
+                write!(f, "message exceeds the host's limit of {limit} bytes")
+            }
             CallError::Failed(why) => write!(f, "service failed: {why}"),
         }
     }

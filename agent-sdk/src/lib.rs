@@ -166,7 +166,9 @@ impl Context {
     /// # }
     /// ```
     pub fn hop(&self, site: &str) -> Hop {
-        Hop::new(Op::Hop { site: site.to_string() })
+        Hop::new(Op::Hop {
+            site: site.to_string(),
+        })
     }
 
     /// Calls a service of the current host with a request and decodes its response.
@@ -182,7 +184,11 @@ impl Context {
     /// ctx.log(format!("{} runs on {}", info.site, info.arch));
     /// # Ok(()) }
     /// ```
-    pub fn call<Req: Serialize, Resp: DeserializeOwned>(&self, service: &str, request: &Req) -> Call<Resp> {
+    pub fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        service: &str,
+        request: &Req,
+    ) -> Call<Resp> {
         let mut bytes = Vec::new();
         let encoded = ciborium::into_writer(request, &mut bytes);
         Call::new(service, bytes, encoded.err().map(|e| e.to_string()))

@@ -30,7 +30,9 @@ impl Pending {
                 }
                 match sys::submit(&bytes) {
                     code::OK => {}
-                    code::BUSY => panic!("agent-sdk: another host operation is pending; await one at a time"),
+                    code::BUSY => {
+                        panic!("agent-sdk: another host operation is pending; await one at a time")
+                    }
                     code::TOO_LARGE => panic!(
                         "agent-sdk: operation of {} bytes exceeds the limit of {} bytes",
                         bytes.len(),
@@ -89,8 +91,15 @@ pub struct Call<Resp> {
 
 impl<Resp> Call<Resp> {
     pub(crate) fn new(service: &str, request: Vec<u8>, encode_error: Option<String>) -> Self {
-        let op = Op::Call { service: service.to_string(), request };
-        Call { pending: Some(Pending::Ready(op)), encode_error, _resp: PhantomData }
+        let op = Op::Call {
+            service: service.to_string(),
+            request,
+        };
+        Call {
+            pending: Some(Pending::Ready(op)),
+            encode_error,
+            _resp: PhantomData,
+        }
     }
 }
 
@@ -109,8 +118,9 @@ impl<Resp: DeserializeOwned> Future for Call<Resp> {
         pending.poll().map(|result| {
             self.pending = None;
             match result {
-                OpResult::Call(Ok(bytes)) => ciborium::from_reader(bytes.as_slice())
-                    .map_err(|e| CallError::BadRequest(format!("could not decode the response: {e}"))),
+                OpResult::Call(Ok(bytes)) => ciborium::from_reader(bytes.as_slice()).map_err(|e| {
+                    CallError::BadRequest(format!("could not decode the response: {e}"))
+                }),
                 OpResult::Call(Err(e)) => Err(e),
                 other => mismatch(&other),
             }

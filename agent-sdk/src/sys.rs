@@ -20,7 +20,9 @@ mod raw {
 #[allow(clippy::missing_safety_doc)]
 mod raw {
     fn outside() -> ! {
-        panic!("agent-sdk: host functions exist only inside an agent host (build with --target wasm32-wasip1)")
+        panic!(
+            "agent-sdk: host functions exist only inside an agent host (build with --target wasm32-wasip1)"
+        )
     }
     pub unsafe fn context(_: *mut u8, _: usize) -> i32 {
         outside()

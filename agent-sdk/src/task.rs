@@ -30,9 +30,16 @@ where
     std::panic::set_hook(Box::new(|info| {
         let message = match info.payload().downcast_ref::<&str>() {
             Some(s) => (*s).to_string(),
-            None => info.payload().downcast_ref::<String>().cloned().unwrap_or_default(),
+            None => info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_default(),
         };
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         report(&Outcome::Panicked(format!("{message}{at}")));
     }));
     let task: Task = Box::pin(async move {
@@ -56,7 +63,9 @@ where
 pub fn poll() -> i32 {
     // Take the task out while polling so a re-entrant poll cannot alias it.
     let Some(mut task) = TASK.with(|t| t.borrow_mut().take()) else {
-        panic!("agent-sdk: agent_poll called without a task (agent_start not run, or agent already finished)");
+        panic!(
+            "agent-sdk: agent_poll called without a task (agent_start not run, or agent already finished)"
+        );
     };
     let mut cx = std::task::Context::from_waker(Waker::noop());
     match task.as_mut().poll(&mut cx) {

@@ -27,10 +27,14 @@ pub enum AdmissionError {
     #[error("not a core WebAssembly module (components are not supported)")]
     NotACoreModule,
     /// The module has no ABI section: it was not built with agent-sdk.
-    #[error("not an agent: the module has no `{ABI_SECTION}` section; build it with agent-sdk (`agent build CRATE_DIR`)")]
+    #[error(
+        "not an agent: the module has no `{ABI_SECTION}` section; build it with agent-sdk (`agent build CRATE_DIR`)"
+    )]
     NotAnAgent,
     /// The module was built for another ABI version.
-    #[error("agent ABI version mismatch: the module was built for v{module}, this host speaks v{host}; rebuild it with a matching agent-sdk")]
+    #[error(
+        "agent ABI version mismatch: the module was built for v{module}, this host speaks v{host}; rebuild it with a matching agent-sdk"
+    )]
     AbiMismatch {
         /// Version in the module.
         module: u32,
@@ -38,7 +42,9 @@ pub enum AdmissionError {
         host: u32,
     },
     /// A required export is missing.
-    #[error("missing export `{0}`: agents export agent_start, agent_poll and memory (use `agent_sdk::agent!`)")]
+    #[error(
+        "missing export `{0}`: agents export agent_start, agent_poll and memory (use `agent_sdk::agent!`)"
+    )]
     MissingExport(&'static str),
     /// The module imports something the host does not offer.
     #[error("imports `{module}::{name}`, which this host does not offer")]
@@ -116,7 +122,9 @@ pub struct ModuleFacts {
 /// # Errors
 /// The first [`AdmissionError`] found.
 pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
-    Validator::new().validate_all(wasm).map_err(|e| AdmissionError::Invalid(e.message().to_string()))?;
+    Validator::new()
+        .validate_all(wasm)
+        .map_err(|e| AdmissionError::Invalid(e.message().to_string()))?;
 
     let mut abi = None;
     let mut exports = Vec::new();
@@ -125,11 +133,15 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
     let mut imported_funcs = 0u32;
     let mut defined_funcs = 0u32;
     let mut segments = Vec::new();
-    let invalid = |e: wasmparser::BinaryReaderError| AdmissionError::Invalid(e.message().to_string());
+    let invalid =
+        |e: wasmparser::BinaryReaderError| AdmissionError::Invalid(e.message().to_string());
 
     for payload in Parser::new(0).parse_all(wasm) {
         match payload.map_err(invalid)? {
-            Payload::Version { encoding: wasmparser::Encoding::Component, .. } => {
+            Payload::Version {
+                encoding: wasmparser::Encoding::Component,
+                ..
+            } => {
                 return Err(AdmissionError::NotACoreModule);
             }
             Payload::ImportSection(reader) => {
@@ -166,7 +178,10 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
                         ValType::F32 => GlobalKind::F32,
                         ValType::F64 => GlobalKind::F64,
                         other => {
-                            return Err(AdmissionError::UnsupportedGlobal { index: index as u32, ty: other.to_string() });
+                            return Err(AdmissionError::UnsupportedGlobal {
+                                index: index as u32,
+                                ty: other.to_string(),
+                            });
                         }
                     };
                     globals.push((index as u32, kind));
@@ -203,7 +218,9 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
                 }
             }
             Payload::CustomSection(section) if section.name() == ABI_SECTION => {
-                let version = <[u8; 4]>::try_from(section.data()).map(u32::from_le_bytes).unwrap_or(u32::MAX);
+                let version = <[u8; 4]>::try_from(section.data())
+                    .map(u32::from_le_bytes)
+                    .unwrap_or(u32::MAX);
                 abi = Some(version);
             }
             _ => {}
@@ -212,7 +229,12 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
 
     match abi {
         None => return Err(AdmissionError::NotAnAgent),
-        Some(v) if v != ABI_VERSION => return Err(AdmissionError::AbiMismatch { module: v, host: ABI_VERSION }),
+        Some(v) if v != ABI_VERSION => {
+            return Err(AdmissionError::AbiMismatch {
+                module: v,
+                host: ABI_VERSION,
+            });
+        }
         Some(_) => {}
     }
     let memory = match memories.as_slice() {
@@ -244,7 +266,11 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
         initial.write(offset, &bytes);
     }
     debug_assert_eq!(PAGE_SIZE as u64 * 16, WASM_PAGE);
-    Ok(ModuleFacts { globals, memory_exported: exported(export::MEMORY, wasmparser::ExternalKind::Memory), initial })
+    Ok(ModuleFacts {
+        globals,
+        memory_exported: exported(export::MEMORY, wasmparser::ExternalKind::Memory),
+        initial,
+    })
 }
 
 /// The name of `op` if it writes a table.
@@ -292,7 +318,10 @@ mod tests {
     #[test]
     fn admits_an_agent_and_learns_its_state() {
         let facts = inspect(&agent(MEMORY, ABI)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(facts.globals, vec![(0, GlobalKind::I32), (1, GlobalKind::I64)]);
+        assert_eq!(
+            facts.globals,
+            vec![(0, GlobalKind::I32), (1, GlobalKind::I64)]
+        );
         assert!(facts.memory_exported);
         let mut expected = InitialImage::default();
         expected.write(65530, b"hello, world");
@@ -309,63 +338,129 @@ mod tests {
         let mut exports = Vec::new();
         for payload in Parser::new(0).parse_all(&out) {
             if let Ok(Payload::ExportSection(reader)) = payload {
-                exports = reader.into_iter().filter_map(Result::ok).map(|e| (e.name.to_string(), e.index)).collect();
+                exports = reader
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .map(|e| (e.name.to_string(), e.index))
+                    .collect();
             }
         }
-        for wanted in [("__agent_global_0", 0), ("__agent_global_1", 1), ("__agent_memory", 0), ("agent_poll", 2)] {
-            assert!(exports.contains(&(wanted.0.to_string(), wanted.1)), "{wanted:?} missing from {exports:?}");
+        for wanted in [
+            ("__agent_global_0", 0),
+            ("__agent_global_1", 1),
+            ("__agent_memory", 0),
+            ("agent_poll", 2),
+        ] {
+            assert!(
+                exports.contains(&(wanted.0.to_string(), wanted.1)),
+                "{wanted:?} missing from {exports:?}"
+            );
         }
     }
 
     #[test]
     fn refuses_what_cannot_be_an_agent() {
-        assert!(matches!(inspect(b"\0asm\x01\0\0\0garbage"), Err(AdmissionError::Invalid(_))));
+        assert!(matches!(
+            inspect(b"\0asm\x01\0\0\0garbage"),
+            Err(AdmissionError::Invalid(_))
+        ));
         assert_eq!(refused(MEMORY, ""), AdmissionError::NotAnAgent);
         assert_eq!(
             refused(MEMORY, r#"(@custom "agent-abi" "\02\00\00\00")"#),
-            AdmissionError::AbiMismatch { module: 2, host: ABI_VERSION }
+            AdmissionError::AbiMismatch {
+                module: 2,
+                host: ABI_VERSION
+            }
         );
         assert_eq!(
             refused(&format!(r#"(import "env" "open" (func)) {MEMORY}"#), ABI),
-            AdmissionError::UnknownImport { module: "env".into(), name: "open".into() }
+            AdmissionError::UnknownImport {
+                module: "env".into(),
+                name: "open".into()
+            }
         );
         assert_eq!(
-            refused(&format!(r#"(import "agent_v1" "teleport" (func)) {MEMORY}"#), ABI),
-            AdmissionError::UnknownImport { module: "agent_v1".into(), name: "teleport".into() }
+            refused(
+                &format!(r#"(import "agent_v1" "teleport" (func)) {MEMORY}"#),
+                ABI
+            ),
+            AdmissionError::UnknownImport {
+                module: "agent_v1".into(),
+                name: "teleport".into()
+            }
         );
         assert_eq!(
             refused(r#"(import "env" "memory" (memory 1))"#, ABI),
-            AdmissionError::UnknownImport { module: "env".into(), name: "memory".into() }
+            AdmissionError::UnknownImport {
+                module: "env".into(),
+                name: "memory".into()
+            }
         );
-        assert_eq!(refused(r#"(memory 1 1 shared)"#, ABI), AdmissionError::SharedMemory);
+        assert_eq!(
+            refused(r#"(memory 1 1 shared)"#, ABI),
+            AdmissionError::SharedMemory
+        );
         assert_eq!(refused(r#"(memory i64 1)"#, ABI), AdmissionError::Memory64);
-        assert_eq!(refused(r#"(memory 1) (memory 1)"#, ABI), AdmissionError::MemoryCount(2));
+        assert_eq!(
+            refused(r#"(memory 1) (memory 1)"#, ABI),
+            AdmissionError::MemoryCount(2)
+        );
         assert_eq!(refused("", ABI), AdmissionError::MemoryCount(0));
         assert_eq!(
-            refused(&format!("{MEMORY} (global (mut v128) (v128.const i64x2 0 0))"), ABI),
-            AdmissionError::UnsupportedGlobal { index: 0, ty: "v128".into() }
+            refused(
+                &format!("{MEMORY} (global (mut v128) (v128.const i64x2 0 0))"),
+                ABI
+            ),
+            AdmissionError::UnsupportedGlobal {
+                index: 0,
+                ty: "v128".into()
+            }
         );
         assert_eq!(
-            refused(&format!("{MEMORY} (table 1 funcref) (func (drop (table.grow (ref.null func) (i32.const 1))))"), ABI),
-            AdmissionError::WritesTable { func: 1, op: "table.grow" }
+            refused(
+                &format!(
+                    "{MEMORY} (table 1 funcref) (func (drop (table.grow (ref.null func) (i32.const 1))))"
+                ),
+                ABI
+            ),
+            AdmissionError::WritesTable {
+                func: 1,
+                op: "table.grow"
+            }
         );
         assert_eq!(
-            refused(&format!("{MEMORY} (table 1 funcref) (func (table.set (i32.const 0) (ref.null func)))"), ABI),
-            AdmissionError::WritesTable { func: 1, op: "table.set" }
+            refused(
+                &format!(
+                    "{MEMORY} (table 1 funcref) (func (table.set (i32.const 0) (ref.null func)))"
+                ),
+                ABI
+            ),
+            AdmissionError::WritesTable {
+                func: 1,
+                op: "table.set"
+            }
         );
-        assert_eq!(refused(&format!("{MEMORY} (func $s) (start $s)"), ABI), AdmissionError::StartFunction);
         assert_eq!(
-            refused(r#"(memory 1) (global $base i32 (i32.const 8)) (data (global.get $base) "x")"#, ABI),
+            refused(&format!("{MEMORY} (func $s) (start $s)"), ABI),
+            AdmissionError::StartFunction
+        );
+        assert_eq!(
+            refused(
+                r#"(memory 1) (global $base i32 (i32.const 8)) (data (global.get $base) "x")"#,
+                ABI
+            ),
             AdmissionError::DataOffset(0)
         );
     }
 
     #[test]
     fn refuses_missing_entry_points() {
-        let text = format!(
-            r#"(module (memory (export "memory") 1) (func (export "agent_start")) {ABI})"#
-        );
+        let text =
+            format!(r#"(module (memory (export "memory") 1) (func (export "agent_start")) {ABI})"#);
         let wasm = wat::parse_str(&text).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(inspect(&wasm).err(), Some(AdmissionError::MissingExport(export::POLL)));
+        assert_eq!(
+            inspect(&wasm).err(),
+            Some(AdmissionError::MissingExport(export::POLL))
+        );
     }
 }

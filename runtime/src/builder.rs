@@ -33,11 +33,18 @@ fn cargo() -> Command {
 
 /// Whether the Rust standard library for [`TARGET`] is installed.
 pub fn target_installed() -> bool {
-    let Ok(out) = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into())).args(["--print", "sysroot"]).output() else {
+    let Ok(out) = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
+        .args(["--print", "sysroot"])
+        .output()
+    else {
         return false;
     };
     let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Path::new(&sysroot).join("lib/rustlib").join(TARGET).join("lib").is_dir()
+    Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(TARGET)
+        .join("lib")
+        .is_dir()
 }
 
 /// Builds the agent crate in `dir` (release, [`TARGET`]) and returns the module's path.
@@ -54,7 +61,14 @@ pub fn build(dir: &Path) -> Result<PathBuf, BuildError> {
         return Err(BuildError::MissingTarget);
     }
     let mut child = cargo()
-        .args(["build", "--release", "--target", TARGET, "--message-format=json-render-diagnostics", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            TARGET,
+            "--message-format=json-render-diagnostics",
+            "--manifest-path",
+        ])
         .arg(&manifest)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -63,12 +77,23 @@ pub fn build(dir: &Path) -> Result<PathBuf, BuildError> {
     let wanted = manifest.canonicalize().unwrap_or(manifest.clone());
     let mut module = None;
     if let Some(stdout) = child.stdout.take() {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-            let own = msg["manifest_path"].as_str().is_some_and(|p| Path::new(p) == wanted);
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let own = msg["manifest_path"]
+                .as_str()
+                .is_some_and(|p| Path::new(p) == wanted);
             if msg["reason"] == "compiler-artifact" && own {
-                let files = msg["filenames"].as_array().into_iter().flatten().filter_map(|f| f.as_str());
-                if let Some(wasm) = files.filter(|f| f.ends_with(".wasm")).last() {
+                let mut files = msg["filenames"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f.as_str());
+                if let Some(wasm) = files.rfind(|f| f.ends_with(".wasm")) {
                     module = Some(PathBuf::from(wasm));
                 }
             }

@@ -18,10 +18,16 @@ impl AgentId {
         // The seed mixes the clock, the process and a counter; blake3 spreads it over 128 bits.
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let mut hasher = blake3::Hasher::new();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         hasher.update(&now.as_nanos().to_le_bytes());
         hasher.update(&std::process::id().to_le_bytes());
-        hasher.update(&COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+        hasher.update(
+            &COUNTER
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .to_le_bytes(),
+        );
         bytes.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
         AgentId(bytes)
     }
@@ -77,7 +83,12 @@ pub struct AgentContext {
 
 impl AgentContext {
     /// The context of a newly launched agent.
-    pub fn new(home: &str, owner: &str, itinerary: Vec<String>, args: BTreeMap<String, String>) -> AgentContext {
+    pub fn new(
+        home: &str,
+        owner: &str,
+        itinerary: Vec<String>,
+        args: BTreeMap<String, String>,
+    ) -> AgentContext {
         AgentContext {
             agent_id: AgentId::random(),
             hop_seq: 0,

@@ -9,86 +9,121 @@ use wasmtime::{Caller, Linker};
 
 /// Adds the `agent_v1` functions to `linker`.
 pub(crate) fn add_to_linker(linker: &mut Linker<AgentState>) -> wasmtime::Result<()> {
-    linker.func_wrap(IMPORT_MODULE, import::CONTEXT, |mut caller: Caller<'_, AgentState>, ptr: i32, cap: i32| {
-        let state = caller.data();
-        let info = AgentInfo {
-            agent_id: state.context.agent_id.to_string(),
-            site: state.site.name().to_string(),
-            home: state.context.home.clone(),
-            hops: state.context.trace.len() as u64,
-            itinerary: state.context.itinerary.clone(),
-            args: state.context.args.clone(),
-        };
-        let mut bytes = Vec::new();
-        // Encoding into a Vec cannot fail for this plain data type.
-        let _ = ciborium::into_writer(&info, &mut bytes);
-        reply(&mut caller, ptr, cap, &bytes)
-    })?;
-    linker.func_wrap(IMPORT_MODULE, import::SUBMIT, |mut caller: Caller<'_, AgentState>, ptr: i32, len: i32| {
-        let bytes = match read(&mut caller, ptr, len, MAX_MESSAGE) {
-            Ok(b) => b,
-            Err(code) => return code,
-        };
-        let state = caller.data_mut();
-        if state.context.pending.is_some() || state.context.result.is_some() {
-            return code::BUSY;
-        }
-        match ciborium::de::from_reader_with_recursion_limit::<Op, _>(bytes.as_slice(), 16) {
-            Ok(op) => {
-                state.context.pending = Some(op);
-                code::OK
+    linker.func_wrap(
+        IMPORT_MODULE,
+        import::CONTEXT,
+        |mut caller: Caller<'_, AgentState>, ptr: i32, cap: i32| {
+            let state = caller.data();
+            let info = AgentInfo {
+                agent_id: state.context.agent_id.to_string(),
+                site: state.site.name().to_string(),
+                home: state.context.home.clone(),
+                hops: state.context.trace.len() as u64,
+                itinerary: state.context.itinerary.clone(),
+                args: state.context.args.clone(),
+            };
+            let mut bytes = Vec::new();
+            // Encoding into a Vec cannot fail for this plain data type.
+            let _ = ciborium::into_writer(&info, &mut bytes);
+            reply(&mut caller, ptr, cap, &bytes)
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        import::SUBMIT,
+        |mut caller: Caller<'_, AgentState>, ptr: i32, len: i32| {
+            let bytes = match read(&mut caller, ptr, len, MAX_MESSAGE) {
+                Ok(b) => b,
+                Err(code) => return code,
+            };
+            let state = caller.data_mut();
+            if state.context.pending.is_some() || state.context.result.is_some() {
+                return code::BUSY;
             }
-            Err(_) => code::BAD_MESSAGE,
-        }
-    })?;
-    linker.func_wrap(IMPORT_MODULE, import::TAKE, |mut caller: Caller<'_, AgentState>, ptr: i32, cap: i32| {
-        let Some(result) = caller.data().context.result.as_ref() else {
-            return code::NO_RESULT;
-        };
-        let mut bytes = Vec::new();
-        // Encoding into a Vec cannot fail for this plain data type.
-        let _ = ciborium::into_writer(result, &mut bytes);
-        let n = reply(&mut caller, ptr, cap, &bytes);
-        if n >= 0 && n <= cap {
-            caller.data_mut().context.result = None; // taken
-        }
-        n
-    })?;
-    linker.func_wrap(IMPORT_MODULE, import::CHECKPOINT_REQUESTED, |caller: Caller<'_, AgentState>| {
-        i32::from(caller.data().checkpoint_requested)
-    })?;
-    linker.func_wrap(IMPORT_MODULE, import::LOG, |mut caller: Caller<'_, AgentState>, level: i32, ptr: i32, len: i32| {
-        let len = len.clamp(0, MAX_LOG_LINE as i32);
-        if let Ok(bytes) = read(&mut caller, ptr, len, MAX_LOG_LINE) {
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            caller.data().log.push(crate::log::LogSource::Agent(level), text);
-        }
-    })?;
-    linker.func_wrap(IMPORT_MODULE, import::FINISH, |mut caller: Caller<'_, AgentState>, ptr: i32, len: i32| {
-        let bytes = match read(&mut caller, ptr, len, MAX_MESSAGE) {
-            Ok(b) => b,
-            Err(code) => return code,
-        };
-        match ciborium::de::from_reader_with_recursion_limit::<Outcome, _>(bytes.as_slice(), 16) {
-            Ok(outcome) => {
-                caller.data_mut().outcome = Some(outcome);
-                code::OK
+            match ciborium::de::from_reader_with_recursion_limit::<Op, _>(bytes.as_slice(), 16) {
+                Ok(op) => {
+                    state.context.pending = Some(op);
+                    code::OK
+                }
+                Err(_) => code::BAD_MESSAGE,
             }
-            Err(_) => code::BAD_MESSAGE,
-        }
-    })?;
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        import::TAKE,
+        |mut caller: Caller<'_, AgentState>, ptr: i32, cap: i32| {
+            let Some(result) = caller.data().context.result.as_ref() else {
+                return code::NO_RESULT;
+            };
+            let mut bytes = Vec::new();
+            // Encoding into a Vec cannot fail for this plain data type.
+            let _ = ciborium::into_writer(result, &mut bytes);
+            let n = reply(&mut caller, ptr, cap, &bytes);
+            if n >= 0 && n <= cap {
+                caller.data_mut().context.result = None; // taken
+            }
+            n
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        import::CHECKPOINT_REQUESTED,
+        |caller: Caller<'_, AgentState>| i32::from(caller.data().checkpoint_requested),
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        import::LOG,
+        |mut caller: Caller<'_, AgentState>, level: i32, ptr: i32, len: i32| {
+            let len = len.clamp(0, MAX_LOG_LINE as i32);
+            if let Ok(bytes) = read(&mut caller, ptr, len, MAX_LOG_LINE) {
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                caller
+                    .data()
+                    .log
+                    .push(crate::log::LogSource::Agent(level), text);
+            }
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        import::FINISH,
+        |mut caller: Caller<'_, AgentState>, ptr: i32, len: i32| {
+            let bytes = match read(&mut caller, ptr, len, MAX_MESSAGE) {
+                Ok(b) => b,
+                Err(code) => return code,
+            };
+            match ciborium::de::from_reader_with_recursion_limit::<Outcome, _>(bytes.as_slice(), 16)
+            {
+                Ok(outcome) => {
+                    caller.data_mut().outcome = Some(outcome);
+                    code::OK
+                }
+                Err(_) => code::BAD_MESSAGE,
+            }
+        },
+    )?;
     Ok(())
 }
 
 /// Copies `len` bytes at `ptr` out of the agent's memory.
-fn read(caller: &mut Caller<'_, AgentState>, ptr: i32, len: i32, max: usize) -> Result<Vec<u8>, i32> {
+fn read(
+    caller: &mut Caller<'_, AgentState>,
+    ptr: i32,
+    len: i32,
+    max: usize,
+) -> Result<Vec<u8>, i32> {
     let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
     if len > max {
         return Err(code::TOO_LARGE);
     }
-    let Some(memory) = caller.data().memory else { return Err(code::BAD_POINTER) };
+    let Some(memory) = caller.data().memory else {
+        return Err(code::BAD_POINTER);
+    };
     let data = memory.data(&caller);
-    data.get(ptr..ptr.saturating_add(len)).map(<[u8]>::to_vec).ok_or(code::BAD_POINTER)
+    data.get(ptr..ptr.saturating_add(len))
+        .map(<[u8]>::to_vec)
+        .ok_or(code::BAD_POINTER)
 }
 
 /// Writes `bytes` at `ptr` when they fit in `cap`; returns their length either way.
@@ -98,8 +133,13 @@ fn reply(caller: &mut Caller<'_, AgentState>, ptr: i32, cap: i32, bytes: &[u8]) 
         return code::TOO_LARGE;
     }
     if bytes.len() <= cap {
-        let Some(memory) = caller.data().memory else { return code::BAD_POINTER };
-        let Some(dst) = memory.data_mut(&mut *caller).get_mut(ptr..ptr.saturating_add(bytes.len())) else {
+        let Some(memory) = caller.data().memory else {
+            return code::BAD_POINTER;
+        };
+        let Some(dst) = memory
+            .data_mut(&mut *caller)
+            .get_mut(ptr..ptr.saturating_add(bytes.len()))
+        else {
             return code::BAD_POINTER;
         };
         dst.copy_from_slice(bytes);

@@ -59,7 +59,10 @@ pub struct ImageLimits {
 
 impl Default for ImageLimits {
     fn default() -> Self {
-        ImageLimits { max_memory: 4 << 30, max_header: 4 << 20 }
+        ImageLimits {
+            max_memory: 4 << 30,
+            max_header: 4 << 20,
+        }
     }
 }
 
@@ -198,11 +201,16 @@ impl AgentImage {
     /// limits before the sizes are checked.
     pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<AgentImage, ImageError> {
         if bytes.len() < MAGIC.len() + 4 {
-            return Err(if bytes.starts_with(&MAGIC[..bytes.len().min(MAGIC.len())]) {
-                ImageError::Truncated(format!("{} bytes, shorter than the fixed prefix", bytes.len()))
-            } else {
-                ImageError::NotAnImage
-            });
+            return Err(
+                if bytes.starts_with(&MAGIC[..bytes.len().min(MAGIC.len())]) {
+                    ImageError::Truncated(format!(
+                        "{} bytes, shorter than the fixed prefix",
+                        bytes.len()
+                    ))
+                } else {
+                    ImageError::NotAnImage
+                },
+            );
         }
         if bytes[..MAGIC.len()] != MAGIC {
             return Err(ImageError::NotAnImage);
@@ -211,24 +219,44 @@ impl AgentImage {
         len.copy_from_slice(&bytes[8..12]);
         let head_len = u64::from(u32::from_le_bytes(len));
         if head_len > limits.max_header as u64 {
-            return Err(ImageError::HeaderTooLarge { size: head_len, limit: limits.max_header as u64 });
+            return Err(ImageError::HeaderTooLarge {
+                size: head_len,
+                limit: limits.max_header as u64,
+            });
         }
         let rest = &bytes[12..];
         let Some(head) = rest.get(..head_len as usize) else {
-            return Err(ImageError::Truncated(format!("header of {head_len} bytes, {} present", rest.len())));
+            return Err(ImageError::Truncated(format!(
+                "header of {head_len} bytes, {} present",
+                rest.len()
+            )));
         };
-        let header: WireHeader = ciborium::de::from_reader_with_recursion_limit(head, RECURSION_LIMIT)
-            .map_err(|e| ImageError::BadHeader(e.to_string()))?;
+        let header: WireHeader =
+            ciborium::de::from_reader_with_recursion_limit(head, RECURSION_LIMIT)
+                .map_err(|e| ImageError::BadHeader(e.to_string()))?;
         if header.format != FORMAT_VERSION {
-            return Err(ImageError::VersionSkew { found: header.format, supported: FORMAT_VERSION });
+            return Err(ImageError::VersionSkew {
+                found: header.format,
+                supported: FORMAT_VERSION,
+            });
         }
         if header.memory_bytes > limits.max_memory {
-            return Err(ImageError::MemoryTooLarge { size: header.memory_bytes, limit: limits.max_memory });
+            return Err(ImageError::MemoryTooLarge {
+                size: header.memory_bytes,
+                limit: limits.max_memory,
+            });
         }
-        if header.memory_bytes % crate::admission::WASM_PAGE != 0 {
-            return Err(ImageError::BadHeader(format!("memory size {} is not whole Wasm pages", header.memory_bytes)));
+        if !header
+            .memory_bytes
+            .is_multiple_of(crate::admission::WASM_PAGE)
+        {
+            return Err(ImageError::BadHeader(format!(
+                "memory size {} is not whole Wasm pages",
+                header.memory_bytes
+            )));
         }
-        let pages = PageMap::check(&header.runs, header.memory_bytes).map_err(ImageError::BadPages)?;
+        let pages =
+            PageMap::check(&header.runs, header.memory_bytes).map_err(ImageError::BadPages)?;
         let body = &rest[head_len as usize..];
         match (body.len() as u64).cmp(&header.body_bytes) {
             std::cmp::Ordering::Less => {
@@ -238,20 +266,31 @@ impl AgentImage {
                     body.len()
                 )));
             }
-            std::cmp::Ordering::Greater => return Err(ImageError::TrailingBytes(body.len() as u64 - header.body_bytes)),
+            std::cmp::Ordering::Greater => {
+                return Err(ImageError::TrailingBytes(
+                    body.len() as u64 - header.body_bytes,
+                ));
+            }
             std::cmp::Ordering::Equal => {}
         }
         // The runs fix the uncompressed size, so a decompression bomb stops at that size.
         let expected = (pages * PAGE_SIZE as u64) as usize;
-        let data = zstd::bulk::decompress(body, expected).map_err(|e| ImageError::CorruptBody(e.to_string()))?;
+        let data = zstd::bulk::decompress(body, expected)
+            .map_err(|e| ImageError::CorruptBody(e.to_string()))?;
         if data.len() != expected {
-            return Err(ImageError::CorruptBody(format!("{} bytes of pages, the page map needs {expected}", data.len())));
+            return Err(ImageError::CorruptBody(format!(
+                "{} bytes of pages, the page map needs {expected}",
+                data.len()
+            )));
         }
         let image = AgentImage {
             module: header.module,
             memory_bytes: header.memory_bytes,
             globals: header.globals,
-            pages: PageMap { runs: header.runs, data },
+            pages: PageMap {
+                runs: header.runs,
+                data,
+            },
             context: header.context,
         };
         if image.digest() != header.hash {
@@ -268,24 +307,54 @@ mod tests {
 
     fn image() -> AgentImage {
         let mut data = vec![0u8; 3 * PAGE_SIZE];
-        data.iter_mut().enumerate().for_each(|(i, b)| *b = (i * 7 % 251) as u8);
-        let mut context = AgentContext::new("home", "alice", vec!["a".into(), "b".into()], Default::default());
+        data.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i * 7 % 251) as u8);
+        let mut context = AgentContext::new(
+            "home",
+            "alice",
+            vec!["a".into(), "b".into()],
+            Default::default(),
+        );
         context.pending = Some(agent_abi::Op::Hop { site: "b".into() });
         AgentImage {
             module: ModuleHash([7; 32]),
             memory_bytes: 4 << 16,
             globals: vec![
-                GlobalValue { index: 0, kind: GlobalKind::I32, bits: 65536 },
-                GlobalValue { index: 3, kind: GlobalKind::F64, bits: f64::NAN.to_bits() | 5 },
+                GlobalValue {
+                    index: 0,
+                    kind: GlobalKind::I32,
+                    bits: 65536,
+                },
+                GlobalValue {
+                    index: 3,
+                    kind: GlobalKind::F64,
+                    bits: f64::NAN.to_bits() | 5,
+                },
             ],
-            pages: PageMap { runs: vec![PageRun { start: 1, count: 2 }, PageRun { start: 40, count: 1 }], data },
+            pages: PageMap {
+                runs: vec![
+                    PageRun { start: 1, count: 2 },
+                    PageRun {
+                        start: 40,
+                        count: 1,
+                    },
+                ],
+                data,
+            },
             context,
         }
     }
 
     /// Encodes `image` after letting the test tamper with its header.
-    fn encode_with(image: &AgentImage, body: Option<Vec<u8>>, tamper: impl FnOnce(&mut WireHeader)) -> Vec<u8> {
-        let body = body.unwrap_or_else(|| zstd::bulk::compress(&image.pages.data, ZSTD_LEVEL).unwrap_or_default());
+    fn encode_with(
+        image: &AgentImage,
+        body: Option<Vec<u8>>,
+        tamper: impl FnOnce(&mut WireHeader),
+    ) -> Vec<u8> {
+        let body = body.unwrap_or_else(|| {
+            zstd::bulk::compress(&image.pages.data, ZSTD_LEVEL).unwrap_or_default()
+        });
         let mut header = WireHeader {
             format: FORMAT_VERSION,
             abi: agent_abi::ABI_VERSION,
@@ -316,7 +385,11 @@ mod tests {
         let img = image();
         let bytes = img.encode().unwrap_or_default();
         assert_eq!(decode(&bytes), Ok(img.clone()));
-        assert_eq!(bytes, encode_with(&img, None, |_| {}), "the test encoder matches the real one");
+        assert_eq!(
+            bytes,
+            encode_with(&img, None, |_| {}),
+            "the test encoder matches the real one"
+        );
     }
 
     #[test]
@@ -324,11 +397,16 @@ mod tests {
         let bytes = image().encode().unwrap_or_default();
         for len in 0..bytes.len() {
             match decode(&bytes[..len]) {
-                Err(ImageError::Truncated(_) | ImageError::NotAnImage | ImageError::BadHeader(_)) => {}
+                Err(
+                    ImageError::Truncated(_) | ImageError::NotAnImage | ImageError::BadHeader(_),
+                ) => {}
                 other => panic!("prefix of {len} bytes gave {other:?}"),
             }
         }
-        assert!(matches!(decode(&bytes[..100]), Err(ImageError::Truncated(_))));
+        assert!(matches!(
+            decode(&bytes[..100]),
+            Err(ImageError::Truncated(_))
+        ));
     }
 
     #[test]
@@ -343,7 +421,13 @@ mod tests {
 
         let mut huge = good.clone();
         huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(decode(&huge), Err(ImageError::HeaderTooLarge { size: u64::from(u32::MAX), limit: 4 << 20 }));
+        assert_eq!(
+            decode(&huge),
+            Err(ImageError::HeaderTooLarge {
+                size: u64::from(u32::MAX),
+                limit: 4 << 20
+            })
+        );
 
         let mut garbage = good.clone();
         garbage[12..20].fill(0xff);
@@ -351,34 +435,64 @@ mod tests {
 
         assert_eq!(
             decode(&encode_with(&img, None, |h| h.format = 2)),
-            Err(ImageError::VersionSkew { found: 2, supported: FORMAT_VERSION })
+            Err(ImageError::VersionSkew {
+                found: 2,
+                supported: FORMAT_VERSION
+            })
         );
         assert_eq!(
-            AgentImage::decode(&good, &ImageLimits { max_memory: 1 << 16, ..ImageLimits::default() }),
-            Err(ImageError::MemoryTooLarge { size: 4 << 16, limit: 1 << 16 })
+            AgentImage::decode(
+                &good,
+                &ImageLimits {
+                    max_memory: 1 << 16,
+                    ..ImageLimits::default()
+                }
+            ),
+            Err(ImageError::MemoryTooLarge {
+                size: 4 << 16,
+                limit: 1 << 16
+            })
         );
-        assert!(matches!(decode(&encode_with(&img, None, |h| h.memory_bytes = 1000)), Err(ImageError::BadHeader(_))));
+        assert!(matches!(
+            decode(&encode_with(&img, None, |h| h.memory_bytes = 1000)),
+            Err(ImageError::BadHeader(_))
+        ));
         assert!(matches!(
             decode(&encode_with(&img, None, |h| h.runs[1].start = 64)),
             Err(ImageError::BadPages(_))
         ));
         assert!(matches!(
-            decode(&encode_with(&img, None, |h| h.runs.push(PageRun { start: 41, count: 1 }))),
+            decode(&encode_with(&img, None, |h| h.runs.push(PageRun {
+                start: 41,
+                count: 1
+            }))),
             Err(ImageError::CorruptBody(_))
         ));
         // The header's hash no longer matches a changed global or context.
-        assert_eq!(decode(&encode_with(&img, None, |h| h.globals[0].bits += 1)), Err(ImageError::HashMismatch));
-        assert_eq!(decode(&encode_with(&img, None, |h| h.context.hop_seq = 9)), Err(ImageError::HashMismatch));
+        assert_eq!(
+            decode(&encode_with(&img, None, |h| h.globals[0].bits += 1)),
+            Err(ImageError::HashMismatch)
+        );
+        assert_eq!(
+            decode(&encode_with(&img, None, |h| h.context.hop_seq = 9)),
+            Err(ImageError::HashMismatch)
+        );
         // A changed page byte (compressed body still valid).
         let mut other = img.pages.data.clone();
         other[5] ^= 1;
         let body = zstd::bulk::compress(&other, 1).unwrap_or_default();
-        assert_eq!(decode(&encode_with(&img, Some(body), |_| {})), Err(ImageError::HashMismatch));
+        assert_eq!(
+            decode(&encode_with(&img, Some(body), |_| {})),
+            Err(ImageError::HashMismatch)
+        );
         // Flipped bits in the compressed body.
         let mut flipped = good.clone();
         let at = flipped.len() - 3;
         flipped[at] ^= 0x55;
-        assert!(matches!(decode(&flipped), Err(ImageError::CorruptBody(_) | ImageError::HashMismatch)));
+        assert!(matches!(
+            decode(&flipped),
+            Err(ImageError::CorruptBody(_) | ImageError::HashMismatch)
+        ));
     }
 
     #[test]
@@ -386,6 +500,9 @@ mod tests {
         let img = image();
         let bomb = zstd::bulk::compress(&vec![0u8; 256 << 20], 3).unwrap_or_default();
         assert!(bomb.len() < 64 << 10, "the bomb is small on the wire");
-        assert!(matches!(decode(&encode_with(&img, Some(bomb), |_| {})), Err(ImageError::CorruptBody(_))));
+        assert!(matches!(
+            decode(&encode_with(&img, Some(bomb), |_| {})),
+            Err(ImageError::CorruptBody(_))
+        ));
     }
 }

@@ -80,14 +80,22 @@ impl AgentInstance {
     ) -> Result<AgentInstance, AgentError> {
         let mut agent = AgentInstance::instantiate(module, site, context, limits).await?;
         // wasi-libc reactors initialize themselves here; this runs once in an agent's life.
-        if let Ok(init) = agent.instance.get_typed_func::<(), ()>(&mut agent.store, "_initialize") {
-            init.call_async(&mut agent.store, ()).await.map_err(|e| agent.classify(e))?;
+        if let Ok(init) = agent
+            .instance
+            .get_typed_func::<(), ()>(&mut agent.store, "_initialize")
+        {
+            init.call_async(&mut agent.store, ())
+                .await
+                .map_err(|e| agent.classify(e))?;
         }
         let start = agent
             .instance
             .get_typed_func::<(), ()>(&mut agent.store, export::START)
             .map_err(|e| AgentError::Abi(format!("{}: {e}", export::START)))?;
-        start.call_async(&mut agent.store, ()).await.map_err(|e| agent.classify(e))?;
+        start
+            .call_async(&mut agent.store, ())
+            .await
+            .map_err(|e| agent.classify(e))?;
         Ok(agent)
     }
 
@@ -106,10 +114,20 @@ impl AgentInstance {
         limits: &Limits,
     ) -> Result<AgentInstance, AgentError> {
         if image.module != module.hash {
-            return Err(ImageError::WrongModule { image: image.module.to_string(), module: module.hash.to_string() }.into());
+            return Err(ImageError::WrongModule {
+                image: image.module.to_string(),
+                module: module.hash.to_string(),
+            }
+            .into());
         }
         check_globals(&image.globals, &module.facts.globals)?;
-        let AgentImage { memory_bytes, globals, pages, context, .. } = image;
+        let AgentImage {
+            memory_bytes,
+            globals,
+            pages,
+            context,
+            ..
+        } = image;
         let mut agent = AgentInstance::instantiate(module, site, context, limits).await?;
         let current = agent.memory.data_size(&agent.store) as u64;
         if memory_bytes < current {
@@ -119,10 +137,14 @@ impl AgentInstance {
             .into());
         }
         if memory_bytes > current {
-            agent.memory.grow(&mut agent.store, (memory_bytes - current) / WASM_PAGE).map_err(|e| agent.classify(e))?;
+            agent
+                .memory
+                .grow(&mut agent.store, (memory_bytes - current) / WASM_PAGE)
+                .map_err(|e| agent.classify(e))?;
         }
         // Checked again here: this instance's memory, not the header, bounds the writes.
-        PageMap::check(&pages.runs, agent.memory.data_size(&agent.store) as u64).map_err(ImageError::BadPages)?;
+        PageMap::check(&pages.runs, agent.memory.data_size(&agent.store) as u64)
+            .map_err(ImageError::BadPages)?;
         pages.apply(agent.memory.data_mut(&mut agent.store));
         for g in &globals {
             let global = agent
@@ -135,7 +157,9 @@ impl AgentInstance {
                 GlobalKind::F32 => Val::F32(g.bits as u32),
                 GlobalKind::F64 => Val::F64(g.bits),
             };
-            global.set(&mut agent.store, value).map_err(|e| AgentError::Abi(format!("global {}: {e}", g.index)))?;
+            global
+                .set(&mut agent.store, value)
+                .map_err(|e| AgentError::Abi(format!("global {}: {e}", g.index)))?;
         }
         Ok(agent)
     }
@@ -146,7 +170,10 @@ impl AgentInstance {
         context: AgentContext,
         limits: &Limits,
     ) -> Result<AgentInstance, AgentError> {
-        let mut store = Store::new(module.pre.module().engine(), AgentState::new(context, site, limits));
+        let mut store = Store::new(
+            module.pre.module().engine(),
+            AgentState::new(context, site, limits),
+        );
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(on_epoch);
@@ -166,7 +193,13 @@ impl AgentInstance {
         let poll = instance
             .get_typed_func::<(), i32>(&mut store, export::POLL)
             .map_err(|e| AgentError::Abi(format!("{}: {e}", export::POLL)))?;
-        Ok(AgentInstance { store, instance, memory, poll, module })
+        Ok(AgentInstance {
+            store,
+            instance,
+            memory,
+            poll,
+            module,
+        })
     }
 
     /// Runs the agent until its next safe point or its end.
@@ -219,14 +252,22 @@ impl AgentInstance {
         let pages = PageMap::capture(self.memory.data(&self.store), &self.module.facts.initial);
         let mut globals = Vec::with_capacity(self.module.facts.globals.len());
         for (index, kind) in &self.module.facts.globals {
-            let bits = match self.instance.get_global(&mut self.store, &global_export(*index)).map(|g| g.get(&mut self.store)) {
+            let bits = match self
+                .instance
+                .get_global(&mut self.store, &global_export(*index))
+                .map(|g| g.get(&mut self.store))
+            {
                 Some(Val::I32(v)) => u64::from(v as u32),
                 Some(Val::I64(v)) => v as u64,
                 Some(Val::F32(v)) => u64::from(v),
                 Some(Val::F64(v)) => v,
                 _ => 0, // admission guarantees every mutable global is exported with its kind
             };
-            globals.push(GlobalValue { index: *index, kind: *kind, bits });
+            globals.push(GlobalValue {
+                index: *index,
+                kind: *kind,
+                bits,
+            });
         }
         AgentImage {
             module: self.module.hash,
@@ -285,11 +326,19 @@ impl AgentInstance {
 
 /// Called at every epoch tick while the agent runs: enforce the CPU budget, ask for a
 /// checkpoint at the end of a slice, and let other tasks of the executor run.
-fn on_epoch(mut store: wasmtime::StoreContextMut<'_, AgentState>) -> wasmtime::Result<UpdateDeadline> {
+fn on_epoch(
+    mut store: wasmtime::StoreContextMut<'_, AgentState>,
+) -> wasmtime::Result<UpdateDeadline> {
     let state = store.data_mut();
-    let in_slice = state.slice_start.map(|t| t.elapsed()).unwrap_or(Duration::ZERO);
+    let in_slice = state
+        .slice_start
+        .map(|t| t.elapsed())
+        .unwrap_or(Duration::ZERO);
     if state.context.cpu_used() + in_slice >= state.limits.cpu_budget {
-        return Err(LimitExceeded::Cpu { budget: state.limits.cpu_budget }.into());
+        return Err(LimitExceeded::Cpu {
+            budget: state.limits.cpu_budget,
+        }
+        .into());
     }
     if in_slice >= state.limits.slice {
         state.checkpoint_requested = true;
@@ -300,7 +349,9 @@ fn on_epoch(mut store: wasmtime::StoreContextMut<'_, AgentState>) -> wasmtime::R
 fn check_globals(image: &[GlobalValue], module: &[(u32, GlobalKind)]) -> Result<(), ImageError> {
     let found: Vec<(u32, GlobalKind)> = image.iter().map(|g| (g.index, g.kind)).collect();
     if found != module {
-        return Err(ImageError::GlobalsMismatch(format!("image has {found:?}, module has {module:?}")));
+        return Err(ImageError::GlobalsMismatch(format!(
+            "image has {found:?}, module has {module:?}"
+        )));
     }
     Ok(())
 }

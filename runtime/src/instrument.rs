@@ -23,7 +23,8 @@ pub fn global_export(index: u32) -> String {
 /// [`AdmissionError::Invalid`] for a module the parser rejects (admission ran first, so this
 /// only happens on inputs admission did not see).
 pub fn instrument(wasm: &[u8], facts: &ModuleFacts) -> Result<Vec<u8>, AdmissionError> {
-    let invalid = |e: wasmparser::BinaryReaderError| AdmissionError::Invalid(e.message().to_string());
+    let invalid =
+        |e: wasmparser::BinaryReaderError| AdmissionError::Invalid(e.message().to_string());
     let mut module = wasm_encoder::Module::new();
     for payload in Parser::new(0).parse_all(wasm) {
         let payload = payload.map_err(invalid)?;
@@ -42,7 +43,10 @@ pub fn instrument(wasm: &[u8], facts: &ModuleFacts) -> Result<Vec<u8>, Admission
             }
             other => {
                 if let Some((id, range)) = other.as_section() {
-                    module.section(&RawSection { id, data: &wasm[range] });
+                    module.section(&RawSection {
+                        id,
+                        data: &wasm[range],
+                    });
                 }
             }
         }

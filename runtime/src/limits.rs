@@ -15,7 +15,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_memory: 256 << 20, cpu_budget: Duration::from_secs(60), slice: Duration::from_millis(50) }
+        Limits {
+            max_memory: 256 << 20,
+            cpu_budget: Duration::from_secs(60),
+            slice: Duration::from_millis(50),
+        }
     }
 }
 
@@ -46,15 +50,29 @@ pub(crate) struct MemoryLimiter {
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let wanted = desired as u64;
         if wanted > self.max_memory {
-            return Err(LimitExceeded::Memory { limit: self.max_memory, wanted }.into());
+            return Err(LimitExceeded::Memory {
+                limit: self.max_memory,
+                wanted,
+            }
+            .into());
         }
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         // Tables are fixed at instantiation (admission refuses table writes); this bounds the
         // initial size only.
         Ok(desired <= 1 << 20)

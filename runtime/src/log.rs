@@ -57,7 +57,9 @@ impl LogSink {
 
     /// Takes the lines logged since the last drain, and how many were dropped.
     pub fn drain(&self) -> (Vec<LogLine>, u64) {
-        let Ok(mut b) = self.inner.lock() else { return (Vec::new(), 0) };
+        let Ok(mut b) = self.inner.lock() else {
+            return (Vec::new(), 0);
+        };
         b.bytes = 0;
         (std::mem::take(&mut b.lines), std::mem::take(&mut b.dropped))
     }
@@ -65,12 +67,18 @@ impl LogSink {
     fn write_stream(&self, source: LogSource, bytes: &[u8]) {
         let complete = {
             let Ok(mut b) = self.inner.lock() else { return };
-            let partial = if source == LogSource::Stdout { &mut b.partial_out } else { &mut b.partial_err };
+            let partial = if source == LogSource::Stdout {
+                &mut b.partial_out
+            } else {
+                &mut b.partial_err
+            };
             if partial.len() + bytes.len() > agent_abi::MAX_LOG_LINE * 4 {
                 partial.clear(); // a line without end: keep memory bounded
             }
             partial.extend_from_slice(bytes);
-            let Some(end) = partial.iter().rposition(|b| *b == b'\n') else { return };
+            let Some(end) = partial.iter().rposition(|b| *b == b'\n') else {
+                return;
+            };
             let rest = partial.split_off(end + 1);
             std::mem::replace(partial, rest)
         };
@@ -82,7 +90,10 @@ impl LogSink {
 
     /// A WASI output stream (stdout or stderr) writing into this log.
     pub(crate) fn stream(&self, source: LogSource) -> LogStream {
-        LogStream { sink: self.clone(), source }
+        LogStream {
+            sink: self.clone(),
+            source,
+        }
     }
 }
 
@@ -106,7 +117,11 @@ impl wasmtime_wasi::cli::StdoutStream for LogStream {
 }
 
 impl tokio::io::AsyncWrite for LogStream {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.sink.write_stream(self.source, buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -130,7 +145,10 @@ mod tests {
         sink.write_stream(LogSource::Stdout, b"hello\nwor");
         sink.write_stream(LogSource::Stdout, b"ld\n");
         let (lines, dropped) = sink.drain();
-        assert_eq!(lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(), ["hello", "world"]);
+        assert_eq!(
+            lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(),
+            ["hello", "world"]
+        );
         assert_eq!(dropped, 0);
         let line = "x".repeat(1000);
         for _ in 0..(LOG_CAPACITY / 1000 + 10) {

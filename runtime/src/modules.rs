@@ -56,7 +56,10 @@ pub struct AgentModule {
 
 impl fmt::Debug for AgentModule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AgentModule").field("hash", &self.hash).field("size", &self.size).finish_non_exhaustive()
+        f.debug_struct("AgentModule")
+            .field("hash", &self.hash)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
     }
 }
 
@@ -92,7 +95,8 @@ impl ModuleCache {
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut AgentState| &mut s.wasi)?;
         host_abi::add_to_linker(&mut linker)?;
         if let Some(dir) = &dir {
-            std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         }
         Ok(ModuleCache {
             engine: engine.clone(),
@@ -149,8 +153,16 @@ impl ModuleCache {
                 module
             }
         };
-        let pre = self.linker.instantiate_pre(&module).map_err(|e| AdmissionError::Link(format!("{e:#}")))?;
-        let admitted = Arc::new(AgentModule { hash, size: wasm.len(), facts, pre });
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| AdmissionError::Link(format!("{e:#}")))?;
+        let admitted = Arc::new(AgentModule {
+            hash,
+            size: wasm.len(),
+            facts,
+            pre,
+        });
         if let Ok(mut modules) = self.modules.lock() {
             modules.insert(hash, admitted.clone());
         }
@@ -161,7 +173,11 @@ impl ModuleCache {
         // Compiled code is only valid for the same wasmtime build and settings.
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut h);
-        Some(self.dir.as_ref()?.join(format!("{hash}-{:016x}.cwasm", h.finish())))
+        Some(
+            self.dir
+                .as_ref()?
+                .join(format!("{hash}-{:016x}.cwasm", h.finish())),
+        )
     }
 
     /// Loads compiled code written by [`Self::store_compiled`]; `None` means compile instead.
@@ -188,12 +204,17 @@ impl ModuleCache {
 
     /// Writes compiled code durably: temp file, fsync, rename. Failure only costs a recompile.
     fn store_compiled(&self, hash: &ModuleHash, module: &Module) {
-        let Some(path) = self.compiled_path(hash) else { return };
-        let result = module.serialize().map_err(std::io::Error::other).and_then(|code| {
-            let mut bytes = blake3::hash(&code).as_bytes().to_vec();
-            bytes.extend_from_slice(&code);
-            write_durably(&path, &bytes)
-        });
+        let Some(path) = self.compiled_path(hash) else {
+            return;
+        };
+        let result = module
+            .serialize()
+            .map_err(std::io::Error::other)
+            .and_then(|code| {
+                let mut bytes = blake3::hash(&code).as_bytes().to_vec();
+                bytes.extend_from_slice(&code);
+                write_durably(&path, &bytes)
+            });
         if let Err(e) = result {
             tracing::warn!(path = %path.display(), "cannot keep compiled module: {e}");
         }
@@ -214,8 +235,15 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    let name = format!(".tmp-{}-{}", std::process::id(), crate::context::AgentId::random());
+    let name = format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        crate::context::AgentId::random()
+    );
     let path = dir.join(name);
-    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
     Ok((path, file))
 }

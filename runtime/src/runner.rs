@@ -128,10 +128,23 @@ pub struct LocalRunner {
 impl LocalRunner {
     /// A runner with `sites` (a site named [`HOME_SITE`] is added if missing).
     pub fn new(modules: ModuleCache, sites: Vec<Site>, limits: Limits) -> LocalRunner {
-        let mut sites: BTreeMap<String, Arc<Site>> = sites.into_iter().map(|s| (s.name().to_string(), Arc::new(s))).collect();
-        sites.entry(HOME_SITE.to_string()).or_insert_with(|| Arc::new(Site::new(HOME_SITE, crate::services::Corpus::empty())));
-        let image_limits = ImageLimits { max_memory: limits.max_memory, ..ImageLimits::default() };
-        LocalRunner { modules, sites, limits, image_limits }
+        let mut sites: BTreeMap<String, Arc<Site>> = sites
+            .into_iter()
+            .map(|s| (s.name().to_string(), Arc::new(s)))
+            .collect();
+        sites
+            .entry(HOME_SITE.to_string())
+            .or_insert_with(|| Arc::new(Site::new(HOME_SITE, crate::services::Corpus::empty())));
+        let image_limits = ImageLimits {
+            max_memory: limits.max_memory,
+            ..ImageLimits::default()
+        };
+        LocalRunner {
+            modules,
+            sites,
+            limits,
+            image_limits,
+        }
     }
 
     /// The module cache (for statistics).
@@ -155,8 +168,14 @@ impl LocalRunner {
         let home = self.sites[HOME_SITE].clone();
         let context = AgentContext::new(HOME_SITE, &launch.owner, launch.itinerary, launch.args);
         let agent_id = context.agent_id.to_string();
-        let mut report =
-            RunReport { agent_id, outcome: Ok(serde_json::Value::Null), moves: Vec::new(), safe_points: 0, cpu: Duration::ZERO, site: HOME_SITE.into() };
+        let mut report = RunReport {
+            agent_id,
+            outcome: Ok(serde_json::Value::Null),
+            moves: Vec::new(),
+            safe_points: 0,
+            cpu: Duration::ZERO,
+            site: HOME_SITE.into(),
+        };
         let mut agent = match AgentInstance::launch(module, home, context, &self.limits).await {
             Ok(agent) => agent,
             Err(e) => {
@@ -199,7 +218,10 @@ impl LocalRunner {
                 Op::Hop { site } => match self.sites.get(&site) {
                     None => {
                         let error = HopError::UnknownSite(site);
-                        on_event(&RunEvent::HopFailed { site: here.name().into(), error: error.clone() });
+                        on_event(&RunEvent::HopFailed {
+                            site: here.name().into(),
+                            error: error.clone(),
+                        });
                         agent.complete(OpResult::Hop(Err(error)));
                         agent
                     }
@@ -213,15 +235,23 @@ impl LocalRunner {
                         }
                         Err(e) => {
                             // Before the destination has the agent, the source keeps it.
-                            let error = HopError::Refused { site: dest.name().into(), reason: e.to_string() };
-                            on_event(&RunEvent::HopFailed { site: here.name().into(), error: error.clone() });
+                            let error = HopError::Refused {
+                                site: dest.name().into(),
+                                reason: e.to_string(),
+                            };
+                            on_event(&RunEvent::HopFailed {
+                                site: here.name().into(),
+                                error: error.clone(),
+                            });
                             agent.complete(OpResult::Hop(Err(error)));
                             agent
                         }
                     },
                 },
                 Op::Call { service, request } => {
-                    let result = here.call(&service, &request).map(serde_bytes::ByteBuf::from);
+                    let result = here
+                        .call(&service, &request)
+                        .map(serde_bytes::ByteBuf::from);
                     agent.complete(OpResult::Call(result));
                     agent
                 }
@@ -259,17 +289,26 @@ impl LocalRunner {
         let mut image = agent.capture();
         image.context.hop_seq += 1;
         if requested {
-            image.context.trace.push(crate::context::HopRecord { seq: image.context.hop_seq, from: from.clone(), to: dest.name().into() });
+            image.context.trace.push(crate::context::HopRecord {
+                seq: image.context.hop_seq,
+                from: from.clone(),
+                to: dest.name().into(),
+            });
         }
-        let bytes = image.encode().map_err(|e| AgentError::Abi(format!("cannot encode the image: {e}")))?;
+        let bytes = image
+            .encode()
+            .map_err(|e| AgentError::Abi(format!("cannot encode the image: {e}")))?;
         let capture = started.elapsed();
         let started = Instant::now();
         let image = AgentImage::decode(&bytes, &self.image_limits)?;
-        let module = self
-            .modules
-            .get(&image.module)
-            .ok_or_else(|| AgentError::Instantiate(format!("module {} is not admitted here", image.module)))?;
-        let (memory_bytes, pages, seq) = (image.memory_bytes, image.pages.pages(), image.context.hop_seq);
+        let module = self.modules.get(&image.module).ok_or_else(|| {
+            AgentError::Instantiate(format!("module {} is not admitted here", image.module))
+        })?;
+        let (memory_bytes, pages, seq) = (
+            image.memory_bytes,
+            image.pages.pages(),
+            image.context.hop_seq,
+        );
         let moved = AgentInstance::restore(module, dest.clone(), image, &self.limits).await?;
         let hop = HopReport {
             seq,
@@ -289,7 +328,10 @@ impl LocalRunner {
 fn forward_log(agent: &AgentInstance, on_event: &mut (dyn FnMut(&RunEvent) + Send)) {
     let (lines, dropped) = agent.drain_log();
     for line in lines {
-        on_event(&RunEvent::Log { site: agent.site().name().into(), line });
+        on_event(&RunEvent::Log {
+            site: agent.site().name().into(),
+            line,
+        });
     }
     if dropped > 0 {
         on_event(&RunEvent::LogDropped { lines: dropped });

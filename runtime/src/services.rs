@@ -24,7 +24,10 @@ pub struct Site {
 impl Site {
     /// A site serving `corpus`.
     pub fn new(name: &str, corpus: Corpus) -> Site {
-        Site { name: name.to_string(), corpus }
+        Site {
+            name: name.to_string(),
+            corpus,
+        }
     }
 
     /// The site's name.
@@ -44,7 +47,9 @@ impl Site {
     /// response over [`MAX_CALL_BYTES`].
     pub fn call(&self, service: &str, request: &[u8]) -> Result<Vec<u8>, CallError> {
         if request.len() > MAX_CALL_BYTES {
-            return Err(CallError::TooLarge { limit: MAX_CALL_BYTES as u64 });
+            return Err(CallError::TooLarge {
+                limit: MAX_CALL_BYTES as u64,
+            });
         }
         let reply = match service {
             CORPUS => {
@@ -61,14 +66,17 @@ impl Site {
             other => return Err(CallError::UnknownService(other.to_string())),
         };
         if reply.len() > MAX_CALL_BYTES {
-            return Err(CallError::TooLarge { limit: MAX_CALL_BYTES as u64 });
+            return Err(CallError::TooLarge {
+                limit: MAX_CALL_BYTES as u64,
+            });
         }
         Ok(reply)
     }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CallError> {
-    ciborium::de::from_reader_with_recursion_limit(bytes, 32).map_err(|e| CallError::BadRequest(e.to_string()))
+    ciborium::de::from_reader_with_recursion_limit(bytes, 32)
+        .map_err(|e| CallError::BadRequest(e.to_string()))
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -94,7 +102,9 @@ struct Document {
 
 /// Words of a text, lower-cased; what both documents and queries are split into.
 fn words(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase)
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
 }
 
 impl Corpus {
@@ -117,7 +127,11 @@ impl Corpus {
             if bytes.contains(&0) {
                 continue; // binary file
             }
-            let rel = file.strip_prefix(dir).unwrap_or(&file).to_string_lossy().replace('\\', "/");
+            let rel = file
+                .strip_prefix(dir)
+                .unwrap_or(&file)
+                .to_string_lossy()
+                .replace('\\', "/");
             corpus.add(&rel, &String::from_utf8_lossy(&bytes));
         }
         Ok(corpus)
@@ -132,7 +146,10 @@ impl Corpus {
                 self.index.entry(word).or_default().push((doc, n as u32));
             }
         }
-        self.docs.push(Document { path: path.to_string(), lines });
+        self.docs.push(Document {
+            path: path.to_string(),
+            lines,
+        });
     }
 
     /// Number of documents.
@@ -160,13 +177,20 @@ impl Corpus {
             return CorpusReply::default();
         };
         let mut reply = CorpusReply::default();
-        for at in first.iter().filter(|at| rest.iter().all(|p| p.binary_search(at).is_ok())) {
+        for at in first
+            .iter()
+            .filter(|at| rest.iter().all(|p| p.binary_search(at).is_ok()))
+        {
             if reply.hits.len() as u32 >= limit {
                 reply.truncated = true;
                 break;
             }
             let doc = &self.docs[at.0 as usize];
-            reply.hits.push(CorpusHit { doc: doc.path.clone(), line: at.1 + 1, text: doc.lines[at.1 as usize].trim().to_string() });
+            reply.hits.push(CorpusHit {
+                doc: doc.path.clone(),
+                line: at.1 + 1,
+                text: doc.lines[at.1 as usize].trim().to_string(),
+            });
         }
         reply
     }
@@ -196,7 +220,10 @@ mod tests {
     #[test]
     fn search_finds_lines_with_every_word() {
         let mut c = Corpus::empty();
-        c.add("a.txt", "The quick brown fox\njumps over the lazy dog\nA fox, quick!");
+        c.add(
+            "a.txt",
+            "The quick brown fox\njumps over the lazy dog\nA fox, quick!",
+        );
         c.add("b.txt", "no match here\nquick fox");
         let r = c.search("Quick FOX", 10);
         let found: Vec<_> = r.hits.iter().map(|h| (h.doc.as_str(), h.line)).collect();
@@ -212,11 +239,23 @@ mod tests {
     #[test]
     fn calls_are_checked() {
         let site = Site::new("s", Corpus::empty());
-        assert_eq!(site.call("nope", &[]), Err(CallError::UnknownService("nope".into())));
-        assert!(matches!(site.call(CORPUS, b"\xff\xff"), Err(CallError::BadRequest(_))));
+        assert_eq!(
+            site.call("nope", &[]),
+            Err(CallError::UnknownService("nope".into()))
+        );
+        assert!(matches!(
+            site.call(CORPUS, b"\xff\xff"),
+            Err(CallError::BadRequest(_))
+        ));
         let big = vec![0u8; MAX_CALL_BYTES + 1];
-        assert_eq!(site.call(CORPUS, &big), Err(CallError::TooLarge { limit: MAX_CALL_BYTES as u64 }));
-        let info: HostInfo = decode(&site.call(HOST_INFO, &encode(&())).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            site.call(CORPUS, &big),
+            Err(CallError::TooLarge {
+                limit: MAX_CALL_BYTES as u64
+            })
+        );
+        let info: HostInfo = decode(&site.call(HOST_INFO, &encode(&())).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(info.arch, std::env::consts::ARCH);
     }
 }

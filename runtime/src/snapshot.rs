@@ -25,7 +25,10 @@ impl InitialImage {
             let page = (at / PAGE_SIZE) as u32;
             let within = at % PAGE_SIZE;
             let n = rest.len().min(PAGE_SIZE - within);
-            let buf = self.pages.entry(page).or_insert_with(|| vec![0u8; PAGE_SIZE].into_boxed_slice());
+            let buf = self
+                .pages
+                .entry(page)
+                .or_insert_with(|| vec![0u8; PAGE_SIZE].into_boxed_slice());
             buf[within..within + n].copy_from_slice(&rest[..n]);
             at += n;
             rest = &rest[n..];
@@ -71,7 +74,10 @@ impl PageMap {
             }
             match map.runs.last_mut() {
                 Some(run) if run.start + run.count == index => run.count += 1,
-                _ => map.runs.push(PageRun { start: index, count: 1 }),
+                _ => map.runs.push(PageRun {
+                    start: index,
+                    count: 1,
+                }),
             }
             map.data.extend_from_slice(page);
         }
@@ -136,13 +142,23 @@ mod tests {
         let mut memory = vec![0u8; 8 * PAGE_SIZE];
         memory[PAGE_SIZE - 2..PAGE_SIZE + 3].copy_from_slice(b"data!");
         let map = PageMap::capture(&memory, &initial);
-        assert_eq!(map.pages(), 0, "memory equal to the initial image carries nothing");
+        assert_eq!(
+            map.pages(),
+            0,
+            "memory equal to the initial image carries nothing"
+        );
 
         memory[5 * PAGE_SIZE] = 9; // a dirty zero page
         memory[6 * PAGE_SIZE + 7] = 1;
         memory[PAGE_SIZE..PAGE_SIZE + 3].fill(0); // a cleared data page must be carried
         let map = PageMap::capture(&memory, &initial);
-        assert_eq!(map.runs, vec![PageRun { start: 1, count: 1 }, PageRun { start: 5, count: 2 }]);
+        assert_eq!(
+            map.runs,
+            vec![
+                PageRun { start: 1, count: 1 },
+                PageRun { start: 5, count: 2 }
+            ]
+        );
         assert_eq!(PageMap::check(&map.runs, memory.len() as u64), Ok(3));
 
         let mut fresh = vec![0u8; 8 * PAGE_SIZE];

@@ -41,7 +41,9 @@ impl AgentState {
             .build_p1();
         AgentState {
             wasi,
-            limiter: MemoryLimiter { max_memory: limits.max_memory },
+            limiter: MemoryLimiter {
+                max_memory: limits.max_memory,
+            },
             limits: limits.clone(),
             context,
             site,

@@ -10,8 +10,16 @@ fn search_wasm() -> std::path::PathBuf {
 
 #[test]
 fn agent_build_prints_the_module_path_last() {
-    let out = Command::new(agent_bin()).arg("build").arg(repo().join("examples/search")).output().unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(agent_bin())
+        .arg("build")
+        .arg(repo().join("examples/search"))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let path = stdout.lines().last().unwrap_or_default();
     assert!(path.ends_with("search.wasm"), "{stdout}");
@@ -20,10 +28,17 @@ fn agent_build_prints_the_module_path_last() {
 
 #[test]
 fn agent_build_explains_a_directory_that_is_not_a_crate() {
-    let out = Command::new(agent_bin()).arg("build").arg(repo().join("docs")).output().unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(agent_bin())
+        .arg("build")
+        .arg(repo().join("docs"))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("has no Cargo.toml: give the directory of an agent crate"), "{stderr}");
+    assert!(
+        stderr.contains("has no Cargo.toml: give the directory of an agent crate"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -32,7 +47,13 @@ fn agent_run_searches_three_sites_and_prints_hops_and_hits() {
     let out = Command::new(agent_bin())
         .arg("run")
         .arg(search_wasm())
-        .args(["--sites", "siteA,siteB,siteC", "--arg", "query=migration", "--cache-dir"])
+        .args([
+            "--sites",
+            "siteA,siteB,siteC",
+            "--arg",
+            "query=migration",
+            "--cache-dir",
+        ])
         .arg(cache.path())
         .arg("--data")
         .arg(repo().join("examples/search/sites"))
@@ -43,9 +64,17 @@ fn agent_run_searches_three_sites_and_prints_hops_and_hits() {
     for hop in ["home -> siteA", "siteA -> siteB", "siteB -> siteC"] {
         assert!(stderr.contains(hop), "missing `{hop}` in:\n{stderr}");
     }
-    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let value: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
     for site in ["siteA", "siteB", "siteC"] {
-        assert!(value["hits"].as_array().into_iter().flatten().any(|h| h["site"] == site), "no hit on {site}");
+        assert!(
+            value["hits"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|h| h["site"] == site),
+            "no hit on {site}"
+        );
     }
 }
 
@@ -57,10 +86,19 @@ fn agent_run_json_reports_failure_with_a_nonzero_exit() {
         .args(["--sites", "siteA", "--json", "--no-disk-cache"])
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(value["ok"], false);
-    assert_eq!(value["error"], "agent failed: missing argument: --arg query=WORDS");
+    assert_eq!(
+        value["error"],
+        "agent failed: missing argument: --arg query=WORDS"
+    );
 }
 
 #[test]
@@ -68,10 +106,18 @@ fn agent_run_refuses_a_module_that_is_not_an_agent_and_a_missing_corpus() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let bogus = dir.path().join("bogus.wasm");
     std::fs::write(&bogus, b"\0asm\x01\0\0\0").unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(agent_bin()).arg("run").arg(&bogus).args(["--sites", "a", "--no-disk-cache"]).output().unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(agent_bin())
+        .arg("run")
+        .arg(&bogus)
+        .args(["--sites", "a", "--no-disk-cache"])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("module refused: not an agent: the module has no `agent-abi` section"), "{stderr}");
+    assert!(
+        stderr.contains("module refused: not an agent: the module has no `agent-abi` section"),
+        "{stderr}"
+    );
 
     let out = Command::new(agent_bin())
         .arg("run")
@@ -82,5 +128,8 @@ fn agent_run_refuses_a_module_that_is_not_an_agent_and_a_missing_corpus() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("cannot load the corpus of site nowhere"), "{stderr}");
+    assert!(
+        stderr.contains("cannot load the corpus of site nowhere"),
+        "{stderr}"
+    );
 }

@@ -8,49 +8,86 @@ use agent_runtime::{AgentContext, AgentError, ImageError, Limits, ModuleCache};
 use std::sync::Arc;
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}")).block_on(f)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .block_on(f)
 }
 
 #[test]
 fn an_image_only_restores_into_its_own_module() {
     let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
     let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
-    let heap = cache.admit(&example("heap")).unwrap_or_else(|e| panic!("{e}"));
-    let spin = cache.admit(&example("spin")).unwrap_or_else(|e| panic!("{e}"));
+    let heap = cache
+        .admit(&example("heap"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let spin = cache
+        .admit(&example("spin"))
+        .unwrap_or_else(|e| panic!("{e}"));
     let site = Arc::new(search_sites().remove(0));
     let limits = Limits::default();
     block_on(async {
         let context = AgentContext::new("home", "test", vec![], Default::default());
-        let mut agent = AgentInstance::launch(heap.clone(), site.clone(), context, &limits).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut agent = AgentInstance::launch(heap.clone(), site.clone(), context, &limits)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         agent.request_checkpoint();
-        assert!(matches!(agent.poll().await, Ok(Step::Suspended(agent_abi::Op::Checkpoint))));
+        assert!(matches!(
+            agent.poll().await,
+            Ok(Step::Suspended(agent_abi::Op::Checkpoint))
+        ));
         let image = agent.capture();
 
-        let wrong = AgentInstance::restore(spin.clone(), site.clone(), image.clone(), &limits).await;
-        assert!(matches!(wrong, Err(AgentError::Image(ImageError::WrongModule { .. }))));
+        let wrong =
+            AgentInstance::restore(spin.clone(), site.clone(), image.clone(), &limits).await;
+        assert!(matches!(
+            wrong,
+            Err(AgentError::Image(ImageError::WrongModule { .. }))
+        ));
 
         let mut bad_globals = image.clone();
         bad_globals.globals.pop();
         let wrong = AgentInstance::restore(heap.clone(), site.clone(), bad_globals, &limits).await;
-        assert!(matches!(wrong, Err(AgentError::Image(ImageError::GlobalsMismatch(_)))));
+        assert!(matches!(
+            wrong,
+            Err(AgentError::Image(ImageError::GlobalsMismatch(_)))
+        ));
 
         let mut outside = image.clone();
-        outside.pages.runs.push(agent_runtime::snapshot::PageRun { start: (image.memory_bytes / 4096) as u32, count: 1 });
+        outside.pages.runs.push(agent_runtime::snapshot::PageRun {
+            start: (image.memory_bytes / 4096) as u32,
+            count: 1,
+        });
         outside.pages.data.extend_from_slice(&[1u8; 4096]);
         let wrong = AgentInstance::restore(heap.clone(), site.clone(), outside, &limits).await;
-        assert!(matches!(wrong, Err(AgentError::Image(ImageError::BadPages(_)))));
+        assert!(matches!(
+            wrong,
+            Err(AgentError::Image(ImageError::BadPages(_)))
+        ));
 
-        let small = Limits { max_memory: 1 << 20, ..Limits::default() };
+        let small = Limits {
+            max_memory: 1 << 20,
+            ..Limits::default()
+        };
         let wrong = AgentInstance::restore(heap.clone(), site.clone(), image.clone(), &small).await;
-        assert!(matches!(wrong, Err(AgentError::Limit(_))), "{wrong:?}", wrong = wrong.err());
+        assert!(
+            matches!(wrong, Err(AgentError::Limit(_))),
+            "{wrong:?}",
+            wrong = wrong.err()
+        );
 
         // The untouched image still restores and finishes.
-        let mut agent = AgentInstance::restore(heap, site.clone(), image, &limits).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut agent = AgentInstance::restore(heap, site.clone(), image, &limits)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         agent.complete(agent_abi::OpResult::Checkpoint);
         loop {
             match agent.poll().await {
                 Ok(Step::Suspended(_)) => agent.complete(agent_abi::OpResult::Checkpoint),
-                Ok(Step::Finished(outcome)) => break assert!(matches!(outcome, agent_abi::Outcome::Ok(_))),
+                Ok(Step::Finished(outcome)) => {
+                    break assert!(matches!(outcome, agent_abi::Outcome::Ok(_)));
+                }
                 Err(e) => panic!("{e}"),
             }
         }
@@ -62,26 +99,41 @@ fn compiled_code_is_loaded_from_disk_after_a_restart() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let wasm = example("spin");
     let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let first = ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap_or_else(|e| panic!("{e}"));
+    let first =
+        ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap_or_else(|e| panic!("{e}"));
     first.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
     first.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((first.stats().compiled, first.stats().hits), (1, 1));
 
     let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let restarted = ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap_or_else(|e| panic!("{e}"));
+    let restarted =
+        ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap_or_else(|e| panic!("{e}"));
     restarted.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((restarted.stats().compiled, restarted.stats().loaded_from_disk), (0, 1));
+    assert_eq!(
+        (
+            restarted.stats().compiled,
+            restarted.stats().loaded_from_disk
+        ),
+        (0, 1)
+    );
 
     // A damaged file is noticed and the module compiled again.
-    for entry in std::fs::read_dir(dir.path()).unwrap_or_else(|e| panic!("{e}")).flatten() {
+    for entry in std::fs::read_dir(dir.path())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+    {
         let mut bytes = std::fs::read(entry.path()).unwrap_or_default();
         let at = bytes.len() / 2;
         bytes[at] ^= 0xff;
         std::fs::write(entry.path(), bytes).unwrap_or_else(|e| panic!("{e}"));
     }
-    let again = ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap_or_else(|e| panic!("{e}"));
+    let again =
+        ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap_or_else(|e| panic!("{e}"));
     again.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((again.stats().compiled, again.stats().loaded_from_disk), (1, 0));
+    assert_eq!(
+        (again.stats().compiled, again.stats().loaded_from_disk),
+        (1, 0)
+    );
 }
 
 #[test]
@@ -90,7 +142,9 @@ fn a_module_importing_what_the_host_lacks_is_refused() {
     let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
     let wasm = wat_module(r#"(import "wasi_snapshot_preview1" "teleport" (func))"#);
     match cache.admit(&wasm) {
-        Err(agent_runtime::admission::AdmissionError::Link(why)) => assert!(why.contains("teleport"), "{why}"),
+        Err(agent_runtime::admission::AdmissionError::Link(why)) => {
+            assert!(why.contains("teleport"), "{why}")
+        }
         other => panic!("expected a link error, got {other:?}"),
     }
 }

@@ -26,7 +26,9 @@ fn arg(ctx: &Context, key: &str, default: u64) -> Result<u64, String> {
 }
 
 fn fnv(hash: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+    bytes.iter().fold(hash, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn chunk(seed: u64, len: usize) -> Vec<u8> {
@@ -66,8 +68,12 @@ async fn grow(ctx: Context) -> Result<Report, String> {
             sites.push(ctx.site());
         }
     }
-    let rehashed = chunks.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, c| fnv(h, c));
-    let regenerated = (0..steps).fold(0xcbf2_9ce4_8422_2325u64, |h, s| fnv(h, &chunk(u64::from(s), chunk_len)));
+    let rehashed = chunks
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, c| fnv(h, c));
+    let regenerated = (0..steps).fold(0xcbf2_9ce4_8422_2325u64, |h, s| {
+        fnv(h, &chunk(u64::from(s), chunk_len))
+    });
     Ok(Report {
         steps,
         bytes: chunks.iter().map(|c| c.len() as u64).sum(),

@@ -37,7 +37,7 @@ async fn misbehave(ctx: Context) -> Result<u64, String> {
             let mut x = 0u64;
             loop {
                 x = black_box(x.wrapping_add(1));
-                if x % 100_000 == 0 {
+                if x.is_multiple_of(100_000) {
                     ctx.checkpoint().await;
                 }
             }
@@ -45,7 +45,9 @@ async fn misbehave(ctx: Context) -> Result<u64, String> {
         Some("recurse") => Ok(recurse(0)),
         Some("panic") => panic!("the agent gave up on purpose"),
         Some("fail") => Err("the agent failed on purpose".to_string()),
-        other => Err(format!("unknown mode {other:?}: use bomb, loop, spin, recurse, panic or fail")),
+        other => Err(format!(
+            "unknown mode {other:?}: use bomb, loop, spin, recurse, panic or fail"
+        )),
     }
 }
 

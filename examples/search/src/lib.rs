@@ -25,12 +25,19 @@ struct Report {
 }
 
 async fn search(ctx: Context) -> Result<Report, String> {
-    let query = ctx.arg("query").ok_or("missing argument: --arg query=WORDS")?;
+    let query = ctx
+        .arg("query")
+        .ok_or("missing argument: --arg query=WORDS")?;
     let limit = match ctx.arg("limit") {
         Some(l) => l.parse().map_err(|e| format!("bad --arg limit={l}: {e}"))?,
         None => 20,
     };
-    let mut report = Report { query: query.clone(), visited: Vec::new(), skipped: Vec::new(), hits: Vec::new() };
+    let mut report = Report {
+        query: query.clone(),
+        visited: Vec::new(),
+        skipped: Vec::new(),
+        hits: Vec::new(),
+    };
     for site in ctx.itinerary() {
         if let Err(e) = ctx.hop(&site).await {
             ctx.warn(format!("skipping {site}: {e}"));
@@ -38,7 +45,13 @@ async fn search(ctx: Context) -> Result<Report, String> {
             continue;
         }
         let reply: CorpusReply = ctx
-            .call(CORPUS, &CorpusQuery { query: query.clone(), limit })
+            .call(
+                CORPUS,
+                &CorpusQuery {
+                    query: query.clone(),
+                    limit,
+                },
+            )
             .await
             .map_err(|e| format!("search on {site} failed: {e}"))?;
         ctx.log(format!("{} hits on {site}", reply.hits.len()));

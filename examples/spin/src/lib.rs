@@ -13,12 +13,23 @@ struct Report {
 }
 
 fn is_prime(k: u64) -> bool {
-    k >= 2 && (2..).take_while(|d| d * d <= k).all(|d| k % d != 0)
+    k >= 2
+        && (2..)
+            .take_while(|d| d * d <= k)
+            .all(|d| !k.is_multiple_of(d))
 }
 
 async fn count(ctx: Context) -> Result<Report, String> {
-    let n: u64 = ctx.arg("n").map(|v| v.parse().map_err(|e| format!("bad n: {e}"))).transpose()?.unwrap_or(100_000);
-    let every: u64 = ctx.arg("every").map(|v| v.parse().map_err(|e| format!("bad every: {e}"))).transpose()?.unwrap_or(1000);
+    let n: u64 = ctx
+        .arg("n")
+        .map(|v| v.parse().map_err(|e| format!("bad n: {e}")))
+        .transpose()?
+        .unwrap_or(100_000);
+    let every: u64 = ctx
+        .arg("every")
+        .map(|v| v.parse().map_err(|e| format!("bad every: {e}")))
+        .transpose()?
+        .unwrap_or(1000);
     let (mut primes, mut sum, mut sqrt_sum) = (0u64, 0u64, 0f64);
     for k in 0..n {
         if is_prime(k) {
@@ -26,11 +37,16 @@ async fn count(ctx: Context) -> Result<Report, String> {
             sum += k;
             sqrt_sum += (k as f64).sqrt();
         }
-        if every > 0 && k % every == 0 {
+        if every > 0 && k.is_multiple_of(every) {
             ctx.checkpoint().await;
         }
     }
-    Ok(Report { n, primes, sum, sqrt_sum_bits: sqrt_sum.to_bits() })
+    Ok(Report {
+        n,
+        primes,
+        sum,
+        sqrt_sum_bits: sqrt_sum.to_bits(),
+    })
 }
 
 agent_sdk::agent!(count);

@@ -16,7 +16,9 @@ static NAMES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 static FLOATS: Mutex<(f32, f64)> = Mutex::new((0.5, -1.25));
 static BORN_ON: OnceLock<String> = OnceLock::new();
 static mut TABLE: [u16; 512] = [0; 512];
-static STEPS: Mutex<Vec<Box<dyn Fn(u64) -> u64 + Send>>> = Mutex::new(Vec::new());
+/// Boxed closures: calling them after a hop goes through the funcref table.
+type Step = Box<dyn Fn(u64) -> u64 + Send>;
+static STEPS: Mutex<Vec<Step>> = Mutex::new(Vec::new());
 
 thread_local! {
     static LOCAL: Cell<u64> = const { Cell::new(1) };
@@ -37,14 +39,21 @@ struct Report {
 }
 
 async fn mutate(ctx: Context) -> Result<Report, String> {
-    let rounds: u32 = ctx.arg("rounds").map(|r| r.parse().map_err(|e| format!("bad rounds: {e}"))).transpose()?.unwrap_or(6);
+    let rounds: u32 = ctx
+        .arg("rounds")
+        .map(|r| r.parse().map_err(|e| format!("bad rounds: {e}")))
+        .transpose()?
+        .unwrap_or(6);
     BORN_ON.get_or_init(|| ctx.site());
     let itinerary = ctx.itinerary();
     let mut map = BTreeMap::new();
     for round in 0..rounds {
         COUNTER.fetch_add(round * 3 + 1, Ordering::Relaxed);
         SIGNED.fetch_sub(i64::from(round) * 1_000_000_007, Ordering::Relaxed);
-        NAMES.lock().map_err(|e| e.to_string())?.push(format!("round-{round}@{}", ctx.site()));
+        NAMES
+            .lock()
+            .map_err(|e| e.to_string())?
+            .push(format!("round-{round}@{}", ctx.site()));
         {
             let mut f = FLOATS.lock().map_err(|e| e.to_string())?;
             f.0 = f.0 * 1.5 + round as f32 / 3.0;
@@ -59,11 +68,14 @@ async fn mutate(ctx: Context) -> Result<Report, String> {
         }
         LOCAL.with(|l| l.set(l.get().wrapping_mul(31).wrapping_add(u64::from(round))));
         let k = u64::from(round);
-        STEPS.lock().map_err(|e| e.to_string())?.push(if round % 2 == 0 {
-            Box::new(move |x| x * 3 + k)
-        } else {
-            Box::new(move |x| x ^ (k << 8))
-        });
+        STEPS
+            .lock()
+            .map_err(|e| e.to_string())?
+            .push(if round % 2 == 0 {
+                Box::new(move |x| x * 3 + k)
+            } else {
+                Box::new(move |x| x ^ (k << 8))
+            });
         map.insert(format!("key{round}"), k * k);
         match itinerary.get(round as usize % itinerary.len().max(1)) {
             Some(site) => ctx.hop(site).await.map_err(|e| e.to_string())?,
@@ -72,8 +84,18 @@ async fn mutate(ctx: Context) -> Result<Report, String> {
     }
     let f = *FLOATS.lock().map_err(|e| e.to_string())?;
     // SAFETY: as above.
-    let table_sum = unsafe { (*std::ptr::addr_of!(TABLE)).iter().map(|v| u64::from(*v)).sum() };
-    let closures = STEPS.lock().map_err(|e| e.to_string())?.iter().map(|step| step(1000)).collect();
+    let table_sum = unsafe {
+        (*std::ptr::addr_of!(TABLE))
+            .iter()
+            .map(|v| u64::from(*v))
+            .sum()
+    };
+    let closures = STEPS
+        .lock()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|step| step(1000))
+        .collect();
     Ok(Report {
         counter: COUNTER.load(Ordering::Relaxed),
         signed: SIGNED.load(Ordering::Relaxed),

@@ -75,15 +75,19 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Build { crate_dir } => builder::build(&crate_dir).map(|path| {
-            println!("{}", path.display());
-            ExitCode::SUCCESS
-        }).map_err(anyhow::Error::from),
+        Command::Build { crate_dir } => builder::build(&crate_dir)
+            .map(|path| {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            })
+            .map_err(anyhow::Error::from),
         Command::Run(args) => run(args),
     };
     result.unwrap_or_else(|e| {
@@ -106,7 +110,8 @@ fn load_sites(names: &[String], data: Option<&Path>) -> anyhow::Result<Vec<Site>
             bail!("bad site name `{name}`");
         }
         let corpus = match data {
-            Some(dir) => Corpus::load(&dir.join(name)).with_context(|| format!("cannot load the corpus of site {name}"))?,
+            Some(dir) => Corpus::load(&dir.join(name))
+                .with_context(|| format!("cannot load the corpus of site {name}"))?,
             None => Corpus::empty(),
         };
         sites.push(Site::new(name, corpus));
@@ -115,7 +120,8 @@ fn load_sites(names: &[String], data: Option<&Path>) -> anyhow::Result<Vec<Site>
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let wasm = std::fs::read(&args.module).with_context(|| format!("cannot read {}", args.module.display()))?;
+    let wasm = std::fs::read(&args.module)
+        .with_context(|| format!("cannot read {}", args.module.display()))?;
     if !(args.cpu_budget.is_finite() && args.cpu_budget > 0.0) {
         bail!("--cpu-budget must be a positive number of seconds");
     }
@@ -126,10 +132,22 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let sites = load_sites(&args.sites, args.data.as_deref())?;
     let engine = new_engine().map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e}"))?;
-    let cache_dir = if args.no_disk_cache { None } else { args.cache_dir.clone().or_else(default_cache_dir) };
+    let cache_dir = if args.no_disk_cache {
+        None
+    } else {
+        args.cache_dir.clone().or_else(default_cache_dir)
+    };
     let runner = LocalRunner::new(ModuleCache::new(&engine, cache_dir)?, sites, limits);
-    let launch = Launch { itinerary: args.sites.clone(), args: args.args.iter().cloned().collect::<BTreeMap<_, _>>(), owner: whoami() };
-    let migration = if args.migrate_every_safe_point { Migration::EverySafePoint } else { Migration::OnlyHops };
+    let launch = Launch {
+        itinerary: args.sites.clone(),
+        args: args.args.iter().cloned().collect::<BTreeMap<_, _>>(),
+        owner: whoami(),
+    };
+    let migration = if args.migrate_every_safe_point {
+        Migration::EverySafePoint
+    } else {
+        Migration::OnlyHops
+    };
 
     let json = args.json;
     let color = std::io::stderr().is_terminal();
@@ -150,10 +168,14 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 };
                 eprintln!("  [{site}] {tag}: {}", line.text);
             }
-            RunEvent::LogDropped { lines } => eprintln!("  ({lines} log lines dropped: the agent logs too much)"),
+            RunEvent::LogDropped { lines } => {
+                eprintln!("  ({lines} log lines dropped: the agent logs too much)")
+            }
         }
     };
-    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let report = tokio.block_on(runner.run(&wasm, launch, migration, &mut on_event))?;
 
     if json {
@@ -179,7 +201,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "agent {} ended on {} after {hops} hops{} and {} safe points, {:.1} ms CPU",
             report.agent_id,
             report.site,
-            if moves > 0 { format!(" (+{moves} migrations in place)") } else { String::new() },
+            if moves > 0 {
+                format!(" (+{moves} migrations in place)")
+            } else {
+                String::new()
+            },
             report.safe_points,
             report.cpu.as_secs_f64() * 1e3
         );
@@ -188,7 +214,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             Err(e) => eprintln!("error: {e}"),
         }
     }
-    Ok(if report.outcome.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn hop_line(hop: &HopReport, color: bool) -> String {
