@@ -16,6 +16,8 @@
 //! than `cap` nothing was written and the caller retries with a larger buffer. Negative returns
 //! are the error codes in [`code`].
 
+#![warn(missing_docs)]
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -36,6 +36,8 @@
 //!   captured once and travel unchanged.
 //! - Do not compare monotonic clock readings across hops; each host has its own clock.
 
+#![warn(missing_docs)]
+
 mod op;
 mod sys;
 #[doc(hidden)]

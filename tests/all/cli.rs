@@ -133,3 +133,20 @@ fn agent_run_refuses_a_module_that_is_not_an_agent_and_a_missing_corpus() {
         "{stderr}"
     );
 }
+
+#[test]
+fn agent_build_says_how_to_install_a_missing_target() {
+    // A rustc whose sysroot lacks wasm32-wasip1 (`true` prints no sysroot at all).
+    let out = Command::new(agent_bin())
+        .arg("build")
+        .arg(repo().join("examples/search"))
+        .env("RUSTC", "true")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the wasm32-wasip1 target is not installed; install it with: rustup target add wasm32-wasip1"),
+        "{stderr}"
+    );
+}
