@@ -41,6 +41,9 @@ pub enum AgentError {
     /// Recursion too deep.
     #[error("agent exhausted its stack ({} KiB)", crate::engine::MAX_WASM_STACK >> 10)]
     StackOverflow,
+    /// The host killed it (its owner asked).
+    #[error("agent killed by its owner")]
+    Killed,
     /// Any other trap.
     #[error("agent trapped: {0}")]
     Trap(String),
@@ -240,6 +243,11 @@ impl AgentInstance {
         context.result = Some(result);
     }
 
+    /// Flags other tasks use to kill the agent or ask it to checkpoint.
+    pub fn flags(&self) -> Arc<crate::state::AgentFlags> {
+        self.store.data().flags.clone()
+    }
+
     /// Asks the agent to suspend at its next `ctx.checkpoint()`.
     pub fn request_checkpoint(&mut self) {
         self.store.data_mut().checkpoint_requested = true;
@@ -313,6 +321,9 @@ impl AgentInstance {
         if let Some(limit) = e.downcast_ref::<LimitExceeded>() {
             return limit.clone().into();
         }
+        if e.downcast_ref::<Killed>().is_some() {
+            return AgentError::Killed;
+        }
         if let Some(Outcome::Panicked(message)) = self.store.data_mut().outcome.take() {
             return AgentError::Panicked(message);
         }
@@ -324,12 +335,20 @@ impl AgentInstance {
     }
 }
 
+/// The trap cause of a killed agent.
+#[derive(Debug, thiserror::Error)]
+#[error("killed")]
+struct Killed;
+
 /// Called at every epoch tick while the agent runs: enforce the CPU budget, ask for a
 /// checkpoint at the end of a slice, and let other tasks of the executor run.
 fn on_epoch(
     mut store: wasmtime::StoreContextMut<'_, AgentState>,
 ) -> wasmtime::Result<UpdateDeadline> {
     let state = store.data_mut();
+    if state.flags.kill.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Killed.into());
+    }
     let in_slice = state
         .slice_start
         .map(|t| t.elapsed())

@@ -24,7 +24,8 @@ pub mod modules;
 pub mod runner;
 pub mod services;
 pub mod snapshot;
-mod state;
+pub mod net;
+pub(crate) mod state;
 
 pub use context::{AgentContext, AgentId};
 pub use image::{AgentImage, ImageError, ImageLimits};
@@ -32,3 +33,4 @@ pub use instance::{AgentError, AgentInstance, Step};
 pub use limits::{LimitExceeded, Limits};
 pub use modules::{AgentModule, ModuleCache, ModuleHash};
 pub use services::{Corpus, Site};
+pub use state::AgentFlags;

@@ -30,6 +30,18 @@ pub struct AgentState {
     pub(crate) checkpoint_requested: bool,
     /// When the current `agent_poll` began, for CPU accounting.
     pub(crate) slice_start: Option<Instant>,
+    /// Requests from outside the agent's task (kill, checkpoint).
+    pub(crate) flags: Arc<AgentFlags>,
+}
+
+/// Requests to a running agent from other tasks of the host, honoured at the next epoch tick
+/// (kill) or the next `ctx.checkpoint()` (checkpoint).
+#[derive(Debug, Default)]
+pub struct AgentFlags {
+    /// Stop the agent for good.
+    pub kill: std::sync::atomic::AtomicBool,
+    /// Stop the agent at its next checkpoint.
+    pub checkpoint: std::sync::atomic::AtomicBool,
 }
 
 impl AgentState {
@@ -52,6 +64,7 @@ impl AgentState {
             log,
             checkpoint_requested: false,
             slice_start: None,
+            flags: Arc::default(),
         }
     }
 }

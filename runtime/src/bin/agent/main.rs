@@ -1,5 +1,8 @@
 //! `agent`: the user's and agent author's command line.
 
+mod demo;
+mod user;
+
 use agent_runtime::builder;
 use agent_runtime::engine::new_engine;
 use agent_runtime::log::LogSource;
@@ -31,6 +34,52 @@ enum Command {
     /// Run an agent on in-process virtual sites; every hop goes through a real snapshot,
     /// encode, decode and restore into a fresh instance.
     Run(RunArgs),
+    /// Launch an agent on a host (its home) and follow it across hosts until it ends.
+    Launch(LaunchArgs),
+    /// Show one of your agents.
+    Status {
+        /// The agent's id.
+        id: agent_runtime::AgentId,
+        #[command(flatten)]
+        conn: user::Connection,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List your agents launched on a host.
+    List {
+        #[command(flatten)]
+        conn: user::Connection,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop one of your agents, wherever it runs.
+    Kill {
+        /// The agent's id.
+        id: agent_runtime::AgentId,
+        #[command(flatten)]
+        conn: user::Connection,
+    },
+    /// Start three real hosts on loopback and send the search agent across them.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct LaunchArgs {
+    /// The agent module (.wasm).
+    module: PathBuf,
+    /// Sites to visit, comma-separated (the agent's itinerary).
+    #[arg(long, value_delimiter = ',')]
+    hop: Vec<String>,
+    /// Argument for the agent, repeatable.
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    args: Vec<(String, String)>,
+    #[command(flatten)]
+    conn: user::Connection,
+    /// Print one JSON object with the result and the hops.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -89,11 +138,26 @@ fn main() -> ExitCode {
             })
             .map_err(anyhow::Error::from),
         Command::Run(args) => run(args),
+        Command::Launch(args) => launch(args),
+        Command::Status { id, conn, json } => block_on(user::status(&conn, id, json)).map(|()| ExitCode::SUCCESS),
+        Command::List { conn, json } => block_on(user::list(&conn, json)).map(|()| ExitCode::SUCCESS),
+        Command::Kill { id, conn } => block_on(user::kill(&conn, id)).map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => demo::run(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
         ExitCode::from(2)
     })
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(f)
+}
+
+fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
+    let wasm = std::fs::read(&args.module).with_context(|| format!("cannot read {}", args.module.display()))?;
+    let launch_args = args.args.into_iter().collect::<BTreeMap<_, _>>();
+    block_on(user::launch(&args.conn, &wasm, args.hop, launch_args, args.json)).map(|(code, _)| code)
 }
 
 fn default_cache_dir() -> Option<PathBuf> {

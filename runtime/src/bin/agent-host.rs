@@ -1,0 +1,235 @@
+//! `agent-host`: the operator's command: run a host, make certificates.
+
+use agent_runtime::net::certs::{self, Role, Validity};
+use agent_runtime::net::host::{Host, HostConfig};
+use agent_runtime::net::tls::Credentials;
+use agent_runtime::{Corpus, Limits, Site};
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Run a WebAssembly mobile-agent host, and make the certificates hosts and users need.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a host. With no options at all: a local development host named `localhost` on
+    /// 127.0.0.1:4433, with development certificates generated in ./agent-host-data/certs.
+    Serve(ServeArgs),
+    /// Create a private CA and issue host and user certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a private CA in DIR (ca.crt, ca.key with mode 0600).
+    Init {
+        /// Directory for the CA.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a host or user certificate signed by the CA in DIR.
+    Issue {
+        /// Directory holding the CA; the certificate is written there too unless --out.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Issue a host certificate for this site name.
+        #[arg(long, conflicts_with = "user", required_unless_present = "user")]
+        host: Option<String>,
+        /// Issue a user certificate for this user name.
+        #[arg(long)]
+        user: Option<String>,
+        /// Where to write the certificate and key.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Days of validity.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+}
+
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// TOML file with any of the options below (command-line options win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Site name; must match the DNS name in the host certificate.
+    #[arg(long)]
+    name: Option<String>,
+    /// UDP address to listen on.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory for the store and compiled modules.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Directory with ca.crt and host-NAME.crt/.key.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// A peer host, repeatable.
+    #[arg(long = "peer", value_name = "NAME=ADDR", value_parser = parse_peer)]
+    peers: Vec<(String, SocketAddr)>,
+    /// Directory of documents this site's corpus service searches.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Most memory per agent, in MiB.
+    #[arg(long)]
+    max_memory_mib: Option<u64>,
+    /// Most agents running at once.
+    #[arg(long)]
+    max_agents: Option<usize>,
+}
+
+/// The TOML configuration file.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    certs: Option<PathBuf>,
+    #[serde(default)]
+    peers: BTreeMap<String, SocketAddr>,
+    corpus: Option<PathBuf>,
+    max_memory_mib: Option<u64>,
+    max_agents: Option<usize>,
+}
+
+fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s.split_once('=').ok_or_else(|| format!("expected NAME=ADDR, got `{s}`"))?;
+    certs::check_name(name).map_err(|e| e.to_string())?;
+    Ok((name.to_string(), addr.parse().map_err(|e| format!("bad address `{addr}`: {e}"))?))
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(args),
+        Command::Certs(cmd) => certs_command(cmd),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn certs_command(cmd: CertsCommand) -> anyhow::Result<()> {
+    match cmd {
+        CertsCommand::Init { dir } => {
+            let files = certs::init_ca(&dir)?;
+            println!("created CA {} (key {}, keep it private)", files.cert.display(), files.key.display());
+        }
+        CertsCommand::Issue { dir, host, user, out, days } => {
+            let (role, name) = match (host, user) {
+                (Some(h), _) => (Role::Host, h),
+                (None, Some(u)) => (Role::User, u),
+                (None, None) => bail!("give --host NAME or --user NAME"),
+            };
+            let validity = Validity { until: time::Duration::days(days), ..Validity::default() };
+            let files = certs::issue(&dir, out.as_deref().unwrap_or(&dir), role, &name, validity)?;
+            println!("issued {role} certificate {} (key {})", files.cert.display(), files.key.display());
+        }
+    }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let dev = args.config.is_none() && args.name.is_none() && args.certs.is_none() && args.data_dir.is_none();
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("bad config {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let name = args.name.or(file.name).unwrap_or_else(|| "localhost".into());
+    certs::check_name(&name)?;
+    let listen = args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4433)));
+    let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("agent-host-data"));
+    let certs_dir = args.certs.or(file.certs).unwrap_or_else(|| data_dir.join("certs"));
+    if dev && !certs::ca_files(&certs_dir).cert.exists() {
+        make_dev_certs(&certs_dir, &name)?;
+    }
+    let creds = Credentials::load(&certs::ca_files(&certs_dir).cert, &certs::files(&certs_dir, Role::Host, &name))
+        .with_context(|| format!("no host certificate for {name} in {} (make one with `agent-host certs issue --dir DIR --host {name}`)", certs_dir.display()))?;
+    let mut peers = file.peers;
+    peers.extend(args.peers);
+    let corpus = match args.corpus.or(file.corpus) {
+        Some(dir) => Corpus::load(&dir).with_context(|| format!("cannot load the corpus {}", dir.display()))?,
+        None => Corpus::empty(),
+    };
+    let limits = Limits {
+        max_memory: args.max_memory_mib.or(file.max_memory_mib).unwrap_or(256) << 20,
+        ..Limits::default()
+    };
+    let config = HostConfig {
+        name: name.clone(),
+        listen,
+        data_dir: data_dir.clone(),
+        peers,
+        limits,
+        max_agents: args.max_agents.or(file.max_agents).unwrap_or(1000),
+        max_image: 1 << 30,
+        max_module: 64 << 20,
+    };
+    let documents = corpus.len();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let host = Host::start(config, creds, Site::new(&name, corpus)).await?;
+        let addr = host.local_addr().unwrap_or(listen);
+        tracing::info!(site = %name, %addr, arch = std::env::consts::ARCH, documents, "host ready");
+        println!("host {name} listening on {addr} ({documents} documents)");
+        if dev {
+            println!(
+                "connect with: agent launch AGENT.wasm --hop {name} --host {name}@{addr} --certs {}",
+                certs_dir.display()
+            );
+        }
+        wait_for_signal().await;
+        tracing::info!("shutting down: parking agents at their next safe point");
+        host.shutdown(Duration::from_secs(10)).await;
+        anyhow::Ok(())
+    })
+}
+
+fn make_dev_certs(dir: &Path, name: &str) -> anyhow::Result<()> {
+    certs::init_ca(dir)?;
+    certs::issue(dir, dir, Role::Host, name, Validity::default())?;
+    let user = std::env::var("USER").ok().filter(|u| certs::check_name(u).is_ok()).unwrap_or_else(|| "dev".into());
+    certs::issue(dir, dir, Role::User, &user, Validity::default())?;
+    println!("generated development certificates in {} (CA, host {name}, user {user})", dir.display());
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

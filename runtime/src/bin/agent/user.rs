@@ -1,0 +1,225 @@
+//! The user's commands: launch an agent on a host and follow it; status, list, kill.
+
+use agent_runtime::AgentId;
+use agent_runtime::net::certs::{self, Role};
+use agent_runtime::net::client::{Client, HostAddr};
+use agent_runtime::net::messages::{HopInfo, LaunchEvent, StatusReply};
+use agent_runtime::net::tls::Credentials;
+use anyhow::{Context as _, bail};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// How to reach a host as a user.
+#[derive(clap::Args, Clone)]
+pub struct Connection {
+    /// The host: its site name and UDP address.
+    #[arg(long, value_name = "NAME@ADDR", default_value = "localhost@127.0.0.1:4433")]
+    pub host: HostAddr,
+    /// Directory with ca.crt and user-NAME.crt/.key.
+    #[arg(long, default_value = "agent-host-data/certs")]
+    pub certs: PathBuf,
+    /// User name (the certificate to use) [default: the only user certificate in --certs].
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+impl Connection {
+    fn credentials(&self) -> anyhow::Result<Credentials> {
+        let user = match &self.user {
+            Some(u) => u.clone(),
+            None => only_user(&self.certs)?,
+        };
+        let files = certs::files(&self.certs, Role::User, &user);
+        Credentials::load(&certs::ca_files(&self.certs).cert, &files).with_context(|| {
+            format!("no user certificate for {user} in {} (make one with `agent-host certs issue --dir DIR --user {user}`)", self.certs.display())
+        })
+    }
+
+    /// Connects as the user.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let creds = self.credentials()?;
+        Client::connect(&self.host, &creds).await.map_err(anyhow::Error::msg)
+    }
+}
+
+fn only_user(dir: &Path) -> anyhow::Result<String> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    let users: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("user-")?.strip_suffix(".crt").map(str::to_string)))
+        .collect();
+    match users.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("no user certificate in {}", dir.display()),
+        many => bail!("several user certificates in {} ({}): choose one with --user", dir.display(), many.join(", ")),
+    }
+}
+
+/// Launches `wasm` and follows it to its end; prints the hop table and the result.
+pub async fn launch(
+    conn: &Connection,
+    wasm: &[u8],
+    itinerary: Vec<String>,
+    args: BTreeMap<String, String>,
+    json: bool,
+) -> anyhow::Result<(ExitCode, Option<serde_json::Value>)> {
+    let client = conn.connect().await?;
+    let color = std::io::stderr().is_terminal();
+    let mut hops: Vec<HopInfo> = Vec::new();
+    let mut on_event = |event: &LaunchEvent| {
+        if let LaunchEvent::Moved(hop) = event {
+            hops.push(hop.clone());
+        }
+        if json {
+            return;
+        }
+        match event {
+            LaunchEvent::Launched { agent, site, module } => {
+                eprintln!("launched agent {agent} on {site} (module {})", &module.to_string()[..12]);
+            }
+            LaunchEvent::Moved(hop) => {
+                let arrow = if color { "\u{2192}" } else { "->" };
+                eprintln!(
+                    "hop {}: {} {arrow} {}  image {}  module {}  freeze {:.2} ms",
+                    hop.seq,
+                    hop.from,
+                    hop.to,
+                    human_bytes(hop.image_bytes),
+                    human_bytes(hop.module_bytes),
+                    hop.freeze_us as f64 / 1e3
+                );
+            }
+            LaunchEvent::HopFailed { site, error } => eprintln!("hop failed on {site}: {error}"),
+            LaunchEvent::Refused(why) => eprintln!("launch refused: {why}"),
+            LaunchEvent::Finished { site, .. } => eprintln!("agent ended on {site}"),
+        }
+    };
+    let last = client.launch(wasm, itinerary, args, &mut on_event).await.map_err(anyhow::Error::msg)?;
+    client.close().await;
+    let (agent_ok, result, error) = match &last {
+        LaunchEvent::Finished { outcome: Ok(bytes), .. } => match cbor_to_json(bytes) {
+            Ok(v) => (true, Some(v), None),
+            Err(e) => (false, None, Some(e)),
+        },
+        LaunchEvent::Finished { outcome: Err(e), .. } => (false, None, Some(e.clone())),
+        LaunchEvent::Refused(why) => (false, None, Some(format!("launch refused: {why}"))),
+        other => (false, None, Some(format!("unexpected end: {other:?}"))),
+    };
+    if json {
+        let out = serde_json::json!({
+            "ok": agent_ok,
+            "result": result,
+            "error": error,
+            "hops": hops.iter().map(hop_json).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        if !hops.is_empty() {
+            eprintln!("{}", hop_table(&hops));
+        }
+        match (&result, &error) {
+            (Some(v), _) => println!("{}", serde_json::to_string_pretty(v)?),
+            (None, Some(e)) => eprintln!("error: {e}"),
+            (None, None) => {}
+        }
+    }
+    Ok((if agent_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }, result))
+}
+
+fn hop_json(h: &HopInfo) -> serde_json::Value {
+    serde_json::json!({
+        "seq": h.seq, "from": h.from, "from_arch": h.from_arch, "to": h.to,
+        "image_bytes": h.image_bytes, "module_bytes": h.module_bytes, "freeze_us": h.freeze_us,
+    })
+}
+
+/// The hop table: from, to, bytes moved and freeze time (suspended on the source until the
+/// destination committed).
+pub fn hop_table(hops: &[HopInfo]) -> String {
+    let mut out = format!("{:>3}  {:<10} {:<8} {:<10} {:>10} {:>10} {:>10}\n", "hop", "from", "arch", "to", "image", "module", "freeze");
+    for h in hops {
+        out.push_str(&format!(
+            "{:>3}  {:<10} {:<8} {:<10} {:>10} {:>10} {:>7.2} ms\n",
+            h.seq,
+            h.from,
+            h.from_arch,
+            h.to,
+            human_bytes(h.image_bytes),
+            human_bytes(h.module_bytes),
+            h.freeze_us as f64 / 1e3
+        ));
+    }
+    out.pop();
+    out
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn cbor_to_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
+    let value: ciborium::Value = ciborium::de::from_reader_with_recursion_limit(bytes, 128)
+        .map_err(|e| format!("the agent's result is not valid CBOR: {e}"))?;
+    serde_json::to_value(&value).map_err(|e| format!("the agent's result has no JSON form: {e}"))
+}
+
+fn print_status(s: &StatusReply) {
+    let path: Vec<&str> = std::iter::once(s.hops.first().map(|h| h.from.as_str()).unwrap_or(s.site.as_str()))
+        .chain(s.hops.iter().map(|h| h.to.as_str()))
+        .collect();
+    println!("{}  {:<9} on {:<10} owner {:<10} path {}", s.agent, s.state, s.site, s.owner, path.join(" -> "));
+}
+
+/// `agent status ID`.
+pub async fn status(conn: &Connection, agent: AgentId, json: bool) -> anyhow::Result<()> {
+    let client = conn.connect().await?;
+    let s = client.status(agent).await.map_err(anyhow::Error::msg)?;
+    client.close().await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+    } else {
+        print_status(&s);
+        if !s.hops.is_empty() {
+            println!("{}", hop_table(&s.hops));
+        }
+    }
+    Ok(())
+}
+
+fn status_json(s: &StatusReply) -> serde_json::Value {
+    serde_json::json!({
+        "agent": s.agent.to_string(), "owner": s.owner, "site": s.site, "state": s.state,
+        "hops": s.hops.iter().map(hop_json).collect::<Vec<_>>(),
+    })
+}
+
+/// `agent list`.
+pub async fn list(conn: &Connection, json: bool) -> anyhow::Result<()> {
+    let client = conn.connect().await?;
+    let all = client.list().await.map_err(anyhow::Error::msg)?;
+    client.close().await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all.iter().map(status_json).collect::<Vec<_>>())?);
+    } else if all.is_empty() {
+        eprintln!("no agents of yours on {}", conn.host);
+    } else {
+        all.iter().for_each(print_status);
+    }
+    Ok(())
+}
+
+/// `agent kill ID`.
+pub async fn kill(conn: &Connection, agent: AgentId) -> anyhow::Result<()> {
+    let client = conn.connect().await?;
+    let result = client.kill(agent).await.map_err(anyhow::Error::msg);
+    client.close().await;
+    result?;
+    eprintln!("asked agent {agent} to stop");
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! The user's side: connect to a host with a user certificate and launch, inspect or kill
+//! agents.
+
+use super::messages::{LaunchEvent, Request, StatusReply};
+use super::tls::{self, Credentials};
+use super::wire::{read_msg, write_blob, write_msg};
+use crate::context::AgentId;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+/// A host to talk to: its site name (checked against its certificate) and address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostAddr {
+    /// Site name.
+    pub name: String,
+    /// UDP address.
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for HostAddr {
+    type Err = String;
+
+    /// Parses `NAME@IP:PORT`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, addr) = s.split_once('@').ok_or_else(|| format!("expected NAME@IP:PORT, got `{s}`"))?;
+        let addr = addr.parse().map_err(|e| format!("bad address in `{s}`: {e}"))?;
+        super::certs::check_name(name).map_err(|e| e.to_string())?;
+        Ok(HostAddr { name: name.to_string(), addr })
+    }
+}
+
+impl std::fmt::Display for HostAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.addr)
+    }
+}
+
+/// A connection from a user to one host.
+pub struct Client {
+    conn: quinn::Connection,
+    endpoint: quinn::Endpoint,
+}
+
+fn bind_addr(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V4(a) if a.ip().is_loopback() => "127.0.0.1:0",
+        SocketAddr::V4(_) => "0.0.0.0:0",
+        SocketAddr::V6(_) => "[::]:0",
+    }
+    .parse()
+    .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+impl Client {
+    /// Connects to `host`.
+    ///
+    /// With TLS 1.3 the host may still reject our certificate after this returns; that shows
+    /// on the first request.
+    ///
+    /// # Errors
+    /// When the connection cannot be made or the host's certificate is not the one expected.
+    pub async fn connect(host: &HostAddr, creds: &Credentials) -> Result<Client, String> {
+        let mut endpoint = quinn::Endpoint::client(bind_addr(host.addr)).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        endpoint.set_default_client_config(tls::client_config(creds).map_err(|e| e.to_string())?);
+        let conn = endpoint
+            .connect(host.addr, &host.name)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| format!("cannot connect to {host}: {e}"))?;
+        Ok(Client { conn, endpoint })
+    }
+
+    async fn open(&self, request: &Request) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| self.explain(e.to_string()))?;
+        write_msg(&mut send, request).await.map_err(|e| self.explain(e.to_string()))?;
+        Ok((send, recv))
+    }
+
+    /// Turns a transport error into one that says what the host refused, when it did.
+    fn explain(&self, e: String) -> String {
+        match self.conn.close_reason() {
+            Some(reason) => format!("the host closed the connection: {reason}"),
+            None => e,
+        }
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(&self, request: &Request) -> Result<T, String> {
+        let (mut send, mut recv) = self.open(request).await?;
+        let _ = send.finish();
+        read_msg(&mut recv).await.map_err(|e| self.explain(e.to_string()))
+    }
+
+    /// Launches an agent and calls `on_event` for each event until it finishes (or is
+    /// refused). Returns the last event.
+    ///
+    /// # Errors
+    /// When the connection fails before the end.
+    pub async fn launch(
+        &self,
+        wasm: &[u8],
+        itinerary: Vec<String>,
+        args: BTreeMap<String, String>,
+        on_event: &mut dyn FnMut(&LaunchEvent),
+    ) -> Result<LaunchEvent, String> {
+        let (mut send, mut recv) = self.open(&Request::Launch { itinerary, args }).await?;
+        write_blob(&mut send, wasm).await.map_err(|e| self.explain(e.to_string()))?;
+        let _ = send.finish();
+        loop {
+            let event: LaunchEvent = read_msg(&mut recv).await.map_err(|e| self.explain(e.to_string()))?;
+            on_event(&event);
+            if matches!(event, LaunchEvent::Finished { .. } | LaunchEvent::Refused(_)) {
+                return Ok(event);
+            }
+        }
+    }
+
+    /// One of the user's agents.
+    ///
+    /// # Errors
+    /// When the host does not know the agent as the user's, or the connection fails.
+    pub async fn status(&self, agent: AgentId) -> Result<StatusReply, String> {
+        self.call::<Result<StatusReply, String>>(&Request::Status { agent }).await?
+    }
+
+    /// The user's agents launched on this host.
+    ///
+    /// # Errors
+    /// When the connection fails.
+    pub async fn list(&self) -> Result<Vec<StatusReply>, String> {
+        self.call(&Request::List).await
+    }
+
+    /// Kills one of the user's agents, wherever it runs.
+    ///
+    /// # Errors
+    /// When it is not the user's agent, not running, or the connection fails.
+    pub async fn kill(&self, agent: AgentId) -> Result<(), String> {
+        self.call::<Result<(), String>>(&Request::Kill { agent }).await?
+    }
+
+    /// Sends a raw request (for tests of the host's checks).
+    ///
+    /// # Errors
+    /// When the connection fails.
+    pub async fn request<T: serde::de::DeserializeOwned>(&self, request: &Request) -> Result<T, String> {
+        self.call(request).await
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}

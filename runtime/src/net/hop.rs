@@ -1,0 +1,308 @@
+//! The hop protocol's decisions, as state machines without I/O (like quinn-proto): the async
+//! code in [`crate::net::host`] performs the I/O and feeds each result in.
+//!
+//! Phases: negotiate (OFFER → ACCEPT/REFUSE), transfer (module if needed, then image), commit
+//! (the destination stores the image durably, then answers COMMITTED). Before the commit point
+//! the source owns the agent and resumes it with a [`HopError`] on any failure; once the image
+//! may have reached the destination, the source never guesses: it asks the destination what
+//! became of the transfer (agent id, hop seq) until it learns.
+
+use super::certs::{Identity, Role};
+use super::messages::{Offer, OfferReply, TransferReply, TransferStatus};
+use agent_abi::HopError;
+
+/// What the source must do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceStep {
+    /// Send the module (if `module`) and then the image.
+    Transfer {
+        /// The destination lacks the module.
+        module: bool,
+    },
+    /// Wait for the destination's verdict.
+    AwaitVerdict,
+    /// The hop did not happen: resume the agent here with this error.
+    Resume(HopError),
+    /// The destination owns the agent: forget it here, keep a forwarding pointer.
+    Forget,
+    /// Unknown whether the destination committed: ask it (again).
+    Query,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SourceState {
+    Offered,
+    Transferring,
+    AwaitingVerdict,
+    InDoubt,
+    Done,
+}
+
+/// The source side of one hop. Start it after sending the OFFER.
+#[derive(Debug)]
+pub struct SourceHop {
+    site: String,
+    state: SourceState,
+}
+
+impl SourceHop {
+    /// A hop to `site` whose OFFER is on its way.
+    pub fn offered(site: &str) -> SourceHop {
+        SourceHop { site: site.to_string(), state: SourceState::Offered }
+    }
+
+    fn done(&mut self, step: SourceStep) -> SourceStep {
+        self.state = SourceState::Done;
+        step
+    }
+
+    fn resume(&mut self, why: impl Into<String>) -> SourceStep {
+        let error = HopError::Unreachable { site: self.site.clone(), reason: why.into() };
+        self.done(SourceStep::Resume(error))
+    }
+
+    fn in_doubt(&mut self) -> SourceStep {
+        self.state = SourceState::InDoubt;
+        SourceStep::Query
+    }
+
+    /// The destination answered the OFFER, or the exchange failed (`Err`).
+    pub fn on_offer_reply(&mut self, reply: Result<OfferReply, String>) -> SourceStep {
+        if self.state != SourceState::Offered {
+            return self.out_of_order("offer reply");
+        }
+        match reply {
+            Ok(OfferReply::Accept { need_module }) => {
+                self.state = SourceState::Transferring;
+                SourceStep::Transfer { module: need_module }
+            }
+            Ok(OfferReply::Refuse(reason)) => {
+                let error = HopError::Refused { site: self.site.clone(), reason };
+                self.done(SourceStep::Resume(error))
+            }
+            Ok(OfferReply::AlreadyCommitted) => self.done(SourceStep::Forget),
+            // Nothing of the agent has left: it is safe to resume here.
+            Err(why) => self.resume(why),
+        }
+    }
+
+    /// The module and image were sent (`Ok`) or sending failed part-way (`Err`).
+    pub fn on_sent(&mut self, sent: Result<(), String>) -> SourceStep {
+        if self.state != SourceState::Transferring {
+            return self.out_of_order("end of transfer");
+        }
+        match sent {
+            Ok(()) => {
+                self.state = SourceState::AwaitingVerdict;
+                SourceStep::AwaitVerdict
+            }
+            // The destination may hold the whole image already.
+            Err(_) => self.in_doubt(),
+        }
+    }
+
+    /// The destination's verdict, or the exchange failed before it arrived.
+    pub fn on_verdict(&mut self, verdict: Result<TransferReply, String>) -> SourceStep {
+        if self.state != SourceState::AwaitingVerdict {
+            return self.out_of_order("verdict");
+        }
+        match verdict {
+            Ok(TransferReply::Committed) => self.done(SourceStep::Forget),
+            Ok(TransferReply::Refused(reason)) => {
+                let error = HopError::Refused { site: self.site.clone(), reason };
+                self.done(SourceStep::Resume(error))
+            }
+            Err(_) => self.in_doubt(),
+        }
+    }
+
+    /// The destination's answer to a query, or the query failed (ask again later).
+    pub fn on_query_reply(&mut self, status: Result<TransferStatus, String>) -> SourceStep {
+        if self.state != SourceState::InDoubt {
+            return self.out_of_order("query reply");
+        }
+        match status {
+            Ok(TransferStatus::Committed) => self.done(SourceStep::Forget),
+            Ok(TransferStatus::Aborted) => self.resume("the transfer was interrupted and aborted"),
+            Err(_) => SourceStep::Query,
+        }
+    }
+
+    /// Whether the machine reached a final step.
+    pub fn is_done(&self) -> bool {
+        self.state == SourceState::Done
+    }
+
+    fn out_of_order(&mut self, what: &str) -> SourceStep {
+        // A driver bug: stay safe. In doubt we ask; before any transfer we resume.
+        match self.state {
+            SourceState::Offered => self.resume(format!("protocol error: {what} before the offer reply")),
+            SourceState::Done => SourceStep::Query,
+            _ => self.in_doubt(),
+        }
+    }
+}
+
+/// What a destination knows when it decides on an OFFER.
+#[derive(Clone, Debug, Default)]
+pub struct DestView {
+    /// (agent, seq) was already committed here.
+    pub committed: bool,
+    /// (agent, seq) was aborted here (a query answered "aborted").
+    pub aborted: bool,
+    /// The module is already admitted here.
+    pub has_module: bool,
+    /// Agents running here now.
+    pub agents: usize,
+    /// Most agents this host runs at once.
+    pub max_agents: usize,
+    /// Most memory per agent.
+    pub max_memory: u64,
+    /// Largest image accepted.
+    pub max_image: u64,
+    /// Largest module accepted.
+    pub max_module: u64,
+}
+
+/// Phase 1 at the destination: accept or refuse an OFFER before any state moves.
+pub fn decide_offer(offer: &Offer, from: &Identity, view: &DestView) -> OfferReply {
+    if from.role != Role::Host {
+        return OfferReply::Refuse(format!("only hosts may transfer agents, and {from} is not a host"));
+    }
+    if view.committed {
+        return OfferReply::AlreadyCommitted;
+    }
+    if view.aborted {
+        return OfferReply::Refuse(format!("transfer of agent {} at seq {} was aborted", offer.agent, offer.seq));
+    }
+    if offer.abi != agent_abi::ABI_VERSION {
+        return OfferReply::Refuse(format!(
+            "agent ABI v{} is not offered here (this host speaks v{})",
+            offer.abi,
+            agent_abi::ABI_VERSION
+        ));
+    }
+    if offer.memory_bytes > view.max_memory {
+        return OfferReply::Refuse(format!(
+            "the agent needs {} MiB of memory; this host allows {} MiB",
+            offer.memory_bytes >> 20,
+            view.max_memory >> 20
+        ));
+    }
+    if offer.image_bytes > view.max_image {
+        return OfferReply::Refuse(format!("image of {} bytes exceeds this host's limit of {}", offer.image_bytes, view.max_image));
+    }
+    if !view.has_module && offer.module_bytes > view.max_module {
+        return OfferReply::Refuse(format!("module of {} bytes exceeds this host's limit of {}", offer.module_bytes, view.max_module));
+    }
+    if view.agents >= view.max_agents {
+        return OfferReply::Refuse(format!("host is full ({} agents)", view.agents));
+    }
+    OfferReply::Accept { need_module: !view.has_module }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::AgentId;
+    use crate::modules::ModuleHash;
+
+    fn unreachable(reason: &str) -> SourceStep {
+        SourceStep::Resume(HopError::Unreachable { site: "b".into(), reason: reason.into() })
+    }
+
+    #[test]
+    fn a_clean_hop_ends_with_the_source_forgetting_the_agent() {
+        let mut hop = SourceHop::offered("b");
+        assert_eq!(hop.on_offer_reply(Ok(OfferReply::Accept { need_module: true })), SourceStep::Transfer { module: true });
+        assert_eq!(hop.on_sent(Ok(())), SourceStep::AwaitVerdict);
+        assert_eq!(hop.on_verdict(Ok(TransferReply::Committed)), SourceStep::Forget);
+        assert!(hop.is_done());
+    }
+
+    #[test]
+    fn before_the_image_leaves_every_failure_resumes_on_the_source() {
+        let mut hop = SourceHop::offered("b");
+        assert_eq!(hop.on_offer_reply(Err("connection lost".into())), unreachable("connection lost"));
+        let mut hop = SourceHop::offered("b");
+        assert_eq!(
+            hop.on_offer_reply(Ok(OfferReply::Refuse("full".into()))),
+            SourceStep::Resume(HopError::Refused { site: "b".into(), reason: "full".into() })
+        );
+        let mut hop = SourceHop::offered("b");
+        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
+        hop.on_sent(Ok(()));
+        assert_eq!(
+            hop.on_verdict(Ok(TransferReply::Refused("bad image".into()))),
+            SourceStep::Resume(HopError::Refused { site: "b".into(), reason: "bad image".into() })
+        );
+    }
+
+    #[test]
+    fn after_the_image_may_have_left_the_source_asks_until_it_knows() {
+        let mut hop = SourceHop::offered("b");
+        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
+        assert_eq!(hop.on_sent(Err("reset".into())), SourceStep::Query);
+        assert_eq!(hop.on_query_reply(Err("still down".into())), SourceStep::Query);
+        assert_eq!(hop.on_query_reply(Ok(TransferStatus::Committed)), SourceStep::Forget);
+
+        let mut hop = SourceHop::offered("b");
+        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
+        hop.on_sent(Ok(()));
+        assert_eq!(hop.on_verdict(Err("timeout".into())), SourceStep::Query);
+        assert_eq!(hop.on_query_reply(Ok(TransferStatus::Aborted)), unreachable("the transfer was interrupted and aborted"));
+    }
+
+    #[test]
+    fn a_repeated_transfer_of_a_committed_hop_is_committed_again() {
+        let mut hop = SourceHop::offered("b");
+        assert_eq!(hop.on_offer_reply(Ok(OfferReply::AlreadyCommitted)), SourceStep::Forget);
+    }
+
+    #[test]
+    fn out_of_order_inputs_never_resume_an_agent_that_may_have_left() {
+        let mut hop = SourceHop::offered("b");
+        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
+        assert_eq!(hop.on_verdict(Ok(TransferReply::Committed)), SourceStep::Query);
+    }
+
+    fn offer() -> Offer {
+        Offer {
+            agent: AgentId([1; 16]),
+            seq: 3,
+            module: ModuleHash([2; 32]),
+            module_bytes: 1000,
+            memory_bytes: 2 << 20,
+            image_bytes: 5000,
+            abi: agent_abi::ABI_VERSION,
+            owner: "alice".into(),
+            home: "a".into(),
+        }
+    }
+
+    fn view() -> DestView {
+        DestView { max_agents: 10, max_memory: 64 << 20, max_image: 1 << 20, max_module: 1 << 20, ..DestView::default() }
+    }
+
+    #[test]
+    fn the_destination_decides_before_any_state_moves() {
+        let host = Identity { name: "a".into(), role: Role::Host };
+        let user = Identity { name: "alice".into(), role: Role::User };
+        assert_eq!(decide_offer(&offer(), &host, &view()), OfferReply::Accept { need_module: true });
+        assert_eq!(decide_offer(&offer(), &host, &DestView { has_module: true, ..view() }), OfferReply::Accept { need_module: false });
+        assert_eq!(decide_offer(&offer(), &host, &DestView { committed: true, ..view() }), OfferReply::AlreadyCommitted);
+        let refuse = |o: &Offer, from: &Identity, v: &DestView| match decide_offer(o, from, v) {
+            OfferReply::Refuse(why) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(refuse(&offer(), &user, &view()), "only hosts may transfer agents, and user alice is not a host");
+        assert!(refuse(&offer(), &host, &DestView { aborted: true, ..view() }).contains("was aborted"));
+        assert_eq!(
+            refuse(&offer(), &host, &DestView { max_memory: 1 << 20, ..view() }),
+            "the agent needs 2 MiB of memory; this host allows 1 MiB"
+        );
+        assert_eq!(refuse(&offer(), &host, &DestView { agents: 10, ..view() }), "host is full (10 agents)");
+        assert!(refuse(&Offer { abi: 99, ..offer() }, &host, &view()).starts_with("agent ABI v99 is not offered here"));
+        assert!(refuse(&Offer { image_bytes: 2 << 20, ..offer() }, &host, &view()).starts_with("image of"));
+    }
+}

@@ -1,0 +1,184 @@
+//! The messages hosts and users exchange. One QUIC bidirectional stream per request.
+
+use crate::context::AgentId;
+use crate::modules::ModuleHash;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The first message on every stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// User → home host: run a new agent; the module follows as a blob. Answered with
+    /// [`LaunchEvent`]s until [`LaunchEvent::Finished`].
+    Launch {
+        /// Sites to visit.
+        itinerary: Vec<String>,
+        /// `--arg` values.
+        args: BTreeMap<String, String>,
+    },
+    /// User → home host: one agent's record. Answered with [`StatusReply`].
+    Status {
+        /// The agent.
+        agent: AgentId,
+    },
+    /// User → home host: the user's agents. Answered with `Vec<`[`StatusReply`]`>`.
+    List,
+    /// User → home host, or home host → current host: stop an agent. Answered with
+    /// `Result<(), String>`.
+    Kill {
+        /// The agent.
+        agent: AgentId,
+    },
+    /// Host → host: phase 1 of a hop. Answered with [`OfferReply`].
+    Offer(Offer),
+    /// Host → host: what became of a transfer whose answer was lost. Answered with
+    /// [`TransferStatus`].
+    Query {
+        /// The agent.
+        agent: AgentId,
+        /// The hop sequence number of the transfer.
+        seq: u64,
+    },
+    /// Host → home host: something happened to one of its agents. Answered with `()`.
+    Report {
+        /// The agent.
+        agent: AgentId,
+        /// What happened.
+        event: LaunchEvent,
+    },
+}
+
+/// Phase 1 of a hop: what the destination needs to decide before any state moves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// The agent.
+    pub agent: AgentId,
+    /// Hop sequence number the agent will have on the destination.
+    pub seq: u64,
+    /// Its module.
+    pub module: ModuleHash,
+    /// Module size in bytes.
+    pub module_bytes: u64,
+    /// Its memory size.
+    pub memory_bytes: u64,
+    /// Image size in bytes.
+    pub image_bytes: u64,
+    /// The agent ABI version it was built for.
+    pub abi: u32,
+    /// Who owns it.
+    pub owner: String,
+    /// Where it was launched.
+    pub home: String,
+}
+
+/// The destination's answer to an [`Offer`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OfferReply {
+    /// Send the module (if `need_module`) and then the image.
+    Accept {
+        /// The destination lacks the module.
+        need_module: bool,
+    },
+    /// No: the agent stays on the source.
+    Refuse(String),
+    /// This exact transfer (agent, seq) was already committed here.
+    AlreadyCommitted,
+}
+
+/// Phase 3: the destination's verdict after receiving the image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransferReply {
+    /// The image is stored durably: the destination owns the agent now.
+    Committed,
+    /// The image was refused; the source still owns the agent.
+    Refused(String),
+}
+
+/// What a destination knows of a transfer, answering [`Request::Query`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransferStatus {
+    /// Committed: the destination owns the agent.
+    Committed,
+    /// Never committed, and now it never will be: the source still owns the agent.
+    Aborted,
+}
+
+/// One hop as reported to the launcher.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopInfo {
+    /// Hop sequence number after the hop.
+    pub seq: u64,
+    /// Source site.
+    pub from: String,
+    /// CPU architecture of the source.
+    pub from_arch: String,
+    /// Destination site.
+    pub to: String,
+    /// Image bytes sent.
+    pub image_bytes: u64,
+    /// Module bytes sent (0 when the destination had it).
+    pub module_bytes: u64,
+    /// Microseconds from suspension on the source to the destination's commit.
+    pub freeze_us: u64,
+}
+
+/// Progress of an agent, streamed to its launcher and reported to its home host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LaunchEvent {
+    /// The home host admitted and started the agent.
+    Launched {
+        /// Its id.
+        agent: AgentId,
+        /// Its module.
+        module: ModuleHash,
+        /// The home site.
+        site: String,
+    },
+    /// The launch was refused (bad module, limits).
+    Refused(String),
+    /// The agent moved.
+    Moved(HopInfo),
+    /// A hop the agent asked for did not happen; it continues where it was.
+    HopFailed {
+        /// Where it is.
+        site: String,
+        /// Why.
+        error: String,
+    },
+    /// The agent ended.
+    Finished {
+        /// Where it ended.
+        site: String,
+        /// CBOR of its result, or why it failed.
+        #[serde(with = "outcome_bytes")]
+        outcome: Result<Vec<u8>, String>,
+    },
+}
+
+mod outcome_bytes {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Result<Vec<u8>, String>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_ref().map(|b| serde_bytes::Bytes::new(b)).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Result<Vec<u8>, String>, D::Error> {
+        let v: Result<serde_bytes::ByteBuf, String> = Deserialize::deserialize(d)?;
+        Ok(v.map(serde_bytes::ByteBuf::into_vec))
+    }
+}
+
+/// An agent's record on its home host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// The agent.
+    pub agent: AgentId,
+    /// Its owner.
+    pub owner: String,
+    /// Where it was last seen.
+    pub site: String,
+    /// `running`, `finished`, `failed` or `killed`.
+    pub state: String,
+    /// Hops so far.
+    pub hops: Vec<HopInfo>,
+}

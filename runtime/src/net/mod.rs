@@ -1,0 +1,11 @@
+//! Hosts over the network: certificates, mutually authenticated QUIC, the hop protocol, the
+//! durable store, the host itself and the user's client.
+
+pub mod certs;
+pub mod client;
+pub mod hop;
+pub mod host;
+pub mod messages;
+pub mod store;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,341 @@
+//! A host's durable store: redb for records, content-addressed files for modules and images.
+//!
+//! Files are written to a temporary name, fsynced and renamed before the record that names
+//! them is committed, so a record never points at a missing or torn file. The commit of an
+//! arriving agent and the abort of an in-doubt transfer are decided in one redb transaction
+//! each, so a transfer is either committed or aborted, never both.
+
+use super::messages::{StatusReply, TransferStatus};
+use crate::context::AgentId;
+use crate::modules::{ModuleHash, write_durably};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+const TRANSFERS: TableDefinition<&[u8], u8> = TableDefinition::new("transfers");
+const AGENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("agents");
+const HOME: TableDefinition<&[u8], &[u8]> = TableDefinition::new("home");
+
+const COMMITTED: u8 = 1;
+const ABORTED: u8 = 2;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(String),
+    /// A file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The transfer was aborted earlier (a query answered "aborted").
+    #[error("the transfer was aborted")]
+    Aborted,
+}
+
+fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// Where an agent this host knows of is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentRecord {
+    /// It lives here; `image` is the image it arrived with (or was parked as).
+    Resident {
+        /// Hop sequence number.
+        seq: u64,
+        /// Image file name.
+        image: String,
+        /// Parked at a safe point by a shutdown (its pending operation is still to do).
+        parked: bool,
+    },
+    /// It left for `to` at hop `seq`: a forwarding pointer.
+    Forwarded {
+        /// Hop sequence number of the hop that moved it away.
+        seq: u64,
+        /// Where it went.
+        to: String,
+    },
+}
+
+/// The durable state of one host.
+pub struct HostStore {
+    db: Database,
+    dir: PathBuf,
+}
+
+fn transfer_key(agent: &AgentId, seq: u64) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..16].copy_from_slice(&agent.0);
+    key[16..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn cbor<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Encoding into a Vec cannot fail for these plain data types.
+    let _ = ciborium::into_writer(value, &mut out);
+    out
+}
+
+fn uncbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    ciborium::de::from_reader_with_recursion_limit(bytes, 32).map_err(db_err)
+}
+
+impl HostStore {
+    /// Opens (or creates) the store under `dir`.
+    ///
+    /// # Errors
+    /// When the directory or database cannot be opened.
+    pub fn open(dir: &Path) -> Result<HostStore, StoreError> {
+        for sub in ["images", "modules"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(|source| StoreError::Io { path, source })?;
+        }
+        let db = Database::create(dir.join("host.redb")).map_err(db_err)?;
+        let txn = db.begin_write().map_err(db_err)?;
+        txn.open_table(TRANSFERS).map_err(db_err)?;
+        txn.open_table(AGENTS).map_err(db_err)?;
+        txn.open_table(HOME).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(HostStore { db, dir: dir.to_path_buf() })
+    }
+
+    fn module_path(&self, hash: &ModuleHash) -> PathBuf {
+        self.dir.join("modules").join(format!("{hash}.wasm"))
+    }
+
+    /// Keeps a module's bytes (named by their hash).
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn put_module(&self, hash: &ModuleHash, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.module_path(hash);
+        if path.exists() {
+            return Ok(());
+        }
+        write_durably(&path, bytes).map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// A module's bytes, if kept here.
+    pub fn module(&self, hash: &ModuleHash) -> Option<Vec<u8>> {
+        std::fs::read(self.module_path(hash)).ok()
+    }
+
+    /// Writes an image file; returns its name (the BLAKE3 of its bytes).
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn put_image(&self, bytes: &[u8]) -> Result<String, StoreError> {
+        let name = format!("{}.img", blake3::hash(bytes).to_hex());
+        let path = self.dir.join("images").join(&name);
+        write_durably(&path, bytes).map_err(|source| StoreError::Io { path, source })?;
+        Ok(name)
+    }
+
+    /// Reads an image file.
+    ///
+    /// # Errors
+    /// When the file cannot be read.
+    pub fn image(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.dir.join("images").join(name);
+        std::fs::read(&path).map_err(|source| StoreError::Io { path, source })
+    }
+
+    fn remove_image(&self, name: &str) {
+        let _ = std::fs::remove_file(self.dir.join("images").join(name));
+    }
+
+    /// What this host decided about the transfer (agent, seq), if anything.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn transfer(&self, agent: &AgentId, seq: u64) -> Result<Option<TransferStatus>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(TRANSFERS).map_err(db_err)?;
+        let value = table.get(transfer_key(agent, seq).as_slice()).map_err(db_err)?.map(|v| v.value());
+        Ok(value.map(|v| if v == COMMITTED { TransferStatus::Committed } else { TransferStatus::Aborted }))
+    }
+
+    /// The commit point of a hop: records that this host owns the agent, with its image.
+    ///
+    /// # Errors
+    /// [`StoreError::Aborted`] if a query aborted this transfer first.
+    pub fn commit_arrival(&self, agent: &AgentId, seq: u64, image: &[u8]) -> Result<(), StoreError> {
+        let name = self.put_image(image)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
+            let key = transfer_key(agent, seq);
+            let previous = transfers.get(key.as_slice()).map_err(db_err)?.map(|v| v.value());
+            match previous {
+                Some(ABORTED) => return Err(StoreError::Aborted),
+                Some(_) => {} // a repeated commit of the same transfer
+                None => {
+                    transfers.insert(key.as_slice(), COMMITTED).map_err(db_err)?;
+                }
+            }
+            let mut agents = txn.open_table(AGENTS).map_err(db_err)?;
+            let record = AgentRecord::Resident { seq, image: name, parked: false };
+            agents.insert(agent.0.as_slice(), cbor(&record).as_slice()).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// Answers a query about (agent, seq): committed, or aborted from now on.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn resolve_transfer(&self, agent: &AgentId, seq: u64) -> Result<TransferStatus, StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let status = {
+            let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
+            let key = transfer_key(agent, seq);
+            let previous = transfers.get(key.as_slice()).map_err(db_err)?.map(|v| v.value());
+            match previous {
+                Some(COMMITTED) => TransferStatus::Committed,
+                _ => {
+                    transfers.insert(key.as_slice(), ABORTED).map_err(db_err)?;
+                    TransferStatus::Aborted
+                }
+            }
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(status)
+    }
+
+    /// Sets an agent's record.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn set_agent(&self, agent: &AgentId, record: &AgentRecord) -> Result<(), StoreError> {
+        let old = self.agent(agent)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(AGENTS).map_err(db_err)?.insert(agent.0.as_slice(), cbor(record).as_slice()).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        self.drop_old_image(old, Some(record));
+        Ok(())
+    }
+
+    /// Forgets an agent that ended here.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn remove_agent(&self, agent: &AgentId) -> Result<(), StoreError> {
+        let old = self.agent(agent)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(AGENTS).map_err(db_err)?.remove(agent.0.as_slice()).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        self.drop_old_image(old, None);
+        Ok(())
+    }
+
+    fn drop_old_image(&self, old: Option<AgentRecord>, new: Option<&AgentRecord>) {
+        if let Some(AgentRecord::Resident { image, .. }) = old {
+            let kept = matches!(new, Some(AgentRecord::Resident { image: new_image, .. }) if *new_image == image);
+            if !kept {
+                self.remove_image(&image);
+            }
+        }
+    }
+
+    /// An agent's record.
+    ///
+    /// # Errors
+    /// When the database fails or the record does not decode.
+    pub fn agent(&self, agent: &AgentId) -> Result<Option<AgentRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(AGENTS).map_err(db_err)?;
+        let value = table.get(agent.0.as_slice()).map_err(db_err)?;
+        value.map(|v| uncbor(v.value())).transpose()
+    }
+
+    /// Every agent that lives here (to resume after a restart).
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn residents(&self) -> Result<Vec<(AgentId, AgentRecord)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(AGENTS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let Ok(id) = <[u8; 16]>::try_from(k.value()) else { continue };
+            let record: AgentRecord = uncbor(v.value())?;
+            if matches!(record, AgentRecord::Resident { .. }) {
+                out.push((AgentId(id), record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Saves the home record of an agent launched here.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn put_home(&self, status: &StatusReply) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(HOME).map_err(db_err)?.insert(status.agent.0.as_slice(), cbor(status).as_slice()).map_err(db_err)?;
+        txn.commit().map_err(db_err)
+    }
+
+    /// Home records of agents launched here.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn homes(&self) -> Result<Vec<StatusReply>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(HOME).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (_, v) = entry.map_err(db_err)?;
+            out.push(uncbor(v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transfer_is_committed_or_aborted_never_both() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let agent = AgentId([5; 16]);
+        assert_eq!(store.transfer(&agent, 1).ok().flatten(), None);
+        store.commit_arrival(&agent, 1, b"image one").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.resolve_transfer(&agent, 1).ok(), Some(TransferStatus::Committed));
+        store.commit_arrival(&agent, 1, b"image one").unwrap_or_else(|e| panic!("repeated commit: {e}"));
+
+        assert_eq!(store.resolve_transfer(&agent, 2).ok(), Some(TransferStatus::Aborted));
+        assert!(matches!(store.commit_arrival(&agent, 2, b"late image"), Err(StoreError::Aborted)));
+        assert_eq!(store.transfer(&agent, 2).ok().flatten(), Some(TransferStatus::Aborted));
+    }
+
+    #[test]
+    fn records_and_images_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let agent = AgentId([6; 16]);
+        {
+            let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+            store.commit_arrival(&agent, 4, b"the image").unwrap_or_else(|e| panic!("{e}"));
+        }
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let residents = store.residents().unwrap_or_default();
+        let Some((id, AgentRecord::Resident { seq, image, .. })) = residents.first().cloned() else {
+            panic!("no resident after reopen: {residents:?}");
+        };
+        assert_eq!((id, seq), (agent, 4));
+        assert_eq!(store.image(&image).ok().as_deref(), Some(&b"the image"[..]));
+        store.set_agent(&agent, &AgentRecord::Forwarded { seq: 5, to: "b".into() }).unwrap_or_else(|e| panic!("{e}"));
+        assert!(store.image(&image).is_err(), "the image of an agent that left is deleted");
+        assert!(store.residents().unwrap_or_default().is_empty());
+    }
+}

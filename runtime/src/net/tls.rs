@@ -1,0 +1,144 @@
+//! Mutually authenticated QUIC: quinn endpoints whose TLS 1.3 configuration trusts only the
+//! private CA, requires a client certificate, and names our protocol in ALPN.
+
+use super::certs::{self, CertFiles, Identity};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// ALPN protocol id: our protocol and its version.
+pub const ALPN: &[u8] = b"wasm-agents/1";
+
+/// Errors setting up TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("cannot read {path}: {why}")]
+    Read {
+        /// The file.
+        path: String,
+        /// What failed.
+        why: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// A CA to trust and a certificate to present.
+#[derive(Debug)]
+pub struct Credentials {
+    roots: Arc<rustls::RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Credentials {
+    fn clone(&self) -> Self {
+        Credentials { roots: self.roots.clone(), chain: self.chain.clone(), key: self.key.clone_key() }
+    }
+}
+
+fn read_err(path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsError + '_ {
+    move |e| TlsError::Read { path: path.display().to_string(), why: e.to_string() }
+}
+
+impl Credentials {
+    /// Loads the CA certificate and a certificate/key pair from PEM files.
+    ///
+    /// # Errors
+    /// When a file is missing or not PEM of the right kind.
+    pub fn load(ca: &Path, files: &CertFiles) -> Result<Credentials, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).map_err(read_err(ca))? {
+            roots.add(cert.map_err(read_err(ca))?).map_err(|e| TlsError::Config(e.to_string()))?;
+        }
+        let chain = CertificateDer::pem_file_iter(&files.cert)
+            .map_err(read_err(&files.cert))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read_err(&files.cert))?;
+        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(read_err(&files.key))?;
+        Ok(Credentials { roots: Arc::new(roots), chain, key })
+    }
+
+    /// The identity in our own certificate.
+    ///
+    /// # Errors
+    /// When our certificate lacks a name or role.
+    pub fn identity(&self) -> Result<Identity, certs::CertError> {
+        let first = self.chain.first().ok_or_else(|| certs::CertError::Bad("empty certificate file".into()))?;
+        certs::identity(first)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Flow-control windows sized so multi-MiB images stream without stalling.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(32 << 20))
+        .receive_window(quinn::VarInt::from_u32(128 << 20))
+        .send_window(128 << 20)
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024))
+        .keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+/// Server side: only clients with a certificate from the CA get in.
+///
+/// # Errors
+/// When rustls rejects the certificate or key.
+pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(creds.roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(creds.chain.clone(), creds.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// Client side: the server must present a certificate from the CA for the name dialled.
+///
+/// # Errors
+/// When rustls rejects the certificate or key.
+pub fn client_config(creds: &Credentials) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(creds.roots.clone())
+        .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// The verified identity of the peer of `conn`.
+///
+/// # Errors
+/// When the peer presented no certificate or one without our fields.
+pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, certs::CertError> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| certs::CertError::Bad("the peer presented no certificate".into()))?;
+    let first = certs.first().ok_or_else(|| certs::CertError::Bad("the peer presented no certificate".into()))?;
+    certs::identity(first)
+}

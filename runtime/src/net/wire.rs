@@ -1,0 +1,78 @@
+//! Framing on QUIC streams: length-prefixed CBOR messages and length-prefixed byte blobs.
+//!
+//! Every length is checked against a limit before anything is allocated, and decoding is
+//! bounded, so a hostile peer gets an error, never a panic or an unbounded allocation.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Largest control message.
+pub const MAX_MESSAGE: usize = 4 << 20;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The stream failed or ended early.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// A frame larger than allowed.
+    #[error("{what} of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// What was being read.
+        what: &'static str,
+        /// Declared size.
+        size: u64,
+        /// Limit.
+        limit: u64,
+    },
+    /// A message that does not decode.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// Writes one CBOR message.
+///
+/// # Errors
+/// When the stream fails.
+pub async fn write_msg<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), WireError> {
+    let mut bytes = Vec::new();
+    ciborium::into_writer(msg, &mut bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+    write_blob(send, &bytes).await
+}
+
+/// Reads one CBOR message of at most [`MAX_MESSAGE`] bytes.
+///
+/// # Errors
+/// When the stream fails, the frame is too large, or it does not decode as `T`.
+///
+/// # Cancel safety
+/// Not cancel safe: a partly read frame is lost.
+pub async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, WireError> {
+    let bytes = read_blob(recv, "message", MAX_MESSAGE as u64).await?;
+    ciborium::de::from_reader_with_recursion_limit(bytes.as_slice(), 32).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// Writes a length-prefixed blob.
+///
+/// # Errors
+/// When the stream fails.
+pub async fn write_blob(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), WireError> {
+    send.write_all(&(bytes.len() as u64).to_le_bytes()).await.map_err(|e| WireError::Stream(e.to_string()))?;
+    send.write_all(bytes).await.map_err(|e| WireError::Stream(e.to_string()))
+}
+
+/// Reads a length-prefixed blob of at most `limit` bytes.
+///
+/// # Errors
+/// When the stream fails or the blob is larger than `limit`.
+pub async fn read_blob(recv: &mut quinn::RecvStream, what: &'static str, limit: u64) -> Result<Vec<u8>, WireError> {
+    let mut len = [0u8; 8];
+    recv.read_exact(&mut len).await.map_err(|e| WireError::Stream(e.to_string()))?;
+    let size = u64::from_le_bytes(len);
+    if size > limit {
+        return Err(WireError::TooLarge { what, size, limit });
+    }
+    let mut bytes = vec![0u8; size as usize];
+    recv.read_exact(&mut bytes).await.map_err(|e| WireError::Stream(e.to_string()))?;
+    Ok(bytes)
+}
