@@ -63,6 +63,9 @@ fn err(e: impl std::fmt::Display) -> HostError {
 struct HomeEntry {
     status: StatusReply,
     watchers: Vec<mpsc::UnboundedSender<LaunchEvent>>,
+    /// The end, held back until the reports of all earlier hops arrived (they travel from
+    /// other hosts and may overtake each other).
+    held: Option<LaunchEvent>,
 }
 
 /// One running host.
@@ -104,7 +107,7 @@ impl Host {
             .homes()
             .map_err(err)?
             .into_iter()
-            .map(|status| (status.agent, HomeEntry { status, watchers: Vec::new() }))
+            .map(|status| (status.agent, HomeEntry { status, watchers: Vec::new(), held: None }))
             .collect();
         let host = Arc::new(Host {
             config,
@@ -328,12 +331,12 @@ impl Host {
         let status = StatusReply { agent: id, owner: peer.name.clone(), site: self.config.name.clone(), state: "running".into(), hops: Vec::new() };
         let _ = self.store.put_home(&status);
         if let Ok(mut homes) = self.homes.lock() {
-            homes.insert(id, HomeEntry { status, watchers: vec![tx] });
+            homes.insert(id, HomeEntry { status, watchers: vec![tx], held: None });
         }
         write_msg(send, &LaunchEvent::Launched { agent: id, module: module.hash, site: self.config.name.clone() }).await?;
         match AgentInstance::launch(module, self.site.clone(), context, &self.config.limits).await {
             Ok(agent) => self.spawn_agent(agent, Start::Poll),
-            Err(e) => self.deliver(&id, LaunchEvent::Finished { site: self.config.name.clone(), outcome: Err(e.to_string()) }),
+            Err(e) => self.deliver(&id, LaunchEvent::Finished { site: self.config.name.clone(), hops: 0, outcome: Err(e.to_string()) }),
         }
         // Stream events until the end; if the user goes away the agent runs on.
         while let Some(event) = rx.recv().await {
@@ -370,17 +373,47 @@ impl Host {
     }
 
     /// Records an event of an agent launched here and passes it to its watchers.
-    fn deliver(&self, agent: &AgentId, event: LaunchEvent) {
+    fn deliver(self: &Arc<Self>, agent: &AgentId, event: LaunchEvent) {
         let Ok(mut homes) = self.homes.lock() else { return };
         let Some(entry) = homes.get_mut(agent) else {
             return tracing::warn!(%agent, "event for an agent not launched here");
         };
+        if let LaunchEvent::Finished { hops, .. } = &event {
+            if (entry.status.hops.len() as u64) < *hops {
+                entry.held = Some(event);
+                // A report may be lost for good (its host died): do not hold the end forever.
+                let (host, agent) = (self.clone(), *agent);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    host.release_held(&agent);
+                });
+                return;
+            }
+        }
+        Self::record(entry, event, &self.store);
+        if entry.held.as_ref().is_some_and(|h| matches!(h, LaunchEvent::Finished { hops, .. } if *hops <= entry.status.hops.len() as u64)) {
+            if let Some(held) = entry.held.take() {
+                Self::record(entry, held, &self.store);
+            }
+        }
+    }
+
+    fn release_held(&self, agent: &AgentId) {
+        let Ok(mut homes) = self.homes.lock() else { return };
+        if let Some(entry) = homes.get_mut(agent) {
+            if let Some(held) = entry.held.take() {
+                Self::record(entry, held, &self.store);
+            }
+        }
+    }
+
+    fn record(entry: &mut HomeEntry, event: LaunchEvent, store: &HostStore) {
         match &event {
             LaunchEvent::Moved(hop) => {
                 entry.status.site = hop.to.clone();
                 entry.status.hops.push(hop.clone());
             }
-            LaunchEvent::Finished { site, outcome } => {
+            LaunchEvent::Finished { site, outcome, .. } => {
                 entry.status.site = site.clone();
                 entry.status.state = match outcome {
                     Ok(_) => "finished".into(),
@@ -390,7 +423,7 @@ impl Host {
             }
             _ => {}
         }
-        let _ = self.store.put_home(&entry.status);
+        let _ = store.put_home(&entry.status);
         entry.watchers.retain(|w| w.send(event.clone()).is_ok());
     }
 
@@ -455,9 +488,13 @@ impl Host {
                                 Outcome::Err(why) => Err(crate::AgentError::Failed(why).to_string()),
                                 Outcome::Panicked(why) => Err(crate::AgentError::Panicked(why).to_string()),
                             };
-                            return self.finish(id, home, outcome);
+                            let hops = agent.context().trace.len() as u64;
+                            return self.finish(id, home, hops, outcome);
                         }
-                        Err(e) => return self.finish(id, home, Err(e.to_string())),
+                        Err(e) => {
+                            let hops = agent.context().trace.len() as u64;
+                            return self.finish(id, home, hops, Err(e.to_string()));
+                        }
                     }
                 }
             };
@@ -488,10 +525,10 @@ impl Host {
         }
     }
 
-    fn finish(self: &Arc<Self>, id: AgentId, home: String, outcome: Result<Vec<u8>, String>) {
+    fn finish(self: &Arc<Self>, id: AgentId, home: String, hops: u64, outcome: Result<Vec<u8>, String>) {
         let _ = self.store.remove_agent(&id);
         self.forget_running(&id);
-        self.report(id, home, LaunchEvent::Finished { site: self.config.name.clone(), outcome });
+        self.report(id, home, LaunchEvent::Finished { site: self.config.name.clone(), hops, outcome });
     }
 
     /// Stores the agent at its safe point, pending operation included, to resume on restart.

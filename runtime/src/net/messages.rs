@@ -149,6 +149,8 @@ pub enum LaunchEvent {
     Finished {
         /// Where it ended.
         site: String,
+        /// Hops it made, so the home can wait for reports of hops still on their way.
+        hops: u64,
         /// CBOR of its result, or why it failed.
         #[serde(with = "outcome_bytes")]
         outcome: Result<Vec<u8>, String>,
