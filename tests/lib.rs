@@ -105,3 +105,124 @@ pub fn run(runner: &LocalRunner, wasm: &[u8], launch: Launch, migration: Migrati
     rt.block_on(runner.run(wasm, launch, migration, &mut |_| {}))
         .unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// The `agent-host` binary beside [`agent_bin`].
+pub fn agent_host_bin() -> PathBuf {
+    let bin = agent_bin().with_file_name("agent-host");
+    assert!(bin.is_file(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
+    bin
+}
+
+/// Real `agent-host` processes on loopback with certificates from a fresh private CA.
+pub struct Cluster {
+    /// Holds certificates, data directories and logs.
+    pub dir: tempfile::TempDir,
+    /// Site name → address.
+    pub addrs: BTreeMap<String, std::net::SocketAddr>,
+    hosts: Vec<(String, std::process::Child)>,
+}
+
+impl Cluster {
+    /// Certificates for `sites` and users `alice` and `bob`; then starts the sites in `up`
+    /// (each knows all of `sites` as peers), with the extra `serve` flags given per site.
+    pub fn start(sites: &[&str], up: &[(&str, &[&str])]) -> Cluster {
+        use agent_runtime::net::certs::{self, Role, Validity};
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let certs = dir.path().join("certs");
+        certs::init_ca(&certs).unwrap_or_else(|e| panic!("{e}"));
+        for site in sites {
+            certs::issue(&certs, &certs, Role::Host, site, Validity::default()).unwrap_or_else(|e| panic!("{e}"));
+        }
+        for user in ["alice", "bob"] {
+            certs::issue(&certs, &certs, Role::User, user, Validity::default()).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let addrs: BTreeMap<String, std::net::SocketAddr> = sites
+            .iter()
+            .map(|s| {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+                (s.to_string(), socket.local_addr().unwrap_or_else(|e| panic!("{e}")))
+            })
+            .collect();
+        let mut cluster = Cluster { dir, addrs, hosts: Vec::new() };
+        for (site, extra) in up {
+            cluster.spawn(site, extra);
+        }
+        for (site, _) in up {
+            cluster.wait_ready(site);
+        }
+        cluster
+    }
+
+    /// The certificate directory.
+    pub fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    fn spawn(&mut self, site: &str, extra: &[&str]) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{site}.log"))).unwrap_or_else(|e| panic!("{e}"));
+        let mut cmd = Command::new(agent_host_bin());
+        cmd.args(["serve", "--name", site, "--listen", &self.addrs[site].to_string()])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(site))
+            .arg("--certs")
+            .arg(self.certs())
+            .args(extra);
+        let corpus = repo().join("examples/search/sites").join(site);
+        if corpus.is_dir() {
+            cmd.arg("--corpus").arg(corpus);
+        }
+        for (peer, addr) in self.addrs.iter().filter(|(p, _)| p.as_str() != site) {
+            cmd.arg("--peer").arg(format!("{peer}={addr}"));
+        }
+        let child = cmd.stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap_or_else(|e| panic!("{e}"));
+        self.hosts.push((site.to_string(), child));
+    }
+
+    /// `agent` CLI arguments that connect to `site` as `user`.
+    pub fn conn_args(&self, site: &str, user: &str) -> Vec<String> {
+        vec![
+            "--host".into(),
+            format!("{site}@{}", self.addrs[site]),
+            "--certs".into(),
+            self.certs().display().to_string(),
+            "--user".into(),
+            user.into(),
+        ]
+    }
+
+    /// Runs the `agent` CLI with `args` followed by the connection to `site` as `user`.
+    pub fn agent(&self, args: &[&str], site: &str, user: &str) -> std::process::Output {
+        Command::new(agent_bin()).args(args).args(self.conn_args(site, user)).output().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn wait_ready(&self, site: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = self.agent(&["list", "--json"], site, "alice");
+            if out.status.success() {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "host {site} did not come up:\n{}\n{}", String::from_utf8_lossy(&out.stderr), self.log(site));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// A host's log so far.
+    pub fn log(&self, site: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{site}.log"))).unwrap_or_default()
+    }
+
+    /// Whether a host process is still running.
+    pub fn alive(&mut self, site: &str) -> bool {
+        self.hosts.iter_mut().any(|(s, c)| s == site && matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.hosts {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

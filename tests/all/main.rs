@@ -1,6 +1,8 @@
 //! End-to-end tests, compiled into one binary to save link time.
 
 mod cli;
+mod hosts;
 mod limits;
 mod migration;
+mod mtls;
 mod restore;

@@ -184,9 +184,9 @@ pub fn decide_offer(offer: &Offer, from: &Identity, view: &DestView) -> OfferRep
     }
     if offer.memory_bytes > view.max_memory {
         return OfferReply::Refuse(format!(
-            "the agent needs {} MiB of memory; this host allows {} MiB",
-            offer.memory_bytes >> 20,
-            view.max_memory >> 20
+            "the agent needs {:.1} MiB of memory; this host allows {:.1} MiB",
+            offer.memory_bytes as f64 / f64::from(1 << 20),
+            view.max_memory as f64 / f64::from(1 << 20)
         ));
     }
     if offer.image_bytes > view.max_image {
@@ -299,7 +299,7 @@ mod tests {
         assert!(refuse(&offer(), &host, &DestView { aborted: true, ..view() }).contains("was aborted"));
         assert_eq!(
             refuse(&offer(), &host, &DestView { max_memory: 1 << 20, ..view() }),
-            "the agent needs 2 MiB of memory; this host allows 1 MiB"
+            "the agent needs 2.0 MiB of memory; this host allows 1.0 MiB"
         );
         assert_eq!(refuse(&offer(), &host, &DestView { agents: 10, ..view() }), "host is full (10 agents)");
         assert!(refuse(&Offer { abi: 99, ..offer() }, &host, &view()).starts_with("agent ABI v99 is not offered here"));

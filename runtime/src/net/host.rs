@@ -29,6 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// How long a host waits for a peer to answer a new connection (a down peer sends nothing).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How a host is set up.
 #[derive(Clone, Debug)]
 pub struct HostConfig {
@@ -233,11 +236,10 @@ impl Host {
         if let Some(conn) = conns.get(site).filter(|c| c.close_reason().is_none()) {
             return Ok(conn.clone());
         }
-        let conn = self
-            .endpoint
-            .connect(addr, site)
-            .map_err(|e| e.to_string())?
+        let connecting = self.endpoint.connect(addr, site).map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
+            .map_err(|_| format!("no answer from {site} at {addr} within {CONNECT_TIMEOUT:?}"))?
             .map_err(|e| format!("cannot connect to {site} at {addr}: {e}"))?;
         match tls::peer_identity(&conn) {
             Ok(id) if id.role == Role::Host && id.name == site => {}
