@@ -40,23 +40,23 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
         certs::issue(&other, &other, Role::User, "mallory", Validity::default()).unwrap_or_else(|e| panic!("{e}"));
         let foreign = creds(&certs_dir, &other, Role::User, "mallory");
         let e = list_as(&host, &foreign).await.expect_err("a foreign CA's certificate must be refused");
-        assert!(e.contains("UnknownCA") || e.contains("unknown ca") || e.contains("certificate"), "{e}");
+        assert!(e.starts_with("the host refused our certificate:") && e.contains("invalid peer certificate: UnknownIssuer"), "{e}");
 
         // An expired certificate from the right CA.
         let old = cluster.dir.path().join("old");
         let expired = Validity { from: time::Duration::days(-30), until: time::Duration::days(-1) };
         certs::issue(&certs_dir, &old, Role::User, "alice", expired).unwrap_or_else(|e| panic!("{e}"));
         let e = list_as(&host, &creds(&certs_dir, &old, Role::User, "alice")).await.expect_err("an expired certificate must be refused");
-        assert!(e.to_lowercase().contains("expired") || e.contains("certificate"), "{e}");
+        assert!(e.starts_with("the host refused our certificate:") && e.contains("certificate expired"), "{e}");
 
         // No client certificate at all.
         let e = no_client_cert(&host, &certs_dir).await.expect_err("a client without a certificate must be refused");
-        assert!(e.contains("CertificateRequired") || e.contains("certificate required") || e.contains("certificate"), "{e}");
+        assert!(e.contains("peer sent no certificates"), "{e}");
 
         // A host certificate whose name is not the site dialled.
         let wrong_name = HostAddr { name: "siteB".into(), addr: cluster.addrs["siteA"] };
         let e = list_as(&wrong_name, &alice).await.expect_err("a host answering with another name must be refused");
-        assert!(e.contains("NotValidForName") || e.contains("not valid for name"), "{e}");
+        assert!(e.contains(r#"certificate not valid for name "siteB"; certificate is only valid for DnsName("siteA")"#), "{e}");
 
         // A user certificate trying a host-only transfer.
         let client = Client::connect(&host, &alice).await.unwrap_or_else(|e| panic!("{e}"));

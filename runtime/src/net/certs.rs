@@ -137,7 +137,8 @@ pub fn init_ca(dir: &Path) -> Result<CertFiles, CertError> {
     }
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "agent runtime private CA");
+    // A unique name, so a certificate of another CA is reported as an unknown issuer.
+    dn.push(DnType::CommonName, format!("agent runtime private CA {}", crate::context::AgentId::random()));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];

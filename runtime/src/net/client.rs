@@ -79,6 +79,9 @@ impl Client {
     /// Turns a transport error into one that says what the host refused, when it did.
     fn explain(&self, e: String) -> String {
         match self.conn.close_reason() {
+            Some(reason) if reason.to_string().contains("certificate") => {
+                format!("the host refused our certificate: {reason}")
+            }
             Some(reason) => format!("the host closed the connection: {reason}"),
             None => e,
         }
