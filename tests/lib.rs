@@ -109,7 +109,11 @@ pub fn run(runner: &LocalRunner, wasm: &[u8], launch: Launch, migration: Migrati
 /// The `agent-host` binary beside [`agent_bin`].
 pub fn agent_host_bin() -> PathBuf {
     let bin = agent_bin().with_file_name("agent-host");
-    assert!(bin.is_file(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
     bin
 }
 
@@ -131,19 +135,29 @@ impl Cluster {
         let certs = dir.path().join("certs");
         certs::init_ca(&certs).unwrap_or_else(|e| panic!("{e}"));
         for site in sites {
-            certs::issue(&certs, &certs, Role::Host, site, Validity::default()).unwrap_or_else(|e| panic!("{e}"));
+            certs::issue(&certs, &certs, Role::Host, site, Validity::default())
+                .unwrap_or_else(|e| panic!("{e}"));
         }
         for user in ["alice", "bob"] {
-            certs::issue(&certs, &certs, Role::User, user, Validity::default()).unwrap_or_else(|e| panic!("{e}"));
+            certs::issue(&certs, &certs, Role::User, user, Validity::default())
+                .unwrap_or_else(|e| panic!("{e}"));
         }
         let addrs: BTreeMap<String, std::net::SocketAddr> = sites
             .iter()
             .map(|s| {
-                let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-                (s.to_string(), socket.local_addr().unwrap_or_else(|e| panic!("{e}")))
+                let socket =
+                    std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+                (
+                    s.to_string(),
+                    socket.local_addr().unwrap_or_else(|e| panic!("{e}")),
+                )
             })
             .collect();
-        let mut cluster = Cluster { dir, addrs, hosts: Vec::new() };
+        let mut cluster = Cluster {
+            dir,
+            addrs,
+            hosts: Vec::new(),
+        };
         for (site, extra) in up {
             cluster.spawn(site, extra);
         }
@@ -159,14 +173,21 @@ impl Cluster {
     }
 
     fn spawn(&mut self, site: &str, extra: &[&str]) {
-        let log = std::fs::File::create(self.dir.path().join(format!("{site}.log"))).unwrap_or_else(|e| panic!("{e}"));
+        let log = std::fs::File::create(self.dir.path().join(format!("{site}.log")))
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut cmd = Command::new(agent_host_bin());
-        cmd.args(["serve", "--name", site, "--listen", &self.addrs[site].to_string()])
-            .arg("--data-dir")
-            .arg(self.dir.path().join(site))
-            .arg("--certs")
-            .arg(self.certs())
-            .args(extra);
+        cmd.args([
+            "serve",
+            "--name",
+            site,
+            "--listen",
+            &self.addrs[site].to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(self.dir.path().join(site))
+        .arg("--certs")
+        .arg(self.certs())
+        .args(extra);
         let corpus = repo().join("examples/search/sites").join(site);
         if corpus.is_dir() {
             cmd.arg("--corpus").arg(corpus);
@@ -174,7 +195,11 @@ impl Cluster {
         for (peer, addr) in self.addrs.iter().filter(|(p, _)| p.as_str() != site) {
             cmd.arg("--peer").arg(format!("{peer}={addr}"));
         }
-        let child = cmd.stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap_or_else(|e| panic!("{e}"));
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
         self.hosts.push((site.to_string(), child));
     }
 
@@ -192,7 +217,11 @@ impl Cluster {
 
     /// Runs the `agent` CLI with `args` followed by the connection to `site` as `user`.
     pub fn agent(&self, args: &[&str], site: &str, user: &str) -> std::process::Output {
-        Command::new(agent_bin()).args(args).args(self.conn_args(site, user)).output().unwrap_or_else(|e| panic!("{e}"))
+        Command::new(agent_bin())
+            .args(args)
+            .args(self.conn_args(site, user))
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn wait_ready(&self, site: &str) {
@@ -202,7 +231,12 @@ impl Cluster {
             if out.status.success() {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "host {site} did not come up:\n{}\n{}", String::from_utf8_lossy(&out.stderr), self.log(site));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "host {site} did not come up:\n{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log(site)
+            );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
@@ -214,7 +248,9 @@ impl Cluster {
 
     /// Whether a host process is still running.
     pub fn alive(&mut self, site: &str) -> bool {
-        self.hosts.iter_mut().any(|(s, c)| s == site && matches!(c.try_wait(), Ok(None)))
+        self.hosts
+            .iter_mut()
+            .any(|(s, c)| s == site && matches!(c.try_wait(), Ok(None)))
     }
 }
 

@@ -21,10 +21,10 @@ pub mod instrument;
 pub mod limits;
 pub mod log;
 pub mod modules;
+pub mod net;
 pub mod runner;
 pub mod services;
 pub mod snapshot;
-pub mod net;
 pub(crate) mod state;
 
 pub use context::{AgentContext, AgentId};

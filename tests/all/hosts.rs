@@ -7,70 +7,179 @@ use std::time::{Duration, Instant};
 
 fn search_wasm() -> String {
     example("search");
-    repo().join("examples/target/wasm32-wasip1/release/search.wasm").display().to_string()
+    repo()
+        .join("examples/target/wasm32-wasip1/release/search.wasm")
+        .display()
+        .to_string()
 }
 
 fn json(out: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no JSON ({e}) in:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}) in:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 fn hits_by_site(value: &serde_json::Value) -> std::collections::BTreeSet<String> {
-    value["result"]["hits"].as_array().into_iter().flatten().filter_map(|h| h["site"].as_str().map(str::to_string)).collect()
+    value["result"]["hits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["site"].as_str().map(str::to_string))
+        .collect()
 }
 
 #[test]
 fn the_search_agent_visits_three_host_processes_and_a_second_launch_sends_no_module() {
     let up: &[&str] = &[];
-    let cluster = Cluster::start(&["siteA", "siteB", "siteC"], &[("siteA", up), ("siteB", up), ("siteC", up)]);
+    let cluster = Cluster::start(
+        &["siteA", "siteB", "siteC"],
+        &[("siteA", up), ("siteB", up), ("siteC", up)],
+    );
     let wasm = search_wasm();
-    let launch = ["launch", &wasm, "--hop", "siteB,siteC,siteA", "--arg", "query=migration", "--json"];
+    let launch = [
+        "launch",
+        &wasm,
+        "--hop",
+        "siteB,siteC,siteA",
+        "--arg",
+        "query=migration",
+        "--json",
+    ];
     let out = cluster.agent(&launch, "siteA", "alice");
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), cluster.log("siteB"));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.log("siteB")
+    );
     let first = json(&out);
     assert_eq!(first["ok"], true);
-    assert_eq!(hits_by_site(&first).into_iter().collect::<Vec<_>>(), ["siteA", "siteB", "siteC"]);
-    assert_eq!(first["result"]["visited"], serde_json::json!(["siteB", "siteC", "siteA"]));
+    assert_eq!(
+        hits_by_site(&first).into_iter().collect::<Vec<_>>(),
+        ["siteA", "siteB", "siteC"]
+    );
+    assert_eq!(
+        first["result"]["visited"],
+        serde_json::json!(["siteB", "siteC", "siteA"])
+    );
     let path: Vec<(String, String)> = first["hops"]
         .as_array()
         .into_iter()
         .flatten()
-        .map(|h| (h["from"].as_str().unwrap_or("").into(), h["to"].as_str().unwrap_or("").into()))
+        .map(|h| {
+            (
+                h["from"].as_str().unwrap_or("").into(),
+                h["to"].as_str().unwrap_or("").into(),
+            )
+        })
         .collect();
-    assert_eq!(path, [("siteA".into(), "siteB".into()), ("siteB".into(), "siteC".into()), ("siteC".into(), "siteA".into())]);
-    let module_bytes: Vec<u64> = first["hops"].as_array().into_iter().flatten().map(|h| h["module_bytes"].as_u64().unwrap_or(u64::MAX)).collect();
-    assert!(module_bytes[0] > 0 && module_bytes[1] > 0, "siteB and siteC lacked the module: {module_bytes:?}");
-    assert_eq!(module_bytes[2], 0, "siteA had the module (it was launched there)");
+    assert_eq!(
+        path,
+        [
+            ("siteA".into(), "siteB".into()),
+            ("siteB".into(), "siteC".into()),
+            ("siteC".into(), "siteA".into())
+        ]
+    );
+    let module_bytes: Vec<u64> = first["hops"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| h["module_bytes"].as_u64().unwrap_or(u64::MAX))
+        .collect();
+    assert!(
+        module_bytes[0] > 0 && module_bytes[1] > 0,
+        "siteB and siteC lacked the module: {module_bytes:?}"
+    );
+    assert_eq!(
+        module_bytes[2], 0,
+        "siteA had the module (it was launched there)"
+    );
 
     let again = json(&cluster.agent(&launch, "siteA", "bob"));
     assert_eq!(again["ok"], true);
-    let resent: Vec<u64> = again["hops"].as_array().into_iter().flatten().map(|h| h["module_bytes"].as_u64().unwrap_or(u64::MAX)).collect();
-    assert_eq!(resent, [0, 0, 0], "no host that has the module gets its bytes again");
+    let resent: Vec<u64> = again["hops"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| h["module_bytes"].as_u64().unwrap_or(u64::MAX))
+        .collect();
+    assert_eq!(
+        resent,
+        [0, 0, 0],
+        "no host that has the module gets its bytes again"
+    );
     assert_eq!(again["result"], first["result"]);
 }
 
 #[test]
 fn unknown_and_down_sites_are_hop_errors_the_agent_skips() {
     let up: &[&str] = &[];
-    let cluster = Cluster::start(&["siteA", "siteB", "siteC"], &[("siteA", up), ("siteB", up)]);
+    let cluster = Cluster::start(
+        &["siteA", "siteB", "siteC"],
+        &[("siteA", up), ("siteB", up)],
+    );
     let wasm = search_wasm();
-    let out = cluster.agent(&["launch", &wasm, "--hop", "siteB,atlantis,siteC,siteA", "--arg", "query=host", "--json"], "siteA", "alice");
+    let out = cluster.agent(
+        &[
+            "launch",
+            &wasm,
+            "--hop",
+            "siteB,atlantis,siteC,siteA",
+            "--arg",
+            "query=host",
+            "--json",
+        ],
+        "siteA",
+        "alice",
+    );
     let value = json(&out);
     assert!(out.status.success(), "{value}");
-    assert_eq!(value["result"]["visited"], serde_json::json!(["siteB", "siteA"]));
-    let skipped: Vec<String> = value["result"]["skipped"].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect();
+    assert_eq!(
+        value["result"]["visited"],
+        serde_json::json!(["siteB", "siteA"])
+    );
+    let skipped: Vec<String> = value["result"]["skipped"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
     assert_eq!(skipped.len(), 2, "{skipped:?}");
     assert_eq!(skipped[0], "atlantis: unknown site `atlantis`");
-    assert!(skipped[1].starts_with("siteC: site `siteC` unreachable: no answer from siteC"), "{}", skipped[1]);
+    assert!(
+        skipped[1].starts_with("siteC: site `siteC` unreachable: no answer from siteC"),
+        "{}",
+        skipped[1]
+    );
 }
 
 #[test]
 fn a_refusing_destination_leaves_the_agent_running_on_the_source() {
     let small: &[&str] = &["--max-memory-mib", "1"];
     let up: &[&str] = &[];
-    let cluster = Cluster::start(&["siteA", "siteB", "siteC"], &[("siteA", up), ("siteB", small), ("siteC", up)]);
+    let cluster = Cluster::start(
+        &["siteA", "siteB", "siteC"],
+        &[("siteA", up), ("siteB", small), ("siteC", up)],
+    );
     let wasm = search_wasm();
-    let out = cluster.agent(&["launch", &wasm, "--hop", "siteB,siteC", "--arg", "query=host", "--json"], "siteA", "alice");
+    let out = cluster.agent(
+        &[
+            "launch",
+            &wasm,
+            "--hop",
+            "siteB,siteC",
+            "--arg",
+            "query=host",
+            "--json",
+        ],
+        "siteA",
+        "alice",
+    );
     let value = json(&out);
     assert!(out.status.success(), "{value}");
     assert_eq!(value["result"]["visited"], serde_json::json!(["siteC"]));
@@ -79,7 +188,10 @@ fn a_refusing_destination_leaves_the_agent_running_on_the_source() {
         skipped.starts_with("siteB: site `siteB` refused the agent: the agent needs 1.1 MiB of memory; this host allows 1.0 MiB"),
         "{skipped}"
     );
-    assert_eq!(value["hops"][0]["from"], "siteA", "the agent left from where it was refused");
+    assert_eq!(
+        value["hops"][0]["from"], "siteA",
+        "the agent left from where it was refused"
+    );
 }
 
 #[test]
@@ -87,7 +199,10 @@ fn users_see_and_kill_only_their_own_agents() {
     let up: &[&str] = &[];
     let cluster = Cluster::start(&["siteA"], &[("siteA", up)]);
     example("spin");
-    let wasm = repo().join("examples/target/wasm32-wasip1/release/spin.wasm").display().to_string();
+    let wasm = repo()
+        .join("examples/target/wasm32-wasip1/release/spin.wasm")
+        .display()
+        .to_string();
     let launch = Command::new(agent_e2e::agent_bin())
         .args(["launch", &wasm, "--arg", "n=4000000000", "--json"])
         .args(cluster.conn_args("siteA", "alice"))
@@ -104,16 +219,28 @@ fn users_see_and_kill_only_their_own_agents() {
         assert!(Instant::now() < deadline, "the agent never showed up");
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(json(&cluster.agent(&["list", "--json"], "siteA", "bob")), serde_json::json!([]));
+    assert_eq!(
+        json(&cluster.agent(&["list", "--json"], "siteA", "bob")),
+        serde_json::json!([])
+    );
     for cmd in ["status", "kill"] {
         let out = cluster.agent(&[cmd, &id], "siteA", "bob");
         assert_eq!(out.status.code(), Some(2));
-        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("no agent {id} of yours here")));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&format!("no agent {id} of yours here"))
+        );
     }
     let out = cluster.agent(&["kill", &id], "siteA", "alice");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = launch.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(json(&out)["error"], "agent killed by its owner");
-    assert_eq!(json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"))["state"], "killed");
+    assert_eq!(
+        json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"))["state"],
+        "killed"
+    );
 }

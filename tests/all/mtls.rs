@@ -10,11 +10,19 @@ use agent_runtime::{AgentId, ModuleHash};
 use std::sync::Arc;
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}")).block_on(f)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .block_on(f)
 }
 
 fn creds(ca_dir: &std::path::Path, dir: &std::path::Path, role: Role, name: &str) -> Credentials {
-    Credentials::load(&certs::ca_files(ca_dir).cert, &certs::files(dir, role, name)).unwrap_or_else(|e| panic!("{e}"))
+    Credentials::load(
+        &certs::ca_files(ca_dir).cert,
+        &certs::files(dir, role, name),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Connects and makes one request; the error a refused client sees.
@@ -30,36 +38,64 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
     let up: &[&str] = &[];
     let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
     let certs_dir = cluster.certs();
-    let host = HostAddr { name: "siteA".into(), addr: cluster.addrs["siteA"] };
+    let host = HostAddr {
+        name: "siteA".into(),
+        addr: cluster.addrs["siteA"],
+    };
     let alice = creds(&certs_dir, &certs_dir, Role::User, "alice");
 
     block_on(async {
         // A certificate from another CA.
         let other = cluster.dir.path().join("other-ca");
         certs::init_ca(&other).unwrap_or_else(|e| panic!("{e}"));
-        certs::issue(&other, &other, Role::User, "mallory", Validity::default()).unwrap_or_else(|e| panic!("{e}"));
+        certs::issue(&other, &other, Role::User, "mallory", Validity::default())
+            .unwrap_or_else(|e| panic!("{e}"));
         let foreign = creds(&certs_dir, &other, Role::User, "mallory");
-        let e = list_as(&host, &foreign).await.expect_err("a foreign CA's certificate must be refused");
-        assert!(e.starts_with("the host refused our certificate:") && e.contains("invalid peer certificate: UnknownIssuer"), "{e}");
+        let e = list_as(&host, &foreign)
+            .await
+            .expect_err("a foreign CA's certificate must be refused");
+        assert!(
+            e.starts_with("the host refused our certificate:")
+                && e.contains("invalid peer certificate: UnknownIssuer"),
+            "{e}"
+        );
 
         // An expired certificate from the right CA.
         let old = cluster.dir.path().join("old");
-        let expired = Validity { from: time::Duration::days(-30), until: time::Duration::days(-1) };
-        certs::issue(&certs_dir, &old, Role::User, "alice", expired).unwrap_or_else(|e| panic!("{e}"));
-        let e = list_as(&host, &creds(&certs_dir, &old, Role::User, "alice")).await.expect_err("an expired certificate must be refused");
-        assert!(e.starts_with("the host refused our certificate:") && e.contains("certificate expired"), "{e}");
+        let expired = Validity {
+            from: time::Duration::days(-30),
+            until: time::Duration::days(-1),
+        };
+        certs::issue(&certs_dir, &old, Role::User, "alice", expired)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let e = list_as(&host, &creds(&certs_dir, &old, Role::User, "alice"))
+            .await
+            .expect_err("an expired certificate must be refused");
+        assert!(
+            e.starts_with("the host refused our certificate:") && e.contains("certificate expired"),
+            "{e}"
+        );
 
         // No client certificate at all.
-        let e = no_client_cert(&host, &certs_dir).await.expect_err("a client without a certificate must be refused");
+        let e = no_client_cert(&host, &certs_dir)
+            .await
+            .expect_err("a client without a certificate must be refused");
         assert!(e.contains("peer sent no certificates"), "{e}");
 
         // A host certificate whose name is not the site dialled.
-        let wrong_name = HostAddr { name: "siteB".into(), addr: cluster.addrs["siteA"] };
-        let e = list_as(&wrong_name, &alice).await.expect_err("a host answering with another name must be refused");
+        let wrong_name = HostAddr {
+            name: "siteB".into(),
+            addr: cluster.addrs["siteA"],
+        };
+        let e = list_as(&wrong_name, &alice)
+            .await
+            .expect_err("a host answering with another name must be refused");
         assert!(e.contains(r#"certificate not valid for name "siteB"; certificate is only valid for DnsName("siteA")"#), "{e}");
 
         // A user certificate trying a host-only transfer.
-        let client = Client::connect(&host, &alice).await.unwrap_or_else(|e| panic!("{e}"));
+        let client = Client::connect(&host, &alice)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let offer = Offer {
             agent: AgentId([9; 16]),
             seq: 1,
@@ -71,12 +107,22 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
             owner: "alice".into(),
             home: "siteA".into(),
         };
-        let reply: OfferReply = client.request(&Request::Offer(offer)).await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(reply, OfferReply::Refuse("only hosts may transfer agents, and user alice is not a host".into()));
+        let reply: OfferReply = client
+            .request(&Request::Offer(offer))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            reply,
+            OfferReply::Refuse(
+                "only hosts may transfer agents, and user alice is not a host".into()
+            )
+        );
         client.close().await;
 
         // After all that, the host still serves a legitimate user.
-        list_as(&host, &alice).await.unwrap_or_else(|e| panic!("the host stopped serving: {e}"));
+        list_as(&host, &alice)
+            .await
+            .unwrap_or_else(|e| panic!("the host stopped serving: {e}"));
     });
 }
 
@@ -85,25 +131,44 @@ async fn no_client_cert(host: &HostAddr, certs_dir: &std::path::Path) -> Result<
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(certs::ca_files(certs_dir).cert).map_err(|e| e.to_string())? {
-        roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    for cert in
+        CertificateDer::pem_file_iter(certs::ca_files(certs_dir).cert).map_err(|e| e.to_string())?
+    {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     tls.alpn_protocols = vec![tls::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().map_err(|e: std::net::AddrParseError| e.to_string())?).map_err(|e| e.to_string())?;
+    let mut endpoint = quinn::Endpoint::client(
+        "127.0.0.1:0"
+            .parse()
+            .map_err(|e: std::net::AddrParseError| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    let conn = endpoint.connect(host.addr, &host.name).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+    let conn = endpoint
+        .connect(host.addr, &host.name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    agent_runtime::net::wire::write_msg(&mut send, &Request::List).await.map_err(|e| e.to_string())?;
+    agent_runtime::net::wire::write_msg(&mut send, &Request::List)
+        .await
+        .map_err(|e| e.to_string())?;
     let reply: Result<Vec<agent_runtime::net::messages::StatusReply>, String> =
-        agent_runtime::net::wire::read_msg(&mut recv).await.map_err(|e| match conn.close_reason() {
-            Some(reason) => reason.to_string(),
-            None => e.to_string(),
-        });
+        agent_runtime::net::wire::read_msg(&mut recv)
+            .await
+            .map_err(|e| match conn.close_reason() {
+                Some(reason) => reason.to_string(),
+                None => e.to_string(),
+            });
     reply.map(|_| ())
 }

@@ -105,14 +105,22 @@ struct FileConfig {
 }
 
 fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
-    let (name, addr) = s.split_once('=').ok_or_else(|| format!("expected NAME=ADDR, got `{s}`"))?;
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=ADDR, got `{s}`"))?;
     certs::check_name(name).map_err(|e| e.to_string())?;
-    Ok((name.to_string(), addr.parse().map_err(|e| format!("bad address `{addr}`: {e}"))?))
+    Ok((
+        name.to_string(),
+        addr.parse()
+            .map_err(|e| format!("bad address `{addr}`: {e}"))?,
+    ))
 }
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -133,36 +141,69 @@ fn certs_command(cmd: CertsCommand) -> anyhow::Result<()> {
     match cmd {
         CertsCommand::Init { dir } => {
             let files = certs::init_ca(&dir)?;
-            println!("created CA {} (key {}, keep it private)", files.cert.display(), files.key.display());
+            println!(
+                "created CA {} (key {}, keep it private)",
+                files.cert.display(),
+                files.key.display()
+            );
         }
-        CertsCommand::Issue { dir, host, user, out, days } => {
+        CertsCommand::Issue {
+            dir,
+            host,
+            user,
+            out,
+            days,
+        } => {
             let (role, name) = match (host, user) {
                 (Some(h), _) => (Role::Host, h),
                 (None, Some(u)) => (Role::User, u),
                 (None, None) => bail!("give --host NAME or --user NAME"),
             };
-            let validity = Validity { until: time::Duration::days(days), ..Validity::default() };
+            let validity = Validity {
+                until: time::Duration::days(days),
+                ..Validity::default()
+            };
             let files = certs::issue(&dir, out.as_deref().unwrap_or(&dir), role, &name, validity)?;
-            println!("issued {role} certificate {} (key {})", files.cert.display(), files.key.display());
+            println!(
+                "issued {role} certificate {} (key {})",
+                files.cert.display(),
+                files.key.display()
+            );
         }
     }
     Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let dev = args.config.is_none() && args.name.is_none() && args.certs.is_none() && args.data_dir.is_none();
+    let dev = args.config.is_none()
+        && args.name.is_none()
+        && args.certs.is_none()
+        && args.data_dir.is_none();
     let file: FileConfig = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             toml::from_str(&text).with_context(|| format!("bad config {}", path.display()))?
         }
         None => FileConfig::default(),
     };
-    let name = args.name.or(file.name).unwrap_or_else(|| "localhost".into());
+    let name = args
+        .name
+        .or(file.name)
+        .unwrap_or_else(|| "localhost".into());
     certs::check_name(&name)?;
-    let listen = args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4433)));
-    let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("agent-host-data"));
-    let certs_dir = args.certs.or(file.certs).unwrap_or_else(|| data_dir.join("certs"));
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4433)));
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("agent-host-data"));
+    let certs_dir = args
+        .certs
+        .or(file.certs)
+        .unwrap_or_else(|| data_dir.join("certs"));
     if dev && !certs::ca_files(&certs_dir).cert.exists() {
         make_dev_certs(&certs_dir, &name)?;
     }
@@ -171,7 +212,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut peers = file.peers;
     peers.extend(args.peers);
     let corpus = match args.corpus.or(file.corpus) {
-        Some(dir) => Corpus::load(&dir).with_context(|| format!("cannot load the corpus {}", dir.display()))?,
+        Some(dir) => Corpus::load(&dir)
+            .with_context(|| format!("cannot load the corpus {}", dir.display()))?,
         None => Corpus::empty(),
     };
     let limits = Limits {
@@ -189,7 +231,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_module: 64 << 20,
     };
     let documents = corpus.len();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let host = Host::start(config, creds, Site::new(&name, corpus)).await?;
         let addr = host.local_addr().unwrap_or(listen);
@@ -211,9 +255,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn make_dev_certs(dir: &Path, name: &str) -> anyhow::Result<()> {
     certs::init_ca(dir)?;
     certs::issue(dir, dir, Role::Host, name, Validity::default())?;
-    let user = std::env::var("USER").ok().filter(|u| certs::check_name(u).is_ok()).unwrap_or_else(|| "dev".into());
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| certs::check_name(u).is_ok())
+        .unwrap_or_else(|| "dev".into());
     certs::issue(dir, dir, Role::User, &user, Validity::default())?;
-    println!("generated development certificates in {} (CA, host {name}, user {user})", dir.display());
+    println!(
+        "generated development certificates in {} (CA, host {name}, user {user})",
+        dir.display()
+    );
     Ok(())
 }
 
@@ -221,10 +271,11 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -6,8 +6,8 @@
 //! machine that made them.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -81,16 +81,25 @@ pub enum CertError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
-    move |source| CertError::Io { path: path.to_path_buf(), source }
+    move |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Checks a site or user name: it becomes a DNS name and a file name.
 pub fn check_name(name: &str) -> Result<(), CertError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
         && !name.starts_with(['-', '.']);
-    if ok { Ok(()) } else { Err(CertError::BadName(name.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(CertError::BadName(name.to_string()))
+    }
 }
 
 /// The files of one certificate and its key inside a certificate directory.
@@ -104,13 +113,19 @@ pub struct CertFiles {
 
 /// Where the CA and each issued certificate live in `dir`.
 pub fn ca_files(dir: &Path) -> CertFiles {
-    CertFiles { cert: dir.join("ca.crt"), key: dir.join("ca.key") }
+    CertFiles {
+        cert: dir.join("ca.crt"),
+        key: dir.join("ca.key"),
+    }
 }
 
 /// Where the certificate of `name` in `role` lives in `dir`.
 pub fn files(dir: &Path, role: Role, name: &str) -> CertFiles {
     let stem = format!("{role}-{name}");
-    CertFiles { cert: dir.join(format!("{stem}.crt")), key: dir.join(format!("{stem}.key")) }
+    CertFiles {
+        cert: dir.join(format!("{stem}.crt")),
+        key: dir.join(format!("{stem}.key")),
+    }
 }
 
 fn write_key(path: &Path, pem: &str) -> Result<(), CertError> {
@@ -138,10 +153,20 @@ pub fn init_ca(dir: &Path) -> Result<CertFiles, CertError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
     // A unique name, so a certificate of another CA is reported as an unknown issuer.
-    dn.push(DnType::CommonName, format!("agent runtime private CA {}", crate::context::AgentId::random()));
+    dn.push(
+        DnType::CommonName,
+        format!(
+            "agent runtime private CA {}",
+            crate::context::AgentId::random()
+        ),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::hours(1);
     params.not_after = now + Duration::days(3650);
@@ -163,7 +188,10 @@ pub struct Validity {
 
 impl Default for Validity {
     fn default() -> Self {
-        Validity { from: Duration::hours(-1), until: Duration::days(825) }
+        Validity {
+            from: Duration::hours(-1),
+            until: Duration::days(825),
+        }
     }
 }
 
@@ -171,7 +199,13 @@ impl Default for Validity {
 ///
 /// # Errors
 /// When the CA cannot be read, the name is unusable, or files cannot be written.
-pub fn issue(ca_dir: &Path, out_dir: &Path, role: Role, name: &str, validity: Validity) -> Result<CertFiles, CertError> {
+pub fn issue(
+    ca_dir: &Path,
+    out_dir: &Path,
+    role: Role,
+    name: &str,
+    validity: Validity,
+) -> Result<CertFiles, CertError> {
     check_name(name)?;
     let ca = ca_files(ca_dir);
     let ca_cert = std::fs::read_to_string(&ca.cert).map_err(io(&ca.cert))?;
@@ -189,7 +223,10 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, role: Role, name: &str, validity: Va
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = match role {
-        Role::Host => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        Role::Host => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
         Role::User => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     let now = OffsetDateTime::now_utc();
@@ -210,16 +247,25 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, role: Role, name: &str, validity: Va
 /// # Errors
 /// [`CertError::Bad`] when it lacks a CN or a known role.
 pub fn identity(der: &[u8]) -> Result<Identity, CertError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CertError::Bad(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| CertError::Bad(e.to_string()))?;
     let subject = cert.subject();
     let first = |attrs: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
-        attrs.next().and_then(|a| a.as_str().ok()).map(str::to_string)
+        attrs
+            .next()
+            .and_then(|a| a.as_str().ok())
+            .map(str::to_string)
     };
-    let name = first(&mut subject.iter_common_name()).ok_or_else(|| CertError::Bad("no common name".into()))?;
+    let name = first(&mut subject.iter_common_name())
+        .ok_or_else(|| CertError::Bad("no common name".into()))?;
     let role = match first(&mut subject.iter_organizational_unit()).as_deref() {
         Some("agent-host") => Role::Host,
         Some("agent-user") => Role::User,
-        other => return Err(CertError::Bad(format!("no agent role in the certificate (OU {other:?})"))),
+        other => {
+            return Err(CertError::Bad(format!(
+                "no agent role in the certificate (OU {other:?})"
+            )));
+        }
     };
     check_name(&name)?;
     Ok(Identity { name, role })
@@ -234,20 +280,61 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         init_ca(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(init_ca(dir.path()), Err(CertError::Exists(_))));
-        let host = issue(dir.path(), dir.path(), Role::Host, "siteA", Validity::default()).unwrap_or_else(|e| panic!("{e}"));
-        let user = issue(dir.path(), dir.path(), Role::User, "alice", Validity::default()).unwrap_or_else(|e| panic!("{e}"));
-        for (files, expected) in [(&host, Identity { name: "siteA".into(), role: Role::Host }), (&user, Identity { name: "alice".into(), role: Role::User })] {
+        let host = issue(
+            dir.path(),
+            dir.path(),
+            Role::Host,
+            "siteA",
+            Validity::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let user = issue(
+            dir.path(),
+            dir.path(),
+            Role::User,
+            "alice",
+            Validity::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        for (files, expected) in [
+            (
+                &host,
+                Identity {
+                    name: "siteA".into(),
+                    role: Role::Host,
+                },
+            ),
+            (
+                &user,
+                Identity {
+                    name: "alice".into(),
+                    role: Role::User,
+                },
+            ),
+        ] {
             let pem = std::fs::read(&files.cert).unwrap_or_default();
-            let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap_or_else(|e| panic!("{e}"));
+            let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem)
+                .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(identity(&der).unwrap_or_else(|e| panic!("{e}")), expected);
             #[cfg(unix)]
             {
                 use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(&files.key).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+                let mode = std::fs::metadata(&files.key)
+                    .map(|m| m.permissions().mode() & 0o777)
+                    .unwrap_or(0);
                 assert_eq!(mode, 0o600);
             }
         }
-        assert!(matches!(issue(dir.path(), dir.path(), Role::Host, "../evil", Validity::default()), Err(CertError::BadName(_))));
+        assert!(matches!(
+            issue(
+                dir.path(),
+                dir.path(),
+                Role::Host,
+                "../evil",
+                Validity::default()
+            ),
+            Err(CertError::BadName(_))
+        ));
     }
 
     use rustls::pki_types::pem::PemObject;

@@ -22,10 +22,17 @@ impl std::str::FromStr for HostAddr {
 
     /// Parses `NAME@IP:PORT`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (name, addr) = s.split_once('@').ok_or_else(|| format!("expected NAME@IP:PORT, got `{s}`"))?;
-        let addr = addr.parse().map_err(|e| format!("bad address in `{s}`: {e}"))?;
+        let (name, addr) = s
+            .split_once('@')
+            .ok_or_else(|| format!("expected NAME@IP:PORT, got `{s}`"))?;
+        let addr = addr
+            .parse()
+            .map_err(|e| format!("bad address in `{s}`: {e}"))?;
         super::certs::check_name(name).map_err(|e| e.to_string())?;
-        Ok(HostAddr { name: name.to_string(), addr })
+        Ok(HostAddr {
+            name: name.to_string(),
+            addr,
+        })
     }
 }
 
@@ -60,7 +67,8 @@ impl Client {
     /// # Errors
     /// When the connection cannot be made or the host's certificate is not the one expected.
     pub async fn connect(host: &HostAddr, creds: &Credentials) -> Result<Client, String> {
-        let mut endpoint = quinn::Endpoint::client(bind_addr(host.addr)).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        let mut endpoint = quinn::Endpoint::client(bind_addr(host.addr))
+            .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
         endpoint.set_default_client_config(tls::client_config(creds).map_err(|e| e.to_string())?);
         let conn = endpoint
             .connect(host.addr, &host.name)
@@ -70,9 +78,18 @@ impl Client {
         Ok(Client { conn, endpoint })
     }
 
-    async fn open(&self, request: &Request) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
-        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| self.explain(e.to_string()))?;
-        write_msg(&mut send, request).await.map_err(|e| self.explain(e.to_string()))?;
+    async fn open(
+        &self,
+        request: &Request,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+        let (mut send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| self.explain(e.to_string()))?;
+        write_msg(&mut send, request)
+            .await
+            .map_err(|e| self.explain(e.to_string()))?;
         Ok((send, recv))
     }
 
@@ -90,7 +107,9 @@ impl Client {
     async fn call<T: serde::de::DeserializeOwned>(&self, request: &Request) -> Result<T, String> {
         let (mut send, mut recv) = self.open(request).await?;
         let _ = send.finish();
-        read_msg(&mut recv).await.map_err(|e| self.explain(e.to_string()))
+        read_msg(&mut recv)
+            .await
+            .map_err(|e| self.explain(e.to_string()))
     }
 
     /// Launches an agent and calls `on_event` for each event until it finishes (or is
@@ -106,12 +125,19 @@ impl Client {
         on_event: &mut dyn FnMut(&LaunchEvent),
     ) -> Result<LaunchEvent, String> {
         let (mut send, mut recv) = self.open(&Request::Launch { itinerary, args }).await?;
-        write_blob(&mut send, wasm).await.map_err(|e| self.explain(e.to_string()))?;
+        write_blob(&mut send, wasm)
+            .await
+            .map_err(|e| self.explain(e.to_string()))?;
         let _ = send.finish();
         loop {
-            let event: LaunchEvent = read_msg(&mut recv).await.map_err(|e| self.explain(e.to_string()))?;
+            let event: LaunchEvent = read_msg(&mut recv)
+                .await
+                .map_err(|e| self.explain(e.to_string()))?;
             on_event(&event);
-            if matches!(event, LaunchEvent::Finished { .. } | LaunchEvent::Refused(_)) {
+            if matches!(
+                event,
+                LaunchEvent::Finished { .. } | LaunchEvent::Refused(_)
+            ) {
                 return Ok(event);
             }
         }
@@ -122,7 +148,8 @@ impl Client {
     /// # Errors
     /// When the host does not know the agent as the user's, or the connection fails.
     pub async fn status(&self, agent: AgentId) -> Result<StatusReply, String> {
-        self.call::<Result<StatusReply, String>>(&Request::Status { agent }).await?
+        self.call::<Result<StatusReply, String>>(&Request::Status { agent })
+            .await?
     }
 
     /// The user's agents launched on this host.
@@ -138,14 +165,18 @@ impl Client {
     /// # Errors
     /// When it is not the user's agent, not running, or the connection fails.
     pub async fn kill(&self, agent: AgentId) -> Result<(), String> {
-        self.call::<Result<(), String>>(&Request::Kill { agent }).await?
+        self.call::<Result<(), String>>(&Request::Kill { agent })
+            .await?
     }
 
     /// Sends a raw request (for tests of the host's checks).
     ///
     /// # Errors
     /// When the connection fails.
-    pub async fn request<T: serde::de::DeserializeOwned>(&self, request: &Request) -> Result<T, String> {
+    pub async fn request<T: serde::de::DeserializeOwned>(
+        &self,
+        request: &Request,
+    ) -> Result<T, String> {
         self.call(request).await
     }
 

@@ -48,7 +48,10 @@ pub struct SourceHop {
 impl SourceHop {
     /// A hop to `site` whose OFFER is on its way.
     pub fn offered(site: &str) -> SourceHop {
-        SourceHop { site: site.to_string(), state: SourceState::Offered }
+        SourceHop {
+            site: site.to_string(),
+            state: SourceState::Offered,
+        }
     }
 
     fn done(&mut self, step: SourceStep) -> SourceStep {
@@ -57,7 +60,10 @@ impl SourceHop {
     }
 
     fn resume(&mut self, why: impl Into<String>) -> SourceStep {
-        let error = HopError::Unreachable { site: self.site.clone(), reason: why.into() };
+        let error = HopError::Unreachable {
+            site: self.site.clone(),
+            reason: why.into(),
+        };
         self.done(SourceStep::Resume(error))
     }
 
@@ -74,10 +80,15 @@ impl SourceHop {
         match reply {
             Ok(OfferReply::Accept { need_module }) => {
                 self.state = SourceState::Transferring;
-                SourceStep::Transfer { module: need_module }
+                SourceStep::Transfer {
+                    module: need_module,
+                }
             }
             Ok(OfferReply::Refuse(reason)) => {
-                let error = HopError::Refused { site: self.site.clone(), reason };
+                let error = HopError::Refused {
+                    site: self.site.clone(),
+                    reason,
+                };
                 self.done(SourceStep::Resume(error))
             }
             Ok(OfferReply::AlreadyCommitted) => self.done(SourceStep::Forget),
@@ -109,7 +120,10 @@ impl SourceHop {
         match verdict {
             Ok(TransferReply::Committed) => self.done(SourceStep::Forget),
             Ok(TransferReply::Refused(reason)) => {
-                let error = HopError::Refused { site: self.site.clone(), reason };
+                let error = HopError::Refused {
+                    site: self.site.clone(),
+                    reason,
+                };
                 self.done(SourceStep::Resume(error))
             }
             Err(_) => self.in_doubt(),
@@ -136,7 +150,9 @@ impl SourceHop {
     fn out_of_order(&mut self, what: &str) -> SourceStep {
         // A driver bug: stay safe. In doubt we ask; before any transfer we resume.
         match self.state {
-            SourceState::Offered => self.resume(format!("protocol error: {what} before the offer reply")),
+            SourceState::Offered => {
+                self.resume(format!("protocol error: {what} before the offer reply"))
+            }
             SourceState::Done => SourceStep::Query,
             _ => self.in_doubt(),
         }
@@ -167,13 +183,18 @@ pub struct DestView {
 /// Phase 1 at the destination: accept or refuse an OFFER before any state moves.
 pub fn decide_offer(offer: &Offer, from: &Identity, view: &DestView) -> OfferReply {
     if from.role != Role::Host {
-        return OfferReply::Refuse(format!("only hosts may transfer agents, and {from} is not a host"));
+        return OfferReply::Refuse(format!(
+            "only hosts may transfer agents, and {from} is not a host"
+        ));
     }
     if view.committed {
         return OfferReply::AlreadyCommitted;
     }
     if view.aborted {
-        return OfferReply::Refuse(format!("transfer of agent {} at seq {} was aborted", offer.agent, offer.seq));
+        return OfferReply::Refuse(format!(
+            "transfer of agent {} at seq {} was aborted",
+            offer.agent, offer.seq
+        ));
     }
     if offer.abi != agent_abi::ABI_VERSION {
         return OfferReply::Refuse(format!(
@@ -190,15 +211,23 @@ pub fn decide_offer(offer: &Offer, from: &Identity, view: &DestView) -> OfferRep
         ));
     }
     if offer.image_bytes > view.max_image {
-        return OfferReply::Refuse(format!("image of {} bytes exceeds this host's limit of {}", offer.image_bytes, view.max_image));
+        return OfferReply::Refuse(format!(
+            "image of {} bytes exceeds this host's limit of {}",
+            offer.image_bytes, view.max_image
+        ));
     }
     if !view.has_module && offer.module_bytes > view.max_module {
-        return OfferReply::Refuse(format!("module of {} bytes exceeds this host's limit of {}", offer.module_bytes, view.max_module));
+        return OfferReply::Refuse(format!(
+            "module of {} bytes exceeds this host's limit of {}",
+            offer.module_bytes, view.max_module
+        ));
     }
     if view.agents >= view.max_agents {
         return OfferReply::Refuse(format!("host is full ({} agents)", view.agents));
     }
-    OfferReply::Accept { need_module: !view.has_module }
+    OfferReply::Accept {
+        need_module: !view.has_module,
+    }
 }
 
 #[cfg(test)]
@@ -208,33 +237,51 @@ mod tests {
     use crate::modules::ModuleHash;
 
     fn unreachable(reason: &str) -> SourceStep {
-        SourceStep::Resume(HopError::Unreachable { site: "b".into(), reason: reason.into() })
+        SourceStep::Resume(HopError::Unreachable {
+            site: "b".into(),
+            reason: reason.into(),
+        })
     }
 
     #[test]
     fn a_clean_hop_ends_with_the_source_forgetting_the_agent() {
         let mut hop = SourceHop::offered("b");
-        assert_eq!(hop.on_offer_reply(Ok(OfferReply::Accept { need_module: true })), SourceStep::Transfer { module: true });
+        assert_eq!(
+            hop.on_offer_reply(Ok(OfferReply::Accept { need_module: true })),
+            SourceStep::Transfer { module: true }
+        );
         assert_eq!(hop.on_sent(Ok(())), SourceStep::AwaitVerdict);
-        assert_eq!(hop.on_verdict(Ok(TransferReply::Committed)), SourceStep::Forget);
+        assert_eq!(
+            hop.on_verdict(Ok(TransferReply::Committed)),
+            SourceStep::Forget
+        );
         assert!(hop.is_done());
     }
 
     #[test]
     fn before_the_image_leaves_every_failure_resumes_on_the_source() {
         let mut hop = SourceHop::offered("b");
-        assert_eq!(hop.on_offer_reply(Err("connection lost".into())), unreachable("connection lost"));
+        assert_eq!(
+            hop.on_offer_reply(Err("connection lost".into())),
+            unreachable("connection lost")
+        );
         let mut hop = SourceHop::offered("b");
         assert_eq!(
             hop.on_offer_reply(Ok(OfferReply::Refuse("full".into()))),
-            SourceStep::Resume(HopError::Refused { site: "b".into(), reason: "full".into() })
+            SourceStep::Resume(HopError::Refused {
+                site: "b".into(),
+                reason: "full".into()
+            })
         );
         let mut hop = SourceHop::offered("b");
         hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
         hop.on_sent(Ok(()));
         assert_eq!(
             hop.on_verdict(Ok(TransferReply::Refused("bad image".into()))),
-            SourceStep::Resume(HopError::Refused { site: "b".into(), reason: "bad image".into() })
+            SourceStep::Resume(HopError::Refused {
+                site: "b".into(),
+                reason: "bad image".into()
+            })
         );
     }
 
@@ -243,27 +290,42 @@ mod tests {
         let mut hop = SourceHop::offered("b");
         hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
         assert_eq!(hop.on_sent(Err("reset".into())), SourceStep::Query);
-        assert_eq!(hop.on_query_reply(Err("still down".into())), SourceStep::Query);
-        assert_eq!(hop.on_query_reply(Ok(TransferStatus::Committed)), SourceStep::Forget);
+        assert_eq!(
+            hop.on_query_reply(Err("still down".into())),
+            SourceStep::Query
+        );
+        assert_eq!(
+            hop.on_query_reply(Ok(TransferStatus::Committed)),
+            SourceStep::Forget
+        );
 
         let mut hop = SourceHop::offered("b");
         hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
         hop.on_sent(Ok(()));
         assert_eq!(hop.on_verdict(Err("timeout".into())), SourceStep::Query);
-        assert_eq!(hop.on_query_reply(Ok(TransferStatus::Aborted)), unreachable("the transfer was interrupted and aborted"));
+        assert_eq!(
+            hop.on_query_reply(Ok(TransferStatus::Aborted)),
+            unreachable("the transfer was interrupted and aborted")
+        );
     }
 
     #[test]
     fn a_repeated_transfer_of_a_committed_hop_is_committed_again() {
         let mut hop = SourceHop::offered("b");
-        assert_eq!(hop.on_offer_reply(Ok(OfferReply::AlreadyCommitted)), SourceStep::Forget);
+        assert_eq!(
+            hop.on_offer_reply(Ok(OfferReply::AlreadyCommitted)),
+            SourceStep::Forget
+        );
     }
 
     #[test]
     fn out_of_order_inputs_never_resume_an_agent_that_may_have_left() {
         let mut hop = SourceHop::offered("b");
         hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
-        assert_eq!(hop.on_verdict(Ok(TransferReply::Committed)), SourceStep::Query);
+        assert_eq!(
+            hop.on_verdict(Ok(TransferReply::Committed)),
+            SourceStep::Query
+        );
     }
 
     fn offer() -> Offer {
@@ -281,28 +343,106 @@ mod tests {
     }
 
     fn view() -> DestView {
-        DestView { max_agents: 10, max_memory: 64 << 20, max_image: 1 << 20, max_module: 1 << 20, ..DestView::default() }
+        DestView {
+            max_agents: 10,
+            max_memory: 64 << 20,
+            max_image: 1 << 20,
+            max_module: 1 << 20,
+            ..DestView::default()
+        }
     }
 
     #[test]
     fn the_destination_decides_before_any_state_moves() {
-        let host = Identity { name: "a".into(), role: Role::Host };
-        let user = Identity { name: "alice".into(), role: Role::User };
-        assert_eq!(decide_offer(&offer(), &host, &view()), OfferReply::Accept { need_module: true });
-        assert_eq!(decide_offer(&offer(), &host, &DestView { has_module: true, ..view() }), OfferReply::Accept { need_module: false });
-        assert_eq!(decide_offer(&offer(), &host, &DestView { committed: true, ..view() }), OfferReply::AlreadyCommitted);
+        let host = Identity {
+            name: "a".into(),
+            role: Role::Host,
+        };
+        let user = Identity {
+            name: "alice".into(),
+            role: Role::User,
+        };
+        assert_eq!(
+            decide_offer(&offer(), &host, &view()),
+            OfferReply::Accept { need_module: true }
+        );
+        assert_eq!(
+            decide_offer(
+                &offer(),
+                &host,
+                &DestView {
+                    has_module: true,
+                    ..view()
+                }
+            ),
+            OfferReply::Accept { need_module: false }
+        );
+        assert_eq!(
+            decide_offer(
+                &offer(),
+                &host,
+                &DestView {
+                    committed: true,
+                    ..view()
+                }
+            ),
+            OfferReply::AlreadyCommitted
+        );
         let refuse = |o: &Offer, from: &Identity, v: &DestView| match decide_offer(o, from, v) {
             OfferReply::Refuse(why) => why,
             other => panic!("expected a refusal, got {other:?}"),
         };
-        assert_eq!(refuse(&offer(), &user, &view()), "only hosts may transfer agents, and user alice is not a host");
-        assert!(refuse(&offer(), &host, &DestView { aborted: true, ..view() }).contains("was aborted"));
         assert_eq!(
-            refuse(&offer(), &host, &DestView { max_memory: 1 << 20, ..view() }),
+            refuse(&offer(), &user, &view()),
+            "only hosts may transfer agents, and user alice is not a host"
+        );
+        assert!(
+            refuse(
+                &offer(),
+                &host,
+                &DestView {
+                    aborted: true,
+                    ..view()
+                }
+            )
+            .contains("was aborted")
+        );
+        assert_eq!(
+            refuse(
+                &offer(),
+                &host,
+                &DestView {
+                    max_memory: 1 << 20,
+                    ..view()
+                }
+            ),
             "the agent needs 2.0 MiB of memory; this host allows 1.0 MiB"
         );
-        assert_eq!(refuse(&offer(), &host, &DestView { agents: 10, ..view() }), "host is full (10 agents)");
-        assert!(refuse(&Offer { abi: 99, ..offer() }, &host, &view()).starts_with("agent ABI v99 is not offered here"));
-        assert!(refuse(&Offer { image_bytes: 2 << 20, ..offer() }, &host, &view()).starts_with("image of"));
+        assert_eq!(
+            refuse(
+                &offer(),
+                &host,
+                &DestView {
+                    agents: 10,
+                    ..view()
+                }
+            ),
+            "host is full (10 agents)"
+        );
+        assert!(
+            refuse(&Offer { abi: 99, ..offer() }, &host, &view())
+                .starts_with("agent ABI v99 is not offered here")
+        );
+        assert!(
+            refuse(
+                &Offer {
+                    image_bytes: 2 << 20,
+                    ..offer()
+                },
+                &host,
+                &view()
+            )
+            .starts_with("image of")
+        );
     }
 }

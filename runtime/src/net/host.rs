@@ -9,7 +9,9 @@
 
 use super::certs::{Identity, Role};
 use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
-use super::messages::{HopInfo, LaunchEvent, Offer, OfferReply, Request, StatusReply, TransferReply, TransferStatus};
+use super::messages::{
+    HopInfo, LaunchEvent, Offer, OfferReply, Request, StatusReply, TransferReply, TransferStatus,
+};
 use super::store::{AgentRecord, HostStore};
 use super::tls::{self, Credentials};
 use super::wire::{WireError, read_blob, read_msg, write_blob, write_msg};
@@ -98,9 +100,14 @@ impl Host {
     ///
     /// # Errors
     /// When the store, certificates or socket cannot be set up.
-    pub async fn start(config: HostConfig, creds: Credentials, site: Site) -> Result<Arc<Host>, HostError> {
+    pub async fn start(
+        config: HostConfig,
+        creds: Credentials,
+        site: Site,
+    ) -> Result<Arc<Host>, HostError> {
         let engine = crate::engine::new_engine().map_err(err)?;
-        let modules = ModuleCache::new(&engine, Some(config.data_dir.join("compiled"))).map_err(err)?;
+        let modules =
+            ModuleCache::new(&engine, Some(config.data_dir.join("compiled"))).map_err(err)?;
         let store = HostStore::open(&config.data_dir).map_err(err)?;
         let server = tls::server_config(&creds).map_err(err)?;
         let mut endpoint = quinn::Endpoint::server(server, config.listen)
@@ -110,7 +117,16 @@ impl Host {
             .homes()
             .map_err(err)?
             .into_iter()
-            .map(|status| (status.agent, HomeEntry { status, watchers: Vec::new(), held: None }))
+            .map(|status| {
+                (
+                    status.agent,
+                    HomeEntry {
+                        status,
+                        watchers: Vec::new(),
+                        held: None,
+                    },
+                )
+            })
             .collect();
         let host = Arc::new(Host {
             config,
@@ -151,14 +167,20 @@ impl Host {
         }
         let left = self.running_flags().len();
         if left > 0 {
-            tracing::warn!(agents = left, "agents did not reach a safe point before shutdown");
+            tracing::warn!(
+                agents = left,
+                "agents did not reach a safe point before shutdown"
+            );
         }
         self.endpoint.close(0u32.into(), b"host shutting down");
         self.endpoint.wait_idle().await;
     }
 
     fn running_flags(&self) -> Vec<Arc<AgentFlags>> {
-        self.running.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
+        self.running
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     async fn resume_residents(self: &Arc<Self>) {
@@ -167,7 +189,9 @@ impl Host {
             Err(e) => return tracing::error!("cannot list resident agents: {e}"),
         };
         for (id, record) in residents {
-            let AgentRecord::Resident { image, parked, .. } = record else { continue };
+            let AgentRecord::Resident { image, parked, .. } = record else {
+                continue;
+            };
             match self.restore_stored(&image).await {
                 Ok(mut agent) => {
                     let start = match (parked, agent.context().pending.clone()) {
@@ -189,11 +213,16 @@ impl Host {
         let bytes = self.store.image(image).map_err(|e| e.to_string())?;
         let image = AgentImage::decode(&bytes, &self.image_limits()).map_err(|e| e.to_string())?;
         let module = self.module(&image.module)?;
-        AgentInstance::restore(module, self.site.clone(), image, &self.config.limits).await.map_err(|e| e.to_string())
+        AgentInstance::restore(module, self.site.clone(), image, &self.config.limits)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     fn image_limits(&self) -> ImageLimits {
-        ImageLimits { max_memory: self.config.limits.max_memory, ..ImageLimits::default() }
+        ImageLimits {
+            max_memory: self.config.limits.max_memory,
+            ..ImageLimits::default()
+        }
     }
 
     /// An admitted module by hash, admitting it from the store if needed.
@@ -201,7 +230,10 @@ impl Host {
         if let Some(m) = self.modules.get(hash) {
             return Ok(m);
         }
-        let bytes = self.store.module(hash).ok_or_else(|| format!("module {hash} is not kept here"))?;
+        let bytes = self
+            .store
+            .module(hash)
+            .ok_or_else(|| format!("module {hash} is not kept here"))?;
         self.modules.admit(&bytes).map_err(|e| e.to_string())
     }
 
@@ -231,12 +263,19 @@ impl Host {
 
     /// A connection to peer `site`, reused while it lives.
     async fn connect(&self, site: &str) -> Result<quinn::Connection, String> {
-        let addr = *self.config.peers.get(site).ok_or_else(|| format!("unknown site `{site}`"))?;
+        let addr = *self
+            .config
+            .peers
+            .get(site)
+            .ok_or_else(|| format!("unknown site `{site}`"))?;
         let mut conns = self.conns.lock().await;
         if let Some(conn) = conns.get(site).filter(|c| c.close_reason().is_none()) {
             return Ok(conn.clone());
         }
-        let connecting = self.endpoint.connect(addr, site).map_err(|e| e.to_string())?;
+        let connecting = self
+            .endpoint
+            .connect(addr, site)
+            .map_err(|e| e.to_string())?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| format!("no answer from {site} at {addr} within {CONNECT_TIMEOUT:?}"))?
@@ -251,31 +290,51 @@ impl Host {
     }
 
     /// Sends one request to peer `site` and reads one reply.
-    async fn ask<T: serde::de::DeserializeOwned>(&self, site: &str, request: &Request) -> Result<T, String> {
+    async fn ask<T: serde::de::DeserializeOwned>(
+        &self,
+        site: &str,
+        request: &Request,
+    ) -> Result<T, String> {
         let conn = self.connect(site).await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_msg(&mut send, request).await.map_err(|e| e.to_string())?;
+        write_msg(&mut send, request)
+            .await
+            .map_err(|e| e.to_string())?;
         let _ = send.finish();
         read_msg(&mut recv).await.map_err(|e| e.to_string())
     }
 
-    async fn serve_stream(self: Arc<Self>, peer: Identity, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    async fn serve_stream(
+        self: Arc<Self>,
+        peer: Identity,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
         let request: Request = match read_msg(&mut recv).await {
             Ok(r) => r,
             Err(e) => return tracing::info!(%peer, "bad request: {e}"),
         };
         let result = match request {
-            Request::Launch { itinerary, args } => self.serve_launch(&peer, itinerary, args, &mut send, &mut recv).await,
+            Request::Launch { itinerary, args } => {
+                self.serve_launch(&peer, itinerary, args, &mut send, &mut recv)
+                    .await
+            }
             Request::Status { agent } => {
-                let reply = self.home_status(&agent, &peer).ok_or_else(|| format!("no agent {agent} of yours here"));
+                let reply = self
+                    .home_status(&agent, &peer)
+                    .ok_or_else(|| format!("no agent {agent} of yours here"));
                 write_msg(&mut send, &reply).await
             }
             Request::List => {
                 let mut list: Vec<StatusReply> = match self.homes.lock() {
-                    Ok(homes) => homes.values().filter(|h| h.status.owner == peer.name).map(|h| h.status.clone()).collect(),
+                    Ok(homes) => homes
+                        .values()
+                        .filter(|h| h.status.owner == peer.name)
+                        .map(|h| h.status.clone())
+                        .collect(),
                     Err(_) => Vec::new(),
                 };
-                list.sort_by(|a, b| a.agent.cmp(&b.agent));
+                list.sort_by_key(|a| a.agent);
                 write_msg(&mut send, &list).await
             }
             Request::Kill { agent } => {
@@ -285,7 +344,10 @@ impl Host {
             Request::Offer(offer) => self.serve_offer(&peer, offer, &mut send, &mut recv).await,
             Request::Query { agent, seq } => {
                 let reply = match peer.role {
-                    Role::Host => self.store.resolve_transfer(&agent, seq).map_err(|e| e.to_string()),
+                    Role::Host => self
+                        .store
+                        .resolve_transfer(&agent, seq)
+                        .map_err(|e| e.to_string()),
                     Role::User => Err("only hosts may query transfers".to_string()),
                 };
                 write_msg(&mut send, &reply).await
@@ -314,31 +376,76 @@ impl Host {
         recv: &mut quinn::RecvStream,
     ) -> Result<(), WireError> {
         if peer.role != Role::User {
-            return write_msg(send, &LaunchEvent::Refused(format!("only users launch agents, and {peer} is not a user"))).await;
+            return write_msg(
+                send,
+                &LaunchEvent::Refused(format!(
+                    "only users launch agents, and {peer} is not a user"
+                )),
+            )
+            .await;
         }
         if self.shutting_down.load(Ordering::SeqCst) {
-            return write_msg(send, &LaunchEvent::Refused("the host is shutting down".into())).await;
+            return write_msg(
+                send,
+                &LaunchEvent::Refused("the host is shutting down".into()),
+            )
+            .await;
         }
         let wasm = read_blob(recv, "module", self.config.max_module).await?;
         let module = match self.modules.admit(&wasm) {
             Ok(m) => m,
-            Err(e) => return write_msg(send, &LaunchEvent::Refused(format!("module refused: {e}"))).await,
+            Err(e) => {
+                return write_msg(send, &LaunchEvent::Refused(format!("module refused: {e}")))
+                    .await;
+            }
         };
         if let Err(e) = self.store.put_module(&module.hash, &wasm) {
-            return write_msg(send, &LaunchEvent::Refused(format!("cannot keep the module: {e}"))).await;
+            return write_msg(
+                send,
+                &LaunchEvent::Refused(format!("cannot keep the module: {e}")),
+            )
+            .await;
         }
         let context = AgentContext::new(&self.config.name, &peer.name, itinerary, args);
         let id = context.agent_id;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let status = StatusReply { agent: id, owner: peer.name.clone(), site: self.config.name.clone(), state: "running".into(), hops: Vec::new() };
+        let status = StatusReply {
+            agent: id,
+            owner: peer.name.clone(),
+            site: self.config.name.clone(),
+            state: "running".into(),
+            hops: Vec::new(),
+        };
         let _ = self.store.put_home(&status);
         if let Ok(mut homes) = self.homes.lock() {
-            homes.insert(id, HomeEntry { status, watchers: vec![tx], held: None });
+            homes.insert(
+                id,
+                HomeEntry {
+                    status,
+                    watchers: vec![tx],
+                    held: None,
+                },
+            );
         }
-        write_msg(send, &LaunchEvent::Launched { agent: id, module: module.hash, site: self.config.name.clone() }).await?;
+        write_msg(
+            send,
+            &LaunchEvent::Launched {
+                agent: id,
+                module: module.hash,
+                site: self.config.name.clone(),
+            },
+        )
+        .await?;
         match AgentInstance::launch(module, self.site.clone(), context, &self.config.limits).await {
             Ok(agent) => self.spawn_agent(agent, Start::Poll),
-            Err(e) => self.deliver(&id, LaunchEvent::Finished { site: self.config.name.clone(), hops: 0, outcome: Err(e.to_string()) }),
+            Err(e) => self.deliver(
+                &id,
+                LaunchEvent::Finished {
+                    site: self.config.name.clone(),
+                    hops: 0,
+                    outcome: Err(e.to_string()),
+                },
+            ),
         }
         // Stream events until the end; if the user goes away the agent runs on.
         while let Some(event) = rx.recv().await {
@@ -352,7 +459,10 @@ impl Host {
 
     fn home_status(&self, agent: &AgentId, peer: &Identity) -> Option<StatusReply> {
         let homes = self.homes.lock().ok()?;
-        homes.get(agent).filter(|h| h.status.owner == peer.name).map(|h| h.status.clone())
+        homes
+            .get(agent)
+            .filter(|h| h.status.owner == peer.name)
+            .map(|h| h.status.clone())
     }
 
     async fn kill(&self, agent: &AgentId, peer: &Identity) -> Result<(), String> {
@@ -366,46 +476,60 @@ impl Host {
         // Follow the agent: the home knows its last site, a host it left has a pointer.
         let next = match self.store.agent(agent).ok().flatten() {
             Some(AgentRecord::Forwarded { to, .. }) => Some(to),
-            _ => self.homes.lock().ok().and_then(|h| h.get(agent).map(|e| e.status.site.clone())),
+            _ => self
+                .homes
+                .lock()
+                .ok()
+                .and_then(|h| h.get(agent).map(|e| e.status.site.clone())),
         };
         match next {
-            Some(site) if site != self.config.name => Box::pin(self.ask::<Result<(), String>>(&site, &Request::Kill { agent: *agent })).await?,
+            Some(site) if site != self.config.name => {
+                Box::pin(self.ask::<Result<(), String>>(&site, &Request::Kill { agent: *agent }))
+                    .await?
+            }
             _ => Err(format!("agent {agent} is not running")),
         }
     }
 
     /// Records an event of an agent launched here and passes it to its watchers.
     fn deliver(self: &Arc<Self>, agent: &AgentId, event: LaunchEvent) {
-        let Ok(mut homes) = self.homes.lock() else { return };
+        let Ok(mut homes) = self.homes.lock() else {
+            return;
+        };
         let Some(entry) = homes.get_mut(agent) else {
             return tracing::warn!(%agent, "event for an agent not launched here");
         };
-        if let LaunchEvent::Finished { hops, .. } = &event {
-            if (entry.status.hops.len() as u64) < *hops {
-                entry.held = Some(event);
-                // A report may be lost for good (its host died): do not hold the end forever.
-                let (host, agent) = (self.clone(), *agent);
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    host.release_held(&agent);
-                });
-                return;
-            }
+        let reported = entry.status.hops.len() as u64;
+        if let LaunchEvent::Finished { hops, .. } = &event
+            && reported < *hops
+        {
+            entry.held = Some(event);
+            // A report may be lost for good (its host died): do not hold the end forever.
+            let (host, agent) = (self.clone(), *agent);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                host.release_held(&agent);
+            });
+            return;
         }
         Self::record(entry, event, &self.store);
-        if entry.held.as_ref().is_some_and(|h| matches!(h, LaunchEvent::Finished { hops, .. } if *hops <= entry.status.hops.len() as u64)) {
-            if let Some(held) = entry.held.take() {
-                Self::record(entry, held, &self.store);
-            }
+        let reported = entry.status.hops.len() as u64;
+        if let Some(LaunchEvent::Finished { hops, .. }) = &entry.held
+            && *hops <= reported
+            && let Some(held) = entry.held.take()
+        {
+            Self::record(entry, held, &self.store);
         }
     }
 
     fn release_held(&self, agent: &AgentId) {
-        let Ok(mut homes) = self.homes.lock() else { return };
-        if let Some(entry) = homes.get_mut(agent) {
-            if let Some(held) = entry.held.take() {
-                Self::record(entry, held, &self.store);
-            }
+        let Ok(mut homes) = self.homes.lock() else {
+            return;
+        };
+        if let Some(entry) = homes.get_mut(agent)
+            && let Some(held) = entry.held.take()
+        {
+            Self::record(entry, held, &self.store);
         }
     }
 
@@ -437,7 +561,16 @@ impl Host {
         let host = self.clone();
         tokio::spawn(async move {
             for attempt in 0..5u32 {
-                match host.ask::<()>(&home, &Request::Report { agent, event: event.clone() }).await {
+                match host
+                    .ask::<()>(
+                        &home,
+                        &Request::Report {
+                            agent,
+                            event: event.clone(),
+                        },
+                    )
+                    .await
+                {
                     Ok(()) => return,
                     Err(e) => tracing::warn!(%agent, %home, attempt, "cannot report to home: {e}"),
                 }
@@ -487,8 +620,12 @@ impl Host {
                         Ok(Step::Finished(outcome)) => {
                             let outcome = match outcome {
                                 Outcome::Ok(bytes) => Ok(bytes),
-                                Outcome::Err(why) => Err(crate::AgentError::Failed(why).to_string()),
-                                Outcome::Panicked(why) => Err(crate::AgentError::Panicked(why).to_string()),
+                                Outcome::Err(why) => {
+                                    Err(crate::AgentError::Failed(why).to_string())
+                                }
+                                Outcome::Panicked(why) => {
+                                    Err(crate::AgentError::Panicked(why).to_string())
+                                }
                             };
                             let hops = agent.context().trace.len() as u64;
                             return self.finish(id, home, hops, outcome);
@@ -505,21 +642,39 @@ impl Host {
             }
             next = Start::Poll;
             match op {
-                Op::Hop { site } if site == self.config.name => agent.complete(OpResult::Hop(Ok(()))),
+                Op::Hop { site } if site == self.config.name => {
+                    agent.complete(OpResult::Hop(Ok(())))
+                }
                 Op::Hop { site } => match self.send_agent(&mut agent, &site).await {
                     Ok(info) => {
-                        let _ = self.store.set_agent(&id, &AgentRecord::Forwarded { seq: info.seq, to: site });
+                        let _ = self.store.set_agent(
+                            &id,
+                            &AgentRecord::Forwarded {
+                                seq: info.seq,
+                                to: site,
+                            },
+                        );
                         self.forget_running(&id);
                         return self.report(id, home, LaunchEvent::Moved(info));
                     }
                     Err(error) => {
                         tracing::info!(agent = %id, "hop failed: {error}");
-                        self.report(id, home.clone(), LaunchEvent::HopFailed { site: self.config.name.clone(), error: error.to_string() });
+                        self.report(
+                            id,
+                            home.clone(),
+                            LaunchEvent::HopFailed {
+                                site: self.config.name.clone(),
+                                error: error.to_string(),
+                            },
+                        );
                         agent.complete(OpResult::Hop(Err(error)));
                     }
                 },
                 Op::Call { service, request } => {
-                    let result = self.site.call(&service, &request).map(serde_bytes::ByteBuf::from);
+                    let result = self
+                        .site
+                        .call(&service, &request)
+                        .map(serde_bytes::ByteBuf::from);
                     agent.complete(OpResult::Call(result));
                 }
                 Op::Checkpoint => agent.complete(OpResult::Checkpoint),
@@ -527,10 +682,24 @@ impl Host {
         }
     }
 
-    fn finish(self: &Arc<Self>, id: AgentId, home: String, hops: u64, outcome: Result<Vec<u8>, String>) {
+    fn finish(
+        self: &Arc<Self>,
+        id: AgentId,
+        home: String,
+        hops: u64,
+        outcome: Result<Vec<u8>, String>,
+    ) {
         let _ = self.store.remove_agent(&id);
         self.forget_running(&id);
-        self.report(id, home, LaunchEvent::Finished { site: self.config.name.clone(), hops, outcome });
+        self.report(
+            id,
+            home,
+            LaunchEvent::Finished {
+                site: self.config.name.clone(),
+                hops,
+                outcome,
+            },
+        );
     }
 
     /// Stores the agent at its safe point, pending operation included, to resume on restart.
@@ -542,7 +711,18 @@ impl Host {
             .encode()
             .map_err(|e| e.to_string())
             .and_then(|bytes| self.store.put_image(&bytes).map_err(|e| e.to_string()))
-            .and_then(|image| self.store.set_agent(&id, &AgentRecord::Resident { seq, image, parked: true }).map_err(|e| e.to_string()));
+            .and_then(|image| {
+                self.store
+                    .set_agent(
+                        &id,
+                        &AgentRecord::Resident {
+                            seq,
+                            image,
+                            parked: true,
+                        },
+                    )
+                    .map_err(|e| e.to_string())
+            });
         match stored {
             Ok(()) => tracing::info!(agent = %id, "parked"),
             Err(e) => tracing::error!(agent = %id, "cannot park agent: {e}"),
@@ -561,8 +741,15 @@ impl Host {
         agent.context_mut().hop_seq += 1;
         let seq = agent.context().hop_seq;
         let mut image = agent.capture();
-        image.context.trace.push(HopRecord { seq, from: from.clone(), to: site.to_string() });
-        let bytes = image.encode().map_err(|e| HopError::Unreachable { site: site.into(), reason: e.to_string() })?;
+        image.context.trace.push(HopRecord {
+            seq,
+            from: from.clone(),
+            to: site.to_string(),
+        });
+        let bytes = image.encode().map_err(|e| HopError::Unreachable {
+            site: site.into(),
+            reason: e.to_string(),
+        })?;
         let module = agent.module().clone();
         let wasm = self.store.module(&module.hash).unwrap_or_default();
         let offer = Offer {
@@ -581,7 +768,9 @@ impl Host {
         let reply = async {
             let conn = self.connect(site).await?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            write_msg(&mut send, &Request::Offer(offer.clone())).await.map_err(|e| e.to_string())?;
+            write_msg(&mut send, &Request::Offer(offer.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
             let reply: OfferReply = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
             streams = Some((send, recv));
             Ok(reply)
@@ -592,7 +781,9 @@ impl Host {
         let mut backoff = Duration::from_millis(100);
         loop {
             step = match step {
-                SourceStep::Transfer { module: need_module } => {
+                SourceStep::Transfer {
+                    module: need_module,
+                } => {
                     let sent = match streams.as_mut() {
                         Some((send, _)) => {
                             let mut result = Ok(());
@@ -611,7 +802,9 @@ impl Host {
                 }
                 SourceStep::AwaitVerdict => {
                     let verdict = match streams.as_mut() {
-                        Some((_, recv)) => read_msg::<TransferReply>(recv).await.map_err(|e| e.to_string()),
+                        Some((_, recv)) => read_msg::<TransferReply>(recv)
+                            .await
+                            .map_err(|e| e.to_string()),
                         None => Err("no stream".to_string()),
                     };
                     hop.on_verdict(verdict)
@@ -619,8 +812,15 @@ impl Host {
                 SourceStep::Query => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
-                    let status: Result<Result<TransferStatus, String>, String> =
-                        self.ask(site, &Request::Query { agent: offer.agent, seq }).await;
+                    let status: Result<Result<TransferStatus, String>, String> = self
+                        .ask(
+                            site,
+                            &Request::Query {
+                                agent: offer.agent,
+                                seq,
+                            },
+                        )
+                        .await;
                     hop.on_query_reply(status.and_then(|s| s))
                 }
                 SourceStep::Resume(error) => return Err(error),
@@ -651,9 +851,14 @@ impl Host {
         let view = DestView {
             committed: status == Some(TransferStatus::Committed),
             aborted: status == Some(TransferStatus::Aborted),
-            has_module: self.modules.get(&offer.module).is_some() || self.store.module(&offer.module).is_some(),
+            has_module: self.modules.get(&offer.module).is_some()
+                || self.store.module(&offer.module).is_some(),
             agents: self.running.lock().map(|r| r.len()).unwrap_or(0),
-            max_agents: if self.shutting_down.load(Ordering::SeqCst) { 0 } else { self.config.max_agents },
+            max_agents: if self.shutting_down.load(Ordering::SeqCst) {
+                0
+            } else {
+                self.config.max_agents
+            },
             max_memory: self.config.limits.max_memory,
             max_image: self.config.max_image,
             max_module: self.config.max_module,
@@ -666,7 +871,11 @@ impl Host {
             }
             return Ok(());
         };
-        let wasm = if need_module { Some(read_blob(recv, "module", self.config.max_module).await?) } else { None };
+        let wasm = if need_module {
+            Some(read_blob(recv, "module", self.config.max_module).await?)
+        } else {
+            None
+        };
         let image = read_blob(recv, "image", self.config.max_image).await?;
         match self.receive(&offer, wasm, &image).await {
             Ok(mut agent) => {
@@ -684,24 +893,41 @@ impl Host {
     }
 
     /// Validates an arriving agent fully (by restoring it), then commits it durably.
-    async fn receive(&self, offer: &Offer, wasm: Option<Vec<u8>>, bytes: &[u8]) -> Result<AgentInstance, String> {
+    async fn receive(
+        &self,
+        offer: &Offer,
+        wasm: Option<Vec<u8>>,
+        bytes: &[u8],
+    ) -> Result<AgentInstance, String> {
         let module = match wasm {
             Some(wasm) => {
                 if ModuleHash::of(&wasm) != offer.module {
                     return Err("the module bytes do not match the offered hash".into());
                 }
-                let module = self.modules.admit(&wasm).map_err(|e| format!("module refused: {e}"))?;
-                self.store.put_module(&module.hash, &wasm).map_err(|e| e.to_string())?;
+                let module = self
+                    .modules
+                    .admit(&wasm)
+                    .map_err(|e| format!("module refused: {e}"))?;
+                self.store
+                    .put_module(&module.hash, &wasm)
+                    .map_err(|e| e.to_string())?;
                 module
             }
             None => self.module(&offer.module)?,
         };
         let image = AgentImage::decode(bytes, &self.image_limits()).map_err(|e| e.to_string())?;
-        if image.context.agent_id != offer.agent || image.context.hop_seq != offer.seq || image.module != offer.module {
+        if image.context.agent_id != offer.agent
+            || image.context.hop_seq != offer.seq
+            || image.module != offer.module
+        {
             return Err("the image does not match the offer".into());
         }
-        let agent = AgentInstance::restore(module, self.site.clone(), image, &self.config.limits).await.map_err(|e| e.to_string())?;
-        self.store.commit_arrival(&offer.agent, offer.seq, bytes).map_err(|e| e.to_string())?;
+        let agent = AgentInstance::restore(module, self.site.clone(), image, &self.config.limits)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.store
+            .commit_arrival(&offer.agent, offer.seq, bytes)
+            .map_err(|e| e.to_string())?;
         Ok(agent)
     }
 }

@@ -164,7 +164,9 @@ mod outcome_bytes {
         v.as_ref().map(|b| serde_bytes::Bytes::new(b)).serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Result<Vec<u8>, String>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Result<Vec<u8>, String>, D::Error> {
         let v: Result<serde_bytes::ByteBuf, String> = Deserialize::deserialize(d)?;
         Ok(v.map(serde_bytes::ByteBuf::into_vec))
     }

@@ -103,7 +103,10 @@ impl HostStore {
         txn.open_table(AGENTS).map_err(db_err)?;
         txn.open_table(HOME).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
-        Ok(HostStore { db, dir: dir.to_path_buf() })
+        Ok(HostStore {
+            db,
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn module_path(&self, hash: &ModuleHash) -> PathBuf {
@@ -155,34 +158,63 @@ impl HostStore {
     ///
     /// # Errors
     /// When the database fails.
-    pub fn transfer(&self, agent: &AgentId, seq: u64) -> Result<Option<TransferStatus>, StoreError> {
+    pub fn transfer(
+        &self,
+        agent: &AgentId,
+        seq: u64,
+    ) -> Result<Option<TransferStatus>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(TRANSFERS).map_err(db_err)?;
-        let value = table.get(transfer_key(agent, seq).as_slice()).map_err(db_err)?.map(|v| v.value());
-        Ok(value.map(|v| if v == COMMITTED { TransferStatus::Committed } else { TransferStatus::Aborted }))
+        let value = table
+            .get(transfer_key(agent, seq).as_slice())
+            .map_err(db_err)?
+            .map(|v| v.value());
+        Ok(value.map(|v| {
+            if v == COMMITTED {
+                TransferStatus::Committed
+            } else {
+                TransferStatus::Aborted
+            }
+        }))
     }
 
     /// The commit point of a hop: records that this host owns the agent, with its image.
     ///
     /// # Errors
     /// [`StoreError::Aborted`] if a query aborted this transfer first.
-    pub fn commit_arrival(&self, agent: &AgentId, seq: u64, image: &[u8]) -> Result<(), StoreError> {
+    pub fn commit_arrival(
+        &self,
+        agent: &AgentId,
+        seq: u64,
+        image: &[u8],
+    ) -> Result<(), StoreError> {
         let name = self.put_image(image)?;
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
             let key = transfer_key(agent, seq);
-            let previous = transfers.get(key.as_slice()).map_err(db_err)?.map(|v| v.value());
+            let previous = transfers
+                .get(key.as_slice())
+                .map_err(db_err)?
+                .map(|v| v.value());
             match previous {
                 Some(ABORTED) => return Err(StoreError::Aborted),
                 Some(_) => {} // a repeated commit of the same transfer
                 None => {
-                    transfers.insert(key.as_slice(), COMMITTED).map_err(db_err)?;
+                    transfers
+                        .insert(key.as_slice(), COMMITTED)
+                        .map_err(db_err)?;
                 }
             }
             let mut agents = txn.open_table(AGENTS).map_err(db_err)?;
-            let record = AgentRecord::Resident { seq, image: name, parked: false };
-            agents.insert(agent.0.as_slice(), cbor(&record).as_slice()).map_err(db_err)?;
+            let record = AgentRecord::Resident {
+                seq,
+                image: name,
+                parked: false,
+            };
+            agents
+                .insert(agent.0.as_slice(), cbor(&record).as_slice())
+                .map_err(db_err)?;
         }
         txn.commit().map_err(db_err)
     }
@@ -191,12 +223,19 @@ impl HostStore {
     ///
     /// # Errors
     /// When the database fails.
-    pub fn resolve_transfer(&self, agent: &AgentId, seq: u64) -> Result<TransferStatus, StoreError> {
+    pub fn resolve_transfer(
+        &self,
+        agent: &AgentId,
+        seq: u64,
+    ) -> Result<TransferStatus, StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         let status = {
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
             let key = transfer_key(agent, seq);
-            let previous = transfers.get(key.as_slice()).map_err(db_err)?.map(|v| v.value());
+            let previous = transfers
+                .get(key.as_slice())
+                .map_err(db_err)?
+                .map(|v| v.value());
             match previous {
                 Some(COMMITTED) => TransferStatus::Committed,
                 _ => {
@@ -216,7 +255,10 @@ impl HostStore {
     pub fn set_agent(&self, agent: &AgentId, record: &AgentRecord) -> Result<(), StoreError> {
         let old = self.agent(agent)?;
         let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(AGENTS).map_err(db_err)?.insert(agent.0.as_slice(), cbor(record).as_slice()).map_err(db_err)?;
+        txn.open_table(AGENTS)
+            .map_err(db_err)?
+            .insert(agent.0.as_slice(), cbor(record).as_slice())
+            .map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         self.drop_old_image(old, Some(record));
         Ok(())
@@ -229,7 +271,10 @@ impl HostStore {
     pub fn remove_agent(&self, agent: &AgentId) -> Result<(), StoreError> {
         let old = self.agent(agent)?;
         let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(AGENTS).map_err(db_err)?.remove(agent.0.as_slice()).map_err(db_err)?;
+        txn.open_table(AGENTS)
+            .map_err(db_err)?
+            .remove(agent.0.as_slice())
+            .map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         self.drop_old_image(old, None);
         Ok(())
@@ -265,7 +310,9 @@ impl HostStore {
         let mut out = Vec::new();
         for entry in table.iter().map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
-            let Ok(id) = <[u8; 16]>::try_from(k.value()) else { continue };
+            let Ok(id) = <[u8; 16]>::try_from(k.value()) else {
+                continue;
+            };
             let record: AgentRecord = uncbor(v.value())?;
             if matches!(record, AgentRecord::Resident { .. }) {
                 out.push((AgentId(id), record));
@@ -280,7 +327,10 @@ impl HostStore {
     /// When the database fails.
     pub fn put_home(&self, status: &StatusReply) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(HOME).map_err(db_err)?.insert(status.agent.0.as_slice(), cbor(status).as_slice()).map_err(db_err)?;
+        txn.open_table(HOME)
+            .map_err(db_err)?
+            .insert(status.agent.0.as_slice(), cbor(status).as_slice())
+            .map_err(db_err)?;
         txn.commit().map_err(db_err)
     }
 
@@ -310,13 +360,29 @@ mod tests {
         let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         let agent = AgentId([5; 16]);
         assert_eq!(store.transfer(&agent, 1).ok().flatten(), None);
-        store.commit_arrival(&agent, 1, b"image one").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(store.resolve_transfer(&agent, 1).ok(), Some(TransferStatus::Committed));
-        store.commit_arrival(&agent, 1, b"image one").unwrap_or_else(|e| panic!("repeated commit: {e}"));
+        store
+            .commit_arrival(&agent, 1, b"image one")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            store.resolve_transfer(&agent, 1).ok(),
+            Some(TransferStatus::Committed)
+        );
+        store
+            .commit_arrival(&agent, 1, b"image one")
+            .unwrap_or_else(|e| panic!("repeated commit: {e}"));
 
-        assert_eq!(store.resolve_transfer(&agent, 2).ok(), Some(TransferStatus::Aborted));
-        assert!(matches!(store.commit_arrival(&agent, 2, b"late image"), Err(StoreError::Aborted)));
-        assert_eq!(store.transfer(&agent, 2).ok().flatten(), Some(TransferStatus::Aborted));
+        assert_eq!(
+            store.resolve_transfer(&agent, 2).ok(),
+            Some(TransferStatus::Aborted)
+        );
+        assert!(matches!(
+            store.commit_arrival(&agent, 2, b"late image"),
+            Err(StoreError::Aborted)
+        ));
+        assert_eq!(
+            store.transfer(&agent, 2).ok().flatten(),
+            Some(TransferStatus::Aborted)
+        );
     }
 
     #[test]
@@ -325,17 +391,31 @@ mod tests {
         let agent = AgentId([6; 16]);
         {
             let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-            store.commit_arrival(&agent, 4, b"the image").unwrap_or_else(|e| panic!("{e}"));
+            store
+                .commit_arrival(&agent, 4, b"the image")
+                .unwrap_or_else(|e| panic!("{e}"));
         }
         let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         let residents = store.residents().unwrap_or_default();
-        let Some((id, AgentRecord::Resident { seq, image, .. })) = residents.first().cloned() else {
+        let Some((id, AgentRecord::Resident { seq, image, .. })) = residents.first().cloned()
+        else {
             panic!("no resident after reopen: {residents:?}");
         };
         assert_eq!((id, seq), (agent, 4));
         assert_eq!(store.image(&image).ok().as_deref(), Some(&b"the image"[..]));
-        store.set_agent(&agent, &AgentRecord::Forwarded { seq: 5, to: "b".into() }).unwrap_or_else(|e| panic!("{e}"));
-        assert!(store.image(&image).is_err(), "the image of an agent that left is deleted");
+        store
+            .set_agent(
+                &agent,
+                &AgentRecord::Forwarded {
+                    seq: 5,
+                    to: "b".into(),
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            store.image(&image).is_err(),
+            "the image of an agent that left is deleted"
+        );
         assert!(store.residents().unwrap_or_default().is_empty());
     }
 }

@@ -37,12 +37,19 @@ pub struct Credentials {
 
 impl Clone for Credentials {
     fn clone(&self) -> Self {
-        Credentials { roots: self.roots.clone(), chain: self.chain.clone(), key: self.key.clone_key() }
+        Credentials {
+            roots: self.roots.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 
 fn read_err(path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsError + '_ {
-    move |e| TlsError::Read { path: path.display().to_string(), why: e.to_string() }
+    move |e| TlsError::Read {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    }
 }
 
 impl Credentials {
@@ -53,14 +60,20 @@ impl Credentials {
     pub fn load(ca: &Path, files: &CertFiles) -> Result<Credentials, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(ca).map_err(read_err(ca))? {
-            roots.add(cert.map_err(read_err(ca))?).map_err(|e| TlsError::Config(e.to_string()))?;
+            roots
+                .add(cert.map_err(read_err(ca))?)
+                .map_err(|e| TlsError::Config(e.to_string()))?;
         }
         let chain = CertificateDer::pem_file_iter(&files.cert)
             .map_err(read_err(&files.cert))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(read_err(&files.cert))?;
         let key = PrivateKeyDer::from_pem_file(&files.key).map_err(read_err(&files.key))?;
-        Ok(Credentials { roots: Arc::new(roots), chain, key })
+        Ok(Credentials {
+            roots: Arc::new(roots),
+            chain,
+            key,
+        })
     }
 
     /// The identity in our own certificate.
@@ -68,7 +81,10 @@ impl Credentials {
     /// # Errors
     /// When our certificate lacks a name or role.
     pub fn identity(&self) -> Result<Identity, certs::CertError> {
-        let first = self.chain.first().ok_or_else(|| certs::CertError::Bad("empty certificate file".into()))?;
+        let first = self
+            .chain
+            .first()
+            .ok_or_else(|| certs::CertError::Bad("empty certificate file".into()))?;
         certs::identity(first)
     }
 }
@@ -96,9 +112,12 @@ fn transport() -> Arc<quinn::TransportConfig> {
 /// # Errors
 /// When rustls rejects the certificate or key.
 pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(creds.roots.clone(), provider())
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        creds.roots.clone(),
+        provider(),
+    )
+    .build()
+    .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -106,7 +125,8 @@ pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsErro
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport());
     Ok(config)
@@ -124,7 +144,8 @@ pub fn client_config(creds: &Credentials) -> Result<quinn::ClientConfig, TlsErro
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(transport());
     Ok(config)
@@ -139,6 +160,8 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, certs::CertEr
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or_else(|| certs::CertError::Bad("the peer presented no certificate".into()))?;
-    let first = certs.first().ok_or_else(|| certs::CertError::Bad("the peer presented no certificate".into()))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| certs::CertError::Bad("the peer presented no certificate".into()))?;
     certs::identity(first)
 }

@@ -34,7 +34,10 @@ pub enum WireError {
 ///
 /// # Errors
 /// When the stream fails.
-pub async fn write_msg<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), WireError> {
+pub async fn write_msg<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), WireError> {
     let mut bytes = Vec::new();
     ciborium::into_writer(msg, &mut bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
     write_blob(send, &bytes).await
@@ -49,7 +52,8 @@ pub async fn write_msg<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> R
 /// Not cancel safe: a partly read frame is lost.
 pub async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, WireError> {
     let bytes = read_blob(recv, "message", MAX_MESSAGE as u64).await?;
-    ciborium::de::from_reader_with_recursion_limit(bytes.as_slice(), 32).map_err(|e| WireError::Malformed(e.to_string()))
+    ciborium::de::from_reader_with_recursion_limit(bytes.as_slice(), 32)
+        .map_err(|e| WireError::Malformed(e.to_string()))
 }
 
 /// Writes a length-prefixed blob.
@@ -57,22 +61,34 @@ pub async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Resu
 /// # Errors
 /// When the stream fails.
 pub async fn write_blob(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), WireError> {
-    send.write_all(&(bytes.len() as u64).to_le_bytes()).await.map_err(|e| WireError::Stream(e.to_string()))?;
-    send.write_all(bytes).await.map_err(|e| WireError::Stream(e.to_string()))
+    send.write_all(&(bytes.len() as u64).to_le_bytes())
+        .await
+        .map_err(|e| WireError::Stream(e.to_string()))?;
+    send.write_all(bytes)
+        .await
+        .map_err(|e| WireError::Stream(e.to_string()))
 }
 
 /// Reads a length-prefixed blob of at most `limit` bytes.
 ///
 /// # Errors
 /// When the stream fails or the blob is larger than `limit`.
-pub async fn read_blob(recv: &mut quinn::RecvStream, what: &'static str, limit: u64) -> Result<Vec<u8>, WireError> {
+pub async fn read_blob(
+    recv: &mut quinn::RecvStream,
+    what: &'static str,
+    limit: u64,
+) -> Result<Vec<u8>, WireError> {
     let mut len = [0u8; 8];
-    recv.read_exact(&mut len).await.map_err(|e| WireError::Stream(e.to_string()))?;
+    recv.read_exact(&mut len)
+        .await
+        .map_err(|e| WireError::Stream(e.to_string()))?;
     let size = u64::from_le_bytes(len);
     if size > limit {
         return Err(WireError::TooLarge { what, size, limit });
     }
     let mut bytes = vec![0u8; size as usize];
-    recv.read_exact(&mut bytes).await.map_err(|e| WireError::Stream(e.to_string()))?;
+    recv.read_exact(&mut bytes)
+        .await
+        .map_err(|e| WireError::Stream(e.to_string()))?;
     Ok(bytes)
 }

@@ -33,7 +33,10 @@ struct Hosts(Vec<(String, Child)>);
 impl Drop for Hosts {
     fn drop(&mut self) {
         for (_, child) in &mut self.0 {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         for (name, child) in &mut self.0 {
@@ -58,7 +61,10 @@ fn agent_host_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("agent-host");
     if !bin.is_file() {
-        bail!("{} is missing: build it with `cargo build --bins`", bin.display());
+        bail!(
+            "{} is missing: build it with `cargo build --bins`",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -68,47 +74,102 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for site in SITES {
         let dir = args.sites.join(site);
         if !dir.is_dir() {
-            bail!("no corpus directory {} (run the demo from the repository root, or give --sites)", dir.display());
+            bail!(
+                "no corpus directory {} (run the demo from the repository root, or give --sites)",
+                dir.display()
+            );
         }
     }
     eprintln!("building {} ...", args.agent.display());
     let wasm_path = builder::build(&args.agent)?;
-    let wasm = std::fs::read(&wasm_path).with_context(|| format!("cannot read {}", wasm_path.display()))?;
+    let wasm = std::fs::read(&wasm_path)
+        .with_context(|| format!("cannot read {}", wasm_path.display()))?;
 
     let work = tempfile::tempdir()?;
     let certs_dir = work.path().join("certs");
     certs::init_ca(&certs_dir)?;
     for site in SITES {
-        certs::issue(&certs_dir, &certs_dir, Role::Host, site, Validity::default())?;
+        certs::issue(
+            &certs_dir,
+            &certs_dir,
+            Role::Host,
+            site,
+            Validity::default(),
+        )?;
     }
-    certs::issue(&certs_dir, &certs_dir, Role::User, "demo", Validity::default())?;
-    eprintln!("made a private CA and certificates for {} and user demo in {}", SITES.join(", "), certs_dir.display());
+    certs::issue(
+        &certs_dir,
+        &certs_dir,
+        Role::User,
+        "demo",
+        Validity::default(),
+    )?;
+    eprintln!(
+        "made a private CA and certificates for {} and user demo in {}",
+        SITES.join(", "),
+        certs_dir.display()
+    );
 
-    let addrs: BTreeMap<&str, SocketAddr> = SITES.iter().map(|s| Ok((*s, free_port()?))).collect::<anyhow::Result<_>>()?;
+    let addrs: BTreeMap<&str, SocketAddr> = SITES
+        .iter()
+        .map(|s| Ok((*s, free_port()?)))
+        .collect::<anyhow::Result<_>>()?;
     let mut hosts = Hosts(Vec::new());
     for site in SITES {
-        hosts.0.push((site.to_string(), spawn_host(&host_bin, work.path(), &certs_dir, &args.sites, site, &addrs)?));
+        hosts.0.push((
+            site.to_string(),
+            spawn_host(
+                &host_bin,
+                work.path(),
+                &certs_dir,
+                &args.sites,
+                site,
+                &addrs,
+            )?,
+        ));
     }
     let connections: Vec<Connection> = SITES
         .iter()
         .map(|s| Connection {
-            host: agent_runtime::net::client::HostAddr { name: s.to_string(), addr: addrs[s] },
+            host: agent_runtime::net::client::HostAddr {
+                name: s.to_string(),
+                addr: addrs[s],
+            },
             certs: certs_dir.clone(),
             user: Some("demo".into()),
         })
         .collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         for conn in &connections {
             wait_ready(conn, &mut hosts).await?;
         }
-        eprintln!("three hosts up: {}", SITES.iter().map(|s| format!("{s}@{}", addrs[s])).collect::<Vec<_>>().join(", "));
-        let itinerary = vec!["siteB".to_string(), "siteC".to_string(), "siteA".to_string()];
+        eprintln!(
+            "three hosts up: {}",
+            SITES
+                .iter()
+                .map(|s| format!("{s}@{}", addrs[s]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let itinerary = vec![
+            "siteB".to_string(),
+            "siteC".to_string(),
+            "siteA".to_string(),
+        ];
         let mut launch_args = BTreeMap::new();
         launch_args.insert("query".to_string(), args.query.clone());
-        let (code, result) = user::launch(&connections[0], &wasm, itinerary, launch_args, false).await?;
+        let (code, result) =
+            user::launch(&connections[0], &wasm, itinerary, launch_args, false).await?;
         if let Some(hits) = result.as_ref().and_then(|r| r["hits"].as_array()) {
-            eprintln!("{} hits for `{}` from {} sites", hits.len(), args.query, SITES.len());
+            eprintln!(
+                "{} hits for `{}` from {} sites",
+                hits.len(),
+                args.query,
+                SITES.len()
+            );
         }
         anyhow::Ok(code)
     })
@@ -136,7 +197,8 @@ fn spawn_host(
         cmd.arg("--peer").arg(format!("{peer}={addr}"));
     }
     cmd.stdout(Stdio::null()).stderr(log);
-    cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
 }
 
 async fn wait_ready(conn: &Connection, hosts: &mut Hosts) -> anyhow::Result<()> {

@@ -139,8 +139,12 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from),
         Command::Run(args) => run(args),
         Command::Launch(args) => launch(args),
-        Command::Status { id, conn, json } => block_on(user::status(&conn, id, json)).map(|()| ExitCode::SUCCESS),
-        Command::List { conn, json } => block_on(user::list(&conn, json)).map(|()| ExitCode::SUCCESS),
+        Command::Status { id, conn, json } => {
+            block_on(user::status(&conn, id, json)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::List { conn, json } => {
+            block_on(user::list(&conn, json)).map(|()| ExitCode::SUCCESS)
+        }
         Command::Kill { id, conn } => block_on(user::kill(&conn, id)).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args),
     };
@@ -151,13 +155,24 @@ fn main() -> ExitCode {
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(f)
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
 }
 
 fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
-    let wasm = std::fs::read(&args.module).with_context(|| format!("cannot read {}", args.module.display()))?;
+    let wasm = std::fs::read(&args.module)
+        .with_context(|| format!("cannot read {}", args.module.display()))?;
     let launch_args = args.args.into_iter().collect::<BTreeMap<_, _>>();
-    block_on(user::launch(&args.conn, &wasm, args.hop, launch_args, args.json)).map(|(code, _)| code)
+    block_on(user::launch(
+        &args.conn,
+        &wasm,
+        args.hop,
+        launch_args,
+        args.json,
+    ))
+    .map(|(code, _)| code)
 }
 
 fn default_cache_dir() -> Option<PathBuf> {

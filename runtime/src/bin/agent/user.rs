@@ -15,7 +15,11 @@ use std::process::ExitCode;
 #[derive(clap::Args, Clone)]
 pub struct Connection {
     /// The host: its site name and UDP address.
-    #[arg(long, value_name = "NAME@ADDR", default_value = "localhost@127.0.0.1:4433")]
+    #[arg(
+        long,
+        value_name = "NAME@ADDR",
+        default_value = "localhost@127.0.0.1:4433"
+    )]
     pub host: HostAddr,
     /// Directory with ca.crt and user-NAME.crt/.key.
     #[arg(long, default_value = "agent-host-data/certs")]
@@ -40,20 +44,33 @@ impl Connection {
     /// Connects as the user.
     pub async fn connect(&self) -> anyhow::Result<Client> {
         let creds = self.credentials()?;
-        Client::connect(&self.host, &creds).await.map_err(anyhow::Error::msg)
+        Client::connect(&self.host, &creds)
+            .await
+            .map_err(anyhow::Error::msg)
     }
 }
 
 fn only_user(dir: &Path) -> anyhow::Result<String> {
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
     let users: Vec<String> = entries
         .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("user-")?.strip_suffix(".crt").map(str::to_string)))
+        .filter_map(|e| {
+            e.file_name().to_str().and_then(|n| {
+                n.strip_prefix("user-")?
+                    .strip_suffix(".crt")
+                    .map(str::to_string)
+            })
+        })
         .collect();
     match users.as_slice() {
         [one] => Ok(one.clone()),
         [] => bail!("no user certificate in {}", dir.display()),
-        many => bail!("several user certificates in {} ({}): choose one with --user", dir.display(), many.join(", ")),
+        many => bail!(
+            "several user certificates in {} ({}): choose one with --user",
+            dir.display(),
+            many.join(", ")
+        ),
     }
 }
 
@@ -76,8 +93,15 @@ pub async fn launch(
             return;
         }
         match event {
-            LaunchEvent::Launched { agent, site, module } => {
-                eprintln!("launched agent {agent} on {site} (module {})", &module.to_string()[..12]);
+            LaunchEvent::Launched {
+                agent,
+                site,
+                module,
+            } => {
+                eprintln!(
+                    "launched agent {agent} on {site} (module {})",
+                    &module.to_string()[..12]
+                );
             }
             LaunchEvent::Moved(hop) => {
                 let arrow = if color { "\u{2192}" } else { "->" };
@@ -96,14 +120,21 @@ pub async fn launch(
             LaunchEvent::Finished { site, .. } => eprintln!("agent ended on {site}"),
         }
     };
-    let last = client.launch(wasm, itinerary, args, &mut on_event).await.map_err(anyhow::Error::msg)?;
+    let last = client
+        .launch(wasm, itinerary, args, &mut on_event)
+        .await
+        .map_err(anyhow::Error::msg)?;
     client.close().await;
     let (agent_ok, result, error) = match &last {
-        LaunchEvent::Finished { outcome: Ok(bytes), .. } => match cbor_to_json(bytes) {
+        LaunchEvent::Finished {
+            outcome: Ok(bytes), ..
+        } => match cbor_to_json(bytes) {
             Ok(v) => (true, Some(v), None),
             Err(e) => (false, None, Some(e)),
         },
-        LaunchEvent::Finished { outcome: Err(e), .. } => (false, None, Some(e.clone())),
+        LaunchEvent::Finished {
+            outcome: Err(e), ..
+        } => (false, None, Some(e.clone())),
         LaunchEvent::Refused(why) => (false, None, Some(format!("launch refused: {why}"))),
         other => (false, None, Some(format!("unexpected end: {other:?}"))),
     };
@@ -125,7 +156,14 @@ pub async fn launch(
             (None, None) => {}
         }
     }
-    Ok((if agent_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }, result))
+    Ok((
+        if agent_ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+        result,
+    ))
 }
 
 fn hop_json(h: &HopInfo) -> serde_json::Value {
@@ -138,7 +176,10 @@ fn hop_json(h: &HopInfo) -> serde_json::Value {
 /// The hop table: from, to, bytes moved and freeze time (suspended on the source until the
 /// destination committed).
 pub fn hop_table(hops: &[HopInfo]) -> String {
-    let mut out = format!("{:>3}  {:<10} {:<8} {:<10} {:>10} {:>10} {:>10}\n", "hop", "from", "arch", "to", "image", "module", "freeze");
+    let mut out = format!(
+        "{:>3}  {:<10} {:<8} {:<10} {:>10} {:>10} {:>10}\n",
+        "hop", "from", "arch", "to", "image", "module", "freeze"
+    );
     for h in hops {
         out.push_str(&format!(
             "{:>3}  {:<10} {:<8} {:<10} {:>10} {:>10} {:>7.2} ms\n",
@@ -170,10 +211,22 @@ fn cbor_to_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
 }
 
 fn print_status(s: &StatusReply) {
-    let path: Vec<&str> = std::iter::once(s.hops.first().map(|h| h.from.as_str()).unwrap_or(s.site.as_str()))
-        .chain(s.hops.iter().map(|h| h.to.as_str()))
-        .collect();
-    println!("{}  {:<9} on {:<10} owner {:<10} path {}", s.agent, s.state, s.site, s.owner, path.join(" -> "));
+    let path: Vec<&str> = std::iter::once(
+        s.hops
+            .first()
+            .map(|h| h.from.as_str())
+            .unwrap_or(s.site.as_str()),
+    )
+    .chain(s.hops.iter().map(|h| h.to.as_str()))
+    .collect();
+    println!(
+        "{}  {:<9} on {:<10} owner {:<10} path {}",
+        s.agent,
+        s.state,
+        s.site,
+        s.owner,
+        path.join(" -> ")
+    );
 }
 
 /// `agent status ID`.
@@ -205,7 +258,10 @@ pub async fn list(conn: &Connection, json: bool) -> anyhow::Result<()> {
     let all = client.list().await.map_err(anyhow::Error::msg)?;
     client.close().await;
     if json {
-        println!("{}", serde_json::to_string_pretty(&all.iter().map(status_json).collect::<Vec<_>>())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&all.iter().map(status_json).collect::<Vec<_>>())?
+        );
     } else if all.is_empty() {
         eprintln!("no agents of yours on {}", conn.host);
     } else {
