@@ -246,6 +246,43 @@ impl Cluster {
         std::fs::read_to_string(self.dir.path().join(format!("{site}.log"))).unwrap_or_default()
     }
 
+    /// Stops a host with SIGTERM (a graceful shutdown) and returns its exit status.
+    pub fn stop(&mut self, site: &str) -> std::process::ExitStatus {
+        let index = self
+            .hosts
+            .iter()
+            .position(|(s, _)| s == site)
+            .unwrap_or_else(|| panic!("no host {site}"));
+        let (_, mut child) = self.hosts.remove(index);
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "host {site} ignored SIGTERM:\n{}",
+                self.log(site)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a host again on the same address and data directory.
+    pub fn restart(&mut self, site: &str, extra: &[&str]) {
+        let old = self.log(site);
+        self.spawn(site, extra);
+        self.wait_ready(site);
+        let _ = std::fs::write(
+            self.dir.path().join(format!("{site}.before-restart.log")),
+            old,
+        );
+    }
+
     /// Whether a host process is still running.
     pub fn alive(&mut self, site: &str) -> bool {
         self.hosts

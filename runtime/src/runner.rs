@@ -339,7 +339,10 @@ fn forward_log(agent: &AgentInstance, on_event: &mut (dyn FnMut(&RunEvent) + Sen
 }
 
 /// Converts an agent's CBOR result to JSON for people and scripts.
-fn cbor_to_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
+///
+/// # Errors
+/// When the bytes are not CBOR or have no JSON form (e.g. non-text map keys).
+pub fn cbor_to_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
     let value: ciborium::Value = ciborium::de::from_reader_with_recursion_limit(bytes, 128)
         .map_err(|e| format!("the agent's result is not valid CBOR: {e}"))?;
     serde_json::to_value(&value).map_err(|e| format!("the agent's result has no JSON form: {e}"))

@@ -244,3 +244,81 @@ fn users_see_and_kill_only_their_own_agents() {
         "killed"
     );
 }
+
+#[test]
+fn sigterm_parks_running_agents_and_a_restart_resumes_them() {
+    let up: &[&str] = &[];
+    let mut cluster = Cluster::start(&["siteA"], &[("siteA", up)]);
+    example("spin");
+    let path = repo().join("examples/target/wasm32-wasip1/release/spin.wasm");
+    let wasm = path.display().to_string();
+    let args = [("n", "12000000"), ("every", "20000")];
+    let launch = Command::new(agent_e2e::agent_bin())
+        .args([
+            "launch",
+            &wasm,
+            "--arg",
+            "n=12000000",
+            "--arg",
+            "every=20000",
+            "--json",
+        ])
+        .args(cluster.conn_args("siteA", "alice"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let list = json(&cluster.agent(&["list", "--json"], "siteA", "alice"));
+        if let Some(id) = list[0]["agent"].as_str() {
+            break id.to_string();
+        }
+        assert!(Instant::now() < deadline, "the agent never showed up");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let status = cluster.stop("siteA");
+    assert!(
+        status.success(),
+        "host exited with {status}:\n{}",
+        cluster.log("siteA")
+    );
+    assert!(
+        cluster.log("siteA").contains("parked"),
+        "{}",
+        cluster.log("siteA")
+    );
+    let out = launch.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!out.status.success(), "the launcher lost its host mid-run");
+
+    cluster.restart("siteA", up);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
+        if status["state"] != "running" {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resumed agent did not finish:\n{}",
+            cluster.log("siteA")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status["state"], "finished", "{status}");
+    assert!(
+        cluster.log("siteA").contains("resuming agent"),
+        "{}",
+        cluster.log("siteA")
+    );
+    // The parked and resumed agent computed exactly what an uninterrupted run computes.
+    let runner = agent_e2e::runner(agent_runtime::Limits::default());
+    let still = agent_e2e::run(
+        &runner,
+        &example("spin"),
+        agent_e2e::launch(&[], &args),
+        agent_runtime::runner::Migration::OnlyHops,
+    );
+    assert_eq!(Some(&status["result"]), still.outcome.as_ref().ok());
+}

@@ -415,6 +415,8 @@ impl Host {
             site: self.config.name.clone(),
             state: "running".into(),
             hops: Vec::new(),
+            result: None,
+            error: None,
         };
         let _ = self.store.put_home(&status);
         if let Ok(mut homes) = self.homes.lock() {
@@ -546,6 +548,13 @@ impl Host {
                     Err(e) if e.contains("killed") => "killed".into(),
                     Err(_) => "failed".into(),
                 };
+                match outcome {
+                    Ok(bytes) => match crate::runner::cbor_to_json(bytes) {
+                        Ok(json) => entry.status.result = Some(json.to_string()),
+                        Err(e) => entry.status.error = Some(e),
+                    },
+                    Err(e) => entry.status.error = Some(e.clone()),
+                }
             }
             _ => {}
         }

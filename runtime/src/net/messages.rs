@@ -185,4 +185,8 @@ pub struct StatusReply {
     pub state: String,
     /// Hops so far.
     pub hops: Vec<HopInfo>,
+    /// The result as JSON text, once it finished.
+    pub result: Option<String>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
 }

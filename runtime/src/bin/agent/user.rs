@@ -5,6 +5,7 @@ use agent_runtime::net::certs::{self, Role};
 use agent_runtime::net::client::{Client, HostAddr};
 use agent_runtime::net::messages::{HopInfo, LaunchEvent, StatusReply};
 use agent_runtime::net::tls::Credentials;
+use agent_runtime::runner::cbor_to_json;
 use anyhow::{Context as _, bail};
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -204,12 +205,6 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-fn cbor_to_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
-    let value: ciborium::Value = ciborium::de::from_reader_with_recursion_limit(bytes, 128)
-        .map_err(|e| format!("the agent's result is not valid CBOR: {e}"))?;
-    serde_json::to_value(&value).map_err(|e| format!("the agent's result has no JSON form: {e}"))
-}
-
 fn print_status(s: &StatusReply) {
     let path: Vec<&str> = std::iter::once(
         s.hops
@@ -241,6 +236,12 @@ pub async fn status(conn: &Connection, agent: AgentId, json: bool) -> anyhow::Re
         if !s.hops.is_empty() {
             println!("{}", hop_table(&s.hops));
         }
+        if let Some(result) = &s.result {
+            println!("result: {result}");
+        }
+        if let Some(error) = &s.error {
+            println!("error: {error}");
+        }
     }
     Ok(())
 }
@@ -249,6 +250,8 @@ fn status_json(s: &StatusReply) -> serde_json::Value {
     serde_json::json!({
         "agent": s.agent.to_string(), "owner": s.owner, "site": s.site, "state": s.state,
         "hops": s.hops.iter().map(hop_json).collect::<Vec<_>>(),
+        "result": s.result.as_deref().and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok()),
+        "error": s.error,
     })
 }
 
