@@ -322,3 +322,56 @@ fn sigterm_parks_running_agents_and_a_restart_resumes_them() {
     );
     assert_eq!(Some(&status["result"]), still.outcome.as_ref().ok());
 }
+
+#[test]
+fn a_bare_agent_host_serve_is_a_working_development_host() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut host = Command::new(agent_e2e::agent_host_bin())
+        .args(["serve", "--listen", &port.to_string()])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stdout = host.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let hint = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("connect with: ").map(str::to_string))
+        .unwrap_or_else(|| panic!("no `connect with:` line"));
+    // The printed command works as printed (with a real module in place of AGENT.wasm).
+    let wasm = search_wasm();
+    let words: Vec<String> = hint
+        .split_whitespace()
+        .skip(1)
+        .map(|w| {
+            if w == "AGENT.wasm" {
+                wasm.clone()
+            } else {
+                w.to_string()
+            }
+        })
+        .collect();
+    let out = Command::new(agent_e2e::agent_bin())
+        .args(&words)
+        .args(["--arg", "query=anything", "--json"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = host.kill();
+    let _ = host.wait();
+    assert!(
+        out.status.success(),
+        "{hint}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        json(&out)["result"]["visited"],
+        serde_json::json!(["localhost"])
+    );
+    assert!(dir.path().join("agent-host-data/certs/ca.key").is_file());
+}
