@@ -46,3 +46,72 @@ fn a_missing_module_is_a_clear_error() {
         "{text}"
     );
 }
+
+#[test]
+fn agent_host_help_names_serve_and_certs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_agent-host"))
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("serve") && text.contains("certs"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_agent-host"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--name",
+        "--listen",
+        "--data-dir",
+        "--certs",
+        "--peer",
+        "--corpus",
+    ] {
+        assert!(
+            text.contains(flag),
+            "`agent-host serve --help` lacks {flag}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn user_commands_are_listed_and_bad_ids_explained() {
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["launch", "status", "list", "kill", "demo"] {
+        assert!(text.contains(cmd), "`agent --help` lacks {cmd}:\n{text}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["status", "xyz"])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`xyz` is not an agent id (32 hex digits)")
+    );
+}
+
+#[test]
+fn a_missing_user_certificate_says_how_to_make_one() {
+    let dir = std::env::temp_dir().join(format!("agent-help-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["list", "--user", "carol", "--certs"])
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("no user certificate for carol in")
+            && text.contains("agent-host certs issue --dir DIR --user carol"),
+        "{text}"
+    );
+}
