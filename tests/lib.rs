@@ -96,14 +96,18 @@ pub fn launch(itinerary: &[&str], args: &[(&str, &str)]) -> Launch {
     }
 }
 
-/// Runs an agent to its end on a fresh current-thread tokio runtime.
-pub fn run(runner: &LocalRunner, wasm: &[u8], launch: Launch, migration: Migration) -> RunReport {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// Runs a future to its end on a fresh current-thread tokio runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    rt.block_on(runner.run(wasm, launch, migration, &mut |_| {}))
         .unwrap_or_else(|e| panic!("{e}"))
+        .block_on(f)
+}
+
+/// Runs an agent to its end on a fresh current-thread tokio runtime.
+pub fn run(runner: &LocalRunner, wasm: &[u8], launch: Launch, migration: Migration) -> RunReport {
+    block_on(runner.run(wasm, launch, migration, &mut |_| {})).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The `agent-host` binary beside [`agent_bin`].

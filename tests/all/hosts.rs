@@ -32,6 +32,19 @@ fn hits_by_site(value: &serde_json::Value) -> std::collections::BTreeSet<String>
         .collect()
 }
 
+/// The id of `user`'s first agent on `site`, once it shows up.
+fn first_agent(cluster: &Cluster, site: &str, user: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = json(&cluster.agent(&["list", "--json"], site, user));
+        if let Some(id) = list[0]["agent"].as_str() {
+            return id.to_string();
+        }
+        assert!(Instant::now() < deadline, "the agent never showed up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn the_search_agent_visits_three_host_processes_and_a_second_launch_sends_no_module() {
     let up: &[&str] = &[];
@@ -210,15 +223,7 @@ fn users_see_and_kill_only_their_own_agents() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let id = loop {
-        let list = json(&cluster.agent(&["list", "--json"], "siteA", "alice"));
-        if let Some(id) = list[0]["agent"].as_str() {
-            break id.to_string();
-        }
-        assert!(Instant::now() < deadline, "the agent never showed up");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let id = first_agent(&cluster, "siteA", "alice");
     assert_eq!(
         json(&cluster.agent(&["list", "--json"], "siteA", "bob")),
         serde_json::json!([])
@@ -268,15 +273,7 @@ fn sigterm_parks_running_agents_and_a_restart_resumes_them() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let id = loop {
-        let list = json(&cluster.agent(&["list", "--json"], "siteA", "alice"));
-        if let Some(id) = list[0]["agent"].as_str() {
-            break id.to_string();
-        }
-        assert!(Instant::now() < deadline, "the agent never showed up");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let id = first_agent(&cluster, "siteA", "alice");
     std::thread::sleep(Duration::from_millis(500));
     let status = cluster.stop("siteA");
     assert!(

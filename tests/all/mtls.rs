@@ -2,20 +2,13 @@
 //! are refused with a clear message, and the host keeps serving.
 
 use agent_e2e::Cluster;
+use agent_e2e::block_on;
 use agent_runtime::net::certs::{self, Role, Validity};
 use agent_runtime::net::client::{Client, HostAddr};
 use agent_runtime::net::messages::{Offer, OfferReply, Request};
 use agent_runtime::net::tls::{self, Credentials};
 use agent_runtime::{AgentId, ModuleHash};
 use std::sync::Arc;
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"))
-        .block_on(f)
-}
 
 fn creds(ca_dir: &std::path::Path, dir: &std::path::Path, role: Role, name: &str) -> Credentials {
     Credentials::load(

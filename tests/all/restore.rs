@@ -1,19 +1,12 @@
 //! Restoring images: the wrong module or wrong globals are refused, and compiled code is kept
 //! on disk so a restart does not compile again.
 
+use agent_e2e::block_on;
 use agent_e2e::{example, search_sites};
 use agent_runtime::engine::new_engine;
 use agent_runtime::instance::{AgentInstance, Step};
 use agent_runtime::{AgentContext, AgentError, ImageError, Limits, ModuleCache};
 use std::sync::Arc;
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"))
-        .block_on(f)
-}
 
 #[test]
 fn an_image_only_restores_into_its_own_module() {

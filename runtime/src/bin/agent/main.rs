@@ -15,6 +15,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+use user::human_bytes;
 
 /// Build and run WebAssembly mobile agents.
 #[derive(Parser)]
@@ -314,14 +315,6 @@ fn hop_line(hop: &HopReport, color: bool) -> String {
         hop.capture.as_secs_f64() * 1e3,
         hop.restore.as_secs_f64() * 1e3,
     )
-}
-
-fn human_bytes(n: u64) -> String {
-    match n {
-        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
-        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
-        n => format!("{n} B"),
-    }
 }
 
 fn whoami() -> String {

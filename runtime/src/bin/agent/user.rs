@@ -197,7 +197,8 @@ pub fn hop_table(hops: &[HopInfo]) -> String {
     out
 }
 
-fn human_bytes(n: u64) -> String {
+/// Bytes for people: B, KiB or MiB.
+pub fn human_bytes(n: u64) -> String {
     match n {
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
         n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
