@@ -372,3 +372,73 @@ fn a_bare_agent_host_serve_is_a_working_development_host() {
     );
     assert!(dir.path().join("agent-host-data/certs/ca.key").is_file());
 }
+
+#[test]
+fn a_host_configured_by_a_toml_file_takes_part_in_hops() {
+    let up: &[&str] = &[];
+    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
+    let config = cluster.dir.path().join("siteB.toml");
+    let text = format!(
+        "name = \"siteB\"\nlisten = \"{}\"\ndata_dir = \"{}\"\ncerts = \"{}\"\ncorpus = \"{}\"\nmax_agents = 10\n\n[peers]\nsiteA = \"{}\"\n",
+        cluster.addrs["siteB"],
+        cluster.dir.path().join("siteB").display(),
+        cluster.certs().display(),
+        repo().join("examples/search/sites/siteB").display(),
+        cluster.addrs["siteA"],
+    );
+    std::fs::write(&config, text).unwrap_or_else(|e| panic!("{e}"));
+    let mut host = Command::new(agent_e2e::agent_host_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.agent(&["list"], "siteB", "alice").status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "the configured host did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let wasm = search_wasm();
+    // Launched on siteB: it reaches siteA through siteB's [peers] table and comes back.
+    let out = cluster.agent(
+        &[
+            "launch",
+            &wasm,
+            "--hop",
+            "siteA,siteB",
+            "--arg",
+            "query=host",
+            "--json",
+        ],
+        "siteB",
+        "alice",
+    );
+    let _ = host.kill();
+    let _ = host.wait();
+    let value = json(&out);
+    assert_eq!(
+        value["result"]["visited"],
+        serde_json::json!(["siteA", "siteB"]),
+        "{value}"
+    );
+
+    let bad = cluster.dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"x\"\nlisten_port = 4\n").unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(agent_e2e::agent_host_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad config") && stderr.contains("unknown field `listen_port`"),
+        "{stderr}"
+    );
+}
