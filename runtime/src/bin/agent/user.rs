@@ -84,7 +84,21 @@ pub async fn launch(
     json: bool,
 ) -> anyhow::Result<(ExitCode, Option<serde_json::Value>)> {
     let client = conn.connect().await?;
-    let color = std::io::stderr().is_terminal();
+    let terminal = std::io::stderr().is_terminal();
+    // On a terminal a spinner shows where the agent is; otherwise plain lines only.
+    let progress = (terminal && !json).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        let style = indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        bar.set_style(style);
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        bar.set_message("submitting the agent");
+        bar
+    });
+    let say = |line: String| match &progress {
+        Some(bar) => bar.println(line),
+        None => eprintln!("{line}"),
+    };
     let mut hops: Vec<HopInfo> = Vec::new();
     let mut on_event = |event: &LaunchEvent| {
         if let LaunchEvent::Moved(hop) = event {
@@ -93,20 +107,27 @@ pub async fn launch(
         if json {
             return;
         }
+        let where_now = match event {
+            LaunchEvent::Launched { site, .. }
+            | LaunchEvent::HopFailed { site, .. }
+            | LaunchEvent::Finished { site, .. } => site.clone(),
+            LaunchEvent::Moved(hop) => hop.to.clone(),
+            LaunchEvent::Refused(_) => String::new(),
+        };
         match event {
             LaunchEvent::Launched {
                 agent,
                 site,
                 module,
             } => {
-                eprintln!(
+                say(format!(
                     "launched agent {agent} on {site} (module {})",
                     &module.to_string()[..12]
-                );
+                ));
             }
             LaunchEvent::Moved(hop) => {
-                let arrow = if color { "\u{2192}" } else { "->" };
-                eprintln!(
+                let arrow = if terminal { "\u{2192}" } else { "->" };
+                say(format!(
                     "hop {}: {} {arrow} {}  image {}  module {}  freeze {:.2} ms",
                     hop.seq,
                     hop.from,
@@ -114,17 +135,24 @@ pub async fn launch(
                     human_bytes(hop.image_bytes),
                     human_bytes(hop.module_bytes),
                     hop.freeze_us as f64 / 1e3
-                );
+                ));
             }
-            LaunchEvent::HopFailed { site, error } => eprintln!("hop failed on {site}: {error}"),
-            LaunchEvent::Refused(why) => eprintln!("launch refused: {why}"),
-            LaunchEvent::Finished { site, .. } => eprintln!("agent ended on {site}"),
+            LaunchEvent::HopFailed { site, error } => say(format!("hop failed on {site}: {error}")),
+            LaunchEvent::Refused(why) => say(format!("launch refused: {why}")),
+            LaunchEvent::Finished { site, .. } => say(format!("agent ended on {site}")),
+        }
+        if let Some(bar) = &progress {
+            bar.set_message(format!("agent on {where_now}, {} hops", hops.len()));
         }
     };
     let last = client
         .launch(wasm, itinerary, args, &mut on_event)
         .await
-        .map_err(anyhow::Error::msg)?;
+        .map_err(anyhow::Error::msg);
+    if let Some(bar) = &progress {
+        bar.finish_and_clear();
+    }
+    let last = last?;
     client.close().await;
     let (agent_ok, result, error) = match &last {
         LaunchEvent::Finished {
