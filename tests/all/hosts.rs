@@ -442,3 +442,50 @@ fn a_host_configured_by_a_toml_file_takes_part_in_hops() {
         "{stderr}"
     );
 }
+
+#[test]
+fn kill_follows_the_agent_to_the_host_it_runs_on() {
+    let up: &[&str] = &[];
+    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up), ("siteB", up)]);
+    example("spin");
+    let wasm = repo()
+        .join("examples/target/wasm32-wasip1/release/spin.wasm")
+        .display()
+        .to_string();
+    let launch = Command::new(agent_e2e::agent_bin())
+        .args([
+            "launch",
+            &wasm,
+            "--hop",
+            "siteB",
+            "--arg",
+            "n=4000000000",
+            "--json",
+        ])
+        .args(cluster.conn_args("siteA", "alice"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let id = first_agent(&cluster, "siteA", "alice");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"))["site"] != "siteB" {
+        assert!(Instant::now() < deadline, "the agent never reached siteB");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = cluster.agent(&["kill", &id], "siteA", "alice");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = launch.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let value = json(&out);
+    assert_eq!(value["error"], "agent killed by its owner");
+    assert_eq!(value["hops"][0]["to"], "siteB");
+    let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
+    assert_eq!(
+        (status["state"].as_str(), status["site"].as_str()),
+        (Some("killed"), Some("siteB"))
+    );
+}

@@ -1,5 +1,6 @@
-//! Test agent that is CPU-bound: counts primes below `n` (default 100000) by trial division
-//! and calls `ctx.checkpoint()` every `every` numbers (default 1000), so a host can stop it.
+//! Test agent that is CPU-bound: goes to the sites of its itinerary (if any), then counts
+//! primes below `n` (default 100000) by trial division and calls `ctx.checkpoint()` every
+//! `every` numbers (default 1000), so a host can stop it.
 
 use agent_sdk::Context;
 use serde::Serialize;
@@ -30,6 +31,9 @@ async fn count(ctx: Context) -> Result<Report, String> {
         .map(|v| v.parse().map_err(|e| format!("bad every: {e}")))
         .transpose()?
         .unwrap_or(1000);
+    for site in ctx.itinerary() {
+        ctx.hop(&site).await.map_err(|e| e.to_string())?;
+    }
     let (mut primes, mut sum, mut sqrt_sum) = (0u64, 0u64, 0f64);
     for k in 0..n {
         if is_prime(k) {
