@@ -228,6 +228,17 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Starts the `agent` CLI like [`Cluster::agent`] without waiting for it.
+    pub fn spawn_agent(&self, args: &[&str], site: &str, user: &str) -> std::process::Child {
+        Command::new(agent_bin())
+            .args(args)
+            .args(self.conn_args(site, user))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     fn wait_ready(&self, site: &str) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {

@@ -216,13 +216,11 @@ fn users_see_and_kill_only_their_own_agents() {
         .join("examples/target/wasm32-wasip1/release/spin.wasm")
         .display()
         .to_string();
-    let launch = Command::new(agent_e2e::agent_bin())
-        .args(["launch", &wasm, "--arg", "n=4000000000", "--json"])
-        .args(cluster.conn_args("siteA", "alice"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let launch = cluster.spawn_agent(
+        &["launch", &wasm, "--arg", "n=4000000000", "--json"],
+        "siteA",
+        "alice",
+    );
     let id = first_agent(&cluster, "siteA", "alice");
     assert_eq!(
         json(&cluster.agent(&["list", "--json"], "siteA", "bob")),
@@ -258,8 +256,8 @@ fn sigterm_parks_running_agents_and_a_restart_resumes_them() {
     let path = repo().join("examples/target/wasm32-wasip1/release/spin.wasm");
     let wasm = path.display().to_string();
     let args = [("n", "12000000"), ("every", "20000")];
-    let launch = Command::new(agent_e2e::agent_bin())
-        .args([
+    let launch = cluster.spawn_agent(
+        &[
             "launch",
             &wasm,
             "--arg",
@@ -267,12 +265,10 @@ fn sigterm_parks_running_agents_and_a_restart_resumes_them() {
             "--arg",
             "every=20000",
             "--json",
-        ])
-        .args(cluster.conn_args("siteA", "alice"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+        ],
+        "siteA",
+        "alice",
+    );
     let id = first_agent(&cluster, "siteA", "alice");
     std::thread::sleep(Duration::from_millis(500));
     let status = cluster.stop("siteA");
@@ -452,8 +448,8 @@ fn kill_follows_the_agent_to_the_host_it_runs_on() {
         .join("examples/target/wasm32-wasip1/release/spin.wasm")
         .display()
         .to_string();
-    let launch = Command::new(agent_e2e::agent_bin())
-        .args([
+    let launch = cluster.spawn_agent(
+        &[
             "launch",
             &wasm,
             "--hop",
@@ -461,12 +457,10 @@ fn kill_follows_the_agent_to_the_host_it_runs_on() {
             "--arg",
             "n=4000000000",
             "--json",
-        ])
-        .args(cluster.conn_args("siteA", "alice"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+        ],
+        "siteA",
+        "alice",
+    );
     let id = first_agent(&cluster, "siteA", "alice");
     let deadline = Instant::now() + Duration::from_secs(30);
     while json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"))["site"] != "siteB" {
