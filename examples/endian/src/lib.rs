@@ -87,7 +87,7 @@ async fn tour(ctx: Context) -> Result<Report, String> {
             .call(agent_sdk::services::HOST_INFO, &())
             .await
             .map_err(|e| e.to_string())?;
-        archs.insert(info.arch);
+        ctx.log(format!("stop {k} on {} ({})", info.site, info.arch));
         stops.push(values(k));
         fill(&mut buffer, k, kib << 10);
         for i in 0..200u64 {
