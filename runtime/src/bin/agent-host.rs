@@ -87,6 +87,10 @@ struct ServeArgs {
     /// Most agents running at once.
     #[arg(long)]
     max_agents: Option<usize>,
+    /// Send UDP datagrams one by one, not in GSO batches: needed when a peer is a big-endian
+    /// host under qemu-user.
+    #[arg(long)]
+    no_segmentation_offload: bool,
 }
 
 /// The TOML configuration file.
@@ -102,6 +106,7 @@ struct FileConfig {
     corpus: Option<PathBuf>,
     max_memory_mib: Option<u64>,
     max_agents: Option<usize>,
+    segmentation_offload: Option<bool>,
 }
 
 fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
@@ -229,6 +234,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_agents: args.max_agents.or(file.max_agents).unwrap_or(1000),
         max_image: 1 << 30,
         max_module: 64 << 20,
+        segmentation_offload: !args.no_segmentation_offload
+            && file.segmentation_offload.unwrap_or(true),
     };
     let documents = corpus.len();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -69,7 +69,8 @@ impl Client {
     pub async fn connect(host: &HostAddr, creds: &Credentials) -> Result<Client, String> {
         let mut endpoint = quinn::Endpoint::client(bind_addr(host.addr))
             .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-        endpoint.set_default_client_config(tls::client_config(creds).map_err(|e| e.to_string())?);
+        endpoint
+            .set_default_client_config(tls::client_config(creds, true).map_err(|e| e.to_string())?);
         let conn = endpoint
             .connect(host.addr, &host.name)
             .map_err(|e| e.to_string())?

@@ -53,6 +53,8 @@ pub struct HostConfig {
     pub max_image: u64,
     /// Largest module accepted.
     pub max_module: u64,
+    /// Send UDP datagrams in GSO batches (off when a peer is a big-endian host under qemu).
+    pub segmentation_offload: bool,
 }
 
 /// Why a host could not start.
@@ -109,10 +111,12 @@ impl Host {
         let modules =
             ModuleCache::new(&engine, Some(config.data_dir.join("compiled"))).map_err(err)?;
         let store = HostStore::open(&config.data_dir).map_err(err)?;
-        let server = tls::server_config(&creds).map_err(err)?;
+        let server = tls::server_config(&creds, config.segmentation_offload).map_err(err)?;
         let mut endpoint = quinn::Endpoint::server(server, config.listen)
             .map_err(|e| HostError(format!("cannot listen on {}: {e}", config.listen)))?;
-        endpoint.set_default_client_config(tls::client_config(&creds).map_err(err)?);
+        endpoint.set_default_client_config(
+            tls::client_config(&creds, config.segmentation_offload).map_err(err)?,
+        );
         let homes = store
             .homes()
             .map_err(err)?
@@ -209,10 +213,10 @@ impl Host {
         }
     }
 
-    async fn restore_stored(&self, image: &str) -> Result<AgentInstance, String> {
+    async fn restore_stored(self: &Arc<Self>, image: &str) -> Result<AgentInstance, String> {
         let bytes = self.store.image(image).map_err(|e| e.to_string())?;
         let image = AgentImage::decode(&bytes, &self.image_limits()).map_err(|e| e.to_string())?;
-        let module = self.module(&image.module)?;
+        let module = self.module(&image.module).await?;
         AgentInstance::restore(module, self.site.clone(), image, &self.config.limits)
             .await
             .map_err(|e| e.to_string())
@@ -226,7 +230,7 @@ impl Host {
     }
 
     /// An admitted module by hash, admitting it from the store if needed.
-    fn module(&self, hash: &ModuleHash) -> Result<Arc<AgentModule>, String> {
+    async fn module(self: &Arc<Self>, hash: &ModuleHash) -> Result<Arc<AgentModule>, String> {
         if let Some(m) = self.modules.get(hash) {
             return Ok(m);
         }
@@ -234,7 +238,16 @@ impl Host {
             .store
             .module(hash)
             .ok_or_else(|| format!("module {hash} is not kept here"))?;
-        self.modules.admit(&bytes).map_err(|e| e.to_string())
+        self.admit(bytes).await
+    }
+
+    /// Admits (and compiles) a module off the async workers: compiling can take seconds,
+    /// and the QUIC connections (keep-alives, acknowledgements) must keep being served.
+    async fn admit(self: &Arc<Self>, wasm: Vec<u8>) -> Result<Arc<AgentModule>, String> {
+        let host = self.clone();
+        tokio::task::spawn_blocking(move || host.modules.admit(&wasm).map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| format!("admission failed: {e}"))?
     }
 
     // ---- connections -------------------------------------------------------------------
@@ -392,7 +405,7 @@ impl Host {
             .await;
         }
         let wasm = read_blob(recv, "module", self.config.max_module).await?;
-        let module = match self.modules.admit(&wasm) {
+        let module = match self.admit(wasm.clone()).await {
             Ok(m) => m,
             Err(e) => {
                 return write_msg(send, &LaunchEvent::Refused(format!("module refused: {e}")))
@@ -903,7 +916,7 @@ impl Host {
 
     /// Validates an arriving agent fully (by restoring it), then commits it durably.
     async fn receive(
-        &self,
+        self: &Arc<Self>,
         offer: &Offer,
         wasm: Option<Vec<u8>>,
         bytes: &[u8],
@@ -914,15 +927,15 @@ impl Host {
                     return Err("the module bytes do not match the offered hash".into());
                 }
                 let module = self
-                    .modules
-                    .admit(&wasm)
+                    .admit(wasm.clone())
+                    .await
                     .map_err(|e| format!("module refused: {e}"))?;
                 self.store
                     .put_module(&module.hash, &wasm)
                     .map_err(|e| e.to_string())?;
                 module
             }
-            None => self.module(&offer.module)?,
+            None => self.module(&offer.module).await?,
         };
         let image = AgentImage::decode(bytes, &self.image_limits()).map_err(|e| e.to_string())?;
         if image.context.agent_id != offer.agent

@@ -94,24 +94,33 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Flow-control windows sized so multi-MiB images stream without stalling.
-fn transport() -> Arc<quinn::TransportConfig> {
+///
+/// `segmentation_offload: false` sends datagrams one by one instead of as GSO batches: needed
+/// when a peer is a big-endian host under qemu-user, which mis-reads the coalesced batches it
+/// receives (seen with s390x: handshakes work, bulk transfers stall until the idle timeout).
+fn transport(segmentation_offload: bool) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(32 << 20))
         .receive_window(quinn::VarInt::from_u32(128 << 20))
         .send_window(128 << 20)
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024))
-        .keep_alive_interval(Some(Duration::from_secs(5)));
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .enable_segmentation_offload(segmentation_offload);
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
         t.max_idle_timeout(Some(idle));
     }
     Arc::new(t)
 }
 
-/// Server side: only clients with a certificate from the CA get in.
+/// Server side: only clients with a certificate from the CA get in. See [`transport`] for
+/// `segmentation_offload`.
 ///
 /// # Errors
 /// When rustls rejects the certificate or key.
-pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsError> {
+pub fn server_config(
+    creds: &Credentials,
+    segmentation_offload: bool,
+) -> Result<quinn::ServerConfig, TlsError> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         creds.roots.clone(),
         provider(),
@@ -128,15 +137,19 @@ pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsErro
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport());
+    config.transport_config(transport(segmentation_offload));
     Ok(config)
 }
 
 /// Client side: the server must present a certificate from the CA for the name dialled.
+/// See [`transport`] for `segmentation_offload`.
 ///
 /// # Errors
 /// When rustls rejects the certificate or key.
-pub fn client_config(creds: &Credentials) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(
+    creds: &Credentials,
+    segmentation_offload: bool,
+) -> Result<quinn::ClientConfig, TlsError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -147,7 +160,7 @@ pub fn client_config(creds: &Credentials) -> Result<quinn::ClientConfig, TlsErro
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport());
+    config.transport_config(transport(segmentation_offload));
     Ok(config)
 }
 
