@@ -177,6 +177,10 @@ impl Cluster {
     }
 
     fn spawn(&mut self, site: &str, extra: &[&str]) {
+        self.spawn_with(site, extra, &[]);
+    }
+
+    fn spawn_with(&mut self, site: &str, extra: &[&str], env: &[(&str, &str)]) {
         let log = std::fs::File::create(self.dir.path().join(format!("{site}.log")))
             .unwrap_or_else(|e| panic!("{e}"));
         let mut cmd = Command::new(agent_host_bin());
@@ -199,6 +203,7 @@ impl Cluster {
         for (peer, addr) in self.addrs.iter().filter(|(p, _)| p.as_str() != site) {
             cmd.arg("--peer").arg(format!("{peer}={addr}"));
         }
+        cmd.envs(env.iter().copied());
         let child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -296,6 +301,52 @@ impl Cluster {
             self.dir.path().join(format!("{site}.before-restart.log")),
             old,
         );
+    }
+
+    /// Starts a host that is not running, with extra environment variables (e.g.
+    /// `FAILPOINTS`), and waits until it serves.
+    pub fn start_with(&mut self, site: &str, extra: &[&str], env: &[(&str, &str)]) {
+        self.spawn_with(site, extra, env);
+        self.wait_ready(site);
+    }
+
+    /// Waits for a host process to exit on its own (e.g. at a crash point).
+    pub fn wait_exit(
+        &mut self,
+        site: &str,
+        within: std::time::Duration,
+    ) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let index = self
+                .hosts
+                .iter()
+                .position(|(s, _)| s == site)
+                .unwrap_or_else(|| panic!("no host {site}"));
+            if let Ok(Some(status)) = self.hosts[index].1.try_wait() {
+                self.hosts.remove(index);
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "host {site} is still running:\n{}",
+                self.log(site)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// The service calls agents made on `site`, as (agent, hop seq) in call order, read from
+    /// its store: stop the host first.
+    pub fn visits(&self, site: &str) -> Vec<(String, u64)> {
+        let store = agent_runtime::net::store::HostStore::open(&self.dir.path().join(site))
+            .unwrap_or_else(|e| panic!("store of {site}: {e}"));
+        store
+            .visits()
+            .unwrap_or_else(|e| panic!("visits of {site}: {e}"))
+            .into_iter()
+            .map(|(agent, _, call)| (agent.to_string(), call.seq))
+            .collect()
     }
 
     /// Whether a host process is still running.

@@ -96,6 +96,9 @@ pub struct AgentContext {
     pub result: Option<OpResult>,
     /// The hops done so far.
     pub trace: Vec<HopRecord>,
+    /// Service calls made so far: the index of the next call in a host's call journal.
+    #[serde(default)]
+    pub calls: u64,
 }
 
 impl AgentContext {
@@ -117,6 +120,7 @@ impl AgentContext {
             pending: None,
             result: None,
             trace: Vec::new(),
+            calls: 0,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod admission;
 pub mod builder;
 pub mod context;
 pub mod engine;
+pub mod faults;
 mod host_abi;
 pub mod image;
 pub mod instance;

@@ -1,6 +1,7 @@
 //! End-to-end tests, compiled into one binary to save link time.
 
 mod cli;
+mod faults;
 mod hosts;
 mod limits;
 mod migration;

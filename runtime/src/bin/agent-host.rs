@@ -128,6 +128,8 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Crash points for the fault-injection tests; nothing in normal builds.
+    let _faults = agent_runtime::faults::setup();
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),

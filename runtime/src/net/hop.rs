@@ -54,6 +54,15 @@ impl SourceHop {
         }
     }
 
+    /// A hop to `site` found recorded as departing after a restart: its image may have reached
+    /// the destination, so only the destination's answer settles it.
+    pub fn departed(site: &str) -> SourceHop {
+        SourceHop {
+            site: site.to_string(),
+            state: SourceState::InDoubt,
+        }
+    }
+
     fn done(&mut self, step: SourceStep) -> SourceStep {
         self.state = SourceState::Done;
         step
@@ -138,7 +147,7 @@ impl SourceHop {
         match status {
             Ok(TransferStatus::Committed) => self.done(SourceStep::Forget),
             Ok(TransferStatus::Aborted) => self.resume("the transfer was interrupted and aborted"),
-            Err(_) => SourceStep::Query,
+            Ok(TransferStatus::InProgress) | Err(_) => SourceStep::Query,
         }
     }
 
@@ -444,5 +453,29 @@ mod tests {
             )
             .starts_with("image of")
         );
+    }
+
+    #[test]
+    fn a_departure_found_after_a_restart_is_settled_only_by_the_destination() {
+        let mut hop = SourceHop::departed("b");
+        assert_eq!(
+            hop.on_query_reply(Err("b is down".into())),
+            SourceStep::Query
+        );
+        assert_eq!(
+            hop.on_query_reply(Ok(TransferStatus::InProgress)),
+            SourceStep::Query
+        );
+        assert!(!hop.is_done());
+        assert_eq!(
+            hop.on_query_reply(Ok(TransferStatus::Committed)),
+            SourceStep::Forget
+        );
+        let mut hop = SourceHop::departed("b");
+        assert_eq!(
+            hop.on_query_reply(Ok(TransferStatus::Aborted)),
+            unreachable("the transfer was interrupted and aborted")
+        );
+        assert!(hop.is_done());
     }
 }

@@ -12,10 +12,11 @@ use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
 use super::messages::{
     HopInfo, LaunchEvent, Offer, OfferReply, Request, StatusReply, TransferReply, TransferStatus,
 };
-use super::store::{AgentRecord, HostStore};
+use super::store::{AgentRecord, CallEntry, HostStore, Resume};
 use super::tls::{self, Credentials};
 use super::wire::{WireError, read_blob, read_msg, write_blob, write_msg};
 use crate::context::{AgentContext, AgentId, HopRecord};
+use crate::faults::crash_point;
 use crate::image::{AgentImage, ImageLimits};
 use crate::instance::{AgentInstance, Step};
 use crate::limits::Limits;
@@ -33,6 +34,19 @@ use tokio::sync::mpsc;
 
 /// How long a host waits for a peer to answer a new connection (a down peer sends nothing).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a host waits for the answer to a request to a peer. A peer that crashed leaves
+/// the connection to it silent until the idle timeout; giving up sooner and reconnecting
+/// reaches the peer as soon as it is back.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a source waits for the destination's verdict before it asks instead: the
+/// verdict's stream dies with a crashed destination only at the idle timeout, while a query
+/// reaches the destination once it is back (and says "in progress" while it is just slow).
+pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a home host holds an agent's end back for reports of its earlier hops.
+const HOLD_END: Duration = Duration::from_secs(15);
 
 /// How a host is set up.
 #[derive(Clone, Debug)]
@@ -84,6 +98,8 @@ pub struct Host {
     endpoint: quinn::Endpoint,
     conns: tokio::sync::Mutex<HashMap<String, quinn::Connection>>,
     running: Mutex<HashMap<AgentId, Arc<AgentFlags>>>,
+    /// Transfers (agent, seq) this host accepted and has not decided yet.
+    receiving: Mutex<std::collections::HashSet<(AgentId, u64)>>,
     homes: Mutex<HashMap<AgentId, HomeEntry>>,
     shutting_down: AtomicBool,
     idle: tokio::sync::Notify,
@@ -140,6 +156,7 @@ impl Host {
             endpoint,
             conns: tokio::sync::Mutex::default(),
             running: Mutex::default(),
+            receiving: Mutex::default(),
             homes: Mutex::new(homes),
             shutting_down: AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
@@ -187,30 +204,153 @@ impl Host {
             .unwrap_or_default()
     }
 
+    /// Goes on with every agent the store says lives here, each from its last stored image;
+    /// a departure that was under way is settled by asking its destination.
     async fn resume_residents(self: &Arc<Self>) {
         let residents = match self.store.residents() {
             Ok(r) => r,
             Err(e) => return tracing::error!("cannot list resident agents: {e}"),
         };
         for (id, record) in residents {
-            let AgentRecord::Resident { image, parked, .. } = record else {
-                continue;
-            };
-            match self.restore_stored(&image).await {
-                Ok(mut agent) => {
-                    let start = match (parked, agent.context().pending.clone()) {
-                        (true, Some(op)) => Start::Handle(op),
-                        _ => {
-                            agent.complete(OpResult::Hop(Ok(())));
-                            Start::Poll
+            match record {
+                AgentRecord::Resident { image, resume, .. } => {
+                    match self.restore_stored(&image).await {
+                        Ok(mut agent) => {
+                            tracing::info!(agent = %id, ?resume, "resuming agent");
+                            let start = match resume {
+                                Resume::Poll => Start::Poll,
+                                Resume::Handle => match agent.context().pending.clone() {
+                                    Some(op) => Start::Handle(op),
+                                    None => Start::Poll,
+                                },
+                                Resume::Arrived => {
+                                    agent.complete(OpResult::Hop(Ok(())));
+                                    Start::Poll
+                                }
+                                Resume::HopFailed(error) => {
+                                    agent.complete(OpResult::Hop(Err(error)));
+                                    Start::Poll
+                                }
+                            };
+                            self.spawn_agent(agent, start);
                         }
-                    };
-                    tracing::info!(agent = %id, parked, "resuming agent");
-                    self.spawn_agent(agent, start);
+                        Err(e) => tracing::error!(agent = %id, "cannot resume agent: {e}"),
+                    }
                 }
-                Err(e) => tracing::error!(agent = %id, "cannot resume agent: {e}"),
+                AgentRecord::Departing { seq, to, image } => {
+                    tokio::spawn(self.clone().settle_departure(id, seq, to, image));
+                }
+                AgentRecord::Forwarded { .. } => {}
             }
         }
+    }
+
+    /// A hop this host was making when it stopped: the destination alone knows whether it
+    /// committed, so ask it (until it answers) and go on from there.
+    async fn settle_departure(self: Arc<Self>, id: AgentId, seq: u64, to: String, image: String) {
+        tracing::info!(agent = %id, seq, %to, "asking where a departing agent is");
+        let mut hop = SourceHop::departed(&to);
+        let mut step = SourceStep::Query;
+        let mut backoff = Duration::from_millis(100);
+        while step == SourceStep::Query && !self.shutting_down.load(Ordering::SeqCst) {
+            let status: Result<Result<TransferStatus, String>, String> =
+                self.ask(&to, &Request::Query { agent: id, seq }).await;
+            step = hop.on_query_reply(status.and_then(|s| s));
+            if step == SourceStep::Query {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+        let decoded = self
+            .store
+            .image(&image)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                AgentImage::decode(&bytes, &self.image_limits())
+                    .map(|image| (bytes.len() as u64, image))
+                    .map_err(|e| e.to_string())
+            });
+        let (image_bytes, stored) = match decoded {
+            Ok(d) => d,
+            Err(e) => return tracing::error!(agent = %id, "cannot read departure image: {e}"),
+        };
+        let home = stored.context.home.clone();
+        match step {
+            SourceStep::Forget => {
+                let _ = self.store.set_agent(
+                    &id,
+                    &AgentRecord::Forwarded {
+                        seq,
+                        to: to.clone(),
+                    },
+                );
+                let info = HopInfo {
+                    seq,
+                    from: self.config.name.clone(),
+                    from_arch: std::env::consts::ARCH.to_string(),
+                    to,
+                    image_bytes,
+                    module_bytes: 0,
+                    freeze_us: 0,
+                };
+                self.report(id, home, LaunchEvent::Moved(info));
+            }
+            SourceStep::Resume(error) => {
+                let mut agent = match AgentInstance::restore(
+                    match self.module(&stored.module).await {
+                        Ok(m) => m,
+                        Err(e) => return tracing::error!(agent = %id, "cannot resume: {e}"),
+                    },
+                    self.site.clone(),
+                    stored,
+                    &self.config.limits,
+                )
+                .await
+                {
+                    Ok(agent) => agent,
+                    Err(e) => return tracing::error!(agent = %id, "cannot resume: {e}"),
+                };
+                // The departure image already counts the hop that did not happen.
+                if agent.context().trace.last().is_some_and(|h| h.seq == seq) {
+                    agent.context_mut().trace.pop();
+                }
+                self.hop_failed(&mut agent, Some(&image), error);
+                self.spawn_agent(agent, Start::Poll);
+            }
+            _ => {} // shutting down: the record stays, the next start asks again
+        }
+    }
+
+    /// A hop away failed after its departure was recorded: the agent stays, and on a restart
+    /// it goes on from the departure image with the same error.
+    /// Without `departure` (nothing was recorded or sent) the stored record stays as it was.
+    fn hop_failed(
+        self: &Arc<Self>,
+        agent: &mut AgentInstance,
+        departure: Option<&str>,
+        error: HopError,
+    ) {
+        let id = agent.context().agent_id;
+        if let Some(image) = departure {
+            let record = AgentRecord::Resident {
+                seq: agent.context().hop_seq,
+                image: image.to_string(),
+                resume: Resume::HopFailed(error.clone()),
+            };
+            if let Err(e) = self.store.set_agent(&id, &record) {
+                tracing::error!(agent = %id, "cannot record the failed hop: {e}");
+            }
+        }
+        tracing::info!(agent = %id, "hop failed: {error}");
+        self.report(
+            id,
+            agent.context().home.clone(),
+            LaunchEvent::HopFailed {
+                site: self.config.name.clone(),
+                error: error.to_string(),
+            },
+        );
+        agent.complete(OpResult::Hop(Err(error)));
     }
 
     async fn restore_stored(self: &Arc<Self>, image: &str) -> Result<AgentInstance, String> {
@@ -302,19 +442,41 @@ impl Host {
         Ok(conn)
     }
 
-    /// Sends one request to peer `site` and reads one reply.
+    /// Sends one request to peer `site` and reads one reply, within [`ASK_TIMEOUT`]; on
+    /// failure the connection is dropped so that the next request connects afresh.
     async fn ask<T: serde::de::DeserializeOwned>(
         &self,
         site: &str,
         request: &Request,
     ) -> Result<T, String> {
         let conn = self.connect(site).await?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_msg(&mut send, request)
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_msg(&mut send, request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            read_msg(&mut recv).await.map_err(|e| e.to_string())
+        };
+        let reply = tokio::time::timeout(ASK_TIMEOUT, exchange)
             .await
-            .map_err(|e| e.to_string())?;
-        let _ = send.finish();
-        read_msg(&mut recv).await.map_err(|e| e.to_string())
+            .unwrap_or_else(|_| Err(format!("no answer from {site} within {ASK_TIMEOUT:?}")));
+        if reply.is_err() {
+            self.drop_connection(site, &conn).await;
+        }
+        reply
+    }
+
+    /// Forgets the cached connection to `site` if it is still `conn`.
+    async fn drop_connection(&self, site: &str, conn: &quinn::Connection) {
+        let mut conns = self.conns.lock().await;
+        if conns
+            .get(site)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            conns.remove(site);
+            conn.close(0u32.into(), b"no answer");
+        }
     }
 
     async fn serve_stream(
@@ -356,7 +518,12 @@ impl Host {
             }
             Request::Offer(offer) => self.serve_offer(&peer, offer, &mut send, &mut recv).await,
             Request::Query { agent, seq } => {
+                let receiving = self
+                    .receiving
+                    .lock()
+                    .is_ok_and(|r| r.contains(&(agent, seq)));
                 let reply = match peer.role {
+                    Role::Host if receiving => Ok(TransferStatus::InProgress),
                     Role::Host => self
                         .store
                         .resolve_transfer(&agent, seq)
@@ -451,14 +618,23 @@ impl Host {
             },
         )
         .await?;
-        match AgentInstance::launch(module, self.site.clone(), context, &self.config.limits).await {
+        let launched =
+            AgentInstance::launch(module, self.site.clone(), context, &self.config.limits)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|mut agent| {
+                    // From here on a crash of this host does not lose the agent.
+                    self.keep(&mut agent, Resume::Poll)?;
+                    Ok(agent)
+                });
+        match launched {
             Ok(agent) => self.spawn_agent(agent, Start::Poll),
             Err(e) => self.deliver(
                 &id,
                 LaunchEvent::Finished {
                     site: self.config.name.clone(),
                     hops: 0,
-                    outcome: Err(e.to_string()),
+                    outcome: Err(e),
                 },
             ),
         }
@@ -522,7 +698,7 @@ impl Host {
             // A report may be lost for good (its host died): do not hold the end forever.
             let (host, agent) = (self.clone(), *agent);
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                tokio::time::sleep(HOLD_END).await;
                 host.release_held(&agent);
             });
             return;
@@ -551,8 +727,15 @@ impl Host {
     fn record(entry: &mut HomeEntry, event: LaunchEvent, store: &HostStore) {
         match &event {
             LaunchEvent::Moved(hop) => {
-                entry.status.site = hop.to.clone();
-                entry.status.hops.push(hop.clone());
+                let hops = &mut entry.status.hops;
+                let at = hops.partition_point(|h| h.seq < hop.seq);
+                if hops.get(at).is_some_and(|h| h.seq == hop.seq) {
+                    return; // the same hop reported twice (a host restarted)
+                }
+                if at == hops.len() {
+                    entry.status.site = hop.to.clone();
+                }
+                hops.insert(at, hop.clone());
             }
             LaunchEvent::Finished { site, outcome, .. } => {
                 entry.status.site = site.clone();
@@ -669,6 +852,7 @@ impl Host {
                 }
                 Op::Hop { site } => match self.send_agent(&mut agent, &site).await {
                     Ok(info) => {
+                        crash_point("source-after-committed");
                         let _ = self.store.set_agent(
                             &id,
                             &AgentRecord::Forwarded {
@@ -679,25 +863,13 @@ impl Host {
                         self.forget_running(&id);
                         return self.report(id, home, LaunchEvent::Moved(info));
                     }
-                    Err(error) => {
-                        tracing::info!(agent = %id, "hop failed: {error}");
-                        self.report(
-                            id,
-                            home.clone(),
-                            LaunchEvent::HopFailed {
-                                site: self.config.name.clone(),
-                                error: error.to_string(),
-                            },
-                        );
-                        agent.complete(OpResult::Hop(Err(error)));
+                    Err(failure) => {
+                        self.hop_failed(&mut agent, failure.departure.as_deref(), failure.error)
                     }
                 },
                 Op::Call { service, request } => {
-                    let result = self
-                        .site
-                        .call(&service, &request)
-                        .map(serde_bytes::ByteBuf::from);
-                    agent.complete(OpResult::Call(result));
+                    let answer = self.call(&mut agent, &service, &request);
+                    agent.complete(OpResult::Call(answer));
                 }
                 Op::Checkpoint => agent.complete(OpResult::Checkpoint),
             }
@@ -724,28 +896,65 @@ impl Host {
         );
     }
 
+    /// Answers a service call once: an agent re-running from an older image after a crash gets
+    /// the journaled answer instead of calling again.
+    fn call(
+        self: &Arc<Self>,
+        agent: &mut AgentInstance,
+        service: &str,
+        request: &[u8],
+    ) -> Result<serde_bytes::ByteBuf, agent_abi::CallError> {
+        let id = agent.context().agent_id;
+        let index = agent.context().calls;
+        agent.context_mut().calls += 1;
+        let digest = *blake3::hash(request).as_bytes();
+        match self.store.call(&id, index) {
+            Ok(Some(CallEntry {
+                request,
+                answer: Some(answer),
+                ..
+            })) if request == digest => return answer,
+            Ok(Some(_)) => {
+                tracing::warn!(agent = %id, index, "the agent did not repeat its call; calling again")
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(agent = %id, "call journal: {e}"),
+        }
+        let answer = self
+            .site
+            .call(service, request)
+            .map(serde_bytes::ByteBuf::from);
+        let entry = CallEntry {
+            seq: agent.context().hop_seq,
+            service: service.to_string(),
+            request: digest,
+            answer: Some(answer.clone()),
+        };
+        if let Err(e) = self.store.put_call(&id, index, &entry) {
+            tracing::error!(agent = %id, "cannot journal a call: {e}");
+        }
+        crash_point("after-call");
+        answer
+    }
+
+    /// Stores the agent's image at its current safe point as its resident record.
+    fn keep(&self, agent: &mut AgentInstance, resume: Resume) -> Result<(), String> {
+        let id = agent.context().agent_id;
+        let seq = agent.context().hop_seq;
+        let bytes = agent.capture().encode().map_err(|e| e.to_string())?;
+        self.store
+            .keep_agent(&id, &bytes, |image| AgentRecord::Resident {
+                seq,
+                image,
+                resume,
+            })
+            .map_err(|e| format!("cannot store the agent: {e}"))
+    }
+
     /// Stores the agent at its safe point, pending operation included, to resume on restart.
     fn park(self: &Arc<Self>, mut agent: AgentInstance) {
         let id = agent.context().agent_id;
-        let seq = agent.context().hop_seq;
-        let stored = agent
-            .capture()
-            .encode()
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| self.store.put_image(&bytes).map_err(|e| e.to_string()))
-            .and_then(|image| {
-                self.store
-                    .set_agent(
-                        &id,
-                        &AgentRecord::Resident {
-                            seq,
-                            image,
-                            parked: true,
-                        },
-                    )
-                    .map_err(|e| e.to_string())
-            });
-        match stored {
+        match self.keep(&mut agent, Resume::Handle) {
             Ok(()) => tracing::info!(agent = %id, "parked"),
             Err(e) => tracing::error!(agent = %id, "cannot park agent: {e}"),
         }
@@ -753,10 +962,14 @@ impl Host {
     }
 
     /// The source side of a hop. `Ok`: the destination owns the agent. `Err`: it stays here.
-    async fn send_agent(&self, agent: &mut AgentInstance, site: &str) -> Result<HopInfo, HopError> {
+    async fn send_agent(
+        &self,
+        agent: &mut AgentInstance,
+        site: &str,
+    ) -> Result<HopInfo, HopFailure> {
         let frozen = Instant::now();
         if !self.config.peers.contains_key(site) {
-            return Err(HopError::UnknownSite(site.to_string()));
+            return Err(HopError::UnknownSite(site.to_string()).into());
         }
         let from = self.config.name.clone();
         // Each attempt gets its own sequence number, so a retry never meets an aborted one.
@@ -768,10 +981,11 @@ impl Host {
             from: from.clone(),
             to: site.to_string(),
         });
-        let bytes = image.encode().map_err(|e| HopError::Unreachable {
+        let unreachable = |reason: String| HopError::Unreachable {
             site: site.into(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let bytes = image.encode().map_err(|e| unreachable(e.to_string()))?;
         let module = agent.module().clone();
         let wasm = self.store.module(&module.hash).unwrap_or_default();
         let offer = Offer {
@@ -801,20 +1015,37 @@ impl Host {
         let mut step = hop.on_offer_reply(reply);
         let mut module_sent = 0u64;
         let mut backoff = Duration::from_millis(100);
+        // Set once the departure is recorded: from then on a restart asks the destination.
+        let mut departure = None;
         loop {
             step = match step {
                 SourceStep::Transfer {
                     module: need_module,
                 } => {
+                    let id = offer.agent;
+                    let recorded = self.store.keep_agent(&id, &bytes, |image| {
+                        departure = Some(image.clone());
+                        AgentRecord::Departing {
+                            seq,
+                            to: site.to_string(),
+                            image,
+                        }
+                    });
+                    if let Err(e) = recorded {
+                        // Nothing was sent: dropping the streams cancels the transfer.
+                        let reason = format!("cannot record the departure: {e}");
+                        return Err(unreachable(reason).into());
+                    }
+                    crash_point("source-after-offer");
                     let sent = match streams.as_mut() {
                         Some((send, _)) => {
                             let mut result = Ok(());
                             if need_module {
                                 module_sent = wasm.len() as u64;
-                                result = write_blob(send, &wasm).await;
+                                result = write_blob_passing(send, &wasm, "source-mid-module").await;
                             }
                             if result.is_ok() {
-                                result = write_blob(send, &bytes).await;
+                                result = write_blob_passing(send, &bytes, "source-mid-image").await;
                             }
                             result.map_err(|e| e.to_string())
                         }
@@ -824,16 +1055,19 @@ impl Host {
                 }
                 SourceStep::AwaitVerdict => {
                     let verdict = match streams.as_mut() {
-                        Some((_, recv)) => read_msg::<TransferReply>(recv)
-                            .await
-                            .map_err(|e| e.to_string()),
+                        Some((_, recv)) => {
+                            tokio::time::timeout(VERDICT_TIMEOUT, read_msg::<TransferReply>(recv))
+                                .await
+                                .map_err(|_| "no verdict yet".to_string())
+                                .and_then(|v| v.map_err(|e| e.to_string()))
+                        }
                         None => Err("no stream".to_string()),
                     };
                     hop.on_verdict(verdict)
                 }
                 SourceStep::Query => {
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     let status: Result<Result<TransferStatus, String>, String> = self
                         .ask(
                             site,
@@ -845,7 +1079,7 @@ impl Host {
                         .await;
                     hop.on_query_reply(status.and_then(|s| s))
                 }
-                SourceStep::Resume(error) => return Err(error),
+                SourceStep::Resume(error) => return Err(HopFailure { error, departure }),
                 SourceStep::Forget => {
                     return Ok(HopInfo {
                         seq,
@@ -886,21 +1120,49 @@ impl Host {
             max_module: self.config.max_module,
         };
         let reply = decide_offer(&offer, peer, &view);
-        write_msg(send, &reply).await?;
-        let OfferReply::Accept { need_module } = reply else {
-            if let OfferReply::Refuse(why) = &reply {
+        let key = (offer.agent, offer.seq);
+        if matches!(reply, OfferReply::Accept { .. })
+            && let Ok(mut receiving) = self.receiving.lock()
+        {
+            receiving.insert(key);
+        }
+        let received = self.receive_offered(peer, &offer, &reply, send, recv).await;
+        if let Ok(mut receiving) = self.receiving.lock() {
+            receiving.remove(&key);
+        }
+        received
+    }
+
+    /// The destination side after the decision on the offer: answer it, and if it was
+    /// accepted, receive, validate, commit and start the agent.
+    async fn receive_offered(
+        self: &Arc<Self>,
+        peer: &Identity,
+        offer: &Offer,
+        reply: &OfferReply,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), WireError> {
+        write_msg(send, reply).await?;
+        let OfferReply::Accept { need_module } = *reply else {
+            if let OfferReply::Refuse(why) = reply {
                 tracing::info!(agent = %offer.agent, %peer, "refused offer: {why}");
             }
             return Ok(());
         };
+        crash_point("dest-after-offer");
         let wasm = if need_module {
-            Some(read_blob(recv, "module", self.config.max_module).await?)
+            let wasm = read_blob(recv, "module", self.config.max_module).await?;
+            crash_point("dest-mid-module");
+            Some(wasm)
         } else {
             None
         };
         let image = read_blob(recv, "image", self.config.max_image).await?;
-        match self.receive(&offer, wasm, &image).await {
+        crash_point("dest-mid-image");
+        match self.receive(offer, wasm, &image).await {
             Ok(mut agent) => {
+                crash_point("dest-after-commit");
                 write_msg(send, &TransferReply::Committed).await?;
                 tracing::info!(agent = %offer.agent, from = %peer, seq = offer.seq, "agent arrived");
                 agent.complete(OpResult::Hop(Ok(())));
@@ -952,4 +1214,38 @@ impl Host {
             .map_err(|e| e.to_string())?;
         Ok(agent)
     }
+}
+
+/// Why a hop did not happen, and the departure image recorded before it failed, if any.
+struct HopFailure {
+    error: HopError,
+    departure: Option<String>,
+}
+
+impl From<HopError> for HopFailure {
+    fn from(error: HopError) -> HopFailure {
+        HopFailure {
+            error,
+            departure: None,
+        }
+    }
+}
+
+/// Writes a blob like [`write_blob`]; the crash point `point` sits half-way through it.
+async fn write_blob_passing(
+    send: &mut quinn::SendStream,
+    bytes: &[u8],
+    point: &'static str,
+) -> Result<(), WireError> {
+    if !cfg!(feature = "failpoints") {
+        return write_blob(send, bytes).await;
+    }
+    let stream = |e: quinn::WriteError| WireError::Stream(e.to_string());
+    let (first, second) = bytes.split_at(bytes.len() / 2);
+    send.write_all(&(bytes.len() as u64).to_le_bytes())
+        .await
+        .map_err(stream)?;
+    send.write_all(first).await.map_err(stream)?;
+    crash_point(point);
+    send.write_all(second).await.map_err(stream)
 }

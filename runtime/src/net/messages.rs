@@ -101,6 +101,8 @@ pub enum TransferStatus {
     Committed,
     /// Never committed, and now it never will be: the source still owns the agent.
     Aborted,
+    /// The destination is still receiving or validating it: ask again.
+    InProgress,
 }
 
 /// One hop as reported to the launcher.

@@ -4,10 +4,15 @@
 //! them is committed, so a record never points at a missing or torn file. The commit of an
 //! arriving agent and the abort of an in-doubt transfer are decided in one redb transaction
 //! each, so a transfer is either committed or aborted, never both.
+//!
+//! The call journal records each service call an agent made here, with its answer: an agent
+//! that re-runs from its last stored image after a crash gets the recorded answers, so each
+//! call takes effect once. Its rows are also the site's record of visits.
 
 use super::messages::{StatusReply, TransferStatus};
 use crate::context::AgentId;
 use crate::modules::{ModuleHash, write_durably};
+use agent_abi::{CallError, HopError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -15,6 +20,7 @@ use std::path::{Path, PathBuf};
 const TRANSFERS: TableDefinition<&[u8], u8> = TableDefinition::new("transfers");
 const AGENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("agents");
 const HOME: TableDefinition<&[u8], &[u8]> = TableDefinition::new("home");
+const CALLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("calls");
 
 const COMMITTED: u8 = 1;
 const ABORTED: u8 = 2;
@@ -45,14 +51,24 @@ fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
 /// Where an agent this host knows of is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentRecord {
-    /// It lives here; `image` is the image it arrived with (or was parked as).
+    /// It lives here; `image` is its last stored safe point.
     Resident {
         /// Hop sequence number.
         seq: u64,
         /// Image file name.
         image: String,
-        /// Parked at a safe point by a shutdown (its pending operation is still to do).
-        parked: bool,
+        /// How to go on from the image after a restart.
+        resume: Resume,
+    },
+    /// It is leaving for `to` at hop `seq`: whether it left is the destination's to say.
+    /// `image` is the departure image, to resume from if the transfer was aborted.
+    Departing {
+        /// Hop sequence number of the hop under way.
+        seq: u64,
+        /// Destination site.
+        to: String,
+        /// Image file name.
+        image: String,
     },
     /// It left for `to` at hop `seq`: a forwarding pointer.
     Forwarded {
@@ -61,6 +77,45 @@ pub enum AgentRecord {
         /// Where it went.
         to: String,
     },
+}
+
+impl AgentRecord {
+    /// The image file the record names, if any.
+    pub fn image(&self) -> Option<&str> {
+        match self {
+            AgentRecord::Resident { image, .. } | AgentRecord::Departing { image, .. } => {
+                Some(image)
+            }
+            AgentRecord::Forwarded { .. } => None,
+        }
+    }
+}
+
+/// How a resident agent goes on from its stored image when its host starts again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Resume {
+    /// Poll it: it was just launched (no operation pending).
+    Poll,
+    /// Handle its pending operation: a shutdown parked it at a safe point.
+    Handle,
+    /// Its hop here succeeded: it arrived with this image.
+    Arrived,
+    /// Its hop away failed with this error: it stays here.
+    HopFailed(HopError),
+}
+
+/// One service call in the journal: a visit of an agent to this site.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallEntry {
+    /// The agent's hop sequence number when it called.
+    pub seq: u64,
+    /// The service.
+    pub service: String,
+    /// BLAKE3 of the request, to notice an agent that does not replay the same calls.
+    #[serde(with = "serde_bytes")]
+    pub request: [u8; 32],
+    /// The answer; dropped once the agent left or ended (it can no longer replay).
+    pub answer: Option<Result<serde_bytes::ByteBuf, CallError>>,
 }
 
 /// The durable state of one host.
@@ -74,6 +129,10 @@ fn transfer_key(agent: &AgentId, seq: u64) -> [u8; 24] {
     key[..16].copy_from_slice(&agent.0);
     key[16..].copy_from_slice(&seq.to_be_bytes());
     key
+}
+
+fn call_key(agent: &AgentId, index: u64) -> [u8; 24] {
+    transfer_key(agent, index)
 }
 
 fn cbor<T: Serialize>(value: &T) -> Vec<u8> {
@@ -102,6 +161,7 @@ impl HostStore {
         txn.open_table(TRANSFERS).map_err(db_err)?;
         txn.open_table(AGENTS).map_err(db_err)?;
         txn.open_table(HOME).map_err(db_err)?;
+        txn.open_table(CALLS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(HostStore {
             db,
@@ -210,7 +270,7 @@ impl HostStore {
             let record = AgentRecord::Resident {
                 seq,
                 image: name,
-                parked: false,
+                resume: Resume::Arrived,
             };
             agents
                 .insert(agent.0.as_slice(), cbor(&record).as_slice())
@@ -261,7 +321,24 @@ impl HostStore {
             .map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         self.drop_old_image(old, Some(record));
+        if matches!(record, AgentRecord::Forwarded { .. }) {
+            self.forget_answers(agent)?;
+        }
         Ok(())
+    }
+
+    /// Stores `image` durably, then the record `make` builds around its file name.
+    ///
+    /// # Errors
+    /// When the file or the database fails.
+    pub fn keep_agent(
+        &self,
+        agent: &AgentId,
+        image: &[u8],
+        make: impl FnOnce(String) -> AgentRecord,
+    ) -> Result<(), StoreError> {
+        let name = self.put_image(image)?;
+        self.set_agent(agent, &make(name))
     }
 
     /// Forgets an agent that ended here.
@@ -277,15 +354,15 @@ impl HostStore {
             .map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         self.drop_old_image(old, None);
-        Ok(())
+        self.forget_answers(agent)
     }
 
     fn drop_old_image(&self, old: Option<AgentRecord>, new: Option<&AgentRecord>) {
-        if let Some(AgentRecord::Resident { image, .. }) = old {
-            let kept = matches!(new, Some(AgentRecord::Resident { image: new_image, .. }) if *new_image == image);
-            if !kept {
-                self.remove_image(&image);
-            }
+        let Some(old) = old.as_ref().and_then(AgentRecord::image) else {
+            return;
+        };
+        if new.and_then(AgentRecord::image) != Some(old) {
+            self.remove_image(old);
         }
     }
 
@@ -300,7 +377,7 @@ impl HostStore {
         value.map(|v| uncbor(v.value())).transpose()
     }
 
-    /// Every agent that lives here (to resume after a restart).
+    /// Every agent that lives here or is leaving (to resume after a restart).
     ///
     /// # Errors
     /// When the database fails.
@@ -314,9 +391,88 @@ impl HostStore {
                 continue;
             };
             let record: AgentRecord = uncbor(v.value())?;
-            if matches!(record, AgentRecord::Resident { .. }) {
+            if !matches!(record, AgentRecord::Forwarded { .. }) {
                 out.push((AgentId(id), record));
             }
+        }
+        Ok(out)
+    }
+
+    /// The journal's entry for call `index` of `agent`, if it made that call here.
+    ///
+    /// # Errors
+    /// When the database fails or the entry does not decode.
+    pub fn call(&self, agent: &AgentId, index: u64) -> Result<Option<CallEntry>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(CALLS).map_err(db_err)?;
+        let value = table
+            .get(call_key(agent, index).as_slice())
+            .map_err(db_err)?;
+        value.map(|v| uncbor(v.value())).transpose()
+    }
+
+    /// Records call `index` of `agent` with its answer, before the agent sees the answer.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn put_call(
+        &self,
+        agent: &AgentId,
+        index: u64,
+        entry: &CallEntry,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(CALLS)
+            .map_err(db_err)?
+            .insert(call_key(agent, index).as_slice(), cbor(entry).as_slice())
+            .map_err(db_err)?;
+        txn.commit().map_err(db_err)
+    }
+
+    /// Drops the answers recorded for `agent` (it left or ended), keeping its visits.
+    fn forget_answers(&self, agent: &AgentId) -> Result<(), StoreError> {
+        let (start, end) = (call_key(agent, 0), call_key(agent, u64::MAX));
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(CALLS).map_err(db_err)?;
+            let mut updates = Vec::new();
+            for entry in table
+                .range(start.as_slice()..=end.as_slice())
+                .map_err(db_err)?
+            {
+                let (k, v) = entry.map_err(db_err)?;
+                let mut call: CallEntry = uncbor(v.value())?;
+                if call.answer.take().is_some() {
+                    updates.push((k.value().to_vec(), call));
+                }
+            }
+            for (key, call) in updates {
+                table
+                    .insert(key.as_slice(), cbor(&call).as_slice())
+                    .map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// Every call agents made here, in (agent, call index) order: the site's visits.
+    ///
+    /// # Errors
+    /// When the database fails or an entry does not decode.
+    pub fn visits(&self) -> Result<Vec<(AgentId, u64, CallEntry)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(CALLS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let key = k.value();
+            let (Ok(id), Ok(index)) = (
+                <[u8; 16]>::try_from(&key[..16.min(key.len())]),
+                <[u8; 8]>::try_from(&key[16.min(key.len())..]),
+            ) else {
+                continue;
+            };
+            out.push((AgentId(id), u64::from_be_bytes(index), uncbor(v.value())?));
         }
         Ok(out)
     }

@@ -100,9 +100,12 @@ pub async fn launch(
         None => eprintln!("{line}"),
     };
     let mut hops: Vec<HopInfo> = Vec::new();
+    let mut launched = None;
     let mut on_event = |event: &LaunchEvent| {
-        if let LaunchEvent::Moved(hop) = event {
-            hops.push(hop.clone());
+        match event {
+            LaunchEvent::Moved(hop) => hops.push(hop.clone()),
+            LaunchEvent::Launched { agent, .. } => launched = Some(agent.to_string()),
+            _ => {}
         }
         if json {
             return;
@@ -154,6 +157,8 @@ pub async fn launch(
     }
     let last = last?;
     client.close().await;
+    // Reports of hops come from different hosts and may arrive out of order.
+    hops.sort_by_key(|h| h.seq);
     let (agent_ok, result, error) = match &last {
         LaunchEvent::Finished {
             outcome: Ok(bytes), ..
@@ -169,6 +174,7 @@ pub async fn launch(
     };
     if json {
         let out = serde_json::json!({
+            "agent": launched,
             "ok": agent_ok,
             "result": result,
             "error": error,

@@ -1,0 +1,56 @@
+//! Named crash points for the fault-injection tests.
+//!
+//! With the `failpoints` feature, a host started with `FAILPOINTS=<name>=return` aborts the
+//! process at the point named `<name>`, like a power cut: no destructor, no flush, nothing but
+//! what was already durable survives. Without the feature (every normal build) a crash point
+//! compiles to nothing.
+//!
+//! The points, in the order a hop passes them:
+//!
+//! | name | where |
+//! |---|---|
+//! | `source-after-offer` | source: the destination accepted, the departure is recorded, nothing sent |
+//! | `source-mid-module` | source: half the module sent |
+//! | `source-mid-image` | source: half the image sent |
+//! | `dest-after-offer` | destination: ACCEPT sent, nothing received |
+//! | `dest-mid-module` | destination: module received, not yet admitted |
+//! | `dest-mid-image` | destination: image received, not yet validated or stored |
+//! | `dest-after-commit` | destination: arrival committed, COMMITTED not sent |
+//! | `source-after-committed` | source: COMMITTED received, departure not yet cleaned up |
+//! | `after-call` | any host: a service call journaled, its answer not yet given to the agent |
+
+/// Names of every crash point (kept here so tests and docs agree).
+pub const POINTS: [&str; 9] = [
+    "source-after-offer",
+    "source-mid-module",
+    "source-mid-image",
+    "dest-after-offer",
+    "dest-mid-module",
+    "dest-mid-image",
+    "dest-after-commit",
+    "source-after-committed",
+    "after-call",
+];
+
+/// Reads `FAILPOINTS` from the environment; the returned guard keeps the points configured.
+#[cfg(feature = "failpoints")]
+pub fn setup() -> Option<fail::FailScenario<'static>> {
+    Some(fail::FailScenario::setup())
+}
+
+/// Without the `failpoints` feature there is nothing to set up.
+#[cfg(not(feature = "failpoints"))]
+pub fn setup() -> Option<()> {
+    None
+}
+
+/// Aborts the process if the crash point `name` is configured.
+#[inline]
+pub fn crash_point(name: &'static str) {
+    debug_assert!(POINTS.contains(&name), "unknown crash point {name}");
+    #[cfg(feature = "failpoints")]
+    if fail::eval(name, |_| ()).is_some() {
+        eprintln!("crash point {name}: aborting the process");
+        std::process::abort();
+    }
+}

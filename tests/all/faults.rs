@@ -1,0 +1,204 @@
+//! A host crashes (aborts, like a power cut) at each named crash point of the hop protocol
+//! and starts again from its data directory: every agent finishes exactly once, with one
+//! result for its launcher and one recorded visit per site it stayed on.
+//!
+//! The agent is the search agent launched on siteA with the itinerary siteB, siteC, siteA.
+
+use agent_e2e::{Cluster, example, repo};
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
+
+const SITES: [&str; 3] = ["siteA", "siteB", "siteC"];
+
+/// What the launcher and the sites' journals must show after the crash and the restart.
+struct Expect {
+    /// Sites the agent searched, in order.
+    visited: &'static [&'static str],
+    /// Sites it skipped because the hop there was aborted.
+    skipped: &'static [&'static str],
+    /// Hop seqs the launcher saw (an aborted attempt uses up its seq).
+    hops: &'static [u64],
+    /// For each site, the hop seqs of the calls journaled there.
+    visits: [&'static [u64]; 3],
+}
+
+/// The hop to siteB was aborted: the agent stayed on siteA and went on to siteC.
+const B_ABORTED: Expect = Expect {
+    visited: &["siteC", "siteA"],
+    skipped: &["siteB"],
+    hops: &[2, 3],
+    visits: [&[3], &[], &[2]],
+};
+
+/// The hop from siteB to siteC was aborted: the agent stayed on siteB and went home.
+const C_ABORTED: Expect = Expect {
+    visited: &["siteB", "siteA"],
+    skipped: &["siteC"],
+    hops: &[1, 3],
+    visits: [&[3], &[1], &[]],
+};
+
+/// Every hop happened, once.
+const ALL_HOPS: Expect = Expect {
+    visited: &["siteB", "siteC", "siteA"],
+    skipped: &[],
+    hops: &[1, 2, 3],
+    visits: [&[3], &[1], &[2]],
+};
+
+fn finish(mut child: Child, within: Duration) -> Output {
+    let deadline = Instant::now() + within;
+    while matches!(child.try_wait(), Ok(None)) {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn strings(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .map(|s| s.split(':').next().unwrap_or(s).to_string())
+        .collect()
+}
+
+/// Launches the search agent with `site` set to abort at `point`, restarts `site` after the
+/// crash, and checks the outcome against `expect`.
+fn crash_and_recover(site: &str, point: &str, expect: &Expect) {
+    example("search");
+    let wasm = repo().join("examples/target/wasm32-wasip1/release/search.wasm");
+    let wasm = wasm.display().to_string();
+    let up: &[&str] = &[];
+    let others: Vec<(&str, &[&str])> = SITES
+        .iter()
+        .filter(|s| **s != site)
+        .map(|s| (*s, up))
+        .collect();
+    let mut cluster = Cluster::start(&SITES, &others);
+    let failpoint = format!("{point}=return");
+    cluster.start_with(site, &[], &[("FAILPOINTS", &failpoint)]);
+
+    let launch = [
+        "launch",
+        &wasm,
+        "--hop",
+        "siteB,siteC,siteA",
+        "--arg",
+        "query=migration",
+        "--json",
+    ];
+    let launcher = cluster.spawn_agent(&launch, "siteA", "alice");
+    let status = cluster.wait_exit(site, Duration::from_secs(60));
+    assert!(!status.success(), "{site} should have crashed at {point}");
+    assert!(
+        cluster.log(site).contains(&format!("crash point {point}")),
+        "{site} crashed elsewhere:\n{}",
+        cluster.log(site)
+    );
+    cluster.restart(site, &[]);
+
+    let out = finish(launcher, Duration::from_secs(90));
+    let logs = || {
+        SITES
+            .iter()
+            .map(|s| format!("--- {s}\n{}", cluster.log(s)))
+            .collect::<String>()
+    };
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no result ({e}):\n{}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            logs()
+        )
+    });
+    assert_eq!(report["ok"], true, "{report:#}\n{}", logs());
+    assert_eq!(
+        strings(&report["result"]["visited"]),
+        expect.visited,
+        "{report:#}"
+    );
+    assert_eq!(
+        strings(&report["result"]["skipped"]),
+        expect.skipped,
+        "{report:#}"
+    );
+    let hops: Vec<u64> = report["hops"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["seq"].as_u64())
+        .collect();
+    assert_eq!(
+        hops,
+        expect.hops,
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+
+    let agent = report["agent"].as_str().unwrap_or_default().to_string();
+    for s in SITES {
+        cluster.stop(s);
+    }
+    for (s, want) in SITES.iter().zip(expect.visits) {
+        let seqs: Vec<u64> = cluster
+            .visits(s)
+            .into_iter()
+            .filter(|(a, _)| *a == agent)
+            .map(|(_, seq)| seq)
+            .collect();
+        assert_eq!(seqs, want, "visits recorded on {s}");
+    }
+}
+
+#[test]
+fn destination_crashes_after_accepting_the_offer() {
+    crash_and_recover("siteB", "dest-after-offer", &B_ABORTED);
+}
+
+#[test]
+fn destination_crashes_with_the_module_received() {
+    crash_and_recover("siteB", "dest-mid-module", &B_ABORTED);
+}
+
+#[test]
+fn destination_crashes_with_the_image_received_but_not_stored() {
+    crash_and_recover("siteB", "dest-mid-image", &B_ABORTED);
+}
+
+#[test]
+fn destination_crashes_after_committing_before_answering() {
+    crash_and_recover("siteB", "dest-after-commit", &ALL_HOPS);
+}
+
+#[test]
+fn source_crashes_after_recording_the_departure() {
+    crash_and_recover("siteB", "source-after-offer", &C_ABORTED);
+}
+
+#[test]
+fn source_crashes_half_way_through_the_module() {
+    crash_and_recover("siteB", "source-mid-module", &C_ABORTED);
+}
+
+#[test]
+fn source_crashes_half_way_through_the_image() {
+    crash_and_recover("siteB", "source-mid-image", &C_ABORTED);
+}
+
+#[test]
+fn source_crashes_after_the_commit_before_cleaning_up() {
+    crash_and_recover("siteB", "source-after-committed", &ALL_HOPS);
+}
+
+#[test]
+fn a_host_crashes_after_a_service_call_and_the_agent_replays_it_from_the_journal() {
+    crash_and_recover("siteC", "after-call", &ALL_HOPS);
+}
