@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: real agents built from `examples/`, the real `agent`
 //! binary, and runners over real corpora.
 
+pub mod relay;
+
 use agent_runtime::engine::new_engine;
 use agent_runtime::runner::{Launch, LocalRunner, Migration, RunReport};
 use agent_runtime::{Corpus, Limits, ModuleCache, Site};
@@ -128,6 +130,8 @@ pub struct Cluster {
     /// Site name → address.
     pub addrs: BTreeMap<String, std::net::SocketAddr>,
     hosts: Vec<(String, std::process::Child)>,
+    /// (from, to) → the address `from` uses for peer `to`, when not `to`'s own (a relay).
+    routes: BTreeMap<(String, String), std::net::SocketAddr>,
 }
 
 impl Cluster {
@@ -161,6 +165,7 @@ impl Cluster {
             dir,
             addrs,
             hosts: Vec::new(),
+            routes: BTreeMap::new(),
         };
         for (site, extra) in up {
             cluster.spawn(site, extra);
@@ -201,6 +206,10 @@ impl Cluster {
             cmd.arg("--corpus").arg(corpus);
         }
         for (peer, addr) in self.addrs.iter().filter(|(p, _)| p.as_str() != site) {
+            let addr = self
+                .routes
+                .get(&(site.to_string(), peer.clone()))
+                .unwrap_or(addr);
             cmd.arg("--peer").arg(format!("{peer}={addr}"));
         }
         cmd.envs(env.iter().copied());
@@ -301,6 +310,15 @@ impl Cluster {
             self.dir.path().join(format!("{site}.before-restart.log")),
             old,
         );
+    }
+
+    /// Sends `from`'s traffic for peer `to` through a new relay (takes effect when `from`
+    /// starts next).
+    pub fn relay(&mut self, from: &str, to: &str) -> relay::Relay {
+        let relay = relay::Relay::start(self.addrs[to]);
+        self.routes
+            .insert((from.to_string(), to.to_string()), relay.addr);
+        relay
     }
 
     /// Starts a host that is not running, with extra environment variables (e.g.

@@ -6,4 +6,5 @@ mod hosts;
 mod limits;
 mod migration;
 mod mtls;
+mod network;
 mod restore;

@@ -467,7 +467,8 @@ impl Host {
         reply
     }
 
-    /// Forgets the cached connection to `site` if it is still `conn`.
+    /// Forgets the cached connection to `site` if it is still `conn`. It is not closed: a
+    /// transfer on it may still finish if the path was only cut for a while.
     async fn drop_connection(&self, site: &str, conn: &quinn::Connection) {
         let mut conns = self.conns.lock().await;
         if conns
@@ -475,7 +476,6 @@ impl Host {
             .is_some_and(|c| c.stable_id() == conn.stable_id())
         {
             conns.remove(site);
-            conn.close(0u32.into(), b"no answer");
         }
     }
 
