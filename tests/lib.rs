@@ -301,6 +301,18 @@ impl Cluster {
         }
     }
 
+    /// Kills a host with SIGKILL (like a power cut) and waits for it to be gone.
+    pub fn kill(&mut self, site: &str) {
+        let index = self
+            .hosts
+            .iter()
+            .position(|(s, _)| s == site)
+            .unwrap_or_else(|| panic!("no host {site}"));
+        let (_, mut child) = self.hosts.remove(index);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Starts a host again on the same address and data directory.
     pub fn restart(&mut self, site: &str, extra: &[&str]) {
         let old = self.log(site);

@@ -248,8 +248,10 @@ fn users_see_and_kill_only_their_own_agents() {
     );
 }
 
-#[test]
-fn sigterm_parks_running_agents_and_a_restart_resumes_them() {
+/// Stops the home host while a CPU-bound agent runs (SIGTERM, or SIGKILL like a power cut),
+/// starts it again, and checks that the launcher, which follows the agent through the
+/// restart, gets the result an uninterrupted run computes.
+fn stop_while_running_and_resume(graceful: bool) {
     let up: &[&str] = &[];
     let mut cluster = Cluster::start(&["siteA"], &[("siteA", up)]);
     example("spin");
@@ -271,41 +273,39 @@ fn sigterm_parks_running_agents_and_a_restart_resumes_them() {
     );
     let id = first_agent(&cluster, "siteA", "alice");
     std::thread::sleep(Duration::from_millis(500));
-    let status = cluster.stop("siteA");
-    assert!(
-        status.success(),
-        "host exited with {status}:\n{}",
-        cluster.log("siteA")
-    );
-    assert!(
-        cluster.log("siteA").contains("parked"),
-        "{}",
-        cluster.log("siteA")
-    );
-    let out = launch.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
-    assert!(!out.status.success(), "the launcher lost its host mid-run");
-
-    cluster.restart("siteA", up);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
-        if status["state"] != "running" {
-            break status;
-        }
+    if graceful {
+        let status = cluster.stop("siteA");
+        assert!(status.success(), "exit {status}:\n{}", cluster.log("siteA"));
         assert!(
-            Instant::now() < deadline,
-            "the resumed agent did not finish:\n{}",
+            cluster.log("siteA").contains("parked"),
+            "{}",
             cluster.log("siteA")
         );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert_eq!(status["state"], "finished", "{status}");
+    } else {
+        cluster.kill("siteA");
+    }
+    cluster.restart("siteA", up);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut launch = launch;
+    while matches!(launch.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = launch.kill();
+    let out = launch.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        cluster.log("siteA").contains("resuming agent"),
+        String::from_utf8_lossy(&out.stderr).contains(&format!("following agent {id}")),
         "{}",
-        cluster.log("siteA")
+        String::from_utf8_lossy(&out.stderr)
     );
-    // The parked and resumed agent computed exactly what an uninterrupted run computes.
+    let report = json(&out);
+    assert_eq!(report["ok"], true, "{report}\n{}", cluster.log("siteA"));
+    let log = cluster.log("siteA");
+    let resumed = log.lines().find(|l| l.contains("resuming agent"));
+    let how = if graceful { "Handle" } else { "Poll" };
+    assert!(resumed.is_some_and(|l| l.contains(how)), "{log}");
+    let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
+    assert_eq!(status["state"], "finished", "{status}");
+    // The stopped and resumed agent computed exactly what an uninterrupted run computes.
     let runner = agent_e2e::runner(agent_runtime::Limits::default());
     let still = agent_e2e::run(
         &runner,
@@ -313,7 +313,18 @@ fn sigterm_parks_running_agents_and_a_restart_resumes_them() {
         agent_e2e::launch(&[], &args),
         agent_runtime::runner::Migration::OnlyHops,
     );
+    assert_eq!(Some(&report["result"]), still.outcome.as_ref().ok());
     assert_eq!(Some(&status["result"]), still.outcome.as_ref().ok());
+}
+
+#[test]
+fn sigterm_parks_running_agents_and_a_restart_resumes_them() {
+    stop_while_running_and_resume(true);
+}
+
+#[test]
+fn sigkill_loses_no_running_agent_a_restart_runs_it_from_its_last_stored_image() {
+    stop_while_running_and_resume(false);
 }
 
 #[test]

@@ -75,6 +75,43 @@ fn only_user(dir: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// Whether an agent's last event says it succeeded, its result, and its error.
+fn outcome_of(last: &LaunchEvent) -> (bool, Option<serde_json::Value>, Option<String>) {
+    match last {
+        LaunchEvent::Finished {
+            outcome: Ok(bytes), ..
+        } => match cbor_to_json(bytes) {
+            Ok(v) => (true, Some(v), None),
+            Err(e) => (false, None, Some(e)),
+        },
+        LaunchEvent::Finished {
+            outcome: Err(e), ..
+        } => (false, None, Some(e.clone())),
+        LaunchEvent::Refused(why) => (false, None, Some(format!("launch refused: {why}"))),
+        other => (false, None, Some(format!("unexpected end: {other:?}"))),
+    }
+}
+
+/// Asks the home host for the agent's record until it is no longer running, reconnecting as
+/// often as needed (the home may be restarting).
+async fn follow(conn: &Connection, agent: &str) -> anyhow::Result<StatusReply> {
+    let id: AgentId = agent.parse().map_err(anyhow::Error::msg)?;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let Ok(client) = conn.connect().await else {
+            continue;
+        };
+        let status = client.status(id).await;
+        client.close().await;
+        match status {
+            Ok(status) if status.state != "running" => return Ok(status),
+            Ok(_) => {}
+            Err(e) if e.contains("no agent") => bail!("{e}"),
+            Err(_) => {}
+        }
+    }
+}
+
 /// Launches `wasm` and follows it to its end; prints the hop table and the result.
 pub async fn launch(
     conn: &Connection,
@@ -100,7 +137,7 @@ pub async fn launch(
         None => eprintln!("{line}"),
     };
     let mut hops: Vec<HopInfo> = Vec::new();
-    let mut launched = None;
+    let mut launched: Option<String> = None;
     let mut on_event = |event: &LaunchEvent| {
         match event {
             LaunchEvent::Moved(hop) => hops.push(hop.clone()),
@@ -155,23 +192,27 @@ pub async fn launch(
     if let Some(bar) = &progress {
         bar.finish_and_clear();
     }
-    let last = last?;
-    client.close().await;
+    let (agent_ok, result, error) = match (last, &launched) {
+        (Ok(last), _) => {
+            client.close().await;
+            outcome_of(&last)
+        }
+        // The agent runs on without its launcher: follow it through its home's record.
+        (Err(e), Some(agent)) => {
+            eprintln!("lost the stream from the home host ({e}); following agent {agent}");
+            let status = follow(conn, agent).await?;
+            hops = status.hops.clone();
+            let result = status
+                .result
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()?;
+            (status.state == "finished", result, status.error)
+        }
+        (Err(e), None) => return Err(e),
+    };
     // Reports of hops come from different hosts and may arrive out of order.
     hops.sort_by_key(|h| h.seq);
-    let (agent_ok, result, error) = match &last {
-        LaunchEvent::Finished {
-            outcome: Ok(bytes), ..
-        } => match cbor_to_json(bytes) {
-            Ok(v) => (true, Some(v), None),
-            Err(e) => (false, None, Some(e)),
-        },
-        LaunchEvent::Finished {
-            outcome: Err(e), ..
-        } => (false, None, Some(e.clone())),
-        LaunchEvent::Refused(why) => (false, None, Some(format!("launch refused: {why}"))),
-        other => (false, None, Some(format!("unexpected end: {other:?}"))),
-    };
     if json {
         let out = serde_json::json!({
             "agent": launched,
