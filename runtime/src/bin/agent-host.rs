@@ -84,6 +84,9 @@ struct ServeArgs {
     /// Most memory per agent, in MiB.
     #[arg(long)]
     max_memory_mib: Option<u64>,
+    /// CPU time each agent may use in its whole life, on all hosts together, in seconds.
+    #[arg(long)]
+    cpu_budget_secs: Option<u64>,
     /// Most agents running at once.
     #[arg(long)]
     max_agents: Option<usize>,
@@ -105,6 +108,7 @@ struct FileConfig {
     peers: BTreeMap<String, SocketAddr>,
     corpus: Option<PathBuf>,
     max_memory_mib: Option<u64>,
+    cpu_budget_secs: Option<u64>,
     max_agents: Option<usize>,
     segmentation_offload: Option<bool>,
 }
@@ -225,6 +229,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let limits = Limits {
         max_memory: args.max_memory_mib.or(file.max_memory_mib).unwrap_or(256) << 20,
+        cpu_budget: match args.cpu_budget_secs.or(file.cpu_budget_secs) {
+            Some(secs) => std::time::Duration::from_secs(secs),
+            None => Limits::default().cpu_budget,
+        },
         ..Limits::default()
     };
     let config = HostConfig {
