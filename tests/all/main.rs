@@ -9,3 +9,4 @@ mod migration;
 mod mtls;
 mod network;
 mod restore;
+mod rogue;

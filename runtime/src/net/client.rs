@@ -79,7 +79,11 @@ impl Client {
         Ok(Client { conn, endpoint })
     }
 
-    async fn open(
+    /// Opens a stream and sends `request` on it, for exchanges of more than one message.
+    ///
+    /// # Errors
+    /// When the stream cannot be opened or written.
+    pub async fn open(
         &self,
         request: &Request,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), String> {

@@ -1,0 +1,165 @@
+//! A peer with a valid host certificate that sends bad transfers (a buggy or compromised
+//! host): a module whose bytes do not match its hash, an image of another module, a stream
+//! cut short. The destination refuses each with a clear reason, commits nothing, and keeps
+//! serving.
+
+use agent_e2e::{Cluster, block_on, example};
+use agent_runtime::engine::new_engine;
+use agent_runtime::net::certs::{self, Role};
+use agent_runtime::net::client::{Client, HostAddr};
+use agent_runtime::net::messages::{Offer, OfferReply, Request, TransferReply, TransferStatus};
+use agent_runtime::net::tls::Credentials;
+use agent_runtime::net::wire::{read_msg, write_blob};
+use agent_runtime::{AgentContext, AgentInstance, Corpus, Limits, ModuleCache, Site};
+use std::sync::Arc;
+
+/// A real image of a freshly launched agent of `wasm`, and its offer.
+fn image_of(wasm: &[u8]) -> (Vec<u8>, Offer) {
+    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
+    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
+    let module = cache.admit(wasm).unwrap_or_else(|e| panic!("{e}"));
+    let site = Arc::new(Site::new("siteB", Corpus::empty()));
+    let mut context = AgentContext::new("siteB", "alice", Vec::new(), Default::default());
+    context.hop_seq = 1;
+    let mut agent = block_on(AgentInstance::launch(
+        module.clone(),
+        site,
+        context,
+        &Limits::default(),
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let image = agent.capture();
+    let bytes = image.encode().unwrap_or_else(|e| panic!("{e}"));
+    let offer = Offer {
+        agent: image.context.agent_id,
+        seq: 1,
+        module: module.hash,
+        module_bytes: wasm.len() as u64,
+        memory_bytes: image.memory_bytes,
+        image_bytes: bytes.len() as u64,
+        abi: agent_abi::ABI_VERSION,
+        owner: "alice".into(),
+        home: "siteB".into(),
+    };
+    (bytes, offer)
+}
+
+/// Offers, then sends `module` (if asked for) and `image`; the destination's verdict.
+async fn transfer(
+    client: &Client,
+    offer: &Offer,
+    module: &[u8],
+    image: &[u8],
+) -> Result<TransferReply, String> {
+    let (mut send, mut recv) = client.open(&Request::Offer(offer.clone())).await?;
+    let reply: OfferReply = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
+    let OfferReply::Accept { need_module } = reply else {
+        return Err(format!("offer not accepted: {reply:?}"));
+    };
+    if need_module {
+        write_blob(&mut send, module)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    write_blob(&mut send, image)
+        .await
+        .map_err(|e| e.to_string())?;
+    read_msg(&mut recv).await.map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
+    let up: &[&str] = &[];
+    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
+    let certs_dir = cluster.certs();
+    let rogue = Credentials::load(
+        &certs::ca_files(&certs_dir).cert,
+        &certs::files(&certs_dir, Role::Host, "siteB"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let host = HostAddr {
+        name: "siteA".into(),
+        addr: cluster.addrs["siteA"],
+    };
+    let search = example("search");
+    let heap = example("heap");
+    let (image, offer) = image_of(&search);
+    let (other_image, _) = image_of(&heap);
+
+    block_on(async {
+        let client = Client::connect(&host, &rogue)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+
+        // The module's bytes are not the module the offer names.
+        let verdict = transfer(&client, &offer, &heap, &image).await;
+        assert_eq!(
+            verdict,
+            Ok(TransferReply::Refused(
+                "the module bytes do not match the offered hash".into()
+            ))
+        );
+
+        // The right module, but the image of an agent of another module.
+        let offer2 = Offer {
+            seq: 2,
+            ..offer.clone()
+        };
+        let verdict = transfer(&client, &offer2, &search, &other_image).await;
+        assert_eq!(
+            verdict,
+            Ok(TransferReply::Refused(
+                "the image does not match the offer".into()
+            ))
+        );
+
+        // A stream cut short: half the image, then the end of the stream.
+        let offer3 = Offer {
+            seq: 3,
+            ..offer.clone()
+        };
+        let (mut send, mut recv) = client
+            .open(&Request::Offer(offer3.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let reply: OfferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(reply, OfferReply::Accept { need_module: false });
+        send.write_all(&(image.len() as u64).to_le_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        send.write_all(&image[..image.len() / 2])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = send.finish();
+        assert!(read_msg::<TransferReply>(&mut recv).await.is_err());
+        // Nothing was committed: asking settles the transfer as aborted, for good.
+        for seq in [1, 2, 3] {
+            let status: Result<TransferStatus, String> = client
+                .request(&Request::Query {
+                    agent: offer.agent,
+                    seq,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(status, Ok(TransferStatus::Aborted), "seq {seq}");
+        }
+        client.close().await;
+    });
+    let log = cluster.log("siteA");
+    assert!(!log.contains("agent arrived"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+
+    // Still serving: a real agent runs there.
+    example("search");
+    let wasm = agent_e2e::repo().join("examples/target/wasm32-wasip1/release/search.wasm");
+    let out = cluster.agent(
+        &["launch", &wasm.display().to_string(), "--arg", "query=host"],
+        "siteA",
+        "alice",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
