@@ -301,6 +301,15 @@ impl Cluster {
         }
     }
 
+    /// The process id of a running host.
+    pub fn pid(&self, site: &str) -> u32 {
+        self.hosts
+            .iter()
+            .find(|(s, _)| s == site)
+            .map(|(_, c)| c.id())
+            .unwrap_or_else(|| panic!("no host {site}"))
+    }
+
     /// Kills a host with SIGKILL (like a power cut) and waits for it to be gone.
     pub fn kill(&mut self, site: &str) {
         let index = self

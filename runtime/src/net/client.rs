@@ -127,7 +127,7 @@ impl Client {
         wasm: &[u8],
         itinerary: Vec<String>,
         args: BTreeMap<String, String>,
-        on_event: &mut dyn FnMut(&LaunchEvent),
+        on_event: &mut (dyn FnMut(&LaunchEvent) + Send),
     ) -> Result<LaunchEvent, String> {
         let (mut send, mut recv) = self.open(&Request::Launch { itinerary, args }).await?;
         write_blob(&mut send, wasm)
