@@ -494,3 +494,59 @@ fn kill_follows_the_agent_to_the_host_it_runs_on() {
         (Some("killed"), Some("siteB"))
     );
 }
+
+#[test]
+fn an_agent_ending_while_its_home_is_down_reaches_its_launcher_after_both_hosts_restart() {
+    let up: &[&str] = &[];
+    let mut cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up), ("siteB", up)]);
+    example("spin");
+    let path = repo().join("examples/target/wasm32-wasip1/release/spin.wasm");
+    let wasm = path.display().to_string();
+    let launch = cluster.spawn_agent(
+        &[
+            "launch",
+            &wasm,
+            "--hop",
+            "siteB",
+            "--arg",
+            "n=3000000",
+            "--json",
+        ],
+        "siteA",
+        "alice",
+    );
+    let id = first_agent(&cluster, "siteA", "alice");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"))["site"] != "siteB" {
+        assert!(Instant::now() < deadline, "the agent never reached siteB");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.kill("siteA");
+    // The agent ends on siteB while its home is down, and siteB keeps its report.
+    while !cluster
+        .log("siteB")
+        .contains("cannot report to the home host")
+    {
+        assert!(Instant::now() < deadline, "{}", cluster.log("siteB"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // siteB goes down too before it could deliver: the report survives in its store.
+    cluster.kill("siteB");
+    cluster.restart("siteA", up);
+    cluster.restart("siteB", up);
+
+    let mut launch = launch;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while matches!(launch.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = launch.kill();
+    let report = json(&launch.wait_with_output().unwrap_or_else(|e| panic!("{e}")));
+    assert_eq!(report["ok"], true, "{report}\n{}", cluster.log("siteB"));
+    assert_eq!(report["result"]["n"], 3000000);
+    let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
+    assert_eq!(
+        (status["state"].as_str(), status["site"].as_str()),
+        (Some("finished"), Some("siteB"))
+    );
+}

@@ -12,7 +12,7 @@ use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
 use super::messages::{
     HopInfo, LaunchEvent, Offer, OfferReply, Request, StatusReply, TransferReply, TransferStatus,
 };
-use super::store::{AgentRecord, CallEntry, HostStore, Resume};
+use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::wire::{WireError, read_blob, read_msg, write_blob, write_msg};
 use crate::context::{AgentContext, AgentId, HopRecord};
@@ -103,6 +103,8 @@ pub struct Host {
     homes: Mutex<HashMap<AgentId, HomeEntry>>,
     shutting_down: AtomicBool,
     idle: tokio::sync::Notify,
+    /// Wakes the task that delivers stored reports to home hosts.
+    outbox: tokio::sync::Notify,
 }
 
 /// How an agent task starts.
@@ -160,9 +162,11 @@ impl Host {
             homes: Mutex::new(homes),
             shutting_down: AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
+            outbox: tokio::sync::Notify::new(),
         });
         host.resume_residents().await;
         tokio::spawn(host.clone().accept_loop());
+        tokio::spawn(host.clone().deliver_reports());
         Ok(host)
     }
 
@@ -758,30 +762,60 @@ impl Host {
         entry.watchers.retain(|w| w.send(event.clone()).is_ok());
     }
 
-    /// Sends an event to the agent's home host (here, or a peer).
+    /// Sends an event to the agent's home host (here, or a peer). A report to a peer is
+    /// stored first and sent until the home acknowledges it, across restarts of either.
     fn report(self: &Arc<Self>, agent: AgentId, home: String, event: LaunchEvent) {
         if home == self.config.name {
             return self.deliver(&agent, event);
         }
-        let host = self.clone();
-        tokio::spawn(async move {
-            for attempt in 0..5u32 {
-                match host
-                    .ask::<()>(
-                        &home,
-                        &Request::Report {
-                            agent,
-                            event: event.clone(),
-                        },
-                    )
-                    .await
-                {
-                    Ok(()) => return,
-                    Err(e) => tracing::warn!(%agent, %home, attempt, "cannot report to home: {e}"),
-                }
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        let report = PendingReport { home, agent, event };
+        if let Err(e) = self.store.put_report(&report) {
+            tracing::error!(%agent, "cannot store a report for the home host: {e}");
+        }
+        self.outbox.notify_one();
+    }
+
+    /// Delivers stored reports to their home hosts, retrying those that fail.
+    async fn deliver_reports(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(200);
+        while !self.shutting_down.load(Ordering::SeqCst) {
+            let reports = self.store.reports().unwrap_or_else(|e| {
+                tracing::error!("cannot read stored reports: {e}");
+                Vec::new()
+            });
+            if reports.is_empty() {
+                self.outbox.notified().await;
+                continue;
             }
-        });
+            let mut sending = tokio::task::JoinSet::new();
+            for (key, report) in reports {
+                let host = self.clone();
+                sending.spawn(async move {
+                    let request = Request::Report {
+                        agent: report.agent,
+                        event: report.event,
+                    };
+                    match host.ask::<()>(&report.home, &request).await {
+                        Ok(()) => host.store.remove_report(&key).is_ok(),
+                        Err(e) => {
+                            let (agent, home) = (report.agent, &report.home);
+                            tracing::warn!(%agent, %home, "cannot report to the home host: {e}");
+                            false
+                        }
+                    }
+                });
+            }
+            let mut all_sent = true;
+            while let Some(sent) = sending.join_next().await {
+                all_sent &= sent.unwrap_or(false);
+            }
+            if all_sent {
+                backoff = Duration::from_millis(200);
+            } else {
+                let _ = tokio::time::timeout(backoff, self.outbox.notified()).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 
     // ---- running agents ----------------------------------------------------------------

@@ -9,7 +9,7 @@
 //! that re-runs from its last stored image after a crash gets the recorded answers, so each
 //! call takes effect once. Its rows are also the site's record of visits.
 
-use super::messages::{StatusReply, TransferStatus};
+use super::messages::{LaunchEvent, StatusReply, TransferStatus};
 use crate::context::AgentId;
 use crate::modules::{ModuleHash, write_durably};
 use agent_abi::{CallError, HopError};
@@ -21,6 +21,7 @@ const TRANSFERS: TableDefinition<&[u8], u8> = TableDefinition::new("transfers");
 const AGENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("agents");
 const HOME: TableDefinition<&[u8], &[u8]> = TableDefinition::new("home");
 const CALLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("calls");
+const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
 
 const COMMITTED: u8 = 1;
 const ABORTED: u8 = 2;
@@ -118,6 +119,20 @@ pub struct CallEntry {
     pub answer: Option<Result<serde_bytes::ByteBuf, CallError>>,
 }
 
+/// An event on its way to an agent's home host, kept until the home acknowledged it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingReport {
+    /// The home host.
+    pub home: String,
+    /// The agent.
+    pub agent: AgentId,
+    /// What happened.
+    pub event: LaunchEvent,
+}
+
+/// The key of a pending report: the hash of its contents, so keeping it twice keeps one.
+pub type ReportKey = [u8; 32];
+
 /// The durable state of one host.
 pub struct HostStore {
     db: Database,
@@ -162,6 +177,7 @@ impl HostStore {
         txn.open_table(AGENTS).map_err(db_err)?;
         txn.open_table(HOME).map_err(db_err)?;
         txn.open_table(CALLS).map_err(db_err)?;
+        txn.open_table(OUTBOX).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(HostStore {
             db,
@@ -473,6 +489,53 @@ impl HostStore {
                 continue;
             };
             out.push((AgentId(id), u64::from_be_bytes(index), uncbor(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Keeps a report until [`HostStore::remove_report`]; returns its key.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn put_report(&self, report: &PendingReport) -> Result<ReportKey, StoreError> {
+        let bytes = cbor(report);
+        let key = *blake3::hash(&bytes).as_bytes();
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(OUTBOX)
+            .map_err(db_err)?
+            .insert(key.as_slice(), bytes.as_slice())
+            .map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(key)
+    }
+
+    /// Forgets a report the home acknowledged.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn remove_report(&self, key: &ReportKey) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(OUTBOX)
+            .map_err(db_err)?
+            .remove(key.as_slice())
+            .map_err(db_err)?;
+        txn.commit().map_err(db_err)
+    }
+
+    /// Reports not yet acknowledged by their home hosts.
+    ///
+    /// # Errors
+    /// When the database fails or a report does not decode.
+    pub fn reports(&self) -> Result<Vec<(ReportKey, PendingReport)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(OUTBOX).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let Ok(key) = ReportKey::try_from(k.value()) else {
+                continue;
+            };
+            out.push((key, uncbor(v.value())?));
         }
         Ok(out)
     }
