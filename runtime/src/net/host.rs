@@ -232,6 +232,7 @@ impl Host {
                                     Start::Poll
                                 }
                                 Resume::HopFailed(error) => {
+                                    forget_failed_hop(&mut agent);
                                     agent.complete(OpResult::Hop(Err(error)));
                                     Start::Poll
                                 }
@@ -314,10 +315,7 @@ impl Host {
                     Ok(agent) => agent,
                     Err(e) => return tracing::error!(agent = %id, "cannot resume: {e}"),
                 };
-                // The departure image already counts the hop that did not happen.
-                if agent.context().trace.last().is_some_and(|h| h.seq == seq) {
-                    agent.context_mut().trace.pop();
-                }
+                forget_failed_hop(&mut agent);
                 self.hop_failed(&mut agent, Some(&image), error);
                 self.spawn_agent(agent, Start::Poll);
             }
@@ -1247,6 +1245,15 @@ impl Host {
             .commit_arrival(&offer.agent, offer.seq, bytes)
             .map_err(|e| e.to_string())?;
         Ok(agent)
+    }
+}
+
+/// A departure image already counts the hop it was made for; when that hop failed, the agent
+/// resumed from the image must not.
+fn forget_failed_hop(agent: &mut AgentInstance) {
+    let seq = agent.context().hop_seq;
+    if agent.context().trace.last().is_some_and(|h| h.seq == seq) {
+        agent.context_mut().trace.pop();
     }
 }
 
