@@ -9,6 +9,9 @@ use serde::de::DeserializeOwned;
 /// Largest control message.
 pub const MAX_MESSAGE: usize = 4 << 20;
 
+/// Deepest nesting of CBOR arrays and maps a message may have.
+const RECURSION_LIMIT: usize = 32;
+
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -52,7 +55,19 @@ pub async fn write_msg<T: Serialize>(
 /// Not cancel safe: a partly read frame is lost.
 pub async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, WireError> {
     let bytes = read_blob(recv, "message", MAX_MESSAGE as u64).await?;
-    ciborium::de::from_reader_with_recursion_limit(bytes.as_slice(), 32)
+    decode_msg(&bytes)
+}
+
+/// Decodes one CBOR message from the bytes of a frame, as [`read_msg`] does after reading it.
+///
+/// The bytes come from a peer, so decoding is bounded: nesting deeper than 32 levels is refused
+/// instead of recursing further. The frame's length limit is the caller's business
+/// ([`read_msg`] applies [`MAX_MESSAGE`]).
+///
+/// # Errors
+/// [`WireError::Malformed`] when the bytes are not valid CBOR for a `T`.
+pub fn decode_msg<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    ciborium::de::from_reader_with_recursion_limit(bytes, RECURSION_LIMIT)
         .map_err(|e| WireError::Malformed(e.to_string()))
 }
 
