@@ -82,8 +82,8 @@ pub enum AdmissionError {
     /// A start function runs at every instantiation, so it would run again at every restore.
     #[error("has a start function, which would run again on every restore")]
     StartFunction,
-    /// A data segment whose place is not a constant.
-    #[error("data segment {0} has a non-constant offset")]
+    /// A data segment whose place is not a plain `i32.const`.
+    #[error("data segment {0} has an offset other than a plain `i32.const`")]
     DataOffset(u32),
     /// The host could not link the module's imports.
     #[error("cannot link the module: {0}")]
@@ -198,9 +198,13 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
                 for (index, data) in reader.into_iter().enumerate() {
                     let data = data.map_err(invalid)?;
                     if let DataKind::Active { offset_expr, .. } = data.kind {
+                        // Only `i32.const N` alone: an extended constant expression such as
+                        // `i32.const 0 i32.const 65536 i32.add` would otherwise be read as 0.
                         let mut ops = offset_expr.get_operators_reader();
-                        let offset = match ops.read().map_err(invalid)? {
-                            Operator::I32Const { value } => u64::from(value as u32),
+                        let offset = match (ops.read().map_err(invalid)?, ops.read()) {
+                            (Operator::I32Const { value }, Ok(Operator::End)) => {
+                                u64::from(value as u32)
+                            }
                             _ => return Err(AdmissionError::DataOffset(index as u32)),
                         };
                         segments.push((offset, data.data.to_vec()));
@@ -447,6 +451,14 @@ mod tests {
         assert_eq!(
             refused(
                 r#"(memory 1) (global $base i32 (i32.const 8)) (data (global.get $base) "x")"#,
+                ABI
+            ),
+            AdmissionError::DataOffset(0)
+        );
+        // Valid Wasm (extended constant expressions), but not an offset admission can place.
+        assert_eq!(
+            refused(
+                r#"(memory 2) (data (i32.add (i32.const 0) (i32.const 65536)) "x")"#,
                 ABI
             ),
             AdmissionError::DataOffset(0)
