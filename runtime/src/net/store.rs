@@ -23,6 +23,9 @@ const HOME: TableDefinition<&[u8], &[u8]> = TableDefinition::new("home");
 const CALLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("calls");
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
 
+/// Bytes of the database file redb may keep cached in memory.
+const STORE_CACHE: usize = 16 << 20;
+
 const COMMITTED: u8 = 1;
 const ABORTED: u8 = 2;
 
@@ -171,7 +174,12 @@ impl HostStore {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| StoreError::Io { path, source })?;
         }
-        let db = Database::create(dir.join("host.redb")).map_err(db_err)?;
+        // The records are small and read rarely; redb's default cache (1 GiB) would only make
+        // a host's memory grow with the number of agents that ever passed through it.
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE)
+            .create(dir.join("host.redb"))
+            .map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(TRANSFERS).map_err(db_err)?;
         txn.open_table(AGENTS).map_err(db_err)?;
