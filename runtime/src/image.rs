@@ -275,8 +275,7 @@ impl AgentImage {
         }
         // The runs fix the uncompressed size, so a decompression bomb stops at that size.
         let expected = (pages * PAGE_SIZE as u64) as usize;
-        let data = zstd::bulk::decompress(body, expected)
-            .map_err(|e| ImageError::CorruptBody(e.to_string()))?;
+        let data = inflate(body, expected)?;
         if data.len() != expected {
             return Err(ImageError::CorruptBody(format!(
                 "{} bytes of pages, the page map needs {expected}",
@@ -298,6 +297,31 @@ impl AgentImage {
         }
         Ok(image)
     }
+}
+
+/// Most memory reserved for the pages before any has been decompressed.
+const FIRST_RESERVE: usize = 16 << 20;
+
+/// Decompresses `body`, which should hold `expected` bytes; never more than one byte past that.
+///
+/// Memory grows with what the body really holds, not with what the header claims: a header
+/// that announces gigabytes of pages over a body of a few bytes must not cost an allocation of
+/// the claimed size (that aborts the process where address space is limited). Up to
+/// [`FIRST_RESERVE`] bytes are decompressed in one call into a buffer of the exact size; larger
+/// images are streamed into a buffer that grows as pages come out.
+fn inflate(body: &[u8], expected: usize) -> Result<Vec<u8>, ImageError> {
+    use std::io::Read;
+    let corrupt = |e: std::io::Error| ImageError::CorruptBody(e.to_string());
+    if expected <= FIRST_RESERVE {
+        return zstd::bulk::decompress(body, expected).map_err(corrupt);
+    }
+    let decoder = zstd::stream::read::Decoder::with_buffer(body).map_err(corrupt)?;
+    let mut data = Vec::with_capacity(FIRST_RESERVE);
+    decoder
+        .take(expected as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(corrupt)?;
+    Ok(data)
 }
 
 #[cfg(test)]
@@ -493,6 +517,67 @@ mod tests {
             decode(&flipped),
             Err(ImageError::CorruptBody(_) | ImageError::HashMismatch)
         ));
+    }
+
+    #[test]
+    fn a_tiny_body_claiming_a_huge_memory_allocates_nothing_of_that_size() {
+        // Found while fuzzing image_decode: the decoder reserved the whole claimed size before
+        // looking at the body, 4 GiB under the default limits for an image of 288 bytes
+        // (fuzz/corpus/image_decode/reserve-4gib-for-a-1-byte-body). Here 1 TiB: that
+        // allocation failed and aborted the process.
+        let img = image();
+        let limits = ImageLimits {
+            max_memory: 1 << 40,
+            ..ImageLimits::default()
+        };
+        let pages = ((1u64 << 40) / PAGE_SIZE as u64) as u32;
+        for body in [
+            vec![0u8],
+            vec![],
+            zstd::bulk::compress(b"x", 1).unwrap_or_default(),
+        ] {
+            let bytes = encode_with(&img, Some(body), |h| {
+                h.memory_bytes = 1 << 40;
+                h.runs = vec![PageRun {
+                    start: 0,
+                    count: pages,
+                }];
+            });
+            assert!(matches!(
+                AgentImage::decode(&bytes, &limits),
+                Err(ImageError::CorruptBody(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn an_image_larger_than_the_first_reserve_round_trips() {
+        let pages = FIRST_RESERVE / PAGE_SIZE + 3;
+        let mut img = image();
+        img.memory_bytes = ((pages as u64 * PAGE_SIZE as u64) / crate::admission::WASM_PAGE + 1)
+            * crate::admission::WASM_PAGE;
+        img.pages = PageMap {
+            runs: vec![PageRun {
+                start: 0,
+                count: pages as u32,
+            }],
+            data: (0..pages * PAGE_SIZE)
+                .map(|i| (i * 13 % 241) as u8)
+                .collect(),
+        };
+        let bytes = img.encode().unwrap_or_default();
+        assert_eq!(decode(&bytes), Ok(img.clone()));
+        // One page short or one page too many in the body.
+        for data in [
+            img.pages.data[PAGE_SIZE..].to_vec(),
+            [&img.pages.data[..], &[0u8; PAGE_SIZE][..]].concat(),
+        ] {
+            let body = zstd::bulk::compress(&data, ZSTD_LEVEL).unwrap_or_default();
+            assert!(matches!(
+                decode(&encode_with(&img, Some(body), |_| {})),
+                Err(ImageError::CorruptBody(_))
+            ));
+        }
     }
 
     #[test]
