@@ -49,6 +49,40 @@ pub fn example(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
+/// Builds the example agent `name` (once per process) and returns the path of its module.
+pub fn example_path(name: &str) -> String {
+    example(name);
+    repo()
+        .join("examples/target")
+        .join(agent_runtime::builder::TARGET)
+        .join("release")
+        .join(format!("{name}.wasm"))
+        .display()
+        .to_string()
+}
+
+/// Waits for a child process to exit, killing it after `within`; its output.
+pub fn finish(mut child: std::process::Child, within: std::time::Duration) -> std::process::Output {
+    let deadline = std::time::Instant::now() + within;
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The site names in a JSON list such as the search agent's `visited` or `skipped`
+/// (`"siteB: why"` entries count as `siteB`).
+pub fn site_names(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .map(|s| s.split(':').next().unwrap_or(s).to_string())
+        .collect()
+}
+
 /// The `agent` binary built by `cargo test --workspace` beside this test.
 pub fn agent_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("AGENT_BIN") {

@@ -4,9 +4,8 @@
 //!
 //! The agent is the search agent launched on siteA with the itinerary siteB, siteC, siteA.
 
-use agent_e2e::{Cluster, example, repo};
-use std::process::{Child, Output};
-use std::time::{Duration, Instant};
+use agent_e2e::{Cluster, example_path, finish, site_names};
+use std::time::Duration;
 
 const SITES: [&str; 3] = ["siteA", "siteB", "siteC"];
 
@@ -46,34 +45,10 @@ const ALL_HOPS: Expect = Expect {
     visits: [&[3], &[1], &[2]],
 };
 
-fn finish(mut child: Child, within: Duration) -> Output {
-    let deadline = Instant::now() + within;
-    while matches!(child.try_wait(), Ok(None)) {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn strings(value: &serde_json::Value) -> Vec<String> {
-    value
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str())
-        .map(|s| s.split(':').next().unwrap_or(s).to_string())
-        .collect()
-}
-
 /// Launches the search agent with `site` set to abort at `point`, restarts `site` after the
 /// crash, and checks the outcome against `expect`.
 fn crash_and_recover(site: &str, point: &str, expect: &Expect) {
-    example("search");
-    let wasm = repo().join("examples/target/wasm32-wasip1/release/search.wasm");
-    let wasm = wasm.display().to_string();
+    let wasm = example_path("search");
     let up: &[&str] = &[];
     let others: Vec<(&str, &[&str])> = SITES
         .iter()
@@ -120,12 +95,12 @@ fn crash_and_recover(site: &str, point: &str, expect: &Expect) {
     });
     assert_eq!(report["ok"], true, "{report:#}\n{}", logs());
     assert_eq!(
-        strings(&report["result"]["visited"]),
+        site_names(&report["result"]["visited"]),
         expect.visited,
         "{report:#}"
     );
     assert_eq!(
-        strings(&report["result"]["skipped"]),
+        site_names(&report["result"]["skipped"]),
         expect.skipped,
         "{report:#}"
     );

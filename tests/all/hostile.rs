@@ -1,26 +1,9 @@
 //! Hostile agents on a real host: each is stopped with a clear error for its launcher, while
 //! a well-behaved agent launched beside them finishes, and the host goes on serving.
 
-use agent_e2e::{Cluster, example, repo};
-use std::process::{Child, Output};
-use std::time::{Duration, Instant};
-
-fn wasm_path(name: &str) -> String {
-    example(name);
-    repo()
-        .join(format!("examples/target/wasm32-wasip1/release/{name}.wasm"))
-        .display()
-        .to_string()
-}
-
-fn finish(mut child: Child, within: Duration) -> Output {
-    let deadline = Instant::now() + within;
-    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    child.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
-}
+use agent_e2e::{Cluster, example_path, finish};
+use std::process::Output;
+use std::time::Duration;
 
 fn report(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -36,8 +19,8 @@ fn report(out: &Output) -> serde_json::Value {
 fn hostile_agents_get_clear_errors_and_the_host_keeps_serving_others() {
     let flags: &[&str] = &["--max-memory-mib", "64", "--cpu-budget-secs", "2"];
     let cluster = Cluster::start(&["siteA"], &[("siteA", flags)]);
-    let hostile = wasm_path("hostile");
-    let search = wasm_path("search");
+    let hostile = example_path("hostile");
+    let search = example_path("search");
     // A module that imports a function this host does not offer.
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let foreign = dir.path().join("foreign.wasm");

@@ -1,7 +1,7 @@
 //! Separate `agent-host` processes hand agents to each other over mutually authenticated
 //! QUIC; users drive them with the real `agent` CLI.
 
-use agent_e2e::{Cluster, example, repo};
+use agent_e2e::{Cluster, example, finish, repo};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,15 @@ fn first_agent(cluster: &Cluster, site: &str, user: &str) -> String {
             return id.to_string();
         }
         assert!(Instant::now() < deadline, "the agent never showed up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the home of agent `id` (siteA) reports it on `site`.
+fn wait_until_on(cluster: &Cluster, id: &str, site: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while json(&cluster.agent(&["status", id, "--json"], "siteA", "alice"))["site"] != site {
+        assert!(Instant::now() < deadline, "the agent never reached {site}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -285,13 +294,7 @@ fn stop_while_running_and_resume(graceful: bool) {
         cluster.kill("siteA");
     }
     cluster.restart("siteA", up);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut launch = launch;
-    while matches!(launch.try_wait(), Ok(None)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = launch.kill();
-    let out = launch.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let out = finish(launch, Duration::from_secs(90));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(&format!("following agent {id}")),
         "{}",
@@ -473,11 +476,7 @@ fn kill_follows_the_agent_to_the_host_it_runs_on() {
         "alice",
     );
     let id = first_agent(&cluster, "siteA", "alice");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"))["site"] != "siteB" {
-        assert!(Instant::now() < deadline, "the agent never reached siteB");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_on(&cluster, &id, "siteB");
     let out = cluster.agent(&["kill", &id], "siteA", "alice");
     assert!(
         out.status.success(),
@@ -516,12 +515,9 @@ fn an_agent_ending_while_its_home_is_down_reaches_its_launcher_after_both_hosts_
         "alice",
     );
     let id = first_agent(&cluster, "siteA", "alice");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"))["site"] != "siteB" {
-        assert!(Instant::now() < deadline, "the agent never reached siteB");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_on(&cluster, &id, "siteB");
     cluster.kill("siteA");
+    let deadline = Instant::now() + Duration::from_secs(60);
     // The agent ends on siteB while its home is down, and siteB keeps its report.
     while !cluster
         .log("siteB")
@@ -535,13 +531,7 @@ fn an_agent_ending_while_its_home_is_down_reaches_its_launcher_after_both_hosts_
     cluster.restart("siteA", up);
     cluster.restart("siteB", up);
 
-    let mut launch = launch;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while matches!(launch.try_wait(), Ok(None)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = launch.kill();
-    let report = json(&launch.wait_with_output().unwrap_or_else(|e| panic!("{e}")));
+    let report = json(&finish(launch, Duration::from_secs(60)));
     assert_eq!(report["ok"], true, "{report}\n{}", cluster.log("siteB"));
     assert_eq!(report["result"]["n"], 3000000);
     let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));

@@ -3,32 +3,14 @@
 //! no visit happens twice.
 
 use agent_e2e::relay::Relay;
-use agent_e2e::{Cluster, example, repo};
+use agent_e2e::{Cluster, example_path, site_names};
 use std::time::Duration;
 
 const SITES: [&str; 3] = ["siteA", "siteB", "siteC"];
 
-fn search_wasm() -> String {
-    example("search");
-    repo()
-        .join("examples/target/wasm32-wasip1/release/search.wasm")
-        .display()
-        .to_string()
-}
-
-fn sites(value: &serde_json::Value) -> Vec<String> {
-    value
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str())
-        .map(|s| s.split(':').next().unwrap_or(s).to_string())
-        .collect()
-}
-
 /// Launches the search agent on siteA for siteB, siteC, siteA and returns its JSON report.
 fn launch(cluster: &Cluster) -> serde_json::Value {
-    let wasm = search_wasm();
+    let wasm = example_path("search");
     let args = [
         "launch",
         &wasm,
@@ -57,7 +39,7 @@ fn launch(cluster: &Cluster) -> serde_json::Value {
 /// is in `visited`, and none otherwise.
 fn assert_visits_once(cluster: &mut Cluster, report: &serde_json::Value) {
     let agent = report["agent"].as_str().unwrap_or_default().to_string();
-    let visited = sites(&report["result"]["visited"]);
+    let visited = site_names(&report["result"]["visited"]);
     for s in SITES {
         cluster.stop(s);
     }
@@ -88,8 +70,8 @@ fn hops_complete_or_fail_cleanly_while_a_tenth_of_all_packets_are_lost() {
         cluster.start_with(s, &[], &[]);
     }
     let report = launch(&cluster);
-    let mut seen = sites(&report["result"]["visited"]);
-    seen.extend(sites(&report["result"]["skipped"]));
+    let mut seen = site_names(&report["result"]["visited"]);
+    seen.extend(site_names(&report["result"]["skipped"]));
     seen.sort();
     assert_eq!(seen, SITES, "every site is visited or skipped: {report:#}");
     assert!(
@@ -108,15 +90,15 @@ fn a_cut_path_fails_the_hop_cleanly_and_works_again_once_healed() {
         cluster.start_with(s, &[], &[]);
     }
     let cut = launch(&cluster);
-    assert_eq!(sites(&cut["result"]["visited"]), ["siteC", "siteA"]);
-    assert_eq!(sites(&cut["result"]["skipped"]), ["siteB"]);
+    assert_eq!(site_names(&cut["result"]["visited"]), ["siteC", "siteA"]);
+    assert_eq!(site_names(&cut["result"]["skipped"]), ["siteB"]);
     let skipped = cut["result"]["skipped"][0].as_str().unwrap_or_default();
     assert!(skipped.contains("unreachable"), "{skipped}");
 
     relay.set_cut(false);
     let healed = launch(&cluster);
     assert_eq!(
-        sites(&healed["result"]["visited"]),
+        site_names(&healed["result"]["visited"]),
         ["siteB", "siteC", "siteA"]
     );
     assert_visits_once(&mut cluster, &healed);
@@ -135,7 +117,7 @@ fn a_path_cut_during_the_transfer_delays_the_hop_and_it_happens_once() {
     let report = launch(&cluster);
     assert!(relay.dropped() > 0, "the cut never happened");
     assert_eq!(
-        sites(&report["result"]["visited"]),
+        site_names(&report["result"]["visited"]),
         ["siteB", "siteC", "siteA"],
         "{report:#}"
     );
