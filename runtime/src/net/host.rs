@@ -301,17 +301,7 @@ impl Host {
                 self.report(id, home, LaunchEvent::Moved(info));
             }
             SourceStep::Resume(error) => {
-                let mut agent = match AgentInstance::restore(
-                    match self.module(&stored.module).await {
-                        Ok(m) => m,
-                        Err(e) => return tracing::error!(agent = %id, "cannot resume: {e}"),
-                    },
-                    self.site.clone(),
-                    stored,
-                    &self.config.limits,
-                )
-                .await
-                {
+                let mut agent = match self.restore_stored(&image).await {
                     Ok(agent) => agent,
                     Err(e) => return tracing::error!(agent = %id, "cannot resume: {e}"),
                 };
