@@ -540,3 +540,36 @@ fn an_agent_ending_while_its_home_is_down_reaches_its_launcher_after_both_hosts_
         (Some("finished"), Some("siteB"))
     );
 }
+
+#[test]
+fn a_probe_measures_the_link_to_a_peer_and_bad_probes_are_refused() {
+    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", &[]), ("siteB", &[])]);
+    let out = cluster.agent(&["probe", "--to", "siteB", "--mib", "4"], "siteA", "alice");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.starts_with("4 MiB to siteB in "),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cluster.agent(&["probe", "--to", "nowhere"], "siteA", "alice");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unknown site `nowhere`"),
+        "{err}"
+    );
+    // More than the largest image a host accepts (1 GiB).
+    let out = cluster.agent(
+        &["probe", "--to", "siteB", "--mib", "2048"],
+        "siteA",
+        "alice",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("at most"), "{err}");
+    // The host serves on.
+    let out = cluster.agent(&["probe", "--to", "siteB", "--mib", "1"], "siteA", "alice");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -174,6 +174,21 @@ impl Client {
             .await?
     }
 
+    /// Asks the host to send `bytes` of incompressible data to its peer `to` the way an
+    /// image travels; returns how long that took.
+    ///
+    /// # Errors
+    /// When the peer is unknown or unreachable, `bytes` is larger than an image may be, or
+    /// the connection fails.
+    pub async fn probe(&self, to: &str, bytes: u64) -> Result<std::time::Duration, String> {
+        let request = Request::Probe {
+            to: to.to_string(),
+            bytes,
+        };
+        let micros = self.call::<Result<u64, String>>(&request).await??;
+        Ok(std::time::Duration::from_micros(micros))
+    }
+
     /// Sends a raw request (for tests of the host's checks).
     ///
     /// # Errors

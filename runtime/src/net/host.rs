@@ -530,11 +530,58 @@ impl Host {
                 }
                 write_msg(&mut send, &()).await
             }
+            Request::Probe { to, bytes } => {
+                let reply = match peer.role {
+                    Role::User => self.probe(&to, bytes).await,
+                    Role::Host => Err("only users ask for probes".to_string()),
+                };
+                write_msg(&mut send, &reply).await
+            }
+            Request::Sink => {
+                let reply = match peer.role {
+                    Role::Host => read_blob(&mut recv, "probe", self.config.max_image)
+                        .await
+                        .map(|b| b.len() as u64)
+                        .map_err(|e| e.to_string()),
+                    Role::User => Err("only hosts send probes".to_string()),
+                };
+                write_msg(&mut send, &reply).await
+            }
         };
         if let Err(e) = result {
             tracing::info!(%peer, "stream ended: {e}");
         }
         let _ = send.finish();
+    }
+
+    /// Sends `bytes` of incompressible data to peer `to` over the connection hops use, the
+    /// way an image travels (one blob, read whole by the peer); returns the µs it took.
+    async fn probe(&self, to: &str, bytes: u64) -> Result<u64, String> {
+        if bytes > self.config.max_image {
+            return Err(format!(
+                "a probe may send at most {} bytes (the largest image)",
+                self.config.max_image
+            ));
+        }
+        let data = tokio::task::spawn_blocking(move || incompressible(bytes as usize))
+            .await
+            .map_err(|e| e.to_string())?;
+        let conn = self.connect(to).await?;
+        let started = Instant::now();
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_msg(&mut send, &Request::Sink)
+            .await
+            .map_err(|e| e.to_string())?;
+        write_blob(&mut send, &data)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let received: Result<u64, String> = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
+        let elapsed = started.elapsed().as_micros() as u64;
+        match received? {
+            n if n == bytes => Ok(elapsed),
+            n => Err(format!("{to} received {n} of {bytes} bytes")),
+        }
     }
 
     // ---- users -------------------------------------------------------------------------
@@ -1260,6 +1307,20 @@ impl From<HopError> for HopFailure {
             departure: None,
         }
     }
+}
+
+/// `len` xorshift bytes: data no compressor or cache can make smaller.
+fn incompressible(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }
 
 /// Writes a blob like [`write_blob`]; the crash point `point` sits half-way through it.

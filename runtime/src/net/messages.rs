@@ -46,6 +46,18 @@ pub enum Request {
         /// What happened.
         event: LaunchEvent,
     },
+    /// User → host: send `bytes` of incompressible data to peer `to` the way an image
+    /// travels, and say how long it took (µs). Answered with `Result<u64, String>`. The
+    /// baseline a hop's transfer is measured against.
+    Probe {
+        /// The peer.
+        to: String,
+        /// How many bytes.
+        bytes: u64,
+    },
+    /// Host → host: a probe's data follows as a blob; read and drop it. Answered with
+    /// `Result<u64, String>` (the bytes received).
+    Sink,
 }
 
 /// Phase 1 of a hop: what the destination needs to decide before any state moves.

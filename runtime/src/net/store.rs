@@ -1,7 +1,14 @@
-//! A host's durable store: redb for records, content-addressed files for modules and images.
+//! A host's durable store: redb for records and small images, content-addressed files for
+//! modules and large images.
 //!
 //! Files are written to a temporary name, fsynced and renamed before the record that names
-//! them is committed, so a record never points at a missing or torn file. The commit of an
+//! them is committed, so a record never points at a missing or torn file. A small image is
+//! committed in the same transaction as the record that names it.
+//!
+//! Commits are grouped: each write transaction commits without syncing, then waits for one
+//! durable commit that covers it and every commit before it. Many agents hopping at once
+//! share one disk sync instead of queueing for one each; a caller still returns only once
+//! its write is durable. The commit of an
 //! arriving agent and the abort of an in-doubt transfer are decided in one redb transaction
 //! each, so a transfer is either committed or aborted, never both.
 //!
@@ -13,15 +20,22 @@ use super::messages::{LaunchEvent, StatusReply, TransferStatus};
 use crate::context::AgentId;
 use crate::modules::{ModuleHash, write_durably};
 use agent_abi::{CallError, HopError};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
 
 const TRANSFERS: TableDefinition<&[u8], u8> = TableDefinition::new("transfers");
 const AGENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("agents");
 const HOME: TableDefinition<&[u8], &[u8]> = TableDefinition::new("home");
 const CALLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("calls");
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
+const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
+
+/// Images up to this size live in the database; larger ones are files.
+const INLINE_IMAGE: usize = 1 << 20;
 
 /// Bytes of the database file redb may keep cached in memory.
 const STORE_CACHE: usize = 16 << 20;
@@ -140,6 +154,36 @@ pub type ReportKey = [u8; 32];
 pub struct HostStore {
     db: Database,
     dir: PathBuf,
+    sync: GroupSync,
+}
+
+/// Group commit: the state of the durable commits that cover non-durable ones.
+#[derive(Default)]
+struct GroupSync {
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Writers that asked for a sync so far.
+    requested: u64,
+    /// Writers whose commits are known durable (a prefix of `requested`).
+    synced: u64,
+    /// A durable commit is under way.
+    syncing: bool,
+}
+
+/// Runs blocking store work without stalling the async runtime: on a multi-threaded tokio
+/// runtime the worker hands its other tasks on while this one waits for the disk.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
 }
 
 fn transfer_key(agent: &AgentId, seq: u64) -> [u8; 24] {
@@ -186,11 +230,61 @@ impl HostStore {
         txn.open_table(HOME).map_err(db_err)?;
         txn.open_table(CALLS).map_err(db_err)?;
         txn.open_table(OUTBOX).map_err(db_err)?;
+        txn.open_table(IMAGES).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(HostStore {
             db,
             dir: dir.to_path_buf(),
+            sync: GroupSync::default(),
         })
+    }
+
+    /// Runs `work` in a write transaction and returns once its commit is durable.
+    fn write<T>(
+        &self,
+        work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        blocking(|| {
+            let mut txn = self.db.begin_write().map_err(db_err)?;
+            txn.set_durability(Durability::None).map_err(db_err)?;
+            let out = work(&txn)?;
+            txn.commit().map_err(db_err)?;
+            self.sync()?;
+            Ok(out)
+        })
+    }
+
+    /// Makes every commit made so far durable. A writer that arrives while a durable commit
+    /// runs waits for the next one, which then covers every writer waiting with it.
+    fn sync(&self) -> Result<(), StoreError> {
+        let poisoned = |_| StoreError::Db("the sync lock was poisoned".into());
+        let mut state = self.sync.state.lock().map_err(poisoned)?;
+        state.requested += 1;
+        let mine = state.requested;
+        while state.synced < mine {
+            if state.syncing {
+                state = self.sync.done.wait(state).map_err(poisoned)?;
+                continue;
+            }
+            state.syncing = true;
+            let upto = state.requested;
+            drop(state);
+            // An empty commit with the default (immediate) durability persists every
+            // non-durable commit before it.
+            let result = self
+                .db
+                .begin_write()
+                .map_err(db_err)
+                .and_then(|txn| txn.commit().map_err(db_err));
+            state = self.sync.state.lock().map_err(poisoned)?;
+            state.syncing = false;
+            if result.is_ok() {
+                state.synced = state.synced.max(upto);
+            }
+            self.sync.done.notify_all();
+            result?;
+        }
+        Ok(())
     }
 
     fn module_path(&self, hash: &ModuleHash) -> PathBuf {
@@ -214,28 +308,48 @@ impl HostStore {
         std::fs::read(self.module_path(hash)).ok()
     }
 
-    /// Writes an image file; returns its name (the BLAKE3 of its bytes).
-    ///
-    /// # Errors
-    /// When the file cannot be written.
-    pub fn put_image(&self, bytes: &[u8]) -> Result<String, StoreError> {
+    /// Keeps an image, in `txn` when small or as a file written now; returns its name (the
+    /// BLAKE3 of its bytes). A file is durable before the record naming it commits.
+    fn put_image(&self, txn: &WriteTransaction, bytes: &[u8]) -> Result<String, StoreError> {
         let name = format!("{}.img", blake3::hash(bytes).to_hex());
-        let path = self.dir.join("images").join(&name);
-        write_durably(&path, bytes).map_err(|source| StoreError::Io { path, source })?;
+        if bytes.len() <= INLINE_IMAGE {
+            txn.open_table(IMAGES)
+                .map_err(db_err)?
+                .insert(name.as_str(), bytes)
+                .map_err(db_err)?;
+        } else {
+            let path = self.dir.join("images").join(&name);
+            write_durably(&path, bytes).map_err(|source| StoreError::Io { path, source })?;
+        }
         Ok(name)
     }
 
-    /// Reads an image file.
+    /// Reads an image.
     ///
     /// # Errors
-    /// When the file cannot be read.
+    /// When it is neither in the database nor a readable file.
     pub fn image(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(IMAGES).map_err(db_err)?;
+        if let Some(bytes) = table.get(name).map_err(db_err)? {
+            return Ok(bytes.value().to_vec());
+        }
         let path = self.dir.join("images").join(name);
         std::fs::read(&path).map_err(|source| StoreError::Io { path, source })
     }
 
-    fn remove_image(&self, name: &str) {
-        let _ = std::fs::remove_file(self.dir.join("images").join(name));
+    /// Drops an image no record names any more (in `txn`, or its file).
+    fn remove_image(&self, txn: &WriteTransaction, name: &str) -> Result<(), StoreError> {
+        let inline = txn
+            .open_table(IMAGES)
+            .map_err(db_err)?
+            .remove(name)
+            .map_err(db_err)?
+            .is_some();
+        if !inline {
+            let _ = std::fs::remove_file(self.dir.join("images").join(name));
+        }
+        Ok(())
     }
 
     /// What this host decided about the transfer (agent, seq), if anything.
@@ -272,9 +386,8 @@ impl HostStore {
         seq: u64,
         image: &[u8],
     ) -> Result<(), StoreError> {
-        let name = self.put_image(image)?;
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
+        self.write(|txn| {
+            let name = self.put_image(txn, image)?;
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
             let key = transfer_key(agent, seq);
             let previous = transfers
@@ -296,11 +409,14 @@ impl HostStore {
                 image: name,
                 resume: Resume::Arrived,
             };
-            agents
+            let old = agents
                 .insert(agent.0.as_slice(), cbor(&record).as_slice())
-                .map_err(db_err)?;
-        }
-        txn.commit().map_err(db_err)
+                .map_err(db_err)?
+                .map(|v| uncbor::<AgentRecord>(v.value()))
+                .transpose()?;
+            drop(agents);
+            self.drop_old_image(txn, old, Some(&record))
+        })
     }
 
     /// Answers a query about (agent, seq): committed, or aborted from now on.
@@ -312,8 +428,7 @@ impl HostStore {
         agent: &AgentId,
         seq: u64,
     ) -> Result<TransferStatus, StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        let status = {
+        self.write(|txn| {
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
             let key = transfer_key(agent, seq);
             let previous = transfers
@@ -321,15 +436,13 @@ impl HostStore {
                 .map_err(db_err)?
                 .map(|v| v.value());
             match previous {
-                Some(COMMITTED) => TransferStatus::Committed,
+                Some(COMMITTED) => Ok(TransferStatus::Committed),
                 _ => {
                     transfers.insert(key.as_slice(), ABORTED).map_err(db_err)?;
-                    TransferStatus::Aborted
+                    Ok(TransferStatus::Aborted)
                 }
             }
-        };
-        txn.commit().map_err(db_err)?;
-        Ok(status)
+        })
     }
 
     /// Sets an agent's record.
@@ -337,16 +450,25 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn set_agent(&self, agent: &AgentId, record: &AgentRecord) -> Result<(), StoreError> {
-        let old = self.agent(agent)?;
-        let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(AGENTS)
+        self.write(|txn| self.set_agent_in(txn, agent, record))
+    }
+
+    fn set_agent_in(
+        &self,
+        txn: &WriteTransaction,
+        agent: &AgentId,
+        record: &AgentRecord,
+    ) -> Result<(), StoreError> {
+        let old = txn
+            .open_table(AGENTS)
             .map_err(db_err)?
             .insert(agent.0.as_slice(), cbor(record).as_slice())
-            .map_err(db_err)?;
-        txn.commit().map_err(db_err)?;
-        self.drop_old_image(old, Some(record));
+            .map_err(db_err)?
+            .map(|v| uncbor::<AgentRecord>(v.value()))
+            .transpose()?;
+        self.drop_old_image(txn, old, Some(record))?;
         if matches!(record, AgentRecord::Forwarded { .. }) {
-            self.forget_answers(agent)?;
+            forget_answers(txn, agent)?;
         }
         Ok(())
     }
@@ -361,8 +483,10 @@ impl HostStore {
         image: &[u8],
         make: impl FnOnce(String) -> AgentRecord,
     ) -> Result<(), StoreError> {
-        let name = self.put_image(image)?;
-        self.set_agent(agent, &make(name))
+        self.write(|txn| {
+            let name = self.put_image(txn, image)?;
+            self.set_agent_in(txn, agent, &make(name))
+        })
     }
 
     /// Forgets an agent that ended here.
@@ -370,23 +494,30 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn remove_agent(&self, agent: &AgentId) -> Result<(), StoreError> {
-        let old = self.agent(agent)?;
-        let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(AGENTS)
-            .map_err(db_err)?
-            .remove(agent.0.as_slice())
-            .map_err(db_err)?;
-        txn.commit().map_err(db_err)?;
-        self.drop_old_image(old, None);
-        self.forget_answers(agent)
+        self.write(|txn| {
+            let old = txn
+                .open_table(AGENTS)
+                .map_err(db_err)?
+                .remove(agent.0.as_slice())
+                .map_err(db_err)?
+                .map(|v| uncbor::<AgentRecord>(v.value()))
+                .transpose()?;
+            self.drop_old_image(txn, old, None)?;
+            forget_answers(txn, agent)
+        })
     }
 
-    fn drop_old_image(&self, old: Option<AgentRecord>, new: Option<&AgentRecord>) {
-        let Some(old) = old.as_ref().and_then(AgentRecord::image) else {
-            return;
-        };
-        if new.and_then(AgentRecord::image) != Some(old) {
-            self.remove_image(old);
+    fn drop_old_image(
+        &self,
+        txn: &WriteTransaction,
+        old: Option<AgentRecord>,
+        new: Option<&AgentRecord>,
+    ) -> Result<(), StoreError> {
+        match old.as_ref().and_then(AgentRecord::image) {
+            Some(old) if new.and_then(AgentRecord::image) != Some(old) => {
+                self.remove_image(txn, old)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -445,38 +576,13 @@ impl HostStore {
         index: u64,
         entry: &CallEntry,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(CALLS)
-            .map_err(db_err)?
-            .insert(call_key(agent, index).as_slice(), cbor(entry).as_slice())
-            .map_err(db_err)?;
-        txn.commit().map_err(db_err)
-    }
-
-    /// Drops the answers recorded for `agent` (it left or ended), keeping its visits.
-    fn forget_answers(&self, agent: &AgentId) -> Result<(), StoreError> {
-        let (start, end) = (call_key(agent, 0), call_key(agent, u64::MAX));
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut table = txn.open_table(CALLS).map_err(db_err)?;
-            let mut updates = Vec::new();
-            for entry in table
-                .range(start.as_slice()..=end.as_slice())
+        self.write(|txn| {
+            txn.open_table(CALLS)
                 .map_err(db_err)?
-            {
-                let (k, v) = entry.map_err(db_err)?;
-                let mut call: CallEntry = uncbor(v.value())?;
-                if call.answer.take().is_some() {
-                    updates.push((k.value().to_vec(), call));
-                }
-            }
-            for (key, call) in updates {
-                table
-                    .insert(key.as_slice(), cbor(&call).as_slice())
-                    .map_err(db_err)?;
-            }
-        }
-        txn.commit().map_err(db_err)
+                .insert(call_key(agent, index).as_slice(), cbor(entry).as_slice())
+                .map_err(db_err)?;
+            Ok(())
+        })
     }
 
     /// Every call agents made here, in (agent, call index) order: the site's visits.
@@ -508,13 +614,13 @@ impl HostStore {
     pub fn put_report(&self, report: &PendingReport) -> Result<ReportKey, StoreError> {
         let bytes = cbor(report);
         let key = *blake3::hash(&bytes).as_bytes();
-        let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(OUTBOX)
-            .map_err(db_err)?
-            .insert(key.as_slice(), bytes.as_slice())
-            .map_err(db_err)?;
-        txn.commit().map_err(db_err)?;
-        Ok(key)
+        self.write(|txn| {
+            txn.open_table(OUTBOX)
+                .map_err(db_err)?
+                .insert(key.as_slice(), bytes.as_slice())
+                .map_err(db_err)?;
+            Ok(key)
+        })
     }
 
     /// Forgets a report the home acknowledged.
@@ -522,12 +628,13 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn remove_report(&self, key: &ReportKey) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(OUTBOX)
-            .map_err(db_err)?
-            .remove(key.as_slice())
-            .map_err(db_err)?;
-        txn.commit().map_err(db_err)
+        self.write(|txn| {
+            txn.open_table(OUTBOX)
+                .map_err(db_err)?
+                .remove(key.as_slice())
+                .map_err(db_err)?;
+            Ok(())
+        })
     }
 
     /// Reports not yet acknowledged by their home hosts.
@@ -553,12 +660,13 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn put_home(&self, status: &StatusReply) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(HOME)
-            .map_err(db_err)?
-            .insert(status.agent.0.as_slice(), cbor(status).as_slice())
-            .map_err(db_err)?;
-        txn.commit().map_err(db_err)
+        self.write(|txn| {
+            txn.open_table(HOME)
+                .map_err(db_err)?
+                .insert(status.agent.0.as_slice(), cbor(status).as_slice())
+                .map_err(db_err)?;
+            Ok(())
+        })
     }
 
     /// Home records of agents launched here.
@@ -575,6 +683,29 @@ impl HostStore {
         }
         Ok(out)
     }
+}
+
+/// Drops the answers recorded for `agent` (it left or ended), keeping its visits.
+fn forget_answers(txn: &WriteTransaction, agent: &AgentId) -> Result<(), StoreError> {
+    let (start, end) = (call_key(agent, 0), call_key(agent, u64::MAX));
+    let mut table = txn.open_table(CALLS).map_err(db_err)?;
+    let mut updates = Vec::new();
+    for entry in table
+        .range(start.as_slice()..=end.as_slice())
+        .map_err(db_err)?
+    {
+        let (k, v) = entry.map_err(db_err)?;
+        let mut call: CallEntry = uncbor(v.value())?;
+        if call.answer.take().is_some() {
+            updates.push((k.value().to_vec(), call));
+        }
+    }
+    for (key, call) in updates {
+        table
+            .insert(key.as_slice(), cbor(&call).as_slice())
+            .map_err(db_err)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -62,6 +62,18 @@ enum Command {
         #[command(flatten)]
         conn: user::Connection,
     },
+    /// Measure the link between a host and one of its peers: the host sends incompressible
+    /// data to the peer the way an agent's image travels.
+    Probe {
+        /// The peer to send to.
+        #[arg(long)]
+        to: String,
+        /// How much to send, in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+        #[command(flatten)]
+        conn: user::Connection,
+    },
     /// Start three real hosts on loopback and send the search agent across them.
     Demo(demo::DemoArgs),
 }
@@ -147,6 +159,9 @@ fn main() -> ExitCode {
             block_on(user::list(&conn, json)).map(|()| ExitCode::SUCCESS)
         }
         Command::Kill { id, conn } => block_on(user::kill(&conn, id)).map(|()| ExitCode::SUCCESS),
+        Command::Probe { to, mib, conn } => {
+            block_on(user::probe(&conn, &to, mib)).map(|()| ExitCode::SUCCESS)
+        }
         Command::Demo(args) => demo::run(args),
     };
     result.unwrap_or_else(|e| {

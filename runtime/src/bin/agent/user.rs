@@ -358,3 +358,17 @@ pub async fn kill(conn: &Connection, agent: AgentId) -> anyhow::Result<()> {
     eprintln!("asked agent {agent} to stop");
     Ok(())
 }
+
+/// `agent probe`: how fast the host's link to a peer carries an image's worth of bytes.
+pub async fn probe(conn: &Connection, to: &str, mib: u64) -> anyhow::Result<()> {
+    let client = conn.connect().await?;
+    let result = client
+        .probe(to, mib << 20)
+        .await
+        .map_err(anyhow::Error::msg);
+    client.close().await;
+    let took = result?;
+    let rate = (mib as f64) / took.as_secs_f64().max(1e-9);
+    println!("{mib} MiB to {to} in {took:.2?} ({rate:.0} MiB/s)");
+    Ok(())
+}

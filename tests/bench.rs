@@ -1,0 +1,468 @@
+//! Benchmarks (by hand, not in CI): real `agent-host` processes on loopback, the `bench`
+//! example agent, and the baselines they are compared with, all measured in one run.
+//! Prints a Markdown report: the environment, then one row per figure with its target.
+//!
+//! `scripts/bench [ROUNDS]` (release build; ROUNDS repeats each measured scenario, default 5).
+
+use agent_e2e::{Cluster, example, launch, repo, runner};
+use agent_runtime::Limits;
+use agent_runtime::net::certs::{self, Role};
+use agent_runtime::net::client::{Client, HostAddr};
+use agent_runtime::net::messages::{HopInfo, LaunchEvent};
+use agent_runtime::net::tls::Credentials;
+use agent_runtime::runner::Migration;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Flags of both hosts: room for the 1 GiB and 256 MiB agents.
+const HOST_FLAGS: [&str; 4] = ["--max-memory-mib", "2048", "--max-agents", "100000"];
+
+/// Order statistics of a sample.
+struct Stats {
+    min: f64,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    n: usize,
+}
+
+fn stats(mut v: Vec<f64>) -> Stats {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        v.get(((v.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+    };
+    Stats {
+        min: at(0.0).unwrap_or(f64::NAN),
+        p50: at(0.5).unwrap_or(f64::NAN),
+        p99: at(0.99).unwrap_or(f64::NAN),
+        max: at(1.0).unwrap_or(f64::NAN),
+        n: v.len(),
+    }
+}
+
+/// One row of the report.
+struct Row {
+    figure: &'static str,
+    target: &'static str,
+    measured: String,
+    how: String,
+}
+
+fn rounds() -> usize {
+    std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(5)
+}
+
+fn main() -> anyhow::Result<()> {
+    // The CLI and host binaries sit beside this one.
+    if let Ok(exe) = std::env::current_exe() {
+        // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("AGENT_BIN", exe.with_file_name("agent")) };
+    }
+    let rounds = rounds();
+    let wasm = example("bench");
+    let mut rows = vec![checkpoint(&wasm, rounds), memcpy(rounds)];
+
+    let up: [(&str, &[&str]); 2] = [("siteA", &HOST_FLAGS), ("siteB", &HOST_FLAGS)];
+    let mut cluster = Cluster::start(&["siteA", "siteB"], &up);
+    let runtime = tokio::runtime::Runtime::new()?;
+    let bench = runtime.block_on(Bench::connect(&cluster, wasm))?;
+    rows.extend(runtime.block_on(bench.freeze(rounds))?);
+    rows.push(runtime.block_on(bench.throughput(rounds))?);
+    rows.push(runtime.block_on(bench.large(rounds))?);
+    rows.push(runtime.block_on(bench.sparse())?);
+    rows.push(runtime.block_on(bench.return_visit())?);
+    // A restarted destination loads the compiled module from disk instead of compiling it.
+    cluster.stop("siteB");
+    cluster.restart("siteB", &HOST_FLAGS);
+    rows.push(runtime.block_on(bench.after_restart())?);
+    for site in ["siteA", "siteB"] {
+        cluster.stop(site);
+    }
+    print_report(&rows, rounds);
+    Ok(())
+}
+
+/// `ctx.checkpoint()` when the host has not asked, in-process: N checkpoints against N
+/// empty loop turns of the same agent, the difference divided by N.
+fn checkpoint(wasm: &[u8], rounds: usize) -> Row {
+    const N: u64 = 10_000_000;
+    let limits = Limits {
+        slice: Duration::from_secs(3600),
+        ..Limits::default()
+    };
+    let runner = runner(limits);
+    let time = |key: &str| {
+        let n = N.to_string();
+        let started = Instant::now();
+        let report = agent_e2e::run(
+            &runner,
+            wasm,
+            launch(&[], &[(key, n.as_str())]),
+            Migration::OnlyHops,
+        );
+        assert!(report.outcome.is_ok(), "bench agent failed: {report:?}");
+        started.elapsed().as_secs_f64()
+    };
+    time("spins"); // compiles the module
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        with.push(time("checkpoints"));
+        without.push(time("spins"));
+    }
+    let (w, b) = (stats(with), stats(without));
+    let per = |with: f64, base: f64| (with - base) / N as f64 * 1e9;
+    Row {
+        figure: "`ctx.checkpoint()` when the host has not asked",
+        target: "≤ 20 ns",
+        measured: format!(
+            "**{:.1} ns** (min {:.1}, max {:.1})",
+            per(w.p50, b.p50),
+            per(w.min, b.min),
+            per(w.max, b.max)
+        ),
+        how: format!(
+            "in-process runner: {N} checkpoints vs {N} empty loop turns of the same agent, \
+             median of {} runs each, difference ÷ {N}",
+            w.n
+        ),
+    }
+}
+
+/// Copying 256 MiB in this process: the floor any move of that much state stands on.
+fn memcpy(rounds: usize) -> Row {
+    let from = vec![7u8; 256 << 20];
+    let mut to = vec![0u8; 256 << 20];
+    let mut took = Vec::new();
+    for _ in 0..rounds {
+        let started = Instant::now();
+        to.copy_from_slice(std::hint::black_box(&from));
+        took.push(started.elapsed().as_secs_f64() * 1e3);
+        std::hint::black_box(&to);
+    }
+    let s = stats(took);
+    Row {
+        figure: "baseline: memcpy of 256 MiB",
+        target: "—",
+        measured: format!("{:.1} ms (min {:.1}, max {:.1})", s.p50, s.min, s.max),
+        how: format!("`copy_from_slice` in the bench process, median of {}", s.n),
+    }
+}
+
+/// A connection to the home host siteA and the bench agent's bytes.
+struct Bench {
+    client: Arc<Client>,
+    wasm: Arc<Vec<u8>>,
+}
+
+/// What one launch saw: its hops and its wall time.
+struct Trip {
+    hops: Vec<HopInfo>,
+    wall: Duration,
+}
+
+impl Bench {
+    async fn connect(cluster: &Cluster, wasm: Vec<u8>) -> anyhow::Result<Bench> {
+        let creds = Credentials::load(
+            &certs::ca_files(&cluster.certs()).cert,
+            &certs::files(&cluster.certs(), Role::User, "alice"),
+        )?;
+        let home = HostAddr {
+            name: "siteA".into(),
+            addr: cluster.addrs["siteA"],
+        };
+        let client = Client::connect(&home, &creds)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Ok(Bench {
+            client: Arc::new(client),
+            wasm: Arc::new(wasm),
+        })
+    }
+
+    /// Launches the bench agent from siteA and follows it to its end.
+    async fn trip(&self, itinerary: &[&str], args: &[(&str, u64)]) -> anyhow::Result<Trip> {
+        trip(&self.client, &self.wasm, itinerary, args).await
+    }
+
+    /// Freeze of a 1 MiB agent bouncing between the hosts; its first hop is the cold one.
+    async fn freeze(&self, rounds: usize) -> anyhow::Result<Vec<Row>> {
+        let hops = 100 * rounds as u64;
+        let trip = self
+            .trip(
+                &["siteB", "siteA"],
+                &[("dirty_kib", 1024), ("hops", hops + 1)],
+            )
+            .await?;
+        let cold = trip.hops.first().map_or(0, |h| h.freeze_us);
+        let warm = stats(
+            trip.hops
+                .iter()
+                .filter(|h| h.module_bytes == 0)
+                .map(|h| h.freeze_us as f64 / 1e3)
+                .collect(),
+        );
+        let image = trip.hops.last().map_or(0, |h| h.image_bytes);
+        Ok(vec![
+            Row {
+                figure: "freeze of one hop, 1 MiB agent, module cached",
+                target: "p50 ≤ 1 ms, p99 ≤ 5 ms",
+                measured: format!(
+                    "**p50 {:.2} ms, p99 {:.2} ms** (min {:.2}, max {:.2})",
+                    warm.p50, warm.p99, warm.min, warm.max
+                ),
+                how: format!(
+                    "{} hops siteA⇄siteB of an agent with 1 MiB of incompressible heap \
+                     (image {} KiB): from capture on the source to COMMITTED back at the source",
+                    warm.n,
+                    image >> 10
+                ),
+            },
+            Row {
+                figure: "cold hop (destination compiles the module)",
+                target: "compile once per host",
+                measured: format!("{:.1} ms", cold as f64 / 1e3),
+                how: format!(
+                    "the first hop of the run above ({} KiB module sent and compiled)",
+                    trip.hops.first().map_or(0, |h| h.module_bytes >> 10)
+                ),
+            },
+        ])
+    }
+
+    /// Many small agents in flight at once, each bouncing between the two hosts.
+    async fn throughput(&self, rounds: usize) -> anyhow::Result<Row> {
+        const AGENTS: usize = 200;
+        const HOPS: u64 = 20;
+        let mut rates = Vec::new();
+        for _ in 0..rounds {
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..AGENTS {
+                let (client, wasm) = (self.client.clone(), self.wasm.clone());
+                tasks.spawn(async move {
+                    trip(&client, &wasm, &["siteB", "siteA"], &[("hops", HOPS)]).await
+                });
+            }
+            let mut hops = 0;
+            while let Some(done) = tasks.join_next().await {
+                hops += done??.hops.len();
+            }
+            rates.push(hops as f64 / started.elapsed().as_secs_f64());
+        }
+        let s = stats(rates);
+        Ok(Row {
+            figure: "hops per second between two hosts, many small agents",
+            target: "≥ 5,000",
+            measured: format!("**{:.0}** (min {:.0}, max {:.0})", s.p50, s.min, s.max),
+            how: format!(
+                "{AGENTS} agents launched at once, {HOPS} hops each siteA⇄siteB; hops ÷ wall \
+                 time from the first launch to the last end; median of {} rounds",
+                s.n
+            ),
+        })
+    }
+
+    /// A 256 MiB incompressible agent's hop against a bare transfer of as many bytes over
+    /// the same mTLS QUIC connection between the same two processes, alternating.
+    async fn large(&self, rounds: usize) -> anyhow::Result<Row> {
+        const MIB: u64 = 256;
+        let (mut hop, mut bare, mut image) = (Vec::new(), Vec::new(), 0);
+        for _ in 0..rounds {
+            let took = self
+                .client
+                .probe("siteB", MIB << 20)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            bare.push(took.as_secs_f64() * 1e3);
+            let trip = self
+                .trip(&["siteB"], &[("dirty_kib", MIB << 10), ("hops", 1)])
+                .await?;
+            let info = trip.hops.first().ok_or_else(|| anyhow::anyhow!("no hop"))?;
+            hop.push(info.freeze_us as f64 / 1e3);
+            image = info.image_bytes;
+        }
+        let (h, b) = (stats(hop), stats(bare));
+        Ok(Row {
+            figure: "hop of 256 MiB dirty incompressible heap ÷ bare mTLS QUIC transfer",
+            target: "≤ 1.3×",
+            measured: format!(
+                "**{:.2}×** (hop p50 {:.0} ms, min {:.0}, max {:.0}; bare p50 {:.0} ms, min {:.0}, max {:.0})",
+                h.p50 / b.p50,
+                h.p50,
+                h.min,
+                h.max,
+                b.p50,
+                b.min,
+                b.max
+            ),
+            how: format!(
+                "hop freeze (image {} MiB) vs `agent probe` of {MIB} MiB siteA→siteB on the \
+                 hosts' own connection, alternating, median of {} each",
+                image >> 20,
+                h.n
+            ),
+        })
+    }
+
+    /// Bytes on the wire for an agent with 1 GiB of memory of which 8 MiB were written.
+    async fn sparse(&self) -> anyhow::Result<Row> {
+        let trip = self
+            .trip(
+                &["siteB"],
+                &[("dirty_kib", 8 << 10), ("reserve_mib", 1016), ("hops", 1)],
+            )
+            .await?;
+        let info = trip.hops.first().ok_or_else(|| anyhow::anyhow!("no hop"))?;
+        Ok(Row {
+            figure: "bytes on the wire, 1 GiB memory of which 8 MiB written",
+            target: "≤ 10 MiB",
+            measured: format!(
+                "**{:.2} MiB** (freeze {:.0} ms)",
+                info.image_bytes as f64 / (1 << 20) as f64,
+                info.freeze_us as f64 / 1e3
+            ),
+            how: "image bytes of one hop siteA→siteB; 8 MiB incompressible + 1016 MiB \
+                  reserved and never written"
+                .into(),
+        })
+    }
+
+    /// An agent coming back to a host it visited: bytes sent ÷ bytes it changed since.
+    async fn return_visit(&self) -> anyhow::Result<Row> {
+        const REWRITE_KIB: u64 = 256;
+        let trip = self
+            .trip(
+                &["siteB", "siteA"],
+                &[
+                    ("dirty_kib", 8 << 10),
+                    ("rewrite_kib", REWRITE_KIB),
+                    ("hops", 4),
+                ],
+            )
+            .await?;
+        let returns: Vec<f64> = trip
+            .hops
+            .get(2..)
+            .unwrap_or_default()
+            .iter()
+            .map(|h| h.image_bytes as f64 / (REWRITE_KIB << 10) as f64)
+            .collect();
+        let s = stats(returns);
+        Ok(Row {
+            figure: "return visit: bytes on the wire ÷ bytes changed since it left",
+            target: "≈ 1",
+            measured: format!("**{:.1}** (min {:.1}, max {:.1})", s.p50, s.min, s.max),
+            how: format!(
+                "8 MiB agent rewriting {REWRITE_KIB} KiB before each hop; hops 3 and 4 go back \
+                 to hosts it left ({:.0} ms wall)",
+                trip.wall.as_secs_f64() * 1e3
+            ),
+        })
+    }
+
+    /// The first hop to a destination that restarted: it has the module and its compiled code
+    /// on disk, so nothing is sent or compiled.
+    async fn after_restart(&self) -> anyhow::Result<Row> {
+        let trip = self
+            .trip(&["siteB", "siteA"], &[("dirty_kib", 1024), ("hops", 2)])
+            .await?;
+        let first = trip.hops.first().ok_or_else(|| anyhow::anyhow!("no hop"))?;
+        let second = trip.hops.get(1).map_or(0, |h| h.freeze_us);
+        Ok(Row {
+            figure: "first hop to a restarted host",
+            target: "compiled code loaded from disk",
+            measured: format!(
+                "{:.1} ms, module bytes sent {} (hop back {:.1} ms)",
+                first.freeze_us as f64 / 1e3,
+                first.module_bytes,
+                second as f64 / 1e3
+            ),
+            how: "siteB stopped and started again on its data directory, then one hop there \
+                  of the 1 MiB agent"
+                .into(),
+        })
+    }
+}
+
+async fn trip(
+    client: &Client,
+    wasm: &[u8],
+    itinerary: &[&str],
+    args: &[(&str, u64)],
+) -> anyhow::Result<Trip> {
+    let args: BTreeMap<String, String> = args
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let itinerary = itinerary.iter().map(|s| s.to_string()).collect();
+    let mut hops = Vec::new();
+    let started = Instant::now();
+    let last = client
+        .launch(wasm, itinerary, args, &mut |event| {
+            if let LaunchEvent::Moved(info) = event {
+                hops.push(info.clone());
+            }
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
+    match last {
+        LaunchEvent::Finished {
+            outcome: Ok(_),
+            hops: n,
+            ..
+        } if n == hops.len() as u64 => {}
+        other => anyhow::bail!("the bench agent did not end well: {other:?}"),
+    }
+    hops.sort_by_key(|h| h.seq);
+    Ok(Trip {
+        hops,
+        wall: started.elapsed(),
+    })
+}
+
+fn print_report(rows: &[Row], rounds: usize) {
+    println!("## Results\n");
+    println!("| figure | target | measured | how |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.figure, r.target, r.measured, r.how
+        );
+    }
+    println!("\n## Environment\n");
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map_or("unknown", |m| m.trim_start_matches([' ', '\t', ':']));
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("- CPU: {model}, {cores} cores available");
+    println!("- OS: {}", std::env::consts::OS);
+    for (name, version) in locked_versions(&["wasmtime", "quinn", "rustls", "redb", "zstd"]) {
+        println!("- {name} {version}");
+    }
+    println!("- rounds: {rounds} (`scripts/bench {rounds}`), release build, loopback UDP");
+}
+
+/// Versions of `crates` in the workspace's Cargo.lock.
+fn locked_versions(crates: &[&str]) -> Vec<(String, String)> {
+    let lock = std::fs::read_to_string(repo().join("Cargo.lock")).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut name = None;
+    for line in lock.lines() {
+        if let Some(n) = line.strip_prefix("name = ") {
+            name = Some(n.trim_matches('"').to_string());
+        } else if let (Some(v), Some(n)) = (line.strip_prefix("version = "), name.take())
+            && crates.contains(&n.as_str())
+        {
+            out.push((n, v.trim_matches('"').to_string()));
+        }
+    }
+    out
+}
