@@ -171,7 +171,7 @@ impl AgentImage {
     /// # Errors
     /// When zstd fails to compress (out of memory).
     pub fn encode(&self) -> std::io::Result<Vec<u8>> {
-        let body = zstd::bulk::compress(&self.pages.data, ZSTD_LEVEL)?;
+        let body = compress(&self.pages.data)?;
         let header = WireHeader {
             format: FORMAT_VERSION,
             abi: agent_abi::ABI_VERSION,
@@ -299,6 +299,23 @@ impl AgentImage {
     }
 }
 
+thread_local! {
+    // zstd contexts are costly to set up (more than compressing a small agent's pages), so
+    // each thread keeps one of each.
+    static COMPRESSOR: std::cell::RefCell<std::io::Result<zstd::bulk::Compressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL));
+    static DECOMPRESSOR: std::cell::RefCell<std::io::Result<zstd::bulk::Decompressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new());
+}
+
+/// Compresses pages with this thread's zstd context.
+fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| match c.borrow_mut().as_mut() {
+        Ok(c) => c.compress(data),
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    })
+}
+
 /// Most memory reserved for the pages before any has been decompressed.
 const FIRST_RESERVE: usize = 16 << 20;
 
@@ -313,7 +330,11 @@ fn inflate(body: &[u8], expected: usize) -> Result<Vec<u8>, ImageError> {
     use std::io::Read;
     let corrupt = |e: std::io::Error| ImageError::CorruptBody(e.to_string());
     if expected <= FIRST_RESERVE {
-        return zstd::bulk::decompress(body, expected).map_err(corrupt);
+        return DECOMPRESSOR.with(|d| match d.borrow_mut().as_mut() {
+            Ok(d) => d.decompress(body, expected),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        })
+        .map_err(corrupt);
     }
     let decoder = zstd::stream::read::Decoder::with_buffer(body).map_err(corrupt)?;
     let mut data = Vec::with_capacity(FIRST_RESERVE);

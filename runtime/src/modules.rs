@@ -80,6 +80,9 @@ pub struct ModuleCache {
     linker: Linker<AgentState>,
     dir: Option<PathBuf>,
     modules: Mutex<HashMap<ModuleHash, Arc<AgentModule>>>,
+    /// Held while a module is admitted, so that many agents of one new module arriving at
+    /// once compile it once: the others wait and find it in `modules`.
+    admitting: Mutex<()>,
     compiled: AtomicU64,
     loaded: AtomicU64,
     hits: AtomicU64,
@@ -103,6 +106,7 @@ impl ModuleCache {
             linker,
             dir,
             modules: Mutex::default(),
+            admitting: Mutex::default(),
             compiled: AtomicU64::new(0),
             loaded: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -134,6 +138,11 @@ impl ModuleCache {
     /// [`AdmissionError`] saying why the module cannot run as an agent here.
     pub fn admit(&self, wasm: &[u8]) -> Result<Arc<AgentModule>, AdmissionError> {
         let hash = ModuleHash::of(wasm);
+        if let Some(module) = self.get(&hash) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(module);
+        }
+        let _admitting = self.admitting.lock();
         if let Some(module) = self.get(&hash) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(module);

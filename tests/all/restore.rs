@@ -150,3 +150,22 @@ fn wat_module(import: &str) -> Vec<u8> {
     );
     wat::parse_str(&text).unwrap_or_else(|e| panic!("{e}"))
 }
+
+#[test]
+fn agents_of_one_new_module_arriving_at_once_compile_it_once() {
+    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
+    let cache = Arc::new(ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}")));
+    let wasm = Arc::new(example("spin"));
+    let admissions: Vec<_> = (0..4)
+        .map(|_| {
+            let (cache, wasm) = (cache.clone(), wasm.clone());
+            std::thread::spawn(move || cache.admit(&wasm).map(|m| m.hash))
+        })
+        .collect();
+    for admission in admissions {
+        let admitted = admission.join().unwrap_or_else(|_| panic!("admission panicked"));
+        assert!(admitted.is_ok(), "{admitted:?}");
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.compiled, stats.hits), (1, 3), "{stats:?}");
+}

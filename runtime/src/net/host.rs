@@ -295,6 +295,7 @@ impl Host {
                     from_arch: std::env::consts::ARCH.to_string(),
                     to,
                     image_bytes,
+                    memory_bytes: stored.memory_bytes,
                     module_bytes: 0,
                     freeze_us: 0,
                 };
@@ -1032,7 +1033,7 @@ impl Host {
 
     /// The source side of a hop. `Ok`: the destination owns the agent. `Err`: it stays here.
     async fn send_agent(
-        &self,
+        self: &Arc<Self>,
         agent: &mut AgentInstance,
         site: &str,
     ) -> Result<HopInfo, HopFailure> {
@@ -1054,7 +1055,14 @@ impl Host {
             site: site.into(),
             reason,
         };
-        let bytes = image.encode().map_err(|e| unreachable(e.to_string()))?;
+        let phase = |name: &str| tracing::debug!(seq, phase = name, us = frozen.elapsed().as_micros() as u64, "hop out");
+        phase("captured");
+        let bytes = Arc::new(image.encode().map_err(|e| unreachable(e.to_string()))?);
+        phase("encoded");
+        // The departure is recorded while the offer travels: it must be durable before the
+        // image leaves, not before the destination is asked. From here on a restart asks the
+        // destination, which aborts a transfer it never accepted.
+        let mut recording = Some(self.record_departure(image.context.agent_id, seq, site, &bytes));
         let module = agent.module().clone();
         let wasm = self.store.module(&module.hash).unwrap_or_default();
         let offer = Offer {
@@ -1081,30 +1089,30 @@ impl Host {
             Ok(reply)
         }
         .await;
+        phase("offer answered");
         let mut step = hop.on_offer_reply(reply);
         let mut module_sent = 0u64;
         let mut backoff = Duration::from_millis(100);
         // Set once the departure is recorded: from then on a restart asks the destination.
         let mut departure = None;
         loop {
-            step = match step {
-                SourceStep::Transfer {
-                    module: need_module,
-                } => {
-                    let id = offer.agent;
-                    let recorded = self.store.keep_agent(&id, &bytes, |image| {
-                        departure = Some(image.clone());
-                        AgentRecord::Departing {
-                            seq,
-                            to: site.to_string(),
-                            image,
-                        }
-                    });
-                    if let Err(e) = recorded {
+            if let Some(recording) = recording.take() {
+                match recording.await {
+                    Ok(Ok(image)) => departure = Some(image),
+                    Ok(Err(e)) if matches!(step, SourceStep::Transfer { .. }) => {
                         // Nothing was sent: dropping the streams cancels the transfer.
                         let reason = format!("cannot record the departure: {e}");
                         return Err(unreachable(reason).into());
                     }
+                    Ok(Err(e)) => tracing::error!(seq, "cannot record the departure: {e}"),
+                    Err(e) => tracing::error!(seq, "departure task failed: {e}"),
+                }
+            }
+            step = match step {
+                SourceStep::Transfer {
+                    module: need_module,
+                } => {
+                    phase("departure recorded");
                     crash_point("source-after-offer");
                     let sent = match streams.as_mut() {
                         Some((send, _)) => {
@@ -1120,6 +1128,7 @@ impl Host {
                         }
                         None => Err("no stream".to_string()),
                     };
+                    phase("sent");
                     hop.on_sent(sent)
                 }
                 SourceStep::AwaitVerdict => {
@@ -1132,6 +1141,7 @@ impl Host {
                         }
                         None => Err("no stream".to_string()),
                     };
+                    phase("verdict");
                     hop.on_verdict(verdict)
                 }
                 SourceStep::Query => {
@@ -1156,12 +1166,35 @@ impl Host {
                         from_arch: std::env::consts::ARCH.to_string(),
                         to: site.to_string(),
                         image_bytes: bytes.len() as u64,
+                        memory_bytes: offer.memory_bytes,
                         module_bytes: module_sent,
                         freeze_us: frozen.elapsed().as_micros() as u64,
                     });
                 }
             };
         }
+    }
+
+    /// Stores the departure image and record of hop `seq` to `to`, off the async workers;
+    /// yields the image's name.
+    fn record_departure(
+        self: &Arc<Self>,
+        id: AgentId,
+        seq: u64,
+        to: &str,
+        bytes: &Arc<Vec<u8>>,
+    ) -> tokio::task::JoinHandle<Result<String, String>> {
+        let (host, bytes, to) = (self.clone(), bytes.clone(), to.to_string());
+        tokio::task::spawn_blocking(move || {
+            let mut name = String::new();
+            host.store
+                .keep_agent(&id, &bytes, |image| {
+                    name.clone_from(&image);
+                    AgentRecord::Departing { seq, to, image }
+                })
+                .map(|()| name)
+                .map_err(|e| e.to_string())
+        })
     }
 
     /// The destination side of a hop.
@@ -1227,7 +1260,10 @@ impl Host {
         } else {
             None
         };
+        let arriving = Instant::now();
         let image = read_blob(recv, "image", self.config.max_image).await?;
+        let took = arriving.elapsed().as_micros() as u64;
+        tracing::debug!(seq = offer.seq, phase = "image read", us = took, "hop in");
         crash_point("dest-mid-image");
         match self.receive(offer, wasm, &image).await {
             Ok(mut agent) => {
@@ -1252,6 +1288,7 @@ impl Host {
         wasm: Option<Vec<u8>>,
         bytes: &[u8],
     ) -> Result<AgentInstance, String> {
+        let started = Instant::now();
         let module = match wasm {
             Some(wasm) => {
                 if ModuleHash::of(&wasm) != offer.module {
@@ -1275,12 +1312,16 @@ impl Host {
         {
             return Err("the image does not match the offer".into());
         }
+        let phase = |name: &str| tracing::debug!(seq = offer.seq, phase = name, us = started.elapsed().as_micros() as u64, "hop in");
+        phase("decoded");
         let agent = AgentInstance::restore(module, self.site.clone(), image, &self.config.limits)
             .await
             .map_err(|e| e.to_string())?;
+        phase("restored");
         self.store
             .commit_arrival(&offer.agent, offer.seq, bytes)
             .map_err(|e| e.to_string())?;
+        phase("committed");
         Ok(agent)
     }
 }

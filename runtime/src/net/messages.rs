@@ -130,6 +130,9 @@ pub struct HopInfo {
     pub to: String,
     /// Image bytes sent.
     pub image_bytes: u64,
+    /// The agent's linear memory size.
+    #[serde(default)]
+    pub memory_bytes: u64,
     /// Module bytes sent (0 when the destination had it).
     pub module_bytes: u64,
     /// Microseconds from suspension on the source to the destination's commit.
