@@ -112,7 +112,10 @@ fn main() -> anyhow::Result<()> {
         // BENCH_LOGS=DIR keeps the host logs (RUST_LOG=agent_runtime=debug logs hop phases).
         if let Some(dir) = std::env::var_os("BENCH_LOGS") {
             let log = format!("{site}.log");
-            std::fs::copy(cluster.dir.path().join(&log), std::path::Path::new(&dir).join(&log))?;
+            std::fs::copy(
+                cluster.dir.path().join(&log),
+                std::path::Path::new(&dir).join(&log),
+            )?;
         }
     }
     print_report(&rows, rounds);
@@ -230,7 +233,10 @@ impl Bench {
         let mut rows = Vec::new();
         for (dirty_kib, figure) in [
             (0, "freeze of one hop, 1 MiB agent, module cached"),
-            (1024, "freeze of one hop, 1 MiB of incompressible heap, module cached"),
+            (
+                1024,
+                "freeze of one hop, 1 MiB of incompressible heap, module cached",
+            ),
         ] {
             let trip = self
                 .trip(

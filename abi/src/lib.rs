@@ -21,8 +21,15 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Version of this ABI. A host refuses modules built for another version.
-pub const ABI_VERSION: u32 = 1;
+/// Version of this ABI. A host refuses modules built for a version outside
+/// [`MIN_ABI_VERSION`]`..=ABI_VERSION`.
+///
+/// Version 2 added [`export::CHECKPOINT_FLAG`]: the agent reads a word of its own memory at each
+/// `checkpoint()` and calls the host only when the host has set it.
+pub const ABI_VERSION: u32 = 2;
+
+/// Oldest ABI version a host still runs (version 1 agents ask the host at every checkpoint).
+pub const MIN_ABI_VERSION: u32 = 1;
 
 /// Name of the custom section in which the SDK records [`ABI_VERSION`] (4 bytes, little-endian).
 pub const ABI_SECTION: &str = "agent-abi";
@@ -57,6 +64,11 @@ pub mod export {
     pub const POLL: &str = "agent_poll";
     /// The agent's linear memory.
     pub const MEMORY: &str = "memory";
+    /// `agent_checkpoint_flag() -> i32` (ABI 2): the address of a 4-byte little-endian word in
+    /// linear memory that the host sets to 1 when it wants the agent to stop at its next
+    /// checkpoint and back to 0 when it resumes it. A pure function: the host may call it
+    /// before `agent_start`.
+    pub const CHECKPOINT_FLAG: &str = "agent_checkpoint_flag";
 }
 
 /// `agent_poll` result: the agent submitted an operation and waits for its result.

@@ -75,6 +75,11 @@ macro_rules! agent {
         pub extern "C" fn agent_poll() -> i32 {
             $crate::task::poll()
         }
+
+        #[unsafe(no_mangle)]
+        pub extern "C" fn agent_checkpoint_flag() -> i32 {
+            $crate::task::checkpoint_flag_address()
+        }
     };
 }
 

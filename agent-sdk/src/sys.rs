@@ -1,6 +1,7 @@
 //! The raw host imports, wrapped into safe functions that move bytes across the sandbox.
 
 use agent_abi::code;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 #[cfg(target_arch = "wasm32")]
 mod raw {
@@ -87,9 +88,20 @@ pub(crate) fn take() -> Option<Vec<u8>> {
     }
 }
 
+/// Set to 1 by the host when it wants a checkpoint (see `agent_abi::export::CHECKPOINT_FLAG`):
+/// reading it costs a load, where asking the host costs a call out of the sandbox.
+static CHECKPOINT_FLAG: AtomicU32 = AtomicU32::new(0);
+
+/// The address of the checkpoint flag in linear memory, for the `agent!` macro's export.
+#[doc(hidden)]
+pub fn checkpoint_flag_address() -> i32 {
+    // Linear memory addresses are 32 bits; outside Wasm this is never called by a host.
+    std::ptr::from_ref(&CHECKPOINT_FLAG) as usize as i32
+}
+
 pub(crate) fn checkpoint_requested() -> bool {
     // SAFETY: no pointers.
-    unsafe { raw::checkpoint_requested() != 0 }
+    CHECKPOINT_FLAG.load(Ordering::Relaxed) != 0 && unsafe { raw::checkpoint_requested() != 0 }
 }
 
 pub(crate) fn log(level: i32, line: &str) {

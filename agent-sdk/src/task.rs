@@ -12,6 +12,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Poll, Waker};
 
+pub use crate::sys::checkpoint_flag_address;
+
 type Task = Pin<Box<dyn Future<Output = ()>>>;
 
 thread_local! {

@@ -8,7 +8,7 @@
 //! module's initial memory image.
 
 use crate::snapshot::{InitialImage, PAGE_SIZE};
-use agent_abi::{ABI_SECTION, ABI_VERSION, IMPORT_MODULE, export, import};
+use agent_abi::{ABI_SECTION, ABI_VERSION, IMPORT_MODULE, MIN_ABI_VERSION, export, import};
 use wasmparser::{DataKind, Operator, Parser, Payload, TypeRef, ValType, Validator};
 
 /// The WASI preview 1 import module, linked so `std` works inside agents.
@@ -33,7 +33,8 @@ pub enum AdmissionError {
     NotAnAgent,
     /// The module was built for another ABI version.
     #[error(
-        "agent ABI version mismatch: the module was built for v{module}, this host speaks v{host}; rebuild it with a matching agent-sdk"
+        "agent ABI version mismatch: the module was built for v{module}, this host runs v{} to v{host}; rebuild it with a matching agent-sdk",
+        agent_abi::MIN_ABI_VERSION
     )]
     AbiMismatch {
         /// Version in the module.
@@ -233,11 +234,14 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
 
     match abi {
         None => return Err(AdmissionError::NotAnAgent),
-        Some(v) if v != ABI_VERSION => {
+        Some(v) if !(MIN_ABI_VERSION..=ABI_VERSION).contains(&v) => {
             return Err(AdmissionError::AbiMismatch {
                 module: v,
                 host: ABI_VERSION,
             });
+        }
+        Some(v) if v >= 2 && !exports.iter().any(|(n, _)| n == export::CHECKPOINT_FLAG) => {
+            return Err(AdmissionError::MissingExport(export::CHECKPOINT_FLAG));
         }
         Some(_) => {}
     }
@@ -370,11 +374,16 @@ mod tests {
         ));
         assert_eq!(refused(MEMORY, ""), AdmissionError::NotAnAgent);
         assert_eq!(
-            refused(MEMORY, r#"(@custom "agent-abi" "\02\00\00\00")"#),
+            refused(MEMORY, r#"(@custom "agent-abi" "\03\00\00\00")"#),
             AdmissionError::AbiMismatch {
-                module: 2,
+                module: 3,
                 host: ABI_VERSION
             }
+        );
+        // ABI 2 agents tell the host where their checkpoint flag is.
+        assert_eq!(
+            refused(MEMORY, r#"(@custom "agent-abi" "\02\00\00\00")"#),
+            AdmissionError::MissingExport(export::CHECKPOINT_FLAG)
         );
         assert_eq!(
             refused(&format!(r#"(import "env" "open" (func)) {MEMORY}"#), ABI),

@@ -330,11 +330,12 @@ fn inflate(body: &[u8], expected: usize) -> Result<Vec<u8>, ImageError> {
     use std::io::Read;
     let corrupt = |e: std::io::Error| ImageError::CorruptBody(e.to_string());
     if expected <= FIRST_RESERVE {
-        return DECOMPRESSOR.with(|d| match d.borrow_mut().as_mut() {
-            Ok(d) => d.decompress(body, expected),
-            Err(e) => Err(std::io::Error::other(e.to_string())),
-        })
-        .map_err(corrupt);
+        return DECOMPRESSOR
+            .with(|d| match d.borrow_mut().as_mut() {
+                Ok(d) => d.decompress(body, expected),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            })
+            .map_err(corrupt);
     }
     let decoder = zstd::stream::read::Decoder::with_buffer(body).map_err(corrupt)?;
     let mut data = Vec::with_capacity(FIRST_RESERVE);

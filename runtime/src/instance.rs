@@ -18,7 +18,7 @@ use crate::{admission::GlobalKind, admission::WASM_PAGE};
 use agent_abi::{Op, OpResult, Outcome, POLL_DONE, POLL_PENDING, export};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wasmtime::{Instance, Memory, Store, Trap, TypedFunc, UpdateDeadline, Val};
+use wasmtime::{AsContextMut, Instance, Memory, Store, Trap, TypedFunc, UpdateDeadline, Val};
 
 /// Where an agent stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -193,6 +193,13 @@ impl AgentInstance {
             .get_memory(&mut store, MEMORY_EXPORT)
             .ok_or_else(|| AgentError::Abi("the instrumented module exports no memory".into()))?;
         store.data_mut().memory = Some(memory);
+        if let Ok(flag) = instance.get_typed_func::<(), i32>(&mut store, export::CHECKPOINT_FLAG) {
+            let address = flag
+                .call_async(&mut store, ())
+                .await
+                .map_err(|e| AgentError::Abi(format!("{}: {e}", export::CHECKPOINT_FLAG)))?;
+            store.data_mut().checkpoint_flag = Some(address as u32);
+        }
         let poll = instance
             .get_typed_func::<(), i32>(&mut store, export::POLL)
             .map_err(|e| AgentError::Abi(format!("{}: {e}", export::POLL)))?;
@@ -220,7 +227,7 @@ impl AgentInstance {
         let state = self.store.data_mut();
         state.slice_start = None;
         state.context.cpu_used_us += started.elapsed().as_micros() as u64;
-        state.checkpoint_requested = false;
+        set_checkpoint_request(self.store.as_context_mut(), false);
         match result.map_err(|e| self.classify(e))? {
             POLL_PENDING => match self.store.data().context.pending.clone() {
                 Some(op) => Ok(Step::Suspended(op)),
@@ -250,7 +257,7 @@ impl AgentInstance {
 
     /// Asks the agent to suspend at its next `ctx.checkpoint()`.
     pub fn request_checkpoint(&mut self) {
-        self.store.data_mut().checkpoint_requested = true;
+        set_checkpoint_request(self.store.as_context_mut(), true);
     }
 
     /// Captures the agent at its current safe point.
@@ -359,10 +366,27 @@ fn on_epoch(
         }
         .into());
     }
-    if in_slice >= state.limits.slice {
-        state.checkpoint_requested = true;
+    let shutting_down = state
+        .flags
+        .checkpoint
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let wanted = (in_slice >= state.limits.slice || shutting_down) && !state.checkpoint_requested;
+    if wanted {
+        set_checkpoint_request(store, true);
     }
     Ok(UpdateDeadline::Yield(1))
+}
+
+/// Sets or clears the host's wish for a checkpoint, and its mirror in the agent's memory.
+/// The mirror's address comes from the agent: a bad one only fails to write into its own
+/// memory, and the agent then misses the wish until it calls the host anyway.
+fn set_checkpoint_request(mut store: wasmtime::StoreContextMut<'_, AgentState>, requested: bool) {
+    let state = store.data_mut();
+    state.checkpoint_requested = requested;
+    if let (Some(address), Some(memory)) = (state.checkpoint_flag, state.memory) {
+        let word = u32::from(requested).to_le_bytes();
+        let _ = memory.write(&mut store, address as usize, &word);
+    }
 }
 
 fn check_globals(image: &[GlobalValue], module: &[(u32, GlobalKind)]) -> Result<(), ImageError> {

@@ -28,6 +28,9 @@ pub struct AgentState {
     pub(crate) log: LogSink,
     /// The host wants the agent to stop at its next `checkpoint()`.
     pub(crate) checkpoint_requested: bool,
+    /// Where the agent keeps its checkpoint flag in its memory (ABI 2), mirroring
+    /// `checkpoint_requested` so the agent need not call the host to read it.
+    pub(crate) checkpoint_flag: Option<u32>,
     /// When the current `agent_poll` began, for CPU accounting.
     pub(crate) slice_start: Option<Instant>,
     /// Requests from outside the agent's task (kill, checkpoint).
@@ -63,6 +66,7 @@ impl AgentState {
             outcome: None,
             log,
             checkpoint_requested: false,
+            checkpoint_flag: None,
             slice_start: None,
             flags: Arc::default(),
         }

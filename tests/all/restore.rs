@@ -163,7 +163,9 @@ fn agents_of_one_new_module_arriving_at_once_compile_it_once() {
         })
         .collect();
     for admission in admissions {
-        let admitted = admission.join().unwrap_or_else(|_| panic!("admission panicked"));
+        let admitted = admission
+            .join()
+            .unwrap_or_else(|_| panic!("admission panicked"));
         assert!(admitted.is_ok(), "{admitted:?}");
     }
     let stats = cache.stats();

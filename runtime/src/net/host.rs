@@ -1055,7 +1055,14 @@ impl Host {
             site: site.into(),
             reason,
         };
-        let phase = |name: &str| tracing::debug!(seq, phase = name, us = frozen.elapsed().as_micros() as u64, "hop out");
+        let phase = |name: &str| {
+            tracing::debug!(
+                seq,
+                phase = name,
+                us = frozen.elapsed().as_micros() as u64,
+                "hop out"
+            )
+        };
         phase("captured");
         let bytes = Arc::new(image.encode().map_err(|e| unreachable(e.to_string()))?);
         phase("encoded");
@@ -1064,12 +1071,11 @@ impl Host {
         // destination, which aborts a transfer it never accepted.
         let mut recording = Some(self.record_departure(image.context.agent_id, seq, site, &bytes));
         let module = agent.module().clone();
-        let wasm = self.store.module(&module.hash).unwrap_or_default();
         let offer = Offer {
             agent: image.context.agent_id,
             seq,
             module: module.hash,
-            module_bytes: wasm.len() as u64,
+            module_bytes: module.size as u64,
             memory_bytes: image.memory_bytes,
             image_bytes: bytes.len() as u64,
             abi: agent_abi::ABI_VERSION,
@@ -1118,6 +1124,9 @@ impl Host {
                         Some((send, _)) => {
                             let mut result = Ok(());
                             if need_module {
+                                // Read only when the destination lacks it: most hops go to
+                                // hosts that have it.
+                                let wasm = self.store.module(&module.hash).unwrap_or_default();
                                 module_sent = wasm.len() as u64;
                                 result = write_blob_passing(send, &wasm, "source-mid-module").await;
                             }
@@ -1312,7 +1321,14 @@ impl Host {
         {
             return Err("the image does not match the offer".into());
         }
-        let phase = |name: &str| tracing::debug!(seq = offer.seq, phase = name, us = started.elapsed().as_micros() as u64, "hop in");
+        let phase = |name: &str| {
+            tracing::debug!(
+                seq = offer.seq,
+                phase = name,
+                us = started.elapsed().as_micros() as u64,
+                "hop in"
+            )
+        };
         phase("decoded");
         let agent = AgentInstance::restore(module, self.site.clone(), image, &self.config.limits)
             .await
