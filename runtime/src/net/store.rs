@@ -34,10 +34,6 @@ const CALLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("calls");
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 
-/// How long a durable commit waits for writers still inside their transactions, so that it
-/// covers them too instead of leaving them for the next disk sync.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
-
 /// Images up to this size live in the database; larger ones are files.
 const INLINE_IMAGE: usize = 1 << 20;
 
@@ -174,8 +170,6 @@ struct SyncState {
     requested: u64,
     /// Writers whose commits are known durable (a prefix of `requested`).
     synced: u64,
-    /// Writers inside their transaction now: a durable commit waits a moment for them.
-    writing: u64,
     /// A durable commit is under way.
     syncing: bool,
 }
@@ -251,31 +245,13 @@ impl HostStore {
         work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         blocking(|| {
-            self.writers(1)?;
-            let committed = (|| {
-                let mut txn = self.db.begin_write().map_err(db_err)?;
-                txn.set_durability(Durability::None).map_err(db_err)?;
-                let out = work(&txn)?;
-                txn.commit().map_err(db_err)?;
-                Ok(out)
-            })();
-            self.writers(-1)?;
-            let out = committed?;
+            let mut txn = self.db.begin_write().map_err(db_err)?;
+            txn.set_durability(Durability::None).map_err(db_err)?;
+            let out = work(&txn)?;
+            txn.commit().map_err(db_err)?;
             self.sync()?;
             Ok(out)
         })
-    }
-
-    /// Counts writers entering (+1) or leaving (-1) their transaction.
-    fn writers(&self, change: i64) -> Result<(), StoreError> {
-        let mut state = self
-            .sync
-            .state
-            .lock()
-            .map_err(|_| StoreError::Db("the sync lock was poisoned".into()))?;
-        state.writing = state.writing.saturating_add_signed(change);
-        self.sync.done.notify_all();
-        Ok(())
     }
 
     /// Makes every commit made so far durable. A writer that arrives while a durable commit
@@ -291,17 +267,6 @@ impl HostStore {
                 continue;
             }
             state.syncing = true;
-            let gathered = std::time::Instant::now() + GATHER;
-            while state.writing > 0 {
-                let left = gathered.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                state = match self.sync.done.wait_timeout(state, left) {
-                    Ok((state, _)) => state,
-                    Err(_) => return Err(StoreError::Db("the sync lock was poisoned".into())),
-                };
-            }
             let upto = state.requested;
             drop(state);
             // An empty commit with the default (immediate) durability persists every
