@@ -5,10 +5,11 @@
 //! them is committed, so a record never points at a missing or torn file. A small image is
 //! committed in the same transaction as the record that names it.
 //!
-//! Commits are grouped: each write transaction commits without syncing, then waits for one
-//! durable commit that covers it and every commit before it. Many agents hopping at once
-//! share one disk sync instead of queueing for one each; a caller still returns only once
-//! its write is durable. The commit of an
+//! Commits are grouped: a write that finds no disk sync under way commits durably itself;
+//! one that finds a sync under way commits without syncing and waits for the next durable
+//! commit, which covers it and every commit before it. A lone agent pays one sync per write;
+//! many agents hopping at once share syncs instead of queueing for one each. Either way a
+//! caller returns only once its write is durable. The commit of an
 //! arriving agent and the abort of an in-doubt transfer are decided in one redb transaction
 //! each, so a transfer is either committed or aborted, never both.
 //!
@@ -245,13 +246,46 @@ impl HostStore {
         work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         blocking(|| {
-            let mut txn = self.db.begin_write().map_err(db_err)?;
-            txn.set_durability(Durability::None).map_err(db_err)?;
-            let out = work(&txn)?;
-            txn.commit().map_err(db_err)?;
+            // No sync under way: this write's own durable commit is the next one.
+            let lead = self.sync_state(|s| !std::mem::replace(&mut s.syncing, true))?;
+            let mut covered = None;
+            let committed = (|| {
+                let mut txn = self.db.begin_write().map_err(db_err)?;
+                if lead {
+                    // Holding the write lock: every writer counted so far has committed.
+                    covered = Some(self.sync_state(|s| s.requested)?);
+                } else {
+                    txn.set_durability(Durability::None).map_err(db_err)?;
+                }
+                let out = work(&txn)?;
+                txn.commit().map_err(db_err)?;
+                Ok(out)
+            })();
+            if lead {
+                self.sync_state(|s| {
+                    s.syncing = false;
+                    if committed.is_ok()
+                        && let Some(upto) = covered
+                    {
+                        s.synced = s.synced.max(upto);
+                    }
+                })?;
+                self.sync.done.notify_all();
+                return committed;
+            }
+            let out = committed?;
             self.sync()?;
             Ok(out)
         })
+    }
+
+    fn sync_state<T>(&self, f: impl FnOnce(&mut SyncState) -> T) -> Result<T, StoreError> {
+        let mut state = self
+            .sync
+            .state
+            .lock()
+            .map_err(|_| StoreError::Db("the sync lock was poisoned".into()))?;
+        Ok(f(&mut state))
     }
 
     /// Makes every commit made so far durable. A writer that arrives while a durable commit
@@ -741,6 +775,38 @@ mod tests {
             store.transfer(&agent, 2).ok().flatten(),
             Some(TransferStatus::Aborted)
         );
+    }
+
+    #[test]
+    fn concurrent_writes_all_commit_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        {
+            let store =
+                std::sync::Arc::new(HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
+            let writers: Vec<_> = (0..8u8)
+                .map(|w| {
+                    let store = store.clone();
+                    std::thread::spawn(move || {
+                        for index in 0..25 {
+                            let entry = CallEntry {
+                                seq: 1,
+                                service: "corpus".into(),
+                                request: [w; 32],
+                                answer: None,
+                            };
+                            store.put_call(&AgentId([w; 16]), index, &entry)?;
+                        }
+                        Ok::<(), StoreError>(())
+                    })
+                })
+                .collect();
+            for writer in writers {
+                let written = writer.join().unwrap_or_else(|_| panic!("writer panicked"));
+                assert!(written.is_ok(), "{written:?}");
+            }
+        }
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.visits().unwrap_or_default().len(), 8 * 25);
     }
 
     #[test]
