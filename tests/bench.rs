@@ -8,10 +8,8 @@
 
 use agent_e2e::{Cluster, example, launch, repo, runner};
 use agent_runtime::Limits;
-use agent_runtime::net::certs::{self, Role};
-use agent_runtime::net::client::{Client, HostAddr};
+use agent_runtime::net::client::Client;
 use agent_runtime::net::messages::{HopInfo, LaunchEvent};
-use agent_runtime::net::tls::Credentials;
 use agent_runtime::runner::Migration;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -203,19 +201,8 @@ struct Trip {
 
 impl Bench {
     async fn connect(cluster: &Cluster, wasm: Vec<u8>) -> anyhow::Result<Bench> {
-        let creds = Credentials::load(
-            &certs::ca_files(&cluster.certs()).cert,
-            &certs::files(&cluster.certs(), Role::User, "alice"),
-        )?;
-        let home = HostAddr {
-            name: "siteA".into(),
-            addr: cluster.addrs["siteA"],
-        };
-        let client = Client::connect(&home, &creds)
-            .await
-            .map_err(anyhow::Error::msg)?;
         Ok(Bench {
-            client: Arc::new(client),
+            client: Arc::new(cluster.client("siteA", "alice").await?),
             wasm: Arc::new(wasm),
         })
     }

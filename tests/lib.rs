@@ -422,6 +422,30 @@ impl Cluster {
             .collect()
     }
 
+    /// A library client of host `site`, connected as `user` (for drivers of many agents).
+    ///
+    /// # Errors
+    /// When the certificates cannot be read or the host does not answer.
+    pub async fn client(
+        &self,
+        site: &str,
+        user: &str,
+    ) -> anyhow::Result<agent_runtime::net::client::Client> {
+        use agent_runtime::net::certs::{self, Role};
+        use agent_runtime::net::client::{Client, HostAddr};
+        let creds = agent_runtime::net::tls::Credentials::load(
+            &certs::ca_files(&self.certs()).cert,
+            &certs::files(&self.certs(), Role::User, user),
+        )?;
+        let host = HostAddr {
+            name: site.into(),
+            addr: self.addrs[site],
+        };
+        Client::connect(&host, &creds)
+            .await
+            .map_err(anyhow::Error::msg)
+    }
+
     /// Whether a host process is still running.
     pub fn alive(&mut self, site: &str) -> bool {
         self.hosts

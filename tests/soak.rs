@@ -6,10 +6,7 @@
 //! `scripts/soak [AGENTS] [MINUTES] [HOPS]` (defaults 1000, 10, 30).
 
 use agent_e2e::{Cluster, example};
-use agent_runtime::net::certs::{self, Role};
-use agent_runtime::net::client::{Client, HostAddr};
 use agent_runtime::net::messages::LaunchEvent;
-use agent_runtime::net::tls::Credentials;
 use agent_runtime::runner::cbor_to_json;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -76,22 +73,10 @@ fn main() -> anyhow::Result<()> {
         })
     };
 
-    let creds = Credentials::load(
-        &certs::ca_files(&cluster.certs()).cert,
-        &certs::files(&cluster.certs(), Role::User, "alice"),
-    )?;
-    let home = HostAddr {
-        name: "siteA".into(),
-        addr: cluster.addrs["siteA"],
-    };
     let runtime = tokio::runtime::Runtime::new()?;
     let endings: HashMap<String, Ending> = runtime
         .block_on(async {
-            let client = Arc::new(
-                Client::connect(&home, &creds)
-                    .await
-                    .map_err(anyhow::Error::msg)?,
-            );
+            let client = Arc::new(cluster.client("siteA", "alice").await?);
             let wasm = Arc::new(wasm);
             let slots = Arc::new(tokio::sync::Semaphore::new(agents as usize));
             let mut tasks = tokio::task::JoinSet::new();
