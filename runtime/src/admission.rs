@@ -240,9 +240,6 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
                 host: ABI_VERSION,
             });
         }
-        Some(v) if v >= 2 && !exports.iter().any(|(n, _)| n == export::CHECKPOINT_FLAG) => {
-            return Err(AdmissionError::MissingExport(export::CHECKPOINT_FLAG));
-        }
         Some(_) => {}
     }
     let memory = match memories.as_slice() {
@@ -256,7 +253,11 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
         return Err(AdmissionError::Memory64);
     }
     let exported = |name: &str, kind| exports.iter().any(|(n, k)| n == name && *k == kind);
-    for name in [export::START, export::POLL] {
+    // ABI 2 agents tell the host where their checkpoint flag is.
+    let flag = abi
+        .is_some_and(|v| v >= 2)
+        .then_some(export::CHECKPOINT_FLAG);
+    for name in [export::START, export::POLL].into_iter().chain(flag) {
         if !exported(name, wasmparser::ExternalKind::Func) {
             return Err(AdmissionError::MissingExport(name));
         }

@@ -194,10 +194,18 @@ impl AgentInstance {
             .ok_or_else(|| AgentError::Abi("the instrumented module exports no memory".into()))?;
         store.data_mut().memory = Some(memory);
         if let Ok(flag) = instance.get_typed_func::<(), i32>(&mut store, export::CHECKPOINT_FLAG) {
-            let address = flag
-                .call_async(&mut store, ())
-                .await
-                .map_err(|e| AgentError::Abi(format!("{}: {e}", export::CHECKPOINT_FLAG)))?;
+            // Agent code: its CPU counts against the agent's budget, so a function that never
+            // returns cannot hold a host (a destination restoring it) for longer than that.
+            let started = Instant::now();
+            store.data_mut().slice_start = Some(started);
+            let address = flag.call_async(&mut store, ()).await;
+            let state = store.data_mut();
+            state.slice_start = None;
+            state.context.cpu_used_us += started.elapsed().as_micros() as u64;
+            let address = address.map_err(|e| match e.downcast::<LimitExceeded>() {
+                Ok(limit) => AgentError::Limit(limit),
+                Err(e) => AgentError::Abi(format!("{}: {e}", export::CHECKPOINT_FLAG)),
+            })?;
             store.data_mut().checkpoint_flag = Some(address as u32);
         }
         let poll = instance

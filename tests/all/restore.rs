@@ -171,3 +171,29 @@ fn agents_of_one_new_module_arriving_at_once_compile_it_once() {
     let stats = cache.stats();
     assert_eq!((stats.compiled, stats.hits), (1, 3), "{stats:?}");
 }
+
+#[test]
+fn a_checkpoint_flag_export_that_never_returns_is_stopped_by_the_cpu_budget() {
+    // The host calls `agent_checkpoint_flag` when it instantiates an agent, also to restore
+    // one that arrives: a hostile module must not hold the host there.
+    let text = r#"(module (memory (export "memory") 1)
+        (func (export "agent_start")) (func (export "agent_poll") (result i32) i32.const 1)
+        (func (export "agent_checkpoint_flag") (result i32) (loop $l (br $l)) i32.const 0)
+        (@custom "agent-abi" "\02\00\00\00"))"#;
+    let wasm = wat::parse_str(text).unwrap_or_else(|e| panic!("{e}"));
+    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
+    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
+    let module = cache.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
+    let site = Arc::new(search_sites().remove(0));
+    let context = AgentContext::new("siteA", "test", Vec::new(), Default::default());
+    let limits = Limits {
+        cpu_budget: std::time::Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let launched = block_on(AgentInstance::launch(module, site, context, &limits));
+    match launched {
+        Err(AgentError::Limit(limit)) => assert!(limit.to_string().contains("CPU"), "{limit}"),
+        Err(other) => panic!("expected the CPU budget to stop it, got {other}"),
+        Ok(_) => panic!("a module whose flag export never returns was launched"),
+    }
+}

@@ -1103,15 +1103,17 @@ impl Host {
         let mut departure = None;
         loop {
             if let Some(recording) = recording.take() {
-                match recording.await {
-                    Ok(Ok(image)) => departure = Some(image),
-                    Ok(Err(e)) if matches!(step, SourceStep::Transfer { .. }) => {
+                let recorded = recording
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the departure task failed: {e}")));
+                match recorded {
+                    Ok(image) => departure = Some(image),
+                    Err(e) if matches!(step, SourceStep::Transfer { .. }) => {
                         // Nothing was sent: dropping the streams cancels the transfer.
                         let reason = format!("cannot record the departure: {e}");
                         return Err(unreachable(reason).into());
                     }
-                    Ok(Err(e)) => tracing::error!(seq, "cannot record the departure: {e}"),
-                    Err(e) => tracing::error!(seq, "departure task failed: {e}"),
+                    Err(e) => tracing::error!(seq, "cannot record the departure: {e}"),
                 }
             }
             step = match step {

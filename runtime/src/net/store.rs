@@ -175,6 +175,35 @@ struct SyncState {
     syncing: bool,
 }
 
+fn poisoned() -> StoreError {
+    StoreError::Db("the sync lock was poisoned".into())
+}
+
+/// The role of the writer whose durable commit is the next sync. Dropping it gives the role
+/// up and wakes the waiting writers, also when the leader fails or panics, so that nobody
+/// waits for a sync that will not come.
+struct Leadership<'a> {
+    sync: &'a GroupSync,
+    /// Writers the leader's durable commit covered (set once it succeeded).
+    covered: Option<u64>,
+}
+
+impl Drop for Leadership<'_> {
+    fn drop(&mut self) {
+        let mut state = self
+            .sync
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.syncing = false;
+        if let Some(upto) = self.covered {
+            state.synced = state.synced.max(upto);
+        }
+        drop(state);
+        self.sync.done.notify_all();
+    }
+}
+
 /// Runs blocking store work without stalling the async runtime: on a multi-threaded tokio
 /// runtime the worker hands its other tasks on while this one waits for the disk.
 fn blocking<T>(work: impl FnOnce() -> T) -> T {
@@ -248,75 +277,60 @@ impl HostStore {
         blocking(|| {
             // No sync under way: this write's own durable commit is the next one.
             let lead = self.sync_state(|s| !std::mem::replace(&mut s.syncing, true))?;
-            let mut covered = None;
-            let committed = (|| {
-                let mut txn = self.db.begin_write().map_err(db_err)?;
-                if lead {
-                    // Holding the write lock: every writer counted so far has committed.
-                    covered = Some(self.sync_state(|s| s.requested)?);
-                } else {
-                    txn.set_durability(Durability::None).map_err(db_err)?;
-                }
-                let out = work(&txn)?;
-                txn.commit().map_err(db_err)?;
-                Ok(out)
-            })();
-            if lead {
-                self.sync_state(|s| {
-                    s.syncing = false;
-                    if committed.is_ok()
-                        && let Some(upto) = covered
-                    {
-                        s.synced = s.synced.max(upto);
-                    }
-                })?;
-                self.sync.done.notify_all();
-                return committed;
+            let mut leading = lead.then(|| Leadership {
+                sync: &self.sync,
+                covered: None,
+            });
+            let mut txn = self.db.begin_write().map_err(db_err)?;
+            let covered = if lead {
+                // Holding the write lock: every writer counted so far has committed.
+                Some(self.sync_state(|s| s.requested)?)
+            } else {
+                txn.set_durability(Durability::None).map_err(db_err)?;
+                None
+            };
+            let out = work(&txn)?;
+            txn.commit().map_err(db_err)?;
+            match leading.as_mut() {
+                Some(leading) => leading.covered = covered,
+                None => self.sync()?,
             }
-            let out = committed?;
-            self.sync()?;
             Ok(out)
         })
     }
 
     fn sync_state<T>(&self, f: impl FnOnce(&mut SyncState) -> T) -> Result<T, StoreError> {
-        let mut state = self
-            .sync
-            .state
-            .lock()
-            .map_err(|_| StoreError::Db("the sync lock was poisoned".into()))?;
+        let mut state = self.sync.state.lock().map_err(|_| poisoned())?;
         Ok(f(&mut state))
     }
 
     /// Makes every commit made so far durable. A writer that arrives while a durable commit
     /// runs waits for the next one, which then covers every writer waiting with it.
     fn sync(&self) -> Result<(), StoreError> {
-        let poisoned = |_| StoreError::Db("the sync lock was poisoned".into());
-        let mut state = self.sync.state.lock().map_err(poisoned)?;
+        let mut state = self.sync.state.lock().map_err(|_| poisoned())?;
         state.requested += 1;
         let mine = state.requested;
         while state.synced < mine {
             if state.syncing {
-                state = self.sync.done.wait(state).map_err(poisoned)?;
+                state = self.sync.done.wait(state).map_err(|_| poisoned())?;
                 continue;
             }
             state.syncing = true;
             let upto = state.requested;
             drop(state);
+            let mut leading = Leadership {
+                sync: &self.sync,
+                covered: None,
+            };
             // An empty commit with the default (immediate) durability persists every
             // non-durable commit before it.
-            let result = self
-                .db
+            self.db
                 .begin_write()
                 .map_err(db_err)
-                .and_then(|txn| txn.commit().map_err(db_err));
-            state = self.sync.state.lock().map_err(poisoned)?;
-            state.syncing = false;
-            if result.is_ok() {
-                state.synced = state.synced.max(upto);
-            }
-            self.sync.done.notify_all();
-            result?;
+                .and_then(|txn| txn.commit().map_err(db_err))?;
+            leading.covered = Some(upto);
+            drop(leading);
+            state = self.sync.state.lock().map_err(|_| poisoned())?;
         }
         Ok(())
     }
@@ -372,18 +386,17 @@ impl HostStore {
         std::fs::read(&path).map_err(|source| StoreError::Io { path, source })
     }
 
-    /// Drops an image no record names any more (in `txn`, or its file).
-    fn remove_image(&self, txn: &WriteTransaction, name: &str) -> Result<(), StoreError> {
+    /// Drops an image no record names any more: in `txn`, or, for a file, returns its path
+    /// to unlink once `txn` is durable (a crash before then keeps the old record, which still
+    /// needs the file).
+    fn remove_image(&self, txn: &WriteTransaction, name: &str) -> Result<Stale, StoreError> {
         let inline = txn
             .open_table(IMAGES)
             .map_err(db_err)?
             .remove(name)
             .map_err(db_err)?
             .is_some();
-        if !inline {
-            let _ = std::fs::remove_file(self.dir.join("images").join(name));
-        }
-        Ok(())
+        Ok((!inline).then(|| self.dir.join("images").join(name)))
     }
 
     /// What this host decided about the transfer (agent, seq), if anything.
@@ -420,7 +433,7 @@ impl HostStore {
         seq: u64,
         image: &[u8],
     ) -> Result<(), StoreError> {
-        self.write(|txn| {
+        let stale = self.write(|txn| {
             let name = self.put_image(txn, image)?;
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
             let key = transfer_key(agent, seq);
@@ -450,7 +463,9 @@ impl HostStore {
                 .transpose()?;
             drop(agents);
             self.drop_old_image(txn, old, Some(&record))
-        })
+        })?;
+        unlink(stale);
+        Ok(())
     }
 
     /// Answers a query about (agent, seq): committed, or aborted from now on.
@@ -484,7 +499,8 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn set_agent(&self, agent: &AgentId, record: &AgentRecord) -> Result<(), StoreError> {
-        self.write(|txn| self.set_agent_in(txn, agent, record))
+        unlink(self.write(|txn| self.set_agent_in(txn, agent, record))?);
+        Ok(())
     }
 
     fn set_agent_in(
@@ -492,7 +508,7 @@ impl HostStore {
         txn: &WriteTransaction,
         agent: &AgentId,
         record: &AgentRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Stale, StoreError> {
         let old = txn
             .open_table(AGENTS)
             .map_err(db_err)?
@@ -500,11 +516,11 @@ impl HostStore {
             .map_err(db_err)?
             .map(|v| uncbor::<AgentRecord>(v.value()))
             .transpose()?;
-        self.drop_old_image(txn, old, Some(record))?;
+        let stale = self.drop_old_image(txn, old, Some(record))?;
         if matches!(record, AgentRecord::Forwarded { .. }) {
             forget_answers(txn, agent)?;
         }
-        Ok(())
+        Ok(stale)
     }
 
     /// Stores `image` durably, then the record `make` builds around its file name.
@@ -517,10 +533,12 @@ impl HostStore {
         image: &[u8],
         make: impl FnOnce(String) -> AgentRecord,
     ) -> Result<(), StoreError> {
-        self.write(|txn| {
+        let stale = self.write(|txn| {
             let name = self.put_image(txn, image)?;
             self.set_agent_in(txn, agent, &make(name))
-        })
+        })?;
+        unlink(stale);
+        Ok(())
     }
 
     /// Forgets an agent that ended here.
@@ -528,7 +546,7 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn remove_agent(&self, agent: &AgentId) -> Result<(), StoreError> {
-        self.write(|txn| {
+        let stale = self.write(|txn| {
             let old = txn
                 .open_table(AGENTS)
                 .map_err(db_err)?
@@ -536,9 +554,12 @@ impl HostStore {
                 .map_err(db_err)?
                 .map(|v| uncbor::<AgentRecord>(v.value()))
                 .transpose()?;
-            self.drop_old_image(txn, old, None)?;
-            forget_answers(txn, agent)
-        })
+            let stale = self.drop_old_image(txn, old, None)?;
+            forget_answers(txn, agent)?;
+            Ok(stale)
+        })?;
+        unlink(stale);
+        Ok(())
     }
 
     fn drop_old_image(
@@ -546,12 +567,12 @@ impl HostStore {
         txn: &WriteTransaction,
         old: Option<AgentRecord>,
         new: Option<&AgentRecord>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Stale, StoreError> {
         match old.as_ref().and_then(AgentRecord::image) {
             Some(old) if new.and_then(AgentRecord::image) != Some(old) => {
                 self.remove_image(txn, old)
             }
-            _ => Ok(()),
+            _ => Ok(None),
         }
     }
 
@@ -716,6 +737,16 @@ impl HostStore {
             out.push(uncbor(v.value())?);
         }
         Ok(out)
+    }
+}
+
+/// An image file no durable record names once the transaction that dropped it is durable.
+type Stale = Option<PathBuf>;
+
+/// Deletes a stale image file; failing only leaves a file behind.
+fn unlink(stale: Stale) {
+    if let Some(path) = stale {
+        let _ = std::fs::remove_file(path);
     }
 }
 
