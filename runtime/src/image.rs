@@ -3,7 +3,9 @@
 //! Wire layout: `MAGIC` (8 bytes) | header length (u32 LE) | CBOR header | zstd body.
 //! The header holds the format version, the module hash, memory size, mutable globals (as bits),
 //! the page runs, the agent context and a BLAKE3 hash of the canonical (uncompressed) image.
-//! The body is the carried pages ([`PageMap`]) compressed with zstd.
+//! The body is the carried pages ([`PageMap`]) compressed with zstd. An image sent to a host
+//! that holds an earlier image of the same agent may leave out the pages that host holds
+//! (see [`crate::base`]); its header then names them and the body holds only the rest.
 //!
 //! Images arrive from other hosts and from disk, so [`AgentImage::decode`] treats every field as
 //! hostile: sizes are bounded before allocation, runs are checked against the memory size,
@@ -111,6 +113,9 @@ pub enum ImageError {
     /// The body could not be decompressed to the size the page map implies.
     #[error("corrupt image body: {0}")]
     CorruptBody(String),
+    /// The image leaves out pages of a base image the reader does not hold.
+    #[error("the image leaves out pages of the agent's image of hop {0}, which is not held here")]
+    NeedsBase(u64),
     /// The content does not match the hash in the header.
     #[error("image hash mismatch: the image was corrupted or tampered with")]
     HashMismatch,
@@ -140,6 +145,16 @@ struct WireHeader {
     #[serde(with = "serde_bytes")]
     hash: [u8; 32],
     context: AgentContext,
+    /// Pages of `runs` the body leaves out because the reader holds them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base: Option<LeftOut>,
+}
+
+/// The pages an image leaves out: the reader takes them from its base image of hop `seq`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct LeftOut {
+    seq: u64,
+    runs: Vec<PageRun>,
 }
 
 impl AgentImage {
@@ -171,7 +186,26 @@ impl AgentImage {
     /// # Errors
     /// When zstd fails to compress (out of memory).
     pub fn encode(&self) -> std::io::Result<Vec<u8>> {
-        let body = compress(&self.pages.data)?;
+        self.write(&self.pages.data, None)
+    }
+
+    /// Encodes the image leaving out the pages of `left_out`, which the reader holds in its
+    /// image of the agent at hop `base_seq`; `body` holds the other carried pages in order.
+    pub(crate) fn encode_leaving_out(
+        &self,
+        base_seq: u64,
+        left_out: Vec<PageRun>,
+        body: &[u8],
+    ) -> std::io::Result<Vec<u8>> {
+        let base = LeftOut {
+            seq: base_seq,
+            runs: left_out,
+        };
+        self.write(body, Some(base))
+    }
+
+    fn write(&self, pages: &[u8], base: Option<LeftOut>) -> std::io::Result<Vec<u8>> {
+        let body = compress(pages)?;
         let header = WireHeader {
             format: FORMAT_VERSION,
             abi: agent_abi::ABI_VERSION,
@@ -182,6 +216,7 @@ impl AgentImage {
             body_bytes: body.len() as u64,
             hash: self.digest(),
             context: self.context.clone(),
+            base,
         };
         let mut head = Vec::new();
         // Encoding into a Vec cannot fail for this plain data type.
@@ -200,6 +235,22 @@ impl AgentImage {
     /// An [`ImageError`] naming the first problem found; nothing is allocated beyond the
     /// limits before the sizes are checked.
     pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<AgentImage, ImageError> {
+        AgentImage::decode_against(bytes, limits, None).map(|(image, _)| image)
+    }
+
+    /// Decodes and verifies an untrusted image that may leave out pages of `base`, this
+    /// host's earlier image of the agent; says whether pages were filled in from `base`. The
+    /// digest covers the whole image, so pages filled in from a base that differs from the
+    /// sender's view fail it.
+    ///
+    /// # Errors
+    /// As [`AgentImage::decode`]; [`ImageError::NeedsBase`] when the image leaves out pages of
+    /// a base image other than `base`.
+    pub fn decode_against(
+        bytes: &[u8],
+        limits: &ImageLimits,
+        base: Option<&crate::base::Base>,
+    ) -> Result<(AgentImage, bool), ImageError> {
         if bytes.len() < MAGIC.len() + 4 {
             return Err(
                 if bytes.starts_with(&MAGIC[..bytes.len().min(MAGIC.len())]) {
@@ -257,6 +308,17 @@ impl AgentImage {
         }
         let pages =
             PageMap::check(&header.runs, header.memory_bytes).map_err(ImageError::BadPages)?;
+        let (base, left_out) = match &header.base {
+            None => (None, 0),
+            Some(wanted) => {
+                let base = base
+                    .filter(|b| b.seq() == wanted.seq)
+                    .ok_or(ImageError::NeedsBase(wanted.seq))?;
+                let left = PageMap::check(&wanted.runs, header.memory_bytes)
+                    .map_err(|e| ImageError::BadPages(format!("left-out pages: {e}")))?;
+                (Some(base), left.min(pages))
+            }
+        };
         let body = &rest[head_len as usize..];
         match (body.len() as u64).cmp(&header.body_bytes) {
             std::cmp::Ordering::Less => {
@@ -274,7 +336,7 @@ impl AgentImage {
             std::cmp::Ordering::Equal => {}
         }
         // The runs fix the uncompressed size, so a decompression bomb stops at that size.
-        let expected = (pages * PAGE_SIZE as u64) as usize;
+        let expected = ((pages - left_out) * PAGE_SIZE as u64) as usize;
         let data = inflate(body, expected)?;
         if data.len() != expected {
             return Err(ImageError::CorruptBody(format!(
@@ -282,20 +344,28 @@ impl AgentImage {
                 data.len()
             )));
         }
+        let filled_in = base.is_some();
+        let pages = match (base, header.base) {
+            (Some(base), Some(wanted)) => {
+                PageMap::fill_in(header.runs, &wanted.runs, &data, base.pages())
+                    .map_err(ImageError::BadPages)?
+            }
+            _ => PageMap {
+                runs: header.runs,
+                data,
+            },
+        };
         let image = AgentImage {
             module: header.module,
             memory_bytes: header.memory_bytes,
             globals: header.globals,
-            pages: PageMap {
-                runs: header.runs,
-                data,
-            },
+            pages,
             context: header.context,
         };
         if image.digest() != header.hash {
             return Err(ImageError::HashMismatch);
         }
-        Ok(image)
+        Ok((image, filled_in))
     }
 }
 
@@ -411,6 +481,7 @@ mod tests {
             body_bytes: body.len() as u64,
             hash: image.digest(),
             context: image.context.clone(),
+            base: None,
         };
         tamper(&mut header);
         let mut head = Vec::new();

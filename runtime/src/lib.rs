@@ -8,9 +8,13 @@
 //! - [`snapshot`] and [`image`] capture memory and globals into a portable, verified image;
 //! - [`instance::AgentInstance::restore`] resumes the image in a fresh instance, anywhere.
 //!
+//! An agent returning to a host it left sends only the pages that host does not hold
+//! ([`base`]).
+//!
 //! [`runner`] drives that loop across in-process virtual sites.
 
 pub mod admission;
+pub mod base;
 pub mod builder;
 pub mod context;
 pub mod engine;

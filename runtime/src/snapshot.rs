@@ -72,14 +72,7 @@ impl PageMap {
             if unchanged {
                 continue;
             }
-            match map.runs.last_mut() {
-                Some(run) if run.start + run.count == index => run.count += 1,
-                _ => map.runs.push(PageRun {
-                    start: index,
-                    count: 1,
-                }),
-            }
-            map.data.extend_from_slice(page);
+            map.push(index, page);
         }
         map
     }
@@ -104,6 +97,51 @@ impl PageMap {
         }
     }
 
+    /// The carried pages with their indices, in page order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &[u8])> {
+        indices(&self.runs).zip(self.data.chunks_exact(PAGE_SIZE))
+    }
+
+    /// Appends page `index` (which must come after every page carried so far).
+    pub(crate) fn push(&mut self, index: u32, page: &[u8]) {
+        push_index(&mut self.runs, index);
+        self.data.extend_from_slice(page);
+    }
+
+    /// Rebuilds the pages of `runs` from `body` (the pages not in `left_out`, in order) and
+    /// `base` (every page in `left_out`). The runs must have been checked (see
+    /// [`PageMap::check`]) and `body` must hold exactly the pages not left out.
+    ///
+    /// # Errors
+    /// When a left-out page is not among the runs or not in `base`.
+    pub(crate) fn fill_in(
+        runs: Vec<PageRun>,
+        left_out: &[PageRun],
+        body: &[u8],
+        base: &PageMap,
+    ) -> Result<PageMap, String> {
+        let total = runs.iter().map(|r| r.count as usize).sum::<usize>();
+        let mut data = Vec::with_capacity(total * PAGE_SIZE);
+        let mut left = indices(left_out).peekable();
+        let mut held = base.iter().peekable();
+        let mut sent = body.chunks_exact(PAGE_SIZE);
+        for index in indices(&runs) {
+            if left.next_if_eq(&index).is_none() {
+                data.extend_from_slice(sent.next().ok_or("the body ends early")?);
+                continue;
+            }
+            while held.next_if(|(i, _)| *i < index).is_some() {}
+            match held.next_if(|(i, _)| *i == index) {
+                Some((_, page)) => data.extend_from_slice(page),
+                None => return Err(format!("left-out page {index} is not in the base")),
+            }
+        }
+        if let Some(index) = left.next() {
+            return Err(format!("left-out page {index} is not carried"));
+        }
+        Ok(PageMap { runs, data })
+    }
+
     /// Checks that the runs are sorted, disjoint, inside a memory of `memory_bytes` and match
     /// the amount of data. Runs come from untrusted images.
     pub fn check(runs: &[PageRun], memory_bytes: u64) -> Result<u64, String> {
@@ -123,6 +161,22 @@ impl PageMap {
             pages += u64::from(run.count);
         }
         Ok(pages)
+    }
+}
+
+/// Every page index of `runs`, in order.
+pub(crate) fn indices(runs: &[PageRun]) -> impl Iterator<Item = u32> + '_ {
+    runs.iter().flat_map(|r| r.start..r.start.saturating_add(r.count))
+}
+
+/// Adds page `index` to `runs`, extending the last run when it is the next page.
+pub(crate) fn push_index(runs: &mut Vec<PageRun>, index: u32) {
+    match runs.last_mut() {
+        Some(run) if run.start + run.count == index => run.count += 1,
+        _ => runs.push(PageRun {
+            start: index,
+            count: 1,
+        }),
     }
 }
 

@@ -9,4 +9,5 @@ mod migration;
 mod mtls;
 mod network;
 mod restore;
+mod returns;
 mod rogue;

@@ -53,7 +53,7 @@ async fn transfer(
 ) -> Result<TransferReply, String> {
     let (mut send, mut recv) = client.open(&Request::Offer(offer.clone())).await?;
     let reply: OfferReply = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
-    let OfferReply::Accept { need_module } = reply else {
+    let OfferReply::Accept { need_module, .. } = reply else {
         return Err(format!("offer not accepted: {reply:?}"));
     };
     if need_module {
@@ -123,7 +123,13 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let reply: OfferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(reply, OfferReply::Accept { need_module: false });
+        assert_eq!(
+            reply,
+            OfferReply::Accept {
+                need_module: false,
+                base: None
+            }
+        );
         send.write_all(&(image.len() as u64).to_le_bytes())
             .await
             .unwrap_or_else(|e| panic!("{e}"));

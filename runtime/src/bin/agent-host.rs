@@ -94,6 +94,10 @@ struct ServeArgs {
     /// host under qemu-user.
     #[arg(long)]
     no_segmentation_offload: bool,
+    /// Memory for the pages of agents that left, in MiB (default 256): an agent that comes
+    /// back sends only the pages that changed. 0 keeps none.
+    #[arg(long)]
+    return_cache_mib: Option<u64>,
 }
 
 /// The TOML configuration file.
@@ -111,6 +115,7 @@ struct FileConfig {
     cpu_budget_secs: Option<u64>,
     max_agents: Option<usize>,
     segmentation_offload: Option<bool>,
+    return_cache_mib: Option<u64>,
 }
 
 fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
@@ -246,6 +251,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_module: 64 << 20,
         segmentation_offload: !args.no_segmentation_offload
             && file.segmentation_offload.unwrap_or(true),
+        return_cache: args.return_cache_mib.or(file.return_cache_mib).unwrap_or(256) << 20,
     };
     let documents = corpus.len();
     let runtime = tokio::runtime::Builder::new_multi_thread()

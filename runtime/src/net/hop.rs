@@ -87,7 +87,7 @@ impl SourceHop {
             return self.out_of_order("offer reply");
         }
         match reply {
-            Ok(OfferReply::Accept { need_module }) => {
+            Ok(OfferReply::Accept { need_module, .. }) => {
                 self.state = SourceState::Transferring;
                 SourceStep::Transfer {
                     module: need_module,
@@ -236,6 +236,7 @@ pub fn decide_offer(offer: &Offer, from: &Identity, view: &DestView) -> OfferRep
     }
     OfferReply::Accept {
         need_module: !view.has_module,
+        base: None,
     }
 }
 
@@ -256,7 +257,7 @@ mod tests {
     fn a_clean_hop_ends_with_the_source_forgetting_the_agent() {
         let mut hop = SourceHop::offered("b");
         assert_eq!(
-            hop.on_offer_reply(Ok(OfferReply::Accept { need_module: true })),
+            hop.on_offer_reply(Ok(OfferReply::Accept { need_module: true, base: None })),
             SourceStep::Transfer { module: true }
         );
         assert_eq!(hop.on_sent(Ok(())), SourceStep::AwaitVerdict);
@@ -283,7 +284,7 @@ mod tests {
             })
         );
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
+        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false, base: None }));
         hop.on_sent(Ok(()));
         assert_eq!(
             hop.on_verdict(Ok(TransferReply::Refused("bad image".into()))),
@@ -297,7 +298,7 @@ mod tests {
     #[test]
     fn after_the_image_may_have_left_the_source_asks_until_it_knows() {
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
+        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false, base: None }));
         assert_eq!(hop.on_sent(Err("reset".into())), SourceStep::Query);
         assert_eq!(
             hop.on_query_reply(Err("still down".into())),
@@ -309,7 +310,7 @@ mod tests {
         );
 
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
+        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false, base: None }));
         hop.on_sent(Ok(()));
         assert_eq!(hop.on_verdict(Err("timeout".into())), SourceStep::Query);
         assert_eq!(
@@ -330,7 +331,7 @@ mod tests {
     #[test]
     fn out_of_order_inputs_never_resume_an_agent_that_may_have_left() {
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false }));
+        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false, base: None }));
         assert_eq!(
             hop.on_verdict(Ok(TransferReply::Committed)),
             SourceStep::Query
@@ -373,7 +374,7 @@ mod tests {
         };
         assert_eq!(
             decide_offer(&offer(), &host, &view()),
-            OfferReply::Accept { need_module: true }
+            OfferReply::Accept { need_module: true, base: None }
         );
         assert_eq!(
             decide_offer(
@@ -384,7 +385,7 @@ mod tests {
                     ..view()
                 }
             ),
-            OfferReply::Accept { need_module: false }
+            OfferReply::Accept { need_module: false, base: None }
         );
         assert_eq!(
             decide_offer(

@@ -15,6 +15,7 @@ use super::messages::{
 use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::wire::{WireError, read_blob, read_msg, write_blob, write_msg};
+use crate::base::{Base, BaseCache, BaseList, Binding, MAX_LISTED_PAGES, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
 use crate::faults::crash_point;
 use crate::image::{AgentImage, ImageLimits};
@@ -22,6 +23,7 @@ use crate::instance::{AgentInstance, Step};
 use crate::limits::Limits;
 use crate::modules::{AgentModule, ModuleCache, ModuleHash};
 use crate::services::Site;
+use crate::snapshot::PageMap;
 use crate::state::AgentFlags;
 use agent_abi::{HopError, Op, OpResult, Outcome};
 use std::collections::{BTreeMap, HashMap};
@@ -69,6 +71,9 @@ pub struct HostConfig {
     pub max_module: u64,
     /// Send UDP datagrams in GSO batches (off when a peer is a big-endian host under qemu).
     pub segmentation_offload: bool,
+    /// Bytes of memory for the pages of agents that left, so that one coming back sends only
+    /// what changed (0: keep none).
+    pub return_cache: u64,
 }
 
 /// Why a host could not start.
@@ -101,6 +106,8 @@ pub struct Host {
     /// Transfers (agent, seq) this host accepted and has not decided yet.
     receiving: Mutex<std::collections::HashSet<(AgentId, u64)>>,
     homes: Mutex<HashMap<AgentId, HomeEntry>>,
+    /// Pages of agents that left, for their return visits.
+    bases: Mutex<BaseCache>,
     shutting_down: AtomicBool,
     idle: tokio::sync::Notify,
     /// Wakes the task that delivers stored reports to home hosts.
@@ -150,8 +157,10 @@ impl Host {
                 )
             })
             .collect();
+        let bases = Mutex::new(BaseCache::new(config.return_cache));
         let host = Arc::new(Host {
             config,
+            bases,
             site: Arc::new(site),
             modules,
             store,
@@ -297,6 +306,8 @@ impl Host {
                     image_bytes,
                     memory_bytes: stored.memory_bytes,
                     module_bytes: 0,
+                    base_list_bytes: 0,
+                    pages_reused: 0,
                     freeze_us: 0,
                 };
                 self.report(id, home, LaunchEvent::Moved(info));
@@ -1082,6 +1093,9 @@ impl Host {
             owner: image.context.owner.clone(),
             home: image.context.home.clone(),
         };
+        // Hashed while the hop goes on, kept once it committed: an agent that comes straight
+        // back finds its pages here.
+        let mut base_task = self.hash_base(seq, &image.pages, offer_binding(&offer));
         let mut hop = SourceHop::offered(site);
         let mut streams = None;
         let reply = async {
@@ -1096,8 +1110,15 @@ impl Host {
         }
         .await;
         phase("offer answered");
+        let mut reply = reply;
+        let base = match &mut reply {
+            Ok(OfferReply::Accept { base, .. }) => base.take(),
+            _ => None,
+        };
         let mut step = hop.on_offer_reply(reply);
         let mut module_sent = 0u64;
+        let mut wire = bytes.clone();
+        let mut pages_reused = 0;
         let mut backoff = Duration::from_millis(100);
         // Set once the departure is recorded: from then on a restart asks the destination.
         let mut departure = None;
@@ -1122,6 +1143,16 @@ impl Host {
                 } => {
                     phase("departure recorded");
                     crash_point("source-after-offer");
+                    if let Some(list) = &base {
+                        match super::store::blocking(|| encode_against(&image, list)) {
+                            Ok(Some((partial, reused))) => {
+                                (wire, pages_reused) = (Arc::new(partial), reused);
+                            }
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(seq, "sending the whole image: {e}"),
+                        }
+                        phase("encoded against the destination's pages");
+                    }
                     let sent = match streams.as_mut() {
                         Some((send, _)) => {
                             let mut result = Ok(());
@@ -1133,7 +1164,7 @@ impl Host {
                                 result = write_blob_passing(send, &wasm, "source-mid-module").await;
                             }
                             if result.is_ok() {
-                                result = write_blob_passing(send, &bytes, "source-mid-image").await;
+                                result = write_blob_passing(send, &wire, "source-mid-image").await;
                             }
                             result.map_err(|e| e.to_string())
                         }
@@ -1171,19 +1202,46 @@ impl Host {
                 }
                 SourceStep::Resume(error) => return Err(HopFailure { error, departure }),
                 SourceStep::Forget => {
-                    return Ok(HopInfo {
+                    let info = HopInfo {
                         seq,
                         from,
                         from_arch: std::env::consts::ARCH.to_string(),
                         to: site.to_string(),
-                        image_bytes: bytes.len() as u64,
+                        image_bytes: wire.len() as u64,
                         memory_bytes: offer.memory_bytes,
                         module_bytes: module_sent,
+                        base_list_bytes: base.as_ref().map_or(0, BaseList::wire_bytes),
+                        pages_reused,
                         freeze_us: frozen.elapsed().as_micros() as u64,
-                    });
+                    };
+                    if let Some(task) = base_task.take()
+                        && let Ok(base) = task.await
+                        && let Ok(mut bases) = self.bases.lock()
+                    {
+                        bases.insert(offer.agent, base);
+                    }
+                    return Ok(info);
                 }
             };
         }
+    }
+
+    /// Starts hashing the pages an agent leaves with at hop `seq` into its base, off the
+    /// async workers, unless the return cache could not keep them.
+    fn hash_base(
+        &self,
+        seq: u64,
+        pages: &PageMap,
+        binding: Binding,
+    ) -> Option<tokio::task::JoinHandle<Base>> {
+        let fits = pages.data.len() as u64 <= self.config.return_cache;
+        if !fits || pages.pages() == 0 || pages.pages() > MAX_LISTED_PAGES {
+            return None;
+        }
+        let pages = pages.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            Base::new(seq, pages, binding)
+        }))
     }
 
     /// Stores the departure image and record of hop `seq` to `to`, off the async workers;
@@ -1232,14 +1290,25 @@ impl Host {
             max_image: self.config.max_image,
             max_module: self.config.max_module,
         };
-        let reply = decide_offer(&offer, peer, &view);
+        let mut reply = decide_offer(&offer, peer, &view);
+        // Held from the answer to the end of the transfer: the image may leave out its pages.
+        let mut held = None;
+        if let OfferReply::Accept { base, .. } = &mut reply {
+            let binding = offer_binding(&offer);
+            held = (self.bases.lock().ok())
+                .and_then(|b| b.get(&offer.agent))
+                .filter(|b| b.serves(&binding));
+            *base = held.as_ref().map(|b| b.list().clone());
+        }
         let key = (offer.agent, offer.seq);
         if matches!(reply, OfferReply::Accept { .. })
             && let Ok(mut receiving) = self.receiving.lock()
         {
             receiving.insert(key);
         }
-        let received = self.receive_offered(peer, &offer, &reply, send, recv).await;
+        let received = self
+            .receive_offered(peer, &offer, &reply, held.as_deref(), send, recv)
+            .await;
         if let Ok(mut receiving) = self.receiving.lock() {
             receiving.remove(&key);
         }
@@ -1253,11 +1322,12 @@ impl Host {
         peer: &Identity,
         offer: &Offer,
         reply: &OfferReply,
+        base: Option<&Base>,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), WireError> {
         write_msg(send, reply).await?;
-        let OfferReply::Accept { need_module } = *reply else {
+        let OfferReply::Accept { need_module, .. } = *reply else {
             if let OfferReply::Refuse(why) = reply {
                 tracing::info!(agent = %offer.agent, %peer, "refused offer: {why}");
             }
@@ -1276,7 +1346,7 @@ impl Host {
         let took = arriving.elapsed().as_micros() as u64;
         tracing::debug!(seq = offer.seq, phase = "image read", us = took, "hop in");
         crash_point("dest-mid-image");
-        match self.receive(offer, wasm, &image).await {
+        match self.receive(offer, wasm, &image, base).await {
             Ok(mut agent) => {
                 crash_point("dest-after-commit");
                 write_msg(send, &TransferReply::Committed).await?;
@@ -1298,6 +1368,7 @@ impl Host {
         offer: &Offer,
         wasm: Option<Vec<u8>>,
         bytes: &[u8],
+        base: Option<&Base>,
     ) -> Result<AgentInstance, String> {
         let started = Instant::now();
         let module = match wasm {
@@ -1316,7 +1387,8 @@ impl Host {
             }
             None => self.module(&offer.module).await?,
         };
-        let image = AgentImage::decode(bytes, &self.image_limits()).map_err(|e| e.to_string())?;
+        let (image, filled_in) = AgentImage::decode_against(bytes, &self.image_limits(), base)
+            .map_err(|e| e.to_string())?;
         if image.context.agent_id != offer.agent
             || image.context.hop_seq != offer.seq
             || image.module != offer.module
@@ -1332,15 +1404,32 @@ impl Host {
             )
         };
         phase("decoded");
+        // What is stored must stand alone: the base may be gone when the store is read.
+        let whole = match filled_in {
+            true => Some(image.encode().map_err(|e| e.to_string())?),
+            false => None,
+        };
         let agent = AgentInstance::restore(module, self.site.clone(), image, &self.config.limits)
             .await
             .map_err(|e| e.to_string())?;
         phase("restored");
         self.store
-            .commit_arrival(&offer.agent, offer.seq, bytes)
+            .commit_arrival(&offer.agent, offer.seq, whole.as_deref().unwrap_or(bytes))
             .map_err(|e| e.to_string())?;
         phase("committed");
+        if let Ok(mut bases) = self.bases.lock() {
+            bases.remove(&offer.agent);
+        }
         Ok(agent)
+    }
+}
+
+/// What an offer says of the agent that a base must match to serve it.
+fn offer_binding(offer: &Offer) -> Binding {
+    Binding {
+        module: offer.module,
+        owner: offer.owner.clone(),
+        home: offer.home.clone(),
     }
 }
 

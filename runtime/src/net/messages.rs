@@ -1,5 +1,6 @@
 //! The messages hosts and users exchange. One QUIC bidirectional stream per request.
 
+use crate::base::BaseList;
 use crate::context::AgentId;
 use crate::modules::ModuleHash;
 use serde::{Deserialize, Serialize};
@@ -90,6 +91,10 @@ pub enum OfferReply {
     Accept {
         /// The destination lacks the module.
         need_module: bool,
+        /// The pages the destination holds of the agent from an earlier stay: the image may
+        /// leave out those that did not change.
+        #[serde(default)]
+        base: Option<BaseList>,
     },
     /// No: the agent stays on the source.
     Refuse(String),
@@ -135,6 +140,13 @@ pub struct HopInfo {
     pub memory_bytes: u64,
     /// Module bytes sent (0 when the destination had it).
     pub module_bytes: u64,
+    /// Bytes of the list of pages the destination held from an earlier stay of the agent,
+    /// sent with its acceptance (0 when it held none).
+    #[serde(default)]
+    pub base_list_bytes: u64,
+    /// Pages the image left out because the destination held them.
+    #[serde(default)]
+    pub pages_reused: u64,
     /// Microseconds from suspension on the source to the destination's commit.
     pub freeze_us: u64,
 }

@@ -206,7 +206,7 @@ impl Drop for Leadership<'_> {
 
 /// Runs blocking store work without stalling the async runtime: on a multi-threaded tokio
 /// runtime the worker hands its other tasks on while this one waits for the disk.
-fn blocking<T>(work: impl FnOnce() -> T) -> T {
+pub(crate) fn blocking<T>(work: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
         Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {

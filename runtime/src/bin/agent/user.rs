@@ -168,11 +168,12 @@ pub async fn launch(
             LaunchEvent::Moved(hop) => {
                 let arrow = if terminal { "\u{2192}" } else { "->" };
                 say(format!(
-                    "hop {}: {} {arrow} {}  image {}  module {}  freeze {:.2} ms",
+                    "hop {}: {} {arrow} {}  image {}{}  module {}  freeze {:.2} ms",
                     hop.seq,
                     hop.from,
                     hop.to,
                     human_bytes(hop.image_bytes),
+                    reused(hop),
                     human_bytes(hop.module_bytes),
                     hop.freeze_us as f64 / 1e3
                 ));
@@ -246,7 +247,16 @@ fn hop_json(h: &HopInfo) -> serde_json::Value {
     serde_json::json!({
         "seq": h.seq, "from": h.from, "from_arch": h.from_arch, "to": h.to,
         "image_bytes": h.image_bytes, "module_bytes": h.module_bytes, "freeze_us": h.freeze_us,
+        "pages_reused": h.pages_reused, "base_list_bytes": h.base_list_bytes,
     })
+}
+
+/// What a return visit saved: the pages the destination already held.
+fn reused(h: &HopInfo) -> String {
+    match h.pages_reused {
+        0 => String::new(),
+        n => format!(" ({} held there)", human_bytes(n * 4096)),
+    }
 }
 
 /// The hop table: from, to, bytes moved and freeze time (suspended on the source until the
@@ -258,14 +268,15 @@ pub fn hop_table(hops: &[HopInfo]) -> String {
     );
     for h in hops {
         out.push_str(&format!(
-            "{:>3}  {:<10} {:<8} {:<10} {:>10} {:>10} {:>7.2} ms\n",
+            "{:>3}  {:<10} {:<8} {:<10} {:>10} {:>10} {:>7.2} ms{}\n",
             h.seq,
             h.from,
             h.from_arch,
             h.to,
             human_bytes(h.image_bytes),
             human_bytes(h.module_bytes),
-            h.freeze_us as f64 / 1e3
+            h.freeze_us as f64 / 1e3,
+            reused(h)
         ));
     }
     out.pop();

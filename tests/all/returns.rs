@@ -1,0 +1,73 @@
+//! Return visits between real hosts: an agent coming back to a host it left sends only the
+//! pages that host does not hold, and ends exactly as if it had never moved.
+
+use agent_e2e::{Cluster, example_path};
+
+/// `agent launch --json` of the bench agent with 1 MiB of incompressible heap, 64 KiB of it
+/// rewritten before each of four hops through `hops`; the parsed output.
+fn launch(cluster: &Cluster, hops: &str) -> serde_json::Value {
+    let wasm = example_path("bench");
+    let args = [
+        "launch",
+        &wasm,
+        "--hop",
+        hops,
+        "--arg",
+        "dirty_kib=1024",
+        "--arg",
+        "rewrite_kib=64",
+        "--arg",
+        "hops=4",
+        "--json",
+    ];
+    let out = cluster.agent(&args, "siteA", "alice");
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        cluster.log("siteB")
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON: {e}"))
+}
+
+fn field(hop: &serde_json::Value, key: &str) -> u64 {
+    hop[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {hop}"))
+}
+
+#[test]
+fn a_returning_agent_sends_only_the_pages_it_changed_and_ends_as_if_it_never_moved() {
+    // siteB keeps no pages of agents that left it; siteA keeps them (the default).
+    let cluster = Cluster::start(
+        &["siteA", "siteB"],
+        &[("siteA", &[]), ("siteB", &["--return-cache-mib", "0"])],
+    );
+    let moved = launch(&cluster, "siteB,siteA");
+    let hops = moved["hops"].as_array().cloned().unwrap_or_default();
+    assert_eq!(hops.len(), 4, "{moved}");
+    let image = |i: usize| field(&hops[i], "image_bytes");
+    let reused = |i: usize| field(&hops[i], "pages_reused");
+    // Hop 1: 1 MiB of incompressible pages leave siteA for siteB, which never saw them.
+    assert!(image(0) > 1 << 20, "{moved}");
+    assert_eq!(reused(0), 0, "{moved}");
+    // Hop 3 returns to siteB, which kept nothing: the whole image again.
+    assert!(image(2) > 1 << 20, "{moved}");
+    assert_eq!(reused(2), 0, "{moved}");
+    assert_eq!(field(&hops[2], "base_list_bytes"), 0, "{moved}");
+    // Hops 2 and 4 return to siteA, which kept the pages the agent left with: only the
+    // 64 KiB rewritten since (and the few pages of stack and allocator state) travel.
+    for back_home in [1, 3] {
+        assert!(reused(back_home) >= 240, "{moved}");
+        assert!(image(back_home) < 128 << 10, "{moved}");
+        let list = field(&hops[back_home], "base_list_bytes");
+        assert!(list > 0 && list < 4 << 10, "{moved}");
+    }
+
+    // The same agent kept on its home host (a hop to the host itself does not migrate).
+    let stayed = launch(&cluster, "siteA");
+    assert_eq!(stayed["hops"].as_array().map(Vec::len), Some(0), "{stayed}");
+    assert_eq!(moved["result"], stayed["result"]);
+    assert_eq!(moved["result"]["hops"], 4);
+}
