@@ -166,7 +166,8 @@ impl PageMap {
 
 /// Every page index of `runs`, in order.
 pub(crate) fn indices(runs: &[PageRun]) -> impl Iterator<Item = u32> + '_ {
-    runs.iter().flat_map(|r| r.start..r.start.saturating_add(r.count))
+    runs.iter()
+        .flat_map(|r| r.start..r.start.saturating_add(r.count))
 }
 
 /// Adds page `index` to `runs`, extending the last run when it is the next page.

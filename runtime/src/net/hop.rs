@@ -257,7 +257,10 @@ mod tests {
     fn a_clean_hop_ends_with_the_source_forgetting_the_agent() {
         let mut hop = SourceHop::offered("b");
         assert_eq!(
-            hop.on_offer_reply(Ok(OfferReply::Accept { need_module: true, base: None })),
+            hop.on_offer_reply(Ok(OfferReply::Accept {
+                need_module: true,
+                base: None
+            })),
             SourceStep::Transfer { module: true }
         );
         assert_eq!(hop.on_sent(Ok(())), SourceStep::AwaitVerdict);
@@ -284,7 +287,10 @@ mod tests {
             })
         );
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false, base: None }));
+        hop.on_offer_reply(Ok(OfferReply::Accept {
+            need_module: false,
+            base: None,
+        }));
         hop.on_sent(Ok(()));
         assert_eq!(
             hop.on_verdict(Ok(TransferReply::Refused("bad image".into()))),
@@ -298,7 +304,10 @@ mod tests {
     #[test]
     fn after_the_image_may_have_left_the_source_asks_until_it_knows() {
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false, base: None }));
+        hop.on_offer_reply(Ok(OfferReply::Accept {
+            need_module: false,
+            base: None,
+        }));
         assert_eq!(hop.on_sent(Err("reset".into())), SourceStep::Query);
         assert_eq!(
             hop.on_query_reply(Err("still down".into())),
@@ -310,7 +319,10 @@ mod tests {
         );
 
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false, base: None }));
+        hop.on_offer_reply(Ok(OfferReply::Accept {
+            need_module: false,
+            base: None,
+        }));
         hop.on_sent(Ok(()));
         assert_eq!(hop.on_verdict(Err("timeout".into())), SourceStep::Query);
         assert_eq!(
@@ -331,7 +343,10 @@ mod tests {
     #[test]
     fn out_of_order_inputs_never_resume_an_agent_that_may_have_left() {
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept { need_module: false, base: None }));
+        hop.on_offer_reply(Ok(OfferReply::Accept {
+            need_module: false,
+            base: None,
+        }));
         assert_eq!(
             hop.on_verdict(Ok(TransferReply::Committed)),
             SourceStep::Query
@@ -374,7 +389,10 @@ mod tests {
         };
         assert_eq!(
             decide_offer(&offer(), &host, &view()),
-            OfferReply::Accept { need_module: true, base: None }
+            OfferReply::Accept {
+                need_module: true,
+                base: None
+            }
         );
         assert_eq!(
             decide_offer(
@@ -385,7 +403,10 @@ mod tests {
                     ..view()
                 }
             ),
-            OfferReply::Accept { need_module: false, base: None }
+            OfferReply::Accept {
+                need_module: false,
+                base: None
+            }
         );
         assert_eq!(
             decide_offer(
