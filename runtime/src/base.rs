@@ -9,10 +9,11 @@
 //! covers the whole memory, so a wrong match (a stale list, a hash collision, a lying peer)
 //! makes a refused transfer, after which the agent goes on at the source — never a wrong agent.
 //!
-//! A base serves only an offer of the same agent with the same module, owner and home: a
+//! A base serves only a later hop of the same agent with the same module, owner and home: a
 //! host that offers another agent under the id of one that left cannot have its pages put
-//! into code of its choosing. The list costs 8 bytes per base page on the wire (16 KiB for
-//! 8 MiB of carried pages).
+//! into code of its choosing. What such a host can learn is the list itself, 8-byte hash
+//! prefixes of the pages the agent left with, enough to confirm a guess of a page's content.
+//! The list costs 8 bytes per base page on the wire (16 KiB for 8 MiB of carried pages).
 
 use crate::context::AgentId;
 use crate::image::AgentImage;
@@ -229,6 +230,13 @@ impl BaseCache {
         }
     }
 
+    /// Drops the base of `agent` if it is the one of hop `seq`.
+    pub fn remove_seq(&mut self, agent: &AgentId, seq: u64) {
+        if self.get(agent).is_some_and(|b| b.seq() == seq) {
+            self.remove(agent);
+        }
+    }
+
     /// Bytes the kept bases take.
     pub fn used(&self) -> u64 {
         self.used
@@ -387,7 +395,11 @@ mod tests {
         // An older base (a late insertion) does not replace a newer one.
         cache.insert(ids[1], kept(1, pages.clone()));
         assert_eq!(cache.get(&ids[1]).map(|b| b.seq()), Some(2));
-        cache.remove(&ids[1]);
+        // A failed hop drops only the base it made.
+        cache.remove_seq(&ids[1], 1);
+        assert!(cache.get(&ids[1]).is_some());
+        cache.remove_seq(&ids[1], 2);
+        assert!(cache.get(&ids[1]).is_none());
         cache.remove(&ids[2]);
         assert_eq!(cache.used(), 0);
         // A budget of 0 keeps nothing.

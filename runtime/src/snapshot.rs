@@ -120,8 +120,8 @@ impl PageMap {
         body: &[u8],
         base: &PageMap,
     ) -> Result<PageMap, String> {
-        let total = runs.iter().map(|r| r.count as usize).sum::<usize>();
-        let mut data = Vec::with_capacity(total * PAGE_SIZE);
+        // Sized by what is at hand, not by the (untrusted) runs.
+        let mut data = Vec::with_capacity(body.len() + base.data.len());
         let mut left = indices(left_out).peekable();
         let mut held = base.iter().peekable();
         let mut sent = body.chunks_exact(PAGE_SIZE);

@@ -118,6 +118,12 @@ struct FileConfig {
     return_cache_mib: Option<u64>,
 }
 
+/// `n` MiB in bytes, or an error naming the setting when that does not fit.
+fn mib(n: u64, setting: &str) -> anyhow::Result<u64> {
+    n.checked_mul(1 << 20)
+        .ok_or_else(|| anyhow::anyhow!("{setting} = {n} is too large"))
+}
+
 fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
     let (name, addr) = s
         .split_once('=')
@@ -233,7 +239,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => Corpus::empty(),
     };
     let limits = Limits {
-        max_memory: args.max_memory_mib.or(file.max_memory_mib).unwrap_or(256) << 20,
+        max_memory: mib(
+            args.max_memory_mib.or(file.max_memory_mib).unwrap_or(256),
+            "max_memory_mib",
+        )?,
         cpu_budget: match args.cpu_budget_secs.or(file.cpu_budget_secs) {
             Some(secs) => std::time::Duration::from_secs(secs),
             None => Limits::default().cpu_budget,

@@ -18,7 +18,7 @@ use super::wire::{WireError, read_blob, read_msg, write_blob, write_msg};
 use crate::base::{Base, BaseCache, BaseList, Binding, MAX_LISTED_PAGES, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
 use crate::faults::crash_point;
-use crate::image::{AgentImage, ImageLimits};
+use crate::image::{AgentImage, ImageError, ImageLimits};
 use crate::instance::{AgentInstance, Step};
 use crate::limits::Limits;
 use crate::modules::{AgentModule, ModuleCache, ModuleHash};
@@ -1093,8 +1093,8 @@ impl Host {
             owner: image.context.owner.clone(),
             home: image.context.home.clone(),
         };
-        // Hashed while the hop goes on, kept once it committed: an agent that comes straight
-        // back finds its pages here.
+        // Hashed while the offer travels and kept before the image leaves: an agent that
+        // comes straight back finds its pages here.
         let mut base_task = self.hash_base(seq, &image.pages, offer_binding(&offer));
         let mut hop = SourceHop::offered(site);
         let mut streams = None;
@@ -1143,6 +1143,12 @@ impl Host {
                 } => {
                     phase("departure recorded");
                     crash_point("source-after-offer");
+                    if let Some(task) = base_task.take()
+                        && let Ok(kept) = task.await
+                        && let Ok(mut bases) = self.bases.lock()
+                    {
+                        bases.insert(offer.agent, kept);
+                    }
                     if let Some(list) = &base {
                         match super::store::blocking(|| encode_against(&image, list)) {
                             Ok(Some((partial, reused))) => {
@@ -1200,7 +1206,13 @@ impl Host {
                         .await;
                     hop.on_query_reply(status.and_then(|s| s))
                 }
-                SourceStep::Resume(error) => return Err(HopFailure { error, departure }),
+                SourceStep::Resume(error) => {
+                    // It stays: a base is for an agent that left.
+                    if let Ok(mut bases) = self.bases.lock() {
+                        bases.remove_seq(&offer.agent, seq);
+                    }
+                    return Err(HopFailure { error, departure });
+                }
                 SourceStep::Forget => {
                     let info = HopInfo {
                         seq,
@@ -1214,12 +1226,6 @@ impl Host {
                         pages_reused,
                         freeze_us: frozen.elapsed().as_micros() as u64,
                     };
-                    if let Some(task) = base_task.take()
-                        && let Ok(base) = task.await
-                        && let Ok(mut bases) = self.bases.lock()
-                    {
-                        bases.insert(offer.agent, base);
-                    }
                     return Ok(info);
                 }
             };
@@ -1297,7 +1303,7 @@ impl Host {
             let binding = offer_binding(&offer);
             held = (self.bases.lock().ok())
                 .and_then(|b| b.get(&offer.agent))
-                .filter(|b| b.serves(&binding));
+                .filter(|b| b.serves(&binding) && b.seq() < offer.seq);
             *base = held.as_ref().map(|b| b.list().clone());
         }
         let key = (offer.agent, offer.seq);
@@ -1387,11 +1393,20 @@ impl Host {
             }
             None => self.module(&offer.module).await?,
         };
-        let (image, filled_in) = AgentImage::decode_against(bytes, &self.image_limits(), base)
-            .map_err(|e| e.to_string())?;
+        let decoded = AgentImage::decode_against(bytes, &self.image_limits(), base);
+        if let (Err(ImageError::HashMismatch), Some(base)) = (&decoded, base) {
+            // Pages filled in from the base made a wrong image (a hash collision, or a base
+            // the source did not see): the next offer gets no list and sends every page.
+            if let Ok(mut bases) = self.bases.lock() {
+                bases.remove_seq(&offer.agent, base.seq());
+            }
+        }
+        let (image, filled_in) = decoded.map_err(|e| e.to_string())?;
         if image.context.agent_id != offer.agent
             || image.context.hop_seq != offer.seq
             || image.module != offer.module
+            || image.context.owner != offer.owner
+            || image.context.home != offer.home
         {
             return Err("the image does not match the offer".into());
         }
