@@ -260,11 +260,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_module: 64 << 20,
         segmentation_offload: !args.no_segmentation_offload
             && file.segmentation_offload.unwrap_or(true),
-        return_cache: args
-            .return_cache_mib
-            .or(file.return_cache_mib)
-            .unwrap_or(256)
-            << 20,
+        return_cache: mib(
+            args.return_cache_mib
+                .or(file.return_cache_mib)
+                .unwrap_or(256),
+            "return_cache_mib",
+        )?,
     };
     let documents = corpus.len();
     let runtime = tokio::runtime::Builder::new_multi_thread()
