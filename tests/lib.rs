@@ -61,6 +61,17 @@ pub fn example_path(name: &str) -> String {
         .to_string()
 }
 
+/// The JSON a CLI command printed on stdout; panics with both streams when there is none.
+pub fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}) in:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// Waits for a child process to exit, killing it after `within`; its output.
 pub fn finish(mut child: std::process::Child, within: std::time::Duration) -> std::process::Output {
     let deadline = std::time::Instant::now() + within;

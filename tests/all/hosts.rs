@@ -1,7 +1,7 @@
 //! Separate `agent-host` processes hand agents to each other over mutually authenticated
 //! QUIC; users drive them with the real `agent` CLI.
 
-use agent_e2e::{Cluster, example, finish, repo};
+use agent_e2e::{Cluster, example, finish, json, repo};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,16 +11,6 @@ fn search_wasm() -> String {
         .join("examples/target/wasm32-wasip1/release/search.wasm")
         .display()
         .to_string()
-}
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "no JSON ({e}) in:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
 }
 
 fn hits_by_site(value: &serde_json::Value) -> std::collections::BTreeSet<String> {

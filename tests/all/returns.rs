@@ -1,7 +1,7 @@
 //! Return visits between real hosts: an agent coming back to a host it left sends only the
 //! pages that host does not hold, and ends exactly as if it had never moved.
 
-use agent_e2e::{Cluster, example_path};
+use agent_e2e::{Cluster, example_path, json};
 
 /// `agent launch --json` of the bench agent with 1 MiB of incompressible heap, 64 KiB of it
 /// rewritten before each of four hops through `hops`; the parsed output.
@@ -28,7 +28,7 @@ fn launch(cluster: &Cluster, hops: &str) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr),
         cluster.log("siteB")
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON: {e}"))
+    json(&out)
 }
 
 fn field(hop: &serde_json::Value, key: &str) -> u64 {
