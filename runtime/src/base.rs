@@ -27,7 +27,7 @@ use std::sync::Arc;
 const HASH_BYTES: usize = 8;
 
 /// Most pages a base may have to be offered: its list must fit in one control message.
-pub const MAX_LISTED_PAGES: u64 = 1 << 17;
+const MAX_LISTED_PAGES: u64 = 1 << 17;
 
 /// A short hash of one page: enough to pick pages, since the image's digest checks the result.
 fn page_hash(page: &[u8]) -> [u8; HASH_BYTES] {
@@ -127,38 +127,52 @@ impl Base {
 
     /// Memory the base takes.
     fn bytes(&self) -> u64 {
-        (self.pages.data.len() + self.list.hashes.len()) as u64
+        bytes_of(&self.pages)
     }
 }
 
+/// Memory a base of these pages takes: the pages and their hashes.
+fn bytes_of(pages: &PageMap) -> u64 {
+    pages.data.len() as u64 + pages.pages() * HASH_BYTES as u64
+}
+
 /// Encodes `image` for a host that holds the pages of `list`: pages whose hash matches the
-/// list at the same index are left out. Returns the bytes and how many pages were left out,
-/// or `None` when there is nothing to leave out (or the list is malformed): then the plain
-/// image is what to send.
+/// list at the same index are left out. `own`, the source's base made of the same pages, saves
+/// hashing them again. Returns the bytes and how many pages were left out, or `None` when
+/// there is nothing to leave out (or the list is malformed): then the plain image is what to
+/// send.
 ///
 /// # Errors
 /// When zstd fails to compress (out of memory).
 pub fn encode_against(
     image: &AgentImage,
     list: &BaseList,
+    own: Option<&Base>,
 ) -> std::io::Result<Option<(Vec<u8>, u64)>> {
     let Some(entries) = list.entries() else {
         return Ok(None);
     };
+    let mut own = own
+        .filter(|b| b.pages.runs == image.pages.runs)
+        .map(|b| b.list.hashes.chunks_exact(HASH_BYTES));
     let mut held = entries.peekable();
     let mut left_out = Vec::new();
-    let mut left = 0u64;
     let mut body = Vec::with_capacity(image.pages.data.len());
     for (index, page) in image.pages.iter() {
+        let mine = own.as_mut().and_then(Iterator::next);
         while held.next_if(|(i, _)| *i < index).is_some() {}
-        match held.next_if(|(i, _)| *i == index) {
-            Some((_, hash)) if hash == page_hash(page) => {
-                push_index(&mut left_out, index);
-                left += 1;
-            }
-            _ => body.extend_from_slice(page),
+        let same = held
+            .next_if(|(i, _)| *i == index)
+            .is_some_and(|(_, hash)| match mine {
+                Some(mine) => mine == hash,
+                None => hash == page_hash(page),
+            });
+        match same {
+            true => push_index(&mut left_out, index),
+            false => body.extend_from_slice(page),
         }
     }
+    let left: u64 = left_out.iter().map(|r| u64::from(r.count)).sum();
     if left == 0 {
         return Ok(None);
     }
@@ -189,19 +203,25 @@ impl BaseCache {
         }
     }
 
-    /// Keeps `base` for `agent`, in place of an earlier one. A base too large for the budget
-    /// or for a list is not kept, nor one older than the base already kept.
-    pub fn insert(&mut self, agent: AgentId, base: Base) {
+    /// Whether a base of these pages could be kept: not empty, within the budget, and few
+    /// enough pages for a list. Asked before hashing pages that would be dropped anyway.
+    pub fn fits(&self, pages: &PageMap) -> bool {
+        pages.pages() > 0 && bytes_of(pages) <= self.budget && pages.pages() <= MAX_LISTED_PAGES
+    }
+
+    /// Keeps `base` for `agent`, in place of an earlier one. A base that does not
+    /// [`fit`](BaseCache::fits) is not kept, nor one older than the base already kept.
+    pub fn insert(&mut self, agent: AgentId, base: Arc<Base>) {
         if self.get(&agent).is_some_and(|kept| kept.seq() > base.seq()) {
             return;
         }
         self.remove(&agent);
-        if base.bytes() > self.budget || base.pages.pages() > MAX_LISTED_PAGES {
+        if !self.fits(&base.pages) {
             return;
         }
         self.used += base.bytes();
         self.next += 1;
-        self.bases.insert(agent, (self.next, Arc::new(base)));
+        self.bases.insert(agent, (self.next, base));
         self.order.push_back((agent, self.next));
         while self.used > self.budget {
             let Some((oldest, n)) = self.order.pop_front() else {
@@ -296,10 +316,16 @@ mod tests {
             1..40 => i as u8,
             _ => 0,
         });
-        let (bytes, left) = encode_against(&after, base.list())
+        let (bytes, left) = encode_against(&after, base.list(), None)
             .expect("encode")
             .expect("pages to leave out");
         assert_eq!(left, 36, "39 carried pages: 5 and 6 changed, 50 is new");
+        // The source's own base of the same pages gives the same image without hashing again;
+        // one of other pages is not used.
+        for own in [kept(4, after.pages.clone()), kept(4, before.pages.clone())] {
+            let again = encode_against(&after, base.list(), Some(&own)).expect("encode");
+            assert_eq!(again, Some((bytes.clone(), left)));
+        }
         let full = after.encode().expect("encode");
         assert!(bytes.len() < full.len());
         assert_eq!(
@@ -328,7 +354,7 @@ mod tests {
         let before = image(|i| i as u8);
         let list = kept(2, before.pages.clone()).list().clone();
         let after = image(|i| if i == 9 { 99 } else { i as u8 });
-        let (bytes, _) = encode_against(&after, &list)
+        let (bytes, _) = encode_against(&after, &list, None)
             .expect("encode")
             .expect("pages to leave out");
         // The receiver's base of hop 2 is not what it listed: page 3 differs.
@@ -372,7 +398,7 @@ mod tests {
             kept(1, image(|i| i as u8 ^ 0x80).pages).list().clone(),
         ];
         for list in bad_lists {
-            assert_eq!(encode_against(&img, &list).expect("encode"), None);
+            assert_eq!(encode_against(&img, &list, None).expect("encode"), None);
         }
     }
 
@@ -383,17 +409,17 @@ mod tests {
         let mut cache = BaseCache::new(2 * each);
         let ids: Vec<AgentId> = (0..3u8).map(|i| AgentId([i; 16])).collect();
         for id in &ids {
-            cache.insert(*id, kept(1, pages.clone()));
+            cache.insert(*id, Arc::new(kept(1, pages.clone())));
         }
         assert!(cache.get(&ids[0]).is_none(), "the oldest was dropped");
         assert!(cache.get(&ids[1]).is_some() && cache.get(&ids[2]).is_some());
         assert_eq!(cache.used(), 2 * each);
         // Replacing a base does not count it twice; removing frees it.
-        cache.insert(ids[1], kept(2, pages.clone()));
+        cache.insert(ids[1], Arc::new(kept(2, pages.clone())));
         assert_eq!(cache.get(&ids[1]).map(|b| b.seq()), Some(2));
         assert_eq!(cache.used(), 2 * each);
         // An older base (a late insertion) does not replace a newer one.
-        cache.insert(ids[1], kept(1, pages.clone()));
+        cache.insert(ids[1], Arc::new(kept(1, pages.clone())));
         assert_eq!(cache.get(&ids[1]).map(|b| b.seq()), Some(2));
         // A failed hop drops only the base it made.
         cache.remove_seq(&ids[1], 1);
@@ -404,7 +430,7 @@ mod tests {
         assert_eq!(cache.used(), 0);
         // A budget of 0 keeps nothing.
         let mut none = BaseCache::new(0);
-        none.insert(ids[0], kept(1, pages));
+        none.insert(ids[0], Arc::new(kept(1, pages)));
         assert!(none.get(&ids[0]).is_none());
     }
 }

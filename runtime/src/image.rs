@@ -344,16 +344,19 @@ impl AgentImage {
                 data.len()
             )));
         }
-        let filled_in = base.is_some();
-        let pages = match (base, header.base) {
-            (Some(base), Some(wanted)) => {
+        let (pages, filled_in) = match (base, header.base) {
+            (Some(base), Some(wanted)) => (
                 PageMap::fill_in(header.runs, &wanted.runs, &data, base.pages())
-                    .map_err(ImageError::BadPages)?
-            }
-            _ => PageMap {
-                runs: header.runs,
-                data,
-            },
+                    .map_err(ImageError::BadPages)?,
+                true,
+            ),
+            _ => (
+                PageMap {
+                    runs: header.runs,
+                    data,
+                },
+                false,
+            ),
         };
         let image = AgentImage {
             module: header.module,

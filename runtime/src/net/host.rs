@@ -15,7 +15,7 @@ use super::messages::{
 use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::wire::{WireError, read_blob, read_msg, write_blob, write_msg};
-use crate::base::{Base, BaseCache, BaseList, Binding, MAX_LISTED_PAGES, encode_against};
+use crate::base::{Base, BaseCache, BaseList, Binding, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
 use crate::faults::crash_point;
 use crate::image::{AgentImage, ImageError, ImageLimits};
@@ -1117,6 +1117,7 @@ impl Host {
         };
         let mut step = hop.on_offer_reply(reply);
         let mut module_sent = 0u64;
+        let mut own_base = None;
         let mut wire = bytes.clone();
         let mut pages_reused = 0;
         let mut backoff = Duration::from_millis(100);
@@ -1145,12 +1146,16 @@ impl Host {
                     crash_point("source-after-offer");
                     if let Some(task) = base_task.take()
                         && let Ok(kept) = task.await
-                        && let Ok(mut bases) = self.bases.lock()
                     {
-                        bases.insert(offer.agent, kept);
+                        let kept = Arc::new(kept);
+                        if let Ok(mut bases) = self.bases.lock() {
+                            bases.insert(offer.agent, kept.clone());
+                        }
+                        own_base = Some(kept);
                     }
                     if let Some(list) = &base {
-                        match super::store::blocking(|| encode_against(&image, list)) {
+                        let own = own_base.as_deref();
+                        match super::store::blocking(|| encode_against(&image, list, own)) {
                             Ok(Some((partial, reused))) => {
                                 (wire, pages_reused) = (Arc::new(partial), reused);
                             }
@@ -1240,8 +1245,7 @@ impl Host {
         pages: &PageMap,
         binding: Binding,
     ) -> Option<tokio::task::JoinHandle<Base>> {
-        let fits = pages.data.len() as u64 <= self.config.return_cache;
-        if !fits || pages.pages() == 0 || pages.pages() > MAX_LISTED_PAGES {
+        if !self.bases.lock().is_ok_and(|b| b.fits(pages)) {
             return None;
         }
         let pages = pages.clone();

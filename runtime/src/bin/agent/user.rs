@@ -255,7 +255,10 @@ fn hop_json(h: &HopInfo) -> serde_json::Value {
 fn reused(h: &HopInfo) -> String {
     match h.pages_reused {
         0 => String::new(),
-        n => format!(" ({} held there)", human_bytes(n * 4096)),
+        n => format!(
+            " ({} held there)",
+            human_bytes(n * agent_runtime::snapshot::PAGE_SIZE as u64)
+        ),
     }
 }
 
