@@ -25,8 +25,9 @@ use std::collections::BTreeMap;
 /// [`MIN_ABI_VERSION`]`..=ABI_VERSION`.
 ///
 /// Version 2 added [`export::CHECKPOINT_FLAG`]: the agent reads a word of its own memory at each
-/// `checkpoint()` and calls the host only when the host has set it.
-pub const ABI_VERSION: u32 = 2;
+/// `checkpoint()` and calls the host only when the host has set it. Version 3 added
+/// [`Op::Sleep`].
+pub const ABI_VERSION: u32 = 3;
 
 /// Oldest ABI version a host still runs (version 1 agents ask the host at every checkpoint).
 pub const MIN_ABI_VERSION: u32 = 1;
@@ -132,6 +133,12 @@ pub enum Op {
     },
     /// Stop here if the host asked for it; resume at once otherwise.
     Checkpoint,
+    /// Resume after at least `ms` milliseconds. A host may park a sleeping agent: store its
+    /// image and free its memory until it is due.
+    Sleep {
+        /// How long, in milliseconds.
+        ms: u64,
+    },
 }
 
 /// The result of a completed [`Op`].
@@ -143,6 +150,8 @@ pub enum OpResult {
     Call(Result<serde_bytes::ByteBuf, CallError>),
     /// Result of [`Op::Checkpoint`].
     Checkpoint,
+    /// Result of [`Op::Sleep`].
+    Sleep,
 }
 
 /// Why a hop did not happen. The agent keeps running on the site it was on.

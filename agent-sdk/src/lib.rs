@@ -2,9 +2,9 @@
 //! stopped.
 //!
 //! An agent is an ordinary `async fn` taking a [`Context`]. Every `.await` on a host operation
-//! ([`Context::hop`], [`Context::call`], [`Context::checkpoint`]) is a *safe point*: the host may
-//! snapshot the agent's memory there, ship it to another host (of any CPU architecture) and
-//! resume it on the line after the `.await`. Everything the agent keeps in local variables,
+//! ([`Context::hop`], [`Context::call`], [`Context::checkpoint`], [`Context::sleep`]) is a
+//! *safe point*: the host may snapshot the agent's memory there, ship it to another host (of
+//! any CPU architecture) and resume it on the line after the `.await`. Everything the agent keeps in local variables,
 //! on its heap or in statics travels with it; nothing host-side does (open files, clocks).
 //!
 //! ```no_run
@@ -45,7 +45,7 @@ pub mod task;
 
 pub use agent_abi::services;
 pub use agent_abi::{CallError, HopError};
-pub use op::{Call, Checkpoint, Hop};
+pub use op::{Call, Checkpoint, Hop, Sleep};
 
 use agent_abi::{AgentInfo, Op};
 use serde::Serialize;
@@ -219,6 +219,24 @@ impl Context {
     /// ```
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint::new(sys::checkpoint_requested())
+    }
+
+    /// Waits at least `duration` (rounded up to whole milliseconds). Nothing of the agent runs
+    /// meanwhile, so a host parks an agent that sleeps long: it stores the agent's image and
+    /// frees its memory until it is due, across restarts of the host.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: agent_sdk::Context) {
+    /// use std::time::Duration;
+    /// for _ in 0..3 {
+    ///     ctx.log("polling the site");
+    ///     ctx.sleep(Duration::from_secs(60)).await;
+    /// }
+    /// # }
+    /// ```
+    pub fn sleep(&self, duration: std::time::Duration) -> Sleep {
+        let ms = duration.as_nanos().div_ceil(1_000_000);
+        Sleep::new(u64::try_from(ms).unwrap_or(u64::MAX))
     }
 
     /// Writes a line to the host's log for this agent.

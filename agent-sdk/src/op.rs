@@ -152,3 +152,25 @@ impl Future for Checkpoint {
         }
     }
 }
+
+/// Future of [`Context::sleep`](crate::Context::sleep).
+#[must_use = "a sleep happens only when awaited"]
+#[derive(Debug)]
+pub struct Sleep(Pending);
+
+impl Sleep {
+    pub(crate) fn new(ms: u64) -> Self {
+        Sleep(Pending::Ready(Op::Sleep { ms }))
+    }
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+        self.0.poll().map(|result| match result {
+            OpResult::Sleep => (),
+            other => mismatch(&other),
+        })
+    }
+}

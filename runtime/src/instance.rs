@@ -263,6 +263,12 @@ impl AgentInstance {
         self.store.data().flags.clone()
     }
 
+    /// Uses `flags` from now on: requests made of the agent before it was restored (a kill
+    /// while it woke from parking) then reach it.
+    pub fn adopt_flags(&mut self, flags: Arc<crate::state::AgentFlags>) {
+        self.store.data_mut().flags = flags;
+    }
+
     /// Asks the agent to suspend at its next `ctx.checkpoint()`.
     pub fn request_checkpoint(&mut self) {
         set_checkpoint_request(self.store.as_context_mut(), true);

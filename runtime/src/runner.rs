@@ -259,6 +259,11 @@ impl LocalRunner {
                     agent.complete(OpResult::Checkpoint);
                     agent
                 }
+                Op::Sleep { ms } => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    agent.complete(OpResult::Sleep);
+                    agent
+                }
             };
             if move_anyway && !hopped {
                 match self.migrate(&mut agent, here.clone(), false).await {

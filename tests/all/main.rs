@@ -11,3 +11,4 @@ mod network;
 mod restore;
 mod returns;
 mod rogue;
+mod sleep;

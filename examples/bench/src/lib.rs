@@ -5,6 +5,7 @@
 //! - `reserve_mib`: memory reserved but never written (default 0);
 //! - `hops`: hops to make, cycling through the itinerary (default: the itinerary once);
 //! - `rewrite_kib`: bytes of the dirty heap rewritten before each hop (default 0);
+//! - `sleep_ms`: how long to sleep after the hops (default 0: no sleep);
 //! - `checkpoints`: `ctx.checkpoint()` calls to make at the end (default 0);
 //! - `spins`: empty loop turns to make at the end, the baseline for `checkpoints` (default 0).
 
@@ -54,6 +55,10 @@ async fn bench(ctx: Context) -> Result<Report, String> {
         if let Some(site) = itinerary.get(i as usize % itinerary.len().max(1)) {
             ctx.hop(site).await.map_err(|e| e.to_string())?;
         }
+    }
+    let sleep_ms = arg(&ctx, "sleep_ms", 0)?;
+    if sleep_ms > 0 {
+        ctx.sleep(std::time::Duration::from_millis(sleep_ms)).await;
     }
     for _ in 0..arg(&ctx, "checkpoints", 0)? {
         ctx.checkpoint().await;

@@ -129,6 +129,23 @@ impl Client {
         args: BTreeMap<String, String>,
         on_event: &mut (dyn FnMut(&LaunchEvent) + Send),
     ) -> Result<LaunchEvent, String> {
+        self.launch_until(wasm, itinerary, args, on_event, &|_| false)
+            .await
+    }
+
+    /// Like [`Self::launch`], but stops following the agent after the first event for which
+    /// `stop` is true, and returns that event; the agent runs on.
+    ///
+    /// # Errors
+    /// When the connection fails before the end.
+    pub async fn launch_until(
+        &self,
+        wasm: &[u8],
+        itinerary: Vec<String>,
+        args: BTreeMap<String, String>,
+        on_event: &mut (dyn FnMut(&LaunchEvent) + Send),
+        stop: &(dyn Fn(&LaunchEvent) -> bool + Sync),
+    ) -> Result<LaunchEvent, String> {
         let (mut send, mut recv) = self.open(&Request::Launch { itinerary, args }).await?;
         write_blob(&mut send, wasm)
             .await
@@ -139,10 +156,12 @@ impl Client {
                 .await
                 .map_err(|e| self.explain(e.to_string()))?;
             on_event(&event);
-            if matches!(
-                event,
-                LaunchEvent::Finished { .. } | LaunchEvent::Refused(_)
-            ) {
+            if stop(&event)
+                || matches!(
+                    event,
+                    LaunchEvent::Finished { .. } | LaunchEvent::Refused(_)
+                )
+            {
                 return Ok(event);
             }
         }

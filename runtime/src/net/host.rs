@@ -10,7 +10,8 @@
 use super::certs::{Identity, Role};
 use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
 use super::messages::{
-    HopInfo, LaunchEvent, Offer, OfferReply, Request, StatusReply, TransferReply, TransferStatus,
+    Asleep, HopInfo, LaunchEvent, Offer, OfferReply, Request, StatusReply, TransferReply,
+    TransferStatus,
 };
 use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
@@ -19,7 +20,7 @@ use crate::base::{Base, BaseCache, BaseList, Binding, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
 use crate::faults::crash_point;
 use crate::image::{AgentImage, ImageError, ImageLimits};
-use crate::instance::{AgentInstance, Step};
+use crate::instance::{AgentError, AgentInstance, Step};
 use crate::limits::Limits;
 use crate::modules::{AgentModule, ModuleCache, ModuleHash};
 use crate::services::Site;
@@ -49,6 +50,10 @@ pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a home host holds an agent's end back for reports of its earlier hops.
 const HOLD_END: Duration = Duration::from_secs(15);
+
+/// Sleeps at least this long park the agent (stored, memory freed); shorter ones wait in
+/// memory, where parking would cost more than it frees.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// How a host is set up.
 #[derive(Clone, Debug)]
@@ -103,6 +108,9 @@ pub struct Host {
     endpoint: quinn::Endpoint,
     conns: tokio::sync::Mutex<HashMap<String, quinn::Connection>>,
     running: Mutex<HashMap<AgentId, Arc<AgentFlags>>>,
+    /// Agents parked asleep: only their alarm is in memory, their image is in the store.
+    /// Locked before `running` where both are.
+    parked: Mutex<HashMap<AgentId, tokio::task::AbortHandle>>,
     /// Transfers (agent, seq) this host accepted and has not decided yet.
     receiving: Mutex<std::collections::HashSet<(AgentId, u64)>>,
     homes: Mutex<HashMap<AgentId, HomeEntry>>,
@@ -167,6 +175,7 @@ impl Host {
             endpoint,
             conns: tokio::sync::Mutex::default(),
             running: Mutex::default(),
+            parked: Mutex::default(),
             receiving: Mutex::default(),
             homes: Mutex::new(homes),
             shutting_down: AtomicBool::new(false),
@@ -226,12 +235,16 @@ impl Host {
         };
         for (id, record) in residents {
             match record {
+                AgentRecord::Resident {
+                    resume: Resume::Wake { until_ms },
+                    ..
+                } => self.set_alarm(id, until_ms),
                 AgentRecord::Resident { image, resume, .. } => {
                     match self.restore_stored(&image).await {
                         Ok(mut agent) => {
                             tracing::info!(agent = %id, ?resume, "resuming agent");
                             let start = match resume {
-                                Resume::Poll => Start::Poll,
+                                Resume::Poll | Resume::Wake { .. } => Start::Poll,
                                 Resume::Handle => match agent.context().pending.clone() {
                                     Some(op) => Start::Handle(op),
                                     None => Start::Poll,
@@ -648,6 +661,7 @@ impl Host {
             hops: Vec::new(),
             result: None,
             error: None,
+            sleeping: None,
         };
         let _ = self.store.put_home(&status);
         if let Ok(mut homes) = self.homes.lock() {
@@ -689,8 +703,14 @@ impl Host {
                 },
             ),
         }
-        // Stream events until the end; if the user goes away the agent runs on.
-        while let Some(event) = rx.recv().await {
+        // Stream events until the end; if the user goes away the agent runs on. A launcher
+        // that stops reading frees its stream at once (it may launch thousands).
+        loop {
+            let event = tokio::select! {
+                event = rx.recv() => event,
+                _ = send.stopped() => None,
+            };
+            let Some(event) = event else { break };
             let last = matches!(event, LaunchEvent::Finished { .. });
             if write_msg(send, &event).await.is_err() || last {
                 break;
@@ -707,13 +727,22 @@ impl Host {
             .map(|h| h.status.clone())
     }
 
-    async fn kill(&self, agent: &AgentId, peer: &Identity) -> Result<(), String> {
+    async fn kill(self: &Arc<Self>, agent: &AgentId, peer: &Identity) -> Result<(), String> {
         if peer.role == Role::User && self.home_status(agent, peer).is_none() {
             return Err(format!("no agent {agent} of yours here"));
         }
-        if let Some(flags) = self.running.lock().ok().and_then(|m| m.get(agent).cloned()) {
-            flags.kill.store(true, Ordering::SeqCst);
-            return Ok(());
+        let alarm = match (self.parked.lock(), self.running.lock()) {
+            (Ok(mut parked), Ok(running)) => match running.get(agent) {
+                Some(flags) => {
+                    flags.kill.store(true, Ordering::SeqCst);
+                    return Ok(());
+                }
+                None => parked.remove(agent),
+            },
+            _ => None,
+        };
+        if let Some(alarm) = alarm {
+            return self.kill_parked(*agent, alarm);
         }
         // Follow the agent: the home knows its last site, a host it left has a pointer.
         let next = match self.store.agent(agent).ok().flatten() {
@@ -787,9 +816,34 @@ impl Host {
                     entry.status.site = hop.to.clone();
                 }
                 hops.insert(at, hop.clone());
+                if entry
+                    .status
+                    .sleeping
+                    .as_ref()
+                    .is_some_and(|s| s.seq < hop.seq)
+                {
+                    entry.status.sleeping = None;
+                }
+            }
+            LaunchEvent::Sleeping {
+                site,
+                seq,
+                until_ms,
+            } => {
+                // A report of a later hop may have overtaken this one.
+                if entry.status.hops.last().is_some_and(|h| h.seq > *seq) {
+                    return;
+                }
+                entry.status.site = site.clone();
+                entry.status.sleeping = Some(Asleep {
+                    site: site.clone(),
+                    seq: *seq,
+                    until_ms: *until_ms,
+                });
             }
             LaunchEvent::Finished { site, outcome, .. } => {
                 entry.status.site = site.clone();
+                entry.status.sleeping = None;
                 entry.status.state = match outcome {
                     Ok(_) => "finished".into(),
                     Err(e) if e.contains("killed") => "killed".into(),
@@ -953,6 +1007,157 @@ impl Host {
                     agent.complete(OpResult::Call(answer));
                 }
                 Op::Checkpoint => agent.complete(OpResult::Checkpoint),
+                Op::Sleep { ms }
+                    if Duration::from_millis(ms) >= PARK_AFTER
+                        && self.park_asleep(&mut agent, ms) =>
+                {
+                    return;
+                }
+                Op::Sleep { ms } => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    agent.complete(OpResult::Sleep);
+                }
+            }
+        }
+    }
+
+    /// Parks an agent that sleeps `ms`: stores it with its sleep completed, frees its instance
+    /// and sets an alarm. `false` when it could not be stored (it then sleeps in memory).
+    fn park_asleep(self: &Arc<Self>, agent: &mut AgentInstance, ms: u64) -> bool {
+        let id = agent.context().agent_id;
+        let until_ms = unix_ms().saturating_add(ms);
+        agent.complete(OpResult::Sleep);
+        if let Err(e) = self.keep(agent, Resume::Wake { until_ms }) {
+            tracing::warn!(agent = %id, "sleeping in memory: {e}");
+            return false;
+        }
+        let (home, hops) = (agent.context().home.clone(), agent.context().trace.len());
+        // Into `parked` and out of `running` at once, so that a kill finds it in one of them.
+        let killed = match (self.parked.lock(), self.running.lock()) {
+            (Ok(mut parked), Ok(mut running)) => {
+                let killed = agent.flags().kill.load(Ordering::SeqCst);
+                if !killed {
+                    parked.insert(id, self.alarm(id, until_ms));
+                    running.remove(&id);
+                }
+                killed
+            }
+            _ => return false,
+        };
+        if killed {
+            self.finish(id, home, hops as u64, Err(AgentError::Killed.to_string()));
+            return true;
+        }
+        self.idle.notify_waiters();
+        tracing::info!(agent = %id, until_ms, "parked asleep");
+        let event = LaunchEvent::Sleeping {
+            site: self.config.name.clone(),
+            seq: agent.context().hop_seq,
+            until_ms,
+        };
+        self.report(id, home, event);
+        true
+    }
+
+    /// Sets the alarm of a parked agent (one whose record says [`Resume::Wake`]).
+    fn set_alarm(self: &Arc<Self>, id: AgentId, until_ms: u64) {
+        if let Ok(mut parked) = self.parked.lock() {
+            parked.insert(id, self.alarm(id, until_ms));
+        }
+    }
+
+    /// A task that wakes agent `id` at `until_ms`. Call with `parked` locked, and put the
+    /// handle there before unlocking: the task may be due at once.
+    fn alarm(self: &Arc<Self>, id: AgentId, until_ms: u64) -> tokio::task::AbortHandle {
+        let host = self.clone();
+        let task = tokio::spawn(async move {
+            // By the wall clock, which a parked agent's deadline is stored in; rechecked at
+            // least hourly so that a long sleep follows a clock that was set.
+            loop {
+                let now = unix_ms();
+                if now >= until_ms {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis((until_ms - now).min(3_600_000))).await;
+            }
+            host.wake(id);
+        });
+        task.abort_handle()
+    }
+
+    /// Wakes a parked agent: restores it from its stored image and polls it.
+    fn wake(self: &Arc<Self>, id: AgentId) {
+        let flags = Arc::<AgentFlags>::default();
+        // Running from now on (its flags stand in until it is restored), unless a kill took
+        // it out of `parked` first.
+        let woken = match (self.parked.lock(), self.running.lock()) {
+            (Ok(mut parked), Ok(mut running)) => {
+                let woken = parked.remove(&id).is_some();
+                if woken {
+                    running.insert(id, flags.clone());
+                }
+                woken
+            }
+            _ => false,
+        };
+        if !woken {
+            return;
+        }
+        let host = self.clone();
+        tokio::spawn(async move {
+            let image = match host.store.agent(&id) {
+                Ok(Some(AgentRecord::Resident {
+                    image,
+                    resume: Resume::Wake { .. },
+                    ..
+                })) => image,
+                other => {
+                    tracing::error!(agent = %id, "no parked image to wake: {other:?}");
+                    return host.forget_running(&id);
+                }
+            };
+            match host.restore_stored(&image).await {
+                Ok(mut agent) => {
+                    agent.adopt_flags(flags);
+                    tracing::info!(agent = %id, "woke");
+                    host.spawn_agent(agent, Start::Poll);
+                }
+                Err(e) => {
+                    // It stays stored: the next start of the host tries again.
+                    tracing::error!(agent = %id, "cannot wake: {e}");
+                    host.forget_running(&id);
+                }
+            }
+        });
+    }
+
+    /// Ends a parked agent that was killed: its alarm is cancelled, its record removed.
+    fn kill_parked(
+        self: &Arc<Self>,
+        id: AgentId,
+        alarm: tokio::task::AbortHandle,
+    ) -> Result<(), String> {
+        alarm.abort();
+        let context = match self.store.agent(&id) {
+            Ok(Some(AgentRecord::Resident { image, .. })) => self
+                .store
+                .image(&image)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    AgentImage::decode(&bytes, &self.image_limits()).map_err(|e| e.to_string())
+                })
+                .map(|image| image.context),
+            other => Err(format!("no parked record: {other:?}")),
+        };
+        match context {
+            Ok(context) => {
+                let hops = context.trace.len() as u64;
+                self.finish(id, context.home, hops, Err(AgentError::Killed.to_string()));
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.store.remove_agent(&id);
+                Err(format!("killed agent {id}, but cannot tell its home: {e}"))
             }
         }
     }
@@ -1507,4 +1712,11 @@ async fn write_blob_passing(
     send.write_all(first).await.map_err(stream)?;
     crash_point(point);
     send.write_all(second).await.map_err(stream)
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

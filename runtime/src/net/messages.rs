@@ -174,6 +174,15 @@ pub enum LaunchEvent {
         /// Why.
         error: String,
     },
+    /// The agent sleeps: parked on `site` (its image stored, its memory freed) until it is due.
+    Sleeping {
+        /// Where it sleeps.
+        site: String,
+        /// Its hop sequence number, to order this against reports of its hops.
+        seq: u64,
+        /// When it wakes, in milliseconds since the Unix epoch.
+        until_ms: u64,
+    },
     /// The agent ended.
     Finished {
         /// Where it ended.
@@ -218,4 +227,19 @@ pub struct StatusReply {
     pub result: Option<String>,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// The last time it was parked asleep, unless it moved or ended since. Still `running`: it
+    /// may have woken since (compare `until_ms` with the clock).
+    #[serde(default)]
+    pub sleeping: Option<Asleep>,
+}
+
+/// A sleep of an agent, as its home host last heard of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Asleep {
+    /// Where it sleeps.
+    pub site: String,
+    /// Its hop sequence number when it went to sleep.
+    pub seq: u64,
+    /// When it wakes, in milliseconds since the Unix epoch.
+    pub until_ms: u64,
 }

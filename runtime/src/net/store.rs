@@ -121,6 +121,12 @@ pub enum Resume {
     Arrived,
     /// Its hop away failed with this error: it stays here.
     HopFailed(HopError),
+    /// It sleeps until `until_ms` (milliseconds since the Unix epoch); its sleep is already
+    /// completed in the image, so at that time it is polled.
+    Wake {
+        /// When it is due.
+        until_ms: u64,
+    },
 }
 
 /// One service call in the journal: a visit of an agent to this site.

@@ -3,7 +3,7 @@
 use agent_runtime::AgentId;
 use agent_runtime::net::certs::{self, Role};
 use agent_runtime::net::client::{Client, HostAddr};
-use agent_runtime::net::messages::{HopInfo, LaunchEvent, StatusReply};
+use agent_runtime::net::messages::{Asleep, HopInfo, LaunchEvent, StatusReply};
 use agent_runtime::net::tls::Credentials;
 use agent_runtime::runner::cbor_to_json;
 use anyhow::{Context as _, bail};
@@ -150,6 +150,7 @@ pub async fn launch(
         let where_now = match event {
             LaunchEvent::Launched { site, .. }
             | LaunchEvent::HopFailed { site, .. }
+            | LaunchEvent::Sleeping { site, .. }
             | LaunchEvent::Finished { site, .. } => site.clone(),
             LaunchEvent::Moved(hop) => hop.to.clone(),
             LaunchEvent::Refused(_) => String::new(),
@@ -179,6 +180,10 @@ pub async fn launch(
                 ));
             }
             LaunchEvent::HopFailed { site, error } => say(format!("hop failed on {site}: {error}")),
+            LaunchEvent::Sleeping { site, until_ms, .. } => say(format!(
+                "asleep on {site} {} (parked: stored, memory freed)",
+                wake_time(*until_ms)
+            )),
             LaunchEvent::Refused(why) => say(format!("launch refused: {why}")),
             LaunchEvent::Finished { site, .. } => say(format!("agent ended on {site}")),
         }
@@ -295,6 +300,28 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// When a sleeping agent wakes: the UTC time of day and how far that is from now.
+fn wake_time(until_ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let at = time::OffsetDateTime::from_unix_timestamp((until_ms / 1000) as i64)
+        .map(|t| format!("{:02}:{:02}:{:02} UTC", t.hour(), t.minute(), t.second()))
+        .unwrap_or_else(|_| "in the far future".into());
+    let left = until_ms.saturating_sub(now) as f64 / 1e3;
+    format!("until {at} (in {left:.1} s)")
+}
+
+/// A sleep the home host heard of, if the agent is still due to wake from it.
+fn asleep(s: &StatusReply) -> Option<&Asleep> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    s.sleeping
+        .as_ref()
+        .filter(|a| s.state == "running" && a.until_ms > now)
+}
+
 fn print_status(s: &StatusReply) {
     let path: Vec<&str> = std::iter::once(
         s.hops
@@ -304,10 +331,15 @@ fn print_status(s: &StatusReply) {
     )
     .chain(s.hops.iter().map(|h| h.to.as_str()))
     .collect();
+    let state = if asleep(s).is_some() {
+        "sleeping"
+    } else {
+        s.state.as_str()
+    };
     println!(
         "{}  {:<9} on {:<10} owner {:<10} path {}",
         s.agent,
-        s.state,
+        state,
         s.site,
         s.owner,
         path.join(" -> ")
@@ -323,6 +355,9 @@ pub async fn status(conn: &Connection, agent: AgentId, json: bool) -> anyhow::Re
         println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
     } else {
         print_status(&s);
+        if let Some(sleep) = asleep(&s) {
+            println!("asleep on {} {}", sleep.site, wake_time(sleep.until_ms));
+        }
         if !s.hops.is_empty() {
             println!("{}", hop_table(&s.hops));
         }
@@ -342,6 +377,7 @@ fn status_json(s: &StatusReply) -> serde_json::Value {
         "hops": s.hops.iter().map(hop_json).collect::<Vec<_>>(),
         "result": s.result.as_deref().and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok()),
         "error": s.error,
+        "sleeping_until_ms": asleep(s).map(|a| a.until_ms),
     })
 }
 
