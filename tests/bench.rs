@@ -4,7 +4,7 @@
 //!
 //! `scripts/bench [ROUNDS] [SCENARIO...]` (release build; ROUNDS repeats each measured
 //! scenario, default 5; scenarios: checkpoint memcpy freeze throughput large sparse return
-//! restart, default all).
+//! restart parked, default all). `BENCH_PARKED=N` parks N agents instead of 100,000.
 
 use agent_e2e::{Cluster, example, launch, repo, runner};
 use agent_runtime::Limits;
@@ -104,6 +104,14 @@ fn main() -> anyhow::Result<()> {
         cluster.stop("siteB");
         cluster.restart("siteB", &HOST_FLAGS);
         rows.push(runtime.block_on(bench.after_restart())?);
+    }
+    if run("parked") {
+        let count = std::env::var("BENCH_PARKED")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(100_000);
+        let data = cluster.dir.path().join("siteA");
+        rows.push(runtime.block_on(bench.parked(count, cluster.pid("siteA"), &data))?);
     }
     for site in ["siteA", "siteB"] {
         cluster.stop(site);
@@ -408,6 +416,75 @@ impl Bench {
         })
     }
 
+    /// Agents launched on siteA that sleep a day there: each is parked (stored, instance
+    /// freed). siteA's resident memory after the first tenth against after all of them.
+    async fn parked(&self, count: usize, pid: u32, data: &std::path::Path) -> anyhow::Result<Row> {
+        const IN_FLIGHT: usize = 64;
+        let count = count.max(2_000);
+        let warm = count / 10;
+        let started = Instant::now();
+        self.park(warm, IN_FLIGHT).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (before, disk_before) = (rss(pid)?, disk_usage(data));
+        self.park(count - warm, IN_FLIGHT).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (after, disk_after) = (rss(pid)?, disk_usage(data));
+        let wall = started.elapsed();
+        let each = after.saturating_sub(before) as f64 / (count - warm) as f64;
+        let stored = disk_after.saturating_sub(disk_before) as f64 / (count - warm) as f64;
+        Ok(Row {
+            figure: "parked agents per host, memory each beyond its stored image",
+            target: "100,000 at ≤ 8 KiB each",
+            measured: format!(
+                "**{count} parked, {:.2} KiB each** (siteA resident {} → {} MiB)",
+                each / 1024.0,
+                before >> 20,
+                after >> 20
+            ),
+            how: format!(
+                "bench agent launched on siteA, `ctx.sleep` of a day there ({IN_FLIGHT} \
+                 launches in flight, {:.0} parked/s); growth of siteA's VmRSS from {warm} \
+                 parked to {count} ÷ {} (the first {warm} fill caches and tables); the store \
+                 grew {:.1} KiB per agent on disk",
+                count as f64 / wall.as_secs_f64(),
+                count - warm,
+                stored / 1024.0
+            ),
+        })
+    }
+
+    /// Launches `count` agents that park asleep on siteA, `in_flight` at a time; each
+    /// launch is followed until the agent is parked.
+    async fn park(&self, count: usize, in_flight: usize) -> anyhow::Result<()> {
+        let args: BTreeMap<String, String> = [("sleep_ms".to_string(), "86400000".to_string())]
+            .into_iter()
+            .collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..count {
+            if i >= in_flight
+                && let Some(done) = tasks.join_next().await
+            {
+                done??;
+            }
+            let (client, wasm, args) = (self.client.clone(), self.wasm.clone(), args.clone());
+            tasks.spawn(async move {
+                let asleep = |e: &LaunchEvent| matches!(e, LaunchEvent::Sleeping { .. });
+                let last = client
+                    .launch_until(&wasm, Vec::new(), args, &mut |_| {}, &asleep)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                match last {
+                    LaunchEvent::Sleeping { .. } => Ok(()),
+                    other => Err(anyhow::anyhow!("the agent did not park: {other:?}")),
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        Ok(())
+    }
+
     /// The first hop to a destination that restarted: it has the module and its compiled code
     /// on disk, so nothing is sent or compiled.
     async fn after_restart(&self) -> anyhow::Result<Row> {
@@ -430,6 +507,32 @@ impl Bench {
                 .into(),
         })
     }
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for pid {pid}"))?;
+    Ok(kib << 10)
+}
+
+/// Bytes of the files under `dir`.
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_usage(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 async fn trip(

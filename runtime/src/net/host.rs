@@ -15,6 +15,7 @@ use super::messages::{
 };
 use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
+use super::trim::Trimmer;
 use super::wire::{WireError, read_blob, read_msg, write_blob, write_msg};
 use crate::base::{Base, BaseCache, BaseList, Binding, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
@@ -120,6 +121,8 @@ pub struct Host {
     idle: tokio::sync::Notify,
     /// Wakes the task that delivers stored reports to home hosts.
     outbox: tokio::sync::Notify,
+    /// Gives the memory of agents that left this host's memory back to the system.
+    trimmer: Arc<Trimmer>,
 }
 
 /// How an agent task starts.
@@ -181,6 +184,7 @@ impl Host {
             shutting_down: AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
             outbox: tokio::sync::Notify::new(),
+            trimmer: Trimmer::start(),
         });
         host.resume_residents().await;
         tokio::spawn(host.clone().accept_loop());
@@ -716,6 +720,14 @@ impl Host {
                 break;
             }
         }
+        // The channel's buffer would otherwise stay with the home record until the next event.
+        drop(rx);
+        if let Ok(mut homes) = self.homes.lock()
+            && let Some(entry) = homes.get_mut(&id)
+        {
+            entry.watchers.retain(|w| !w.is_closed());
+            entry.watchers.shrink_to_fit();
+        }
         Ok(())
     }
 
@@ -812,7 +824,8 @@ impl Host {
                 if hops.get(at).is_some_and(|h| h.seq == hop.seq) {
                     return; // the same hop reported twice (a host restarted)
                 }
-                if at == hops.len() {
+                let slept_later = (entry.status.sleeping.as_ref()).is_some_and(|s| s.seq > hop.seq);
+                if at == hops.len() && !slept_later {
                     entry.status.site = hop.to.clone();
                 }
                 hops.insert(at, hop.clone());
@@ -937,6 +950,7 @@ impl Host {
             running.remove(id);
         }
         self.idle.notify_waiters();
+        self.trimmer.freed();
     }
 
     async fn drive(self: Arc<Self>, mut agent: AgentInstance, start: Start) {
@@ -1049,6 +1063,7 @@ impl Host {
             return true;
         }
         self.idle.notify_waiters();
+        self.trimmer.freed();
         tracing::info!(agent = %id, until_ms, "parked asleep");
         let event = LaunchEvent::Sleeping {
             site: self.config.name.clone(),
@@ -1719,4 +1734,89 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> HomeEntry {
+        HomeEntry {
+            status: StatusReply {
+                agent: AgentId([1; 16]),
+                owner: "alice".into(),
+                site: "siteA".into(),
+                state: "running".into(),
+                hops: Vec::new(),
+                result: None,
+                error: None,
+                sleeping: None,
+            },
+            watchers: Vec::new(),
+            held: None,
+        }
+    }
+
+    fn moved(seq: u64, to: &str) -> LaunchEvent {
+        LaunchEvent::Moved(HopInfo {
+            seq,
+            from: "siteA".into(),
+            from_arch: "x86_64".into(),
+            to: to.into(),
+            image_bytes: 0,
+            memory_bytes: 0,
+            module_bytes: 0,
+            base_list_bytes: 0,
+            pages_reused: 0,
+            freeze_us: 0,
+        })
+    }
+
+    fn sleeping(seq: u64, site: &str) -> LaunchEvent {
+        LaunchEvent::Sleeping {
+            site: site.into(),
+            seq,
+            until_ms: 42,
+        }
+    }
+
+    #[test]
+    fn a_sleep_is_shown_until_a_later_hop_and_never_over_one() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+
+        // In order: asleep on siteB after hop 1, then hop 2 to siteC ends the sleep.
+        let mut home = entry();
+        Host::record(&mut home, moved(1, "siteB"), &store);
+        Host::record(&mut home, sleeping(1, "siteB"), &store);
+        assert_eq!(home.status.sleeping.as_ref().map(|s| s.seq), Some(1));
+        assert_eq!(home.status.site, "siteB");
+        Host::record(&mut home, moved(2, "siteC"), &store);
+        assert_eq!(home.status.sleeping, None);
+        assert_eq!(home.status.site, "siteC");
+
+        // The report of hop 2 overtook that of the sleep before it: the sleep is old news.
+        let mut home = entry();
+        Host::record(&mut home, moved(1, "siteB"), &store);
+        Host::record(&mut home, moved(2, "siteC"), &store);
+        Host::record(&mut home, sleeping(1, "siteB"), &store);
+        assert_eq!(home.status.sleeping, None);
+        assert_eq!(home.status.site, "siteC");
+
+        // An earlier hop reported after the sleep leaves the sleep standing.
+        let mut home = entry();
+        Host::record(&mut home, sleeping(2, "siteC"), &store);
+        Host::record(&mut home, moved(1, "siteB"), &store);
+        assert_eq!(home.status.sleeping.as_ref().map(|s| s.seq), Some(2));
+        assert_eq!(home.status.site, "siteC");
+
+        // The end clears it.
+        let end = LaunchEvent::Finished {
+            site: "siteC".into(),
+            hops: 2,
+            outcome: Ok(Vec::new()),
+        };
+        Host::record(&mut home, end, &store);
+        assert_eq!(home.status.sleeping, None);
+    }
 }

@@ -8,4 +8,5 @@ pub mod host;
 pub mod messages;
 pub mod store;
 pub mod tls;
+mod trim;
 pub mod wire;
