@@ -375,9 +375,15 @@ mod tests {
         ));
         assert_eq!(refused(MEMORY, ""), AdmissionError::NotAnAgent);
         assert_eq!(
-            refused(MEMORY, r#"(@custom "agent-abi" "\03\00\00\00")"#),
+            refused(
+                MEMORY,
+                &format!(
+                    r#"(@custom "agent-abi" "\{:02x}\00\00\00")"#,
+                    ABI_VERSION + 1
+                )
+            ),
             AdmissionError::AbiMismatch {
-                module: 3,
+                module: ABI_VERSION + 1,
                 host: ABI_VERSION
             }
         );
