@@ -3,17 +3,18 @@
 
 use agent_e2e::{Cluster, example_path, json};
 
-/// `agent launch --json` of the bench agent with 1 MiB of incompressible heap, 64 KiB of it
-/// rewritten before each of four hops through `hops`; the parsed output.
-fn launch(cluster: &Cluster, hops: &str) -> serde_json::Value {
+/// `agent launch --json` of the bench agent with `dirty` KiB of incompressible heap, 64 KiB
+/// of it rewritten before each of four hops through `hops`; the parsed output.
+fn launch(cluster: &Cluster, hops: &str, dirty: &str) -> serde_json::Value {
     let wasm = example_path("bench");
+    let dirty = format!("dirty_kib={dirty}");
     let args = [
         "launch",
         &wasm,
         "--hop",
         hops,
         "--arg",
-        "dirty_kib=1024",
+        &dirty,
         "--arg",
         "rewrite_kib=64",
         "--arg",
@@ -44,7 +45,7 @@ fn a_returning_agent_sends_only_the_pages_it_changed_and_ends_as_if_it_never_mov
         &["siteA", "siteB"],
         &[("siteA", &[]), ("siteB", &["--return-cache-mib", "0"])],
     );
-    let moved = launch(&cluster, "siteB,siteA");
+    let moved = launch(&cluster, "siteB,siteA", "1024");
     let hops = moved["hops"].as_array().cloned().unwrap_or_default();
     assert_eq!(hops.len(), 4, "{moved}");
     let image = |i: usize| field(&hops[i], "image_bytes");
@@ -66,8 +67,22 @@ fn a_returning_agent_sends_only_the_pages_it_changed_and_ends_as_if_it_never_mov
     }
 
     // The same agent kept on its home host (a hop to the host itself does not migrate).
-    let stayed = launch(&cluster, "siteA");
+    let stayed = launch(&cluster, "siteA", "1024");
     assert_eq!(stayed["hops"].as_array().map(Vec::len), Some(0), "{stayed}");
     assert_eq!(moved["result"], stayed["result"]);
     assert_eq!(moved["result"]["hops"], 4);
+}
+
+#[test]
+fn a_small_agent_travels_whole_without_a_page_list() {
+    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", &[]), ("siteB", &[])]);
+    let moved = launch(&cluster, "siteB,siteA", "0");
+    let hops = moved["hops"].as_array().cloned().unwrap_or_default();
+    assert_eq!(hops.len(), 4, "{moved}");
+    for hop in &hops {
+        // Under 64 KiB a list and the hashing behind it would cost more than they save.
+        assert!(field(hop, "image_bytes") < 64 << 10, "{moved}");
+        assert_eq!(field(hop, "base_list_bytes"), 0, "{moved}");
+        assert_eq!(field(hop, "pages_reused"), 0, "{moved}");
+    }
 }

@@ -17,7 +17,7 @@ use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::trim::Trimmer;
 use super::wire::{WireError, read_blob, read_msg, write_blob, write_msg};
-use crate::base::{Base, BaseCache, BaseList, Binding, encode_against};
+use crate::base::{Base, BaseCache, BaseList, Binding, WORTH_A_BASE, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
 use crate::faults::crash_point;
 use crate::image::{AgentImage, ImageError, ImageLimits};
@@ -1315,7 +1315,9 @@ impl Host {
         };
         // Hashed while the offer travels and kept before the image leaves: an agent that
         // comes straight back finds its pages here.
-        let mut base_task = self.hash_base(seq, &image.pages, offer_binding(&offer));
+        let mut base_task = (offer.image_bytes >= WORTH_A_BASE)
+            .then(|| self.hash_base(seq, &image.pages, offer_binding(&offer)))
+            .flatten();
         let mut hop = SourceHop::offered(site);
         let mut streams = None;
         let reply = async {
@@ -1527,7 +1529,8 @@ impl Host {
             let binding = offer_binding(&offer);
             held = (self.bases.lock().ok())
                 .and_then(|b| b.get(&offer.agent))
-                .filter(|b| b.serves(&binding) && b.seq() < offer.seq);
+                .filter(|b| b.serves(&binding) && b.seq() < offer.seq)
+                .filter(|_| offer.image_bytes >= WORTH_A_BASE);
             *base = held.as_ref().map(|b| b.list().clone());
         }
         let key = (offer.agent, offer.seq);
