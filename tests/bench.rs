@@ -112,6 +112,23 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(100_000);
         let data = cluster.dir.path().join("siteA");
         rows.push(runtime.block_on(bench.parked(count, cluster.pid("siteA"), &data))?);
+        // Its parked agents' alarms are set from their records; no image is read.
+        cluster.stop("siteA");
+        let started = Instant::now();
+        cluster.restart("siteA", &HOST_FLAGS);
+        let ready = started.elapsed();
+        rows.push(Row {
+            figure: "restart of a host with the parked agents above",
+            target: "—",
+            measured: format!(
+                "serving after {:.1} s, resident {} MiB",
+                ready.as_secs_f64(),
+                rss(cluster.pid("siteA"))? >> 20
+            ),
+            how: "siteA stopped (SIGTERM) and started again on its data directory; time until \
+                  it answers `agent list`"
+                .into(),
+        });
     }
     for site in ["siteA", "siteB"] {
         cluster.stop(site);

@@ -156,7 +156,7 @@ async fn no_client_cert(host: &HostAddr, certs_dir: &std::path::Path) -> Result<
     agent_runtime::net::wire::write_msg(&mut send, &Request::List)
         .await
         .map_err(|e| e.to_string())?;
-    let reply: Result<Vec<agent_runtime::net::messages::StatusReply>, String> =
+    let reply: Result<agent_runtime::net::messages::ListReply, String> =
         agent_runtime::net::wire::read_msg(&mut recv)
             .await
             .map_err(|e| match conn.close_reason() {

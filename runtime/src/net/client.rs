@@ -1,7 +1,7 @@
 //! The user's side: connect to a host with a user certificate and launch, inspect or kill
 //! agents.
 
-use super::messages::{LaunchEvent, Request, StatusReply};
+use super::messages::{LaunchEvent, ListReply, Request, StatusReply};
 use super::tls::{self, Credentials};
 use super::wire::{read_msg, write_blob, write_msg};
 use crate::context::AgentId;
@@ -176,11 +176,12 @@ impl Client {
             .await?
     }
 
-    /// The user's agents launched on this host.
+    /// The user's agents launched on this host (as many as fit in one reply, running ones
+    /// first) and how many there are.
     ///
     /// # Errors
     /// When the connection fails.
-    pub async fn list(&self) -> Result<Vec<StatusReply>, String> {
+    pub async fn list(&self) -> Result<ListReply, String> {
         self.call(&Request::List).await
     }
 

@@ -10,8 +10,8 @@
 use super::certs::{Identity, Role};
 use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
 use super::messages::{
-    Asleep, HopInfo, LaunchEvent, Offer, OfferReply, Request, StatusReply, TransferReply,
-    TransferStatus,
+    Asleep, HopInfo, LaunchEvent, ListReply, Offer, OfferReply, Request, StatusReply,
+    TransferReply, TransferStatus,
 };
 use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
@@ -530,8 +530,8 @@ impl Host {
                         .collect(),
                     Err(_) => Vec::new(),
                 };
-                list.sort_by_key(|a| a.agent);
-                write_msg(&mut send, &list).await
+                list.sort_by_key(|a| (a.state != "running", a.agent));
+                write_msg(&mut send, &fit_list(list)).await
             }
             Request::Kill { agent } => {
                 let reply = self.kill(&agent, &peer).await;
@@ -1666,6 +1666,25 @@ impl Host {
     }
 }
 
+/// Bytes of records a list reply carries at most, so that it fits in one message.
+const LIST_BYTES: usize = super::wire::MAX_MESSAGE / 2;
+
+/// The first records of `all` that fit in [`LIST_BYTES`], and how many there are.
+fn fit_list(all: Vec<StatusReply>) -> ListReply {
+    let total = all.len() as u64;
+    let mut bytes = 0;
+    let agents = all
+        .into_iter()
+        .take_while(|status| {
+            let mut out = Vec::new();
+            let size = ciborium::into_writer(status, &mut out).map_or(usize::MAX, |()| out.len());
+            bytes = size.saturating_add(bytes);
+            bytes <= LIST_BYTES
+        })
+        .collect();
+    ListReply { agents, total }
+}
+
 /// What an offer says of the agent that a base must match to serve it.
 fn offer_binding(offer: &Offer) -> Binding {
     Binding {
@@ -1781,6 +1800,33 @@ mod tests {
             seq,
             until_ms: 42,
         }
+    }
+
+    #[test]
+    fn a_list_of_many_agents_fits_in_one_message() {
+        let many: Vec<StatusReply> = (0..20_000u32)
+            .map(|i| {
+                let mut status = entry().status;
+                status.agent.0[..4].copy_from_slice(&i.to_le_bytes());
+                status.hops = (1..=3)
+                    .map(|seq| match moved(seq, "siteB") {
+                        LaunchEvent::Moved(hop) => hop,
+                        _ => unreachable!(),
+                    })
+                    .collect();
+                status
+            })
+            .collect();
+        let reply = fit_list(many.clone());
+        assert_eq!(reply.total, 20_000);
+        assert!(!reply.agents.is_empty() && reply.agents.len() < many.len());
+        assert_eq!(reply.agents[..], many[..reply.agents.len()]);
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&reply, &mut bytes).unwrap_or_else(|e| panic!("{e}"));
+        assert!(bytes.len() <= super::super::wire::MAX_MESSAGE);
+        // A short list is whole.
+        let few = fit_list(many[..10].to_vec());
+        assert_eq!((few.agents.len(), few.total), (10, 10));
     }
 
     #[test]

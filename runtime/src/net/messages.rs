@@ -22,7 +22,7 @@ pub enum Request {
         /// The agent.
         agent: AgentId,
     },
-    /// User → home host: the user's agents. Answered with `Vec<`[`StatusReply`]`>`.
+    /// User → home host: the user's agents. Answered with [`ListReply`].
     List,
     /// User → home host, or home host → current host: stop an agent. Answered with
     /// `Result<(), String>`.
@@ -231,6 +231,15 @@ pub struct StatusReply {
     /// may have woken since (compare `until_ms` with the clock).
     #[serde(default)]
     pub sleeping: Option<Asleep>,
+}
+
+/// The user's agents on their home host: as many as fit in one message, running ones first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListReply {
+    /// Their records, running agents first, each group by id.
+    pub agents: Vec<StatusReply>,
+    /// How many agents the user has there in all.
+    pub total: u64,
 }
 
 /// A sleep of an agent, as its home host last heard of it.

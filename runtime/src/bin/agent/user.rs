@@ -384,8 +384,17 @@ fn status_json(s: &StatusReply) -> serde_json::Value {
 /// `agent list`.
 pub async fn list(conn: &Connection, json: bool) -> anyhow::Result<()> {
     let client = conn.connect().await?;
-    let all = client.list().await.map_err(anyhow::Error::msg)?;
+    let reply = client.list().await.map_err(anyhow::Error::msg)?;
     client.close().await;
+    let all = &reply.agents;
+    if reply.total > all.len() as u64 {
+        eprintln!(
+            "showing {} of your {} agents on {} (running ones first)",
+            all.len(),
+            reply.total,
+            conn.host
+        );
+    }
     if json {
         println!(
             "{}",
