@@ -115,11 +115,18 @@ fn a_parked_agent_wakes_after_its_host_crashed() {
 fn killing_a_parked_agent_ends_it_without_waking_it() {
     let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", &[]), ("siteB", &[])]);
     let wasm = example_path("bench");
-    let args = launch_args(&wasm, "600000");
+    let mut args = launch_args(&wasm, "600000");
+    args.push("--detach".into());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let launcher = cluster.spawn_agent(&args, "siteA", "alice");
+    // Detached: the launcher returns with the id once the home started the agent.
+    let launched = json(&cluster.agent(&args, "siteA", "alice"));
+    let id = launched["agent"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {launched}"))
+        .to_string();
+    assert_eq!(launched["site"], "siteA");
     wait_for_log(&cluster, "siteB", "parked asleep", 1);
-    let id = only_agent(&cluster);
+    assert_eq!(only_agent(&cluster), id);
 
     let killed = cluster.agent(&["kill", &id], "siteA", "alice");
     assert!(
@@ -127,17 +134,21 @@ fn killing_a_parked_agent_ends_it_without_waking_it() {
         "{}",
         String::from_utf8_lossy(&killed.stderr)
     );
-    let out = finish(launcher, Duration::from_secs(60));
-    assert!(!out.status.success());
-    let ended = json(&out);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
+        if status["state"] != "running" || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status["state"], "killed", "{status}");
     assert!(
-        ended["error"]
+        status["error"]
             .as_str()
             .is_some_and(|e| e.contains("killed")),
-        "{ended}"
+        "{status}"
     );
-    let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
-    assert_eq!(status["state"], "killed", "{status}");
     assert!(status["sleeping_until_ms"].is_null(), "{status}");
     assert!(!cluster.log("siteB").contains("woke"));
     // Killed once: a second kill finds nothing to stop.

@@ -93,6 +93,10 @@ struct LaunchArgs {
     /// Print one JSON object with the result and the hops.
     #[arg(long)]
     json: bool,
+    /// Return once the home host started the agent, printing its id; it runs on (follow it
+    /// with `agent status ID`).
+    #[arg(long)]
+    detach: bool,
 }
 
 #[derive(clap::Args)]
@@ -181,6 +185,15 @@ fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     let wasm = std::fs::read(&args.module)
         .with_context(|| format!("cannot read {}", args.module.display()))?;
     let launch_args = args.args.into_iter().collect::<BTreeMap<_, _>>();
+    if args.detach {
+        return block_on(user::launch_detached(
+            &args.conn,
+            &wasm,
+            args.hop,
+            launch_args,
+            args.json,
+        ));
+    }
     block_on(user::launch(
         &args.conn,
         &wasm,

@@ -112,6 +112,41 @@ async fn follow(conn: &Connection, agent: &str) -> anyhow::Result<StatusReply> {
     }
 }
 
+/// Launches `wasm` and returns once its home host started it; prints its id.
+pub async fn launch_detached(
+    conn: &Connection,
+    wasm: &[u8],
+    itinerary: Vec<String>,
+    args: BTreeMap<String, String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let client = conn.connect().await?;
+    let started = |e: &LaunchEvent| matches!(e, LaunchEvent::Launched { .. });
+    let last = client
+        .launch_until(wasm, itinerary, args, &mut |_| {}, &started)
+        .await
+        .map_err(anyhow::Error::msg);
+    client.close().await;
+    match last? {
+        LaunchEvent::Launched { agent, site, .. } => {
+            if json {
+                let out = serde_json::json!({ "agent": agent.to_string(), "site": site });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                eprintln!(
+                    "launched agent {agent} on {site}; follow it with `agent status {agent}`"
+                );
+                println!("{agent}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            let (_, _, error) = outcome_of(&other);
+            bail!("{}", error.unwrap_or_else(|| format!("{other:?}")))
+        }
+    }
+}
+
 /// Launches `wasm` and follows it to its end; prints the hop table and the result.
 pub async fn launch(
     conn: &Connection,
