@@ -11,7 +11,7 @@ use super::certs::{Identity, Role};
 use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
 use super::messages::{
     Asleep, HopInfo, LaunchEvent, ListReply, Offer, OfferReply, Request, StatusReply,
-    TransferReply, TransferStatus,
+    TransferReply, TransferStatus, unix_ms,
 };
 use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
@@ -55,6 +55,13 @@ const HOLD_END: Duration = Duration::from_secs(15);
 /// Sleeps at least this long park the agent (stored, memory freed); shorter ones wait in
 /// memory, where parking would cost more than it frees.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a host waits before it tries again to wake an agent whose image it could not
+/// restore (it stays parked meanwhile, and a kill still reaches it).
+const WAKE_RETRY: Duration = Duration::from_secs(30);
+
+/// Parked agents restored at once.
+const WAKING_AT_ONCE: usize = 4;
 
 /// How a host is set up.
 #[derive(Clone, Debug)]
@@ -112,6 +119,8 @@ pub struct Host {
     /// Agents parked asleep: only their alarm is in memory, their image is in the store.
     /// Locked before `running` where both are.
     parked: Mutex<HashMap<AgentId, tokio::task::AbortHandle>>,
+    /// Permits to restore parked agents that are due.
+    waking: tokio::sync::Semaphore,
     /// Transfers (agent, seq) this host accepted and has not decided yet.
     receiving: Mutex<std::collections::HashSet<(AgentId, u64)>>,
     homes: Mutex<HashMap<AgentId, HomeEntry>>,
@@ -179,6 +188,7 @@ impl Host {
             conns: tokio::sync::Mutex::default(),
             running: Mutex::default(),
             parked: Mutex::default(),
+            waking: tokio::sync::Semaphore::new(WAKING_AT_ONCE),
             receiving: Mutex::default(),
             homes: Mutex::new(homes),
             shutting_down: AtomicBool::new(false),
@@ -205,6 +215,10 @@ impl Host {
     /// Stops accepting work, parks every running agent at its next safe point, and closes.
     pub async fn shutdown(&self, grace: Duration) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        // Parked agents stay stored; the next start sets their alarms again.
+        if let Ok(mut parked) = self.parked.lock() {
+            parked.drain().for_each(|(_, alarm)| alarm.abort());
+        }
         for flags in self.running_flags() {
             flags.checkpoint.store(true, Ordering::SeqCst);
         }
@@ -240,7 +254,7 @@ impl Host {
         for (id, record) in residents {
             match record {
                 AgentRecord::Resident {
-                    resume: Resume::Wake { until_ms },
+                    resume: Resume::Wake { until_ms, .. },
                     ..
                 } => self.set_alarm(id, until_ms),
                 AgentRecord::Resident { image, resume, .. } => {
@@ -248,6 +262,7 @@ impl Host {
                         Ok(mut agent) => {
                             tracing::info!(agent = %id, ?resume, "resuming agent");
                             let start = match resume {
+                                // (Sleeping agents got an alarm above.)
                                 Resume::Poll | Resume::Wake { .. } => Start::Poll,
                                 Resume::Handle => match agent.context().pending.clone() {
                                     Some(op) => Start::Handle(op),
@@ -678,26 +693,34 @@ impl Host {
                 },
             );
         }
-        write_msg(
-            send,
-            &LaunchEvent::Launched {
-                agent: id,
-                module: module.hash,
-                site: self.config.name.clone(),
-            },
+        let launched = AgentInstance::launch(
+            module.clone(),
+            self.site.clone(),
+            context,
+            &self.config.limits,
         )
-        .await?;
-        let launched =
-            AgentInstance::launch(module, self.site.clone(), context, &self.config.limits)
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|mut agent| {
-                    // From here on a crash of this host does not lose the agent.
-                    self.keep(&mut agent, Resume::Poll)?;
-                    Ok(agent)
-                });
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|mut agent| {
+            // From here on a crash of this host does not lose the agent.
+            self.keep(&mut agent, Resume::Poll)?;
+            Ok(agent)
+        });
         match launched {
-            Ok(agent) => self.spawn_agent(agent, Start::Poll),
+            Ok(agent) => {
+                // Said once the agent is stored: a detached launcher may leave at this point.
+                let said = write_msg(
+                    send,
+                    &LaunchEvent::Launched {
+                        agent: id,
+                        module: module.hash,
+                        site: self.config.name.clone(),
+                    },
+                )
+                .await;
+                self.spawn_agent(agent, Start::Poll);
+                said?;
+            }
             Err(e) => self.deliver(
                 &id,
                 LaunchEvent::Finished {
@@ -843,8 +866,10 @@ impl Host {
                 seq,
                 until_ms,
             } => {
-                // A report of a later hop may have overtaken this one.
-                if entry.status.hops.last().is_some_and(|h| h.seq > *seq) {
+                // A report of a later hop, or of the end, may have overtaken this one.
+                if entry.status.state != "running"
+                    || entry.status.hops.last().is_some_and(|h| h.seq > *seq)
+                {
                     return;
                 }
                 entry.status.site = site.clone();
@@ -994,6 +1019,12 @@ impl Host {
             if self.shutting_down.load(Ordering::SeqCst) {
                 return self.park(agent);
             }
+            // A kill that reached the agent between epoch ticks (one made while it woke from
+            // parking, say) ends it before its operation takes effect.
+            if agent.flags().kill.load(Ordering::SeqCst) {
+                let hops = agent.context().trace.len() as u64;
+                return self.finish(id, home, hops, Err(AgentError::Killed.to_string()));
+            }
             next = Start::Poll;
             match op {
                 Op::Hop { site } if site == self.config.name => {
@@ -1021,14 +1052,14 @@ impl Host {
                     agent.complete(OpResult::Call(answer));
                 }
                 Op::Checkpoint => agent.complete(OpResult::Checkpoint),
-                Op::Sleep { ms }
-                    if Duration::from_millis(ms) >= PARK_AFTER
-                        && self.park_asleep(&mut agent, ms) =>
-                {
-                    return;
-                }
                 Op::Sleep { ms } => {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    if Duration::from_millis(ms) >= PARK_AFTER && self.park_asleep(&mut agent, ms) {
+                        return;
+                    }
+                    if !sleep_unless_killed(&agent.flags(), ms).await {
+                        let hops = agent.context().trace.len() as u64;
+                        return self.finish(id, home, hops, Err(AgentError::Killed.to_string()));
+                    }
                     agent.complete(OpResult::Sleep);
                 }
             }
@@ -1040,12 +1071,18 @@ impl Host {
     fn park_asleep(self: &Arc<Self>, agent: &mut AgentInstance, ms: u64) -> bool {
         let id = agent.context().agent_id;
         let until_ms = unix_ms().saturating_add(ms);
+        let (home, hops) = (agent.context().home.clone(), agent.context().trace.len());
         agent.complete(OpResult::Sleep);
-        if let Err(e) = self.keep(agent, Resume::Wake { until_ms }) {
+        let resume = Resume::Wake {
+            until_ms,
+            home: home.clone(),
+            hops: hops as u64,
+        };
+        if let Err(e) = super::store::blocking(|| self.keep(agent, resume)) {
+            // The sleep stays completed: the agent sleeps in memory and then goes on.
             tracing::warn!(agent = %id, "sleeping in memory: {e}");
             return false;
         }
-        let (home, hops) = (agent.context().home.clone(), agent.context().trace.len());
         // Into `parked` and out of `running` at once, so that a kill finds it in one of them.
         let killed = match (self.parked.lock(), self.running.lock()) {
             (Ok(mut parked), Ok(mut running)) => {
@@ -1100,11 +1137,30 @@ impl Host {
         task.abort_handle()
     }
 
-    /// Wakes a parked agent: restores it from its stored image and polls it.
+    /// Wakes a parked agent (its alarm rang).
     fn wake(self: &Arc<Self>, id: AgentId) {
-        let flags = Arc::<AgentFlags>::default();
+        // Its own task: an alarm stays small, whatever restoring takes.
+        tokio::spawn(self.clone().wake_parked(id));
+    }
+
+    /// Restores a parked agent from its stored image and polls it; a few at a time and only
+    /// while there is room, so that a host whose agents all fell due together (it was down,
+    /// or they slept alike) does not restore them all at once.
+    async fn wake_parked(self: Arc<Self>, id: AgentId) {
+        let Ok(_permit) = self.waking.acquire().await else {
+            return;
+        };
+        while self.running.lock().map_or(0, |r| r.len()) >= self.config.max_agents
+            && !self.shutting_down.load(Ordering::SeqCst)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return; // it stays parked: the next start sets its alarm again
+        }
         // Running from now on (its flags stand in until it is restored), unless a kill took
         // it out of `parked` first.
+        let flags = Arc::<AgentFlags>::default();
         let woken = match (self.parked.lock(), self.running.lock()) {
             (Ok(mut parked), Ok(mut running)) => {
                 let woken = parked.remove(&id).is_some();
@@ -1118,32 +1174,42 @@ impl Host {
         if !woken {
             return;
         }
-        let host = self.clone();
-        tokio::spawn(async move {
-            let image = match host.store.agent(&id) {
-                Ok(Some(AgentRecord::Resident {
-                    image,
-                    resume: Resume::Wake { .. },
-                    ..
-                })) => image,
-                other => {
-                    tracing::error!(agent = %id, "no parked image to wake: {other:?}");
-                    return host.forget_running(&id);
-                }
-            };
-            match host.restore_stored(&image).await {
-                Ok(mut agent) => {
-                    agent.adopt_flags(flags);
-                    tracing::info!(agent = %id, "woke");
-                    host.spawn_agent(agent, Start::Poll);
-                }
-                Err(e) => {
-                    // It stays stored: the next start of the host tries again.
-                    tracing::error!(agent = %id, "cannot wake: {e}");
-                    host.forget_running(&id);
+        let (image, home, hops) = match self.store.agent(&id) {
+            Ok(Some(AgentRecord::Resident {
+                image,
+                resume: Resume::Wake { home, hops, .. },
+                ..
+            })) => (image, home, hops),
+            other => {
+                tracing::error!(agent = %id, "no parked image to wake: {other:?}");
+                return self.forget_running(&id);
+            }
+        };
+        match self.restore_stored(&image).await {
+            Ok(mut agent) => {
+                agent.adopt_flags(flags);
+                tracing::info!(agent = %id, "woke");
+                self.spawn_agent(agent, Start::Poll);
+            }
+            Err(e) => {
+                tracing::error!(agent = %id, "cannot wake, trying again in {WAKE_RETRY:?}: {e}");
+                let killed = match (self.parked.lock(), self.running.lock()) {
+                    (Ok(mut parked), Ok(mut running)) => {
+                        running.remove(&id);
+                        let killed = flags.kill.load(Ordering::SeqCst);
+                        if !killed {
+                            let again = unix_ms().saturating_add(WAKE_RETRY.as_millis() as u64);
+                            parked.insert(id, self.alarm(id, again));
+                        }
+                        killed
+                    }
+                    _ => false,
+                };
+                if killed {
+                    self.finish(id, home, hops, Err(AgentError::Killed.to_string()));
                 }
             }
-        });
+        }
     }
 
     /// Ends a parked agent that was killed: its alarm is cancelled, its record removed.
@@ -1153,27 +1219,15 @@ impl Host {
         alarm: tokio::task::AbortHandle,
     ) -> Result<(), String> {
         alarm.abort();
-        let context = match self.store.agent(&id) {
-            Ok(Some(AgentRecord::Resident { image, .. })) => self
-                .store
-                .image(&image)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| {
-                    AgentImage::decode(&bytes, &self.image_limits()).map_err(|e| e.to_string())
-                })
-                .map(|image| image.context),
-            other => Err(format!("no parked record: {other:?}")),
-        };
-        match context {
-            Ok(context) => {
-                let hops = context.trace.len() as u64;
-                self.finish(id, context.home, hops, Err(AgentError::Killed.to_string()));
+        match self.store.agent(&id) {
+            Ok(Some(AgentRecord::Resident {
+                resume: Resume::Wake { home, hops, .. },
+                ..
+            })) => {
+                self.finish(id, home, hops, Err(AgentError::Killed.to_string()));
                 Ok(())
             }
-            Err(e) => {
-                let _ = self.store.remove_agent(&id);
-                Err(format!("killed agent {id}, but cannot tell its home: {e}"))
-            }
+            other => Err(format!("no parked record of agent {id}: {other:?}")),
         }
     }
 
@@ -1751,11 +1805,19 @@ async fn write_blob_passing(
     send.write_all(second).await.map_err(stream)
 }
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Sleeps `ms` unless the agent is killed meanwhile (checked every 100 ms); `false` if it was.
+async fn sleep_unless_killed(flags: &AgentFlags, ms: u64) -> bool {
+    let until = tokio::time::Instant::now() + Duration::from_millis(ms.min(1 << 40));
+    while tokio::time::Instant::now() < until {
+        if flags.kill.load(Ordering::SeqCst) {
+            return false;
+        }
+        tokio::time::sleep_until(
+            until.min(tokio::time::Instant::now() + Duration::from_millis(100)),
+        )
+        .await;
+    }
+    !flags.kill.load(Ordering::SeqCst)
 }
 
 #[cfg(test)]
@@ -1867,5 +1929,9 @@ mod tests {
         };
         Host::record(&mut home, end, &store);
         assert_eq!(home.status.sleeping, None);
+        // A report of the sleep that arrives after the end changes nothing.
+        Host::record(&mut home, sleeping(2, "siteB"), &store);
+        assert_eq!(home.status.sleeping, None);
+        assert_eq!(home.status.site, "siteC");
     }
 }

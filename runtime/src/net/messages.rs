@@ -242,6 +242,13 @@ pub struct ListReply {
     pub total: u64,
 }
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it): the clock of sleeps.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A sleep of an agent, as its home host last heard of it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Asleep {

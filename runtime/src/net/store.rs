@@ -122,10 +122,15 @@ pub enum Resume {
     /// Its hop away failed with this error: it stays here.
     HopFailed(HopError),
     /// It sleeps until `until_ms` (milliseconds since the Unix epoch); its sleep is already
-    /// completed in the image, so at that time it is polled.
+    /// completed in the image, so at that time it is polled. Its home and hop count are here
+    /// so that a kill can report its end without reading the image.
     Wake {
         /// When it is due.
         until_ms: u64,
+        /// Its home host.
+        home: String,
+        /// Hops it made so far.
+        hops: u64,
     },
 }
 

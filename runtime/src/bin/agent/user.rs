@@ -3,7 +3,7 @@
 use agent_runtime::AgentId;
 use agent_runtime::net::certs::{self, Role};
 use agent_runtime::net::client::{Client, HostAddr};
-use agent_runtime::net::messages::{Asleep, HopInfo, LaunchEvent, StatusReply};
+use agent_runtime::net::messages::{Asleep, HopInfo, LaunchEvent, StatusReply, unix_ms};
 use agent_runtime::net::tls::Credentials;
 use agent_runtime::runner::cbor_to_json;
 use anyhow::{Context as _, bail};
@@ -337,9 +337,7 @@ pub fn human_bytes(n: u64) -> String {
 
 /// When a sleeping agent wakes: the UTC time of day and how far that is from now.
 fn wake_time(until_ms: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = unix_ms();
     let at = time::OffsetDateTime::from_unix_timestamp((until_ms / 1000) as i64)
         .map(|t| format!("{:02}:{:02}:{:02} UTC", t.hour(), t.minute(), t.second()))
         .unwrap_or_else(|_| "in the far future".into());
@@ -349,9 +347,7 @@ fn wake_time(until_ms: u64) -> String {
 
 /// A sleep the home host heard of, if the agent is still due to wake from it.
 fn asleep(s: &StatusReply) -> Option<&Asleep> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = unix_ms();
     s.sleeping
         .as_ref()
         .filter(|a| s.state == "running" && a.until_ms > now)
