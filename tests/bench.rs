@@ -263,6 +263,13 @@ impl Bench {
                     .map(|h| h.freeze_us as f64 / 1e3)
                     .collect(),
             );
+            let committed = stats(
+                trip.hops
+                    .iter()
+                    .filter(|h| h.module_bytes == 0)
+                    .map(|h| h.committed_us as f64 / 1e3)
+                    .collect(),
+            );
             let image = trip.hops.last().map_or(0, |h| h.image_bytes);
             rows.push(Row {
                 figure,
@@ -272,12 +279,16 @@ impl Bench {
                     "—"
                 },
                 measured: format!(
-                    "**p50 {:.2} ms, p99 {:.2} ms** (min {:.2}, max {:.2})",
-                    warm.p50, warm.p99, warm.min, warm.max
+                    "**p50 {:.2} ms, p99 {:.2} ms** (min {:.2}, max {:.2}); until COMMITTED \
+                     p50 {:.2} ms, p99 {:.2} ms",
+                    warm.p50, warm.p99, warm.min, warm.max, committed.p50, committed.p99
                 ),
                 how: format!(
                     "{} hops siteA⇄siteB of the bench agent (memory {} KiB, image {:.1} KiB): \
-                     from capture on the source to COMMITTED back at the source",
+                     from suspension on the source until the destination resumed it (the \
+                     source's time until COMMITTED less the time the agent had run there \
+                     when it was sent: an upper bound); the agent's next hop waits for the \
+                     commit, the time until COMMITTED reached the source",
                     warm.n,
                     trip.memory >> 10,
                     image as f64 / 1024.0

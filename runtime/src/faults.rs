@@ -9,24 +9,28 @@
 //!
 //! | name | where |
 //! |---|---|
-//! | `source-after-offer` | source: the destination accepted, the departure is recorded, nothing sent |
+//! | `source-after-offer` | source: the destination accepted, nothing sent, the departure record may not be durable yet |
 //! | `source-mid-module` | source: half the module sent |
 //! | `source-mid-image` | source: half the image sent |
+//! | `source-before-departed` | source: image sent, departure durable, DEPARTED not sent |
 //! | `dest-after-offer` | destination: ACCEPT sent, nothing received |
 //! | `dest-mid-module` | destination: module received, not yet admitted |
 //! | `dest-mid-image` | destination: image received, not yet validated or stored |
+//! | `dest-before-commit` | destination: agent restored and running, DEPARTED received, not committed |
 //! | `dest-after-commit` | destination: arrival committed, COMMITTED not sent |
 //! | `source-after-committed` | source: COMMITTED received, departure not yet cleaned up |
 //! | `after-call` | any host: a service call journaled, its answer not yet given to the agent |
 
 /// Names of every crash point (kept here so tests and docs agree).
-pub const POINTS: [&str; 9] = [
+pub const POINTS: [&str; 11] = [
     "source-after-offer",
     "source-mid-module",
     "source-mid-image",
+    "source-before-departed",
     "dest-after-offer",
     "dest-mid-module",
     "dest-mid-image",
+    "dest-before-commit",
     "dest-after-commit",
     "source-after-committed",
     "after-call",

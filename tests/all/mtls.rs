@@ -101,7 +101,7 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
             home: "siteA".into(),
         };
         let reply: OfferReply = client
-            .request(&Request::Offer(offer))
+            .request(&Request::Hop(offer))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(

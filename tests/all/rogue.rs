@@ -1,15 +1,17 @@
 //! A peer with a valid host certificate that sends bad transfers (a buggy or compromised
 //! host): a module whose bytes do not match its hash, an image of another module, a stream
-//! cut short. The destination refuses each with a clear reason, commits nothing, and keeps
-//! serving.
+//! cut short, a whole image never confirmed by DEPARTED or confirmed for another hop. The
+//! destination refuses each with a clear reason, commits nothing, and keeps serving.
 
 use agent_e2e::{Cluster, block_on, example};
 use agent_runtime::engine::new_engine;
 use agent_runtime::net::certs::{self, Role};
 use agent_runtime::net::client::{Client, HostAddr};
-use agent_runtime::net::messages::{Offer, OfferReply, Request, TransferReply, TransferStatus};
+use agent_runtime::net::messages::{
+    Departed, Offer, OfferReply, Request, TransferReply, TransferStatus,
+};
 use agent_runtime::net::tls::Credentials;
-use agent_runtime::net::wire::{read_msg, write_blob};
+use agent_runtime::net::wire::{read_msg, write_blob, write_msg};
 use agent_runtime::{AgentContext, AgentInstance, Corpus, Limits, ModuleCache, Site};
 use std::sync::Arc;
 
@@ -44,14 +46,28 @@ fn image_of(wasm: &[u8]) -> (Vec<u8>, Offer) {
     (bytes, offer)
 }
 
-/// Offers, then sends `module` (if asked for) and `image`; the destination's verdict.
+/// Offers, then sends `module` (if asked for), `image` and DEPARTED; the destination's verdict.
 async fn transfer(
     client: &Client,
     offer: &Offer,
     module: &[u8],
     image: &[u8],
 ) -> Result<TransferReply, String> {
-    let (mut send, mut recv) = client.open(&Request::Offer(offer.clone())).await?;
+    let (mut send, mut recv) = send_image(client, offer, module, image).await?;
+    write_msg(&mut send, &Departed { seq: offer.seq })
+        .await
+        .map_err(|e| e.to_string())?;
+    read_msg(&mut recv).await.map_err(|e| e.to_string())
+}
+
+/// Offers, then sends `module` (if asked for) and `image`; the streams, to go on with.
+async fn send_image(
+    client: &Client,
+    offer: &Offer,
+    module: &[u8],
+    image: &[u8],
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let (mut send, mut recv) = client.open(&Request::Hop(offer.clone())).await?;
     let reply: OfferReply = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
     let OfferReply::Accept { need_module, .. } = reply else {
         return Err(format!("offer not accepted: {reply:?}"));
@@ -64,7 +80,7 @@ async fn transfer(
     write_blob(&mut send, image)
         .await
         .map_err(|e| e.to_string())?;
-    read_msg(&mut recv).await.map_err(|e| e.to_string())
+    Ok((send, recv))
 }
 
 #[test]
@@ -85,6 +101,8 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
     let heap = example("heap");
     let (image, offer) = image_of(&search);
     let (other_image, _) = image_of(&heap);
+    let (unconfirmed, offer4) = image_of(&search);
+    let (misconfirmed, offer5) = image_of(&search);
 
     block_on(async {
         let client = Client::connect(&host, &rogue)
@@ -119,7 +137,7 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
             ..offer.clone()
         };
         let (mut send, mut recv) = client
-            .open(&Request::Offer(offer3.clone()))
+            .open(&Request::Hop(offer3.clone()))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let reply: OfferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
@@ -138,22 +156,55 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
             .unwrap_or_else(|e| panic!("{e}"));
         let _ = send.finish();
         assert!(read_msg::<TransferReply>(&mut recv).await.is_err());
-        // Nothing was committed: asking settles the transfer as aborted, for good.
-        for seq in [1, 2, 3] {
+
+        // A whole, valid image (the destination restores it and starts it), but the stream
+        // ends without DEPARTED: as if the source crashed before its record was durable.
+        let (mut send, mut recv) = send_image(&client, &offer4, &search, &unconfirmed)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = send.finish();
+        assert!(read_msg::<TransferReply>(&mut recv).await.is_err());
+
+        // A whole, valid image confirmed for another hop.
+        let (mut send, mut recv) = send_image(&client, &offer5, &search, &misconfirmed)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        write_msg(&mut send, &Departed { seq: 7 })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let verdict: TransferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            verdict,
+            TransferReply::Refused("DEPARTED names hop 7".into())
+        );
+
+        // Nothing was committed: asking settles each transfer as aborted, for good.
+        let transfers = [
+            (offer.agent, 1),
+            (offer.agent, 2),
+            (offer.agent, 3),
+            (offer4.agent, 1),
+            (offer5.agent, 1),
+        ];
+        for (agent, seq) in transfers {
             let status: Result<TransferStatus, String> = client
-                .request(&Request::Query {
-                    agent: offer.agent,
-                    seq,
-                })
+                .request(&Request::Query { agent, seq })
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(status, Ok(TransferStatus::Aborted), "seq {seq}");
+            assert_eq!(status, Ok(TransferStatus::Aborted), "{agent} seq {seq}");
         }
         client.close().await;
     });
     let log = cluster.log("siteA");
     assert!(!log.contains("agent arrived"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
+    // The two whole images ran until their first operation, which waited for the commit.
+    assert_eq!(
+        log.matches("dropped an arrival that was never committed")
+            .count(),
+        2,
+        "{log}"
+    );
 
     // Still serving: a real agent runs there.
     example("search");

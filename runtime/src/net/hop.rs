@@ -1,11 +1,12 @@
 //! The hop protocol's decisions, as state machines without I/O (like quinn-proto): the async
 //! code in [`crate::net::host`] performs the I/O and feeds each result in.
 //!
-//! Phases: negotiate (OFFER → ACCEPT/REFUSE), transfer (module if needed, then image), commit
-//! (the destination stores the image durably, then answers COMMITTED). Before the commit point
-//! the source owns the agent and resumes it with a [`HopError`] on any failure; once the image
-//! may have reached the destination, the source never guesses: it asks the destination what
-//! became of the transfer (agent id, hop seq) until it learns.
+//! Phases: negotiate (OFFER → ACCEPT/REFUSE), transfer (module if needed, then image, then
+//! DEPARTED once the source's departure record is durable), commit (the destination stores the
+//! image durably, then answers COMMITTED). The destination never commits before DEPARTED, so
+//! until DEPARTED is sent the source owns the agent and resumes it with a [`HopError`] on any
+//! failure; once DEPARTED may have reached the destination, the source never guesses: it asks
+//! the destination what became of the transfer (agent id, hop seq) until it learns.
 
 use super::certs::{Identity, Role};
 use super::messages::{Offer, OfferReply, TransferReply, TransferStatus};
@@ -19,6 +20,8 @@ pub enum SourceStep {
         /// The destination lacks the module.
         module: bool,
     },
+    /// Once the departure record is durable, send DEPARTED.
+    Confirm,
     /// Wait for the destination's verdict.
     AwaitVerdict,
     /// The hop did not happen: resume the agent here with this error.
@@ -33,6 +36,7 @@ pub enum SourceStep {
 enum SourceState {
     Offered,
     Transferring,
+    Confirming,
     AwaitingVerdict,
     InDoubt,
     Done,
@@ -113,10 +117,33 @@ impl SourceHop {
         }
         match sent {
             Ok(()) => {
+                self.state = SourceState::Confirming;
+                SourceStep::Confirm
+            }
+            // The destination may hold the whole image, but it never commits without DEPARTED.
+            Err(why) => self.resume(why),
+        }
+    }
+
+    /// The departure record could not be made durable: DEPARTED is never sent, so the
+    /// destination never commits.
+    pub fn on_unrecorded(&mut self, why: &str) -> SourceStep {
+        if self.state != SourceState::Confirming {
+            return self.out_of_order("failed departure record");
+        }
+        self.resume(format!("cannot record the departure: {why}"))
+    }
+
+    /// DEPARTED was sent (`Ok`), or sending it failed (`Err`): it may have arrived.
+    pub fn on_confirmed(&mut self, sent: Result<(), String>) -> SourceStep {
+        if self.state != SourceState::Confirming {
+            return self.out_of_order("DEPARTED");
+        }
+        match sent {
+            Ok(()) => {
                 self.state = SourceState::AwaitingVerdict;
                 SourceStep::AwaitVerdict
             }
-            // The destination may hold the whole image already.
             Err(_) => self.in_doubt(),
         }
     }
@@ -127,7 +154,7 @@ impl SourceHop {
             return self.out_of_order("verdict");
         }
         match verdict {
-            Ok(TransferReply::Committed) => self.done(SourceStep::Forget),
+            Ok(TransferReply::Committed { .. }) => self.done(SourceStep::Forget),
             Ok(TransferReply::Refused(reason)) => {
                 let error = HopError::Refused {
                     site: self.site.clone(),
@@ -157,10 +184,10 @@ impl SourceHop {
     }
 
     fn out_of_order(&mut self, what: &str) -> SourceStep {
-        // A driver bug: stay safe. In doubt we ask; before any transfer we resume.
+        // A driver bug: stay safe. In doubt we ask; before DEPARTED is sent we resume.
         match self.state {
-            SourceState::Offered => {
-                self.resume(format!("protocol error: {what} before the offer reply"))
+            SourceState::Offered | SourceState::Transferring => {
+                self.resume(format!("protocol error: {what} out of order"))
             }
             SourceState::Done => SourceStep::Query,
             _ => self.in_doubt(),
@@ -263,16 +290,17 @@ mod tests {
             })),
             SourceStep::Transfer { module: true }
         );
-        assert_eq!(hop.on_sent(Ok(())), SourceStep::AwaitVerdict);
+        assert_eq!(hop.on_sent(Ok(())), SourceStep::Confirm);
+        assert_eq!(hop.on_confirmed(Ok(())), SourceStep::AwaitVerdict);
         assert_eq!(
-            hop.on_verdict(Ok(TransferReply::Committed)),
+            hop.on_verdict(Ok(TransferReply::Committed { ran_us: 0 })),
             SourceStep::Forget
         );
         assert!(hop.is_done());
     }
 
     #[test]
-    fn before_the_image_leaves_every_failure_resumes_on_the_source() {
+    fn before_departed_is_sent_every_failure_resumes_on_the_source() {
         let mut hop = SourceHop::offered("b");
         assert_eq!(
             hop.on_offer_reply(Err("connection lost".into())),
@@ -292,6 +320,7 @@ mod tests {
             base: None,
         }));
         hop.on_sent(Ok(()));
+        hop.on_confirmed(Ok(()));
         assert_eq!(
             hop.on_verdict(Ok(TransferReply::Refused("bad image".into()))),
             SourceStep::Resume(HopError::Refused {
@@ -299,16 +328,36 @@ mod tests {
                 reason: "bad image".into()
             })
         );
+        // The image may have arrived whole, but without DEPARTED it is never committed.
+        let accepted = || {
+            let mut hop = SourceHop::offered("b");
+            hop.on_offer_reply(Ok(OfferReply::Accept {
+                need_module: false,
+                base: None,
+            }));
+            hop
+        };
+        assert_eq!(
+            accepted().on_sent(Err("reset".into())),
+            unreachable("reset")
+        );
+        let mut hop = accepted();
+        hop.on_sent(Ok(()));
+        assert_eq!(
+            hop.on_unrecorded("disk full"),
+            unreachable("cannot record the departure: disk full")
+        );
     }
 
     #[test]
-    fn after_the_image_may_have_left_the_source_asks_until_it_knows() {
+    fn after_departed_may_have_arrived_the_source_asks_until_it_knows() {
         let mut hop = SourceHop::offered("b");
         hop.on_offer_reply(Ok(OfferReply::Accept {
             need_module: false,
             base: None,
         }));
-        assert_eq!(hop.on_sent(Err("reset".into())), SourceStep::Query);
+        hop.on_sent(Ok(()));
+        assert_eq!(hop.on_confirmed(Err("reset".into())), SourceStep::Query);
         assert_eq!(
             hop.on_query_reply(Err("still down".into())),
             SourceStep::Query
@@ -324,6 +373,7 @@ mod tests {
             base: None,
         }));
         hop.on_sent(Ok(()));
+        hop.on_confirmed(Ok(()));
         assert_eq!(hop.on_verdict(Err("timeout".into())), SourceStep::Query);
         assert_eq!(
             hop.on_query_reply(Ok(TransferStatus::Aborted)),
@@ -341,16 +391,25 @@ mod tests {
     }
 
     #[test]
-    fn out_of_order_inputs_never_resume_an_agent_that_may_have_left() {
+    fn out_of_order_inputs_resume_only_before_departed_is_sent() {
         let mut hop = SourceHop::offered("b");
         hop.on_offer_reply(Ok(OfferReply::Accept {
             need_module: false,
             base: None,
         }));
+        // A verdict before DEPARTED was sent: the destination cannot have committed.
         assert_eq!(
-            hop.on_verdict(Ok(TransferReply::Committed)),
-            SourceStep::Query
+            hop.on_verdict(Ok(TransferReply::Committed { ran_us: 0 })),
+            unreachable("protocol error: verdict out of order")
         );
+        let mut hop = SourceHop::offered("b");
+        hop.on_offer_reply(Ok(OfferReply::Accept {
+            need_module: false,
+            base: None,
+        }));
+        hop.on_sent(Ok(()));
+        hop.on_confirmed(Ok(()));
+        assert_eq!(hop.on_sent(Ok(())), SourceStep::Query);
     }
 
     fn offer() -> Offer {

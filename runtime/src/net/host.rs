@@ -10,7 +10,7 @@
 use super::certs::{Identity, Role};
 use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
 use super::messages::{
-    Asleep, HopInfo, LaunchEvent, ListReply, Offer, OfferReply, Request, StatusReply,
+    Asleep, Departed, HopInfo, LaunchEvent, ListReply, Offer, OfferReply, Request, StatusReply,
     TransferReply, TransferStatus, unix_ms,
 };
 use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
@@ -121,8 +121,9 @@ pub struct Host {
     parked: Mutex<HashMap<AgentId, tokio::task::AbortHandle>>,
     /// Permits to restore parked agents that are due.
     waking: tokio::sync::Semaphore,
-    /// Transfers (agent, seq) this host accepted and has not decided yet.
-    receiving: Mutex<std::collections::HashSet<(AgentId, u64)>>,
+    /// Transfers (agent, seq) this host accepted and has not decided yet, and how many: a
+    /// source that restarted before its departure was durable offers the same hop again.
+    receiving: Mutex<HashMap<(AgentId, u64), usize>>,
     homes: Mutex<HashMap<AgentId, HomeEntry>>,
     /// Pages of agents that left, for their return visits.
     bases: Mutex<BaseCache>,
@@ -140,6 +141,9 @@ enum Start {
     Poll,
     /// Handle its pending operation first (it was parked with one).
     Handle(Op),
+    /// Poll an agent that arrived but whose commit is still being made: `true` once it is
+    /// durable, `false` (or dropped) if it never will be.
+    Arrived(tokio::sync::oneshot::Receiver<bool>),
 }
 
 impl Host {
@@ -341,6 +345,7 @@ impl Host {
                     base_list_bytes: 0,
                     pages_reused: 0,
                     freeze_us: 0,
+                    committed_us: 0,
                 };
                 self.report(id, home, LaunchEvent::Moved(info));
             }
@@ -552,12 +557,12 @@ impl Host {
                 let reply = self.kill(&agent, &peer).await;
                 write_msg(&mut send, &reply).await
             }
-            Request::Offer(offer) => self.serve_offer(&peer, offer, &mut send, &mut recv).await,
+            Request::Hop(offer) => self.serve_offer(&peer, offer, &mut send, &mut recv).await,
             Request::Query { agent, seq } => {
                 let receiving = self
                     .receiving
                     .lock()
-                    .is_ok_and(|r| r.contains(&(agent, seq)));
+                    .is_ok_and(|r| r.contains_key(&(agent, seq)));
                 let reply = match peer.role {
                     Role::Host if receiving => Ok(TransferStatus::InProgress),
                     Role::Host => self
@@ -960,14 +965,22 @@ impl Host {
     // ---- running agents ----------------------------------------------------------------
 
     fn spawn_agent(self: &Arc<Self>, agent: AgentInstance, start: Start) {
-        let id = agent.context().agent_id;
-        if let Ok(mut running) = self.running.lock() {
-            running.insert(id, agent.flags());
-        }
-        if self.shutting_down.load(Ordering::SeqCst) {
-            agent.flags().checkpoint.store(true, Ordering::SeqCst);
+        if !matches!(start, Start::Arrived(_)) {
+            self.enroll(agent.context().agent_id, agent.flags());
         }
         tokio::spawn(self.clone().drive(agent, start));
+    }
+
+    /// Makes a running agent known: to kill, to shutdown and to the count of agents. An
+    /// arrival is enrolled once it is committed (two uncommitted arrivals of one agent may
+    /// meet, when its source restarted and offered the hop again).
+    fn enroll(&self, id: AgentId, flags: Arc<AgentFlags>) {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            flags.checkpoint.store(true, Ordering::SeqCst);
+        }
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(id, flags);
+        }
     }
 
     fn forget_running(&self, id: &AgentId) {
@@ -981,12 +994,22 @@ impl Host {
     async fn drive(self: Arc<Self>, mut agent: AgentInstance, start: Start) {
         let id = agent.context().agent_id;
         let home = agent.context().home.clone();
-        let mut next = start;
+        // An arrival runs before its commit is durable, but nothing it does takes effect
+        // before: its first operation, or its end, waits for the verdict.
+        let (mut next, mut uncommitted) = match start {
+            Start::Arrived(committed) => (Start::Poll, Some(committed)),
+            start => (start, None),
+        };
         loop {
             let op = match next {
                 Start::Handle(op) => op,
-                Start::Poll => {
+                Start::Arrived(_) | Start::Poll => {
                     let step = agent.poll().await;
+                    if let Some(committed) = uncommitted.take()
+                        && committed.await != Ok(true)
+                    {
+                        return tracing::info!(agent = %id, "dropped an arrival that was never committed");
+                    }
                     let (lines, dropped) = agent.drain_log();
                     for line in lines {
                         tracing::info!(agent = %id, source = ?line.source, "{}", line.text);
@@ -1351,9 +1374,9 @@ impl Host {
         phase("captured");
         let bytes = Arc::new(image.encode().map_err(|e| unreachable(e.to_string()))?);
         phase("encoded");
-        // The departure is recorded while the offer travels: it must be durable before the
-        // image leaves, not before the destination is asked. From here on a restart asks the
-        // destination, which aborts a transfer it never accepted.
+        // The departure is recorded while the offer and the image travel: it must be durable
+        // before DEPARTED is sent, since the destination commits only after DEPARTED. Once it
+        // is, a restart asks the destination, which aborts a transfer it never committed.
         let mut recording = Some(self.record_departure(image.context.agent_id, seq, site, &bytes));
         let module = agent.module().clone();
         let offer = Offer {
@@ -1377,7 +1400,7 @@ impl Host {
         let reply = async {
             let conn = self.connect(site).await?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            write_msg(&mut send, &Request::Offer(offer.clone()))
+            write_msg(&mut send, &Request::Hop(offer.clone()))
                 .await
                 .map_err(|e| e.to_string())?;
             let reply: OfferReply = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
@@ -1399,26 +1422,30 @@ impl Host {
         let mut backoff = Duration::from_millis(100);
         // Set once the departure is recorded: from then on a restart asks the destination.
         let mut departure = None;
+        let mut unrecorded = None;
+        // How long the agent had run on the destination when it answered COMMITTED.
+        let mut ran_there = Duration::ZERO;
         loop {
-            if let Some(recording) = recording.take() {
+            // Any step but sending the image waits for the record.
+            if !matches!(step, SourceStep::Transfer { .. })
+                && let Some(recording) = recording.take()
+            {
                 let recorded = recording
                     .await
                     .unwrap_or_else(|e| Err(format!("the departure task failed: {e}")));
                 match recorded {
                     Ok(image) => departure = Some(image),
-                    Err(e) if matches!(step, SourceStep::Transfer { .. }) => {
-                        // Nothing was sent: dropping the streams cancels the transfer.
-                        let reason = format!("cannot record the departure: {e}");
-                        return Err(unreachable(reason).into());
+                    Err(e) => {
+                        tracing::error!(seq, "cannot record the departure: {e}");
+                        unrecorded = Some(e);
                     }
-                    Err(e) => tracing::error!(seq, "cannot record the departure: {e}"),
                 }
+                phase("departure recorded");
             }
             step = match step {
                 SourceStep::Transfer {
                     module: need_module,
                 } => {
-                    phase("departure recorded");
                     crash_point("source-after-offer");
                     if let Some(task) = base_task.take()
                         && let Ok(kept) = task.await
@@ -1460,6 +1487,16 @@ impl Host {
                     phase("sent");
                     hop.on_sent(sent)
                 }
+                SourceStep::Confirm => match (&unrecorded, streams.as_mut()) {
+                    // Dropping the streams tells the destination; it never commits.
+                    (Some(why), _) => hop.on_unrecorded(why),
+                    (None, Some((send, _))) => {
+                        crash_point("source-before-departed");
+                        let sent = write_msg(send, &Departed { seq }).await;
+                        hop.on_confirmed(sent.map_err(|e| e.to_string()))
+                    }
+                    (None, None) => hop.on_confirmed(Err("no stream".into())),
+                },
                 SourceStep::AwaitVerdict => {
                     let verdict = match streams.as_mut() {
                         Some((_, recv)) => {
@@ -1471,6 +1508,9 @@ impl Host {
                         None => Err("no stream".to_string()),
                     };
                     phase("verdict");
+                    if let Ok(TransferReply::Committed { ran_us }) = &verdict {
+                        ran_there = Duration::from_micros(*ran_us);
+                    }
                     hop.on_verdict(verdict)
                 }
                 SourceStep::Query => {
@@ -1505,7 +1545,8 @@ impl Host {
                         module_bytes: module_sent,
                         base_list_bytes: base.as_ref().map_or(0, BaseList::wire_bytes),
                         pages_reused,
-                        freeze_us: frozen.elapsed().as_micros() as u64,
+                        freeze_us: frozen.elapsed().saturating_sub(ran_there).as_micros() as u64,
+                        committed_us: frozen.elapsed().as_micros() as u64,
                     };
                     return Ok(info);
                 }
@@ -1588,16 +1629,18 @@ impl Host {
             *base = held.as_ref().map(|b| b.list().clone());
         }
         let key = (offer.agent, offer.seq);
-        if matches!(reply, OfferReply::Accept { .. })
-            && let Ok(mut receiving) = self.receiving.lock()
-        {
-            receiving.insert(key);
+        let accepted = matches!(reply, OfferReply::Accept { .. });
+        if accepted && let Ok(mut receiving) = self.receiving.lock() {
+            *receiving.entry(key).or_default() += 1;
         }
         let received = self
             .receive_offered(peer, &offer, &reply, held.as_deref(), send, recv)
             .await;
-        if let Ok(mut receiving) = self.receiving.lock() {
-            receiving.remove(&key);
+        if accepted && let Ok(mut receiving) = self.receiving.lock() {
+            match receiving.get_mut(&key) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => drop(receiving.remove(&key)),
+            }
         }
         received
     }
@@ -1630,16 +1673,51 @@ impl Host {
         };
         let arriving = Instant::now();
         let image = read_blob(recv, "image", self.config.max_image).await?;
-        let took = arriving.elapsed().as_micros() as u64;
-        tracing::debug!(seq = offer.seq, phase = "image read", us = took, "hop in");
+        let phase = |name: &str| {
+            let us = arriving.elapsed().as_micros() as u64;
+            tracing::debug!(seq = offer.seq, phase = name, us, "hop in");
+        };
+        phase("image read");
         crash_point("dest-mid-image");
-        match self.receive(offer, wasm, &image, base).await {
-            Ok(mut agent) => {
+        let (mut agent, whole) = match self.receive(offer, wasm, &image, base).await {
+            Ok(arrival) => arrival,
+            Err(why) => {
+                tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
+                return write_msg(send, &TransferReply::Refused(why)).await;
+            }
+        };
+        // It runs while DEPARTED comes and the commit is made; a commit that fails, or a
+        // stream that breaks first, drops it before it did anything seen.
+        let (verdict, committed) = tokio::sync::oneshot::channel();
+        let flags = agent.flags();
+        agent.complete(OpResult::Hop(Ok(())));
+        self.spawn_agent(agent, Start::Arrived(committed));
+        let resumed = Instant::now();
+        phase("resumed");
+        let departed: Departed = read_msg(recv).await?;
+        phase("departed");
+        crash_point("dest-before-commit");
+        let stored = whole.as_deref().unwrap_or(&image);
+        let commit = match departed.seq == offer.seq {
+            true => (self.store)
+                .commit_arrival(&offer.agent, offer.seq, stored)
+                .map_err(|e| e.to_string()),
+            false => Err(format!("DEPARTED names hop {}", departed.seq)),
+        };
+        phase("committed");
+        if commit.is_ok() {
+            self.enroll(offer.agent, flags);
+        }
+        let _ = verdict.send(commit.is_ok());
+        match commit {
+            Ok(()) => {
+                if let Ok(mut bases) = self.bases.lock() {
+                    bases.remove(&offer.agent);
+                }
                 crash_point("dest-after-commit");
-                write_msg(send, &TransferReply::Committed).await?;
+                let ran_us = resumed.elapsed().as_micros() as u64;
+                write_msg(send, &TransferReply::Committed { ran_us }).await?;
                 tracing::info!(agent = %offer.agent, from = %peer, seq = offer.seq, "agent arrived");
-                agent.complete(OpResult::Hop(Ok(())));
-                self.spawn_agent(agent, Start::Poll);
                 Ok(())
             }
             Err(why) => {
@@ -1649,14 +1727,15 @@ impl Host {
         }
     }
 
-    /// Validates an arriving agent fully (by restoring it), then commits it durably.
+    /// Validates an arriving agent fully, by restoring it; yields it and, when pages were
+    /// filled in from a base, the whole image to store in place of the bytes that came.
     async fn receive(
         self: &Arc<Self>,
         offer: &Offer,
         wasm: Option<Vec<u8>>,
         bytes: &[u8],
         base: Option<&Base>,
-    ) -> Result<AgentInstance, String> {
+    ) -> Result<(AgentInstance, Option<Vec<u8>>), String> {
         let started = Instant::now();
         let module = match wasm {
             Some(wasm) => {
@@ -1709,14 +1788,7 @@ impl Host {
             .await
             .map_err(|e| e.to_string())?;
         phase("restored");
-        self.store
-            .commit_arrival(&offer.agent, offer.seq, whole.as_deref().unwrap_or(bytes))
-            .map_err(|e| e.to_string())?;
-        phase("committed");
-        if let Ok(mut bases) = self.bases.lock() {
-            bases.remove(&offer.agent);
-        }
-        Ok(agent)
+        Ok((agent, whole))
     }
 }
 
@@ -1853,6 +1925,7 @@ mod tests {
             base_list_bytes: 0,
             pages_reused: 0,
             freeze_us: 0,
+            committed_us: 0,
         })
     }
 

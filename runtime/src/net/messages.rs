@@ -30,8 +30,10 @@ pub enum Request {
         /// The agent.
         agent: AgentId,
     },
-    /// Host → host: phase 1 of a hop. Answered with [`OfferReply`].
-    Offer(Offer),
+    /// Host → host: phase 1 of a hop. Answered with [`OfferReply`]. (Named `Hop`, not
+    /// `Offer` as before, since a destination now commits only after [`Departed`]: a host
+    /// that commits without it refuses this request instead of misreading it.)
+    Hop(Offer),
     /// Host → host: what became of a transfer whose answer was lost. Answered with
     /// [`TransferStatus`].
     Query {
@@ -102,11 +104,25 @@ pub enum OfferReply {
     AlreadyCommitted,
 }
 
+/// The source's last word of phase 2, after the image: its departure record is durable, so
+/// the destination may commit. The image travels while that record is being written; a
+/// destination that never hears this never commits, so a source that crashed before its
+/// record was durable (and will resume the agent itself) cannot meet the agent elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Departed {
+    /// The hop sequence number of the transfer.
+    pub seq: u64,
+}
+
 /// Phase 3: the destination's verdict after receiving the image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TransferReply {
     /// The image is stored durably: the destination owns the agent now.
-    Committed,
+    Committed {
+        /// Microseconds the agent had run on the destination (it resumes before the commit;
+        /// its first operation waits for it).
+        ran_us: u64,
+    },
     /// The image was refused; the source still owns the agent.
     Refused(String),
 }
@@ -147,8 +163,14 @@ pub struct HopInfo {
     /// Pages the image left out because the destination held them.
     #[serde(default)]
     pub pages_reused: u64,
-    /// Microseconds from suspension on the source to the destination's commit.
+    /// Microseconds the agent did not run: from its suspension on the source until the
+    /// destination resumed it. Measured on the source as `committed_us` less the time the
+    /// destination says the agent had run when it sent COMMITTED, so the one-way delay of that
+    /// answer counts as frozen: an upper bound, with no clocks compared.
     pub freeze_us: u64,
+    /// Microseconds from suspension on the source until COMMITTED reached it.
+    #[serde(default)]
+    pub committed_us: u64,
 }
 
 /// Progress of an agent, streamed to its launcher and reported to its home host.

@@ -287,7 +287,7 @@ fn hop_json(h: &HopInfo) -> serde_json::Value {
     serde_json::json!({
         "seq": h.seq, "from": h.from, "from_arch": h.from_arch, "to": h.to,
         "image_bytes": h.image_bytes, "module_bytes": h.module_bytes, "freeze_us": h.freeze_us,
-        "pages_reused": h.pages_reused, "base_list_bytes": h.base_list_bytes,
+        "committed_us": h.committed_us, "pages_reused": h.pages_reused, "base_list_bytes": h.base_list_bytes,
     })
 }
 
@@ -302,8 +302,8 @@ fn reused(h: &HopInfo) -> String {
     }
 }
 
-/// The hop table: from, to, bytes moved and freeze time (suspended on the source until the
-/// destination committed).
+/// The hop table: from, to, bytes moved and freeze time (suspended on the source until
+/// resumed on the destination).
 pub fn hop_table(hops: &[HopInfo]) -> String {
     let mut out = format!(
         "{:>3}  {:<10} {:<8} {:<10} {:>10} {:>10} {:>10}\n",
