@@ -164,6 +164,26 @@ impl PageMap {
     }
 }
 
+/// Maps every page of `memory` in one call before [`PageMap::capture`] reads it page by page.
+/// A memory restored into a fresh mapping has most pages never touched, and the first read of
+/// each traps into the kernel (272 traps, about a quarter of a millisecond, for a 1 MiB agent
+/// on a VM). Only a hint: where it is refused (other systems, older kernels, emulators) the
+/// reads fault the pages in as before.
+pub fn populate(memory: &[u8]) {
+    #[cfg(target_os = "linux")]
+    if !memory.is_empty() && (memory.as_ptr() as usize).is_multiple_of(PAGE_SIZE) {
+        // SAFETY: MADV_POPULATE_READ only maps pages of this live mapping for reading, as a
+        // read would; it changes no byte and no protection, and errors are ignored.
+        unsafe {
+            libc::madvise(
+                memory.as_ptr() as *mut libc::c_void,
+                memory.len(),
+                libc::MADV_POPULATE_READ,
+            );
+        }
+    }
+}
+
 /// Every page index of `runs`, in order.
 pub(crate) fn indices(runs: &[PageRun]) -> impl Iterator<Item = u32> + '_ {
     runs.iter()

@@ -99,6 +99,7 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
             abi: agent_abi::ABI_VERSION,
             owner: "alice".into(),
             home: "siteA".into(),
+            image_follows: false,
         };
         let reply: OfferReply = client
             .request(&Request::Hop(offer))

@@ -42,6 +42,7 @@ fn image_of(wasm: &[u8]) -> (Vec<u8>, Offer) {
         abi: agent_abi::ABI_VERSION,
         owner: "alice".into(),
         home: "siteB".into(),
+        image_follows: false,
     };
     (bytes, offer)
 }
@@ -219,4 +220,71 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The image may follow the offer at once (`image_follows`, what a source does for a small
+/// image to a host it believes holds the module): a destination that lacks the module after
+/// all reads the image, asks for the module, and commits.
+#[test]
+fn an_image_sent_with_the_offer_is_committed_even_when_the_module_is_asked_for() {
+    let up: &[&str] = &[];
+    // siteB is not started: its certificate stands for a host that sends its image early.
+    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
+    let peer = Credentials::load(
+        &certs::ca_files(&cluster.certs()).cert,
+        &certs::files(&cluster.certs(), Role::Host, "siteB"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let host = HostAddr {
+        name: "siteA".into(),
+        addr: cluster.addrs["siteA"],
+    };
+    let search = example("search");
+    let (image, offer) = image_of(&search);
+    let offer = Offer {
+        image_follows: true,
+        ..offer
+    };
+    block_on(async {
+        let client = Client::connect(&host, &peer)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (mut send, mut recv) = client
+            .open(&Request::Hop(offer.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        write_blob(&mut send, &image)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let reply: OfferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            reply,
+            OfferReply::Accept {
+                need_module: true,
+                base: None
+            }
+        );
+        write_blob(&mut send, &search)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        write_msg(&mut send, &Departed { seq: offer.seq })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let verdict: TransferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            matches!(verdict, TransferReply::Committed { .. }),
+            "{verdict:?}"
+        );
+        let status: Result<TransferStatus, String> = client
+            .request(&Request::Query {
+                agent: offer.agent,
+                seq: offer.seq,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status, Ok(TransferStatus::Committed));
+        client.close().await;
+    });
+    let log = cluster.log("siteA");
+    assert!(log.contains("agent arrived"), "{log}");
 }

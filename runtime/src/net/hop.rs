@@ -293,7 +293,10 @@ mod tests {
         assert_eq!(hop.on_sent(Ok(())), SourceStep::Confirm);
         assert_eq!(hop.on_confirmed(Ok(())), SourceStep::AwaitVerdict);
         assert_eq!(
-            hop.on_verdict(Ok(TransferReply::Committed { ran_us: 0 })),
+            hop.on_verdict(Ok(TransferReply::Committed {
+                ran_us: 0,
+                resumed_at_us: 0
+            })),
             SourceStep::Forget
         );
         assert!(hop.is_done());
@@ -399,7 +402,10 @@ mod tests {
         }));
         // A verdict before DEPARTED was sent: the destination cannot have committed.
         assert_eq!(
-            hop.on_verdict(Ok(TransferReply::Committed { ran_us: 0 })),
+            hop.on_verdict(Ok(TransferReply::Committed {
+                ran_us: 0,
+                resumed_at_us: 0
+            })),
             unreachable("protocol error: verdict out of order")
         );
         let mut hop = SourceHop::offered("b");
@@ -423,6 +429,7 @@ mod tests {
             abi: agent_abi::ABI_VERSION,
             owner: "alice".into(),
             home: "a".into(),
+            image_follows: false,
         }
     }
 

@@ -11,7 +11,7 @@ use super::certs::{Identity, Role};
 use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
 use super::messages::{
     Asleep, Departed, HopInfo, LaunchEvent, ListReply, Offer, OfferReply, Request, StatusReply,
-    TransferReply, TransferStatus, unix_ms,
+    TransferReply, TransferStatus, unix_ms, unix_us,
 };
 use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
@@ -127,6 +127,9 @@ pub struct Host {
     homes: Mutex<HashMap<AgentId, HomeEntry>>,
     /// Pages of agents that left, for their return visits.
     bases: Mutex<BaseCache>,
+    /// (peer, module) pairs a peer said it holds: a small image is sent to it with the offer.
+    /// Modules are stored durably, so the knowledge holds; a peer that lost one asks for it.
+    peer_modules: Mutex<std::collections::HashSet<(String, ModuleHash)>>,
     shutting_down: AtomicBool,
     idle: tokio::sync::Notify,
     /// Wakes the task that delivers stored reports to home hosts.
@@ -194,6 +197,7 @@ impl Host {
             parked: Mutex::default(),
             waking: tokio::sync::Semaphore::new(WAKING_AT_ONCE),
             receiving: Mutex::default(),
+            peer_modules: Mutex::default(),
             homes: Mutex::new(homes),
             shutting_down: AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
@@ -346,6 +350,8 @@ impl Host {
                     pages_reused: 0,
                     freeze_us: 0,
                     committed_us: 0,
+                    frozen_at_us: 0,
+                    resumed_at_us: 0,
                 };
                 self.report(id, home, LaunchEvent::Moved(info));
             }
@@ -1345,7 +1351,7 @@ impl Host {
         agent: &mut AgentInstance,
         site: &str,
     ) -> Result<HopInfo, HopFailure> {
-        let frozen = Instant::now();
+        let (frozen, frozen_at_us) = (Instant::now(), unix_us());
         if !self.config.peers.contains_key(site) {
             return Err(HopError::UnknownSite(site.to_string()).into());
         }
@@ -1379,6 +1385,8 @@ impl Host {
         // is, a restart asks the destination, which aborts a transfer it never committed.
         let mut recording = Some(self.record_departure(image.context.agent_id, seq, site, &bytes));
         let module = agent.module().clone();
+        let known =
+            (self.peer_modules.lock()).is_ok_and(|k| k.contains(&(site.into(), module.hash)));
         let offer = Offer {
             agent: image.context.agent_id,
             seq,
@@ -1389,6 +1397,7 @@ impl Host {
             abi: agent_abi::ABI_VERSION,
             owner: image.context.owner.clone(),
             home: image.context.home.clone(),
+            image_follows: known && (bytes.len() as u64) < WORTH_A_BASE,
         };
         // Hashed while the offer travels and kept before the image leaves: an agent that
         // comes straight back finds its pages here.
@@ -1403,6 +1412,11 @@ impl Host {
             write_msg(&mut send, &Request::Hop(offer.clone()))
                 .await
                 .map_err(|e| e.to_string())?;
+            if offer.image_follows {
+                write_blob_passing(&mut send, &bytes, "source-mid-image")
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
             let reply: OfferReply = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
             streams = Some((send, recv));
             Ok(reply)
@@ -1414,6 +1428,13 @@ impl Host {
             Ok(OfferReply::Accept { base, .. }) => base.take(),
             _ => None,
         };
+        if let Ok(OfferReply::Accept {
+            need_module: false, ..
+        }) = &reply
+            && let Ok(mut known) = self.peer_modules.lock()
+        {
+            known.insert((site.to_string(), module.hash));
+        }
         let mut step = hop.on_offer_reply(reply);
         let mut module_sent = 0u64;
         let mut own_base = None;
@@ -1425,6 +1446,7 @@ impl Host {
         let mut unrecorded = None;
         // How long the agent had run on the destination when it answered COMMITTED.
         let mut ran_there = Duration::ZERO;
+        let mut resumed_there = 0;
         loop {
             // Any step but sending the image waits for the record.
             if !matches!(step, SourceStep::Transfer { .. })
@@ -1477,7 +1499,7 @@ impl Host {
                                 module_sent = wasm.len() as u64;
                                 result = write_blob_passing(send, &wasm, "source-mid-module").await;
                             }
-                            if result.is_ok() {
+                            if result.is_ok() && !offer.image_follows {
                                 result = write_blob_passing(send, &wire, "source-mid-image").await;
                             }
                             result.map_err(|e| e.to_string())
@@ -1508,8 +1530,13 @@ impl Host {
                         None => Err("no stream".to_string()),
                     };
                     phase("verdict");
-                    if let Ok(TransferReply::Committed { ran_us }) = &verdict {
+                    if let Ok(TransferReply::Committed {
+                        ran_us,
+                        resumed_at_us,
+                    }) = &verdict
+                    {
                         ran_there = Duration::from_micros(*ran_us);
+                        resumed_there = *resumed_at_us;
                     }
                     hop.on_verdict(verdict)
                 }
@@ -1535,6 +1562,9 @@ impl Host {
                     return Err(HopFailure { error, departure });
                 }
                 SourceStep::Forget => {
+                    if let Ok(mut known) = self.peer_modules.lock() {
+                        known.insert((site.to_string(), module.hash));
+                    }
                     let info = HopInfo {
                         seq,
                         from,
@@ -1547,6 +1577,8 @@ impl Host {
                         pages_reused,
                         freeze_us: frozen.elapsed().saturating_sub(ran_there).as_micros() as u64,
                         committed_us: frozen.elapsed().as_micros() as u64,
+                        frozen_at_us,
+                        resumed_at_us: resumed_there,
                     };
                     return Ok(info);
                 }
@@ -1664,6 +1696,12 @@ impl Host {
             return Ok(());
         };
         crash_point("dest-after-offer");
+        // The module comes first, unless the image followed the offer at once.
+        let arriving = Instant::now();
+        let early = match offer.image_follows {
+            true => Some(read_blob(recv, "image", self.config.max_image).await?),
+            false => None,
+        };
         let wasm = if need_module {
             let wasm = read_blob(recv, "module", self.config.max_module).await?;
             crash_point("dest-mid-module");
@@ -1671,8 +1709,10 @@ impl Host {
         } else {
             None
         };
-        let arriving = Instant::now();
-        let image = read_blob(recv, "image", self.config.max_image).await?;
+        let image = match early {
+            Some(image) => image,
+            None => read_blob(recv, "image", self.config.max_image).await?,
+        };
         let phase = |name: &str| {
             let us = arriving.elapsed().as_micros() as u64;
             tracing::debug!(seq = offer.seq, phase = name, us, "hop in");
@@ -1692,7 +1732,7 @@ impl Host {
         let flags = agent.flags();
         agent.complete(OpResult::Hop(Ok(())));
         self.spawn_agent(agent, Start::Arrived(committed));
-        let resumed = Instant::now();
+        let (resumed, resumed_at_us) = (Instant::now(), unix_us());
         phase("resumed");
         let departed: Departed = read_msg(recv).await?;
         phase("departed");
@@ -1716,7 +1756,11 @@ impl Host {
                 }
                 crash_point("dest-after-commit");
                 let ran_us = resumed.elapsed().as_micros() as u64;
-                write_msg(send, &TransferReply::Committed { ran_us }).await?;
+                let reply = TransferReply::Committed {
+                    ran_us,
+                    resumed_at_us,
+                };
+                write_msg(send, &reply).await?;
                 tracing::info!(agent = %offer.agent, from = %peer, seq = offer.seq, "agent arrived");
                 Ok(())
             }
@@ -1926,6 +1970,8 @@ mod tests {
             pages_reused: 0,
             freeze_us: 0,
             committed_us: 0,
+            frozen_at_us: 0,
+            resumed_at_us: 0,
         })
     }
 

@@ -84,6 +84,11 @@ pub struct Offer {
     pub owner: String,
     /// Where it was launched.
     pub home: String,
+    /// The image follows the offer at once, before the answer (then the module, if asked
+    /// for): the source does so for images too small to be worth a page list, to a host it
+    /// knows holds the module, so the hop does not wait a round trip.
+    #[serde(default)]
+    pub image_follows: bool,
 }
 
 /// The destination's answer to an [`Offer`].
@@ -122,6 +127,8 @@ pub enum TransferReply {
         /// Microseconds the agent had run on the destination (it resumes before the commit;
         /// its first operation waits for it).
         ran_us: u64,
+        /// When it resumed there, in µs since the Unix epoch by the destination's clock.
+        resumed_at_us: u64,
     },
     /// The image was refused; the source still owns the agent.
     Refused(String),
@@ -171,6 +178,14 @@ pub struct HopInfo {
     /// Microseconds from suspension on the source until COMMITTED reached it.
     #[serde(default)]
     pub committed_us: u64,
+    /// When the source suspended the agent, in µs since the Unix epoch by the source's clock.
+    #[serde(default)]
+    pub frozen_at_us: u64,
+    /// When the destination resumed it, by the destination's clock (0 if unknown). Only
+    /// hosts that share a clock (one machine, as in the benchmark) give an exact freeze as
+    /// `resumed_at_us - frozen_at_us`.
+    #[serde(default)]
+    pub resumed_at_us: u64,
 }
 
 /// Progress of an agent, streamed to its launcher and reported to its home host.
@@ -266,9 +281,14 @@ pub struct ListReply {
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it): the clock of sleeps.
 pub fn unix_ms() -> u64 {
+    unix_us() / 1000
+}
+
+/// Microseconds since the Unix epoch, by this host's clock.
+pub fn unix_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// A sleep of an agent, as its home host last heard of it.
