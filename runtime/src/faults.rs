@@ -17,7 +17,7 @@
 //! | `dest-mid-module` | destination: module received, not yet admitted |
 //! | `dest-mid-image` | destination: image received, not yet validated or stored |
 //! | `dest-before-commit` | destination: agent restored and running, DEPARTED received, not committed |
-//! | `dest-after-commit` | destination: arrival committed, COMMITTED not sent |
+//! | `dest-after-commit` | destination: arrival committed, the agent still held, COMMITTED not sent |
 //! | `source-after-committed` | source: COMMITTED received, departure not yet cleaned up |
 //! | `after-call` | any host: a service call journaled, its answer not yet given to the agent |
 

@@ -1746,6 +1746,8 @@ impl Host {
         };
         phase("committed");
         if commit.is_ok() {
+            // Before the agent is let go, so that a crash here leaves it where the commit did.
+            crash_point("dest-after-commit");
             self.enroll(offer.agent, flags);
         }
         let _ = verdict.send(commit.is_ok());
@@ -1754,15 +1756,15 @@ impl Host {
                 if let Ok(mut bases) = self.bases.lock() {
                     bases.remove(&offer.agent);
                 }
-                crash_point("dest-after-commit");
+                // It has arrived once the commit is durable, whether or not the answer reaches
+                // the source.
+                tracing::info!(agent = %offer.agent, from = %peer, seq = offer.seq, "agent arrived");
                 let ran_us = resumed.elapsed().as_micros() as u64;
                 let reply = TransferReply::Committed {
                     ran_us,
                     resumed_at_us,
                 };
-                write_msg(send, &reply).await?;
-                tracing::info!(agent = %offer.agent, from = %peer, seq = offer.seq, "agent arrived");
-                Ok(())
+                write_msg(send, &reply).await
             }
             Err(why) => {
                 tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
