@@ -1745,14 +1745,12 @@ impl Host {
             false => Err(format!("DEPARTED names hop {}", departed.seq)),
         };
         phase("committed");
-        if commit.is_ok() {
-            // Before the agent is let go, so that a crash here leaves it where the commit did.
-            crash_point("dest-after-commit");
-            self.enroll(offer.agent, flags);
-        }
-        let _ = verdict.send(commit.is_ok());
         match commit {
             Ok(()) => {
+                // Before the agent is let go, so that a crash here leaves it where the commit did.
+                crash_point("dest-after-commit");
+                self.enroll(offer.agent, flags);
+                let _ = verdict.send(true);
                 if let Ok(mut bases) = self.bases.lock() {
                     bases.remove(&offer.agent);
                 }
@@ -1767,6 +1765,7 @@ impl Host {
                 write_msg(send, &reply).await
             }
             Err(why) => {
+                let _ = verdict.send(false);
                 tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
                 write_msg(send, &TransferReply::Refused(why)).await
             }
