@@ -279,7 +279,6 @@ impl AgentInstance {
     /// Call only between [`Self::poll`]s, when the Wasm stack is empty.
     pub fn capture(&mut self) -> AgentImage {
         let memory = self.memory.data(&self.store);
-        crate::snapshot::populate(memory);
         let pages = PageMap::capture(memory, &self.module.facts.initial);
         let mut globals = Vec::with_capacity(self.module.facts.globals.len());
         for (index, kind) in &self.module.facts.globals {

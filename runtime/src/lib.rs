@@ -27,6 +27,7 @@ pub mod limits;
 pub mod log;
 pub mod modules;
 pub mod net;
+pub mod prefault;
 pub mod runner;
 pub mod services;
 pub mod snapshot;

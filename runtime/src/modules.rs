@@ -233,19 +233,37 @@ impl ModuleCache {
 /// Writes `bytes` to `path` atomically: a reader sees the old file or the whole new one.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
+    publish(&write_synced(dir, bytes)?, path)
+}
+
+/// Writes `bytes` to a new file of a temporary name (starting [`TEMPORARY`]) in `dir` and
+/// syncs it; yields its path. [`publish`] gives it its name.
+pub fn write_synced(dir: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
     let mut tmp = tempfile_in(dir)?;
-    tmp.1.write_all(bytes)?;
-    tmp.1.sync_all()?;
-    std::fs::rename(&tmp.0, path)?;
+    let written = tmp.1.write_all(bytes).and_then(|()| tmp.1.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp.0);
+        return Err(e);
+    }
+    Ok(tmp.0)
+}
+
+/// Renames a file [`write_synced`] wrote to `path` and makes the rename durable.
+pub fn publish(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    std::fs::rename(tmp, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
 }
 
+/// How the names of temporary files start: what a crash leaves of them is removed at start.
+pub const TEMPORARY: &str = ".tmp-";
+
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     let name = format!(
-        ".tmp-{}-{}",
+        "{TEMPORARY}{}-{}",
         std::process::id(),
         crate::context::AgentId::random()
     );

@@ -61,20 +61,29 @@ pub struct PageMap {
 
 impl PageMap {
     /// Compares `memory` with `initial` page by page and keeps the pages that differ.
+    ///
+    /// The runs are found first and the pages copied after, into a buffer of the exact size
+    /// mapped ahead: growing it page by page cost reallocations and a fault per page.
     pub fn capture(memory: &[u8], initial: &InitialImage) -> PageMap {
-        let mut map = PageMap::default();
+        crate::prefault::read(memory);
+        let mut runs = Vec::new();
         for (index, page) in memory.chunks(PAGE_SIZE).enumerate() {
             let index = index as u32;
             let unchanged = match initial.page(index) {
                 Some(init) => page == init,
                 None => is_zero(page),
             };
-            if unchanged {
-                continue;
+            if !unchanged {
+                push_index(&mut runs, index);
             }
-            map.push(index, page);
         }
-        map
+        let bytes =
+            |r: &PageRun| r.start as usize * PAGE_SIZE..(r.start + r.count) as usize * PAGE_SIZE;
+        let mut data = crate::prefault::buffer(runs.iter().map(|r| bytes(r).len()).sum());
+        for run in &runs {
+            data.extend_from_slice(&memory[bytes(run)]);
+        }
+        PageMap { runs, data }
     }
 
     /// Number of pages carried.
@@ -88,6 +97,10 @@ impl PageMap {
     pub fn apply(&self, memory: &mut [u8]) {
         let mut data = self.data.chunks_exact(PAGE_SIZE);
         for run in &self.runs {
+            let at = run.start as usize * PAGE_SIZE..(run.start + run.count) as usize * PAGE_SIZE;
+            if let Some(region) = memory.get_mut(at) {
+                crate::prefault::write(region);
+            }
             for index in run.start..run.start + run.count {
                 let at = index as usize * PAGE_SIZE;
                 if let (Some(page), Some(dst)) = (data.next(), memory.get_mut(at..at + PAGE_SIZE)) {
@@ -100,12 +113,6 @@ impl PageMap {
     /// The carried pages with their indices, in page order.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &[u8])> {
         indices(&self.runs).zip(self.data.chunks_exact(PAGE_SIZE))
-    }
-
-    /// Appends page `index` (which must come after every page carried so far).
-    pub(crate) fn push(&mut self, index: u32, page: &[u8]) {
-        push_index(&mut self.runs, index);
-        self.data.extend_from_slice(page);
     }
 
     /// Rebuilds the pages of `runs` from `body` (the pages not in `left_out`, in order) and
@@ -161,26 +168,6 @@ impl PageMap {
             pages += u64::from(run.count);
         }
         Ok(pages)
-    }
-}
-
-/// Maps every page of `memory` in one call before [`PageMap::capture`] reads it page by page.
-/// A memory restored into a fresh mapping has most pages never touched, and the first read of
-/// each traps into the kernel (272 traps, about a quarter of a millisecond, for a 1 MiB agent
-/// on a VM). Only a hint: where it is refused (other systems, older kernels, emulators) the
-/// reads fault the pages in as before.
-pub fn populate(memory: &[u8]) {
-    #[cfg(target_os = "linux")]
-    if !memory.is_empty() && (memory.as_ptr() as usize).is_multiple_of(PAGE_SIZE) {
-        // SAFETY: MADV_POPULATE_READ only maps pages of this live mapping for reading, as a
-        // read would; it changes no byte and no protection, and errors are ignored.
-        unsafe {
-            libc::madvise(
-                memory.as_ptr() as *mut libc::c_void,
-                memory.len(),
-                libc::MADV_POPULATE_READ,
-            );
-        }
     }
 }
 

@@ -1719,6 +1719,14 @@ impl Host {
         };
         phase("image read");
         crash_point("dest-mid-image");
+        // An image that must stand alone (no base was offered) is what gets stored: a large
+        // one is written and synced while it is checked and restored. Dropped unnamed, the
+        // file goes too.
+        let image = Arc::new(image);
+        let staging = (base.is_none() && image.len() > super::store::INLINE_IMAGE).then(|| {
+            let (host, image) = (self.clone(), image.clone());
+            tokio::task::spawn_blocking(move || host.store.stage_image(&image))
+        });
         let (mut agent, whole) = match self.receive(offer, wasm, &image, base).await {
             Ok(arrival) => arrival,
             Err(why) => {
@@ -1738,9 +1746,14 @@ impl Host {
         phase("departed");
         crash_point("dest-before-commit");
         let stored = whole.as_deref().unwrap_or(&image);
+        // One that failed to stage is staged again by the commit, which reports the error.
+        let staged = match staging {
+            Some(task) => task.await.ok().and_then(Result::ok),
+            None => None,
+        };
         let commit = match departed.seq == offer.seq {
             true => (self.store)
-                .commit_arrival(&offer.agent, offer.seq, stored)
+                .commit_arrival(&offer.agent, offer.seq, stored, staged)
                 .map_err(|e| e.to_string()),
             false => Err(format!("DEPARTED names hop {}", departed.seq)),
         };

@@ -19,7 +19,7 @@
 
 use super::messages::{LaunchEvent, StatusReply, TransferStatus};
 use crate::context::AgentId;
-use crate::modules::{ModuleHash, write_durably};
+use crate::modules::{ModuleHash, TEMPORARY, publish, write_durably, write_synced};
 use agent_abi::{CallError, HopError};
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
@@ -36,7 +36,7 @@ const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 
 /// Images up to this size live in the database; larger ones are files.
-const INLINE_IMAGE: usize = 1 << 20;
+pub(crate) const INLINE_IMAGE: usize = 1 << 20;
 
 /// Bytes of the database file redb may keep cached in memory.
 const STORE_CACHE: usize = 16 << 20;
@@ -257,7 +257,15 @@ impl HostStore {
     pub fn open(dir: &Path) -> Result<HostStore, StoreError> {
         for sub in ["images", "modules"] {
             let path = dir.join(sub);
-            std::fs::create_dir_all(&path).map_err(|source| StoreError::Io { path, source })?;
+            if let Err(source) = std::fs::create_dir_all(&path) {
+                return Err(StoreError::Io { path, source });
+            }
+            // Files a crash left half written or staged: no record names them.
+            for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                if entry.file_name().to_string_lossy().starts_with(TEMPORARY) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
         }
         // The records are small and read rarely; redb's default cache (1 GiB) would only make
         // a host's memory grow with the number of agents that ever passed through it.
@@ -367,20 +375,55 @@ impl HostStore {
         std::fs::read(self.module_path(hash)).ok()
     }
 
-    /// Keeps an image, in `txn` when small or as a file written now; returns its name (the
-    /// BLAKE3 of its bytes). A file is durable before the record naming it commits.
-    fn put_image(&self, txn: &WriteTransaction, bytes: &[u8]) -> Result<String, StoreError> {
+    /// Makes `bytes` ready to be named by a record: a large image is written to a file and
+    /// synced now, outside any transaction, so that other writers need not wait for it and
+    /// an arriving image can be written while it is checked. A small one goes in the
+    /// transaction that names it.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn stage_image(&self, bytes: &[u8]) -> Result<Staged, StoreError> {
         let name = format!("{}.img", blake3::hash(bytes).to_hex());
+        let file = match bytes.len() <= INLINE_IMAGE {
+            true => None,
+            false => {
+                let dir = self.dir.join("images");
+                Some(
+                    write_synced(&dir, bytes)
+                        .map_err(|source| StoreError::Io { path: dir, source })?,
+                )
+            }
+        };
+        Ok(Staged { name, file })
+    }
+
+    /// Gives a staged image its name: a file is renamed (durably) before the record naming it
+    /// commits, so a record never names a missing file.
+    fn publish(&self, mut staged: Staged) -> Result<String, StoreError> {
+        if let Some(tmp) = staged.file.take() {
+            let path = self.dir.join("images").join(&staged.name);
+            if let Err(source) = publish(&tmp, &path) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(StoreError::Io { path, source });
+            }
+        }
+        Ok(std::mem::take(&mut staged.name))
+    }
+
+    /// Keeps a staged image under `name` in `txn` when it is small.
+    fn put_inline(
+        &self,
+        txn: &WriteTransaction,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
         if bytes.len() <= INLINE_IMAGE {
             txn.open_table(IMAGES)
                 .map_err(db_err)?
-                .insert(name.as_str(), bytes)
+                .insert(name, bytes)
                 .map_err(db_err)?;
-        } else {
-            let path = self.dir.join("images").join(&name);
-            write_durably(&path, bytes).map_err(|source| StoreError::Io { path, source })?;
         }
-        Ok(name)
+        Ok(())
     }
 
     /// Reads an image.
@@ -443,9 +486,16 @@ impl HostStore {
         agent: &AgentId,
         seq: u64,
         image: &[u8],
+        staged: Option<Staged>,
     ) -> Result<(), StoreError> {
+        let staged = match staged {
+            Some(staged) => staged,
+            None => self.stage_image(image)?,
+        };
+        let name = self.publish(staged)?;
         let stale = self.write(|txn| {
-            let name = self.put_image(txn, image)?;
+            self.put_inline(txn, &name, image)?;
+            let name = name.clone();
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
             let key = transfer_key(agent, seq);
             let previous = transfers
@@ -544,8 +594,9 @@ impl HostStore {
         image: &[u8],
         make: impl FnOnce(String) -> AgentRecord,
     ) -> Result<(), StoreError> {
+        let name = self.publish(self.stage_image(image)?)?;
         let stale = self.write(|txn| {
-            let name = self.put_image(txn, image)?;
+            self.put_inline(txn, &name, image)?;
             self.set_agent_in(txn, agent, &make(name))
         })?;
         unlink(stale);
@@ -752,6 +803,22 @@ impl HostStore {
 }
 
 /// An image file no durable record names once the transaction that dropped it is durable.
+/// An image written ahead of the record that will name it ([`HostStore::stage_image`]). A
+/// large one is a synced file under a temporary name, removed if it is dropped unnamed.
+#[derive(Debug)]
+pub struct Staged {
+    name: String,
+    file: Option<PathBuf>,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.file.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
 type Stale = Option<PathBuf>;
 
 /// Deletes a stale image file; failing only leaves a file behind.
@@ -795,14 +862,14 @@ mod tests {
         let agent = AgentId([5; 16]);
         assert_eq!(store.transfer(&agent, 1).ok().flatten(), None);
         store
-            .commit_arrival(&agent, 1, b"image one")
+            .commit_arrival(&agent, 1, b"image one", None)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             store.resolve_transfer(&agent, 1).ok(),
             Some(TransferStatus::Committed)
         );
         store
-            .commit_arrival(&agent, 1, b"image one")
+            .commit_arrival(&agent, 1, b"image one", None)
             .unwrap_or_else(|e| panic!("repeated commit: {e}"));
 
         assert_eq!(
@@ -810,7 +877,7 @@ mod tests {
             Some(TransferStatus::Aborted)
         );
         assert!(matches!(
-            store.commit_arrival(&agent, 2, b"late image"),
+            store.commit_arrival(&agent, 2, b"late image", None),
             Err(StoreError::Aborted)
         ));
         assert_eq!(
@@ -858,7 +925,7 @@ mod tests {
         {
             let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
             store
-                .commit_arrival(&agent, 4, b"the image")
+                .commit_arrival(&agent, 4, b"the image", None)
                 .unwrap_or_else(|e| panic!("{e}"));
         }
         let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
@@ -883,5 +950,60 @@ mod tests {
             "the image of an agent that left is deleted"
         );
         assert!(store.residents().unwrap_or_default().is_empty());
+    }
+
+    #[test]
+    fn a_staged_image_is_a_file_only_once_committed_and_leftovers_go_at_open() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let images = dir.path().join("images");
+        let files = || {
+            let mut names: Vec<String> = std::fs::read_dir(&images)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let big = vec![7u8; INLINE_IMAGE + 1];
+        let agent = AgentId([8; 16]);
+        {
+            let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+            let dropped = store.stage_image(&big).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(files().len(), 1, "a large image is written when staged");
+            drop(dropped);
+            assert!(
+                files().is_empty(),
+                "an image dropped unnamed leaves no file"
+            );
+
+            let staged = store.stage_image(&big).unwrap_or_else(|e| panic!("{e}"));
+            store
+                .commit_arrival(&agent, 1, &big, Some(staged))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let image = match store.agent(&agent) {
+                Ok(Some(AgentRecord::Resident { image, .. })) => image,
+                other => panic!("not resident: {other:?}"),
+            };
+            assert_eq!(files(), vec![image.clone()]);
+            assert_eq!(store.image(&image).ok(), Some(big.clone()));
+            // What a crash between writing and naming a file leaves.
+            let left = store.stage_image(&big).unwrap_or_else(|e| panic!("{e}"));
+            std::mem::forget(left);
+            assert_eq!(files().len(), 2);
+        }
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let residents = store.residents().unwrap_or_default();
+        assert_eq!(residents.len(), 1);
+        let named = residents
+            .first()
+            .and_then(|(_, r)| r.image())
+            .map(String::from);
+        assert_eq!(
+            files(),
+            named.into_iter().collect::<Vec<_>>(),
+            "the leftover is gone"
+        );
     }
 }
