@@ -561,14 +561,7 @@ mod tests {
     /// An image of `pages` pages of pseudo-random (incompressible) bytes.
     fn noisy(pages: u32) -> AgentImage {
         let mut img = image();
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut data = Vec::with_capacity(pages as usize * PAGE_SIZE);
-        while data.len() < pages as usize * PAGE_SIZE {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            data.extend_from_slice(&x.to_le_bytes());
-        }
+        let data = crate::net::host::incompressible(pages as usize * PAGE_SIZE);
         img.memory_bytes = u64::from(pages).next_multiple_of(16) * PAGE_SIZE as u64;
         img.pages = PageMap {
             runs: vec![PageRun {

@@ -50,6 +50,13 @@ pub struct PageRun {
     pub count: u32,
 }
 
+impl PageRun {
+    /// The bytes of memory the run covers.
+    pub fn bytes(&self) -> std::ops::Range<usize> {
+        self.start as usize * PAGE_SIZE..(self.start as usize + self.count as usize) * PAGE_SIZE
+    }
+}
+
 /// The pages of a memory that differ from the initial image, in page order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PageMap {
@@ -77,11 +84,9 @@ impl PageMap {
                 push_index(&mut runs, index);
             }
         }
-        let bytes =
-            |r: &PageRun| r.start as usize * PAGE_SIZE..(r.start + r.count) as usize * PAGE_SIZE;
-        let mut data = crate::prefault::buffer(runs.iter().map(|r| bytes(r).len()).sum());
+        let mut data = crate::prefault::buffer(runs.iter().map(|r| r.bytes().len()).sum());
         for run in &runs {
-            data.extend_from_slice(&memory[bytes(run)]);
+            data.extend_from_slice(&memory[run.bytes()]);
         }
         PageMap { runs, data }
     }
@@ -97,8 +102,7 @@ impl PageMap {
     pub fn apply(&self, memory: &mut [u8]) {
         let mut data = self.data.chunks_exact(PAGE_SIZE);
         for run in &self.runs {
-            let at = run.start as usize * PAGE_SIZE..(run.start + run.count) as usize * PAGE_SIZE;
-            if let Some(region) = memory.get_mut(at) {
+            if let Some(region) = memory.get_mut(run.bytes()) {
                 crate::prefault::write(region);
             }
             for index in run.start..run.start + run.count {

@@ -1903,7 +1903,7 @@ impl From<HopError> for HopFailure {
 }
 
 /// `len` xorshift bytes: data no compressor or cache can make smaller.
-fn incompressible(len: usize) -> Vec<u8> {
+pub(crate) fn incompressible(len: usize) -> Vec<u8> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {

@@ -399,13 +399,12 @@ impl HostStore {
 
     /// Gives a staged image its name: a file is renamed (durably) before the record naming it
     /// commits, so a record never names a missing file.
+    /// On failure the staged file goes with `staged`.
     fn publish(&self, mut staged: Staged) -> Result<String, StoreError> {
-        if let Some(tmp) = staged.file.take() {
+        if let Some(tmp) = &staged.file {
             let path = self.dir.join("images").join(&staged.name);
-            if let Err(source) = publish(&tmp, &path) {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(StoreError::Io { path, source });
-            }
+            publish(tmp, &path).map_err(|source| StoreError::Io { path, source })?;
+            staged.file = None;
         }
         Ok(std::mem::take(&mut staged.name))
     }
@@ -493,9 +492,8 @@ impl HostStore {
             None => self.stage_image(image)?,
         };
         let name = self.publish(staged)?;
-        let stale = self.write(|txn| {
+        let stale = self.write(move |txn| {
             self.put_inline(txn, &name, image)?;
-            let name = name.clone();
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
             let key = transfer_key(agent, seq);
             let previous = transfers
@@ -802,7 +800,6 @@ impl HostStore {
     }
 }
 
-/// An image file no durable record names once the transaction that dropped it is durable.
 /// An image written ahead of the record that will name it ([`HostStore::stage_image`]). A
 /// large one is a synced file under a temporary name, removed if it is dropped unnamed.
 #[derive(Debug)]
@@ -819,6 +816,7 @@ impl Drop for Staged {
     }
 }
 
+/// An image file no durable record names once the transaction that dropped it is durable.
 type Stale = Option<PathBuf>;
 
 /// Deletes a stale image file; failing only leaves a file behind.
