@@ -203,8 +203,9 @@ impl Context {
 
     /// A safe point where the host may stop the agent (to move or park it).
     ///
-    /// Costs one host call when the host has not asked; CPU-bound agents should call it in
-    /// their loops so hosts can balance load or drain without waiting for them.
+    /// Costs one load from the agent's own memory when the host has not asked (it is inlined
+    /// into the caller); CPU-bound agents should call it in their loops so hosts can balance
+    /// load or drain without waiting for them.
     ///
     /// ```no_run
     /// # async fn f(ctx: agent_sdk::Context) {
@@ -217,6 +218,7 @@ impl Context {
     /// }
     /// # }
     /// ```
+    #[inline]
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint::new(sys::checkpoint_requested())
     }

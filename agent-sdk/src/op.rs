@@ -134,6 +134,7 @@ impl<Resp: DeserializeOwned> Future for Call<Resp> {
 pub struct Checkpoint(Option<Pending>);
 
 impl Checkpoint {
+    #[inline]
     pub(crate) fn new(requested: bool) -> Self {
         Checkpoint(requested.then_some(Pending::Ready(Op::Checkpoint)))
     }
@@ -142,15 +143,24 @@ impl Checkpoint {
 impl Future for Checkpoint {
     type Output = ();
 
+    // Inlined so that a checkpoint the host did not ask for costs the caller a test.
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
         match self.0.as_mut() {
             None => Poll::Ready(()),
-            Some(pending) => pending.poll().map(|result| match result {
-                OpResult::Checkpoint => (),
-                other => mismatch(&other),
-            }),
+            Some(pending) => suspend(pending),
         }
     }
+}
+
+/// The rare side of a checkpoint: the host asked, so the agent suspends.
+#[cold]
+#[inline(never)]
+fn suspend(pending: &mut Pending) -> Poll<()> {
+    pending.poll().map(|result| match result {
+        OpResult::Checkpoint => (),
+        other => mismatch(&other),
+    })
 }
 
 /// Future of [`Context::sleep`](crate::Context::sleep).

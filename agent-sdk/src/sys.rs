@@ -99,6 +99,7 @@ pub fn checkpoint_flag_address() -> i32 {
     std::ptr::from_ref(&CHECKPOINT_FLAG) as usize as i32
 }
 
+#[inline]
 pub(crate) fn checkpoint_requested() -> bool {
     // SAFETY: no pointers.
     CHECKPOINT_FLAG.load(Ordering::Relaxed) != 0 && unsafe { raw::checkpoint_requested() != 0 }
