@@ -19,6 +19,7 @@ use super::trim::Trimmer;
 use super::wire::{WireError, read_blob, read_msg, write_blob, write_msg};
 use crate::base::{Base, BaseCache, BaseList, Binding, WORTH_A_BASE, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
+use crate::engine::{MAX_POOL_SLOTS, new_engine, new_pooled_engine};
 use crate::faults::crash_point;
 use crate::image::{AgentImage, ImageError, ImageLimits};
 use crate::instance::{AgentError, AgentInstance, Step};
@@ -105,6 +106,35 @@ struct HomeEntry {
     /// The end, held back until the reports of all earlier hops arrived (they travel from
     /// other hosts and may overtake each other).
     held: Option<LaunchEvent>,
+    /// Events recorded so far; the status holds all of them.
+    records: u64,
+    /// Events recorded but not yet heard by the watchers, with their number: they hear of
+    /// one once a stored status holds it.
+    unheard: Vec<(u64, LaunchEvent)>,
+}
+
+impl HomeEntry {
+    fn new(status: StatusReply, watchers: Vec<mpsc::UnboundedSender<LaunchEvent>>) -> Self {
+        HomeEntry {
+            status,
+            watchers,
+            held: None,
+            records: 0,
+            unheard: Vec::new(),
+        }
+    }
+
+    /// Tells the watchers, in order, the events up to record `upto`.
+    fn tell(&mut self, upto: u64) {
+        let later = self.unheard.iter().position(|(n, _)| *n > upto);
+        let heard: Vec<_> = self
+            .unheard
+            .drain(..later.unwrap_or(self.unheard.len()))
+            .collect();
+        for (_, event) in heard {
+            self.watchers.retain(|w| w.send(event.clone()).is_ok());
+        }
+    }
 }
 
 /// One running host.
@@ -155,11 +185,11 @@ impl Host {
     /// # Errors
     /// When the store, certificates or socket cannot be set up.
     pub async fn start(
-        config: HostConfig,
+        mut config: HostConfig,
         creds: Credentials,
         site: Site,
     ) -> Result<Arc<Host>, HostError> {
-        let engine = crate::engine::new_engine().map_err(err)?;
+        let engine = Self::engine(&mut config)?;
         let modules =
             ModuleCache::new(&engine, Some(config.data_dir.join("compiled"))).map_err(err)?;
         let store = HostStore::open(&config.data_dir).map_err(err)?;
@@ -173,16 +203,7 @@ impl Host {
             .homes()
             .map_err(err)?
             .into_iter()
-            .map(|status| {
-                (
-                    status.agent,
-                    HomeEntry {
-                        status,
-                        watchers: Vec::new(),
-                        held: None,
-                    },
-                )
-            })
+            .map(|status| (status.agent, HomeEntry::new(status, Vec::new())))
             .collect();
         let bases = Mutex::new(BaseCache::new(config.return_cache));
         let host = Arc::new(Host {
@@ -208,6 +229,29 @@ impl Host {
         tokio::spawn(host.clone().accept_loop());
         tokio::spawn(host.clone().deliver_reports());
         Ok(host)
+    }
+
+    /// The host's engine, its instances from a pool of [`pool_slots`].
+    fn engine(config: &mut HostConfig) -> Result<wasmtime::Engine, HostError> {
+        let (slots, running) = pool_slots(config.max_agents);
+        if running < config.max_agents {
+            tracing::warn!(
+                max_agents = running,
+                "the instance pool has room for {slots}: running at most {running} agents at once"
+            );
+            config.max_agents = running;
+        }
+        let pooled = u32::try_from(slots)
+            .map_err(err)
+            .and_then(|n| new_pooled_engine(n, config.limits.max_memory).map_err(err));
+        match pooled {
+            Ok(engine) => Ok(engine),
+            Err(e) => {
+                // A process limit on address space (ulimit -v, say) leaves no room for a pool.
+                tracing::warn!("no instance pool ({e}): instances are mapped one by one");
+                new_engine().map_err(err)
+            }
+        }
     }
 
     /// The address the host listens on.
@@ -695,14 +739,7 @@ impl Host {
         };
         let _ = self.store.put_home(&status);
         if let Ok(mut homes) = self.homes.lock() {
-            homes.insert(
-                id,
-                HomeEntry {
-                    status,
-                    watchers: vec![tx],
-                    held: None,
-                },
-            );
+            homes.insert(id, HomeEntry::new(status, vec![tx]));
         }
         let launched = AgentInstance::launch(
             module.clone(),
@@ -810,47 +847,77 @@ impl Host {
 
     /// Records an event of an agent launched here and passes it to its watchers.
     fn deliver(self: &Arc<Self>, agent: &AgentId, event: LaunchEvent) {
-        let Ok(mut homes) = self.homes.lock() else {
-            return;
-        };
-        let Some(entry) = homes.get_mut(agent) else {
-            return tracing::warn!(%agent, "event for an agent not launched here");
-        };
-        let reported = entry.status.hops.len() as u64;
-        if let LaunchEvent::Finished { hops, .. } = &event
-            && reported < *hops
         {
-            entry.held = Some(event);
-            // A report may be lost for good (its host died): do not hold the end forever.
-            let (host, agent) = (self.clone(), *agent);
-            tokio::spawn(async move {
-                tokio::time::sleep(HOLD_END).await;
-                host.release_held(&agent);
-            });
-            return;
+            let Ok(mut homes) = self.homes.lock() else {
+                return;
+            };
+            let Some(entry) = homes.get_mut(agent) else {
+                return tracing::warn!(%agent, "event for an agent not launched here");
+            };
+            let reported = entry.status.hops.len() as u64;
+            if let LaunchEvent::Finished { hops, .. } = &event
+                && reported < *hops
+            {
+                entry.held = Some(event);
+                // A report may be lost for good (its host died): do not hold the end forever.
+                let (host, agent) = (self.clone(), *agent);
+                tokio::spawn(async move {
+                    tokio::time::sleep(HOLD_END).await;
+                    host.release_held(&agent);
+                });
+                return;
+            }
+            Self::record(entry, event);
+            let reported = entry.status.hops.len() as u64;
+            if let Some(LaunchEvent::Finished { hops, .. }) = &entry.held
+                && *hops <= reported
+                && let Some(held) = entry.held.take()
+            {
+                Self::record(entry, held);
+            }
         }
-        Self::record(entry, event, &self.store);
-        let reported = entry.status.hops.len() as u64;
-        if let Some(LaunchEvent::Finished { hops, .. }) = &entry.held
-            && *hops <= reported
-            && let Some(held) = entry.held.take()
-        {
-            Self::record(entry, held, &self.store);
-        }
+        self.save_home(agent);
     }
 
     fn release_held(&self, agent: &AgentId) {
-        let Ok(mut homes) = self.homes.lock() else {
-            return;
-        };
-        if let Some(entry) = homes.get_mut(agent)
+        if let Ok(mut homes) = self.homes.lock()
+            && let Some(entry) = homes.get_mut(agent)
             && let Some(held) = entry.held.take()
         {
-            Self::record(entry, held, &self.store);
+            Self::record(entry, held);
+        } else {
+            return;
+        }
+        self.save_home(agent);
+    }
+
+    /// Stores the agent's home status as it is now, then tells the watchers the events it
+    /// holds. The status is read inside the write transaction, so writes of one agent's
+    /// status, which the store makes one at a time, store ever newer ones; and no write waits
+    /// for the disk with `homes` locked, so the statuses of many agents share one sync.
+    fn save_home(&self, agent: &AgentId) {
+        let saved = self.store.put_home_latest(|| {
+            let homes = self.homes.lock().ok()?;
+            homes.get(agent).map(|e| (e.status.clone(), e.records))
+        });
+        let upto = match saved {
+            Ok(Some(upto)) => upto,
+            Ok(None) => return,
+            Err(e) => {
+                // The event happened all the same: its watchers hear of it.
+                tracing::error!(%agent, "cannot store the home record: {e}");
+                u64::MAX
+            }
+        };
+        if let Ok(mut homes) = self.homes.lock()
+            && let Some(entry) = homes.get_mut(agent)
+        {
+            entry.tell(upto);
         }
     }
 
-    fn record(entry: &mut HomeEntry, event: LaunchEvent, store: &HostStore) {
+    /// Applies an event to the home status in memory; [`Host::save_home`] stores it.
+    fn record(entry: &mut HomeEntry, event: LaunchEvent) {
         match &event {
             LaunchEvent::Moved(hop) => {
                 let hops = &mut entry.status.hops;
@@ -908,8 +975,8 @@ impl Host {
             }
             _ => {}
         }
-        let _ = store.put_home(&entry.status);
-        entry.watchers.retain(|w| w.send(event.clone()).is_ok());
+        entry.records += 1;
+        entry.unheard.push((entry.records, event));
     }
 
     /// Sends an event to the agent's home host (here, or a peer). A report to a peer is
@@ -1850,6 +1917,14 @@ impl Host {
     }
 }
 
+/// Slots of the instance pool for a host that runs `max_agents` at once, and how many it can
+/// run: twice as many slots as agents, since one arriving is restored before it counts and
+/// one leaving counts until it is gone; the address space bounds both.
+fn pool_slots(max_agents: usize) -> (usize, usize) {
+    let slots = max_agents.saturating_mul(2).clamp(16, MAX_POOL_SLOTS);
+    (slots, max_agents.min(slots / 2))
+}
+
 /// Bytes of records a list reply carries at most, so that it fits in one message.
 const LIST_BYTES: usize = super::wire::MAX_MESSAGE / 2;
 
@@ -1968,6 +2043,8 @@ mod tests {
             },
             watchers: Vec::new(),
             held: None,
+            records: 0,
+            unheard: Vec::new(),
         }
     }
 
@@ -2025,32 +2102,65 @@ mod tests {
     }
 
     #[test]
-    fn a_sleep_is_shown_until_a_later_hop_and_never_over_one() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    fn the_pool_has_room_for_twice_the_agents_within_the_address_space() {
+        assert_eq!(pool_slots(1000), (2000, 1000));
+        assert_eq!(pool_slots(1), (16, 1));
+        assert_eq!(pool_slots(100_000), (MAX_POOL_SLOTS, MAX_POOL_SLOTS / 2));
+        assert_eq!(pool_slots(usize::MAX), (MAX_POOL_SLOTS, MAX_POOL_SLOTS / 2));
+    }
 
+    #[test]
+    fn watchers_hear_events_in_order_once_a_stored_status_holds_them() {
+        let mut home = entry();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        home.watchers.push(tx);
+        for seq in 1..=3 {
+            Host::record(&mut home, moved(seq, "siteB"));
+        }
+        Host::record(&mut home, moved(2, "siteB")); // told twice: recorded once
+        assert_eq!(home.records, 3);
+        let heard = |rx: &mut mpsc::UnboundedReceiver<LaunchEvent>| {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|e| match e {
+                    LaunchEvent::Moved(hop) => hop.seq,
+                    other => panic!("{other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(heard(&mut rx), Vec::<u64>::new(), "nothing stored yet");
+        home.tell(2);
+        assert_eq!(heard(&mut rx), [1, 2]);
+        home.tell(1); // an older save that finished late
+        assert_eq!(heard(&mut rx), Vec::<u64>::new());
+        home.tell(3);
+        assert_eq!(heard(&mut rx), [3]);
+        assert!(home.unheard.is_empty());
+    }
+
+    #[test]
+    fn a_sleep_is_shown_until_a_later_hop_and_never_over_one() {
         // In order: asleep on siteB after hop 1, then hop 2 to siteC ends the sleep.
         let mut home = entry();
-        Host::record(&mut home, moved(1, "siteB"), &store);
-        Host::record(&mut home, sleeping(1, "siteB"), &store);
+        Host::record(&mut home, moved(1, "siteB"));
+        Host::record(&mut home, sleeping(1, "siteB"));
         assert_eq!(home.status.sleeping.as_ref().map(|s| s.seq), Some(1));
         assert_eq!(home.status.site, "siteB");
-        Host::record(&mut home, moved(2, "siteC"), &store);
+        Host::record(&mut home, moved(2, "siteC"));
         assert_eq!(home.status.sleeping, None);
         assert_eq!(home.status.site, "siteC");
 
         // The report of hop 2 overtook that of the sleep before it: the sleep is old news.
         let mut home = entry();
-        Host::record(&mut home, moved(1, "siteB"), &store);
-        Host::record(&mut home, moved(2, "siteC"), &store);
-        Host::record(&mut home, sleeping(1, "siteB"), &store);
+        Host::record(&mut home, moved(1, "siteB"));
+        Host::record(&mut home, moved(2, "siteC"));
+        Host::record(&mut home, sleeping(1, "siteB"));
         assert_eq!(home.status.sleeping, None);
         assert_eq!(home.status.site, "siteC");
 
         // An earlier hop reported after the sleep leaves the sleep standing.
         let mut home = entry();
-        Host::record(&mut home, sleeping(2, "siteC"), &store);
-        Host::record(&mut home, moved(1, "siteB"), &store);
+        Host::record(&mut home, sleeping(2, "siteC"));
+        Host::record(&mut home, moved(1, "siteB"));
         assert_eq!(home.status.sleeping.as_ref().map(|s| s.seq), Some(2));
         assert_eq!(home.status.site, "siteC");
 
@@ -2060,10 +2170,10 @@ mod tests {
             hops: 2,
             outcome: Ok(Vec::new()),
         };
-        Host::record(&mut home, end, &store);
+        Host::record(&mut home, end);
         assert_eq!(home.status.sleeping, None);
         // A report of the sleep that arrives after the end changes nothing.
-        Host::record(&mut home, sleeping(2, "siteB"), &store);
+        Host::record(&mut home, sleeping(2, "siteB"));
         assert_eq!(home.status.sleeping, None);
         assert_eq!(home.status.site, "siteC");
     }

@@ -784,6 +784,27 @@ impl HostStore {
         })
     }
 
+    /// Saves the home record `latest` yields inside the write transaction (nothing if it
+    /// yields none), and returns the tag that came with it.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn put_home_latest<T>(
+        &self,
+        latest: impl FnOnce() -> Option<(StatusReply, T)>,
+    ) -> Result<Option<T>, StoreError> {
+        self.write(|txn| {
+            let Some((status, tag)) = latest() else {
+                return Ok(None);
+            };
+            txn.open_table(HOME)
+                .map_err(db_err)?
+                .insert(status.agent.0.as_slice(), cbor(&status).as_slice())
+                .map_err(db_err)?;
+            Ok(Some(tag))
+        })
+    }
+
     /// Home records of agents launched here.
     ///
     /// # Errors
@@ -882,6 +903,41 @@ mod tests {
             store.transfer(&agent, 2).ok().flatten(),
             Some(TransferStatus::Aborted)
         );
+    }
+
+    #[test]
+    fn home_writes_racing_each_other_leave_the_latest_status() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        // The status in memory, changed by each writer before it stores whatever is latest.
+        let latest = Mutex::new(0u64);
+        let status = |n: u64| StatusReply {
+            agent: AgentId([9; 16]),
+            owner: "alice".into(),
+            site: format!("site{n}"),
+            state: "running".into(),
+            hops: Vec::new(),
+            result: None,
+            error: None,
+            sleeping: None,
+        };
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        *latest.lock().unwrap_or_else(|e| panic!("{e}")) += 1;
+                        store
+                            .put_home_latest(|| {
+                                let n = *latest.lock().ok()?;
+                                Some((status(n), n))
+                            })
+                            .unwrap_or_else(|e| panic!("{e}"));
+                    }
+                });
+            }
+        });
+        let stored = store.homes().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(stored, [status(200)]);
     }
 
     #[test]
