@@ -1,11 +1,8 @@
 //! Hostile agents are stopped by the limits with a clear error, and the runner stays healthy.
 
-use agent_e2e::{block_on, example, launch, run, runner, search_sites};
-use agent_runtime::engine::new_pooled_engine;
-use agent_runtime::runner::{LocalRunner, Migration};
-use agent_runtime::{AgentContext, AgentError, AgentInstance, LimitExceeded, Limits, ModuleCache};
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use agent_e2e::{example, launch, run, runner};
+use agent_runtime::runner::Migration;
+use agent_runtime::{AgentError, LimitExceeded, Limits};
 use std::time::Duration;
 
 fn error_of(limits: Limits, mode: &str) -> AgentError {
@@ -105,48 +102,4 @@ fn deep_recursion_panics_and_failures_are_reported() {
         error_of(Limits::default(), "fail"),
         AgentError::Failed("the agent failed on purpose".into())
     );
-}
-
-#[test]
-fn a_pool_of_two_slots_gives_them_back_and_refuses_a_third_agent_at_once_clearly() {
-    let limits = Limits {
-        max_memory: 64 << 20,
-        ..Limits::default()
-    };
-    let engine = new_pooled_engine(2, limits.max_memory).unwrap_or_else(|e| panic!("{e}"));
-    let modules = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
-    let module = modules
-        .admit(&example("search"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let site = Arc::new(search_sites().remove(0));
-    let start = || {
-        let context = AgentContext::new("siteA", "test", Vec::new(), BTreeMap::new());
-        AgentInstance::launch(module.clone(), site.clone(), context, &limits)
-    };
-    block_on(async {
-        let first = start().await.unwrap_or_else(|e| panic!("{e}"));
-        let _second = start().await.unwrap_or_else(|e| panic!("{e}"));
-        let error = start().await.err().map(|e| e.to_string());
-        let error = error.unwrap_or_else(|| panic!("a third instance fitted in two slots"));
-        assert!(
-            error.starts_with("cannot instantiate the agent") && error.contains("limit"),
-            "{error}"
-        );
-        drop(first);
-        start()
-            .await
-            .unwrap_or_else(|e| panic!("a freed slot was not reused: {e}"));
-    });
-    // Every hop restores the agent into a new instance: a run of many hops needs the slots
-    // its earlier instances gave back.
-    let runner = LocalRunner::new(modules, search_sites(), limits);
-    for _ in 0..3 {
-        let report = run(
-            &runner,
-            &example("search"),
-            launch(&["siteA", "siteB", "siteC"], &[("query", "host")]),
-            Migration::EverySafePoint,
-        );
-        assert!(report.outcome.is_ok(), "{:?}", report.outcome);
-    }
 }

@@ -87,8 +87,7 @@ struct ServeArgs {
     /// CPU time each agent may use in its whole life, on all hosts together, in seconds.
     #[arg(long)]
     cpu_budget_secs: Option<u64>,
-    /// Most agents running at once (default 1000; at most 2048, what the address space of
-    /// the instance pool allows). Parked agents do not count.
+    /// Most agents running at once.
     #[arg(long)]
     max_agents: Option<usize>,
     /// Send UDP datagrams one by one, not in GSO batches: needed when a peer is a big-endian

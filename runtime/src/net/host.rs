@@ -19,7 +19,6 @@ use super::trim::Trimmer;
 use super::wire::{WireError, read_blob, read_msg, write_blob, write_msg};
 use crate::base::{Base, BaseCache, BaseList, Binding, WORTH_A_BASE, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
-use crate::engine::{MAX_POOL_SLOTS, new_engine, new_pooled_engine};
 use crate::faults::crash_point;
 use crate::image::{AgentImage, ImageError, ImageLimits};
 use crate::instance::{AgentError, AgentInstance, Step};
@@ -185,11 +184,11 @@ impl Host {
     /// # Errors
     /// When the store, certificates or socket cannot be set up.
     pub async fn start(
-        mut config: HostConfig,
+        config: HostConfig,
         creds: Credentials,
         site: Site,
     ) -> Result<Arc<Host>, HostError> {
-        let engine = Self::engine(&mut config)?;
+        let engine = crate::engine::new_engine().map_err(err)?;
         let modules =
             ModuleCache::new(&engine, Some(config.data_dir.join("compiled"))).map_err(err)?;
         let store = HostStore::open(&config.data_dir).map_err(err)?;
@@ -229,29 +228,6 @@ impl Host {
         tokio::spawn(host.clone().accept_loop());
         tokio::spawn(host.clone().deliver_reports());
         Ok(host)
-    }
-
-    /// The host's engine, its instances from a pool of [`pool_slots`].
-    fn engine(config: &mut HostConfig) -> Result<wasmtime::Engine, HostError> {
-        let (slots, running) = pool_slots(config.max_agents);
-        if running < config.max_agents {
-            tracing::warn!(
-                max_agents = running,
-                "the instance pool has room for {slots}: running at most {running} agents at once"
-            );
-            config.max_agents = running;
-        }
-        let pooled = u32::try_from(slots)
-            .map_err(err)
-            .and_then(|n| new_pooled_engine(n, config.limits.max_memory).map_err(err));
-        match pooled {
-            Ok(engine) => Ok(engine),
-            Err(e) => {
-                // A process limit on address space (ulimit -v, say) leaves no room for a pool.
-                tracing::warn!("no instance pool ({e}): instances are mapped one by one");
-                new_engine().map_err(err)
-            }
-        }
     }
 
     /// The address the host listens on.
@@ -1917,14 +1893,6 @@ impl Host {
     }
 }
 
-/// Slots of the instance pool for a host that runs `max_agents` at once, and how many it can
-/// run: twice as many slots as agents, since one arriving is restored before it counts and
-/// one leaving counts until it is gone; the address space bounds both.
-fn pool_slots(max_agents: usize) -> (usize, usize) {
-    let slots = max_agents.saturating_mul(2).clamp(16, MAX_POOL_SLOTS);
-    (slots, max_agents.min(slots / 2))
-}
-
 /// Bytes of records a list reply carries at most, so that it fits in one message.
 const LIST_BYTES: usize = super::wire::MAX_MESSAGE / 2;
 
@@ -2099,14 +2067,6 @@ mod tests {
         // A short list is whole.
         let few = fit_list(many[..10].to_vec());
         assert_eq!((few.agents.len(), few.total), (10, 10));
-    }
-
-    #[test]
-    fn the_pool_has_room_for_twice_the_agents_within_the_address_space() {
-        assert_eq!(pool_slots(1000), (2000, 1000));
-        assert_eq!(pool_slots(1), (16, 1));
-        assert_eq!(pool_slots(100_000), (MAX_POOL_SLOTS, MAX_POOL_SLOTS / 2));
-        assert_eq!(pool_slots(usize::MAX), (MAX_POOL_SLOTS, MAX_POOL_SLOTS / 2));
     }
 
     #[test]
