@@ -19,10 +19,11 @@
 //! | `dest-before-commit` | destination: agent restored and running, DEPARTED received, not committed |
 //! | `dest-after-commit` | destination: arrival committed, the agent still held, COMMITTED not sent |
 //! | `source-after-committed` | source: COMMITTED received, departure not yet cleaned up |
+//! | `source-after-forward` | source: forwarding pointer and home report committed, not yet synced |
 //! | `after-call` | any host: a service call journaled, its answer not yet given to the agent |
 
 /// Names of every crash point (kept here so tests and docs agree).
-pub const POINTS: [&str; 11] = [
+pub const POINTS: [&str; 12] = [
     "source-after-offer",
     "source-mid-module",
     "source-mid-image",
@@ -33,6 +34,7 @@ pub const POINTS: [&str; 11] = [
     "dest-before-commit",
     "dest-after-commit",
     "source-after-committed",
+    "source-after-forward",
     "after-call",
 ];
 

@@ -192,6 +192,11 @@ fn source_crashes_after_the_commit_before_cleaning_up() {
 }
 
 #[test]
+fn source_crashes_after_its_forward_was_committed_but_not_synced() {
+    crash_and_recover("siteB", "source-after-forward", &[&ALL_HOPS]);
+}
+
+#[test]
 fn a_host_crashes_after_a_service_call_and_the_agent_replays_it_from_the_journal() {
     crash_and_recover("siteC", "after-call", &[&ALL_HOPS]);
 }

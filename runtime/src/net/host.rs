@@ -351,13 +351,6 @@ impl Host {
         let home = stored.context.home.clone();
         match step {
             SourceStep::Forget => {
-                let _ = self.store.set_agent(
-                    &id,
-                    &AgentRecord::Forwarded {
-                        seq,
-                        to: to.clone(),
-                    },
-                );
                 let info = HopInfo {
                     seq,
                     from: self.config.name.clone(),
@@ -373,7 +366,7 @@ impl Host {
                     frozen_at_us: 0,
                     resumed_at_us: 0,
                 };
-                self.report(id, home, LaunchEvent::Moved(info));
+                self.forwarded(id, info.to.clone(), home, info);
             }
             SourceStep::Resume(error) => {
                 let mut agent = match self.restore_stored(&image).await {
@@ -955,6 +948,24 @@ impl Host {
         entry.unheard.push((entry.records, event));
     }
 
+    /// The agent's hop to `to` committed there: leave a forwarding pointer and tell its home.
+    fn forwarded(self: &Arc<Self>, agent: AgentId, to: String, home: String, hop: HopInfo) {
+        let record = AgentRecord::Forwarded { seq: hop.seq, to };
+        let event = LaunchEvent::Moved(hop);
+        let (report, here) = match home == self.config.name {
+            true => (None, Some(event)),
+            false => (Some(PendingReport { home, agent, event }), None),
+        };
+        if let Err(e) = self.store.forward(&agent, &record, report.as_ref()) {
+            tracing::error!(%agent, "cannot record that the agent left: {e}");
+        }
+        crash_point("source-after-forward");
+        match here {
+            Some(event) => self.deliver(&agent, event),
+            None => self.outbox.notify_one(),
+        }
+    }
+
     /// Sends an event to the agent's home host (here, or a peer). A report to a peer is
     /// stored first and sent until the home acknowledges it, across restarts of either.
     fn report(self: &Arc<Self>, agent: AgentId, home: String, event: LaunchEvent) {
@@ -1105,15 +1116,8 @@ impl Host {
                 Op::Hop { site } => match self.send_agent(&mut agent, &site).await {
                     Ok(info) => {
                         crash_point("source-after-committed");
-                        let _ = self.store.set_agent(
-                            &id,
-                            &AgentRecord::Forwarded {
-                                seq: info.seq,
-                                to: site,
-                            },
-                        );
                         self.forget_running(&id);
-                        return self.report(id, home, LaunchEvent::Moved(info));
+                        return self.forwarded(id, site, home, info);
                     }
                     Err(failure) => {
                         self.hop_failed(&mut agent, failure.departure.as_deref(), failure.error)

@@ -318,6 +318,22 @@ impl HostStore {
         })
     }
 
+    /// Runs `work` in a write transaction whose commit does not wait for the disk: the next
+    /// durable commit, whoever makes it, covers it, and a crash before then loses it. For
+    /// records a restart rebuilds, or that are safe to repeat.
+    fn write_lazily<T>(
+        &self,
+        work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        blocking(|| {
+            let mut txn = self.db.begin_write().map_err(db_err)?;
+            txn.set_durability(Durability::None).map_err(db_err)?;
+            let out = work(&txn)?;
+            txn.commit().map_err(db_err)?;
+            Ok(out)
+        })
+    }
+
     fn sync_state<T>(&self, f: impl FnOnce(&mut SyncState) -> T) -> Result<T, StoreError> {
         let mut state = self.sync.state.lock().map_err(|_| poisoned())?;
         Ok(f(&mut state))
@@ -582,6 +598,37 @@ impl HostStore {
         Ok(stale)
     }
 
+    /// Records that an agent left for good (its destination's commit is durable) with
+    /// `record`, and keeps `report` for its home, in one transaction that does not wait for
+    /// the disk. A crash before the next sync loses both: the departure record is back, and
+    /// the restart asks the destination and reports again (a home keeps one report of a hop).
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn forward(
+        &self,
+        agent: &AgentId,
+        record: &AgentRecord,
+        report: Option<&PendingReport>,
+    ) -> Result<(), StoreError> {
+        let stale = self.write_lazily(|txn| {
+            if let Some(report) = report {
+                let bytes = cbor(report);
+                txn.open_table(OUTBOX)
+                    .map_err(db_err)?
+                    .insert(blake3::hash(&bytes).as_bytes().as_slice(), bytes.as_slice())
+                    .map_err(db_err)?;
+            }
+            self.set_agent_in(txn, agent, record)
+        })?;
+        if stale.is_some() {
+            // The departure record names that file until the commit is durable.
+            self.sync()?;
+        }
+        unlink(stale);
+        Ok(())
+    }
+
     /// Stores `image` durably, then the record `make` builds around its file name.
     ///
     /// # Errors
@@ -738,12 +785,13 @@ impl HostStore {
         })
     }
 
-    /// Forgets a report the home acknowledged.
+    /// Forgets a report the home acknowledged, without waiting for the disk: a crash before
+    /// the next sync only makes it sent again, and the home keeps one of each.
     ///
     /// # Errors
     /// When the database fails.
     pub fn remove_report(&self, key: &ReportKey) -> Result<(), StoreError> {
-        self.write(|txn| {
+        self.write_lazily(|txn| {
             txn.open_table(OUTBOX)
                 .map_err(db_err)?
                 .remove(key.as_slice())
@@ -938,6 +986,71 @@ mod tests {
         });
         let stored = store.homes().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(stored, [status(200)]);
+    }
+
+    #[test]
+    fn a_forward_keeps_its_report_and_removes_a_departure_file_only_once_durable() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let agent = AgentId([7; 16]);
+        let large = vec![7u8; INLINE_IMAGE + 1];
+        let report = PendingReport {
+            home: "siteA".into(),
+            agent,
+            event: LaunchEvent::HopFailed {
+                site: "siteB".into(),
+                error: "test".into(),
+            },
+        };
+        {
+            let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+            store
+                .keep_agent(&agent, &large, |image| AgentRecord::Departing {
+                    seq: 3,
+                    to: "siteC".into(),
+                    image,
+                })
+                .unwrap_or_else(|e| panic!("{e}"));
+            let forwarded = AgentRecord::Forwarded {
+                seq: 3,
+                to: "siteC".into(),
+            };
+            store
+                .forward(&agent, &forwarded, Some(&report))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        // The departure's file went, so the forward was durable first: it survives.
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let images = std::fs::read_dir(dir.path().join("images")).map(Iterator::count);
+        assert_eq!(images.ok(), Some(0));
+        assert_eq!(
+            store.agent(&agent).ok().flatten(),
+            Some(AgentRecord::Forwarded {
+                seq: 3,
+                to: "siteC".into()
+            })
+        );
+        let reports = store.reports().unwrap_or_default();
+        assert_eq!(
+            reports.iter().map(|(_, r)| r).collect::<Vec<_>>(),
+            [&report]
+        );
+        // Acknowledged: gone, here and after a reopen (a later sync covered the removal).
+        store
+            .remove_report(&reports[0].0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(store.reports().unwrap_or_default().is_empty());
+        store
+            .set_agent(
+                &AgentId([8; 16]),
+                &AgentRecord::Forwarded {
+                    seq: 1,
+                    to: "x".into(),
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(store);
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(store.reports().unwrap_or_default().is_empty());
     }
 
     #[test]
