@@ -19,7 +19,7 @@
 //! | `dest-before-commit` | destination: agent restored and running, DEPARTED received, not committed |
 //! | `dest-after-commit` | destination: arrival committed, the agent still held, COMMITTED not sent |
 //! | `source-after-committed` | source: COMMITTED received, departure not yet cleaned up |
-//! | `source-after-forward` | source: forwarding pointer and home report committed, not yet synced |
+//! | `source-after-forward` | source: forwarding pointer (and the report to a home elsewhere) committed, perhaps not yet synced |
 //! | `after-call` | any host: a service call journaled, its answer not yet given to the agent |
 
 /// Names of every crash point (kept here so tests and docs agree).

@@ -153,6 +153,8 @@ pub struct Host {
     /// Transfers (agent, seq) this host accepted and has not decided yet, and how many: a
     /// source that restarted before its departure was durable offers the same hop again.
     receiving: Mutex<HashMap<(AgentId, u64), usize>>,
+    /// Agents launched here. No store write may be made while it is locked: a home record's
+    /// write locks it inside the write transaction ([`Host::save_home`]).
     homes: Mutex<HashMap<AgentId, HomeEntry>>,
     /// Pages of agents that left, for their return visits.
     bases: Mutex<BaseCache>,
@@ -227,6 +229,7 @@ impl Host {
         host.resume_residents().await;
         tokio::spawn(host.clone().accept_loop());
         tokio::spawn(host.clone().deliver_reports());
+        tokio::spawn(host.clone().sync_lazily());
         Ok(host)
     }
 
@@ -366,7 +369,7 @@ impl Host {
                     frozen_at_us: 0,
                     resumed_at_us: 0,
                 };
-                self.forwarded(id, info.to.clone(), home, info);
+                self.forwarded(id, home, info);
             }
             SourceStep::Resume(error) => {
                 let mut agent = match self.restore_stored(&image).await {
@@ -816,7 +819,8 @@ impl Host {
 
     /// Records an event of an agent launched here and passes it to its watchers.
     fn deliver(self: &Arc<Self>, agent: &AgentId, event: LaunchEvent) {
-        {
+        // A report told twice (its host restarted) changes nothing and is not stored again.
+        let recorded = {
             let Ok(mut homes) = self.homes.lock() else {
                 return;
             };
@@ -836,6 +840,7 @@ impl Host {
                 });
                 return;
             }
+            let before = entry.records;
             Self::record(entry, event);
             let reported = entry.status.hops.len() as u64;
             if let Some(LaunchEvent::Finished { hops, .. }) = &entry.held
@@ -844,8 +849,11 @@ impl Host {
             {
                 Self::record(entry, held);
             }
+            entry.records > before
+        };
+        if recorded {
+            self.save_home(agent);
         }
-        self.save_home(agent);
     }
 
     fn release_held(&self, agent: &AgentId) {
@@ -949,21 +957,29 @@ impl Host {
     }
 
     /// The agent's hop to `to` committed there: leave a forwarding pointer and tell its home.
-    fn forwarded(self: &Arc<Self>, agent: AgentId, to: String, home: String, hop: HopInfo) {
-        let record = AgentRecord::Forwarded { seq: hop.seq, to };
-        let event = LaunchEvent::Moved(hop);
-        let (report, here) = match home == self.config.name {
-            true => (None, Some(event)),
-            false => (Some(PendingReport { home, agent, event }), None),
+    fn forwarded(self: &Arc<Self>, agent: AgentId, home: String, hop: HopInfo) {
+        let record = AgentRecord::Forwarded {
+            seq: hop.seq,
+            to: hop.to.clone(),
         };
-        if let Err(e) = self.store.forward(&agent, &record, report.as_ref()) {
-            tracing::error!(%agent, "cannot record that the agent left: {e}");
+        let event = LaunchEvent::Moved(hop);
+        if home == self.config.name {
+            if let Err(e) = self.store.forward(&agent, &record, None) {
+                tracing::error!(%agent, "cannot record that the agent left: {e}");
+            }
+            crash_point("source-after-forward");
+            return self.deliver(&agent, event);
+        }
+        let report = PendingReport { home, agent, event };
+        match self.store.forward(&agent, &record, Some(&report)) {
+            Ok(()) => self.outbox.notify_one(),
+            Err(e) => {
+                // The report went with the failed transaction: keep it on its own.
+                tracing::error!(%agent, "cannot record that the agent left: {e}");
+                self.report(agent, report.home, report.event);
+            }
         }
         crash_point("source-after-forward");
-        match here {
-            Some(event) => self.deliver(&agent, event),
-            None => self.outbox.notify_one(),
-        }
     }
 
     /// Sends an event to the agent's home host (here, or a peer). A report to a peer is
@@ -977,6 +993,20 @@ impl Host {
             tracing::error!(%agent, "cannot store a report for the home host: {e}");
         }
         self.outbox.notify_one();
+    }
+
+    /// Makes the store's commits that did not wait for the disk durable every
+    /// [`super::store::LAZY_SYNC`].
+    async fn sync_lazily(self: Arc<Self>) {
+        let mut every = tokio::time::interval(super::store::LAZY_SYNC);
+        while !self.shutting_down.load(Ordering::SeqCst) {
+            every.tick().await;
+            let host = self.clone();
+            let synced = tokio::task::spawn_blocking(move || host.store.sync_lazy()).await;
+            if let Ok(Err(e)) = synced {
+                tracing::error!("cannot sync the store: {e}");
+            }
+        }
     }
 
     /// Delivers stored reports to their home hosts, retrying those that fail.
@@ -1117,7 +1147,7 @@ impl Host {
                     Ok(info) => {
                         crash_point("source-after-committed");
                         self.forget_running(&id);
-                        return self.forwarded(id, site, home, info);
+                        return self.forwarded(id, home, info);
                     }
                     Err(failure) => {
                         self.hop_failed(&mut agent, failure.departure.as_deref(), failure.error)
