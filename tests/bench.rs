@@ -135,10 +135,13 @@ fn main() -> anyhow::Result<()> {
         // BENCH_LOGS=DIR keeps the host logs (RUST_LOG=agent_runtime=debug logs hop phases).
         if let Some(dir) = std::env::var_os("BENCH_LOGS") {
             let log = format!("{site}.log");
-            std::fs::copy(
-                cluster.dir.path().join(&log),
-                std::path::Path::new(&dir).join(&log),
-            )?;
+            let to = std::path::Path::new(&dir).join(&log);
+            // A log that cannot be kept must not cost the table the run measured.
+            let kept = std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::copy(cluster.dir.path().join(&log), &to));
+            if let Err(e) = kept {
+                eprintln!("bench: cannot keep {} ({e})", to.display());
+            }
         }
     }
     print_report(&rows, rounds);
