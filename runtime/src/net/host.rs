@@ -585,8 +585,13 @@ impl Host {
                     .receiving
                     .lock()
                     .is_ok_and(|r| r.contains_key(&(agent, seq)));
+                // A committed transfer is committed even while its stream is being answered:
+                // a source that heard COMMITTED and asks at once must not hear IN PROGRESS.
+                let committed = receiving
+                    && (self.store.transfer(&agent, seq).ok().flatten())
+                        == Some(TransferStatus::Committed);
                 let reply = match peer.role {
-                    Role::Host if receiving => Ok(TransferStatus::InProgress),
+                    Role::Host if receiving && !committed => Ok(TransferStatus::InProgress),
                     Role::Host => self
                         .store
                         .resolve_transfer(&agent, seq)
