@@ -334,7 +334,7 @@ mod tests {
         let full = after.encode().expect("encode");
         assert!(bytes.len() < full.len());
         assert_eq!(
-            AgentImage::decode_against(&bytes, &limits(), Some(&base)),
+            AgentImage::decode_against(&bytes.clone().into(), &limits(), Some(&base)),
             Ok((after.clone(), true))
         );
         // A plain decode, or one against another base, cannot fill the pages in.
@@ -344,12 +344,12 @@ mod tests {
         );
         let other = kept(3, before.pages.clone());
         assert_eq!(
-            AgentImage::decode_against(&bytes, &limits(), Some(&other)),
+            AgentImage::decode_against(&bytes.clone().into(), &limits(), Some(&other)),
             Err(ImageError::NeedsBase(2))
         );
         // A full image decodes with or without a base.
         assert_eq!(
-            AgentImage::decode_against(&full, &limits(), Some(&base)),
+            AgentImage::decode_against(&full.clone().into(), &limits(), Some(&base)),
             Ok((after, false))
         );
     }
@@ -365,13 +365,13 @@ mod tests {
         // The receiver's base of hop 2 is not what it listed: page 3 differs.
         let wrong = kept(2, image(|i| if i == 3 { 1 } else { i as u8 }).pages);
         assert_eq!(
-            AgentImage::decode_against(&bytes, &limits(), Some(&wrong)),
+            AgentImage::decode_against(&bytes.clone().into(), &limits(), Some(&wrong)),
             Err(ImageError::HashMismatch)
         );
         // A base lacking a left-out page.
         let short = kept(2, image(|i| if i < 10 { i as u8 } else { 0 }).pages);
         assert!(matches!(
-            AgentImage::decode_against(&bytes, &limits(), Some(&short)),
+            AgentImage::decode_against(&bytes.clone().into(), &limits(), Some(&short)),
             Err(ImageError::BadPages(_))
         ));
     }

@@ -237,12 +237,43 @@ impl AgentImage {
         Ok(out)
     }
 
+    /// The digest an encoded image's header claims, read without checking the image: what a
+    /// store names the image's file by (the digest is a hash of everything the image holds, so
+    /// hashing all its bytes again for a name would only repeat that work). `None` when
+    /// `bytes` do not start with a readable header.
+    pub fn claimed_digest(bytes: &[u8]) -> Option<[u8; 32]> {
+        let len = bytes.get(MAGIC.len()..MAGIC.len() + 4)?;
+        let head_len = u32::from_le_bytes(len.try_into().ok()?) as usize;
+        if bytes[..MAGIC.len()] != MAGIC || head_len > ImageLimits::default().max_header {
+            return None;
+        }
+        let head = bytes.get(MAGIC.len() + 4..MAGIC.len() + 4 + head_len)?;
+        ciborium::de::from_reader_with_recursion_limit::<WireHeader, _>(head, RECURSION_LIMIT)
+            .ok()
+            // An image that leaves out pages claims the digest of the whole image it stands for.
+            .filter(|h| h.base.is_none())
+            .map(|h| h.hash)
+    }
+
     /// Decodes and verifies an untrusted image.
     ///
     /// # Errors
     /// An [`ImageError`] naming the first problem found; nothing is allocated beyond the
     /// limits before the sizes are checked.
     pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<AgentImage, ImageError> {
+        AgentImage::decode_shared(&bytes::Bytes::copy_from_slice(bytes), limits)
+    }
+
+    /// Decodes and verifies an untrusted image held in a shared buffer, as
+    /// [`AgentImage::decode`] does; the pages of a body sent raw are lent from `bytes`, not
+    /// copied.
+    ///
+    /// # Errors
+    /// As [`AgentImage::decode`].
+    pub fn decode_shared(
+        bytes: &bytes::Bytes,
+        limits: &ImageLimits,
+    ) -> Result<AgentImage, ImageError> {
         AgentImage::decode_against(bytes, limits, None).map(|(image, _)| image)
     }
 
@@ -255,10 +286,11 @@ impl AgentImage {
     /// As [`AgentImage::decode`]; [`ImageError::NeedsBase`] when the image leaves out pages of
     /// a base image other than `base`.
     pub fn decode_against(
-        bytes: &[u8],
+        shared: &bytes::Bytes,
         limits: &ImageLimits,
         base: Option<&crate::base::Base>,
     ) -> Result<(AgentImage, bool), ImageError> {
+        let bytes = &shared[..];
         if bytes.len() < MAGIC.len() + 4 {
             return Err(
                 if bytes.starts_with(&MAGIC[..bytes.len().min(MAGIC.len())]) {
@@ -347,12 +379,8 @@ impl AgentImage {
         let expected = ((pages - left_out) * PAGE_SIZE as u64) as usize;
         let data = match header.raw {
             // Its size was checked against the header's, and that against the runs below.
-            true => {
-                let mut data = crate::prefault::buffer(body.len());
-                data.extend_from_slice(body);
-                data
-            }
-            false => inflate(body, expected)?,
+            true => shared.slice(12 + head_len as usize..),
+            false => inflate(body, expected)?.into(),
         };
         if data.len() != expected {
             return Err(ImageError::CorruptBody(format!(
@@ -498,7 +526,7 @@ mod tests {
                         count: 1,
                     },
                 ],
-                data,
+                data: data.into(),
             },
             context,
         }
@@ -568,7 +596,7 @@ mod tests {
                 start: 0,
                 count: pages,
             }],
-            data,
+            data: data.into(),
         };
         img
     }
@@ -577,7 +605,9 @@ mod tests {
     fn incompressible_pages_travel_raw_and_compressible_ones_compressed() {
         let mut img = noisy(512);
         // A heap of noise above a stack and data of zeros, as in the benchmark agent.
-        img.pages.data[..16 * PAGE_SIZE].fill(0);
+        let mut data = img.pages.data.to_vec();
+        data[..16 * PAGE_SIZE].fill(0);
+        img.pages.data = data.into();
         let bytes = img.encode().unwrap_or_default();
         assert!(
             header_of(&bytes).is_some_and(|h| h.raw),
@@ -594,11 +624,58 @@ mod tests {
         assert!(matches!(decode(short), Err(ImageError::Truncated(_))));
 
         let mut plain = img.clone();
-        plain.pages.data.iter_mut().for_each(|b| *b &= 1);
+        plain.pages.data = plain.pages.data.iter().map(|b| b & 1).collect();
         let bytes = plain.encode().unwrap_or_default();
         assert!(header_of(&bytes).is_some_and(|h| !h.raw));
         assert!(bytes.len() < plain.pages.data.len() / 2);
         assert_eq!(decode(&bytes), Ok(plain));
+    }
+
+    #[test]
+    fn a_raw_body_is_lent_from_the_buffer_it_was_decoded_from() {
+        let img = noisy(512);
+        let bytes = bytes::Bytes::from(img.encode().unwrap_or_default());
+        assert!(header_of(&bytes).is_some_and(|h| h.raw));
+        let decoded = AgentImage::decode_shared(&bytes, &ImageLimits::default());
+        let pages = decoded.map(|d| d.pages.data).unwrap_or_default();
+        assert_eq!(pages, img.pages.data);
+        let lent = bytes.as_ptr_range();
+        assert!(
+            lent.contains(&pages.as_ptr()),
+            "the pages were copied out of the buffer"
+        );
+    }
+
+    #[test]
+    fn the_claimed_digest_is_the_header_hash_of_an_image_that_stands_alone() {
+        let img = image();
+        let bytes = img.encode().unwrap_or_default();
+        assert_eq!(AgentImage::claimed_digest(&bytes), Some(img.digest()));
+        // Read without checking: a tampered body still shows the header's claim.
+        let mut tampered = bytes.clone();
+        if let Some(b) = tampered.last_mut() {
+            *b ^= 1;
+        }
+        assert_eq!(AgentImage::claimed_digest(&tampered), Some(img.digest()));
+        for junk in [
+            &b""[..],
+            b"AGNTIMG\0",
+            b"AGNTIMG\0\xff\xff\xff\xff",
+            &bytes[..20],
+            b"not an image",
+        ] {
+            assert_eq!(AgentImage::claimed_digest(junk), None);
+        }
+        // An image that leaves out pages claims the whole image's digest: it has none of its own.
+        let partial = img
+            .encode_leaving_out(
+                1,
+                vec![PageRun { start: 1, count: 1 }],
+                &img.pages.data[PAGE_SIZE..],
+            )
+            .unwrap_or_default();
+        assert!(header_of(&partial).is_some_and(|h| h.base.is_some()));
+        assert_eq!(AgentImage::claimed_digest(&partial), None);
     }
 
     #[test]
@@ -687,7 +764,7 @@ mod tests {
             Err(ImageError::HashMismatch)
         );
         // A changed page byte (compressed body still valid).
-        let mut other = img.pages.data.clone();
+        let mut other = img.pages.data.to_vec();
         other[5] ^= 1;
         let body = zstd::bulk::compress(&other, 1).unwrap_or_default();
         assert_eq!(
@@ -749,7 +826,8 @@ mod tests {
             }],
             data: (0..pages * PAGE_SIZE)
                 .map(|i| (i * 13 % 241) as u8)
-                .collect(),
+                .collect::<Vec<u8>>()
+                .into(),
         };
         let bytes = img.encode().unwrap_or_default();
         assert_eq!(decode(&bytes), Ok(img.clone()));

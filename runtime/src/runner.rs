@@ -305,7 +305,8 @@ impl LocalRunner {
             .map_err(|e| AgentError::Abi(format!("cannot encode the image: {e}")))?;
         let capture = started.elapsed();
         let started = Instant::now();
-        let image = AgentImage::decode(&bytes, &self.image_limits)?;
+        let image_bytes = bytes.len();
+        let image = AgentImage::decode_shared(&bytes.into(), &self.image_limits)?;
         let module = self.modules.get(&image.module).ok_or_else(|| {
             AgentError::Instantiate(format!("module {} is not admitted here", image.module))
         })?;
@@ -320,7 +321,7 @@ impl LocalRunner {
             from,
             to: dest.name().into(),
             requested,
-            image_bytes: bytes.len(),
+            image_bytes,
             memory_bytes,
             pages,
             capture,

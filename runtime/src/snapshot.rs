@@ -62,8 +62,9 @@ impl PageRun {
 pub struct PageMap {
     /// Runs of carried pages, sorted, not overlapping.
     pub runs: Vec<PageRun>,
-    /// The carried pages' bytes, concatenated in run order.
-    pub data: Vec<u8>,
+    /// The carried pages' bytes, concatenated in run order: shared, so that an image decoded
+    /// from a buffer lends its pages instead of copying them, and a base keeps them by count.
+    pub data: bytes::Bytes,
 }
 
 impl PageMap {
@@ -88,7 +89,10 @@ impl PageMap {
         for run in &runs {
             data.extend_from_slice(&memory[run.bytes()]);
         }
-        PageMap { runs, data }
+        PageMap {
+            runs,
+            data: data.into(),
+        }
     }
 
     /// Number of pages carried.
@@ -100,17 +104,16 @@ impl PageMap {
     ///
     /// The runs must have been checked against `memory.len()` (see [`PageMap::check`]).
     pub fn apply(&self, memory: &mut [u8]) {
-        let mut data = self.data.chunks_exact(PAGE_SIZE);
+        let mut at = 0;
         for run in &self.runs {
-            if let Some(region) = memory.get_mut(run.bytes()) {
+            let len = run.bytes().len();
+            if let (Some(region), Some(pages)) =
+                (memory.get_mut(run.bytes()), self.data.get(at..at + len))
+            {
                 crate::prefault::write(region);
+                region.copy_from_slice(pages);
             }
-            for index in run.start..run.start + run.count {
-                let at = index as usize * PAGE_SIZE;
-                if let (Some(page), Some(dst)) = (data.next(), memory.get_mut(at..at + PAGE_SIZE)) {
-                    dst.copy_from_slice(page);
-                }
-            }
+            at += len;
         }
     }
 
@@ -150,7 +153,10 @@ impl PageMap {
         if let Some(index) = left.next() {
             return Err(format!("left-out page {index} is not carried"));
         }
-        Ok(PageMap { runs, data })
+        Ok(PageMap {
+            runs,
+            data: data.into(),
+        })
     }
 
     /// Checks that the runs are sorted, disjoint, inside a memory of `memory_bytes` and match

@@ -52,7 +52,7 @@ fn an_image_only_restores_into_its_own_module() {
             start: (image.memory_bytes / 4096) as u32,
             count: 1,
         });
-        outside.pages.data.extend_from_slice(&[1u8; 4096]);
+        outside.pages.data = [&outside.pages.data[..], &[1u8; 4096]].concat().into();
         let wrong = AgentInstance::restore(heap.clone(), site.clone(), outside, &limits).await;
         assert!(matches!(
             wrong,

@@ -343,8 +343,9 @@ impl Host {
             .image(&image)
             .map_err(|e| e.to_string())
             .and_then(|bytes| {
-                AgentImage::decode(&bytes, &self.image_limits())
-                    .map(|image| (bytes.len() as u64, image))
+                let image_len = bytes.len() as u64;
+                AgentImage::decode_shared(&bytes.into(), &self.image_limits())
+                    .map(|image| (image_len, image))
                     .map_err(|e| e.to_string())
             });
         let (image_bytes, stored) = match decoded {
@@ -417,8 +418,9 @@ impl Host {
     }
 
     async fn restore_stored(self: &Arc<Self>, image: &str) -> Result<AgentInstance, String> {
-        let bytes = self.store.image(image).map_err(|e| e.to_string())?;
-        let image = AgentImage::decode(&bytes, &self.image_limits()).map_err(|e| e.to_string())?;
+        let bytes = self.store.image(image).map_err(|e| e.to_string())?.into();
+        let image =
+            AgentImage::decode_shared(&bytes, &self.image_limits()).map_err(|e| e.to_string())?;
         let module = self.module(&image.module).await?;
         AgentInstance::restore(module, self.site.clone(), image, &self.config.limits)
             .await
@@ -1804,7 +1806,7 @@ impl Host {
         // An image that must stand alone (no base was offered) is what gets stored: a large
         // one is written and synced while it is checked and restored. Dropped unnamed, the
         // file goes too.
-        let image = Arc::new(image);
+        let image = bytes::Bytes::from(image);
         let staging = (base.is_none() && image.len() > super::store::INLINE_IMAGE).then(|| {
             let (host, image) = (self.clone(), image.clone());
             tokio::task::spawn_blocking(move || host.store.stage_image(&image))
@@ -1827,7 +1829,7 @@ impl Host {
         let departed: Departed = read_msg(recv).await?;
         phase("departed");
         crash_point("dest-before-commit");
-        let stored = whole.as_deref().unwrap_or(&image);
+        let stored = whole.as_deref().unwrap_or(&image[..]);
         // One that failed to stage is staged again by the commit, which reports the error.
         let staged = match staging {
             Some(task) => task.await.ok().and_then(Result::ok),
@@ -1873,7 +1875,7 @@ impl Host {
         self: &Arc<Self>,
         offer: &Offer,
         wasm: Option<Vec<u8>>,
-        bytes: &[u8],
+        bytes: &bytes::Bytes,
         base: Option<&Base>,
     ) -> Result<(AgentInstance, Option<Vec<u8>>), String> {
         let started = Instant::now();

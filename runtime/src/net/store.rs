@@ -22,6 +22,7 @@
 
 use super::messages::{LaunchEvent, StatusReply, TransferStatus};
 use crate::context::AgentId;
+use crate::image::AgentImage;
 use crate::modules::{ModuleHash, TEMPORARY, publish, write_durably, write_synced};
 use agent_abi::{CallError, HopError};
 use redb::{
@@ -422,7 +423,11 @@ impl HostStore {
     /// # Errors
     /// When the file cannot be written.
     pub fn stage_image(&self, bytes: &[u8]) -> Result<Staged, StoreError> {
-        let name = format!("{}.img", blake3::hash(bytes).to_hex());
+        // An image that stands alone is named by the digest its header claims: a staged
+        // arrival is published only once decoding has checked that digest.
+        let hash =
+            AgentImage::claimed_digest(bytes).unwrap_or_else(|| *blake3::hash(bytes).as_bytes());
+        let name = format!("{}.img", blake3::Hash::from(hash).to_hex());
         let file = match bytes.len() <= INLINE_IMAGE {
             true => None,
             false => {
@@ -1190,6 +1195,40 @@ mod tests {
             files(),
             named.into_iter().collect::<Vec<_>>(),
             "the leftover is gone"
+        );
+    }
+
+    #[test]
+    fn an_image_file_is_named_by_the_digest_its_header_claims() {
+        use crate::image::AgentImage;
+        use crate::snapshot::{PAGE_SIZE, PageMap, PageRun};
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let pages = (INLINE_IMAGE / PAGE_SIZE + 2) as u32;
+        let image = AgentImage {
+            module: ModuleHash([3; 32]),
+            memory_bytes: u64::from(pages).next_multiple_of(16) * PAGE_SIZE as u64,
+            globals: Vec::new(),
+            pages: PageMap {
+                runs: vec![PageRun {
+                    start: 0,
+                    count: pages,
+                }],
+                data: crate::net::host::incompressible(pages as usize * PAGE_SIZE).into(),
+            },
+            context: crate::context::AgentContext::new("h", "o", Vec::new(), Default::default()),
+        };
+        let bytes = image.encode().unwrap_or_else(|e| panic!("{e}"));
+        assert!(bytes.len() > INLINE_IMAGE, "large enough for a file");
+        let staged = store.stage_image(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        let digest = blake3::Hash::from(image.digest()).to_hex();
+        assert_eq!(staged.name, format!("{digest}.img"));
+        let other = store
+            .stage_image(b"not an image")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            other.name,
+            format!("{}.img", blake3::hash(b"not an image").to_hex())
         );
     }
 }

@@ -102,6 +102,7 @@ pub async fn read_blob(
         return Err(WireError::TooLarge { what, size, limit });
     }
     let mut bytes = vec![0u8; size as usize];
+    crate::prefault::huge(&mut bytes);
     recv.read_exact(&mut bytes)
         .await
         .map_err(|e| WireError::Stream(e.to_string()))?;
