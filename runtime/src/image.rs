@@ -242,17 +242,11 @@ impl AgentImage {
     /// hashing all its bytes again for a name would only repeat that work). `None` when
     /// `bytes` do not start with a readable header.
     pub fn claimed_digest(bytes: &[u8]) -> Option<[u8; 32]> {
-        let len = bytes.get(MAGIC.len()..MAGIC.len() + 4)?;
-        let head_len = u32::from_le_bytes(len.try_into().ok()?) as usize;
-        if bytes[..MAGIC.len()] != MAGIC || head_len > ImageLimits::default().max_header {
-            return None;
-        }
-        let head = bytes.get(MAGIC.len() + 4..MAGIC.len() + 4 + head_len)?;
-        ciborium::de::from_reader_with_recursion_limit::<WireHeader, _>(head, RECURSION_LIMIT)
+        read_header(bytes, ImageLimits::default().max_header)
             .ok()
             // An image that leaves out pages claims the digest of the whole image it stands for.
-            .filter(|h| h.base.is_none())
-            .map(|h| h.hash)
+            .filter(|(h, _)| h.base.is_none())
+            .map(|(h, _)| h.hash)
     }
 
     /// Decodes and verifies an untrusted image.
@@ -290,41 +284,7 @@ impl AgentImage {
         limits: &ImageLimits,
         base: Option<&crate::base::Base>,
     ) -> Result<(AgentImage, bool), ImageError> {
-        let bytes = &shared[..];
-        if bytes.len() < MAGIC.len() + 4 {
-            return Err(
-                if bytes.starts_with(&MAGIC[..bytes.len().min(MAGIC.len())]) {
-                    ImageError::Truncated(format!(
-                        "{} bytes, shorter than the fixed prefix",
-                        bytes.len()
-                    ))
-                } else {
-                    ImageError::NotAnImage
-                },
-            );
-        }
-        if bytes[..MAGIC.len()] != MAGIC {
-            return Err(ImageError::NotAnImage);
-        }
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&bytes[8..12]);
-        let head_len = u64::from(u32::from_le_bytes(len));
-        if head_len > limits.max_header as u64 {
-            return Err(ImageError::HeaderTooLarge {
-                size: head_len,
-                limit: limits.max_header as u64,
-            });
-        }
-        let rest = &bytes[12..];
-        let Some(head) = rest.get(..head_len as usize) else {
-            return Err(ImageError::Truncated(format!(
-                "header of {head_len} bytes, {} present",
-                rest.len()
-            )));
-        };
-        let header: WireHeader =
-            ciborium::de::from_reader_with_recursion_limit(head, RECURSION_LIMIT)
-                .map_err(|e| ImageError::BadHeader(e.to_string()))?;
+        let (header, body_at) = read_header(shared, limits.max_header)?;
         if header.format != FORMAT_VERSION {
             return Err(ImageError::VersionSkew {
                 found: header.format,
@@ -359,7 +319,7 @@ impl AgentImage {
                 (Some(base), left.min(pages))
             }
         };
-        let body = &rest[head_len as usize..];
+        let body = &shared[body_at..];
         match (body.len() as u64).cmp(&header.body_bytes) {
             std::cmp::Ordering::Less => {
                 return Err(ImageError::Truncated(format!(
@@ -379,7 +339,7 @@ impl AgentImage {
         let expected = ((pages - left_out) * PAGE_SIZE as u64) as usize;
         let data = match header.raw {
             // Its size was checked against the header's, and that against the runs below.
-            true => shared.slice(12 + head_len as usize..),
+            true => shared.slice(body_at..),
             false => inflate(body, expected)?.into(),
         };
         if data.len() != expected {
@@ -414,6 +374,45 @@ impl AgentImage {
         }
         Ok((image, filled_in))
     }
+}
+
+/// Reads the fixed prefix and the CBOR header of an untrusted image; yields the header and
+/// where the body starts. The header's fields are not checked here.
+fn read_header(bytes: &[u8], max_header: usize) -> Result<(WireHeader, usize), ImageError> {
+    if bytes.len() < MAGIC.len() + 4 {
+        return Err(
+            if bytes.starts_with(&MAGIC[..bytes.len().min(MAGIC.len())]) {
+                ImageError::Truncated(format!(
+                    "{} bytes, shorter than the fixed prefix",
+                    bytes.len()
+                ))
+            } else {
+                ImageError::NotAnImage
+            },
+        );
+    }
+    if bytes[..MAGIC.len()] != MAGIC {
+        return Err(ImageError::NotAnImage);
+    }
+    let mut len = [0u8; 4];
+    len.copy_from_slice(&bytes[8..12]);
+    let head_len = u64::from(u32::from_le_bytes(len));
+    if head_len > max_header as u64 {
+        return Err(ImageError::HeaderTooLarge {
+            size: head_len,
+            limit: max_header as u64,
+        });
+    }
+    let rest = &bytes[12..];
+    let Some(head) = rest.get(..head_len as usize) else {
+        return Err(ImageError::Truncated(format!(
+            "header of {head_len} bytes, {} present",
+            rest.len()
+        )));
+    };
+    let header = ciborium::de::from_reader_with_recursion_limit(head, RECURSION_LIMIT)
+        .map_err(|e| ImageError::BadHeader(e.to_string()))?;
+    Ok((header, 12 + head_len as usize))
 }
 
 thread_local! {

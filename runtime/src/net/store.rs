@@ -1200,7 +1200,6 @@ mod tests {
 
     #[test]
     fn an_image_file_is_named_by_the_digest_its_header_claims() {
-        use crate::image::AgentImage;
         use crate::snapshot::{PAGE_SIZE, PageMap, PageRun};
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
