@@ -16,7 +16,7 @@
 //! The list costs 8 bytes per base page on the wire (16 KiB for 8 MiB of carried pages).
 
 use crate::context::AgentId;
-use crate::image::AgentImage;
+use crate::image::{AgentImage, Encoded};
 use crate::modules::ModuleHash;
 use crate::snapshot::{PageMap, PageRun, indices, push_index};
 use serde::{Deserialize, Serialize};
@@ -153,7 +153,7 @@ pub fn encode_against(
     image: &AgentImage,
     list: &BaseList,
     own: Option<&Base>,
-) -> std::io::Result<Option<(Vec<u8>, u64)>> {
+) -> std::io::Result<Option<(Encoded, u64)>> {
     let Some(entries) = list.entries() else {
         return Ok(None);
     };
@@ -181,7 +181,7 @@ pub fn encode_against(
     if left == 0 {
         return Ok(None);
     }
-    let bytes = image.encode_leaving_out(list.seq, left_out, &body)?;
+    let bytes = image.encode_leaving_out(list.seq, left_out, body.into())?;
     Ok(Some((bytes, left)))
 }
 
@@ -334,17 +334,17 @@ mod tests {
         let full = after.encode().expect("encode");
         assert!(bytes.len() < full.len());
         assert_eq!(
-            AgentImage::decode_against(&bytes.clone().into(), &limits(), Some(&base)),
+            AgentImage::decode_against(&bytes.to_vec().into(), &limits(), Some(&base)),
             Ok((after.clone(), true))
         );
         // A plain decode, or one against another base, cannot fill the pages in.
         assert_eq!(
-            AgentImage::decode(&bytes, &limits()),
+            AgentImage::decode(&bytes.to_vec(), &limits()),
             Err(ImageError::NeedsBase(2))
         );
         let other = kept(3, before.pages.clone());
         assert_eq!(
-            AgentImage::decode_against(&bytes.clone().into(), &limits(), Some(&other)),
+            AgentImage::decode_against(&bytes.to_vec().into(), &limits(), Some(&other)),
             Err(ImageError::NeedsBase(2))
         );
         // A full image decodes with or without a base.
@@ -365,13 +365,13 @@ mod tests {
         // The receiver's base of hop 2 is not what it listed: page 3 differs.
         let wrong = kept(2, image(|i| if i == 3 { 1 } else { i as u8 }).pages);
         assert_eq!(
-            AgentImage::decode_against(&bytes.clone().into(), &limits(), Some(&wrong)),
+            AgentImage::decode_against(&bytes.to_vec().into(), &limits(), Some(&wrong)),
             Err(ImageError::HashMismatch)
         );
         // A base lacking a left-out page.
         let short = kept(2, image(|i| if i < 10 { i as u8 } else { 0 }).pages);
         assert!(matches!(
-            AgentImage::decode_against(&bytes.clone().into(), &limits(), Some(&short)),
+            AgentImage::decode_against(&bytes.to_vec().into(), &limits(), Some(&short)),
             Err(ImageError::BadPages(_))
         ));
     }

@@ -50,6 +50,49 @@ pub struct AgentImage {
     pub context: AgentContext,
 }
 
+/// An encoded image in two parts, which read one after the other are its bytes: the prefix
+/// and header, then the body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    head: Vec<u8>,
+    body: bytes::Bytes,
+}
+
+impl Encoded {
+    /// Length of the encoded image in bytes.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    /// Whether it has no bytes (never true of an encoded image).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The prefix and header, then the body.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [&self.head, &self.body]
+    }
+
+    /// The prefix and header.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// The body, shared.
+    pub fn body(&self) -> &bytes::Bytes {
+        &self.body
+    }
+
+    /// The image in one buffer, mapped ahead for writing.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = crate::prefault::buffer(self.len());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
 /// Bounds applied while decoding an untrusted image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImageLimits {
@@ -184,12 +227,22 @@ impl AgentImage {
         *h.finalize().as_bytes()
     }
 
-    /// Encodes the image for the wire or disk.
+    /// Encodes the image for the wire or disk, in one buffer.
     ///
     /// # Errors
     /// When zstd fails to compress (out of memory).
     pub fn encode(&self) -> std::io::Result<Vec<u8>> {
-        self.write(&self.pages.data, None)
+        self.encode_parts().map(|e| e.to_vec())
+    }
+
+    /// Encodes the image as [`AgentImage::encode`] does, in two parts: a body sent raw is the
+    /// pages themselves, shared, so that a 256 MiB agent is not copied once more to be sent
+    /// or stored.
+    ///
+    /// # Errors
+    /// When zstd fails to compress (out of memory).
+    pub fn encode_parts(&self) -> std::io::Result<Encoded> {
+        self.write(self.pages.data.clone(), None)
     }
 
     /// Encodes the image leaving out the pages of `left_out`, which the reader holds in its
@@ -198,8 +251,8 @@ impl AgentImage {
         &self,
         base_seq: u64,
         left_out: Vec<PageRun>,
-        body: &[u8],
-    ) -> std::io::Result<Vec<u8>> {
+        body: bytes::Bytes,
+    ) -> std::io::Result<Encoded> {
         let base = LeftOut {
             seq: base_seq,
             runs: left_out,
@@ -207,11 +260,11 @@ impl AgentImage {
         self.write(body, Some(base))
     }
 
-    fn write(&self, pages: &[u8], base: Option<LeftOut>) -> std::io::Result<Vec<u8>> {
-        let raw = incompressible(pages)?;
+    fn write(&self, pages: bytes::Bytes, base: Option<LeftOut>) -> std::io::Result<Encoded> {
+        let raw = incompressible(&pages)?;
         let body = match raw {
-            true => std::borrow::Cow::Borrowed(pages),
-            false => std::borrow::Cow::Owned(compress(pages)?),
+            true => pages,
+            false => compress(&pages)?.into(),
         };
         let header = WireHeader {
             format: FORMAT_VERSION,
@@ -226,15 +279,14 @@ impl AgentImage {
             base,
             raw,
         };
-        let mut head = Vec::new();
+        let mut cbor = Vec::new();
         // Encoding into a Vec cannot fail for this plain data type.
-        let _ = ciborium::into_writer(&header, &mut head);
-        let mut out = crate::prefault::buffer(12 + head.len() + body.len());
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&(head.len() as u32).to_le_bytes());
-        out.extend_from_slice(&head);
-        out.extend_from_slice(&body);
-        Ok(out)
+        let _ = ciborium::into_writer(&header, &mut cbor);
+        let mut head = Vec::with_capacity(12 + cbor.len());
+        head.extend_from_slice(&MAGIC);
+        head.extend_from_slice(&(cbor.len() as u32).to_le_bytes());
+        head.extend_from_slice(&cbor);
+        Ok(Encoded { head, body })
     }
 
     /// The digest an encoded image's header claims, read without checking the image: what a
@@ -646,6 +698,24 @@ mod tests {
     }
 
     #[test]
+    fn an_image_encoded_in_parts_shares_its_raw_pages_and_reads_as_the_whole() {
+        let img = noisy(512);
+        let parts = img.encode_parts().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parts.to_vec(), img.encode().unwrap_or_default());
+        assert_eq!(parts.len(), parts.head().len() + parts.body().len());
+        assert_eq!(
+            parts.body().as_ptr(),
+            img.pages.data.as_ptr(),
+            "the pages were copied to be encoded"
+        );
+        // A compressed body is the compressor's own: it reads back the same.
+        let small = image();
+        let parts = small.encode_parts().unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(parts.body().as_ptr(), small.pages.data.as_ptr());
+        assert_eq!(decode(&parts.parts().concat()), Ok(small));
+    }
+
+    #[test]
     fn the_claimed_digest_is_the_header_hash_of_an_image_that_stands_alone() {
         let img = image();
         let bytes = img.encode().unwrap_or_default();
@@ -670,8 +740,9 @@ mod tests {
             .encode_leaving_out(
                 1,
                 vec![PageRun { start: 1, count: 1 }],
-                &img.pages.data[PAGE_SIZE..],
+                img.pages.data.slice(PAGE_SIZE..),
             )
+            .map(|e| e.to_vec())
             .unwrap_or_default();
         assert!(header_of(&partial).is_some_and(|h| h.base.is_some()));
         assert_eq!(AgentImage::claimed_digest(&partial), None);

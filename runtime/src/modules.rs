@@ -233,14 +233,16 @@ impl ModuleCache {
 /// Writes `bytes` to `path` atomically: a reader sees the old file or the whole new one.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    publish(&write_synced(dir, bytes)?, path)
+    publish(&write_synced(dir, &[bytes])?, path)
 }
 
 /// Writes `bytes` to a new file of a temporary name (starting [`TEMPORARY`]) in `dir` and
 /// syncs it; yields its path. [`publish`] gives it its name.
-pub fn write_synced(dir: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
+pub fn write_synced(dir: &Path, parts: &[&[u8]]) -> std::io::Result<PathBuf> {
     let mut tmp = tempfile_in(dir)?;
-    let written = tmp.1.write_all(bytes).and_then(|()| tmp.1.sync_all());
+    let written = (parts.iter())
+        .try_for_each(|part| tmp.1.write_all(part))
+        .and_then(|()| tmp.1.sync_all());
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp.0);
         return Err(e);

@@ -16,11 +16,11 @@ use super::messages::{
 use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::trim::Trimmer;
-use super::wire::{WireError, read_blob, read_msg, write_blob, write_msg};
+use super::wire::{WireError, read_blob, read_msg, write_blob_parts, write_msg};
 use crate::base::{Base, BaseCache, BaseList, Binding, WORTH_A_BASE, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
 use crate::faults::crash_point;
-use crate::image::{AgentImage, ImageError, ImageLimits};
+use crate::image::{AgentImage, Encoded, ImageError, ImageLimits};
 use crate::instance::{AgentError, AgentInstance, Step};
 use crate::limits::Limits;
 use crate::modules::{AgentModule, ModuleCache, ModuleHash};
@@ -650,7 +650,7 @@ impl Host {
         write_msg(&mut send, &Request::Sink)
             .await
             .map_err(|e| e.to_string())?;
-        write_blob(&mut send, &data)
+        write_blob_parts(&mut send, &[], data.into())
             .await
             .map_err(|e| e.to_string())?;
         let _ = send.finish();
@@ -1409,9 +1409,9 @@ impl Host {
     fn keep(&self, agent: &mut AgentInstance, resume: Resume) -> Result<(), String> {
         let id = agent.context().agent_id;
         let seq = agent.context().hop_seq;
-        let bytes = agent.capture().encode().map_err(|e| e.to_string())?;
+        let bytes = agent.capture().encode_parts().map_err(|e| e.to_string())?;
         self.store
-            .keep_agent(&id, &bytes, |image| AgentRecord::Resident {
+            .keep_agent(&id, &bytes.parts(), |image| AgentRecord::Resident {
                 seq,
                 image,
                 resume,
@@ -1462,7 +1462,11 @@ impl Host {
             )
         };
         phase("captured");
-        let bytes = Arc::new(image.encode().map_err(|e| unreachable(e.to_string()))?);
+        let bytes = Arc::new(
+            image
+                .encode_parts()
+                .map_err(|e| unreachable(e.to_string()))?,
+        );
         phase("encoded");
         // The departure is recorded while the offer and the image travel: it must be durable
         // before DEPARTED is sent, since the destination commits only after DEPARTED. Once it
@@ -1497,7 +1501,7 @@ impl Host {
                 .await
                 .map_err(|e| e.to_string())?;
             if offer.image_follows {
-                write_blob_passing(&mut send, &bytes, "source-mid-image")
+                write_blob_passing(&mut send, bytes.head(), bytes.body(), "source-mid-image")
                     .await
                     .map_err(|e| e.to_string())?;
             }
@@ -1581,10 +1585,14 @@ impl Host {
                                 // hosts that have it.
                                 let wasm = self.store.module(&module.hash).unwrap_or_default();
                                 module_sent = wasm.len() as u64;
-                                result = write_blob_passing(send, &wasm, "source-mid-module").await;
+                                let wasm = bytes::Bytes::from(wasm);
+                                result =
+                                    write_blob_passing(send, &[], &wasm, "source-mid-module").await;
                             }
                             if result.is_ok() && !offer.image_follows {
-                                result = write_blob_passing(send, &wire, "source-mid-image").await;
+                                let (head, body) = (wire.head(), wire.body());
+                                result =
+                                    write_blob_passing(send, head, body, "source-mid-image").await;
                             }
                             result.map_err(|e| e.to_string())
                         }
@@ -1694,13 +1702,13 @@ impl Host {
         id: AgentId,
         seq: u64,
         to: &str,
-        bytes: &Arc<Vec<u8>>,
+        bytes: &Arc<Encoded>,
     ) -> tokio::task::JoinHandle<Result<String, String>> {
         let (host, bytes, to) = (self.clone(), bytes.clone(), to.to_string());
         tokio::task::spawn_blocking(move || {
             let mut name = String::new();
             host.store
-                .keep_agent(&id, &bytes, |image| {
+                .keep_agent(&id, &bytes.parts(), |image| {
                     name.clone_from(&image);
                     AgentRecord::Departing { seq, to, image }
                 })
@@ -1809,7 +1817,7 @@ impl Host {
         let image = bytes::Bytes::from(image);
         let staging = (base.is_none() && image.len() > super::store::INLINE_IMAGE).then(|| {
             let (host, image) = (self.clone(), image.clone());
-            tokio::task::spawn_blocking(move || host.store.stage_image(&image))
+            tokio::task::spawn_blocking(move || host.store.stage_image(&[&image]))
         });
         let (mut agent, whole) = match self.receive(offer, wasm, &image, base).await {
             Ok(arrival) => arrival,
@@ -2000,23 +2008,24 @@ pub(crate) fn incompressible(len: usize) -> Vec<u8> {
     out
 }
 
-/// Writes a blob like [`write_blob`]; the crash point `point` sits half-way through it.
+/// Writes a blob like [`write_blob_parts`]; the crash point `point` sits half-way through
+/// its body.
 async fn write_blob_passing(
     send: &mut quinn::SendStream,
-    bytes: &[u8],
+    head: &[u8],
+    body: &bytes::Bytes,
     point: &'static str,
 ) -> Result<(), WireError> {
     if !cfg!(feature = "failpoints") {
-        return write_blob(send, bytes).await;
+        return write_blob_parts(send, head, body.clone()).await;
     }
     let stream = |e: quinn::WriteError| WireError::Stream(e.to_string());
-    let (first, second) = bytes.split_at(bytes.len() / 2);
-    send.write_all(&(bytes.len() as u64).to_le_bytes())
-        .await
-        .map_err(stream)?;
-    send.write_all(first).await.map_err(stream)?;
+    let (len, half) = ((head.len() + body.len()) as u64, body.len() / 2);
+    send.write_all(&len.to_le_bytes()).await.map_err(stream)?;
+    send.write_all(head).await.map_err(stream)?;
+    send.write_chunk(body.slice(..half)).await.map_err(stream)?;
     crash_point(point);
-    send.write_all(second).await.map_err(stream)
+    send.write_chunk(body.slice(half..)).await.map_err(stream)
 }
 
 /// Sleeps `ms` unless the agent is killed meanwhile (checked every 100 ms); `false` if it was.

@@ -415,25 +415,34 @@ impl HostStore {
         std::fs::read(self.module_path(hash)).ok()
     }
 
-    /// Makes `bytes` ready to be named by a record: a large image is written to a file and
+    /// Makes an image ready to be named by a record: a large image is written to a file and
     /// synced now, outside any transaction, so that other writers need not wait for it and
     /// an arriving image can be written while it is checked. A small one goes in the
-    /// transaction that names it.
+    /// transaction that names it. `image` is its bytes in parts read one after the other (as
+    /// [`crate::image::Encoded::parts`]), the header whole in the first.
     ///
     /// # Errors
     /// When the file cannot be written.
-    pub fn stage_image(&self, bytes: &[u8]) -> Result<Staged, StoreError> {
+    pub fn stage_image(&self, image: &[&[u8]]) -> Result<Staged, StoreError> {
         // An image that stands alone is named by the digest its header claims: a staged
         // arrival is published only once decoding has checked that digest.
-        let hash =
-            AgentImage::claimed_digest(bytes).unwrap_or_else(|| *blake3::hash(bytes).as_bytes());
+        let claimed = image
+            .first()
+            .and_then(|head| AgentImage::claimed_digest(head));
+        let hash = claimed.unwrap_or_else(|| {
+            let mut hasher = blake3::Hasher::new();
+            for part in image {
+                hasher.update(part);
+            }
+            *hasher.finalize().as_bytes()
+        });
         let name = format!("{}.img", blake3::Hash::from(hash).to_hex());
-        let file = match bytes.len() <= INLINE_IMAGE {
+        let file = match total(image) <= INLINE_IMAGE {
             true => None,
             false => {
                 let dir = self.dir.join("images");
                 Some(
-                    write_synced(&dir, bytes)
+                    write_synced(&dir, image)
                         .map_err(|source| StoreError::Io { path: dir, source })?,
                 )
             }
@@ -458,12 +467,12 @@ impl HostStore {
         &self,
         txn: &WriteTransaction,
         name: &str,
-        bytes: &[u8],
+        image: &[&[u8]],
     ) -> Result<(), StoreError> {
-        if bytes.len() <= INLINE_IMAGE {
+        if total(image) <= INLINE_IMAGE {
             txn.open_table(IMAGES)
                 .map_err(db_err)?
-                .insert(name, bytes)
+                .insert(name, image.concat().as_slice())
                 .map_err(db_err)?;
         }
         Ok(())
@@ -533,11 +542,11 @@ impl HostStore {
     ) -> Result<(), StoreError> {
         let staged = match staged {
             Some(staged) => staged,
-            None => self.stage_image(image)?,
+            None => self.stage_image(&[image])?,
         };
         let name = self.publish(staged)?;
         let stale = self.write(move |txn| {
-            self.put_inline(txn, &name, image)?;
+            self.put_inline(txn, &name, &[image])?;
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
             let key = transfer_key(agent, seq);
             let previous = transfers
@@ -657,14 +666,15 @@ impl HostStore {
         Ok(())
     }
 
-    /// Stores `image` durably, then the record `make` builds around its file name.
+    /// Stores `image` (its bytes in parts, as [`HostStore::stage_image`] takes them) durably,
+    /// then the record `make` builds around its file name.
     ///
     /// # Errors
     /// When the file or the database fails.
     pub fn keep_agent(
         &self,
         agent: &AgentId,
-        image: &[u8],
+        image: &[&[u8]],
         make: impl FnOnce(String) -> AgentRecord,
     ) -> Result<(), StoreError> {
         let name = self.publish(self.stage_image(image)?)?;
@@ -916,6 +926,11 @@ impl Drop for Staged {
 /// An image file no durable record names once the transaction that dropped it is durable.
 type Stale = Option<PathBuf>;
 
+/// Length of an image given in parts.
+fn total(image: &[&[u8]]) -> usize {
+    image.iter().map(|part| part.len()).sum()
+}
+
 /// Deletes a stale image file; failing only leaves a file behind.
 fn unlink(stale: Stale) {
     if let Some(path) = stale {
@@ -1032,7 +1047,7 @@ mod tests {
         {
             let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
             store
-                .keep_agent(&agent, &large, |image| AgentRecord::Departing {
+                .keep_agent(&agent, &[&large], |image| AgentRecord::Departing {
                     seq: 3,
                     to: "siteC".into(),
                     image,
@@ -1161,7 +1176,7 @@ mod tests {
         let agent = AgentId([8; 16]);
         {
             let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-            let dropped = store.stage_image(&big).unwrap_or_else(|e| panic!("{e}"));
+            let dropped = store.stage_image(&[&big]).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(files().len(), 1, "a large image is written when staged");
             drop(dropped);
             assert!(
@@ -1169,7 +1184,7 @@ mod tests {
                 "an image dropped unnamed leaves no file"
             );
 
-            let staged = store.stage_image(&big).unwrap_or_else(|e| panic!("{e}"));
+            let staged = store.stage_image(&[&big]).unwrap_or_else(|e| panic!("{e}"));
             store
                 .commit_arrival(&agent, 1, &big, Some(staged))
                 .unwrap_or_else(|e| panic!("{e}"));
@@ -1180,7 +1195,7 @@ mod tests {
             assert_eq!(files(), vec![image.clone()]);
             assert_eq!(store.image(&image).ok(), Some(big.clone()));
             // What a crash between writing and naming a file leaves.
-            let left = store.stage_image(&big).unwrap_or_else(|e| panic!("{e}"));
+            let left = store.stage_image(&[&big]).unwrap_or_else(|e| panic!("{e}"));
             std::mem::forget(left);
             assert_eq!(files().len(), 2);
         }
@@ -1219,12 +1234,22 @@ mod tests {
         };
         let bytes = image.encode().unwrap_or_else(|e| panic!("{e}"));
         assert!(bytes.len() > INLINE_IMAGE, "large enough for a file");
-        let staged = store.stage_image(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        let staged = store
+            .stage_image(&[&bytes])
+            .unwrap_or_else(|e| panic!("{e}"));
         let digest = blake3::Hash::from(image.digest()).to_hex();
         assert_eq!(staged.name, format!("{digest}.img"));
-        let other = store
-            .stage_image(b"not an image")
+        // Given in the parts it was encoded in, it is the same file under the same name.
+        let parts = image.encode_parts().unwrap_or_else(|e| panic!("{e}"));
+        let again = store
+            .stage_image(&parts.parts())
             .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again.name, staged.name);
+        let written = |s: &Staged| s.file.as_ref().and_then(|f| std::fs::read(f).ok());
+        assert_eq!(written(&again), Some(bytes.clone()));
+        assert_eq!(written(&again), written(&staged));
+        let junk: [&[u8]; 2] = [b"not an ", b"image"];
+        let other = store.stage_image(&junk).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             other.name,
             format!("{}.img", blake3::hash(b"not an image").to_hex())

@@ -84,6 +84,23 @@ pub async fn write_blob(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<()
         .map_err(|e| WireError::Stream(e.to_string()))
 }
 
+/// Writes a length-prefixed blob given in two parts, `head` then `body`: the body is handed
+/// to the stream shared, not copied into it.
+///
+/// # Errors
+/// When the stream fails.
+pub async fn write_blob_parts(
+    send: &mut quinn::SendStream,
+    head: &[u8],
+    body: bytes::Bytes,
+) -> Result<(), WireError> {
+    let stream = |e: quinn::WriteError| WireError::Stream(e.to_string());
+    let len = (head.len() + body.len()) as u64;
+    send.write_all(&len.to_le_bytes()).await.map_err(stream)?;
+    send.write_all(head).await.map_err(stream)?;
+    send.write_chunk(body).await.map_err(stream)
+}
+
 /// Reads a length-prefixed blob of at most `limit` bytes.
 ///
 /// # Errors
