@@ -301,6 +301,24 @@ impl AgentImage {
             .map(|(h, _)| h.hash)
     }
 
+    /// How many bytes an encoded image's prefix and header take, read from its first 12
+    /// bytes: what to read before [`AgentImage::layout`] can say anything. `None` when
+    /// `prefix` does not start an image.
+    pub fn head_len(prefix: &[u8]) -> Option<usize> {
+        let len = prefix.get(8..12)?.try_into().ok()?;
+        (prefix.starts_with(&MAGIC)).then(|| 12 + u32::from_le_bytes(len) as usize)
+    }
+
+    /// The memory size and page runs the header at the start of `bytes` claims, unchecked:
+    /// enough to make an instance ready while the body travels, which decoding then checks.
+    /// `None` for an image that leaves out pages (filled in from a base, not sent) or a
+    /// header that does not read.
+    pub fn layout(bytes: &[u8], limits: &ImageLimits) -> Option<(u64, Vec<PageRun>)> {
+        let (header, _) = read_header(bytes, limits.max_header).ok()?;
+        (header.base.is_none() && header.memory_bytes <= limits.max_memory)
+            .then_some((header.memory_bytes, header.runs))
+    }
+
     /// Decodes and verifies an untrusted image.
     ///
     /// # Errors

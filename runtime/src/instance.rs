@@ -12,7 +12,7 @@ use crate::limits::{LimitExceeded, Limits};
 use crate::log::LogLine;
 use crate::modules::AgentModule;
 use crate::services::Site;
-use crate::snapshot::PageMap;
+use crate::snapshot::{PageMap, PageRun};
 use crate::state::AgentState;
 use crate::{admission::GlobalKind, admission::WASM_PAGE};
 use agent_abi::{Op, OpResult, Outcome, POLL_DONE, POLL_PENDING, export};
@@ -124,15 +124,72 @@ impl AgentInstance {
             .into());
         }
         check_globals(&image.globals, &module.facts.globals)?;
-        let AgentImage {
-            memory_bytes,
-            globals,
-            pages,
-            context,
-            ..
-        } = image;
+        let agent = AgentInstance::instantiate(module, site, image.context.clone(), limits).await?;
+        agent.fill(image)
+    }
+
+    /// A fresh instance of `module` for an agent arriving with `memory_bytes` of memory, of
+    /// which the pages of `runs` will be written: made, grown and mapped while its image is
+    /// still on the way, so that restoring it ([`AgentInstance::restore_into`]) only copies.
+    /// Mapping fresh memory is most of a large restore on the VMs we run on (see
+    /// [`crate::prefault`]). `context` stands in for the image's until then.
+    ///
+    /// # Errors
+    /// As [`AgentInstance::restore`], for the sizes given.
+    pub async fn prepare(
+        module: Arc<AgentModule>,
+        site: Arc<Site>,
+        context: AgentContext,
+        memory_bytes: u64,
+        runs: Vec<PageRun>,
+        limits: &Limits,
+    ) -> Result<AgentInstance, AgentError> {
         let mut agent = AgentInstance::instantiate(module, site, context, limits).await?;
-        let current = agent.memory.data_size(&agent.store) as u64;
+        agent.grow_to(memory_bytes)?;
+        PageMap::check(&runs, agent.memory.data_size(&agent.store) as u64)
+            .map_err(ImageError::BadPages)?;
+        // Mapping blocks for as long as the kernel takes: off the async workers.
+        let mapped = tokio::task::spawn_blocking(move || {
+            let memory = agent.memory.data_mut(&mut agent.store);
+            for run in &runs {
+                if let Some(region) = memory.get_mut(run.bytes()) {
+                    crate::prefault::write(region);
+                }
+            }
+            agent
+        });
+        mapped
+            .await
+            .map_err(|e| AgentError::Instantiate(format!("mapping its memory: {e}")))
+    }
+
+    /// Restores an agent from `image` into `prepared`, an instance [`AgentInstance::prepare`]
+    /// made of the same module that nothing has run in since.
+    ///
+    /// # Errors
+    /// As [`AgentInstance::restore`].
+    pub fn restore_into(
+        mut prepared: AgentInstance,
+        image: AgentImage,
+    ) -> Result<AgentInstance, AgentError> {
+        if image.module != prepared.module.hash {
+            return Err(ImageError::WrongModule {
+                image: image.module.to_string(),
+                module: prepared.module.hash.to_string(),
+            }
+            .into());
+        }
+        check_globals(&image.globals, &prepared.module.facts.globals)?;
+        // The CPU instantiating took counts against the agent, as it does in a restore.
+        let spent = prepared.context().cpu_used_us;
+        *prepared.context_mut() = image.context.clone();
+        prepared.context_mut().cpu_used_us += spent;
+        prepared.fill(image)
+    }
+
+    /// Grows memory to `memory_bytes`, which must be at least its size.
+    fn grow_to(&mut self, memory_bytes: u64) -> Result<(), AgentError> {
+        let current = self.memory.data_size(&self.store) as u64;
         if memory_bytes < current {
             return Err(ImageError::BadPages(format!(
                 "memory of {memory_bytes} bytes is smaller than the module's initial {current}"
@@ -140,19 +197,30 @@ impl AgentInstance {
             .into());
         }
         if memory_bytes > current {
-            agent
-                .memory
-                .grow(&mut agent.store, (memory_bytes - current) / WASM_PAGE)
-                .map_err(|e| agent.classify(e))?;
+            self.memory
+                .grow(&mut self.store, (memory_bytes - current) / WASM_PAGE)
+                .map_err(|e| self.classify(e))?;
         }
+        Ok(())
+    }
+
+    /// Writes the pages and globals of `image` over this fresh (or prepared) instance.
+    fn fill(mut self, image: AgentImage) -> Result<AgentInstance, AgentError> {
+        let AgentImage {
+            memory_bytes,
+            globals,
+            pages,
+            ..
+        } = image;
+        self.grow_to(memory_bytes)?;
         // Checked again here: this instance's memory, not the header, bounds the writes.
-        PageMap::check(&pages.runs, agent.memory.data_size(&agent.store) as u64)
+        PageMap::check(&pages.runs, self.memory.data_size(&self.store) as u64)
             .map_err(ImageError::BadPages)?;
-        pages.apply(agent.memory.data_mut(&mut agent.store));
+        pages.apply(self.memory.data_mut(&mut self.store));
         for g in &globals {
-            let global = agent
+            let global = self
                 .instance
-                .get_global(&mut agent.store, &global_export(g.index))
+                .get_global(&mut self.store, &global_export(g.index))
                 .ok_or_else(|| AgentError::Abi(format!("global {} is not exported", g.index)))?;
             let value = match g.kind {
                 GlobalKind::I32 => Val::I32(g.bits as u32 as i32),
@@ -161,10 +229,10 @@ impl AgentInstance {
                 GlobalKind::F64 => Val::F64(g.bits),
             };
             global
-                .set(&mut agent.store, value)
+                .set(&mut self.store, value)
                 .map_err(|e| AgentError::Abi(format!("global {}: {e}", g.index)))?;
         }
-        Ok(agent)
+        Ok(self)
     }
 
     async fn instantiate(

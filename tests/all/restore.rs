@@ -70,20 +70,51 @@ fn an_image_only_restores_into_its_own_module() {
             wrong = wrong.err()
         );
 
-        // The untouched image still restores and finishes.
-        let mut agent = AgentInstance::restore(heap, site.clone(), image, &limits)
+        // An instance made ready before the image came refuses another module's image.
+        let prepare = |module: &Arc<agent_runtime::AgentModule>| {
+            let context = AgentContext::new("elsewhere", "test", vec![], Default::default());
+            let runs = image.pages.runs.clone();
+            AgentInstance::prepare(
+                module.clone(),
+                site.clone(),
+                context,
+                image.memory_bytes,
+                runs,
+                &limits,
+            )
+        };
+        let ready = prepare(&spin).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            AgentInstance::restore_into(ready, image.clone()),
+            Err(AgentError::Image(ImageError::WrongModule { .. }))
+        ));
+        // Into its own, the image takes the prepared instance's place and context.
+        let ready = prepare(&heap).await.unwrap_or_else(|e| panic!("{e}"));
+        let prepared =
+            AgentInstance::restore_into(ready, image.clone()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(prepared.context().agent_id, image.context.agent_id);
+        assert_eq!(prepared.context().home, "home");
+
+        // The untouched image still restores and finishes, the same either way.
+        let fresh = AgentInstance::restore(heap, site.clone(), image, &limits)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        agent.complete(agent_abi::OpResult::Checkpoint);
-        loop {
-            match agent.poll().await {
-                Ok(Step::Suspended(_)) => agent.complete(agent_abi::OpResult::Checkpoint),
-                Ok(Step::Finished(outcome)) => {
-                    break assert!(matches!(outcome, agent_abi::Outcome::Ok(_)));
+        let mut outcomes = Vec::new();
+        for mut agent in [fresh, prepared] {
+            agent.complete(agent_abi::OpResult::Checkpoint);
+            outcomes.push(loop {
+                match agent.poll().await {
+                    Ok(Step::Suspended(_)) => agent.complete(agent_abi::OpResult::Checkpoint),
+                    Ok(Step::Finished(outcome)) => break outcome,
+                    Err(e) => panic!("{e}"),
                 }
-                Err(e) => panic!("{e}"),
-            }
+            });
         }
+        assert!(
+            matches!(outcomes[0], agent_abi::Outcome::Ok(_)),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[0], outcomes[1]);
     });
 }
 

@@ -86,3 +86,23 @@ fn a_small_agent_travels_whole_without_a_page_list() {
         assert_eq!(field(hop, "pages_reused"), 0, "{moved}");
     }
 }
+
+#[test]
+fn a_large_agent_restored_into_an_instance_made_ready_in_flight_ends_as_if_it_never_moved() {
+    // 12 MiB: large enough that each destination makes its instance ready as the image
+    // arrives; no host keeps pages, so every hop carries the whole image.
+    let none: &[&str] = &["--return-cache-mib", "0"];
+    let cluster = Cluster::start(
+        &["siteA", "siteB", "siteC"],
+        &[("siteA", none), ("siteB", none), ("siteC", none)],
+    );
+    let moved = launch(&cluster, "siteB,siteC", "12288");
+    let hops = moved["hops"].as_array().cloned().unwrap_or_default();
+    assert_eq!(hops.len(), 4, "{moved}");
+    for hop in &hops {
+        assert!(field(hop, "image_bytes") > 12 << 20, "{moved}");
+        assert_eq!(field(hop, "pages_reused"), 0, "{moved}");
+    }
+    let stayed = launch(&cluster, "siteA", "12288");
+    assert_eq!(moved["result"], stayed["result"]);
+}

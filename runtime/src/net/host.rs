@@ -16,7 +16,7 @@ use super::messages::{
 use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::trim::Trimmer;
-use super::wire::{WireError, read_blob, read_msg, write_blob_parts, write_msg};
+use super::wire::{WireError, read_blob, read_blob_heading, read_msg, write_blob_parts, write_msg};
 use crate::base::{Base, BaseCache, BaseList, Binding, WORTH_A_BASE, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
 use crate::faults::crash_point;
@@ -1717,6 +1717,24 @@ impl Host {
         })
     }
 
+    /// Starts making an instance ready for the agent whose image begins with `head`, when
+    /// its header agrees with the offer ([`AgentInstance::prepare`]).
+    fn prepare(self: &Arc<Self>, offer: &Offer, head: &[u8]) -> Option<Preparing> {
+        let (memory_bytes, runs) = AgentImage::layout(head, &self.image_limits())?;
+        if memory_bytes != offer.memory_bytes {
+            return None;
+        }
+        let (host, hash) = (self.clone(), offer.module);
+        let context = AgentContext::new(&offer.home, &offer.owner, Vec::new(), BTreeMap::new());
+        Some(tokio::spawn(async move {
+            let module = host.module(&hash).await?;
+            let (site, limits) = (host.site.clone(), &host.config.limits);
+            AgentInstance::prepare(module, site, context, memory_bytes, runs, limits)
+                .await
+                .map_err(|e| e.to_string())
+        }))
+    }
+
     /// The destination side of a hop.
     async fn serve_offer(
         self: &Arc<Self>,
@@ -1801,8 +1819,25 @@ impl Host {
         } else {
             None
         };
+        // A large agent's instance is made ready while its body travels, once its header
+        // has come (not when its module has just come: it was being admitted meanwhile).
+        let mut preparing = None;
         let image = match early {
             Some(image) => image,
+            None if wasm.is_none() && offer.image_bytes >= WORTH_PREPARING => {
+                let header = |seen: &[u8]| {
+                    let wanted = AgentImage::head_len(seen).unwrap_or(12);
+                    match seen.len() {
+                        _ if preparing.is_some() || wanted > 12 + MAX_HEADER_SEEN => None,
+                        n if n < wanted => Some(wanted),
+                        _ => {
+                            preparing = self.prepare(offer, seen);
+                            None
+                        }
+                    }
+                };
+                read_blob_heading(recv, "image", self.config.max_image, header).await?
+            }
             None => read_blob(recv, "image", self.config.max_image).await?,
         };
         let phase = |name: &str| {
@@ -1819,7 +1854,7 @@ impl Host {
             let (host, image) = (self.clone(), image.clone());
             tokio::task::spawn_blocking(move || host.store.stage_image(&[&image]))
         });
-        let (mut agent, whole) = match self.receive(offer, wasm, &image, base).await {
+        let (mut agent, whole) = match self.receive(offer, wasm, &image, base, preparing).await {
             Ok(arrival) => arrival,
             Err(why) => {
                 tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
@@ -1885,6 +1920,7 @@ impl Host {
         wasm: Option<Vec<u8>>,
         bytes: &bytes::Bytes,
         base: Option<&Base>,
+        prepared: Option<Preparing>,
     ) -> Result<(AgentInstance, Option<Vec<u8>>), String> {
         let started = Instant::now();
         let module = match wasm {
@@ -1934,13 +1970,37 @@ impl Host {
             true => Some(image.encode().map_err(|e| e.to_string())?),
             false => None,
         };
-        let agent = AgentInstance::restore(module, self.site.clone(), image, &self.config.limits)
-            .await
-            .map_err(|e| e.to_string())?;
-        phase("restored");
+        let ready = match prepared {
+            Some(task) => task.await.ok().and_then(Result::ok),
+            None => None,
+        };
+        let prepared = ready.is_some();
+        let restored = match ready {
+            Some(ready) => AgentInstance::restore_into(ready, image),
+            // Not prepared, or preparing failed: a restore from scratch says why.
+            None => {
+                AgentInstance::restore(module, self.site.clone(), image, &self.config.limits).await
+            }
+        };
+        let agent = restored.map_err(|e| e.to_string())?;
+        phase(match prepared {
+            true => "restored into the instance made ready",
+            false => "restored",
+        });
         Ok((agent, whole))
     }
 }
+
+/// Images at least this large have their instance made ready while they travel: below it
+/// a restore costs less than the task would.
+const WORTH_PREPARING: u64 = 8 << 20;
+
+/// Largest header the destination reads ahead for [`Host::prepare`]; a larger one is
+/// read with the body and checked by decoding.
+const MAX_HEADER_SEEN: usize = 1 << 20;
+
+/// An instance being made ready for an arriving agent.
+type Preparing = tokio::task::JoinHandle<Result<AgentInstance, String>>;
 
 /// Bytes of records a list reply carries at most, so that it fits in one message.
 const LIST_BYTES: usize = super::wire::MAX_MESSAGE / 2;

@@ -110,18 +110,39 @@ pub async fn read_blob(
     what: &'static str,
     limit: u64,
 ) -> Result<Vec<u8>, WireError> {
+    read_blob_heading(recv, what, limit, |_| None).await
+}
+
+/// Reads a blob as [`read_blob`] does, showing its first bytes to `head` as they come:
+/// given the bytes read so far, it answers how many it wants to see in all (read next, then
+/// shown to it again; never more than the blob holds) or `None` to have the rest read.
+///
+/// # Errors
+/// As [`read_blob`].
+pub async fn read_blob_heading(
+    recv: &mut quinn::RecvStream,
+    what: &'static str,
+    limit: u64,
+    mut head: impl FnMut(&[u8]) -> Option<usize>,
+) -> Result<Vec<u8>, WireError> {
+    let stream = |e: quinn::ReadExactError| WireError::Stream(e.to_string());
     let mut len = [0u8; 8];
-    recv.read_exact(&mut len)
-        .await
-        .map_err(|e| WireError::Stream(e.to_string()))?;
+    recv.read_exact(&mut len).await.map_err(stream)?;
     let size = u64::from_le_bytes(len);
     if size > limit {
         return Err(WireError::TooLarge { what, size, limit });
     }
     let mut bytes = vec![0u8; size as usize];
     crate::prefault::huge(&mut bytes);
-    recv.read_exact(&mut bytes)
-        .await
-        .map_err(|e| WireError::Stream(e.to_string()))?;
+    let mut read = 0;
+    while let Some(wanted) = head(&bytes[..read]).map(|n| n.min(bytes.len()))
+        && wanted > read
+    {
+        recv.read_exact(&mut bytes[read..wanted])
+            .await
+            .map_err(stream)?;
+        read = wanted;
+    }
+    recv.read_exact(&mut bytes[read..]).await.map_err(stream)?;
     Ok(bytes)
 }
