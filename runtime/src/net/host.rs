@@ -20,7 +20,7 @@ use super::wire::{WireError, read_blob, read_blob_heading, read_msg, write_blob_
 use crate::base::{Base, BaseCache, BaseList, Binding, WORTH_A_BASE, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
 use crate::faults::crash_point;
-use crate::image::{AgentImage, Encoded, ImageError, ImageLimits};
+use crate::image::{AgentImage, DigestAsRead, Digested, Encoded, ImageError, ImageLimits};
 use crate::instance::{AgentError, AgentInstance, Step};
 use crate::limits::Limits;
 use crate::modules::{AgentModule, ModuleCache, ModuleHash};
@@ -1821,18 +1821,24 @@ impl Host {
         };
         // A large agent's instance is made ready while its body travels, once its header
         // has come (not when its module has just come: it was being admitted meanwhile).
-        let mut preparing = None;
+        // Its pages are hashed as they come, a piece at a time.
+        let (mut preparing, mut checking) = (None, None::<DigestAsRead>);
         let image = match early {
             Some(image) => image,
             None if wasm.is_none() && offer.image_bytes >= WORTH_PREPARING => {
                 let header = |seen: &[u8]| {
+                    if let Some(check) = checking.as_mut() {
+                        check.feed(seen);
+                        return Some(seen.len() + HASHED_PIECE);
+                    }
                     let wanted = AgentImage::head_len(seen).unwrap_or(12);
                     match seen.len() {
                         _ if preparing.is_some() || wanted > 12 + MAX_HEADER_SEEN => None,
                         n if n < wanted => Some(wanted),
                         _ => {
                             preparing = self.prepare(offer, seen);
-                            None
+                            checking = DigestAsRead::start(seen, &self.image_limits());
+                            checking.as_ref().map(|_| seen.len() + HASHED_PIECE)
                         }
                     }
                 };
@@ -1854,7 +1860,9 @@ impl Host {
             let (host, image) = (self.clone(), image.clone());
             tokio::task::spawn_blocking(move || host.store.stage_image(&[&image]))
         });
-        let (mut agent, whole) = match self.receive(offer, wasm, &image, base, preparing).await {
+        let digested = checking.and_then(|check| check.finish(&image));
+        let arrival = self.receive(offer, wasm, &image, base, preparing, digested);
+        let (mut agent, whole) = match arrival.await {
             Ok(arrival) => arrival,
             Err(why) => {
                 tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
@@ -1921,6 +1929,7 @@ impl Host {
         bytes: &bytes::Bytes,
         base: Option<&Base>,
         prepared: Option<Preparing>,
+        digested: Option<Digested>,
     ) -> Result<(AgentInstance, Option<Vec<u8>>), String> {
         let started = Instant::now();
         let module = match wasm {
@@ -1939,7 +1948,7 @@ impl Host {
             }
             None => self.module(&offer.module).await?,
         };
-        let decoded = AgentImage::decode_against(bytes, &self.image_limits(), base);
+        let decoded = AgentImage::decode_digested(bytes, &self.image_limits(), base, digested);
         if let (Err(ImageError::HashMismatch), Some(base)) = (&decoded, base) {
             // Pages filled in from the base made a wrong image (a hash collision, or a base
             // the source did not see): the next offer gets no list and sends every page.
@@ -1994,6 +2003,10 @@ impl Host {
 /// Images at least this large have their instance made ready while they travel: below it
 /// a restore costs less than the task would.
 const WORTH_PREPARING: u64 = 8 << 20;
+
+/// Bytes of an arriving large image read between two pieces of hashing it: small enough to
+/// hold a worker thread for a few milliseconds only.
+const HASHED_PIECE: usize = 4 << 20;
 
 /// Largest header the destination reads ahead for [`Host::prepare`]; a larger one is
 /// read with the body and checked by decoding.
