@@ -12,7 +12,9 @@ use agent_runtime::net::messages::{
 };
 use agent_runtime::net::tls::Credentials;
 use agent_runtime::net::wire::{read_msg, write_blob, write_msg};
-use agent_runtime::{AgentContext, AgentInstance, Corpus, Limits, ModuleCache, Site};
+use agent_runtime::{
+    AgentContext, AgentImage, AgentInstance, Corpus, ImageLimits, Limits, ModuleCache, Site,
+};
 use std::sync::Arc;
 
 /// A real image of a freshly launched agent of `wasm`, and its offer.
@@ -287,4 +289,106 @@ fn an_image_sent_with_the_offer_is_committed_even_when_the_module_is_asked_for()
     });
     let log = cluster.log("siteA");
     assert!(log.contains("agent arrived"), "{log}");
+}
+
+/// `image` (of a freshly launched agent) with `mib` MiB of pseudo-random pages above the
+/// memory the agent uses: large enough that the destination makes its instance ready and
+/// hashes the pages as they come, and harmless to the agent if it ever runs.
+fn with_noise(image: &[u8], offer: &Offer, mib: usize) -> (Vec<u8>, Offer) {
+    use agent_runtime::snapshot::{PAGE_SIZE, PageRun};
+    let mut image =
+        AgentImage::decode(image, &ImageLimits::default()).unwrap_or_else(|e| panic!("{e}"));
+    let pages = mib * (1 << 20) / PAGE_SIZE;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise = (0..pages * PAGE_SIZE / 8).flat_map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x.to_le_bytes()
+    });
+    let mut data = image.pages.data.to_vec();
+    data.extend(noise);
+    image.pages.runs.push(PageRun {
+        start: (image.memory_bytes / PAGE_SIZE as u64) as u32,
+        count: pages as u32,
+    });
+    image.pages.data = data.into();
+    image.memory_bytes += (mib as u64) << 20;
+    let bytes = image.encode().unwrap_or_else(|e| panic!("{e}"));
+    let offer = Offer {
+        memory_bytes: image.memory_bytes,
+        image_bytes: bytes.len() as u64,
+        ..offer.clone()
+    };
+    (bytes, offer)
+}
+
+/// A large image whose pages were changed after it was hashed (the last byte) is refused
+/// when its last byte lands, though the destination hashed it while it came and had its
+/// instance ready; the same image untouched is committed.
+#[test]
+fn a_large_image_changed_after_it_was_hashed_is_refused_and_the_same_untouched_arrives() {
+    let up: &[&str] = &[];
+    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
+    let peer = Credentials::load(
+        &certs::ca_files(&cluster.certs()).cert,
+        &certs::files(&cluster.certs(), Role::Host, "siteB"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let host = HostAddr {
+        name: "siteA".into(),
+        addr: cluster.addrs["siteA"],
+    };
+    // siteA holds the module first (a real launch), so no image below brings it: only then
+    // does the destination get an instance ready while the image travels.
+    let search = example("search");
+    let wasm = agent_e2e::repo().join("examples/target/wasm32-wasip1/release/search.wasm");
+    let out = cluster.agent(
+        &["launch", &wasm.display().to_string(), "--arg", "query=host"],
+        "siteA",
+        "alice",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (small, offer) = image_of(&search);
+    let (image, offer) = with_noise(&small, &offer, 12);
+    assert!(image.len() > 12 << 20);
+    let mut tampered = image.clone();
+    if let Some(b) = tampered.last_mut() {
+        *b ^= 1;
+    }
+    let (small, other) = image_of(&search);
+    let (untouched, other) = with_noise(&small, &other, 12);
+    block_on(async {
+        let client = Client::connect(&host, &peer)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let verdict = transfer(&client, &offer, &search, &tampered).await;
+        assert!(
+            matches!(&verdict, Ok(TransferReply::Refused(why)) if why.contains("hash mismatch")),
+            "{verdict:?}"
+        );
+        let status: Result<TransferStatus, String> = client
+            .request(&Request::Query {
+                agent: offer.agent,
+                seq: offer.seq,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status, Ok(TransferStatus::Aborted));
+
+        let verdict = transfer(&client, &other, &search, &untouched).await;
+        assert!(
+            matches!(verdict, Ok(TransferReply::Committed { .. })),
+            "{verdict:?}"
+        );
+        client.close().await;
+    });
+    let log = cluster.log("siteA");
+    assert_eq!(log.matches("agent arrived").count(), 1, "{log}");
+    assert!(!log.contains("panicked"), "{log}");
 }
