@@ -1,6 +1,7 @@
 //! A peer with a valid host certificate that sends bad transfers (a buggy or compromised
 //! host): a module whose bytes do not match its hash, an image of another module, a stream
-//! cut short, a whole image never confirmed by DEPARTED or confirmed for another hop. The
+//! cut short, a whole image never confirmed by DEPARTED or confirmed for another hop, a large
+//! image whose bytes do not match its digest. The
 //! destination refuses each with a clear reason, commits nothing, and keeps serving.
 
 use agent_e2e::{Cluster, block_on, example};
