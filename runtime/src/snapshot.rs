@@ -57,6 +57,57 @@ impl PageRun {
     }
 }
 
+/// Captures of at least this many bytes are copied on all cores, [`COPY_PIECE`] at a time:
+/// most of a large capture is the kernel clearing the fresh buffer's pages as they are first
+/// written (256 MiB: 100-330 ms against 32 ms for a copy into memory already mapped), and
+/// that clearing goes as fast as the threads that fault.
+const PARALLEL_COPY: usize = 16 << 20;
+const COPY_PIECE: usize = 4 << 20;
+
+/// The pages of `runs` (of `total` bytes) laid end to end, copied out of `memory` by a task
+/// per piece of the buffer.
+fn gather_on_all_cores(memory: &[u8], runs: &[PageRun], total: usize) -> Vec<u8> {
+    // Zeroed by the kernel as it maps it (no memset), in huge pages.
+    let mut data = vec![0u8; total];
+    crate::prefault::huge(&mut data);
+    let starts: Vec<usize> = runs
+        .iter()
+        .scan(0, |at, run| {
+            let start = *at;
+            *at += run.bytes().len();
+            Some(start)
+        })
+        .collect();
+    let (starts, memory) = (&starts, memory);
+    rayon_core::scope(|scope| {
+        for (i, piece) in data.chunks_mut(COPY_PIECE).enumerate() {
+            scope.spawn(move |_| gather(piece, i * COPY_PIECE, memory, runs, starts));
+        }
+    });
+    data
+}
+
+/// Fills `piece` with the bytes at offset `at` of the pages of `runs` laid end to end, where
+/// run `i` begins at `starts[i]`.
+fn gather(piece: &mut [u8], at: usize, memory: &[u8], runs: &[PageRun], starts: &[usize]) {
+    let mut run = starts
+        .partition_point(|&start| start <= at)
+        .saturating_sub(1);
+    let mut done = 0;
+    while done < piece.len() {
+        let (Some(r), Some(&start)) = (runs.get(run), starts.get(run)) else {
+            break;
+        };
+        let from = r.bytes();
+        let skip = at + done - start;
+        let n = (from.len() - skip).min(piece.len() - done);
+        let to = &mut piece[done..done + n];
+        to.copy_from_slice(&memory[from.start + skip..from.start + skip + n]);
+        done += n;
+        run += 1;
+    }
+}
+
 /// The pages of a memory that differ from the initial image, in page order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PageMap {
@@ -85,10 +136,16 @@ impl PageMap {
                 push_index(&mut runs, index);
             }
         }
-        let mut data = crate::prefault::buffer(runs.iter().map(|r| r.bytes().len()).sum());
-        for run in &runs {
-            data.extend_from_slice(&memory[run.bytes()]);
-        }
+        let total = runs.iter().map(|r| r.bytes().len()).sum();
+        let data = if total >= PARALLEL_COPY {
+            gather_on_all_cores(memory, &runs, total)
+        } else {
+            let mut data = crate::prefault::buffer(total);
+            for run in &runs {
+                data.extend_from_slice(&memory[run.bytes()]);
+            }
+            data
+        };
         PageMap {
             runs,
             data: data.into(),
@@ -237,6 +294,37 @@ mod tests {
         fresh[PAGE_SIZE - 2..PAGE_SIZE + 3].copy_from_slice(b"data!");
         map.apply(&mut fresh);
         assert_eq!(fresh, memory);
+    }
+
+    #[test]
+    fn a_large_capture_copied_on_all_cores_holds_the_same_bytes() {
+        // Runs of odd sizes on both sides of piece boundaries, and one across several pieces.
+        let pages = (PARALLEL_COPY + 3 * COPY_PIECE) / PAGE_SIZE;
+        let mut memory = vec![0u8; pages * PAGE_SIZE];
+        for (i, page) in memory.chunks_mut(PAGE_SIZE).enumerate() {
+            if i % 7 != 3 && !(1000..1300).contains(&i) {
+                page.fill((i % 251) as u8 | 1);
+                page[i % PAGE_SIZE] = (i / 251) as u8;
+            }
+        }
+        let map = PageMap::capture(&memory, &InitialImage::default());
+        assert!(
+            map.data.len() >= PARALLEL_COPY,
+            "too small to be copied in parallel"
+        );
+        let serial: Vec<u8> = map
+            .runs
+            .iter()
+            .flat_map(|r| &memory[r.bytes()])
+            .copied()
+            .collect();
+        assert!(
+            map.data == serial,
+            "a piece was copied from the wrong place"
+        );
+        let mut restored = vec![0u8; memory.len()];
+        map.apply(&mut restored);
+        assert!(restored == memory);
     }
 
     #[test]
