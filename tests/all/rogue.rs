@@ -87,20 +87,41 @@ async fn send_image(
     Ok((send, recv))
 }
 
-#[test]
-fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
-    let up: &[&str] = &[];
-    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
-    let certs_dir = cluster.certs();
-    let rogue = Credentials::load(
-        &certs::ca_files(&certs_dir).cert,
-        &certs::files(&certs_dir, Role::Host, "siteB"),
+/// Credentials of siteB (not started: the tests speak for it) and the address of siteA.
+fn as_site_b(cluster: &Cluster) -> (Credentials, HostAddr) {
+    let peer = Credentials::load(
+        &certs::ca_files(&cluster.certs()).cert,
+        &certs::files(&cluster.certs(), Role::Host, "siteB"),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let host = HostAddr {
         name: "siteA".into(),
         addr: cluster.addrs["siteA"],
     };
+    (peer, host)
+}
+
+/// Launches a real search agent on siteA, which must succeed.
+fn launch_search_on_site_a(cluster: &Cluster) {
+    example("search");
+    let wasm = agent_e2e::repo().join("examples/target/wasm32-wasip1/release/search.wasm");
+    let out = cluster.agent(
+        &["launch", &wasm.display().to_string(), "--arg", "query=host"],
+        "siteA",
+        "alice",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
+    let up: &[&str] = &[];
+    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
+    let (rogue, host) = as_site_b(&cluster);
     let search = example("search");
     let heap = example("heap");
     let (image, offer) = image_of(&search);
@@ -211,18 +232,7 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
     );
 
     // Still serving: a real agent runs there.
-    example("search");
-    let wasm = agent_e2e::repo().join("examples/target/wasm32-wasip1/release/search.wasm");
-    let out = cluster.agent(
-        &["launch", &wasm.display().to_string(), "--arg", "query=host"],
-        "siteA",
-        "alice",
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    launch_search_on_site_a(&cluster);
 }
 
 /// The image may follow the offer at once (`image_follows`, what a source does for a small
@@ -233,15 +243,7 @@ fn an_image_sent_with_the_offer_is_committed_even_when_the_module_is_asked_for()
     let up: &[&str] = &[];
     // siteB is not started: its certificate stands for a host that sends its image early.
     let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
-    let peer = Credentials::load(
-        &certs::ca_files(&cluster.certs()).cert,
-        &certs::files(&cluster.certs(), Role::Host, "siteB"),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let host = HostAddr {
-        name: "siteA".into(),
-        addr: cluster.addrs["siteA"],
-    };
+    let (peer, host) = as_site_b(&cluster);
     let search = example("search");
     let (image, offer) = image_of(&search);
     let offer = Offer {
@@ -331,29 +333,11 @@ fn with_noise(image: &[u8], offer: &Offer, mib: usize) -> (Vec<u8>, Offer) {
 fn a_large_image_changed_after_it_was_hashed_is_refused_and_the_same_untouched_arrives() {
     let up: &[&str] = &[];
     let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
-    let peer = Credentials::load(
-        &certs::ca_files(&cluster.certs()).cert,
-        &certs::files(&cluster.certs(), Role::Host, "siteB"),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let host = HostAddr {
-        name: "siteA".into(),
-        addr: cluster.addrs["siteA"],
-    };
+    let (peer, host) = as_site_b(&cluster);
     // siteA holds the module first (a real launch), so no image below brings it: only then
     // does the destination get an instance ready while the image travels.
+    launch_search_on_site_a(&cluster);
     let search = example("search");
-    let wasm = agent_e2e::repo().join("examples/target/wasm32-wasip1/release/search.wasm");
-    let out = cluster.agent(
-        &["launch", &wasm.display().to_string(), "--arg", "query=host"],
-        "siteA",
-        "alice",
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 
     let (small, offer) = image_of(&search);
     let (image, offer) = with_noise(&small, &offer, 12);
