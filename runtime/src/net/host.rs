@@ -195,8 +195,17 @@ impl Host {
             ModuleCache::new(&engine, Some(config.data_dir.join("compiled"))).map_err(err)?;
         let store = HostStore::open(&config.data_dir).map_err(err)?;
         let server = tls::server_config(&creds, config.segmentation_offload).map_err(err)?;
-        let mut endpoint = quinn::Endpoint::server(server, config.listen)
-            .map_err(|e| HostError(format!("cannot listen on {}: {e}", config.listen)))?;
+        let listen =
+            |e: std::io::Error| HostError(format!("cannot listen on {}: {e}", config.listen));
+        let socket = super::socket::bind(config.listen).map_err(listen)?;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(listen)?;
         endpoint.set_default_client_config(
             tls::client_config(&creds, config.segmentation_offload).map_err(err)?,
         );

@@ -6,6 +6,7 @@ pub mod client;
 pub mod hop;
 pub mod host;
 pub mod messages;
+mod socket;
 pub mod store;
 pub mod tls;
 mod trim;
