@@ -17,6 +17,7 @@ pub mod admission;
 pub mod base;
 pub mod builder;
 pub mod context;
+mod direct;
 pub mod engine;
 pub mod faults;
 mod host_abi;

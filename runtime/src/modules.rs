@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -240,9 +239,8 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// syncs it; yields its path. [`publish`] gives it its name.
 pub fn write_synced(dir: &Path, parts: &[&[u8]]) -> std::io::Result<PathBuf> {
     let mut tmp = tempfile_in(dir)?;
-    let written = (parts.iter())
-        .try_for_each(|part| tmp.1.write_all(part))
-        .and_then(|()| tmp.1.sync_all());
+    let written =
+        crate::direct::write_parts(&tmp.0, &mut tmp.1, parts).and_then(|()| tmp.1.sync_all());
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp.0);
         return Err(e);
