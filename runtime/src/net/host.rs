@@ -1480,7 +1480,13 @@ impl Host {
         // The departure is recorded while the offer and the image travel: it must be durable
         // before DEPARTED is sent, since the destination commits only after DEPARTED. Once it
         // is, a restart asks the destination, which aborts a transfer it never committed.
-        let mut recording = Some(self.record_departure(image.context.agent_id, seq, site, &bytes));
+        // A large image is recorded once it has been sent, as the destination stores its copy
+        // once it has come: on the VMs we measure on, writing to the disk slows a transfer
+        // alongside by half (BENCHMARKS.md), and the destination resumes the agent before
+        // DEPARTED anyway, so only the commit waits for the record.
+        let record_later = bytes.len() as u64 >= WORTH_PREPARING;
+        let mut recording = (!record_later)
+            .then(|| self.record_departure(image.context.agent_id, seq, site, &bytes));
         let module = agent.module().clone();
         let known =
             (self.peer_modules.lock()).is_ok_and(|k| k.contains(&(site.into(), module.hash)));
@@ -1545,6 +1551,9 @@ impl Host {
         let mut ran_there = Duration::ZERO;
         let mut resumed_there = 0;
         loop {
+            if record_later && departure.is_none() && matches!(step, SourceStep::Confirm) {
+                recording = Some(self.record_departure(offer.agent, seq, site, &bytes));
+            }
             // Any step but sending the image waits for the record.
             if !matches!(step, SourceStep::Transfer { .. })
                 && let Some(recording) = recording.take()
@@ -1574,6 +1583,7 @@ impl Host {
                             bases.insert(offer.agent, kept.clone());
                         }
                         own_base = Some(kept);
+                        phase("base kept");
                     }
                     if let Some(list) = &base {
                         let own = own_base.as_deref();
