@@ -2,7 +2,8 @@
 //! and starts again from its data directory: every agent finishes exactly once, with one
 //! result for its launcher and one recorded visit per site it stayed on.
 //!
-//! The agent is the search agent launched on siteA with the itinerary siteB, siteC, siteA.
+//! The agent is the search agent launched on siteA with the itinerary siteB, siteC, siteA;
+//! the last test moves a 12 MiB bench agent instead.
 
 use agent_e2e::{Cluster, example_path, finish, site_names};
 use std::time::Duration;
@@ -91,14 +92,7 @@ fn crash_and_recover(site: &str, point: &str, outcomes: &[&Expect]) {
             .map(|s| format!("--- {s}\n{}", cluster.log(s)))
             .collect::<String>()
     };
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "no result ({e}):\n{}\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            logs()
-        )
-    });
+    let report = launcher_report(&out, &logs);
     assert_eq!(report["ok"], true, "{report:#}\n{}", logs());
     let visited = site_names(&report["result"]["visited"]);
     let Some(expect) = outcomes.iter().find(|e| e.visited == visited) else {
@@ -199,4 +193,84 @@ fn source_crashes_after_its_forward_was_committed_but_not_synced() {
 #[test]
 fn a_host_crashes_after_a_service_call_and_the_agent_replays_it_from_the_journal() {
     crash_and_recover("siteC", "after-call", &[&ALL_HOPS]);
+}
+
+/// A large image's departure is recorded only once the image has been sent; it must still be
+/// durable before DEPARTED. The source crashes right before DEPARTED: restarted, it finds the
+/// record and asks, the destination (which never heard DEPARTED) aborts, and the agent fails
+/// its hop on the source. Had the record not been durable, the restarted source would have
+/// gone on from the agent's launch instead of asking.
+#[test]
+fn a_large_agent_s_source_crashes_before_confirming_with_its_departure_durable() {
+    let wasm = example_path("bench");
+    let up: &[&str] = &[];
+    let mut cluster = Cluster::start(&["siteA", "siteB"], &[("siteB", up)]);
+    cluster.start_with(
+        "siteA",
+        &[],
+        &[("FAILPOINTS", "source-before-departed=return")],
+    );
+    // 12 MiB of incompressible heap: a raw image past the size recorded after it is sent.
+    let launch = [
+        "launch",
+        &wasm,
+        "--hop",
+        "siteB",
+        "--arg",
+        "dirty_kib=12288",
+        "--arg",
+        "hops=1",
+        "--json",
+    ];
+    let launcher = cluster.spawn_agent(&launch, "siteA", "alice");
+    let status = cluster.wait_exit("siteA", Duration::from_secs(60));
+    assert!(!status.success(), "siteA should have crashed");
+    assert!(
+        cluster
+            .log("siteA")
+            .contains("crash point source-before-departed"),
+        "siteA crashed elsewhere:\n{}",
+        cluster.log("siteA")
+    );
+    cluster.restart("siteA", &[]);
+    let out = finish(launcher, Duration::from_secs(90));
+    assert!(
+        cluster
+            .log("siteA")
+            .contains("asking where a departing agent is"),
+        "restarted, siteA found no departure record:\n{}",
+        cluster.log("siteA")
+    );
+    let logs = || {
+        format!(
+            "--- siteA\n{}--- siteB\n{}",
+            cluster.log("siteA"),
+            cluster.log("siteB")
+        )
+    };
+    let report = launcher_report(&out, &logs);
+    assert_eq!(
+        report["ok"],
+        false,
+        "the hop was aborted: {report:#}\n{}",
+        logs()
+    );
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("siteB") && error.contains("aborted"),
+        "{report:#}\n{}",
+        logs()
+    );
+}
+
+/// The launcher's JSON report, or a panic showing its output and the hosts' `logs`.
+fn launcher_report(out: &std::process::Output, logs: &dyn Fn() -> String) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no result ({e}):\n{}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            logs()
+        )
+    })
 }
