@@ -76,14 +76,7 @@ fn crash_and_recover(site: &str, point: &str, outcomes: &[&Expect]) {
         "--json",
     ];
     let launcher = cluster.spawn_agent(&launch, "siteA", "alice");
-    let status = cluster.wait_exit(site, Duration::from_secs(60));
-    assert!(!status.success(), "{site} should have crashed at {point}");
-    assert!(
-        cluster.log(site).contains(&format!("crash point {point}")),
-        "{site} crashed elsewhere:\n{}",
-        cluster.log(site)
-    );
-    cluster.restart(site, &[]);
+    restart_after_crash(&mut cluster, site, point);
 
     let out = finish(launcher, Duration::from_secs(90));
     let logs = || {
@@ -223,16 +216,7 @@ fn a_large_agent_s_source_crashes_before_confirming_with_its_departure_durable()
         "--json",
     ];
     let launcher = cluster.spawn_agent(&launch, "siteA", "alice");
-    let status = cluster.wait_exit("siteA", Duration::from_secs(60));
-    assert!(!status.success(), "siteA should have crashed");
-    assert!(
-        cluster
-            .log("siteA")
-            .contains("crash point source-before-departed"),
-        "siteA crashed elsewhere:\n{}",
-        cluster.log("siteA")
-    );
-    cluster.restart("siteA", &[]);
+    restart_after_crash(&mut cluster, "siteA", "source-before-departed");
     let out = finish(launcher, Duration::from_secs(90));
     assert!(
         cluster
@@ -273,4 +257,16 @@ fn launcher_report(out: &std::process::Output, logs: &dyn Fn() -> String) -> ser
             logs()
         )
     })
+}
+
+/// Waits for `site` to crash at `point` (and nowhere else), then starts it again.
+fn restart_after_crash(cluster: &mut Cluster, site: &str, point: &str) {
+    let status = cluster.wait_exit(site, Duration::from_secs(60));
+    assert!(!status.success(), "{site} should have crashed at {point}");
+    assert!(
+        cluster.log(site).contains(&format!("crash point {point}")),
+        "{site} crashed elsewhere:\n{}",
+        cluster.log(site)
+    );
+    cluster.restart(site, &[]);
 }
