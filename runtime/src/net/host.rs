@@ -872,7 +872,7 @@ impl Host {
         }
     }
 
-    fn release_held(&self, agent: &AgentId) {
+    fn release_held(self: &Arc<Self>, agent: &AgentId) {
         if let Ok(mut homes) = self.homes.lock()
             && let Some(entry) = homes.get_mut(agent)
             && let Some(held) = entry.held.take()
@@ -888,10 +888,11 @@ impl Host {
     /// holds. The status is read inside the write transaction, so writes of one agent's
     /// status, which the store makes one at a time, store ever newer ones; and no write waits
     /// for the disk with `homes` locked, so the statuses of many agents share one sync.
-    fn save_home(&self, agent: &AgentId) {
-        let saved = self.store.put_home_latest(|| {
-            let homes = self.homes.lock().ok()?;
-            homes.get(agent).map(|e| (e.status.clone(), e.records))
+    fn save_home(self: &Arc<Self>, agent: &AgentId) {
+        let (host, id) = (self.clone(), *agent);
+        let saved = self.store.put_home_latest(move || {
+            let homes = host.homes.lock().ok()?;
+            homes.get(&id).map(|e| (e.status.clone(), e.records))
         });
         let upto = match saved {
             Ok(Some(upto)) => upto,

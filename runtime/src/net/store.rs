@@ -5,14 +5,12 @@
 //! them is committed, so a record never points at a missing or torn file. A small image is
 //! committed in the same transaction as the record that names it.
 //!
-//! Commits are grouped: a write that finds no disk sync under way commits durably itself;
-//! one that finds a sync under way commits without syncing and waits for the next durable
-//! commit, which covers it and every commit before it. A lone agent pays one sync per write;
-//! many agents hopping at once share syncs instead of queueing for one each. Either way a
-//! caller returns only once its write is durable, except for the few writes a crash may lose
-//! because the restart repairs them ([`HostStore::forward`], [`HostStore::remove_report`]):
-//! those commit without waiting, and [`HostStore::sync_lazy`] bounds how long they stay
-//! unsynced. The commit of an
+//! Writes are grouped ([`super::batch`]): the writes of many agents hopping at once are
+//! applied in one transaction with one commit and one disk sync, instead of queueing for a
+//! transaction each. A caller returns only once its write is durable, except for the few
+//! writes a crash may lose because the restart repairs them ([`HostStore::forward`],
+//! [`HostStore::remove_report`]): those do not wait for the disk, and
+//! [`HostStore::sync_lazy`] bounds how long they stay unsynced. The commit of an
 //! arriving agent and the abort of an in-doubt transfer are decided in one redb transaction
 //! each, so a transfer is either committed or aborted, never both.
 //!
@@ -20,17 +18,15 @@
 //! that re-runs from its last stored image after a crash gets the recorded answers, so each
 //! call takes effect once. Its rows are also the site's record of visits.
 
+use super::batch::{Batcher, Durable};
 use super::messages::{LaunchEvent, StatusReply, TransferStatus};
 use crate::context::AgentId;
 use crate::image::AgentImage;
 use crate::modules::{ModuleHash, TEMPORARY, publish, write_durably, write_synced};
 use agent_abi::{CallError, HopError};
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
 
 const TRANSFERS: TableDefinition<&[u8], u8> = TableDefinition::new("transfers");
 const AGENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("agents");
@@ -173,55 +169,8 @@ pub const LAZY_SYNC: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct HostStore {
     db: Database,
     dir: PathBuf,
-    sync: GroupSync,
-    /// A commit was made without waiting for the disk and no sync has covered it yet.
-    lazy: std::sync::atomic::AtomicBool,
-}
-
-/// Group commit: the state of the durable commits that cover non-durable ones.
-#[derive(Default)]
-struct GroupSync {
-    state: Mutex<SyncState>,
-    done: Condvar,
-}
-
-#[derive(Default)]
-struct SyncState {
-    /// Writers that asked for a sync so far.
-    requested: u64,
-    /// Writers whose commits are known durable (a prefix of `requested`).
-    synced: u64,
-    /// A durable commit is under way.
-    syncing: bool,
-}
-
-fn poisoned() -> StoreError {
-    StoreError::Db("the sync lock was poisoned".into())
-}
-
-/// The role of the writer whose durable commit is the next sync. Dropping it gives the role
-/// up and wakes the waiting writers, also when the leader fails or panics, so that nobody
-/// waits for a sync that will not come.
-struct Leadership<'a> {
-    sync: &'a GroupSync,
-    /// Writers the leader's durable commit covered (set once it succeeded).
-    covered: Option<u64>,
-}
-
-impl Drop for Leadership<'_> {
-    fn drop(&mut self) {
-        let mut state = self
-            .sync
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.syncing = false;
-        if let Some(upto) = self.covered {
-            state.synced = state.synced.max(upto);
-        }
-        drop(state);
-        self.sync.done.notify_all();
-    }
+    /// The group commit; its jobs are given the store's directory.
+    batch: Batcher<PathBuf>,
 }
 
 /// Runs blocking store work without stalling the async runtime: on a multi-threaded tokio
@@ -293,55 +242,35 @@ impl HostStore {
         Ok(HostStore {
             db,
             dir: dir.to_path_buf(),
-            sync: GroupSync::default(),
-            lazy: std::sync::atomic::AtomicBool::new(false),
+            batch: Batcher::default(),
         })
     }
 
-    /// Runs `work` in a write transaction and returns once its commit is durable.
-    fn write<T>(
+    /// Applies `work` in the next batch of writes and returns once its commit is durable.
+    /// `work` is given the store's directory, and may run again if another write of its
+    /// batch failed (see [`Batcher::write`]).
+    fn write<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+        mut work: impl FnMut(&Path, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         blocking(|| {
-            // No sync under way: this write's own durable commit is the next one.
-            let lead = self.sync_state(|s| !std::mem::replace(&mut s.syncing, true))?;
-            let mut leading = lead.then(|| Leadership {
-                sync: &self.sync,
-                covered: None,
-            });
-            let mut txn = self.db.begin_write().map_err(db_err)?;
-            let covered = if lead {
-                // Holding the write lock: every writer counted so far has committed.
-                Some(self.sync_state(|s| s.requested)?)
-            } else {
-                txn.set_durability(Durability::None).map_err(db_err)?;
-                None
-            };
-            let out = work(&txn)?;
-            txn.commit().map_err(db_err)?;
-            match leading.as_mut() {
-                Some(leading) => leading.covered = covered,
-                None => self.sync()?,
-            }
-            Ok(out)
+            (self.batch).write(&self.dir, &self.db, Durable::Now, move |dir, txn| {
+                work(dir, txn)
+            })
         })
     }
 
-    /// Runs `work` in a write transaction whose commit does not wait for the disk: the next
-    /// durable commit, whoever makes it, covers it, and a crash before then loses it. For
-    /// records a restart rebuilds, or that are safe to repeat.
-    fn write_lazily<T>(
+    /// Like [`HostStore::write`], but returns once committed, without waiting for the disk:
+    /// the next durable commit, whoever makes it, covers it, and a crash before then loses
+    /// it. For records a restart rebuilds, or that are safe to repeat.
+    fn write_lazily<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+        mut work: impl FnMut(&Path, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         blocking(|| {
-            let mut txn = self.db.begin_write().map_err(db_err)?;
-            txn.set_durability(Durability::None).map_err(db_err)?;
-            let out = work(&txn)?;
-            txn.commit().map_err(db_err)?;
-            self.lazy.store(true, std::sync::atomic::Ordering::Release);
-            Ok(out)
+            (self.batch).write(&self.dir, &self.db, Durable::Later, move |dir, txn| {
+                work(dir, txn)
+            })
         })
     }
 
@@ -352,46 +281,16 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn sync_lazy(&self) -> Result<(), StoreError> {
-        if self.lazy.swap(false, std::sync::atomic::Ordering::AcqRel) {
-            blocking(|| self.sync())?;
+        if self.batch.take_lazy() {
+            self.sync()?;
         }
         Ok(())
     }
 
-    fn sync_state<T>(&self, f: impl FnOnce(&mut SyncState) -> T) -> Result<T, StoreError> {
-        let mut state = self.sync.state.lock().map_err(|_| poisoned())?;
-        Ok(f(&mut state))
-    }
-
-    /// Makes every commit made so far durable. A writer that arrives while a durable commit
-    /// runs waits for the next one, which then covers every writer waiting with it.
+    /// Makes every commit made so far durable: an empty durable write, which joins the next
+    /// batch like any other.
     fn sync(&self) -> Result<(), StoreError> {
-        let mut state = self.sync.state.lock().map_err(|_| poisoned())?;
-        state.requested += 1;
-        let mine = state.requested;
-        while state.synced < mine {
-            if state.syncing {
-                state = self.sync.done.wait(state).map_err(|_| poisoned())?;
-                continue;
-            }
-            state.syncing = true;
-            let upto = state.requested;
-            drop(state);
-            let mut leading = Leadership {
-                sync: &self.sync,
-                covered: None,
-            };
-            // An empty commit with the default (immediate) durability persists every
-            // non-durable commit before it.
-            self.db
-                .begin_write()
-                .map_err(db_err)
-                .and_then(|txn| txn.commit().map_err(db_err))?;
-            leading.covered = Some(upto);
-            drop(leading);
-            state = self.sync.state.lock().map_err(|_| poisoned())?;
-        }
-        Ok(())
+        self.write(|_, _| Ok(()))
     }
 
     fn module_path(&self, hash: &ModuleHash) -> PathBuf {
@@ -462,22 +361,6 @@ impl HostStore {
         Ok(std::mem::take(&mut staged.name))
     }
 
-    /// Keeps a staged image under `name` in `txn` when it is small.
-    fn put_inline(
-        &self,
-        txn: &WriteTransaction,
-        name: &str,
-        image: &[&[u8]],
-    ) -> Result<(), StoreError> {
-        if total(image) <= INLINE_IMAGE {
-            txn.open_table(IMAGES)
-                .map_err(db_err)?
-                .insert(name, image.concat().as_slice())
-                .map_err(db_err)?;
-        }
-        Ok(())
-    }
-
     /// Reads an image.
     ///
     /// # Errors
@@ -490,19 +373,6 @@ impl HostStore {
         }
         let path = self.dir.join("images").join(name);
         std::fs::read(&path).map_err(|source| StoreError::Io { path, source })
-    }
-
-    /// Drops an image no record names any more: in `txn`, or, for a file, returns its path
-    /// to unlink once `txn` is durable (a crash before then keeps the old record, which still
-    /// needs the file).
-    fn remove_image(&self, txn: &WriteTransaction, name: &str) -> Result<Stale, StoreError> {
-        let inline = txn
-            .open_table(IMAGES)
-            .map_err(db_err)?
-            .remove(name)
-            .map_err(db_err)?
-            .is_some();
-        Ok((!inline).then(|| self.dir.join("images").join(name)))
     }
 
     /// What this host decided about the transfer (agent, seq), if anything.
@@ -545,10 +415,11 @@ impl HostStore {
             None => self.stage_image(&[image])?,
         };
         let name = self.publish(staged)?;
-        let stale = self.write(move |txn| {
-            self.put_inline(txn, &name, &[image])?;
+        let (agent, inline) = (*agent, inline(&[image]));
+        let stale = self.write(move |dir, txn| {
+            put_inline(txn, &name, inline.as_deref())?;
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
-            let key = transfer_key(agent, seq);
+            let key = transfer_key(&agent, seq);
             let previous = transfers
                 .get(key.as_slice())
                 .map_err(db_err)?
@@ -565,7 +436,7 @@ impl HostStore {
             let mut agents = txn.open_table(AGENTS).map_err(db_err)?;
             let record = AgentRecord::Resident {
                 seq,
-                image: name,
+                image: name.clone(),
                 resume: Resume::Arrived,
             };
             let old = agents
@@ -574,7 +445,7 @@ impl HostStore {
                 .map(|v| uncbor::<AgentRecord>(v.value()))
                 .transpose()?;
             drop(agents);
-            self.drop_old_image(txn, old, Some(&record))
+            drop_old_image(dir, txn, old, Some(&record))
         })?;
         unlink(stale);
         Ok(())
@@ -589,9 +460,9 @@ impl HostStore {
         agent: &AgentId,
         seq: u64,
     ) -> Result<TransferStatus, StoreError> {
-        self.write(|txn| {
+        let key = transfer_key(agent, seq);
+        self.write(move |_, txn| {
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
-            let key = transfer_key(agent, seq);
             let previous = transfers
                 .get(key.as_slice())
                 .map_err(db_err)?
@@ -611,28 +482,9 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn set_agent(&self, agent: &AgentId, record: &AgentRecord) -> Result<(), StoreError> {
-        unlink(self.write(|txn| self.set_agent_in(txn, agent, record))?);
+        let (agent, record) = (*agent, record.clone());
+        unlink(self.write(move |dir, txn| set_agent_in(dir, txn, &agent, &record))?);
         Ok(())
-    }
-
-    fn set_agent_in(
-        &self,
-        txn: &WriteTransaction,
-        agent: &AgentId,
-        record: &AgentRecord,
-    ) -> Result<Stale, StoreError> {
-        let old = txn
-            .open_table(AGENTS)
-            .map_err(db_err)?
-            .insert(agent.0.as_slice(), cbor(record).as_slice())
-            .map_err(db_err)?
-            .map(|v| uncbor::<AgentRecord>(v.value()))
-            .transpose()?;
-        let stale = self.drop_old_image(txn, old, Some(record))?;
-        if matches!(record, AgentRecord::Forwarded { .. }) {
-            forget_answers(txn, agent)?;
-        }
-        Ok(stale)
     }
 
     /// Records that an agent left for good (its destination's commit is durable) with
@@ -648,15 +500,19 @@ impl HostStore {
         record: &AgentRecord,
         report: Option<&PendingReport>,
     ) -> Result<(), StoreError> {
-        let stale = self.write_lazily(|txn| {
-            if let Some(report) = report {
-                let bytes = cbor(report);
+        let report = report.map(|report| {
+            let bytes = cbor(report);
+            (*blake3::hash(&bytes).as_bytes(), bytes)
+        });
+        let (agent, record) = (*agent, record.clone());
+        let stale = self.write_lazily(move |dir, txn| {
+            if let Some((key, bytes)) = &report {
                 txn.open_table(OUTBOX)
                     .map_err(db_err)?
-                    .insert(blake3::hash(&bytes).as_bytes().as_slice(), bytes.as_slice())
+                    .insert(key.as_slice(), bytes.as_slice())
                     .map_err(db_err)?;
             }
-            self.set_agent_in(txn, agent, record)
+            set_agent_in(dir, txn, &agent, &record)
         })?;
         if stale.is_some() {
             // The departure record names that file until the commit is durable.
@@ -678,9 +534,11 @@ impl HostStore {
         make: impl FnOnce(String) -> AgentRecord,
     ) -> Result<(), StoreError> {
         let name = self.publish(self.stage_image(image)?)?;
-        let stale = self.write(|txn| {
-            self.put_inline(txn, &name, image)?;
-            self.set_agent_in(txn, agent, &make(name))
+        let (agent, inline) = (*agent, inline(image));
+        let record = make(name.clone());
+        let stale = self.write(move |dir, txn| {
+            put_inline(txn, &name, inline.as_deref())?;
+            set_agent_in(dir, txn, &agent, &record)
         })?;
         unlink(stale);
         Ok(())
@@ -691,7 +549,8 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn remove_agent(&self, agent: &AgentId) -> Result<(), StoreError> {
-        let stale = self.write(|txn| {
+        let agent = *agent;
+        let stale = self.write(move |dir, txn| {
             let old = txn
                 .open_table(AGENTS)
                 .map_err(db_err)?
@@ -699,26 +558,12 @@ impl HostStore {
                 .map_err(db_err)?
                 .map(|v| uncbor::<AgentRecord>(v.value()))
                 .transpose()?;
-            let stale = self.drop_old_image(txn, old, None)?;
-            forget_answers(txn, agent)?;
+            let stale = drop_old_image(dir, txn, old, None)?;
+            forget_answers(txn, &agent)?;
             Ok(stale)
         })?;
         unlink(stale);
         Ok(())
-    }
-
-    fn drop_old_image(
-        &self,
-        txn: &WriteTransaction,
-        old: Option<AgentRecord>,
-        new: Option<&AgentRecord>,
-    ) -> Result<Stale, StoreError> {
-        match old.as_ref().and_then(AgentRecord::image) {
-            Some(old) if new.and_then(AgentRecord::image) != Some(old) => {
-                self.remove_image(txn, old)
-            }
-            _ => Ok(None),
-        }
     }
 
     /// An agent's record.
@@ -776,10 +621,11 @@ impl HostStore {
         index: u64,
         entry: &CallEntry,
     ) -> Result<(), StoreError> {
-        self.write(|txn| {
+        let (key, entry) = (call_key(agent, index), cbor(entry));
+        self.write(move |_, txn| {
             txn.open_table(CALLS)
                 .map_err(db_err)?
-                .insert(call_key(agent, index).as_slice(), cbor(entry).as_slice())
+                .insert(key.as_slice(), entry.as_slice())
                 .map_err(db_err)?;
             Ok(())
         })
@@ -814,7 +660,7 @@ impl HostStore {
     pub fn put_report(&self, report: &PendingReport) -> Result<ReportKey, StoreError> {
         let bytes = cbor(report);
         let key = *blake3::hash(&bytes).as_bytes();
-        self.write(|txn| {
+        self.write(move |_, txn| {
             txn.open_table(OUTBOX)
                 .map_err(db_err)?
                 .insert(key.as_slice(), bytes.as_slice())
@@ -829,7 +675,8 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn remove_report(&self, key: &ReportKey) -> Result<(), StoreError> {
-        self.write_lazily(|txn| {
+        let key = *key;
+        self.write_lazily(move |_, txn| {
             txn.open_table(OUTBOX)
                 .map_err(db_err)?
                 .remove(key.as_slice())
@@ -861,25 +708,27 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn put_home(&self, status: &StatusReply) -> Result<(), StoreError> {
-        self.write(|txn| {
+        let (agent, status) = (status.agent, cbor(status));
+        self.write(move |_, txn| {
             txn.open_table(HOME)
                 .map_err(db_err)?
-                .insert(status.agent.0.as_slice(), cbor(status).as_slice())
+                .insert(agent.0.as_slice(), status.as_slice())
                 .map_err(db_err)?;
             Ok(())
         })
     }
 
     /// Saves the home record `latest` yields inside the write transaction (nothing if it
-    /// yields none), and returns the tag that came with it.
+    /// yields none), and returns the tag that came with it. `latest` may be called more than
+    /// once (see [`HostStore::write`]); the last call's record is stored.
     ///
     /// # Errors
     /// When the database fails.
-    pub fn put_home_latest<T>(
+    pub fn put_home_latest<T: Send + 'static>(
         &self,
-        latest: impl FnOnce() -> Option<(StatusReply, T)>,
+        latest: impl Fn() -> Option<(StatusReply, T)> + Send + 'static,
     ) -> Result<Option<T>, StoreError> {
-        self.write(|txn| {
+        self.write(move |_, txn| {
             let Some((status, tag)) = latest() else {
                 return Ok(None);
             };
@@ -936,6 +785,69 @@ fn unlink(stale: Stale) {
     if let Some(path) = stale {
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// The bytes of an image kept in the database (a small one), or `None` for a file.
+fn inline(image: &[&[u8]]) -> Option<Vec<u8>> {
+    (total(image) <= INLINE_IMAGE).then(|| image.concat())
+}
+
+/// Keeps a small image under `name` in `txn` (see [`inline`]).
+fn put_inline(txn: &WriteTransaction, name: &str, inline: Option<&[u8]>) -> Result<(), StoreError> {
+    if let Some(image) = inline {
+        txn.open_table(IMAGES)
+            .map_err(db_err)?
+            .insert(name, image)
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// Drops an image no record names any more: in `txn`, or, for a file under `dir`, returns
+/// its path to unlink once `txn` is durable (a crash before then keeps the old record, which
+/// still needs the file).
+fn remove_image(dir: &Path, txn: &WriteTransaction, name: &str) -> Result<Stale, StoreError> {
+    let inline = txn
+        .open_table(IMAGES)
+        .map_err(db_err)?
+        .remove(name)
+        .map_err(db_err)?
+        .is_some();
+    Ok((!inline).then(|| dir.join("images").join(name)))
+}
+
+/// Drops the image of the record `old` unless `new` names it too.
+fn drop_old_image(
+    dir: &Path,
+    txn: &WriteTransaction,
+    old: Option<AgentRecord>,
+    new: Option<&AgentRecord>,
+) -> Result<Stale, StoreError> {
+    match old.as_ref().and_then(AgentRecord::image) {
+        Some(old) if new.and_then(AgentRecord::image) != Some(old) => remove_image(dir, txn, old),
+        _ => Ok(None),
+    }
+}
+
+/// Sets an agent's record in `txn`; yields the image file it no longer needs.
+fn set_agent_in(
+    dir: &Path,
+    txn: &WriteTransaction,
+    agent: &AgentId,
+    record: &AgentRecord,
+) -> Result<Stale, StoreError> {
+    let old = txn
+        .open_table(AGENTS)
+        .map_err(db_err)?
+        .insert(agent.0.as_slice(), cbor(record).as_slice())
+        .map_err(db_err)?
+        .map(|v| uncbor::<AgentRecord>(v.value()))
+        .transpose()?;
+    let stale = drop_old_image(dir, txn, old, Some(record))?;
+    if matches!(record, AgentRecord::Forwarded { .. }) {
+        forget_answers(txn, agent)?;
+    }
+    Ok(stale)
 }
 
 /// Drops the answers recorded for `agent` (it left or ended), keeping its visits.
@@ -1001,7 +913,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         // The status in memory, changed by each writer before it stores whatever is latest.
-        let latest = Mutex::new(0u64);
+        let latest = std::sync::Arc::new(std::sync::Mutex::new(0u64));
         let status = |n: u64| StatusReply {
             agent: AgentId([9; 16]),
             owner: "alice".into(),
@@ -1017,8 +929,9 @@ mod tests {
                 s.spawn(|| {
                     for _ in 0..50 {
                         *latest.lock().unwrap_or_else(|e| panic!("{e}")) += 1;
+                        let latest = latest.clone();
                         store
-                            .put_home_latest(|| {
+                            .put_home_latest(move || {
                                 let n = *latest.lock().ok()?;
                                 Some((status(n), n))
                             })
@@ -1084,9 +997,9 @@ mod tests {
             .remove_report(&reports[0].0)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(store.reports().unwrap_or_default().is_empty());
-        assert!(store.lazy.load(std::sync::atomic::Ordering::Acquire));
+        assert!(store.batch.lazy_pending());
         store.sync_lazy().unwrap_or_else(|e| panic!("{e}"));
-        assert!(!store.lazy.load(std::sync::atomic::Ordering::Acquire));
+        assert!(!store.batch.lazy_pending());
         drop(store);
         let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         assert!(store.reports().unwrap_or_default().is_empty());

@@ -1,0 +1,340 @@
+//! Group commit: the writes of many threads applied in one redb transaction.
+//!
+//! redb runs one write transaction at a time, and each costs the same fixed work whatever it
+//! holds (a page allocator, the table roots flushed, checksums, and a disk sync when it is
+//! durable). With many agents hopping at once a host writes thousands of small records a
+//! second, so a writer queues its write as a job and waits: whichever waiting writer finds
+//! no batch under way leads the next one. It takes every queued job, applies them in order in
+//! one transaction, commits it once (durably if any of them asked), and wakes the others. A
+//! lone writer leads at once and pays what a transaction of its own would.
+//!
+//! A job that fails may have written part of its change, so the transaction is dropped and the
+//! others are applied again without it: each job is all or nothing, as if it had its own
+//! transaction. Jobs are applied in the order they were queued.
+
+use super::store::StoreError;
+use redb::{Database, Durability, WriteTransaction};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+/// Whether a write must be on disk before its writer goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Durable {
+    /// Return once the write is durable.
+    Now,
+    /// Return once it is committed; the next durable commit covers it, and a crash before
+    /// then loses it. For records a restart rebuilds, or that are safe to repeat.
+    Later,
+}
+
+/// A queued write: applies its change to the transaction and keeps its own result; `false`
+/// when it failed.
+type Work<C> = Box<dyn FnMut(&C, &WriteTransaction) -> bool + Send>;
+
+struct Job<C> {
+    ticket: u64,
+    durable: Durable,
+    work: Work<C>,
+}
+
+/// Writes waiting for a batch, and how the batches they went in ended.
+struct State<C> {
+    queue: Vec<Job<C>>,
+    /// A writer is applying a batch.
+    leading: bool,
+    next_ticket: u64,
+    /// Jobs whose batch ended: `Err` when its commit failed (the job's own error, if it
+    /// failed, is in its result).
+    settled: HashMap<u64, Result<(), String>>,
+}
+
+/// The group commit of one database; `C` is what jobs are given besides the transaction.
+pub(crate) struct Batcher<C> {
+    state: Mutex<State<C>>,
+    ended: Condvar,
+    /// A commit did not wait for the disk and no durable commit has covered it yet.
+    lazy: AtomicBool,
+    /// Transactions committed: fewer than the writes when writers meet in batches.
+    commits: AtomicU64,
+}
+
+impl<C> Default for Batcher<C> {
+    fn default() -> Self {
+        Batcher {
+            state: Mutex::new(State {
+                queue: Vec::new(),
+                leading: false,
+                next_ticket: 0,
+                settled: HashMap::new(),
+            }),
+            ended: Condvar::new(),
+            lazy: AtomicBool::new(false),
+            commits: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<C> Batcher<C> {
+    fn lock(&self) -> MutexGuard<'_, State<C>> {
+        // Only plain bookkeeping runs under the lock, so a panic cannot leave it half done.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a commit that did not wait for the disk is not yet covered by a durable one;
+    /// clears it.
+    pub(crate) fn take_lazy(&self) -> bool {
+        self.lazy.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether a commit that did not wait for the disk is not yet covered by a durable one.
+    #[cfg(test)]
+    pub(crate) fn lazy_pending(&self) -> bool {
+        self.lazy.load(Ordering::Acquire)
+    }
+
+    /// Transactions committed so far.
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Applies `work` to `db` in the next batch and returns its result once the batch is
+    /// committed (and durable, for [`Durable::Now`]). `work` may run more than once, each
+    /// time in a fresh transaction, when another job of its batch failed; only the last run's
+    /// result is returned. It runs on whichever writer's thread leads the batch.
+    ///
+    /// # Errors
+    /// What `work` returned, or the commit's failure.
+    pub(crate) fn write<T: Send + 'static>(
+        &self,
+        context: &C,
+        db: &Database,
+        durable: Durable,
+        mut work: impl FnMut(&C, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let result = Arc::new(Mutex::new(None));
+        let kept = result.clone();
+        let work: Work<C> = Box::new(move |context, txn| {
+            let outcome = work(context, txn);
+            let ok = outcome.is_ok();
+            *kept.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
+            ok
+        });
+        let mut state = self.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.queue.push(Job {
+            ticket,
+            durable,
+            work,
+        });
+        loop {
+            if let Some(settled) = state.settled.remove(&ticket) {
+                drop(state);
+                settled.map_err(StoreError::Db)?;
+                let outcome = result.lock().unwrap_or_else(PoisonError::into_inner).take();
+                return outcome
+                    .unwrap_or_else(|| Err(StoreError::Db("the write never ran".into())));
+            }
+            if state.leading {
+                state = self
+                    .ended
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            state.leading = true;
+            let jobs = std::mem::take(&mut state.queue);
+            drop(state);
+            let mut lead = Leading {
+                batcher: self,
+                tickets: jobs.iter().map(|j| j.ticket).collect(),
+                settled: Vec::new(),
+            };
+            self.apply(context, db, jobs, &mut lead.settled);
+            drop(lead);
+            state = self.lock();
+        }
+    }
+
+    /// Applies a batch, dropping failed jobs and applying the rest again, then commits it.
+    fn apply(
+        &self,
+        context: &C,
+        db: &Database,
+        mut jobs: Vec<Job<C>>,
+        settled: &mut Vec<(u64, Result<(), String>)>,
+    ) {
+        while !jobs.is_empty() {
+            let durable = jobs.iter().any(|j| j.durable == Durable::Now);
+            let txn = match db.begin_write() {
+                Ok(mut txn) => match durable {
+                    true => Ok(txn),
+                    false => (txn.set_durability(Durability::None).map(|()| txn))
+                        .map_err(|e| e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            let txn = match txn {
+                Ok(txn) => txn,
+                Err(e) => return fail_all(jobs, &e, settled),
+            };
+            let failed = jobs.iter_mut().position(|job| !(job.work)(context, &txn));
+            if let Some(at) = failed {
+                // Whatever the failed job wrote goes with the transaction.
+                let _ = txn.abort();
+                settled.push((jobs.remove(at).ticket, Ok(())));
+                continue;
+            }
+            match txn.commit() {
+                Ok(()) => {
+                    self.lazy.store(!durable, Ordering::Release);
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                    settled.extend(jobs.into_iter().map(|j| (j.ticket, Ok(()))));
+                }
+                Err(e) => fail_all(jobs, &e.to_string(), settled),
+            }
+            return;
+        }
+    }
+}
+
+fn fail_all<C>(jobs: Vec<Job<C>>, why: &str, settled: &mut Vec<(u64, Result<(), String>)>) {
+    settled.extend(jobs.into_iter().map(|j| (j.ticket, Err(why.to_string()))));
+}
+
+/// The role of the writer applying a batch. Dropping it settles the batch and wakes the
+/// waiting writers, also when a job panicked, so that nobody waits for a batch that ended.
+struct Leading<'a, C> {
+    batcher: &'a Batcher<C>,
+    tickets: Vec<u64>,
+    settled: Vec<(u64, Result<(), String>)>,
+}
+
+impl<C> Drop for Leading<'_, C> {
+    fn drop(&mut self) {
+        let mut state = self.batcher.lock();
+        state.leading = false;
+        for (ticket, outcome) in self.settled.drain(..) {
+            state.settled.insert(ticket, outcome);
+        }
+        for ticket in &self.tickets {
+            if !state.settled.contains_key(ticket) {
+                state
+                    .settled
+                    .insert(*ticket, Err("a write in its batch panicked".into()));
+            }
+        }
+        drop(state);
+        self.batcher.ended.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+    const T: TableDefinition<u64, u64> = TableDefinition::new("t");
+
+    fn db() -> (tempfile::TempDir, Database) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let db = Database::create(dir.path().join("db")).unwrap_or_else(|e| panic!("{e}"));
+        (dir, db)
+    }
+
+    fn stored(db: &Database) -> Vec<(u64, u64)> {
+        let txn = db.begin_read().unwrap_or_else(|e| panic!("{e}"));
+        let Ok(table) = txn.open_table(T) else {
+            return Vec::new();
+        };
+        let rows = table.iter().unwrap_or_else(|e| panic!("{e}"));
+        rows.map(|r| r.map(|(k, v)| (k.value(), v.value())))
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A job that writes `key` → `value`, then fails if `fail`.
+    fn job(ticket: u64, key: u64, value: u64, fail: bool) -> Job<()> {
+        Job {
+            ticket,
+            durable: Durable::Now,
+            work: Box::new(move |(), txn| {
+                let inserted = match txn.open_table(T) {
+                    Ok(mut t) => t.insert(key, value).is_ok(),
+                    Err(_) => false,
+                };
+                inserted && !fail
+            }),
+        }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_and_the_rest_of_its_batch_commits() {
+        let (_dir, db) = db();
+        let batcher = Batcher::<()>::default();
+        let mut settled = Vec::new();
+        let jobs = vec![
+            job(0, 1, 10, false),
+            job(1, 2, 20, true),
+            job(2, 3, 30, false),
+        ];
+        batcher.apply(&(), &db, jobs, &mut settled);
+        settled.sort();
+        assert_eq!(settled, [(0, Ok(())), (1, Ok(())), (2, Ok(()))]);
+        // Job 1 wrote its key before it failed: the key is not stored.
+        assert_eq!(stored(&db), [(1, 10), (3, 30)]);
+        assert_eq!(batcher.commits(), 1, "one transaction for the jobs left");
+    }
+
+    #[test]
+    fn writers_that_meet_share_transactions_and_each_gets_its_own_result() {
+        let (_dir, db) = db();
+        let batcher = Batcher::<()>::default();
+        const WRITERS: u64 = 8;
+        const EACH: u64 = 50;
+        std::thread::scope(|s| {
+            for w in 0..WRITERS {
+                let (batcher, db) = (&batcher, &db);
+                s.spawn(move || {
+                    for i in 0..EACH {
+                        let key = w * 1000 + i;
+                        let durable = if i % 2 == 0 {
+                            Durable::Now
+                        } else {
+                            Durable::Later
+                        };
+                        let got = batcher.write(&(), db, durable, move |(), txn| {
+                            let mut t = txn
+                                .open_table(T)
+                                .map_err(|e| StoreError::Db(e.to_string()))?;
+                            t.insert(key, key + 1)
+                                .map_err(|e| StoreError::Db(e.to_string()))?;
+                            if key % 7 == 0 {
+                                return Err(StoreError::Aborted);
+                            }
+                            Ok(key * 2)
+                        });
+                        match got {
+                            Ok(v) => assert_eq!(v, key * 2),
+                            Err(StoreError::Aborted) => assert_eq!(key % 7, 0),
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                });
+            }
+        });
+        let want: Vec<(u64, u64)> = (0..WRITERS)
+            .flat_map(|w| (0..EACH).map(move |i| w * 1000 + i))
+            .filter(|k| k % 7 != 0)
+            .map(|k| (k, k + 1))
+            .collect();
+        assert_eq!(stored(&db), want);
+        assert!(
+            batcher.commits() < WRITERS * EACH,
+            "{} commits for {} writes",
+            batcher.commits(),
+            WRITERS * EACH
+        );
+    }
+}
