@@ -94,6 +94,7 @@ impl<C> Batcher<C> {
     }
 
     /// Transactions committed so far.
+    #[cfg(test)]
     pub(crate) fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
     }
