@@ -38,6 +38,10 @@ const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 /// Images up to this size live in the database; larger ones are files.
 pub(crate) const INLINE_IMAGE: usize = 1 << 20;
 
+/// Images at least this large are named by the digest their header claims; smaller ones by
+/// hashing their bytes, which is quicker than reading the header.
+const NAMED_BY_CLAIM: usize = 64 << 10;
+
 /// Bytes of the database file redb may keep cached in memory.
 const STORE_CACHE: usize = 16 << 20;
 
@@ -324,10 +328,16 @@ impl HostStore {
     /// When the file cannot be written.
     pub fn stage_image(&self, image: &[&[u8]]) -> Result<Staged, StoreError> {
         // An image that stands alone is named by the digest its header claims: a staged
-        // arrival is published only once decoding has checked that digest.
-        let claimed = image
-            .first()
-            .and_then(|head| AgentImage::claimed_digest(head));
+        // arrival is published only once decoding has checked that digest. A small one is
+        // hashed instead: that costs less than decoding its header (context and trace
+        // included), and every hop stores two.
+        let claimed = (total(image) >= NAMED_BY_CLAIM)
+            .then(|| {
+                image
+                    .first()
+                    .and_then(|head| AgentImage::claimed_digest(head))
+            })
+            .flatten();
         let hash = claimed.unwrap_or_else(|| {
             let mut hasher = blake3::Hasher::new();
             for part in image {
