@@ -32,14 +32,14 @@ pub(crate) enum Durable {
 /// when it failed.
 type Work<C> = Box<dyn FnMut(&C, &WriteTransaction) -> bool + Send>;
 
-struct Job<C> {
+struct Job<C: ?Sized> {
     ticket: u64,
     durable: Durable,
     work: Work<C>,
 }
 
 /// Writes waiting for a batch, and how the batches they went in ended.
-struct State<C> {
+struct State<C: ?Sized> {
     queue: Vec<Job<C>>,
     /// A writer is applying a batch.
     leading: bool,
@@ -50,7 +50,7 @@ struct State<C> {
 }
 
 /// The group commit of one database; `C` is what jobs are given besides the transaction.
-pub(crate) struct Batcher<C> {
+pub(crate) struct Batcher<C: ?Sized> {
     state: Mutex<State<C>>,
     ended: Condvar,
     /// A commit did not wait for the disk and no durable commit has covered it yet.
@@ -59,7 +59,7 @@ pub(crate) struct Batcher<C> {
     commits: AtomicU64,
 }
 
-impl<C> Default for Batcher<C> {
+impl<C: ?Sized> Default for Batcher<C> {
     fn default() -> Self {
         Batcher {
             state: Mutex::new(State {
@@ -75,7 +75,7 @@ impl<C> Default for Batcher<C> {
     }
 }
 
-impl<C> Batcher<C> {
+impl<C: ?Sized> Batcher<C> {
     fn lock(&self) -> MutexGuard<'_, State<C>> {
         // Only plain bookkeeping runs under the lock, so a panic cannot leave it half done.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -200,19 +200,19 @@ impl<C> Batcher<C> {
     }
 }
 
-fn fail_all<C>(jobs: Vec<Job<C>>, why: &str, settled: &mut Vec<(u64, Result<(), String>)>) {
+fn fail_all<C: ?Sized>(jobs: Vec<Job<C>>, why: &str, settled: &mut Vec<(u64, Result<(), String>)>) {
     settled.extend(jobs.into_iter().map(|j| (j.ticket, Err(why.to_string()))));
 }
 
 /// The role of the writer applying a batch. Dropping it settles the batch and wakes the
 /// waiting writers, also when a job panicked, so that nobody waits for a batch that ended.
-struct Leading<'a, C> {
+struct Leading<'a, C: ?Sized> {
     batcher: &'a Batcher<C>,
     tickets: Vec<u64>,
     settled: Vec<(u64, Result<(), String>)>,
 }
 
-impl<C> Drop for Leading<'_, C> {
+impl<C: ?Sized> Drop for Leading<'_, C> {
     fn drop(&mut self) {
         let mut state = self.batcher.lock();
         state.leading = false;

@@ -174,7 +174,7 @@ pub struct HostStore {
     db: Database,
     dir: PathBuf,
     /// The group commit; its jobs are given the store's directory.
-    batch: Batcher<PathBuf>,
+    batch: Batcher<Path>,
 }
 
 /// Runs blocking store work without stalling the async runtime: on a multi-threaded tokio
@@ -255,13 +255,9 @@ impl HostStore {
     /// batch failed (see [`Batcher::write`]).
     fn write<T: Send + 'static>(
         &self,
-        mut work: impl FnMut(&Path, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnMut(&Path, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        blocking(|| {
-            (self.batch).write(&self.dir, &self.db, Durable::Now, move |dir, txn| {
-                work(dir, txn)
-            })
-        })
+        blocking(|| (self.batch).write(&self.dir, &self.db, Durable::Now, work))
     }
 
     /// Like [`HostStore::write`], but returns once committed, without waiting for the disk:
@@ -269,13 +265,9 @@ impl HostStore {
     /// it. For records a restart rebuilds, or that are safe to repeat.
     fn write_lazily<T: Send + 'static>(
         &self,
-        mut work: impl FnMut(&Path, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnMut(&Path, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        blocking(|| {
-            (self.batch).write(&self.dir, &self.db, Durable::Later, move |dir, txn| {
-                work(dir, txn)
-            })
-        })
+        blocking(|| (self.batch).write(&self.dir, &self.db, Durable::Later, work))
     }
 
     /// Makes commits that did not wait for the disk durable, if there are any: the host calls
@@ -426,6 +418,11 @@ impl HostStore {
         };
         let name = self.publish(staged)?;
         let (agent, inline) = (*agent, inline(&[image]));
+        let record = AgentRecord::Resident {
+            seq,
+            image: name.clone(),
+            resume: Resume::Arrived,
+        };
         let stale = self.write(move |dir, txn| {
             put_inline(txn, &name, inline.as_deref())?;
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
@@ -443,19 +440,8 @@ impl HostStore {
                         .map_err(db_err)?;
                 }
             }
-            let mut agents = txn.open_table(AGENTS).map_err(db_err)?;
-            let record = AgentRecord::Resident {
-                seq,
-                image: name.clone(),
-                resume: Resume::Arrived,
-            };
-            let old = agents
-                .insert(agent.0.as_slice(), cbor(&record).as_slice())
-                .map_err(db_err)?
-                .map(|v| uncbor::<AgentRecord>(v.value()))
-                .transpose()?;
-            drop(agents);
-            drop_old_image(dir, txn, old, Some(&record))
+            drop(transfers);
+            set_agent_in(dir, txn, &agent, &record)
         })?;
         unlink(stale);
         Ok(())
@@ -510,10 +496,7 @@ impl HostStore {
         record: &AgentRecord,
         report: Option<&PendingReport>,
     ) -> Result<(), StoreError> {
-        let report = report.map(|report| {
-            let bytes = cbor(report);
-            (*blake3::hash(&bytes).as_bytes(), bytes)
-        });
+        let report = report.map(report_row);
         let (agent, record) = (*agent, record.clone());
         let stale = self.write_lazily(move |dir, txn| {
             if let Some((key, bytes)) = &report {
@@ -668,8 +651,7 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn put_report(&self, report: &PendingReport) -> Result<ReportKey, StoreError> {
-        let bytes = cbor(report);
-        let key = *blake3::hash(&bytes).as_bytes();
+        let (key, bytes) = report_row(report);
         self.write(move |_, txn| {
             txn.open_table(OUTBOX)
                 .map_err(db_err)?
@@ -795,6 +777,12 @@ fn unlink(stale: Stale) {
     if let Some(path) = stale {
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// A report's row in the outbox: its key (the hash of its encoding) and its encoding.
+fn report_row(report: &PendingReport) -> (ReportKey, Vec<u8>) {
+    let bytes = cbor(report);
+    (*blake3::hash(&bytes).as_bytes(), bytes)
 }
 
 /// The bytes of an image kept in the database (a small one), or `None` for a file.
