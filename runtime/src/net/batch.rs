@@ -338,4 +338,49 @@ mod tests {
             WRITERS * EACH
         );
     }
+
+    #[test]
+    fn a_write_that_panics_leaves_no_writer_waiting() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let db =
+            Arc::new(Database::create(dir.path().join("db")).unwrap_or_else(|e| panic!("{e}")));
+        let batcher = Arc::new(Batcher::<()>::default());
+        // The first writer leads, waits until a second write is queued behind its batch,
+        // then panics.
+        let first = {
+            let (batcher, db) = (batcher.clone(), db.clone());
+            std::thread::spawn(move || {
+                let waiting = batcher.clone();
+                let _ = batcher.write(&(), &db, Durable::Now, move |(), _| -> Result<(), _> {
+                    while waiting.lock().queue.is_empty() {
+                        std::thread::yield_now();
+                    }
+                    panic!("a job's bug");
+                });
+            })
+        };
+        while !batcher.lock().leading {
+            std::thread::yield_now();
+        }
+        let (done, finished) = std::sync::mpsc::channel();
+        {
+            let (batcher, db) = (batcher.clone(), db.clone());
+            std::thread::spawn(move || {
+                let _ = done.send(batcher.write(&(), &db, Durable::Now, |(), txn| {
+                    let mut t = txn
+                        .open_table(T)
+                        .map_err(|e| StoreError::Db(e.to_string()))?;
+                    t.insert(1, 2).map_err(|e| StoreError::Db(e.to_string()))?;
+                    Ok(())
+                }));
+            });
+        }
+        assert!(
+            first.join().is_err(),
+            "the first writer's panic reaches its caller"
+        );
+        let second = finished.recv_timeout(std::time::Duration::from_secs(30));
+        assert!(matches!(second, Ok(Ok(()))), "{second:?}");
+        assert_eq!(stored(&db), [(1, 2)]);
+    }
 }
