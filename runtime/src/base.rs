@@ -18,7 +18,7 @@
 use crate::context::AgentId;
 use crate::image::{AgentImage, Encoded};
 use crate::modules::ModuleHash;
-use crate::snapshot::{PageMap, PageRun, indices, push_index};
+use crate::snapshot::{PAGE_SIZE, PageMap, PageRun, indices, push_index};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -136,9 +136,10 @@ impl Base {
     }
 }
 
-/// Memory a base of these pages takes: the pages and their hashes.
+/// Memory a base of these pages takes: the pages and their hashes. Counted from the runs, so
+/// that it can be asked of pages not yet copied out of the agent's memory.
 fn bytes_of(pages: &PageMap) -> u64 {
-    pages.data.len() as u64 + pages.pages() * HASH_BYTES as u64
+    pages.pages() * (PAGE_SIZE + HASH_BYTES) as u64
 }
 
 /// Encodes `image` for a host that holds the pages of `list`: pages whose hash matches the

@@ -346,8 +346,21 @@ impl AgentInstance {
     ///
     /// Call only between [`Self::poll`]s, when the Wasm stack is empty.
     pub fn capture(&mut self) -> AgentImage {
+        let mut image = self.capture_in_place();
+        let runs = std::mem::take(&mut image.pages.runs);
+        image.pages = PageMap::gather(self.memory(), runs);
+        image
+    }
+
+    /// Captures the agent as [`Self::capture`] does, but leaves its pages where they lie: the
+    /// image's page map holds their runs and no data. They are read from [`Self::memory`],
+    /// which stays as it is until the agent runs again.
+    pub fn capture_in_place(&mut self) -> AgentImage {
         let memory = self.memory.data(&self.store);
-        let pages = PageMap::capture(memory, &self.module.facts.initial);
+        let pages = PageMap {
+            runs: PageMap::changed_runs(memory, &self.module.facts.initial),
+            data: bytes::Bytes::new(),
+        };
         let mut globals = Vec::with_capacity(self.module.facts.globals.len());
         for (index, kind) in &self.module.facts.globals {
             let bits = match self
@@ -374,6 +387,11 @@ impl AgentInstance {
             pages,
             context: self.store.data().context.clone(),
         }
+    }
+
+    /// The agent's linear memory, as it stands between [`Self::poll`]s.
+    pub fn memory(&self) -> &[u8] {
+        self.memory.data(&self.store)
     }
 
     /// The runtime's record of the agent.

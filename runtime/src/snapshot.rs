@@ -81,7 +81,7 @@ fn gather_on_all_cores(memory: &[u8], runs: &[PageRun], total: usize) -> Vec<u8>
     let (starts, memory) = (&starts, memory);
     rayon_core::scope(|scope| {
         for (i, piece) in data.chunks_mut(COPY_PIECE).enumerate() {
-            scope.spawn(move |_| gather(piece, i * COPY_PIECE, memory, runs, starts));
+            scope.spawn(move |_| gather_piece(piece, i * COPY_PIECE, memory, runs, starts));
         }
     });
     data
@@ -89,7 +89,7 @@ fn gather_on_all_cores(memory: &[u8], runs: &[PageRun], total: usize) -> Vec<u8>
 
 /// Fills `piece` with the bytes at offset `at` of the pages of `runs` laid end to end, where
 /// run `i` begins at `starts[i]`.
-fn gather(piece: &mut [u8], at: usize, memory: &[u8], runs: &[PageRun], starts: &[usize]) {
+fn gather_piece(piece: &mut [u8], at: usize, memory: &[u8], runs: &[PageRun], starts: &[usize]) {
     let mut run = starts
         .partition_point(|&start| start <= at)
         .saturating_sub(1);
@@ -124,18 +124,37 @@ impl PageMap {
     /// The runs are found first and the pages copied after, into a buffer of the exact size
     /// mapped ahead: growing it page by page cost reallocations and a fault per page.
     pub fn capture(memory: &[u8], initial: &InitialImage) -> PageMap {
+        let runs = PageMap::changed_runs(memory, initial);
+        PageMap::gather(memory, runs)
+    }
+
+    /// The runs of pages of `memory` that differ from `initial`, without copying them: what
+    /// an image read in place needs ([`crate::image::InPlace`]). A large memory is scanned
+    /// on all cores, [`COPY_PIECE`] at a time (256 MiB: 28 ms on one core of the benchmark VM).
+    pub fn changed_runs(memory: &[u8], initial: &InitialImage) -> Vec<PageRun> {
         crate::prefault::read(memory);
-        let mut runs = Vec::new();
-        for (index, page) in memory.chunks(PAGE_SIZE).enumerate() {
-            let index = index as u32;
-            let unchanged = match initial.page(index) {
-                Some(init) => page == init,
-                None => is_zero(page),
-            };
-            if !unchanged {
-                push_index(&mut runs, index);
+        if memory.len() < PARALLEL_COPY {
+            return scan(memory, 0, initial);
+        }
+        let mut pieces: Vec<Vec<PageRun>> = vec![Vec::new(); memory.len().div_ceil(COPY_PIECE)];
+        rayon_core::scope(|scope| {
+            for (i, (piece, runs)) in memory.chunks(COPY_PIECE).zip(&mut pieces).enumerate() {
+                let first = (i * COPY_PIECE / PAGE_SIZE) as u32;
+                scope.spawn(move |_| *runs = scan(piece, first, initial));
+            }
+        });
+        let mut runs: Vec<PageRun> = Vec::new();
+        for run in pieces.into_iter().flatten() {
+            match runs.last_mut() {
+                Some(last) if last.start + last.count == run.start => last.count += run.count,
+                _ => runs.push(run),
             }
         }
+        runs
+    }
+
+    /// The pages of `runs` copied out of `memory`, which holds them.
+    pub fn gather(memory: &[u8], runs: Vec<PageRun>) -> PageMap {
         let total = runs.iter().map(|r| r.bytes().len()).sum();
         let data = if total >= PARALLEL_COPY {
             gather_on_all_cores(memory, &runs, total)
@@ -238,6 +257,22 @@ impl PageMap {
     }
 }
 
+/// The runs of pages of `memory` (whose first page is page `first`) that differ from
+/// `initial`.
+fn scan(memory: &[u8], first: u32, initial: &InitialImage) -> Vec<PageRun> {
+    let mut runs = Vec::new();
+    for (index, page) in (first..).zip(memory.chunks(PAGE_SIZE)) {
+        let unchanged = match initial.page(index) {
+            Some(init) => page == init,
+            None => is_zero(page),
+        };
+        if !unchanged {
+            push_index(&mut runs, index);
+        }
+    }
+    runs
+}
+
 /// Every page index of `runs`, in order.
 pub(crate) fn indices(runs: &[PageRun]) -> impl Iterator<Item = u32> + '_ {
     runs.iter()
@@ -308,6 +343,11 @@ mod tests {
             }
         }
         let map = PageMap::capture(&memory, &InitialImage::default());
+        assert_eq!(
+            map.runs,
+            scan(&memory, 0, &InitialImage::default()),
+            "the runs found on all cores are not those of one pass (runs across pieces are joined)"
+        );
         assert!(
             map.data.len() >= PARALLEL_COPY,
             "too small to be copied in parallel"

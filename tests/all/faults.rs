@@ -195,12 +195,25 @@ fn a_host_crashes_after_a_service_call_and_the_agent_replays_it_from_the_journal
 /// gone on from the agent's launch instead of asking.
 #[test]
 fn a_large_agent_s_source_crashes_before_confirming_with_its_departure_durable() {
+    large_source_crashes_before_confirming(&[]);
+}
+
+/// As above, on a source that keeps no pages for a return visit: the image is then sent and
+/// its departure recorded from the suspended agent's memory, never copied out.
+#[test]
+fn a_large_agent_s_departure_recorded_from_its_memory_is_durable_before_confirming() {
+    large_source_crashes_before_confirming(&["--return-cache-mib", "0"]);
+}
+
+/// The agent hops once siteA → siteB; siteA, started with `source_args`, crashes right
+/// before DEPARTED and is restarted.
+fn large_source_crashes_before_confirming(source_args: &[&str]) {
     let wasm = example_path("bench");
     let up: &[&str] = &[];
     let mut cluster = Cluster::start(&["siteA", "siteB"], &[("siteB", up)]);
     cluster.start_with(
         "siteA",
-        &[],
+        source_args,
         &[("FAILPOINTS", "source-before-departed=return")],
     );
     // 12 MiB of incompressible heap: a raw image past the size recorded after it is sent.

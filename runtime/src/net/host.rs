@@ -13,6 +13,7 @@ use super::messages::{
     Asleep, Departed, HopInfo, LaunchEvent, ListReply, Offer, OfferReply, Request, StatusReply,
     TransferReply, TransferStatus, unix_ms, unix_us,
 };
+use super::outgoing::{Outgoing, write_blob_passing, write_image};
 use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::trim::Trimmer;
@@ -25,7 +26,7 @@ use crate::instance::{AgentError, AgentInstance, Step};
 use crate::limits::Limits;
 use crate::modules::{AgentModule, ModuleCache, ModuleHash};
 use crate::services::Site;
-use crate::snapshot::PageMap;
+use crate::snapshot::{PAGE_SIZE, PageMap};
 use crate::state::AgentFlags;
 use agent_abi::{HopError, Op, OpResult, Outcome};
 use std::collections::{BTreeMap, HashMap};
@@ -1453,7 +1454,7 @@ impl Host {
         // Each attempt gets its own sequence number, so a retry never meets an aborted one.
         agent.context_mut().hop_seq += 1;
         let seq = agent.context().hop_seq;
-        let mut image = agent.capture();
+        let mut image = agent.capture_in_place();
         image.context.trace.push(HopRecord {
             seq,
             from: from.clone(),
@@ -1472,11 +1473,24 @@ impl Host {
             )
         };
         phase("captured");
-        let bytes = Arc::new(
-            image
-                .encode_parts()
+        // The agent stays suspended until the hop ends, so its memory can be read where it
+        // lies. A large image the return cache would not keep is sent and stored from there;
+        // any other is copied out (the base keeps its pages, and a small one costs little).
+        let memory = agent.memory();
+        let in_place = match self.bases.lock().is_ok_and(|b| b.fits(&image.pages)) {
+            false if image.pages.pages() * PAGE_SIZE as u64 >= WORTH_PREPARING => image
+                .encode_in_place(memory)
                 .map_err(|e| unreachable(e.to_string()))?,
-        );
+            _ => None,
+        };
+        let bytes = match in_place {
+            Some(image) => Outgoing::InPlace(image),
+            None => {
+                image.pages = PageMap::gather(memory, std::mem::take(&mut image.pages.runs));
+                let encoded = image.encode_parts();
+                Outgoing::Encoded(Arc::new(encoded.map_err(|e| unreachable(e.to_string()))?))
+            }
+        };
         phase("encoded");
         // The departure is recorded while the offer and the image travel: it must be durable
         // before DEPARTED is sent, since the destination commits only after DEPARTED. Once it
@@ -1486,8 +1500,12 @@ impl Host {
         // alongside by half (BENCHMARKS.md), and the destination resumes the agent before
         // DEPARTED anyway, so only the commit waits for the record.
         let record_later = bytes.len() as u64 >= WORTH_PREPARING;
-        let mut recording = (!record_later)
-            .then(|| self.record_departure(image.context.agent_id, seq, site, &bytes));
+        let mut recording = match &bytes {
+            Outgoing::Encoded(full) if !record_later => {
+                Some(self.record_departure(image.context.agent_id, seq, site, full))
+            }
+            _ => None,
+        };
         let module = agent.module().clone();
         let known =
             (self.peer_modules.lock()).is_ok_and(|k| k.contains(&(site.into(), module.hash)));
@@ -1517,7 +1535,7 @@ impl Host {
                 .await
                 .map_err(|e| e.to_string())?;
             if offer.image_follows {
-                write_blob_passing(&mut send, bytes.head(), bytes.body(), "source-mid-image")
+                write_image(&mut send, &bytes, "source-mid-image")
                     .await
                     .map_err(|e| e.to_string())?;
             }
@@ -1542,7 +1560,8 @@ impl Host {
         let mut step = hop.on_offer_reply(reply);
         let mut module_sent = 0u64;
         let mut own_base = None;
-        let mut wire = bytes.clone();
+        // What is sent, when it is not the whole image: the pages the destination lacks.
+        let mut partial = None;
         let mut pages_reused = 0;
         let mut backoff = Duration::from_millis(100);
         // Set once the departure is recorded: from then on a restart asks the destination.
@@ -1552,8 +1571,29 @@ impl Host {
         let mut ran_there = Duration::ZERO;
         let mut resumed_there = 0;
         loop {
-            if record_later && departure.is_none() && matches!(step, SourceStep::Confirm) {
-                recording = Some(self.record_departure(offer.agent, seq, site, &bytes));
+            if record_later
+                && departure.is_none()
+                && unrecorded.is_none()
+                && matches!(step, SourceStep::Confirm)
+            {
+                match &bytes {
+                    Outgoing::Encoded(full) => {
+                        recording = Some(self.record_departure(offer.agent, seq, site, full));
+                    }
+                    // Not a task of its own: the pages stay borrowed from the agent.
+                    Outgoing::InPlace(full) => {
+                        match super::store::blocking(|| {
+                            self.keep_departure(offer.agent, seq, site, &full.parts())
+                        }) {
+                            Ok(image) => departure = Some(image),
+                            Err(e) => {
+                                tracing::error!(seq, "cannot record the departure: {e}");
+                                unrecorded = Some(e);
+                            }
+                        }
+                        phase("departure recorded");
+                    }
+                }
             }
             // Any step but sending the image waits for the record.
             if !matches!(step, SourceStep::Transfer { .. })
@@ -1587,10 +1627,15 @@ impl Host {
                         phase("base kept");
                     }
                     if let Some(list) = &base {
+                        if image.pages.data.is_empty() {
+                            let runs = std::mem::take(&mut image.pages.runs);
+                            image.pages = PageMap::gather(memory, runs);
+                        }
                         let own = own_base.as_deref();
                         match super::store::blocking(|| encode_against(&image, list, own)) {
-                            Ok(Some((partial, reused))) => {
-                                (wire, pages_reused) = (Arc::new(partial), reused);
+                            Ok(Some((encoded, reused))) => {
+                                partial = Some(Outgoing::Encoded(Arc::new(encoded)));
+                                pages_reused = reused;
                             }
                             Ok(None) => {}
                             Err(e) => tracing::warn!(seq, "sending the whole image: {e}"),
@@ -1610,9 +1655,8 @@ impl Host {
                                     write_blob_passing(send, &[], &wasm, "source-mid-module").await;
                             }
                             if result.is_ok() && !offer.image_follows {
-                                let (head, body) = (wire.head(), wire.body());
-                                result =
-                                    write_blob_passing(send, head, body, "source-mid-image").await;
+                                let wire = partial.as_ref().unwrap_or(&bytes);
+                                result = write_image(send, wire, "source-mid-image").await;
                             }
                             result.map_err(|e| e.to_string())
                         }
@@ -1682,7 +1726,7 @@ impl Host {
                         from,
                         from_arch: std::env::consts::ARCH.to_string(),
                         to: site.to_string(),
-                        image_bytes: wire.len() as u64,
+                        image_bytes: partial.as_ref().unwrap_or(&bytes).len() as u64,
                         memory_bytes: offer.memory_bytes,
                         module_bytes: module_sent,
                         base_list_bytes: base.as_ref().map_or(0, BaseList::wire_bytes),
@@ -1725,16 +1769,30 @@ impl Host {
         bytes: &Arc<Encoded>,
     ) -> tokio::task::JoinHandle<Result<String, String>> {
         let (host, bytes, to) = (self.clone(), bytes.clone(), to.to_string());
-        tokio::task::spawn_blocking(move || {
-            let mut name = String::new();
-            host.store
-                .keep_agent(&id, &bytes.parts(), |image| {
-                    name.clone_from(&image);
-                    AgentRecord::Departing { seq, to, image }
-                })
-                .map(|()| name)
-                .map_err(|e| e.to_string())
-        })
+        tokio::task::spawn_blocking(move || host.keep_departure(id, seq, &to, &bytes.parts()))
+    }
+
+    /// Stores the departure image (`parts`, read one after the other) and record of hop `seq`
+    /// to `to`; yields the image's name.
+    fn keep_departure(
+        &self,
+        id: AgentId,
+        seq: u64,
+        to: &str,
+        parts: &[&[u8]],
+    ) -> Result<String, String> {
+        let mut name = String::new();
+        self.store
+            .keep_agent(&id, parts, |image| {
+                name.clone_from(&image);
+                AgentRecord::Departing {
+                    seq,
+                    to: to.to_string(),
+                    image,
+                }
+            })
+            .map(|()| name)
+            .map_err(|e| e.to_string())
     }
 
     /// Starts making an instance ready for the agent whose image begins with `head`, when
@@ -2099,26 +2157,6 @@ pub(crate) fn incompressible(len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-/// Writes a blob like [`write_blob_parts`]; the crash point `point` sits half-way through
-/// its body.
-async fn write_blob_passing(
-    send: &mut quinn::SendStream,
-    head: &[u8],
-    body: &bytes::Bytes,
-    point: &'static str,
-) -> Result<(), WireError> {
-    if !cfg!(feature = "failpoints") {
-        return write_blob_parts(send, head, body.clone()).await;
-    }
-    let stream = |e: quinn::WriteError| WireError::Stream(e.to_string());
-    let (len, half) = ((head.len() + body.len()) as u64, body.len() / 2);
-    send.write_all(&len.to_le_bytes()).await.map_err(stream)?;
-    send.write_all(head).await.map_err(stream)?;
-    send.write_chunk(body.slice(..half)).await.map_err(stream)?;
-    crash_point(point);
-    send.write_chunk(body.slice(half..)).await.map_err(stream)
 }
 
 /// Sleeps `ms` unless the agent is killed meanwhile (checked every 100 ms); `false` if it was.

@@ -7,6 +7,7 @@ pub mod client;
 pub mod hop;
 pub mod host;
 pub mod messages;
+mod outgoing;
 mod socket;
 pub mod store;
 pub mod tls;
