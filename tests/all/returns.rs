@@ -106,3 +106,29 @@ fn a_large_agent_restored_into_an_instance_made_ready_in_flight_ends_as_if_it_ne
     let stayed = launch(&cluster, "siteA", "12288");
     assert_eq!(moved["result"], stayed["result"]);
 }
+
+#[test]
+fn a_large_agent_sent_from_its_memory_still_leaves_out_the_pages_its_destination_holds() {
+    // siteA keeps no pages, so a 12 MiB agent leaving it is sent from its suspended memory;
+    // siteB keeps them (the default), so when the agent comes back it offers their list.
+    let none: &[&str] = &["--return-cache-mib", "0"];
+    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", none), ("siteB", &[])]);
+    let moved = launch(&cluster, "siteB,siteA", "12288");
+    let hops = moved["hops"].as_array().cloned().unwrap_or_default();
+    assert_eq!(hops.len(), 4, "{moved}");
+    let image = |i: usize| field(&hops[i], "image_bytes");
+    let reused = |i: usize| field(&hops[i], "pages_reused");
+    // Hops 1 and 3 leave siteA; hop 3 goes back to siteB, which kept the agent's pages when
+    // it left at hop 2: only the 64 KiB rewritten since (and stack pages) travel.
+    assert!(image(0) > 12 << 20, "{moved}");
+    assert_eq!(reused(0), 0, "{moved}");
+    assert!(reused(2) >= 3000, "{moved}");
+    assert!(image(2) < 256 << 10, "{moved}");
+    // Hops 2 and 4 go to siteA, which kept nothing: the whole image each time.
+    for to_a in [1, 3] {
+        assert!(image(to_a) > 12 << 20, "{moved}");
+        assert_eq!(reused(to_a), 0, "{moved}");
+    }
+    let stayed = launch(&cluster, "siteA", "12288");
+    assert_eq!(moved["result"], stayed["result"]);
+}
