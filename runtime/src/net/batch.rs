@@ -8,6 +8,11 @@
 //! one transaction, commits it once (durably if any of them asked), and wakes the others. A
 //! lone writer leads at once and pays what a transaction of its own would.
 //!
+//! A writer on an async worker waits as a task ([`Batcher::write_async`]): only the one that
+//! leads a batch leaves its worker for a thread (and hands its other tasks on), where one
+//! writer in a thread of its own each, hundreds at a time with many agents in flight, cost
+//! the host its time in thread switches.
+//!
 //! A job that fails may have written part of its change, so the transaction is dropped and the
 //! others are applied again without it: each job is all or nothing, as if it had its own
 //! transaction. Jobs are applied in the order they were queued.
@@ -52,7 +57,10 @@ struct State<C: ?Sized> {
 /// The group commit of one database; `C` is what jobs are given besides the transaction.
 pub(crate) struct Batcher<C: ?Sized> {
     state: Mutex<State<C>>,
+    /// Wakes writers waiting in a thread when a batch ends ...
     ended: Condvar,
+    /// ... and those waiting as tasks.
+    ended_tasks: tokio::sync::Notify,
     /// A commit did not wait for the disk and no durable commit has covered it yet.
     lazy: AtomicBool,
     /// Transactions committed: fewer than the writes when writers meet in batches.
@@ -69,6 +77,7 @@ impl<C: ?Sized> Default for Batcher<C> {
                 settled: HashMap::new(),
             }),
             ended: Condvar::new(),
+            ended_tasks: tokio::sync::Notify::new(),
             lazy: AtomicBool::new(false),
             commits: AtomicU64::new(0),
         }
@@ -111,8 +120,68 @@ impl<C: ?Sized> Batcher<C> {
         context: &C,
         db: &Database,
         durable: Durable,
-        mut work: impl FnMut(&C, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnMut(&C, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let (ticket, result) = self.enqueue(durable, work);
+        let mut state = self.lock();
+        loop {
+            if let Some(settled) = state.settled.remove(&ticket) {
+                drop(state);
+                return outcome(settled, &result);
+            }
+            match take_lead(&mut state) {
+                Some(jobs) => {
+                    drop(state);
+                    self.lead(context, db, jobs);
+                    state = self.lock();
+                }
+                None => {
+                    state = (self.ended.wait(state)).unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+        }
+    }
+
+    /// Applies `work` as [`Batcher::write`] does, waiting as a task: the caller's worker
+    /// goes on with other tasks meanwhile, and leaves for a thread only to lead a batch.
+    ///
+    /// # Errors
+    /// As [`Batcher::write`].
+    pub(crate) async fn write_async<T: Send + 'static>(
+        &self,
+        context: &C,
+        db: &Database,
+        durable: Durable,
+        work: impl FnMut(&C, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError>
+    where
+        C: Sync,
+    {
+        let (ticket, result) = self.enqueue(durable, work);
+        loop {
+            // Registered before the state is read: a batch ending after that wakes it.
+            let ended = self.ended_tasks.notified();
+            let jobs = {
+                let mut state = self.lock();
+                if let Some(settled) = state.settled.remove(&ticket) {
+                    drop(state);
+                    return outcome(settled, &result);
+                }
+                take_lead(&mut state)
+            };
+            match jobs {
+                Some(jobs) => super::store::blocking(|| self.lead(context, db, jobs)),
+                None => ended.await,
+            }
+        }
+    }
+
+    /// Queues `work`; returns its ticket and where its result will be.
+    fn enqueue<T: Send + 'static>(
+        &self,
+        durable: Durable,
+        mut work: impl FnMut(&C, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> (u64, Outcome<T>) {
         let result = Arc::new(Mutex::new(None));
         let kept = result.clone();
         let work: Work<C> = Box::new(move |context, txn| {
@@ -129,33 +198,18 @@ impl<C: ?Sized> Batcher<C> {
             durable,
             work,
         });
-        loop {
-            if let Some(settled) = state.settled.remove(&ticket) {
-                drop(state);
-                settled.map_err(StoreError::Db)?;
-                let outcome = result.lock().unwrap_or_else(PoisonError::into_inner).take();
-                return outcome
-                    .unwrap_or_else(|| Err(StoreError::Db("the write never ran".into())));
-            }
-            if state.leading {
-                state = self
-                    .ended
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-                continue;
-            }
-            state.leading = true;
-            let jobs = std::mem::take(&mut state.queue);
-            drop(state);
-            let mut lead = Leading {
-                batcher: self,
-                tickets: jobs.iter().map(|j| j.ticket).collect(),
-                settled: Vec::new(),
-            };
-            self.apply(context, db, jobs, &mut lead.settled);
-            drop(lead);
-            state = self.lock();
-        }
+        (ticket, result)
+    }
+
+    /// Applies a batch of `jobs` as its leader; settles them and wakes every waiting writer
+    /// when done, even if a job panicked.
+    fn lead(&self, context: &C, db: &Database, jobs: Vec<Job<C>>) {
+        let mut lead = Leading {
+            batcher: self,
+            tickets: jobs.iter().map(|j| j.ticket).collect(),
+            settled: Vec::new(),
+        };
+        self.apply(context, db, jobs, &mut lead.settled);
     }
 
     /// Applies a batch, dropping failed jobs and applying the rest again, then commits it.
@@ -200,6 +254,25 @@ impl<C: ?Sized> Batcher<C> {
     }
 }
 
+/// Where a queued write's result is kept by its job.
+type Outcome<T> = Arc<Mutex<Option<Result<T, StoreError>>>>;
+
+/// The queued jobs, when no batch is under way: the caller leads the next one.
+fn take_lead<C: ?Sized>(state: &mut State<C>) -> Option<Vec<Job<C>>> {
+    if state.leading {
+        return None;
+    }
+    state.leading = true;
+    Some(std::mem::take(&mut state.queue))
+}
+
+/// A write's result once its batch has ended (`settled`).
+fn outcome<T>(settled: Result<(), String>, result: &Outcome<T>) -> Result<T, StoreError> {
+    settled.map_err(StoreError::Db)?;
+    let outcome = result.lock().unwrap_or_else(PoisonError::into_inner).take();
+    outcome.unwrap_or_else(|| Err(StoreError::Db("the write never ran".into())))
+}
+
 fn fail_all<C: ?Sized>(jobs: Vec<Job<C>>, why: &str, settled: &mut Vec<(u64, Result<(), String>)>) {
     settled.extend(jobs.into_iter().map(|j| (j.ticket, Err(why.to_string()))));
 }
@@ -228,6 +301,7 @@ impl<C: ?Sized> Drop for Leading<'_, C> {
         }
         drop(state);
         self.batcher.ended.notify_all();
+        self.batcher.ended_tasks.notify_waiters();
     }
 }
 
@@ -337,6 +411,63 @@ mod tests {
             batcher.commits(),
             WRITERS * EACH
         );
+    }
+
+    #[test]
+    fn writers_waiting_as_tasks_and_as_threads_share_transactions_and_none_is_left_waiting() {
+        let (_dir, db) = db();
+        let (batcher, db) = (Arc::new(Batcher::<()>::default()), Arc::new(db));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let insert = |key: u64| {
+            move |(): &(), txn: &WriteTransaction| {
+                let mut t = txn
+                    .open_table(T)
+                    .map_err(|e| StoreError::Db(e.to_string()))?;
+                t.insert(key, key + 1)
+                    .map_err(|e| StoreError::Db(e.to_string()))?;
+                Ok(key)
+            }
+        };
+        // 64 tasks and 2 threads, 20 writes each.
+        let tasks: Vec<_> = (0..64u64)
+            .map(|w| {
+                let (batcher, db) = (batcher.clone(), db.clone());
+                runtime.spawn(async move {
+                    for i in 0..20 {
+                        let key = w * 1000 + i;
+                        let got = batcher.write_async(&(), &db, Durable::Now, insert(key));
+                        assert_eq!(got.await.ok(), Some(key));
+                    }
+                })
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for w in 64..66u64 {
+                let (batcher, db) = (&batcher, &db);
+                s.spawn(move || {
+                    for i in 0..20 {
+                        let key = w * 1000 + i;
+                        let got = batcher.write(&(), db, Durable::Later, insert(key));
+                        assert_eq!(got.ok(), Some(key));
+                    }
+                });
+            }
+        });
+        runtime.block_on(async {
+            for task in tasks {
+                let done = tokio::time::timeout(std::time::Duration::from_secs(60), task).await;
+                assert!(
+                    matches!(done, Ok(Ok(()))),
+                    "a task was left waiting: {done:?}"
+                );
+            }
+        });
+        assert_eq!(stored(&db).len(), 66 * 20);
+        assert!(batcher.commits() < 66 * 20, "{} commits", batcher.commits());
     }
 
     #[test]

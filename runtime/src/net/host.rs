@@ -380,7 +380,7 @@ impl Host {
                     frozen_at_us: 0,
                     resumed_at_us: 0,
                 };
-                self.forwarded(id, home, info);
+                self.forwarded(id, home, info).await;
             }
             SourceStep::Resume(error) => {
                 let mut agent = match self.restore_stored(&image).await {
@@ -614,7 +614,7 @@ impl Host {
             }
             Request::Report { agent, event } => {
                 if peer.role == Role::Host {
-                    self.deliver(&agent, event);
+                    self.deliver_async(&agent, event).await;
                 }
                 write_msg(&mut send, &()).await
             }
@@ -836,41 +836,52 @@ impl Host {
 
     /// Records an event of an agent launched here and passes it to its watchers.
     fn deliver(self: &Arc<Self>, agent: &AgentId, event: LaunchEvent) {
-        // A report told twice (its host restarted) changes nothing and is not stored again.
-        let recorded = {
-            let Ok(mut homes) = self.homes.lock() else {
-                return;
-            };
-            let Some(entry) = homes.get_mut(agent) else {
-                return tracing::warn!(%agent, "event for an agent not launched here");
-            };
-            let reported = entry.status.hops.len() as u64;
-            if let LaunchEvent::Finished { hops, .. } = &event
-                && reported < *hops
-            {
-                entry.held = Some(event);
-                // A report may be lost for good (its host died): do not hold the end forever.
-                let (host, agent) = (self.clone(), *agent);
-                tokio::spawn(async move {
-                    tokio::time::sleep(HOLD_END).await;
-                    host.release_held(&agent);
-                });
-                return;
-            }
-            let before = entry.records;
-            Self::record(entry, event);
-            let reported = entry.status.hops.len() as u64;
-            if let Some(LaunchEvent::Finished { hops, .. }) = &entry.held
-                && *hops <= reported
-                && let Some(held) = entry.held.take()
-            {
-                Self::record(entry, held);
-            }
-            entry.records > before
-        };
-        if recorded {
+        if self.note(agent, event) {
             self.save_home(agent);
         }
+    }
+
+    /// [`Host::deliver`], waiting for the store as a task.
+    async fn deliver_async(self: &Arc<Self>, agent: &AgentId, event: LaunchEvent) {
+        if self.note(agent, event) {
+            self.save_home_async(agent).await;
+        }
+    }
+
+    /// Applies an event of an agent launched here to its home status in memory; whether
+    /// there is a new status to store. A report told twice (its host restarted) changes
+    /// nothing and is not stored again.
+    fn note(self: &Arc<Self>, agent: &AgentId, event: LaunchEvent) -> bool {
+        let Ok(mut homes) = self.homes.lock() else {
+            return false;
+        };
+        let Some(entry) = homes.get_mut(agent) else {
+            tracing::warn!(%agent, "event for an agent not launched here");
+            return false;
+        };
+        let reported = entry.status.hops.len() as u64;
+        if let LaunchEvent::Finished { hops, .. } = &event
+            && reported < *hops
+        {
+            entry.held = Some(event);
+            // A report may be lost for good (its host died): do not hold the end forever.
+            let (host, agent) = (self.clone(), *agent);
+            tokio::spawn(async move {
+                tokio::time::sleep(HOLD_END).await;
+                host.release_held(&agent);
+            });
+            return false;
+        }
+        let before = entry.records;
+        Self::record(entry, event);
+        let reported = entry.status.hops.len() as u64;
+        if let Some(LaunchEvent::Finished { hops, .. }) = &entry.held
+            && *hops <= reported
+            && let Some(held) = entry.held.take()
+        {
+            Self::record(entry, held);
+        }
+        entry.records > before
     }
 
     fn release_held(self: &Arc<Self>, agent: &AgentId) {
@@ -890,11 +901,34 @@ impl Host {
     /// status, which the store makes one at a time, store ever newer ones; and no write waits
     /// for the disk with `homes` locked, so the statuses of many agents share one sync.
     fn save_home(self: &Arc<Self>, agent: &AgentId) {
+        let saved = self.store.put_home_latest(self.latest_home(agent));
+        self.tell(agent, saved);
+    }
+
+    /// [`Host::save_home`], waiting for the store as a task.
+    async fn save_home_async(self: &Arc<Self>, agent: &AgentId) {
+        let saved = self
+            .store
+            .put_home_latest_async(self.latest_home(agent))
+            .await;
+        self.tell(agent, saved);
+    }
+
+    /// The agent's home status as it is when the store's transaction reads it, with the
+    /// number of events it holds.
+    fn latest_home(
+        self: &Arc<Self>,
+        agent: &AgentId,
+    ) -> impl Fn() -> Option<(StatusReply, u64)> + Send + 'static {
         let (host, id) = (self.clone(), *agent);
-        let saved = self.store.put_home_latest(move || {
+        move || {
             let homes = host.homes.lock().ok()?;
             homes.get(&id).map(|e| (e.status.clone(), e.records))
-        });
+        }
+    }
+
+    /// Tells the agent's watchers the events its home status held when `saved`.
+    fn tell(&self, agent: &AgentId, saved: Result<Option<u64>, super::store::StoreError>) {
         let upto = match saved {
             Ok(Some(upto)) => upto,
             Ok(None) => return,
@@ -975,21 +1009,25 @@ impl Host {
     }
 
     /// The agent's hop to `to` committed there: leave a forwarding pointer and tell its home.
-    fn forwarded(self: &Arc<Self>, agent: AgentId, home: String, hop: HopInfo) {
+    async fn forwarded(self: &Arc<Self>, agent: AgentId, home: String, hop: HopInfo) {
         let record = AgentRecord::Forwarded {
             seq: hop.seq,
             to: hop.to.clone(),
         };
         let event = LaunchEvent::Moved(hop);
         if home == self.config.name {
-            if let Err(e) = self.store.forward(&agent, &record, None) {
+            if let Err(e) = self.store.forward_async(&agent, &record, None).await {
                 tracing::error!(%agent, "cannot record that the agent left: {e}");
             }
             crash_point("source-after-forward");
-            return self.deliver(&agent, event);
+            return self.deliver_async(&agent, event).await;
         }
         let report = PendingReport { home, agent, event };
-        match self.store.forward(&agent, &record, Some(&report)) {
+        match self
+            .store
+            .forward_async(&agent, &record, Some(&report))
+            .await
+        {
             Ok(()) => self.outbox.notify_one(),
             Err(e) => {
                 // The report went with the failed transaction: keep it on its own.
@@ -1048,7 +1086,7 @@ impl Host {
                         event: report.event,
                     };
                     match host.ask::<()>(&report.home, &request).await {
-                        Ok(()) => host.store.remove_report(&key).is_ok(),
+                        Ok(()) => host.store.remove_report(&key).await.is_ok(),
                         Err(e) => {
                             let (agent, home) = (report.agent, &report.home);
                             tracing::warn!(%agent, %home, "cannot report to the home host: {e}");
@@ -1165,7 +1203,7 @@ impl Host {
                     Ok(info) => {
                         crash_point("source-after-committed");
                         self.forget_running(&id);
-                        return self.forwarded(id, home, info);
+                        return self.forwarded(id, home, info).await;
                     }
                     Err(failure) => {
                         self.hop_failed(&mut agent, failure.departure.as_deref(), failure.error)
@@ -1769,7 +1807,22 @@ impl Host {
         bytes: &Arc<Encoded>,
     ) -> tokio::task::JoinHandle<Result<String, String>> {
         let (host, bytes, to) = (self.clone(), bytes.clone(), to.to_string());
-        tokio::task::spawn_blocking(move || host.keep_departure(id, seq, &to, &bytes.parts()))
+        if bytes.len() > super::store::INLINE_IMAGE {
+            return tokio::task::spawn_blocking(move || {
+                host.keep_departure(id, seq, &to, &bytes.parts())
+            });
+        }
+        tokio::spawn(async move {
+            let mut name = String::new();
+            let departing = |image: String| {
+                name.clone_from(&image);
+                AgentRecord::Departing { seq, to, image }
+            };
+            let parts = bytes.parts();
+            let kept = host.store.keep_agent_async(&id, &parts, departing).await;
+            kept.map_err(|e| e.to_string())?;
+            Ok(name)
+        })
     }
 
     /// Stores the departure image (`parts`, read one after the other) and record of hop `seq`
@@ -1966,7 +2019,8 @@ impl Host {
         };
         let commit = match departed.seq == offer.seq {
             true => (self.store)
-                .commit_arrival(&offer.agent, offer.seq, stored, staged)
+                .commit_arrival_async(&offer.agent, offer.seq, stored, staged)
+                .await
                 .map_err(|e| e.to_string()),
             false => Err(format!("DEPARTED names hop {}", departed.seq)),
         };

@@ -270,6 +270,27 @@ impl HostStore {
         blocking(|| (self.batch).write(&self.dir, &self.db, Durable::Later, work))
     }
 
+    /// Applies `work` as [`HostStore::write`] does, waiting as a task (see
+    /// [`Batcher::write_async`]).
+    async fn write_async<T: Send + 'static>(
+        &self,
+        work: impl FnMut(&Path, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        (self.batch)
+            .write_async(&self.dir, &self.db, Durable::Now, work)
+            .await
+    }
+
+    /// Applies `work` as [`HostStore::write_lazily`] does, waiting as a task.
+    async fn write_lazily_async<T: Send + 'static>(
+        &self,
+        work: impl FnMut(&Path, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        (self.batch)
+            .write_async(&self.dir, &self.db, Durable::Later, work)
+            .await
+    }
+
     /// Makes commits that did not wait for the disk durable, if there are any: the host calls
     /// it every [`LAZY_SYNC`], so a crash loses at most that much of them even when no other
     /// write comes to cover them.
@@ -412,6 +433,40 @@ impl HostStore {
         image: &[u8],
         staged: Option<Staged>,
     ) -> Result<(), StoreError> {
+        unlink(self.write(self.arrival(agent, seq, image, staged)?)?);
+        Ok(())
+    }
+
+    /// [`HostStore::commit_arrival`], waiting as a task.
+    ///
+    /// # Errors
+    /// As [`HostStore::commit_arrival`].
+    pub async fn commit_arrival_async(
+        &self,
+        agent: &AgentId,
+        seq: u64,
+        image: &[u8],
+        staged: Option<Staged>,
+    ) -> Result<(), StoreError> {
+        let arrival = match image.len() > INLINE_IMAGE && staged.is_none() {
+            true => blocking(|| self.arrival(agent, seq, image, staged))?,
+            false => self.arrival(agent, seq, image, staged)?,
+        };
+        unlink(self.write_async(arrival).await?);
+        Ok(())
+    }
+
+    /// The write of an arrival, its image (staged unless `staged` holds it) published.
+    fn arrival(
+        &self,
+        agent: &AgentId,
+        seq: u64,
+        image: &[u8],
+        staged: Option<Staged>,
+    ) -> Result<
+        impl FnMut(&Path, &WriteTransaction) -> Result<Stale, StoreError> + Send + use<>,
+        StoreError,
+    > {
         let staged = match staged {
             Some(staged) => staged,
             None => self.stage_image(&[image])?,
@@ -423,7 +478,7 @@ impl HostStore {
             image: name.clone(),
             resume: Resume::Arrived,
         };
-        let stale = self.write(move |dir, txn| {
+        Ok(move |dir: &Path, txn: &WriteTransaction| {
             put_inline(txn, &name, inline.as_deref())?;
             let mut transfers = txn.open_table(TRANSFERS).map_err(db_err)?;
             let key = transfer_key(&agent, seq);
@@ -442,9 +497,7 @@ impl HostStore {
             }
             drop(transfers);
             set_agent_in(dir, txn, &agent, &record)
-        })?;
-        unlink(stale);
-        Ok(())
+        })
     }
 
     /// Answers a query about (agent, seq): committed, or aborted from now on.
@@ -496,20 +549,28 @@ impl HostStore {
         record: &AgentRecord,
         report: Option<&PendingReport>,
     ) -> Result<(), StoreError> {
-        let report = report.map(report_row);
-        let (agent, record) = (*agent, record.clone());
-        let stale = self.write_lazily(move |dir, txn| {
-            if let Some((key, bytes)) = &report {
-                txn.open_table(OUTBOX)
-                    .map_err(db_err)?
-                    .insert(key.as_slice(), bytes.as_slice())
-                    .map_err(db_err)?;
-            }
-            set_agent_in(dir, txn, &agent, &record)
-        })?;
+        let stale = self.write_lazily(forwarding(agent, record, report))?;
         if stale.is_some() {
             // The departure record names that file until the commit is durable.
             self.sync()?;
+        }
+        unlink(stale);
+        Ok(())
+    }
+
+    /// [`HostStore::forward`], waiting as a task.
+    ///
+    /// # Errors
+    /// As [`HostStore::forward`].
+    pub async fn forward_async(
+        &self,
+        agent: &AgentId,
+        record: &AgentRecord,
+        report: Option<&PendingReport>,
+    ) -> Result<(), StoreError> {
+        let stale = (self.write_lazily_async(forwarding(agent, record, report))).await?;
+        if stale.is_some() {
+            self.write_async(|_, _| Ok(())).await?;
         }
         unlink(stale);
         Ok(())
@@ -526,15 +587,39 @@ impl HostStore {
         image: &[&[u8]],
         make: impl FnOnce(String) -> AgentRecord,
     ) -> Result<(), StoreError> {
-        let name = self.publish(self.stage_image(image)?)?;
-        let (agent, inline) = (*agent, inline(image));
+        let (name, inline) = self.stage_kept(image)?;
         let record = make(name.clone());
-        let stale = self.write(move |dir, txn| {
-            put_inline(txn, &name, inline.as_deref())?;
-            set_agent_in(dir, txn, &agent, &record)
-        })?;
-        unlink(stale);
+        unlink(self.write(keeping(*agent, name, inline, record))?);
         Ok(())
+    }
+
+    /// [`HostStore::keep_agent`], waiting as a task. An image too large to be kept in the
+    /// database is written to its file off the async workers.
+    ///
+    /// # Errors
+    /// As [`HostStore::keep_agent`].
+    pub async fn keep_agent_async(
+        &self,
+        agent: &AgentId,
+        image: &[&[u8]],
+        make: impl FnOnce(String) -> AgentRecord,
+    ) -> Result<(), StoreError> {
+        let (name, inline) = match total(image) > INLINE_IMAGE {
+            true => blocking(|| self.stage_kept(image))?,
+            false => self.stage_kept(image)?,
+        };
+        let record = make(name.clone());
+        unlink(
+            self.write_async(keeping(*agent, name, inline, record))
+                .await?,
+        );
+        Ok(())
+    }
+
+    /// Stages and publishes a kept agent's image: its name, and its bytes when the database
+    /// keeps them.
+    fn stage_kept(&self, image: &[&[u8]]) -> Result<(String, Option<Vec<u8>>), StoreError> {
+        Ok((self.publish(self.stage_image(image)?)?, inline(image)))
     }
 
     /// Forgets an agent that ended here.
@@ -666,15 +751,16 @@ impl HostStore {
     ///
     /// # Errors
     /// When the database fails.
-    pub fn remove_report(&self, key: &ReportKey) -> Result<(), StoreError> {
+    pub async fn remove_report(&self, key: &ReportKey) -> Result<(), StoreError> {
         let key = *key;
-        self.write_lazily(move |_, txn| {
+        self.write_lazily_async(move |_, txn| {
             txn.open_table(OUTBOX)
                 .map_err(db_err)?
                 .remove(key.as_slice())
                 .map_err(db_err)?;
             Ok(())
         })
+        .await
     }
 
     /// Reports not yet acknowledged by their home hosts.
@@ -720,16 +806,18 @@ impl HostStore {
         &self,
         latest: impl Fn() -> Option<(StatusReply, T)> + Send + 'static,
     ) -> Result<Option<T>, StoreError> {
-        self.write(move |_, txn| {
-            let Some((status, tag)) = latest() else {
-                return Ok(None);
-            };
-            txn.open_table(HOME)
-                .map_err(db_err)?
-                .insert(status.agent.0.as_slice(), cbor(&status).as_slice())
-                .map_err(db_err)?;
-            Ok(Some(tag))
-        })
+        self.write(home_latest(latest))
+    }
+
+    /// [`HostStore::put_home_latest`], waiting as a task.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn put_home_latest_async<T: Send + 'static>(
+        &self,
+        latest: impl Fn() -> Option<(StatusReply, T)> + Send + 'static,
+    ) -> Result<Option<T>, StoreError> {
+        self.write_async(home_latest(latest)).await
     }
 
     /// Home records of agents launched here.
@@ -761,6 +849,54 @@ impl Drop for Staged {
         if let Some(tmp) = self.file.take() {
             let _ = std::fs::remove_file(tmp);
         }
+    }
+}
+
+/// The write of [`HostStore::forward`].
+fn forwarding(
+    agent: &AgentId,
+    record: &AgentRecord,
+    report: Option<&PendingReport>,
+) -> impl FnMut(&Path, &WriteTransaction) -> Result<Stale, StoreError> + Send + use<> {
+    let report = report.map(report_row);
+    let (agent, record) = (*agent, record.clone());
+    move |dir, txn| {
+        if let Some((key, bytes)) = &report {
+            txn.open_table(OUTBOX)
+                .map_err(db_err)?
+                .insert(key.as_slice(), bytes.as_slice())
+                .map_err(db_err)?;
+        }
+        set_agent_in(dir, txn, &agent, &record)
+    }
+}
+
+/// The write of [`HostStore::keep_agent`].
+fn keeping(
+    agent: AgentId,
+    name: String,
+    inline: Option<Vec<u8>>,
+    record: AgentRecord,
+) -> impl FnMut(&Path, &WriteTransaction) -> Result<Stale, StoreError> + Send + 'static {
+    move |dir, txn| {
+        put_inline(txn, &name, inline.as_deref())?;
+        set_agent_in(dir, txn, &agent, &record)
+    }
+}
+
+/// The write of [`HostStore::put_home_latest`].
+fn home_latest<T>(
+    latest: impl Fn() -> Option<(StatusReply, T)> + Send + 'static,
+) -> impl FnMut(&Path, &WriteTransaction) -> Result<Option<T>, StoreError> + Send + 'static {
+    move |_, txn| {
+        let Some((status, tag)) = latest() else {
+            return Ok(None);
+        };
+        txn.open_table(HOME)
+            .map_err(db_err)?
+            .insert(status.agent.0.as_slice(), cbor(&status).as_slice())
+            .map_err(db_err)?;
+        Ok(Some(tag))
     }
 }
 
@@ -991,9 +1127,9 @@ mod tests {
             [&report]
         );
         // Acknowledged: gone at once; the next lazy sync makes it so on disk.
-        store
-            .remove_report(&reports[0].0)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let runtime = tokio::runtime::Builder::new_current_thread().build();
+        let runtime = runtime.unwrap_or_else(|e| panic!("{e}"));
+        (runtime.block_on(store.remove_report(&reports[0].0))).unwrap_or_else(|e| panic!("{e}"));
         assert!(store.reports().unwrap_or_default().is_empty());
         assert!(store.batch.lazy_pending());
         store.sync_lazy().unwrap_or_else(|e| panic!("{e}"));
