@@ -33,6 +33,7 @@ pub mod runner;
 pub mod services;
 pub mod snapshot;
 pub(crate) mod state;
+pub mod touched;
 
 pub use context::{AgentContext, AgentId};
 pub use image::{AgentImage, ImageError, ImageLimits};
