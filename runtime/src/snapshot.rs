@@ -119,7 +119,8 @@ pub struct PageMap {
 }
 
 impl PageMap {
-    /// Compares `memory` with `initial` page by page and keeps the pages that differ.
+    /// Compares `memory` with `initial` page by page and keeps the pages that differ
+    /// (`memory` mapped as [`PageMap::changed_runs`] requires).
     ///
     /// The runs are found first and the pages copied after, into a buffer of the exact size
     /// mapped ahead: growing it page by page cost reallocations and a fault per page.
@@ -133,7 +134,9 @@ impl PageMap {
     /// on all cores, [`COPY_PIECE`] at a time (256 MiB: 28 ms on one core of the benchmark VM).
     ///
     /// Pages the kernel says were never touched are not read ([`crate::touched`]); where it
-    /// does not say, the memory is mapped ahead in one call and every page read.
+    /// does not say, the memory is mapped ahead in one call and every page read. So `memory`
+    /// must be mapped as an agent's linear memory is: every page never touched holds zeros,
+    /// or what `initial` holds for it.
     pub fn changed_runs(memory: &[u8], initial: &InitialImage) -> Vec<PageRun> {
         let touched = crate::touched::pages(memory);
         if touched.is_none() {

@@ -19,7 +19,7 @@
 
 use super::store::StoreError;
 use redb::{Database, Durability, WriteTransaction};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
@@ -52,6 +52,9 @@ struct State<C: ?Sized> {
     /// Jobs whose batch ended: `Err` when its commit failed (the job's own error, if it
     /// failed, is in its result).
     settled: HashMap<u64, Result<(), String>>,
+    /// Writes whose waiting task was dropped while their batch was under way: their outcome
+    /// is not kept, since nobody will ask for it.
+    abandoned: HashSet<u64>,
 }
 
 /// The group commit of one database; `C` is what jobs are given besides the transaction.
@@ -75,6 +78,7 @@ impl<C: ?Sized> Default for Batcher<C> {
                 leading: false,
                 next_ticket: 0,
                 settled: HashMap::new(),
+                abandoned: HashSet::new(),
             }),
             ended: Condvar::new(),
             ended_tasks: tokio::sync::Notify::new(),
@@ -144,6 +148,8 @@ impl<C: ?Sized> Batcher<C> {
 
     /// Applies `work` as [`Batcher::write`] does, waiting as a task: the caller's worker
     /// goes on with other tasks meanwhile, and leaves for a thread only to lead a batch.
+    /// Dropped before it returns, the write is taken off the queue if it is still there (a
+    /// write whose batch is under way is applied all the same).
     ///
     /// # Errors
     /// As [`Batcher::write`].
@@ -158,6 +164,11 @@ impl<C: ?Sized> Batcher<C> {
         C: Sync,
     {
         let (ticket, result) = self.enqueue(durable, work);
+        let mut waiting = Waiting {
+            batcher: self,
+            ticket,
+            done: false,
+        };
         loop {
             // Registered before the state is read: a batch ending after that wakes it.
             let ended = self.ended_tasks.notified();
@@ -165,6 +176,7 @@ impl<C: ?Sized> Batcher<C> {
                 let mut state = self.lock();
                 if let Some(settled) = state.settled.remove(&ticket) {
                     drop(state);
+                    waiting.done = true;
                     return outcome(settled, &result);
                 }
                 take_lead(&mut state)
@@ -254,6 +266,28 @@ impl<C: ?Sized> Batcher<C> {
     }
 }
 
+/// A task waiting for its write. Dropped before the write settled (the task was cancelled),
+/// it takes the write off the queue, or has its batch's leader forget its outcome.
+struct Waiting<'a, C: ?Sized> {
+    batcher: &'a Batcher<C>,
+    ticket: u64,
+    done: bool,
+}
+
+impl<C: ?Sized> Drop for Waiting<'_, C> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut state = self.batcher.lock();
+        let queued = state.queue.len();
+        state.queue.retain(|job| job.ticket != self.ticket);
+        if state.queue.len() == queued && state.settled.remove(&self.ticket).is_none() {
+            state.abandoned.insert(self.ticket);
+        }
+    }
+}
+
 /// Where a queued write's result is kept by its job.
 type Outcome<T> = Arc<Mutex<Option<Result<T, StoreError>>>>;
 
@@ -290,10 +324,12 @@ impl<C: ?Sized> Drop for Leading<'_, C> {
         let mut state = self.batcher.lock();
         state.leading = false;
         for (ticket, outcome) in self.settled.drain(..) {
-            state.settled.insert(ticket, outcome);
+            if !state.abandoned.remove(&ticket) {
+                state.settled.insert(ticket, outcome);
+            }
         }
         for ticket in &self.tickets {
-            if !state.settled.contains_key(ticket) {
+            if !state.settled.contains_key(ticket) && !state.abandoned.remove(ticket) {
                 state
                     .settled
                     .insert(*ticket, Err("a write in its batch panicked".into()));
@@ -468,6 +504,28 @@ mod tests {
         });
         assert_eq!(stored(&db).len(), 66 * 20);
         assert!(batcher.commits() < 66 * 20, "{} commits", batcher.commits());
+    }
+
+    #[test]
+    fn a_task_dropped_while_its_write_is_queued_takes_the_write_off_the_queue() {
+        let (_dir, db) = db();
+        let batcher = Batcher::<()>::default();
+        batcher.lock().leading = true; // a batch is under way: the write waits in the queue
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let write = batcher.write_async(&(), &db, Durable::Now, |(), _| Ok(()));
+        let waited = runtime.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_millis(20), write).await
+        });
+        assert!(
+            waited.is_err(),
+            "the write cannot settle while a batch is under way"
+        );
+        let state = batcher.lock();
+        assert!(state.queue.is_empty(), "the dropped write is still queued");
+        assert!(state.settled.is_empty() && state.abandoned.is_empty());
     }
 
     #[test]

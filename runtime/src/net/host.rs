@@ -1665,12 +1665,16 @@ impl Host {
                         phase("base kept");
                     }
                     if let Some(list) = &base {
-                        if image.pages.data.is_empty() {
-                            let runs = std::mem::take(&mut image.pages.runs);
-                            image.pages = PageMap::gather(memory, runs);
-                        }
                         let own = own_base.as_deref();
-                        match super::store::blocking(|| encode_against(&image, list, own)) {
+                        let encoded = super::store::blocking(|| {
+                            // Pages read in place are copied out to be encoded against the list.
+                            if image.pages.data.is_empty() {
+                                let runs = std::mem::take(&mut image.pages.runs);
+                                image.pages = PageMap::gather(memory, runs);
+                            }
+                            encode_against(&image, list, own)
+                        });
+                        match encoded {
                             Ok(Some((encoded, reused))) => {
                                 partial = Some(Outgoing::Encoded(Arc::new(encoded)));
                                 pages_reused = reused;

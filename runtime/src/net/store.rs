@@ -448,11 +448,12 @@ impl HostStore {
         image: &[u8],
         staged: Option<Staged>,
     ) -> Result<(), StoreError> {
-        let arrival = match image.len() > INLINE_IMAGE && staged.is_none() {
+        // A file image is written, or renamed with its directory synced, off the workers.
+        let arrival = match image.len() > INLINE_IMAGE {
             true => blocking(|| self.arrival(agent, seq, image, staged))?,
             false => self.arrival(agent, seq, image, staged)?,
         };
-        unlink(self.write_async(arrival).await?);
+        unlink_off_workers(self.write_async(arrival).await?);
         Ok(())
     }
 
@@ -572,7 +573,7 @@ impl HostStore {
         if stale.is_some() {
             self.write_async(|_, _| Ok(())).await?;
         }
-        unlink(stale);
+        unlink_off_workers(stale);
         Ok(())
     }
 
@@ -609,7 +610,7 @@ impl HostStore {
             false => self.stage_kept(image)?,
         };
         let record = make(name.clone());
-        unlink(
+        unlink_off_workers(
             self.write_async(keeping(*agent, name, inline, record))
                 .await?,
         );
@@ -912,6 +913,13 @@ fn total(image: &[&[u8]]) -> usize {
 fn unlink(stale: Stale) {
     if let Some(path) = stale {
         let _ = std::fs::remove_file(path);
+    }
+}
+
+/// [`unlink`] for a caller on an async worker: freeing a large file's blocks takes a while.
+fn unlink_off_workers(stale: Stale) {
+    if stale.is_some() {
+        blocking(|| unlink(stale));
     }
 }
 
