@@ -1,5 +1,7 @@
 //! The wasmtime engine every agent of a host runs on, and the epoch clock that slices CPU time.
 
+use crate::stacks::StackPool;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 use wasmtime::{Config, Engine};
@@ -14,6 +16,7 @@ pub const MAX_WASM_STACK: usize = 1 << 20;
 ///
 /// NaN canonicalization is on so an agent that stores a NaN carries the same bits whichever
 /// CPU architecture computed it; epoch interruption lets the host bound and slice CPU use.
+/// Fiber stacks are reused across instances ([`StackPool`]).
 ///
 /// # Errors
 /// When wasmtime rejects the configuration (for example on an unsupported CPU).
@@ -24,7 +27,8 @@ pub fn new_engine() -> wasmtime::Result<Engine> {
         .cranelift_nan_canonicalization(true)
         .wasm_memory64(false)
         .max_wasm_stack(MAX_WASM_STACK)
-        .async_stack_size(MAX_WASM_STACK + (1 << 20));
+        .async_stack_size(MAX_WASM_STACK + (1 << 20))
+        .with_host_stack(Arc::new(StackPool::default()));
     let engine = Engine::new(&config)?;
     let weak = engine.weak();
     // The clock holds only a weak handle: it stops once the last engine clone is dropped.

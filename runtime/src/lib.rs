@@ -32,6 +32,7 @@ pub mod prefault;
 pub mod runner;
 pub mod services;
 pub mod snapshot;
+pub mod stacks;
 pub(crate) mod state;
 pub mod touched;
 

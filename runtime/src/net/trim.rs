@@ -9,9 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// How long the trimmer waits after the first release it hears of, so that a burst of
-/// departures is trimmed once.
+/// How long the heap must go without a release before it is trimmed, so that a burst of
+/// departures is trimmed once, after it.
 const SETTLE: Duration = Duration::from_secs(1);
+
+/// How long releases may keep coming before the heap is trimmed anyway. A busy host frees
+/// instances all the time; trimming it every second cost 2–3% of its CPU (BENCHMARKS.md).
+const AT_MOST: Duration = Duration::from_secs(15);
 
 /// Trims the heap some time after agents' instances were freed.
 #[derive(Default)]
@@ -26,12 +30,23 @@ impl Trimmer {
         let waiting = trimmer.clone();
         tokio::spawn(async move {
             loop {
-                waiting.freed.notified().await;
-                tokio::time::sleep(SETTLE).await;
+                waiting.settled().await;
                 let _ = tokio::task::spawn_blocking(trim).await;
             }
         });
         trimmer
+    }
+
+    /// Returns once releases were heard and then none for `SETTLE`, or `AT_MOST` after the
+    /// first of them.
+    async fn settled(&self) {
+        self.freed.notified().await;
+        let deadline = tokio::time::Instant::now() + AT_MOST;
+        while let Ok(()) = tokio::time::timeout(SETTLE, self.freed.notified()).await {
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+        }
     }
 
     /// Says that an agent's instance was freed.
@@ -52,3 +67,47 @@ fn trim() {
 /// Other allocators give memory back on their own.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_trimmed_a_quiet_second_after_it() {
+        let trimmer = Arc::new(Trimmer::default());
+        let started = Instant::now();
+        let releasing = trimmer.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                releasing.freed();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        trimmer.settled().await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1_900) + SETTLE,
+            "{waited:?}"
+        );
+        assert!(waited < AT_MOST, "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn releases_that_never_stop_are_trimmed_at_most_apart() {
+        let trimmer = Arc::new(Trimmer::default());
+        let releasing = trimmer.clone();
+        tokio::spawn(async move {
+            loop {
+                releasing.freed();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        for _ in 0..3 {
+            let started = Instant::now();
+            trimmer.settled().await;
+            let waited = started.elapsed();
+            assert!(waited >= AT_MOST && waited < AT_MOST + SETTLE, "{waited:?}");
+        }
+    }
+}
