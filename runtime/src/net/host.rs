@@ -108,6 +108,8 @@ struct HomeEntry {
     held: Option<LaunchEvent>,
     /// Events recorded so far; the status holds all of them.
     records: u64,
+    /// Events a durably stored status holds.
+    stored: u64,
     /// Events recorded but not yet heard by the watchers, with their number: they hear of
     /// one once a stored status holds it.
     unheard: Vec<(u64, LaunchEvent)>,
@@ -120,8 +122,41 @@ impl HomeEntry {
             watchers,
             held: None,
             records: 0,
+            stored: 0,
             unheard: Vec::new(),
         }
+    }
+
+    /// Applies `event` to the status in memory, or holds it back if it is an end that
+    /// overtook reports of earlier hops.
+    fn note(&mut self, event: LaunchEvent) -> Noted {
+        let reported = self.status.hops.len() as u64;
+        if let LaunchEvent::Finished { hops, .. } = &event
+            && reported < *hops
+        {
+            self.held = Some(event);
+            return Noted::Held;
+        }
+        Host::record(self, event);
+        let reported = self.status.hops.len() as u64;
+        if let Some(LaunchEvent::Finished { hops, .. }) = &self.held
+            && *hops <= reported
+            && let Some(held) = self.held.take()
+        {
+            Host::record(self, held);
+        }
+        // Also when the event was already recorded: told again (its reporter timed out
+        // waiting), it is acknowledged only once a stored status holds it.
+        match self.records > self.stored {
+            true => Noted::Unsaved,
+            false => Noted::Saved,
+        }
+    }
+
+    /// A stored status holds the events up to record `upto`: the watchers hear of them.
+    fn saved(&mut self, upto: u64) {
+        self.stored = self.stored.max(upto);
+        self.tell(upto);
     }
 
     /// Tells the watchers, in order, the events up to record `upto`.
@@ -135,6 +170,17 @@ impl HomeEntry {
             self.watchers.retain(|w| w.send(event.clone()).is_ok());
         }
     }
+}
+
+/// What became of an event told to an agent's home.
+#[derive(Debug, PartialEq)]
+enum Noted {
+    /// The status holds it, and a stored status may not yet: store it before saying so.
+    Unsaved,
+    /// A stored status holds it.
+    Saved,
+    /// An end held back until earlier hops are reported.
+    Held,
 }
 
 /// One running host.
@@ -859,29 +905,19 @@ impl Host {
             tracing::warn!(%agent, "event for an agent not launched here");
             return false;
         };
-        let reported = entry.status.hops.len() as u64;
-        if let LaunchEvent::Finished { hops, .. } = &event
-            && reported < *hops
-        {
-            entry.held = Some(event);
-            // A report may be lost for good (its host died): do not hold the end forever.
-            let (host, agent) = (self.clone(), *agent);
-            tokio::spawn(async move {
-                tokio::time::sleep(HOLD_END).await;
-                host.release_held(&agent);
-            });
-            return false;
+        match entry.note(event) {
+            Noted::Unsaved => true,
+            Noted::Saved => false,
+            Noted::Held => {
+                // A report may be lost for good (its host died): do not hold the end forever.
+                let (host, agent) = (self.clone(), *agent);
+                tokio::spawn(async move {
+                    tokio::time::sleep(HOLD_END).await;
+                    host.release_held(&agent);
+                });
+                false
+            }
         }
-        let before = entry.records;
-        Self::record(entry, event);
-        let reported = entry.status.hops.len() as u64;
-        if let Some(LaunchEvent::Finished { hops, .. }) = &entry.held
-            && *hops <= reported
-            && let Some(held) = entry.held.take()
-        {
-            Self::record(entry, held);
-        }
-        entry.records > before
     }
 
     fn release_held(self: &Arc<Self>, agent: &AgentId) {
@@ -929,19 +965,20 @@ impl Host {
 
     /// Tells the agent's watchers the events its home status held when `saved`.
     fn tell(&self, agent: &AgentId, saved: Result<Option<u64>, super::store::StoreError>) {
-        let upto = match saved {
-            Ok(Some(upto)) => upto,
-            Ok(None) => return,
+        let Ok(mut homes) = self.homes.lock() else {
+            return;
+        };
+        let Some(entry) = homes.get_mut(agent) else {
+            return;
+        };
+        match saved {
+            Ok(Some(upto)) => entry.saved(upto),
+            Ok(None) => {}
             Err(e) => {
                 // The event happened all the same: its watchers hear of it.
                 tracing::error!(%agent, "cannot store the home record: {e}");
-                u64::MAX
+                entry.tell(u64::MAX);
             }
-        };
-        if let Ok(mut homes) = self.homes.lock()
-            && let Some(entry) = homes.get_mut(agent)
-        {
-            entry.tell(upto);
         }
     }
 
@@ -2251,6 +2288,7 @@ mod tests {
             watchers: Vec::new(),
             held: None,
             records: 0,
+            stored: 0,
             unheard: Vec::new(),
         }
     }
@@ -2327,13 +2365,37 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(heard(&mut rx), Vec::<u64>::new(), "nothing stored yet");
-        home.tell(2);
+        home.saved(2);
         assert_eq!(heard(&mut rx), [1, 2]);
-        home.tell(1); // an older save that finished late
+        home.saved(1); // an older save that finished late
         assert_eq!(heard(&mut rx), Vec::<u64>::new());
-        home.tell(3);
+        home.saved(3);
         assert_eq!(heard(&mut rx), [3]);
         assert!(home.unheard.is_empty());
+    }
+
+    #[test]
+    fn a_report_told_again_is_acknowledged_only_once_a_stored_status_holds_it() {
+        let mut home = entry();
+        assert_eq!(home.note(moved(1, "siteB")), Noted::Unsaved);
+        // Its reporter timed out while the first save was under way, and tells it again.
+        assert_eq!(home.note(moved(1, "siteB")), Noted::Unsaved);
+        home.saved(1);
+        assert_eq!(home.note(moved(1, "siteB")), Noted::Saved);
+        assert_eq!(home.records, 1);
+
+        // An end that overtook the report of its last hop waits for it.
+        let end = LaunchEvent::Finished {
+            site: "siteB".into(),
+            hops: 2,
+            outcome: Ok(Vec::new()),
+        };
+        assert_eq!(home.note(end), Noted::Held);
+        assert_eq!(home.note(moved(2, "siteA")), Noted::Unsaved);
+        assert!(home.held.is_none());
+        assert_eq!(home.status.state, "finished");
+        home.saved(home.records);
+        assert_eq!(home.note(moved(2, "siteA")), Noted::Saved);
     }
 
     #[test]
