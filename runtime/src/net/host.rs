@@ -1502,6 +1502,7 @@ impl Host {
                 image,
                 resume,
             })
+            .map(drop)
             .map_err(|e| format!("cannot store the agent: {e}"))
     }
 
@@ -1854,15 +1855,11 @@ impl Host {
             });
         }
         tokio::spawn(async move {
-            let mut name = String::new();
-            let departing = |image: String| {
-                name.clone_from(&image);
-                AgentRecord::Departing { seq, to, image }
-            };
             let parts = bytes.parts();
-            let kept = host.store.keep_agent_async(&id, &parts, departing).await;
-            kept.map_err(|e| e.to_string())?;
-            Ok(name)
+            let kept = (host.store)
+                .keep_agent_async(&id, &parts, departing(seq, &to))
+                .await;
+            kept.map_err(|e| e.to_string())
         })
     }
 
@@ -1875,17 +1872,8 @@ impl Host {
         to: &str,
         parts: &[&[u8]],
     ) -> Result<String, String> {
-        let mut name = String::new();
-        self.store
-            .keep_agent(&id, parts, |image| {
-                name.clone_from(&image);
-                AgentRecord::Departing {
-                    seq,
-                    to: to.to_string(),
-                    image,
-                }
-            })
-            .map(|()| name)
+        (self.store)
+            .keep_agent(&id, parts, departing(seq, to))
             .map_err(|e| e.to_string())
     }
 
@@ -2267,6 +2255,15 @@ async fn sleep_unless_killed(flags: &AgentFlags, ms: u64) -> bool {
         .await;
     }
     !flags.kill.load(Ordering::SeqCst)
+}
+
+/// Builds the departure record of hop `seq` to `to` around the image's name.
+fn departing(seq: u64, to: &str) -> impl FnOnce(String) -> AgentRecord + '_ {
+    move |image| AgentRecord::Departing {
+        seq,
+        to: to.to_string(),
+        image,
+    }
 }
 
 #[cfg(test)]

@@ -310,6 +310,11 @@ impl HostStore {
         self.write(|_, _| Ok(()))
     }
 
+    /// [`HostStore::sync`], waiting as a task.
+    async fn sync_async(&self) -> Result<(), StoreError> {
+        self.write_async(|_, _| Ok(())).await
+    }
+
     fn module_path(&self, hash: &ModuleHash) -> PathBuf {
         self.dir.join("modules").join(format!("{hash}.wasm"))
     }
@@ -571,14 +576,14 @@ impl HostStore {
     ) -> Result<(), StoreError> {
         let stale = (self.write_lazily_async(forwarding(agent, record, report))).await?;
         if stale.is_some() {
-            self.write_async(|_, _| Ok(())).await?;
+            self.sync_async().await?;
         }
         unlink_off_workers(stale);
         Ok(())
     }
 
     /// Stores `image` (its bytes in parts, as [`HostStore::stage_image`] takes them) durably,
-    /// then the record `make` builds around its file name.
+    /// then the record `make` builds around its file name; returns that name.
     ///
     /// # Errors
     /// When the file or the database fails.
@@ -587,11 +592,11 @@ impl HostStore {
         agent: &AgentId,
         image: &[&[u8]],
         make: impl FnOnce(String) -> AgentRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<String, StoreError> {
         let (name, inline) = self.stage_kept(image)?;
         let record = make(name.clone());
-        unlink(self.write(keeping(*agent, name, inline, record))?);
-        Ok(())
+        unlink(self.write(keeping(*agent, name.clone(), inline, record))?);
+        Ok(name)
     }
 
     /// [`HostStore::keep_agent`], waiting as a task. An image too large to be kept in the
@@ -604,17 +609,17 @@ impl HostStore {
         agent: &AgentId,
         image: &[&[u8]],
         make: impl FnOnce(String) -> AgentRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<String, StoreError> {
         let (name, inline) = match total(image) > INLINE_IMAGE {
             true => blocking(|| self.stage_kept(image))?,
             false => self.stage_kept(image)?,
         };
         let record = make(name.clone());
         unlink_off_workers(
-            self.write_async(keeping(*agent, name, inline, record))
+            self.write_async(keeping(*agent, name.clone(), inline, record))
                 .await?,
         );
-        Ok(())
+        Ok(name)
     }
 
     /// Stages and publishes a kept agent's image: its name, and its bytes when the database
