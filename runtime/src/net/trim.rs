@@ -1,9 +1,12 @@
 //! Giving freed heap memory back to the system.
 //!
 //! A host allocates and frees at a high rate (instances, images, streams) on many threads,
-//! while parked agents leave small long-lived records behind. glibc's allocator keeps the
-//! freed memory around them in each thread's arena: parked agents then cost several times
-//! their records in resident memory. Trimming returns whole free pages inside the arenas.
+//! while parked agents leave small long-lived records behind. The `agent-host` binary's own
+//! allocations go to jemalloc, which gives freed pages back by itself; what is allocated
+//! through glibc (C libraries such as zstd, and programs that embed the host without
+//! jemalloc) stays in glibc's per-thread arenas around those records: parked agents then cost
+//! several times their records in resident memory. Trimming returns whole free pages inside
+//! the arenas.
 
 use std::sync::Arc;
 use std::time::Duration;
