@@ -275,62 +275,23 @@ impl Digest {
     }
 }
 
-/// Hashes an arriving image's pages while its bytes come, so that checking it once all have
-/// come is not one more pass over them: on the benchmark machine that pass was 150-180 ms of
-/// a 256 MiB hop, after the transfer. Only for an image that stands alone and carries its
-/// pages raw; any other is checked by decoding as usual.
-pub struct DigestAsRead {
-    header: WireHeader,
-    digest: Digest,
-    /// Bytes of the image hashed so far (its prefix and header count as hashed).
-    hashed: usize,
-}
-
-impl DigestAsRead {
-    /// Starts on an image whose first bytes, `head`, hold its whole header; `None` when the
-    /// header does not read or the image is not one this can check.
-    pub fn start(head: &[u8], limits: &ImageLimits) -> Option<Self> {
-        let (header, body_at) = read_header(head, limits.max_header).ok()?;
-        if !header.raw || header.base.is_some() {
-            return None;
-        }
-        let digest = Digest::new(&header.module, header.memory_bytes, &header.runs);
-        let hashed = body_at.min(head.len());
-        let mut check = DigestAsRead {
-            header,
-            digest,
-            hashed,
-        };
-        check.feed(head);
-        Some(check)
-    }
-
-    /// Hashes what `seen`, the image's bytes so far, holds beyond what was hashed.
-    pub fn feed(&mut self, seen: &[u8]) {
-        if let Some(new) = seen.get(self.hashed..).filter(|new| !new.is_empty()) {
-            self.digest.pages(new);
-            self.hashed = seen.len();
-        }
-    }
-
-    /// The digest of `image`, when every byte of it was fed; `None` otherwise.
-    pub fn finish(self, image: &[u8]) -> Option<Digested> {
-        (self.hashed == image.len()).then(|| Digested {
-            claimed: self.header.hash,
-            hash: self
-                .digest
-                .finish(&self.header.globals, &self.header.context),
-            len: image.len(),
-        })
-    }
-}
-
-/// What [`DigestAsRead`] computed for an image of `len` bytes.
-pub struct Digested {
-    /// The digest the image's header claims, which names the image it was computed for.
+/// A decoded image whose digest is not checked yet ([`AgentImage::decode_unverified`]).
+pub struct Unverified {
+    image: AgentImage,
     claimed: [u8; 32],
-    hash: [u8; 32],
-    len: usize,
+}
+
+impl Unverified {
+    /// Hashes the image and compares the digest with the one its header claims.
+    ///
+    /// # Errors
+    /// [`ImageError::HashMismatch`] when they differ.
+    pub fn check(&self) -> Result<(), ImageError> {
+        match self.image.digest() == self.claimed {
+            true => Ok(()),
+            false => Err(ImageError::HashMismatch),
+        }
+    }
 }
 
 impl AgentImage {
@@ -502,20 +463,39 @@ impl AgentImage {
         limits: &ImageLimits,
         base: Option<&crate::base::Base>,
     ) -> Result<(AgentImage, bool), ImageError> {
-        AgentImage::decode_digested(shared, limits, base, None)
+        let (image, filled_in, claimed) = AgentImage::decode_unchecked(shared, limits, base)?;
+        match image.digest() == claimed {
+            true => Ok((image, filled_in)),
+            false => Err(ImageError::HashMismatch),
+        }
     }
 
-    /// Decodes an image as [`AgentImage::decode_against`] does; `digested`, the digest
-    /// [`DigestAsRead`] computed while these bytes came, spares hashing them again.
+    /// Decodes an untrusted image that stands alone (it leaves out no pages) as
+    /// [`AgentImage::decode_against`] does, all but the digest: the [`Unverified`] returned
+    /// with it checks that later. A host resumes a large arriving agent before hashing its
+    /// pages, and checks them before it commits the hop (docs/protocol.md).
     ///
     /// # Errors
-    /// As [`AgentImage::decode_against`].
-    pub fn decode_digested(
+    /// As [`AgentImage::decode_against`], but for [`ImageError::HashMismatch`].
+    pub fn decode_unverified(
+        shared: &bytes::Bytes,
+        limits: &ImageLimits,
+    ) -> Result<(AgentImage, Unverified), ImageError> {
+        let (image, _, claimed) = AgentImage::decode_unchecked(shared, limits, None)?;
+        let unverified = Unverified {
+            image: image.clone(),
+            claimed,
+        };
+        Ok((image, unverified))
+    }
+
+    /// Decodes an image as [`AgentImage::decode_against`] does, all but the digest; yields
+    /// the digest its header claims.
+    fn decode_unchecked(
         shared: &bytes::Bytes,
         limits: &ImageLimits,
         base: Option<&crate::base::Base>,
-        digested: Option<Digested>,
-    ) -> Result<(AgentImage, bool), ImageError> {
+    ) -> Result<(AgentImage, bool, [u8; 32]), ImageError> {
         let (header, body_at) = read_header(shared, limits.max_header)?;
         if header.format != FORMAT_VERSION {
             return Err(ImageError::VersionSkew {
@@ -601,22 +581,7 @@ impl AgentImage {
             pages,
             context: header.context,
         };
-        let digest = match digested {
-            // It hashed these very bytes, read as the header they begin with says.
-            Some(d)
-                if d.len == shared.len()
-                    && d.claimed == header.hash
-                    && !filled_in
-                    && header.raw =>
-            {
-                d.hash
-            }
-            _ => image.digest(),
-        };
-        if digest != header.hash {
-            return Err(ImageError::HashMismatch);
-        }
-        Ok((image, filled_in))
+        Ok((image, filled_in, header.hash))
     }
 }
 
@@ -1151,71 +1116,42 @@ mod tests {
         }
     }
 
-    /// Feeds `bytes` to a [`DigestAsRead`] as a transfer would: the header, then pieces.
-    fn digest_as_read(bytes: &[u8], piece: usize) -> Option<Digested> {
-        let head = AgentImage::head_len(bytes)?;
-        let mut check = DigestAsRead::start(&bytes[..head], &ImageLimits::default())?;
-        let mut seen = head;
-        while seen < bytes.len() {
-            seen = (seen + piece).min(bytes.len());
-            check.feed(&bytes[..seen]);
-        }
-        check.finish(bytes)
-    }
-
     #[test]
-    fn pages_hashed_as_they_arrive_give_the_image_digest_and_still_catch_tampering() {
-        let img = noisy(1024);
-        let bytes = bytes::Bytes::from(img.encode().unwrap_or_default());
-        assert!(header_of(&bytes).is_some_and(|h| h.raw));
+    fn an_image_decoded_unverified_is_the_image_and_its_check_catches_tampering() {
         let limits = ImageLimits::default();
-        for piece in [1, 4096, 3 << 20] {
-            let digested = digest_as_read(&bytes, piece);
-            assert!(digested.as_ref().is_some_and(|d| d.hash == img.digest()));
-            let decoded = AgentImage::decode_digested(&bytes, &limits, None, digested);
-            assert_eq!(decoded, Ok((img.clone(), false)));
+        for img in [noisy(1024), image()] {
+            let bytes = bytes::Bytes::from(img.encode().unwrap_or_default());
+            let (decoded, unverified) =
+                AgentImage::decode_unverified(&bytes, &limits).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(decoded, img);
+            assert_eq!(unverified.check(), Ok(()));
         }
 
-        // The digest of bytes tampered with on the way is the one the check uses: the
-        // untouched bytes it is handed do not hide it.
-        let mut tampered = bytes.to_vec();
+        // A page changed on the way decodes, and fails its check.
+        let img = noisy(1024);
+        let mut tampered = img.encode().unwrap_or_default();
         if let Some(b) = tampered.last_mut() {
             *b ^= 1;
         }
-        let digested = digest_as_read(&tampered, 1 << 20);
-        assert!(digested.is_some());
-        let decoded = AgentImage::decode_digested(&bytes, &limits, None, digested);
-        assert_eq!(decoded, Err(ImageError::HashMismatch));
         let tampered = bytes::Bytes::from(tampered);
-        let digested = digest_as_read(&tampered, 1 << 20);
-        let decoded = AgentImage::decode_digested(&tampered, &limits, None, digested);
-        assert_eq!(decoded, Err(ImageError::HashMismatch));
-    }
+        let (_, unverified) =
+            AgentImage::decode_unverified(&tampered, &limits).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(unverified.check(), Err(ImageError::HashMismatch));
+        assert_eq!(
+            AgentImage::decode_against(&tampered, &limits, None),
+            Err(ImageError::HashMismatch)
+        );
 
-    #[test]
-    fn a_digest_of_part_of_an_image_or_of_another_is_not_used() {
-        let img = noisy(512);
-        let bytes = bytes::Bytes::from(img.encode().unwrap_or_default());
-        let head = AgentImage::head_len(&bytes).unwrap_or(bytes.len());
-        let limits = ImageLimits::default();
-        let part = DigestAsRead::start(&bytes[..head], &limits).map(|mut check| {
-            check.feed(&bytes[..bytes.len() - 1]);
-            check
-        });
-        assert!(part.is_some_and(|check| check.finish(&bytes).is_none()));
-
-        // Another agent's image, of the same length: its digest is not this one's.
+        // The digest covers the context too: a changed byte of another agent's image fails.
         let mut other = img.clone();
         other.context.agent_id = crate::context::AgentId::random();
-        let other = other.encode().unwrap_or_default();
-        assert_eq!(other.len(), bytes.len());
-        let digested = digest_as_read(&other, 1 << 20);
-        let decoded = AgentImage::decode_digested(&bytes, &limits, None, digested);
-        assert_eq!(decoded, Ok((img, false)));
-
-        // A compressed image is checked by decoding it.
-        let small = image().encode().unwrap_or_default();
-        assert!(DigestAsRead::start(&small, &limits).is_none());
+        let mut forged = other.encode().unwrap_or_default();
+        let claimed_at = forged.len() - 1;
+        forged[claimed_at] ^= 1;
+        let forged = bytes::Bytes::from(forged);
+        let (_, unverified) =
+            AgentImage::decode_unverified(&forged, &limits).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(unverified.check(), Err(ImageError::HashMismatch));
     }
 
     #[test]

@@ -326,9 +326,9 @@ fn with_noise(image: &[u8], offer: &Offer, mib: usize) -> (Vec<u8>, Offer) {
     (bytes, offer)
 }
 
-/// A large image whose pages were changed after it was hashed (the last byte) is refused
-/// when its last byte lands, though the destination hashed it while it came and had its
-/// instance ready; the same image untouched is committed.
+/// A large image whose pages were changed after it was hashed (the last byte) is refused at
+/// the commit, though the destination had its instance ready and resumed it before hashing
+/// its pages; the same image untouched is committed.
 #[test]
 fn a_large_image_changed_after_it_was_hashed_is_refused_and_the_same_untouched_arrives() {
     let up: &[&str] = &[];

@@ -21,7 +21,7 @@ use super::wire::{WireError, read_blob, read_blob_heading, read_msg, write_blob_
 use crate::base::{Base, BaseCache, BaseList, Binding, WORTH_A_BASE, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
 use crate::faults::crash_point;
-use crate::image::{AgentImage, DigestAsRead, Digested, Encoded, ImageError, ImageLimits};
+use crate::image::{AgentImage, Encoded, ImageError, ImageLimits, Unverified};
 use crate::instance::{AgentError, AgentInstance, Step};
 use crate::limits::Limits;
 use crate::modules::{AgentModule, ModuleCache, ModuleHash};
@@ -1981,24 +1981,18 @@ impl Host {
         };
         // A large agent's instance is made ready while its body travels, once its header
         // has come (not when its module has just come: it was being admitted meanwhile).
-        // Its pages are hashed as they come, a piece at a time.
-        let (mut preparing, mut checking) = (None, None::<DigestAsRead>);
+        let mut preparing = None;
         let image = match early {
             Some(image) => image,
             None if wasm.is_none() && offer.image_bytes >= WORTH_PREPARING => {
                 let header = |seen: &[u8]| {
-                    if let Some(check) = checking.as_mut() {
-                        check.feed(seen);
-                        return Some(seen.len() + HASHED_PIECE);
-                    }
                     let wanted = AgentImage::head_len(seen).unwrap_or(12);
                     match seen.len() {
                         _ if preparing.is_some() || wanted > 12 + MAX_HEADER_SEEN => None,
                         n if n < wanted => Some(wanted),
                         _ => {
                             preparing = self.prepare(offer, seen);
-                            checking = DigestAsRead::start(seen, &self.image_limits());
-                            checking.as_ref().map(|_| seen.len() + HASHED_PIECE)
+                            None
                         }
                     }
                 };
@@ -2020,9 +2014,8 @@ impl Host {
             let (host, image) = (self.clone(), image.clone());
             tokio::task::spawn_blocking(move || host.store.stage_image(&[&image]))
         });
-        let digested = checking.and_then(|check| check.finish(&image));
-        let arrival = self.receive(offer, wasm, &image, base, preparing, digested);
-        let (mut agent, whole) = match arrival.await {
+        let arrival = self.receive(offer, wasm, &image, base, preparing);
+        let (mut agent, whole, unverified) = match arrival.await {
             Ok(arrival) => arrival,
             Err(why) => {
                 tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
@@ -2037,6 +2030,7 @@ impl Host {
         self.spawn_agent(agent, Start::Arrived(committed));
         let (resumed, resumed_at_us) = (Instant::now(), unix_us());
         phase("resumed");
+        let checking = unverified.map(|u| tokio::task::spawn_blocking(move || u.check()));
         let departed: Departed = read_msg(recv).await?;
         phase("departed");
         crash_point("dest-before-commit");
@@ -2046,12 +2040,20 @@ impl Host {
             Some(task) => task.await.ok().and_then(Result::ok),
             None => None,
         };
-        let commit = match departed.seq == offer.seq {
-            true => (self.store)
+        let checked = match checking {
+            Some(task) => task
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|checked| checked.map_err(|e| format!("invalid image: {e}"))),
+            None => Ok(()),
+        };
+        let commit = match (departed.seq == offer.seq, checked) {
+            (true, Ok(())) => (self.store)
                 .commit_arrival_async(&offer.agent, offer.seq, stored, staged)
                 .await
                 .map_err(|e| e.to_string()),
-            false => Err(format!("DEPARTED names hop {}", departed.seq)),
+            (false, _) => Err(format!("DEPARTED names hop {}", departed.seq)),
+            (true, Err(why)) => Err(why),
         };
         phase("committed");
         match commit {
@@ -2090,8 +2092,7 @@ impl Host {
         bytes: &bytes::Bytes,
         base: Option<&Base>,
         prepared: Option<Preparing>,
-        digested: Option<Digested>,
-    ) -> Result<(AgentInstance, Option<Vec<u8>>), String> {
+    ) -> Result<(AgentInstance, Option<Vec<u8>>, Option<Unverified>), String> {
         let started = Instant::now();
         let module = match wasm {
             Some(wasm) => {
@@ -2109,7 +2110,17 @@ impl Host {
             }
             None => self.module(&offer.module).await?,
         };
-        let decoded = AgentImage::decode_digested(bytes, &self.image_limits(), base, digested);
+        // A large image that stands alone is hashed once the agent runs, before the commit.
+        let (decoded, unverified) = match base.is_none() && bytes.len() as u64 >= WORTH_PREPARING {
+            true => match AgentImage::decode_unverified(bytes, &self.image_limits()) {
+                Ok((image, unverified)) => (Ok((image, false)), Some(unverified)),
+                Err(e) => (Err(e), None),
+            },
+            false => (
+                AgentImage::decode_against(bytes, &self.image_limits(), base),
+                None,
+            ),
+        };
         if let (Err(ImageError::HashMismatch), Some(base)) = (&decoded, base) {
             // Pages filled in from the base made a wrong image (a hash collision, or a base
             // the source did not see): the next offer gets no list and sends every page.
@@ -2157,17 +2168,14 @@ impl Host {
             true => "restored into the instance made ready",
             false => "restored",
         });
-        Ok((agent, whole))
+        Ok((agent, whole, unverified))
     }
 }
 
-/// Images at least this large have their instance made ready while they travel: below it
-/// a restore costs less than the task would.
+/// Images at least this large have their instance made ready while they travel, and their
+/// pages hashed once the agent runs (before the commit), not before it resumes: below it a
+/// restore costs less than the task would, and hashing is quick.
 const WORTH_PREPARING: u64 = 8 << 20;
-
-/// Bytes of an arriving large image read between two pieces of hashing it: small enough to
-/// hold a worker thread for a few milliseconds only.
-const HASHED_PIECE: usize = 4 << 20;
 
 /// Largest header the destination reads ahead for [`Host::prepare`]; a larger one is
 /// read with the body and checked by decoding.
