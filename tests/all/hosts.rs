@@ -1,7 +1,12 @@
 //! Separate `agent-host` processes hand agents to each other over mutually authenticated
 //! QUIC; users drive them with the real `agent` CLI.
 
-use agent_e2e::{Cluster, example, finish, json, repo};
+use agent_e2e::{Cluster, block_on, example, finish, json, repo};
+use agent_runtime::ModuleHash;
+use agent_runtime::net::client::Client;
+use agent_runtime::net::messages::{LaunchEvent, Request};
+use agent_runtime::net::wire::{read_msg, write_blob};
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -562,4 +567,75 @@ fn a_probe_measures_the_link_to_a_peer_and_bad_probes_are_refused() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The first answer of `client`'s host to a launch of `wasm` by hash, with the streams.
+async fn launch_by_hash(
+    client: &Client,
+    wasm: &[u8],
+) -> (quinn::SendStream, quinn::RecvStream, LaunchEvent) {
+    let mut args = BTreeMap::new();
+    args.insert("query".to_string(), "migration".to_string());
+    let launch = Request::LaunchHash {
+        module: ModuleHash::of(wasm),
+        itinerary: Vec::new(),
+        args,
+    };
+    let (send, mut recv) = client.open(&launch).await.unwrap_or_else(|e| panic!("{e}"));
+    let first = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
+    (send, recv, first)
+}
+
+async fn next(recv: &mut quinn::RecvStream) -> LaunchEvent {
+    read_msg(recv).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_launch_sends_the_module_only_to_a_host_that_lacks_it() {
+    let cluster = Cluster::start(&["siteA"], &[("siteA", &[])]);
+    let wasm = example("search");
+    block_on(async {
+        let client = cluster
+            .client("siteA", "alice")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Other bytes than the module named: refused, and nothing of them is kept.
+        let (mut send, mut recv, first) = launch_by_hash(&client, &wasm).await;
+        assert_eq!(first, LaunchEvent::SendModule);
+        write_blob(&mut send, &example("bench"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let answer = next(&mut recv).await;
+        assert!(
+            matches!(&answer, LaunchEvent::Refused(why) if why.contains("not the one named")),
+            "{answer:?}"
+        );
+
+        // Asked for again; sent; launched.
+        let (mut send, mut recv, first) = launch_by_hash(&client, &wasm).await;
+        assert_eq!(first, LaunchEvent::SendModule);
+        write_blob(&mut send, &wasm)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let answer = next(&mut recv).await;
+        assert!(
+            matches!(&answer, LaunchEvent::Launched { module, .. } if *module == ModuleHash::of(&wasm)),
+            "{answer:?}"
+        );
+
+        // Held now: the next launch starts at once, without the module.
+        let (_send, _recv, first) = launch_by_hash(&client, &wasm).await;
+        assert!(matches!(first, LaunchEvent::Launched { .. }), "{first:?}");
+
+        // The library's launch does the same and its caller never sees the request.
+        let mut seen = Vec::new();
+        let last = client
+            .launch(&wasm, Vec::new(), BTreeMap::new(), &mut |e| {
+                seen.push(e.clone())
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(last, LaunchEvent::Finished { .. }), "{last:?}");
+        assert!(!seen.contains(&LaunchEvent::SendModule), "{seen:?}");
+    });
 }

@@ -5,6 +5,7 @@ use super::messages::{LaunchEvent, ListReply, Request, StatusReply};
 use super::tls::{self, Credentials};
 use super::wire::{read_msg, write_blob, write_msg};
 use crate::context::AgentId;
+use crate::modules::ModuleHash;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
@@ -118,7 +119,8 @@ impl Client {
     }
 
     /// Launches an agent and calls `on_event` for each event until it finishes (or is
-    /// refused). Returns the last event.
+    /// refused). Returns the last event. The module's bytes travel only if the host does
+    /// not hold them yet.
     ///
     /// # Errors
     /// When the connection fails before the end.
@@ -146,15 +148,29 @@ impl Client {
         on_event: &mut (dyn FnMut(&LaunchEvent) + Send),
         stop: &(dyn Fn(&LaunchEvent) -> bool + Sync),
     ) -> Result<LaunchEvent, String> {
-        let (mut send, mut recv) = self.open(&Request::Launch { itinerary, args }).await?;
-        write_blob(&mut send, wasm)
-            .await
-            .map_err(|e| self.explain(e.to_string()))?;
-        let _ = send.finish();
+        let request = Request::LaunchHash {
+            module: ModuleHash::of(wasm),
+            itinerary,
+            args,
+        };
+        let (mut send, mut recv) = self.open(&request).await?;
+        let mut first = true;
         loop {
             let event: LaunchEvent = read_msg(&mut recv)
                 .await
                 .map_err(|e| self.explain(e.to_string()))?;
+            if event == LaunchEvent::SendModule {
+                if !std::mem::take(&mut first) {
+                    return Err("the host asked for the module again".into());
+                }
+                write_blob(&mut send, wasm)
+                    .await
+                    .map_err(|e| self.explain(e.to_string()))?;
+                let _ = send.finish();
+                continue;
+            }
+            first = false;
+            let _ = send.finish();
             on_event(&event);
             if stop(&event)
                 || matches!(

@@ -612,7 +612,16 @@ impl Host {
         };
         let result = match request {
             Request::Launch { itinerary, args } => {
-                self.serve_launch(&peer, itinerary, args, &mut send, &mut recv)
+                self.serve_launch(&peer, None, itinerary, args, &mut send, &mut recv)
+                    .await
+            }
+            Request::LaunchHash {
+                module,
+                itinerary,
+                args,
+            } => {
+                let known = Some(module);
+                self.serve_launch(&peer, known, itinerary, args, &mut send, &mut recv)
                     .await
             }
             Request::Status { agent } => {
@@ -659,7 +668,8 @@ impl Host {
                 write_msg(&mut send, &reply).await
             }
             Request::Report { agent, event } => {
-                if peer.role == Role::Host {
+                // `SendModule` belongs to a launch stream, never to an agent's record.
+                if peer.role == Role::Host && event != LaunchEvent::SendModule {
                     self.deliver_async(&agent, event).await;
                 }
                 write_msg(&mut send, &()).await
@@ -723,6 +733,7 @@ impl Host {
     async fn serve_launch(
         self: &Arc<Self>,
         peer: &Identity,
+        known: Option<ModuleHash>,
         itinerary: Vec<String>,
         args: BTreeMap<String, String>,
         send: &mut quinn::SendStream,
@@ -744,21 +755,10 @@ impl Host {
             )
             .await;
         }
-        let wasm = read_blob(recv, "module", self.config.max_module).await?;
-        let module = match self.admit(wasm.clone()).await {
-            Ok(m) => m,
-            Err(e) => {
-                return write_msg(send, &LaunchEvent::Refused(format!("module refused: {e}")))
-                    .await;
-            }
+        let module = match self.launch_module(known, send, recv).await? {
+            Ok(module) => module,
+            Err(refused) => return write_msg(send, &LaunchEvent::Refused(refused)).await,
         };
-        if let Err(e) = self.store.put_module(&module.hash, &wasm) {
-            return write_msg(
-                send,
-                &LaunchEvent::Refused(format!("cannot keep the module: {e}")),
-            )
-            .await;
-        }
         let context = AgentContext::new(&self.config.name, &peer.name, itinerary, args);
         let id = context.agent_id;
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -835,6 +835,39 @@ impl Host {
             entry.watchers.shrink_to_fit();
         }
         Ok(())
+    }
+
+    /// The module of a launch: the one held here under the hash `known` names, or else the
+    /// one the launcher sends (asked for with [`LaunchEvent::SendModule`] when it named a
+    /// hash), admitted and stored. The inner error says why the launch is refused.
+    async fn launch_module(
+        self: &Arc<Self>,
+        known: Option<ModuleHash>,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<Result<Arc<AgentModule>, String>, WireError> {
+        if let Some(hash) = known {
+            if let Ok(module) = self.module(&hash).await {
+                return Ok(Ok(module));
+            }
+            write_msg(send, &LaunchEvent::SendModule).await?;
+        }
+        let wasm = read_blob(recv, "module", self.config.max_module).await?;
+        if let Some(hash) = known
+            && ModuleHash::of(&wasm) != hash
+        {
+            return Ok(Err(format!(
+                "the module sent is not the one named (hash {hash})"
+            )));
+        }
+        let module = match self.admit(wasm.clone()).await {
+            Ok(m) => m,
+            Err(e) => return Ok(Err(format!("module refused: {e}"))),
+        };
+        Ok(match self.store.put_module(&module.hash, &wasm) {
+            Ok(()) => Ok(module),
+            Err(e) => Err(format!("cannot keep the module: {e}")),
+        })
     }
 
     fn home_status(&self, agent: &AgentId, peer: &Identity) -> Option<StatusReply> {

@@ -17,6 +17,18 @@ pub enum Request {
         /// `--arg` values.
         args: BTreeMap<String, String>,
     },
+    /// User → home host: like [`Request::Launch`], but the module is named by its hash and
+    /// sent only if the host holds no module of that hash: then the host first answers
+    /// [`LaunchEvent::SendModule`] and reads it as a blob. A user launching many agents of
+    /// one module sends its bytes once per host, not once per agent.
+    LaunchHash {
+        /// The module's hash.
+        module: ModuleHash,
+        /// Sites to visit.
+        itinerary: Vec<String>,
+        /// `--arg` values.
+        args: BTreeMap<String, String>,
+    },
     /// User → home host: one agent's record. Answered with [`StatusReply`].
     Status {
         /// The agent.
@@ -202,6 +214,9 @@ pub enum LaunchEvent {
     },
     /// The launch was refused (bad module, limits).
     Refused(String),
+    /// Answer to [`Request::LaunchHash`] when the host holds no module of that hash: send
+    /// it as a blob. Only ever the first message of a launch stream; never stored.
+    SendModule,
     /// The agent moved.
     Moved(HopInfo),
     /// A hop the agent asked for did not happen; it continues where it was.

@@ -188,7 +188,7 @@ pub async fn launch(
             | LaunchEvent::Sleeping { site, .. }
             | LaunchEvent::Finished { site, .. } => site.clone(),
             LaunchEvent::Moved(hop) => hop.to.clone(),
-            LaunchEvent::Refused(_) => String::new(),
+            LaunchEvent::Refused(_) | LaunchEvent::SendModule => String::new(),
         };
         match event {
             LaunchEvent::Launched {
@@ -221,6 +221,7 @@ pub async fn launch(
             )),
             LaunchEvent::Refused(why) => say(format!("launch refused: {why}")),
             LaunchEvent::Finished { site, .. } => say(format!("agent ended on {site}")),
+            LaunchEvent::SendModule => {}
         }
         if let Some(bar) = &progress {
             bar.set_message(format!("agent on {where_now}, {} hops", hops.len()));
