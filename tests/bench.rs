@@ -4,7 +4,8 @@
 //!
 //! `scripts/bench [ROUNDS] [SCENARIO...]` (release build; ROUNDS repeats each measured
 //! scenario, default 5; scenarios: checkpoint memcpy freeze throughput large sparse return
-//! restart parked, default all). `BENCH_PARKED=N` parks N agents instead of 100,000.
+//! restart parked, default all). `BENCH_PARKED=N` parks N agents instead of 100,000;
+//! `BENCH_AGENTS=N` puts N agents in flight in `throughput` instead of 200.
 
 use agent_e2e::{Cluster, example, launch, repo, runner};
 use agent_runtime::Limits;
@@ -327,13 +328,17 @@ impl Bench {
 
     /// Many small agents in flight at once, each bouncing between the two hosts.
     async fn throughput(&self, rounds: usize) -> anyhow::Result<Row> {
-        const AGENTS: usize = 200;
+        // BENCH_AGENTS=N: agents in flight, to see how throughput depends on them.
+        let agents = std::env::var("BENCH_AGENTS")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(200);
         const HOPS: u64 = 20;
         let mut rates = Vec::new();
         for _ in 0..rounds {
             let started = Instant::now();
             let mut tasks = tokio::task::JoinSet::new();
-            for _ in 0..AGENTS {
+            for _ in 0..agents {
                 let (client, wasm) = (self.client.clone(), self.wasm.clone());
                 tasks.spawn(async move {
                     trip(&client, &wasm, &["siteB", "siteA"], &[("hops", HOPS)]).await
@@ -351,7 +356,7 @@ impl Bench {
             target: "≥ 5,000",
             measured: format!("**{:.0}** (min {:.0}, max {:.0})", s.p50, s.min, s.max),
             how: format!(
-                "{AGENTS} agents launched at once, {HOPS} hops each siteA⇄siteB; hops ÷ wall \
+                "{agents} agents launched at once, {HOPS} hops each siteA⇄siteB; hops ÷ wall \
                  time from the first launch to the last end; median of {} rounds",
                 s.n
             ),
