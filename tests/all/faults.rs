@@ -5,8 +5,8 @@
 //! The agent is the search agent launched on siteA with the itinerary siteB, siteC, siteA;
 //! the last test moves a 12 MiB bench agent instead.
 
-use agent_e2e::{Cluster, example_path, finish, site_names};
-use std::time::Duration;
+use agent_e2e::{Cluster, example_path, finish, json, site_names};
+use std::time::{Duration, Instant};
 
 const SITES: [&str; 3] = ["siteA", "siteB", "siteC"];
 
@@ -282,4 +282,76 @@ fn restart_after_crash(cluster: &mut Cluster, site: &str, point: &str) {
         cluster.log(site)
     );
     cluster.restart(site, &[]);
+}
+
+/// The agent's end reaches its home before the report of its last hop (that hop's source
+/// crashed right after it), and the home is killed while it holds that end back: restarted,
+/// it still holds it, and records it once the hop is reported. Before, the home acknowledged
+/// a held end without storing it, and its reporter forgot it: the agent stayed `running`.
+#[test]
+fn an_end_held_back_by_its_home_survives_a_crash_of_the_home() {
+    let wasm = example_path("search");
+    let up: &[&str] = &[];
+    let mut cluster = Cluster::start(&SITES, &[("siteA", up), ("siteC", up)]);
+    cluster.start_with(
+        "siteB",
+        &[],
+        &[("FAILPOINTS", "source-after-forward=return")],
+    );
+    let launch = [
+        "launch",
+        &wasm,
+        "--hop",
+        "siteB,siteC",
+        "--arg",
+        "query=migration",
+        "--detach",
+        "--json",
+    ];
+    let out = cluster.agent(&launch, "siteA", "alice");
+    let agent = json(&out)["agent"].as_str().unwrap_or_default().to_string();
+    assert!(
+        !agent.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.wait_exit("siteB", Duration::from_secs(60));
+
+    // siteC runs the agent to its end and reports it; siteA has not heard of hop 2.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cluster.log("siteA").contains("held for up to") {
+        assert!(
+            Instant::now() < deadline,
+            "siteA never held the end:\n{}",
+            cluster.log("siteA")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Time for siteC to hear the acknowledgement and forget its report.
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.kill("siteA");
+    cluster.restart("siteA", &[]);
+    cluster.restart("siteB", &[]);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let status = json(&cluster.agent(&["status", &agent, "--json"], "siteA", "alice"));
+        if status["state"] != "running" {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the end was lost: {status:#}\n--- siteA\n{}\n--- siteC\n{}",
+            cluster.log("siteA"),
+            cluster.log("siteC")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status["state"], "finished", "{status:#}");
+    assert_eq!(status["site"], "siteC", "{status:#}");
+    assert_eq!(
+        site_names(&status["result"]["visited"]),
+        ["siteB", "siteC"],
+        "{status:#}"
+    );
 }

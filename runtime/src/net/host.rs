@@ -14,7 +14,7 @@ use super::messages::{
     TransferReply, TransferStatus, unix_ms, unix_us,
 };
 use super::outgoing::{Outgoing, write_blob_passing, write_image};
-use super::store::{AgentRecord, CallEntry, HostStore, PendingReport, Resume};
+use super::store::{AgentRecord, CallEntry, HomeRow, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::trim::Trimmer;
 use super::wire::{WireError, read_blob, read_blob_heading, read_msg, write_blob_parts, write_msg};
@@ -153,6 +153,14 @@ impl HomeEntry {
         }
     }
 
+    /// What the store keeps of it.
+    fn row(&self) -> HomeRow {
+        HomeRow {
+            status: self.status.clone(),
+            held_end: self.held.clone(),
+        }
+    }
+
     /// A stored status holds the events up to record `upto`: the watchers hear of them.
     fn saved(&mut self, upto: u64) {
         self.stored = self.stored.max(upto);
@@ -179,7 +187,8 @@ enum Noted {
     Unsaved,
     /// A stored status holds it.
     Saved,
-    /// An end held back until earlier hops are reported.
+    /// An end held back until earlier hops are reported. Stored with the status before it
+    /// is acknowledged, so that a restart of the home still holds it.
     Held,
 }
 
@@ -256,11 +265,19 @@ impl Host {
         endpoint.set_default_client_config(
             tls::client_config(&creds, config.segmentation_offload).map_err(err)?,
         );
-        let homes = store
+        let homes: HashMap<AgentId, HomeEntry> = store
             .homes()
             .map_err(err)?
             .into_iter()
-            .map(|status| (status.agent, HomeEntry::new(status, Vec::new())))
+            .map(|row| {
+                let mut entry = HomeEntry::new(row.status, Vec::new());
+                entry.held = row.held_end;
+                (entry.status.agent, entry)
+            })
+            .collect();
+        let held: Vec<AgentId> = (homes.iter())
+            .filter(|(_, entry)| entry.held.is_some())
+            .map(|(id, _)| *id)
             .collect();
         let bases = Mutex::new(BaseCache::new(config.return_cache));
         let host = Arc::new(Host {
@@ -282,6 +299,9 @@ impl Host {
             outbox: tokio::sync::Notify::new(),
             trimmer: Trimmer::start(),
         });
+        for agent in held {
+            host.release_held_later(agent);
+        }
         host.resume_residents().await;
         tokio::spawn(host.clone().accept_loop());
         tokio::spawn(host.clone().deliver_reports());
@@ -942,15 +962,25 @@ impl Host {
             Noted::Unsaved => true,
             Noted::Saved => false,
             Noted::Held => {
-                // A report may be lost for good (its host died): do not hold the end forever.
-                let (host, agent) = (self.clone(), *agent);
-                tokio::spawn(async move {
-                    tokio::time::sleep(HOLD_END).await;
-                    host.release_held(&agent);
-                });
-                false
+                tracing::info!(
+                    %agent,
+                    "the end came before reports of earlier hops: held for up to {HOLD_END:?}"
+                );
+                self.release_held_later(*agent);
+                // Stored before it is acknowledged: its reporter forgets it then.
+                true
             }
         }
+    }
+
+    /// Records the held end of `agent` after [`HOLD_END`] if the reports it waits for have
+    /// not come by then: a report may be lost for good (its host died).
+    fn release_held_later(self: &Arc<Self>, agent: AgentId) {
+        let host = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(HOLD_END).await;
+            host.release_held(&agent);
+        });
     }
 
     fn release_held(self: &Arc<Self>, agent: &AgentId) {
@@ -988,11 +1018,11 @@ impl Host {
     fn latest_home(
         self: &Arc<Self>,
         agent: &AgentId,
-    ) -> impl Fn() -> Option<(StatusReply, u64)> + Send + 'static {
+    ) -> impl Fn() -> Option<(HomeRow, u64)> + Send + 'static {
         let (host, id) = (self.clone(), *agent);
         move || {
             let homes = host.homes.lock().ok()?;
-            homes.get(&id).map(|e| (e.status.clone(), e.records))
+            homes.get(&id).map(|e| (e.row(), e.records))
         }
     }
 
@@ -2428,9 +2458,12 @@ mod tests {
             hops: 2,
             outcome: Ok(Vec::new()),
         };
-        assert_eq!(home.note(end), Noted::Held);
+        assert_eq!(home.note(end.clone()), Noted::Held);
+        // What the store keeps holds it, so that it is acknowledged only once stored.
+        assert_eq!(home.row().held_end, Some(end));
+        assert_eq!(home.row().status.state, "running");
         assert_eq!(home.note(moved(2, "siteA")), Noted::Unsaved);
-        assert!(home.held.is_none());
+        assert!(home.held.is_none() && home.row().held_end.is_none());
         assert_eq!(home.status.state, "finished");
         home.saved(home.records);
         assert_eq!(home.note(moved(2, "siteA")), Noted::Saved);

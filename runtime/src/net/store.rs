@@ -792,7 +792,11 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn put_home(&self, status: &StatusReply) -> Result<(), StoreError> {
-        let (agent, status) = (status.agent, cbor(status));
+        let row = HomeRow {
+            status: status.clone(),
+            held_end: None,
+        };
+        let (agent, status) = (status.agent, cbor(&row));
         self.write(move |_, txn| {
             txn.open_table(HOME)
                 .map_err(db_err)?
@@ -810,7 +814,7 @@ impl HostStore {
     /// When the database fails.
     pub fn put_home_latest<T: Send + 'static>(
         &self,
-        latest: impl Fn() -> Option<(StatusReply, T)> + Send + 'static,
+        latest: impl Fn() -> Option<(HomeRow, T)> + Send + 'static,
     ) -> Result<Option<T>, StoreError> {
         self.write(home_latest(latest))
     }
@@ -821,7 +825,7 @@ impl HostStore {
     /// When the database fails.
     pub async fn put_home_latest_async<T: Send + 'static>(
         &self,
-        latest: impl Fn() -> Option<(StatusReply, T)> + Send + 'static,
+        latest: impl Fn() -> Option<(HomeRow, T)> + Send + 'static,
     ) -> Result<Option<T>, StoreError> {
         self.write_async(home_latest(latest)).await
     }
@@ -830,7 +834,7 @@ impl HostStore {
     ///
     /// # Errors
     /// When the database fails.
-    pub fn homes(&self) -> Result<Vec<StatusReply>, StoreError> {
+    pub fn homes(&self) -> Result<Vec<HomeRow>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(HOME).map_err(db_err)?;
         let mut out = Vec::new();
@@ -840,6 +844,20 @@ impl HostStore {
         }
         Ok(out)
     }
+}
+
+/// A home's stored record of one agent launched there: its status, and an end that came
+/// before the reports of all its hops and is held back until they do (kept here so that the
+/// home can acknowledge it, and a restart still holds it). Stored as the status's own
+/// fields plus `held_end`, so records from before `held_end` read as they are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HomeRow {
+    /// What `status` answers.
+    #[serde(flatten)]
+    pub status: StatusReply,
+    /// The held end, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_end: Option<LaunchEvent>,
 }
 
 /// An image written ahead of the record that will name it ([`HostStore::stage_image`]). A
@@ -892,15 +910,15 @@ fn keeping(
 
 /// The write of [`HostStore::put_home_latest`].
 fn home_latest<T>(
-    latest: impl Fn() -> Option<(StatusReply, T)> + Send + 'static,
+    latest: impl Fn() -> Option<(HomeRow, T)> + Send + 'static,
 ) -> impl FnMut(&Path, &WriteTransaction) -> Result<Option<T>, StoreError> + Send + 'static {
     move |_, txn| {
-        let Some((status, tag)) = latest() else {
+        let Some((row, tag)) = latest() else {
             return Ok(None);
         };
         txn.open_table(HOME)
             .map_err(db_err)?
-            .insert(status.agent.0.as_slice(), cbor(&status).as_slice())
+            .insert(row.status.agent.0.as_slice(), cbor(&row).as_slice())
             .map_err(db_err)?;
         Ok(Some(tag))
     }
@@ -1055,13 +1073,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn home_writes_racing_each_other_leave_the_latest_status() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-        // The status in memory, changed by each writer before it stores whatever is latest.
-        let latest = std::sync::Arc::new(std::sync::Mutex::new(0u64));
-        let status = |n: u64| StatusReply {
+    fn home_status(n: u64) -> StatusReply {
+        StatusReply {
             agent: AgentId([9; 16]),
             owner: "alice".into(),
             site: format!("site{n}"),
@@ -1070,6 +1083,58 @@ mod tests {
             result: None,
             error: None,
             sleeping: None,
+        }
+    }
+
+    #[test]
+    fn a_held_end_is_kept_with_the_home_status_and_old_records_read_without_one() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let end = LaunchEvent::Finished {
+            site: "siteC".into(),
+            hops: 2,
+            outcome: Ok(vec![0xf5]),
+        };
+        let held = HomeRow {
+            status: home_status(1),
+            held_end: Some(end),
+        };
+        {
+            let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+            let row = held.clone();
+            store
+                .put_home_latest(move || Some((row.clone(), ())))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.homes().ok(), Some(vec![held]));
+
+        // A record stored as a bare status, as hosts did before.
+        let old = home_status(2);
+        store
+            .write(move |_, txn| {
+                txn.open_table(HOME)
+                    .map_err(db_err)?
+                    .insert([9u8; 16].as_slice(), cbor(&old).as_slice())
+                    .map_err(db_err)?;
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let read = HomeRow {
+            status: home_status(2),
+            held_end: None,
+        };
+        assert_eq!(store.homes().ok(), Some(vec![read]));
+    }
+
+    #[test]
+    fn home_writes_racing_each_other_leave_the_latest_status() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        // The status in memory, changed by each writer before it stores whatever is latest.
+        let latest = std::sync::Arc::new(std::sync::Mutex::new(0u64));
+        let status = |n: u64| HomeRow {
+            status: home_status(n),
+            held_end: None,
         };
         std::thread::scope(|s| {
             for _ in 0..4 {
