@@ -137,13 +137,13 @@ impl HomeEntry {
             self.held = Some(event);
             return Noted::Held;
         }
-        Host::record(self, event);
+        self.record(event);
         let reported = self.status.hops.len() as u64;
         if let Some(LaunchEvent::Finished { hops, .. }) = &self.held
             && *hops <= reported
             && let Some(held) = self.held.take()
         {
-            Host::record(self, held);
+            self.record(held);
         }
         // Also when the event was already recorded: told again (its reporter timed out
         // waiting), it is acknowledged only once a stored status holds it.
@@ -151,6 +151,69 @@ impl HomeEntry {
             true => Noted::Unsaved,
             false => Noted::Saved,
         }
+    }
+
+    /// Applies an event to the home status in memory; [`Host::save_home`] stores it.
+    fn record(&mut self, event: LaunchEvent) {
+        match &event {
+            LaunchEvent::Moved(hop) => {
+                let hops = &mut self.status.hops;
+                let at = hops.partition_point(|h| h.seq < hop.seq);
+                if hops.get(at).is_some_and(|h| h.seq == hop.seq) {
+                    return; // the same hop reported twice (a host restarted)
+                }
+                let slept_later = (self.status.sleeping.as_ref()).is_some_and(|s| s.seq > hop.seq);
+                if at == hops.len() && !slept_later {
+                    self.status.site = hop.to.clone();
+                }
+                hops.insert(at, hop.clone());
+                if self
+                    .status
+                    .sleeping
+                    .as_ref()
+                    .is_some_and(|s| s.seq < hop.seq)
+                {
+                    self.status.sleeping = None;
+                }
+            }
+            LaunchEvent::Sleeping {
+                site,
+                seq,
+                until_ms,
+            } => {
+                // A report of a later hop, or of the end, may have overtaken this one.
+                if self.status.state != "running"
+                    || self.status.hops.last().is_some_and(|h| h.seq > *seq)
+                {
+                    return;
+                }
+                self.status.site = site.clone();
+                self.status.sleeping = Some(Asleep {
+                    site: site.clone(),
+                    seq: *seq,
+                    until_ms: *until_ms,
+                });
+            }
+            LaunchEvent::Finished { site, outcome, .. } => {
+                self.status.site = site.clone();
+                self.status.sleeping = None;
+                self.status.state = match outcome {
+                    Ok(_) => "finished".into(),
+                    Err(e) if e.contains("killed") => "killed".into(),
+                    Err(_) => "failed".into(),
+                };
+                match outcome {
+                    Ok(bytes) => match crate::runner::cbor_to_json(bytes) {
+                        Ok(json) => self.status.result = Some(json.to_string()),
+                        Err(e) => self.status.error = Some(e),
+                    },
+                    Err(e) => self.status.error = Some(e.clone()),
+                }
+            }
+            _ => {}
+        }
+        self.records += 1;
+        self.unheard.push((self.records, event));
     }
 
     /// What the store keeps of it.
@@ -988,7 +1051,7 @@ impl Host {
             && let Some(entry) = homes.get_mut(agent)
             && let Some(held) = entry.held.take()
         {
-            Self::record(entry, held);
+            entry.record(held);
         } else {
             return;
         }
@@ -1043,69 +1106,6 @@ impl Host {
                 entry.tell(u64::MAX);
             }
         }
-    }
-
-    /// Applies an event to the home status in memory; [`Host::save_home`] stores it.
-    fn record(entry: &mut HomeEntry, event: LaunchEvent) {
-        match &event {
-            LaunchEvent::Moved(hop) => {
-                let hops = &mut entry.status.hops;
-                let at = hops.partition_point(|h| h.seq < hop.seq);
-                if hops.get(at).is_some_and(|h| h.seq == hop.seq) {
-                    return; // the same hop reported twice (a host restarted)
-                }
-                let slept_later = (entry.status.sleeping.as_ref()).is_some_and(|s| s.seq > hop.seq);
-                if at == hops.len() && !slept_later {
-                    entry.status.site = hop.to.clone();
-                }
-                hops.insert(at, hop.clone());
-                if entry
-                    .status
-                    .sleeping
-                    .as_ref()
-                    .is_some_and(|s| s.seq < hop.seq)
-                {
-                    entry.status.sleeping = None;
-                }
-            }
-            LaunchEvent::Sleeping {
-                site,
-                seq,
-                until_ms,
-            } => {
-                // A report of a later hop, or of the end, may have overtaken this one.
-                if entry.status.state != "running"
-                    || entry.status.hops.last().is_some_and(|h| h.seq > *seq)
-                {
-                    return;
-                }
-                entry.status.site = site.clone();
-                entry.status.sleeping = Some(Asleep {
-                    site: site.clone(),
-                    seq: *seq,
-                    until_ms: *until_ms,
-                });
-            }
-            LaunchEvent::Finished { site, outcome, .. } => {
-                entry.status.site = site.clone();
-                entry.status.sleeping = None;
-                entry.status.state = match outcome {
-                    Ok(_) => "finished".into(),
-                    Err(e) if e.contains("killed") => "killed".into(),
-                    Err(_) => "failed".into(),
-                };
-                match outcome {
-                    Ok(bytes) => match crate::runner::cbor_to_json(bytes) {
-                        Ok(json) => entry.status.result = Some(json.to_string()),
-                        Err(e) => entry.status.error = Some(e),
-                    },
-                    Err(e) => entry.status.error = Some(e.clone()),
-                }
-            }
-            _ => {}
-        }
-        entry.records += 1;
-        entry.unheard.push((entry.records, event));
     }
 
     /// The agent's hop to `to` committed there: leave a forwarding pointer and tell its home.
@@ -2420,9 +2420,9 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         home.watchers.push(tx);
         for seq in 1..=3 {
-            Host::record(&mut home, moved(seq, "siteB"));
+            home.record(moved(seq, "siteB"));
         }
-        Host::record(&mut home, moved(2, "siteB")); // told twice: recorded once
+        home.record(moved(2, "siteB")); // told twice: recorded once
         assert_eq!(home.records, 3);
         let heard = |rx: &mut mpsc::UnboundedReceiver<LaunchEvent>| {
             std::iter::from_fn(|| rx.try_recv().ok())
@@ -2473,26 +2473,26 @@ mod tests {
     fn a_sleep_is_shown_until_a_later_hop_and_never_over_one() {
         // In order: asleep on siteB after hop 1, then hop 2 to siteC ends the sleep.
         let mut home = entry();
-        Host::record(&mut home, moved(1, "siteB"));
-        Host::record(&mut home, sleeping(1, "siteB"));
+        home.record(moved(1, "siteB"));
+        home.record(sleeping(1, "siteB"));
         assert_eq!(home.status.sleeping.as_ref().map(|s| s.seq), Some(1));
         assert_eq!(home.status.site, "siteB");
-        Host::record(&mut home, moved(2, "siteC"));
+        home.record(moved(2, "siteC"));
         assert_eq!(home.status.sleeping, None);
         assert_eq!(home.status.site, "siteC");
 
         // The report of hop 2 overtook that of the sleep before it: the sleep is old news.
         let mut home = entry();
-        Host::record(&mut home, moved(1, "siteB"));
-        Host::record(&mut home, moved(2, "siteC"));
-        Host::record(&mut home, sleeping(1, "siteB"));
+        home.record(moved(1, "siteB"));
+        home.record(moved(2, "siteC"));
+        home.record(sleeping(1, "siteB"));
         assert_eq!(home.status.sleeping, None);
         assert_eq!(home.status.site, "siteC");
 
         // An earlier hop reported after the sleep leaves the sleep standing.
         let mut home = entry();
-        Host::record(&mut home, sleeping(2, "siteC"));
-        Host::record(&mut home, moved(1, "siteB"));
+        home.record(sleeping(2, "siteC"));
+        home.record(moved(1, "siteB"));
         assert_eq!(home.status.sleeping.as_ref().map(|s| s.seq), Some(2));
         assert_eq!(home.status.site, "siteC");
 
@@ -2502,10 +2502,10 @@ mod tests {
             hops: 2,
             outcome: Ok(Vec::new()),
         };
-        Host::record(&mut home, end);
+        home.record(end);
         assert_eq!(home.status.sleeping, None);
         // A report of the sleep that arrives after the end changes nothing.
-        Host::record(&mut home, sleeping(2, "siteB"));
+        home.record(sleeping(2, "siteB"));
         assert_eq!(home.status.sleeping, None);
         assert_eq!(home.status.site, "siteC");
     }
