@@ -627,6 +627,20 @@ fn a_launch_sends_the_module_only_to_a_host_that_lacks_it() {
         let (_send, _recv, first) = launch_by_hash(&client, &wasm).await;
         assert!(matches!(first, LaunchEvent::Launched { .. }), "{first:?}");
 
+        // Compiled but no longer kept (its file lost): asked for again, so that an agent
+        // launched here can be restored after a restart; then kept again.
+        let kept = (cluster.dir.path().join("siteA/modules"))
+            .join(format!("{}.wasm", ModuleHash::of(&wasm)));
+        std::fs::remove_file(&kept).unwrap_or_else(|e| panic!("{}: {e}", kept.display()));
+        let (mut send, mut recv, first) = launch_by_hash(&client, &wasm).await;
+        assert_eq!(first, LaunchEvent::SendModule);
+        write_blob(&mut send, &wasm)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let answer = next(&mut recv).await;
+        assert!(matches!(answer, LaunchEvent::Launched { .. }), "{answer:?}");
+        assert!(kept.is_file(), "the module is kept again");
+
         // The library's launch does the same and its caller never sees the request.
         let mut seen = Vec::new();
         let last = client

@@ -930,7 +930,12 @@ impl Host {
         recv: &mut quinn::RecvStream,
     ) -> Result<Result<Arc<AgentModule>, String>, WireError> {
         if let Some(hash) = known {
-            if let Ok(module) = self.module(&hash).await {
+            // Held means kept, not only compiled: the agent must be restorable after a
+            // restart (a hop that admitted a module and then failed to keep it leaves it
+            // compiled only).
+            if self.store.has_module(&hash)
+                && let Ok(module) = self.module(&hash).await
+            {
                 return Ok(Ok(module));
             }
             write_msg(send, &LaunchEvent::SendModule).await?;

@@ -331,6 +331,11 @@ impl HostStore {
         write_durably(&path, bytes).map_err(|source| StoreError::Io { path, source })
     }
 
+    /// Whether a module's bytes are kept here.
+    pub fn has_module(&self, hash: &ModuleHash) -> bool {
+        self.module_path(hash).exists()
+    }
+
     /// A module's bytes, if kept here.
     pub fn module(&self, hash: &ModuleHash) -> Option<Vec<u8>> {
         std::fs::read(self.module_path(hash)).ok()
