@@ -107,10 +107,7 @@ fn main() -> anyhow::Result<()> {
         rows.push(runtime.block_on(bench.after_restart())?);
     }
     if run("parked") {
-        let count = std::env::var("BENCH_PARKED")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(100_000);
+        let count = env_count("BENCH_PARKED", 100_000);
         let data = cluster.dir.path().join("siteA");
         rows.push(runtime.block_on(bench.parked(count, cluster.pid("siteA"), &data))?);
         // Its parked agents' alarms are set from their records; no image is read.
@@ -329,10 +326,7 @@ impl Bench {
     /// Many small agents in flight at once, each bouncing between the two hosts.
     async fn throughput(&self, rounds: usize) -> anyhow::Result<Row> {
         // BENCH_AGENTS=N: agents in flight, to see how throughput depends on them.
-        let agents = std::env::var("BENCH_AGENTS")
-            .ok()
-            .and_then(|n| n.parse::<usize>().ok())
-            .unwrap_or(200);
+        let agents = env_count("BENCH_AGENTS", 200);
         const HOPS: u64 = 20;
         let mut rates = Vec::new();
         for _ in 0..rounds {
@@ -661,4 +655,12 @@ fn locked_versions(crates: &[&str]) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// The count the environment variable `name` sets, or `default`.
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
 }

@@ -586,8 +586,15 @@ async fn launch_by_hash(
     (send, recv, first)
 }
 
-async fn next(recv: &mut quinn::RecvStream) -> LaunchEvent {
-    read_msg(recv).await.unwrap_or_else(|e| panic!("{e}"))
+/// Launches `wasm` by hash on a host that must ask for the module, sends `sent` when asked,
+/// and returns the host's answer.
+async fn launch_sending(client: &Client, wasm: &[u8], sent: &[u8]) -> LaunchEvent {
+    let (mut send, mut recv, first) = launch_by_hash(client, wasm).await;
+    assert_eq!(first, LaunchEvent::SendModule);
+    write_blob(&mut send, sent)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -600,24 +607,14 @@ fn a_launch_sends_the_module_only_to_a_host_that_lacks_it() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         // Other bytes than the module named: refused, and nothing of them is kept.
-        let (mut send, mut recv, first) = launch_by_hash(&client, &wasm).await;
-        assert_eq!(first, LaunchEvent::SendModule);
-        write_blob(&mut send, &example("bench"))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let answer = next(&mut recv).await;
+        let answer = launch_sending(&client, &wasm, &example("bench")).await;
         assert!(
             matches!(&answer, LaunchEvent::Refused(why) if why.contains("not the one named")),
             "{answer:?}"
         );
 
         // Asked for again; sent; launched.
-        let (mut send, mut recv, first) = launch_by_hash(&client, &wasm).await;
-        assert_eq!(first, LaunchEvent::SendModule);
-        write_blob(&mut send, &wasm)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let answer = next(&mut recv).await;
+        let answer = launch_sending(&client, &wasm, &wasm).await;
         assert!(
             matches!(&answer, LaunchEvent::Launched { module, .. } if *module == ModuleHash::of(&wasm)),
             "{answer:?}"
@@ -632,12 +629,7 @@ fn a_launch_sends_the_module_only_to_a_host_that_lacks_it() {
         let kept = (cluster.dir.path().join("siteA/modules"))
             .join(format!("{}.wasm", ModuleHash::of(&wasm)));
         std::fs::remove_file(&kept).unwrap_or_else(|e| panic!("{}: {e}", kept.display()));
-        let (mut send, mut recv, first) = launch_by_hash(&client, &wasm).await;
-        assert_eq!(first, LaunchEvent::SendModule);
-        write_blob(&mut send, &wasm)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let answer = next(&mut recv).await;
+        let answer = launch_sending(&client, &wasm, &wasm).await;
         assert!(matches!(answer, LaunchEvent::Launched { .. }), "{answer:?}");
         assert!(kept.is_file(), "the module is kept again");
 
