@@ -14,6 +14,7 @@ use super::messages::{
     TransferReply, TransferStatus, unix_ms, unix_us,
 };
 use super::outgoing::{Outgoing, write_blob_passing, write_image};
+use super::spare::Spare;
 use super::store::{AgentRecord, CallEntry, HomeRow, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::trim::Trimmer;
@@ -286,6 +287,8 @@ pub struct Host {
     outbox: tokio::sync::Notify,
     /// Gives the memory of agents that left this host's memory back to the system.
     trimmer: Arc<Trimmer>,
+    /// The receive buffer of the last large arrival, for the next one.
+    spare: Arc<Spare>,
 }
 
 /// How an agent task starts.
@@ -361,6 +364,7 @@ impl Host {
             idle: tokio::sync::Notify::new(),
             outbox: tokio::sync::Notify::new(),
             trimmer: Trimmer::start(),
+            spare: Arc::default(),
         });
         for agent in held {
             host.release_held_later(agent);
@@ -2040,6 +2044,11 @@ impl Host {
             true => Some(read_blob(recv, "image", self.config.max_image).await?),
             false => None,
         };
+        // A large image is read into the buffer of the last one, if it is kept.
+        let buffer = |len: usize| match len as u64 >= WORTH_PREPARING {
+            true => self.spare.take(len),
+            false => super::spare::fresh(len),
+        };
         let wasm = if need_module {
             let wasm = read_blob(recv, "module", self.config.max_module).await?;
             crash_point("dest-mid-module");
@@ -2064,9 +2073,11 @@ impl Host {
                         }
                     }
                 };
-                read_blob_heading(recv, "image", self.config.max_image, header).await?
+                read_blob_heading(recv, "image", self.config.max_image, buffer, header).await?
             }
-            None => read_blob(recv, "image", self.config.max_image).await?,
+            None => {
+                read_blob_heading(recv, "image", self.config.max_image, buffer, |_| None).await?
+            }
         };
         let phase = |name: &str| {
             let us = arriving.elapsed().as_micros() as u64;
@@ -2077,7 +2088,10 @@ impl Host {
         // An image that must stand alone (no base was offered) is what gets stored: a large
         // one is written and synced while it is checked and restored. Dropped unnamed, the
         // file goes too.
-        let image = bytes::Bytes::from(image);
+        let image = match image.len() as u64 >= WORTH_PREPARING {
+            true => self.spare.lend(image),
+            false => bytes::Bytes::from(image),
+        };
         let staging = (base.is_none() && image.len() > super::store::INLINE_IMAGE).then(|| {
             let (host, image) = (self.clone(), image.clone());
             tokio::task::spawn_blocking(move || host.store.stage_image(&[&image]))

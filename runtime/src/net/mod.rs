@@ -9,6 +9,7 @@ pub mod host;
 pub mod messages;
 mod outgoing;
 mod socket;
+mod spare;
 pub mod store;
 pub mod tls;
 mod trim;

@@ -110,12 +110,14 @@ pub async fn read_blob(
     what: &'static str,
     limit: u64,
 ) -> Result<Vec<u8>, WireError> {
-    read_blob_heading(recv, what, limit, |_| None).await
+    read_blob_heading(recv, what, limit, super::spare::fresh, |_| None).await
 }
 
-/// Reads a blob as [`read_blob`] does, showing its first bytes to `head` as they come:
-/// given the bytes read so far, it answers how many it wants to see in all (read next, then
-/// shown to it again; never more than the blob holds) or `None` to have the rest read.
+/// Reads a blob as [`read_blob`] does, into the buffer `buffer` gives for its length (of
+/// that length),
+/// showing its first bytes to `head` as they come: given the bytes read so far, it answers
+/// how many it wants to see in all (read next, then shown to it again; never more than the
+/// blob holds) or `None` to have the rest read.
 ///
 /// # Errors
 /// As [`read_blob`].
@@ -123,6 +125,7 @@ pub async fn read_blob_heading(
     recv: &mut quinn::RecvStream,
     what: &'static str,
     limit: u64,
+    buffer: impl FnOnce(usize) -> Vec<u8>,
     mut head: impl FnMut(&[u8]) -> Option<usize>,
 ) -> Result<Vec<u8>, WireError> {
     let stream = |e: quinn::ReadExactError| WireError::Stream(e.to_string());
@@ -132,8 +135,8 @@ pub async fn read_blob_heading(
     if size > limit {
         return Err(WireError::TooLarge { what, size, limit });
     }
-    let mut bytes = vec![0u8; size as usize];
-    crate::prefault::huge(&mut bytes);
+    let mut bytes = buffer(size as usize);
+    bytes.resize(size as usize, 0);
     let mut read = 0;
     while let Some(wanted) = head(&bytes[..read]).map(|n| n.min(bytes.len()))
         && wanted > read
