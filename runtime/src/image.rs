@@ -122,6 +122,19 @@ impl InPlace<'_> {
     }
 }
 
+/// How an image's header says its memory and body are laid out ([`AgentImage::layout`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Size of linear memory in bytes.
+    pub memory_bytes: u64,
+    /// The carried pages.
+    pub runs: Vec<PageRun>,
+    /// Where the body starts in the image's bytes.
+    pub body_at: usize,
+    /// Whether the body is the pages as they are (not compressed).
+    pub raw: bool,
+}
+
 /// Bounds applied while decoding an untrusted image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImageLimits {
@@ -423,14 +436,18 @@ impl AgentImage {
         (prefix.starts_with(&MAGIC)).then(|| 12 + u32::from_le_bytes(len) as usize)
     }
 
-    /// The memory size and page runs the header at the start of `bytes` claims, unchecked:
-    /// enough to make an instance ready while the body travels, which decoding then checks.
-    /// `None` for an image that leaves out pages (filled in from a base, not sent) or a
-    /// header that does not read.
-    pub fn layout(bytes: &[u8], limits: &ImageLimits) -> Option<(u64, Vec<PageRun>)> {
-        let (header, _) = read_header(bytes, limits.max_header).ok()?;
-        (header.base.is_none() && header.memory_bytes <= limits.max_memory)
-            .then_some((header.memory_bytes, header.runs))
+    /// What the header at the start of `bytes` claims of the memory and the body, unchecked:
+    /// enough to make an instance ready, and to write a raw body's pages into it, while the
+    /// body travels; decoding then checks it all. `None` for an image that leaves out pages
+    /// (filled in from a base, not sent) or a header that does not read.
+    pub fn layout(bytes: &[u8], limits: &ImageLimits) -> Option<Layout> {
+        let (header, body_at) = read_header(bytes, limits.max_header).ok()?;
+        (header.base.is_none() && header.memory_bytes <= limits.max_memory).then_some(Layout {
+            memory_bytes: header.memory_bytes,
+            runs: header.runs,
+            body_at,
+            raw: header.raw,
+        })
     }
 
     /// Decodes and verifies an untrusted image.

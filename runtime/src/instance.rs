@@ -125,14 +125,17 @@ impl AgentInstance {
         }
         check_globals(&image.globals, &module.facts.globals)?;
         let agent = AgentInstance::instantiate(module, site, image.context.clone(), limits).await?;
-        agent.fill(image)
+        agent.fill(image, false)
     }
 
     /// A fresh instance of `module` for an agent arriving with `memory_bytes` of memory, of
     /// which the pages of `runs` will be written: made, grown and mapped while its image is
     /// still on the way, so that restoring it ([`AgentInstance::restore_into`]) only copies.
     /// Mapping fresh memory is most of a large restore on the VMs we run on (see
-    /// [`crate::prefault`]). `context` stands in for the image's until then.
+    /// [`crate::prefault`]). `context` stands in for the image's until then. Mapped ahead
+    /// on a thread of its own, the memory is ready before most of a large image has come;
+    /// left to be mapped by the writes of the pages as they arrive, it slowed the transfer
+    /// (BENCHMARKS.md).
     ///
     /// # Errors
     /// As [`AgentInstance::restore`], for the sizes given.
@@ -169,8 +172,36 @@ impl AgentInstance {
     /// # Errors
     /// As [`AgentInstance::restore`].
     pub fn restore_into(
+        prepared: AgentInstance,
+        image: AgentImage,
+    ) -> Result<AgentInstance, AgentError> {
+        AgentInstance::restore_prepared(prepared, image, false)
+    }
+
+    /// Restores an agent from `image` into `prepared` as [`AgentInstance::restore_into`]
+    /// does, but for its pages: [`AgentInstance::write_pages`] wrote them already, from the
+    /// body `image` was decoded from, laid out by the same runs.
+    ///
+    /// # Errors
+    /// As [`AgentInstance::restore`].
+    pub fn restore_written(
+        prepared: AgentInstance,
+        image: AgentImage,
+    ) -> Result<AgentInstance, AgentError> {
+        AgentInstance::restore_prepared(prepared, image, true)
+    }
+
+    /// Writes `part`, the bytes at `from..` of a raw image body laying out the pages of
+    /// `runs`, into the memory of this instance made by [`AgentInstance::prepare`] with the
+    /// same runs: a large image is written as it arrives.
+    pub fn write_pages(&mut self, runs: &[PageRun], from: usize, part: &[u8]) {
+        PageMap::write_part(runs, from, part, self.memory.data_mut(&mut self.store));
+    }
+
+    fn restore_prepared(
         mut prepared: AgentInstance,
         image: AgentImage,
+        written: bool,
     ) -> Result<AgentInstance, AgentError> {
         if image.module != prepared.module.hash {
             return Err(ImageError::WrongModule {
@@ -184,7 +215,7 @@ impl AgentInstance {
         let spent = prepared.context().cpu_used_us;
         *prepared.context_mut() = image.context.clone();
         prepared.context_mut().cpu_used_us += spent;
-        prepared.fill(image)
+        prepared.fill(image, written)
     }
 
     /// Grows memory to `memory_bytes`, which must be at least its size.
@@ -204,8 +235,9 @@ impl AgentInstance {
         Ok(())
     }
 
-    /// Writes the pages and globals of `image` over this fresh (or prepared) instance.
-    fn fill(mut self, image: AgentImage) -> Result<AgentInstance, AgentError> {
+    /// Writes the pages (unless `written` already) and globals of `image` over this fresh
+    /// (or prepared) instance.
+    fn fill(mut self, image: AgentImage, written: bool) -> Result<AgentInstance, AgentError> {
         let AgentImage {
             memory_bytes,
             globals,
@@ -216,7 +248,9 @@ impl AgentInstance {
         // Checked again here: this instance's memory, not the header, bounds the writes.
         PageMap::check(&pages.runs, self.memory.data_size(&self.store) as u64)
             .map_err(ImageError::BadPages)?;
-        pages.apply(self.memory.data_mut(&mut self.store));
+        if !written {
+            pages.apply(self.memory.data_mut(&mut self.store));
+        }
         for g in &globals {
             let global = self
                 .instance

@@ -204,6 +204,32 @@ impl PageMap {
         }
     }
 
+    /// Writes `part`, the bytes at `from..` of a body that lays out the pages of `runs` end
+    /// to end, where those pages go in `memory`: a body can be applied piece by piece as it
+    /// arrives. The runs must have been checked against `memory.len()`; bytes past the
+    /// runs' pages are left out.
+    pub fn write_part(runs: &[PageRun], from: usize, part: &[u8], memory: &mut [u8]) {
+        let (mut at, to) = (0, from + part.len());
+        for run in runs {
+            let range = run.bytes();
+            let (start, end) = (at, at + range.len());
+            at = end;
+            if end <= from {
+                continue;
+            }
+            if start >= to {
+                break;
+            }
+            let (lo, hi) = (start.max(from), end.min(to));
+            let target = range.start + (lo - start)..range.start + (hi - start);
+            if let (Some(region), Some(bytes)) =
+                (memory.get_mut(target), part.get(lo - from..hi - from))
+            {
+                region.copy_from_slice(bytes);
+            }
+        }
+    }
+
     /// The carried pages with their indices, in page order.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &[u8])> {
         indices(&self.runs).zip(self.data.chunks_exact(PAGE_SIZE))
@@ -317,6 +343,40 @@ fn is_zero(page: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_written_in_any_pieces_is_the_body_applied_whole() {
+        let runs = vec![
+            PageRun { start: 1, count: 2 },
+            PageRun { start: 4, count: 1 },
+            PageRun { start: 7, count: 3 },
+        ];
+        let body: Vec<u8> = (0..6 * PAGE_SIZE).map(|i| (i % 251) as u8 + 1).collect();
+        let map = PageMap {
+            runs: runs.clone(),
+            data: body.clone().into(),
+        };
+        let mut whole = vec![0u8; 10 * PAGE_SIZE];
+        map.apply(&mut whole);
+        for piece in [
+            1,
+            7,
+            PAGE_SIZE - 1,
+            PAGE_SIZE,
+            3 * PAGE_SIZE + 5,
+            body.len(),
+        ] {
+            let mut memory = vec![0u8; 10 * PAGE_SIZE];
+            for (n, part) in body.chunks(piece).enumerate() {
+                PageMap::write_part(&runs, n * piece, part, &mut memory);
+            }
+            assert!(memory == whole, "pieces of {piece} bytes");
+        }
+        // Bytes past the runs' pages go nowhere.
+        let mut memory = whole.clone();
+        PageMap::write_part(&runs, body.len(), &[9; 64], &mut memory);
+        assert!(memory == whole);
+    }
 
     #[test]
     fn capture_skips_zero_and_initial_pages_and_apply_restores() {

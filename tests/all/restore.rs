@@ -94,13 +94,23 @@ fn an_image_only_restores_into_its_own_module() {
             AgentInstance::restore_into(ready, image.clone()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(prepared.context().agent_id, image.context.agent_id);
         assert_eq!(prepared.context().home, "home");
+        // Its pages written a piece at a time as they would arrive, then restored without them.
+        let mut ready = prepare(&heap).await.unwrap_or_else(|e| panic!("{e}"));
+        let (runs, body) = (&image.pages.runs, &image.pages.data);
+        for (n, part) in body.chunks(5000).enumerate() {
+            ready.write_pages(runs, n * 5000, part);
+        }
+        let written =
+            AgentInstance::restore_written(ready, image.clone()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!body.is_empty() && written.memory() == prepared.memory());
 
         // The untouched image still restores and finishes, the same either way.
         let fresh = AgentInstance::restore(heap, site.clone(), image, &limits)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let mut outcomes = Vec::new();
-        for mut agent in [fresh, prepared] {
+        assert!(fresh.memory() == prepared.memory());
+        for mut agent in [fresh, prepared, written] {
             agent.complete(agent_abi::OpResult::Checkpoint);
             outcomes.push(loop {
                 match agent.poll().await {
@@ -115,6 +125,7 @@ fn an_image_only_restores_into_its_own_module() {
             "{outcomes:?}"
         );
         assert_eq!(outcomes[0], outcomes[1]);
+        assert_eq!(outcomes[0], outcomes[2]);
     });
 }
 

@@ -7,6 +7,7 @@
 //! store, COMMITTED). Events (hops, the result) go to the agent's home host, which streams them
 //! to the launcher and answers `status`/`list`/`kill`.
 
+use super::arriving::Arriving;
 use super::certs::{Identity, Role};
 use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
 use super::messages::{
@@ -18,7 +19,9 @@ use super::spare::Spare;
 use super::store::{AgentRecord, CallEntry, HomeRow, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::trim::Trimmer;
-use super::wire::{WireError, read_blob, read_blob_heading, read_msg, write_blob_parts, write_msg};
+use super::wire::{
+    Blob, WireError, read_blob, read_blob_into, read_msg, write_blob_parts, write_msg,
+};
 use crate::base::{Base, BaseCache, BaseList, Binding, WORTH_A_BASE, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
 use crate::faults::crash_point;
@@ -1951,20 +1954,52 @@ impl Host {
 
     /// Starts making an instance ready for the agent whose image begins with `head`, when
     /// its header agrees with the offer ([`AgentInstance::prepare`]).
-    fn prepare(self: &Arc<Self>, offer: &Offer, head: &[u8]) -> Option<Preparing> {
-        let (memory_bytes, runs) = AgentImage::layout(head, &self.image_limits())?;
-        if memory_bytes != offer.memory_bytes {
+    fn prepare(self: &Arc<Self>, offer: &Offer, head: &[u8]) -> Option<Arriving> {
+        let layout = AgentImage::layout(head, &self.image_limits())?;
+        if layout.memory_bytes != offer.memory_bytes {
             return None;
         }
         let (host, hash) = (self.clone(), offer.module);
         let context = AgentContext::new(&offer.home, &offer.owner, Vec::new(), BTreeMap::new());
-        Some(tokio::spawn(async move {
+        let (memory_bytes, runs) = (layout.memory_bytes, layout.runs.clone());
+        let preparing = tokio::spawn(async move {
             let module = host.module(&hash).await?;
             let (site, limits) = (host.site.clone(), &host.config.limits);
             AgentInstance::prepare(module, site, context, memory_bytes, runs, limits)
                 .await
                 .map_err(|e| e.to_string())
-        }))
+        });
+        Some(Arriving::new(layout, preparing))
+    }
+
+    /// Reads a large image whose module this host holds, making its instance ready once its
+    /// header has come and writing its pages into it as they come ([`Arriving`]).
+    async fn read_arriving(
+        self: &Arc<Self>,
+        offer: &Offer,
+        recv: &mut quinn::RecvStream,
+        buffer: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Result<(Vec<u8>, Option<Arriving>), WireError> {
+        let mut blob = Blob::start(recv, "image", self.config.max_image, buffer).await?;
+        let (mut arriving, mut wanted) = (None, 12);
+        while blob.arrived().len() < wanted.min(blob.len()) {
+            blob.read_to(recv, wanted).await?;
+            let seen = blob.arrived();
+            match AgentImage::head_len(seen) {
+                Some(n) if n > 12 + MAX_HEADER_SEEN => break,
+                Some(n) if n <= seen.len() => arriving = self.prepare(offer, seen),
+                Some(n) => wanted = n,
+                None => break,
+            }
+        }
+        while blob.arrived().len() < blob.len() {
+            blob.read_to(recv, blob.arrived().len() + ARRIVING_PIECE)
+                .await?;
+            if let Some(arriving) = &mut arriving {
+                arriving.keep_up(blob.arrived()).await;
+            }
+        }
+        Ok((blob.into_bytes(), arriving))
     }
 
     /// The destination side of a hop.
@@ -2056,27 +2091,17 @@ impl Host {
         } else {
             None
         };
-        // A large agent's instance is made ready while its body travels, once its header
-        // has come (not when its module has just come: it was being admitted meanwhile).
-        let mut preparing = None;
-        let image = match early {
-            Some(image) => image,
+        // A large agent's instance is made ready and written while its body travels, once
+        // its header has come (not when its module has just come: it was being admitted
+        // meanwhile).
+        let (image, filling) = match early {
+            Some(image) => (image, None),
             None if wasm.is_none() && offer.image_bytes >= WORTH_PREPARING => {
-                let header = |seen: &[u8]| {
-                    let wanted = AgentImage::head_len(seen).unwrap_or(12);
-                    match seen.len() {
-                        _ if preparing.is_some() || wanted > 12 + MAX_HEADER_SEEN => None,
-                        n if n < wanted => Some(wanted),
-                        _ => {
-                            preparing = self.prepare(offer, seen);
-                            None
-                        }
-                    }
-                };
-                read_blob_heading(recv, "image", self.config.max_image, buffer, header).await?
+                self.read_arriving(offer, recv, buffer).await?
             }
             None => {
-                read_blob_heading(recv, "image", self.config.max_image, buffer, |_| None).await?
+                let read = read_blob_into(recv, "image", self.config.max_image, buffer);
+                (read.await?, None)
             }
         };
         let phase = |name: &str| {
@@ -2096,7 +2121,7 @@ impl Host {
             let (host, image) = (self.clone(), image.clone());
             tokio::task::spawn_blocking(move || host.store.stage_image(&[&image]))
         });
-        let arrival = self.receive(offer, wasm, &image, base, preparing);
+        let arrival = self.receive(offer, wasm, &image, base, filling);
         let (mut agent, whole, unverified) = match arrival.await {
             Ok(arrival) => arrival,
             Err(why) => {
@@ -2173,7 +2198,7 @@ impl Host {
         wasm: Option<Vec<u8>>,
         bytes: &bytes::Bytes,
         base: Option<&Base>,
-        prepared: Option<Preparing>,
+        arriving: Option<Arriving>,
     ) -> Result<(AgentInstance, Option<Vec<u8>>, Option<Unverified>), String> {
         let started = Instant::now();
         let module = match wasm {
@@ -2233,23 +2258,29 @@ impl Host {
             true => Some(image.encode().map_err(|e| e.to_string())?),
             false => None,
         };
-        let ready = match prepared {
-            Some(task) => task.await.ok().and_then(Result::ok),
+        let ready = match arriving {
+            Some(arriving) => arriving.finish(bytes).await,
             None => None,
         };
-        let prepared = ready.is_some();
-        let restored = match ready {
-            Some(ready) => AgentInstance::restore_into(ready, image),
-            // Not prepared, or preparing failed: a restore from scratch says why.
-            None => {
-                AgentInstance::restore(module, self.site.clone(), image, &self.config.limits).await
+        let (restored, how) = match ready {
+            Some((ready, Some(runs))) if runs == image.pages.runs => (
+                AgentInstance::restore_written(ready, image),
+                "restored into the instance written as it came",
+            ),
+            Some((ready, None)) => (
+                AgentInstance::restore_into(ready, image),
+                "restored into the instance made ready",
+            ),
+            // Not prepared, preparing failed, or written by other runs (decoding read the
+            // same header, so never): a restore from scratch.
+            _ => {
+                let site = self.site.clone();
+                let restored = AgentInstance::restore(module, site, image, &self.config.limits);
+                (restored.await, "restored")
             }
         };
         let agent = restored.map_err(|e| e.to_string())?;
-        phase(match prepared {
-            true => "restored into the instance made ready",
-            false => "restored",
-        });
+        phase(how);
         Ok((agent, whole, unverified))
     }
 }
@@ -2263,8 +2294,8 @@ const WORTH_PREPARING: u64 = 8 << 20;
 /// read with the body and checked by decoding.
 const MAX_HEADER_SEEN: usize = 1 << 20;
 
-/// An instance being made ready for an arriving agent.
-type Preparing = tokio::task::JoinHandle<Result<AgentInstance, String>>;
+/// How many bytes of a large image are read before what came is written into its instance.
+const ARRIVING_PIECE: usize = 4 << 20;
 
 /// Bytes of records a list reply carries at most, so that it fits in one message.
 const LIST_BYTES: usize = super::wire::MAX_MESSAGE / 2;

@@ -1,6 +1,7 @@
 //! Hosts over the network: certificates, mutually authenticated QUIC, the hop protocol, the
 //! durable store, the host itself and the user's client.
 
+mod arriving;
 mod batch;
 pub mod certs;
 pub mod client;

@@ -110,42 +110,93 @@ pub async fn read_blob(
     what: &'static str,
     limit: u64,
 ) -> Result<Vec<u8>, WireError> {
-    read_blob_heading(recv, what, limit, super::spare::fresh, |_| None).await
+    read_blob_into(recv, what, limit, super::spare::fresh).await
 }
 
-/// Reads a blob as [`read_blob`] does, into the buffer `buffer` gives for its length (of
-/// that length),
-/// showing its first bytes to `head` as they come: given the bytes read so far, it answers
-/// how many it wants to see in all (read next, then shown to it again; never more than the
-/// blob holds) or `None` to have the rest read.
+/// Reads a blob as [`read_blob`] does, into the buffer `buffer` gives for its length.
 ///
 /// # Errors
 /// As [`read_blob`].
-pub async fn read_blob_heading(
+pub async fn read_blob_into(
     recv: &mut quinn::RecvStream,
     what: &'static str,
     limit: u64,
     buffer: impl FnOnce(usize) -> Vec<u8>,
-    mut head: impl FnMut(&[u8]) -> Option<usize>,
 ) -> Result<Vec<u8>, WireError> {
-    let stream = |e: quinn::ReadExactError| WireError::Stream(e.to_string());
-    let mut len = [0u8; 8];
-    recv.read_exact(&mut len).await.map_err(stream)?;
-    let size = u64::from_le_bytes(len);
-    if size > limit {
-        return Err(WireError::TooLarge { what, size, limit });
+    let mut blob = Blob::start(recv, what, limit, buffer).await?;
+    blob.read_to(recv, blob.len()).await?;
+    Ok(blob.into_bytes())
+}
+
+/// A length-prefixed blob being read, for readers that act on its bytes as they come.
+pub struct Blob {
+    bytes: Vec<u8>,
+    read: usize,
+}
+
+impl Blob {
+    /// Reads the length of a blob of at most `limit` bytes, and takes a buffer for it from
+    /// `buffer` (given the length; made that length if it is not).
+    ///
+    /// # Errors
+    /// As [`read_blob`].
+    pub async fn start(
+        recv: &mut quinn::RecvStream,
+        what: &'static str,
+        limit: u64,
+        buffer: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Result<Blob, WireError> {
+        let mut len = [0u8; 8];
+        recv.read_exact(&mut len).await.map_err(stream)?;
+        let size = u64::from_le_bytes(len);
+        if size > limit {
+            return Err(WireError::TooLarge { what, size, limit });
+        }
+        let mut bytes = buffer(size as usize);
+        bytes.resize(size as usize, 0);
+        Ok(Blob { bytes, read: 0 })
     }
-    let mut bytes = buffer(size as usize);
-    bytes.resize(size as usize, 0);
-    let mut read = 0;
-    while let Some(wanted) = head(&bytes[..read]).map(|n| n.min(bytes.len()))
-        && wanted > read
-    {
-        recv.read_exact(&mut bytes[read..wanted])
-            .await
-            .map_err(stream)?;
-        read = wanted;
+
+    /// Reads on until `upto` bytes of the blob (or all of it, if fewer) have come.
+    ///
+    /// # Errors
+    /// When the stream fails or ends first.
+    pub async fn read_to(
+        &mut self,
+        recv: &mut quinn::RecvStream,
+        upto: usize,
+    ) -> Result<(), WireError> {
+        let upto = upto.min(self.bytes.len());
+        if upto > self.read {
+            recv.read_exact(&mut self.bytes[self.read..upto])
+                .await
+                .map_err(stream)?;
+            self.read = upto;
+        }
+        Ok(())
     }
-    recv.read_exact(&mut bytes[read..]).await.map_err(stream)?;
-    Ok(bytes)
+
+    /// The bytes that have come.
+    pub fn arrived(&self) -> &[u8] {
+        &self.bytes[..self.read]
+    }
+
+    /// The blob's length.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether the blob has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The whole blob's bytes (those not read yet are whatever the buffer held).
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+fn stream(e: quinn::ReadExactError) -> WireError {
+    WireError::Stream(e.to_string())
 }
