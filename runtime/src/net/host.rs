@@ -367,7 +367,7 @@ impl Host {
             idle: tokio::sync::Notify::new(),
             outbox: tokio::sync::Notify::new(),
             trimmer: Trimmer::start(),
-            spare: Arc::default(),
+            spare: Arc::new(Spare::new(WORTH_PREPARING as usize)),
         });
         for agent in held {
             host.release_held_later(agent);
@@ -2080,10 +2080,7 @@ impl Host {
             false => None,
         };
         // A large image is read into the buffer of the last one, if it is kept.
-        let buffer = |len: usize| match len as u64 >= WORTH_PREPARING {
-            true => self.spare.take(len),
-            false => super::spare::fresh(len),
-        };
+        let buffer = |len: usize| self.spare.take(len);
         let wasm = if need_module {
             let wasm = read_blob(recv, "module", self.config.max_module).await?;
             crash_point("dest-mid-module");
@@ -2113,10 +2110,7 @@ impl Host {
         // An image that must stand alone (no base was offered) is what gets stored: a large
         // one is written and synced while it is checked and restored. Dropped unnamed, the
         // file goes too.
-        let image = match image.len() as u64 >= WORTH_PREPARING {
-            true => self.spare.lend(image),
-            false => bytes::Bytes::from(image),
-        };
+        let image = self.spare.lend(image);
         let staging = (base.is_none() && image.len() > super::store::INLINE_IMAGE).then(|| {
             let (host, image) = (self.clone(), image.clone());
             tokio::task::spawn_blocking(move || host.store.stage_image(&[&image]))
@@ -2287,7 +2281,8 @@ impl Host {
 
 /// Images at least this large have their instance made ready while they travel, and their
 /// pages hashed once the agent runs (before the commit), not before it resumes: below it a
-/// restore costs less than the task would, and hashing is quick.
+/// restore costs less than the task would, and hashing is quick. Their receive buffer is
+/// kept for the next one ([`Spare`]).
 const WORTH_PREPARING: u64 = 8 << 20;
 
 /// Largest header the destination reads ahead for [`Host::prepare`]; a larger one is

@@ -14,9 +14,11 @@ use std::time::Duration;
 /// How long a kept buffer waits for the next large arrival before it is freed.
 pub const KEEP_FOR: Duration = Duration::from_secs(30);
 
-/// At most one kept receive buffer.
-#[derive(Default)]
+/// At most one kept receive buffer, for reads of at least `min` bytes.
 pub struct Spare {
+    /// Smaller reads get a fresh buffer and give it back to the system: a small image must
+    /// not hold a large buffer, nor a small buffer stand in for a large one.
+    min: usize,
     kept: Mutex<Option<Vec<u8>>>,
     /// Counts buffers given back, so that a timer knows whether its buffer is still the one
     /// kept.
@@ -24,9 +26,21 @@ pub struct Spare {
 }
 
 impl Spare {
-    /// A buffer of `len` bytes to read into: the kept one when it is large enough, else a
-    /// fresh one. Its bytes are whatever the last image left.
+    /// Keeps buffers for reads of at least `min` bytes.
+    pub fn new(min: usize) -> Spare {
+        Spare {
+            min,
+            kept: Mutex::default(),
+            returns: AtomicU64::default(),
+        }
+    }
+
+    /// A buffer of `len` bytes to read into: the kept one when the read is large and the
+    /// buffer large enough, else a fresh one. Its bytes are whatever the last image left.
     pub fn take(&self, len: usize) -> Vec<u8> {
+        if len < self.min {
+            return fresh(len);
+        }
         let kept = self.kept.lock().ok().and_then(|mut k| k.take());
         match kept {
             Some(mut buf) if buf.capacity() >= len => {
@@ -38,8 +52,11 @@ impl Spare {
         }
     }
 
-    /// `buf` as shared bytes, kept again once the last of them is dropped.
+    /// `buf` as shared bytes; a large one is kept again once the last of them is dropped.
     pub fn lend(self: &Arc<Self>, buf: Vec<u8>) -> bytes::Bytes {
+        if buf.len() < self.min {
+            return bytes::Bytes::from(buf);
+        }
         bytes::Bytes::from_owner(Lent {
             buf,
             home: Arc::downgrade(self),
@@ -123,7 +140,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lent_buffer_comes_back_for_the_next_read_and_goes_after_a_while_unused() {
-        let spare = Arc::new(Spare::default());
+        let spare = Arc::new(Spare::new(4096));
         let mut first = spare.take(1 << 20);
         first[..4].copy_from_slice(b"page");
         let at = first.as_ptr();
@@ -142,6 +159,12 @@ mod tests {
         assert_ne!(third.as_ptr(), at);
         assert_eq!(third.len(), 2 << 20);
         assert!(third.iter().all(|&b| b == 0));
+
+        // A read below the minimum neither takes the kept buffer nor is kept.
+        let small = spare.take(4095);
+        assert_ne!(small.as_ptr(), at);
+        assert_eq!(small.len(), 4095);
+        drop(spare.lend(small));
 
         // The larger of two returned buffers is the one kept.
         drop(spare.lend(second));
