@@ -116,6 +116,9 @@ pub struct ModuleFacts {
     pub memory_exported: bool,
     /// The memory right after instantiation: data segments applied, the rest zero.
     pub initial: InitialImage,
+    /// Whether it has passive data segments. `data.drop` empties one for good in an
+    /// instance: an instance an agent of this module ran in is not reused for another.
+    pub passive_data: bool,
 }
 
 /// Inspects a module and refuses what cannot be an agent.
@@ -134,6 +137,7 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
     let mut imported_funcs = 0u32;
     let mut defined_funcs = 0u32;
     let mut segments = Vec::new();
+    let mut passive_data = false;
     let invalid =
         |e: wasmparser::BinaryReaderError| AdmissionError::Invalid(e.message().to_string());
 
@@ -198,6 +202,7 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
             Payload::DataSection(reader) => {
                 for (index, data) in reader.into_iter().enumerate() {
                     let data = data.map_err(invalid)?;
+                    passive_data |= matches!(data.kind, DataKind::Passive);
                     if let DataKind::Active { offset_expr, .. } = data.kind {
                         // Only `i32.const N` alone: an extended constant expression such as
                         // `i32.const 0 i32.const 65536 i32.add` would otherwise be read as 0.
@@ -279,6 +284,7 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
         globals,
         memory_exported: exported(export::MEMORY, wasmparser::ExternalKind::Memory),
         initial,
+        passive_data,
     })
 }
 
@@ -332,6 +338,11 @@ mod tests {
             vec![(0, GlobalKind::I32), (1, GlobalKind::I64)]
         );
         assert!(facts.memory_exported);
+        assert!(!facts.passive_data);
+        let passive = format!(r#"{MEMORY} (data "not placed")"#);
+        let facts_passive = inspect(&agent(&passive, ABI)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(facts_passive.passive_data);
+        assert_eq!(facts_passive.initial, facts.initial);
         let mut expected = InitialImage::default();
         expected.write(65530, b"hello, world");
         assert_eq!(facts.initial, expected);

@@ -61,6 +61,15 @@ pub enum AgentError {
     Instantiate(String),
 }
 
+/// An instance whose agent left, its memory reset to the module's initial memory: kept by
+/// its module ([`crate::recycle`]) for the next agent of it.
+pub(crate) struct Retired {
+    store: Store<AgentState>,
+    instance: Instance,
+    memory: Memory,
+    poll: TypedFunc<(), i32>,
+}
+
 /// One agent in its sandbox.
 pub struct AgentInstance {
     store: Store<AgentState>,
@@ -124,8 +133,72 @@ impl AgentInstance {
             .into());
         }
         check_globals(&image.globals, &module.facts.globals)?;
-        let agent = AgentInstance::instantiate(module, site, image.context.clone(), limits).await?;
+        let context = image.context.clone();
+        let agent = match module.idle.take(image.memory_bytes) {
+            Some((_, retired)) => AgentInstance::reuse(module, retired, site, context, limits),
+            None => AgentInstance::instantiate(module, site, context, limits).await?,
+        };
         agent.fill(image, false)
+    }
+
+    /// Ends this instance, whose agent left at a hop: when its module allows, its memory is
+    /// reset to the module's initial memory and the module keeps it for the next agent of it
+    /// ([`crate::recycle`]); otherwise it is dropped.
+    ///
+    /// Call only between [`Self::poll`]s.
+    pub fn retire(mut self) {
+        let bytes = self.memory_bytes();
+        if self.module.facts.passive_data || bytes > crate::recycle::KEEP_UP_TO {
+            return;
+        }
+        // Every page that differs from the initial memory, found as a capture finds them.
+        let runs = PageMap::changed_runs(self.memory(), &self.module.facts.initial);
+        let memory = self.memory.data_mut(&mut self.store);
+        self.module.facts.initial.reset(&runs, memory);
+        let AgentInstance {
+            store,
+            instance,
+            memory,
+            poll,
+            module,
+        } = self;
+        let retired = Retired {
+            store,
+            instance,
+            memory,
+            poll,
+        };
+        module.idle.put(bytes, retired);
+    }
+
+    /// An agent's instance made of `retired`: a fresh state for `context` in the store of an
+    /// instance whose memory reads as the module's initial memory (its size may be larger).
+    fn reuse(
+        module: Arc<AgentModule>,
+        retired: Retired,
+        site: Arc<Site>,
+        context: AgentContext,
+        limits: &Limits,
+    ) -> AgentInstance {
+        let Retired {
+            mut store,
+            instance,
+            memory,
+            poll,
+        } = retired;
+        let mut state = AgentState::new(context, site, limits);
+        state.memory = Some(memory);
+        // The flag's address is the module's, found when the instance was made.
+        state.checkpoint_flag = store.data().checkpoint_flag;
+        *store.data_mut() = state;
+        store.set_epoch_deadline(1);
+        AgentInstance {
+            store,
+            instance,
+            memory,
+            poll,
+            module,
+        }
     }
 
     /// A fresh instance of `module` for an agent arriving with `memory_bytes` of memory, of

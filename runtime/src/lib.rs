@@ -29,6 +29,7 @@ pub mod log;
 pub mod modules;
 pub mod net;
 pub mod prefault;
+pub mod recycle;
 pub mod runner;
 pub mod services;
 pub mod snapshot;

@@ -7,7 +7,9 @@
 
 use crate::admission::{self, AdmissionError, ModuleFacts};
 use crate::host_abi;
+use crate::instance::Retired;
 use crate::instrument;
+use crate::recycle::{Budget, Idle};
 use crate::state::AgentState;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -51,6 +53,16 @@ pub struct AgentModule {
     pub facts: ModuleFacts,
     /// Pre-linked for fast instantiation.
     pub(crate) pre: InstancePre<AgentState>,
+    /// Instances of this module whose agents left, reset for the next ones.
+    pub(crate) idle: Idle<Retired>,
+}
+
+impl AgentModule {
+    /// How many instances of this module, left by agents that hopped away, wait for the next
+    /// agents of it ([`crate::recycle`]).
+    pub fn idle_instances(&self) -> usize {
+        self.idle.len()
+    }
 }
 
 impl fmt::Debug for AgentModule {
@@ -85,6 +97,8 @@ pub struct ModuleCache {
     compiled: AtomicU64,
     loaded: AtomicU64,
     hits: AtomicU64,
+    /// Memory the instances kept by all modules may hold ([`crate::recycle`]).
+    idle_budget: Arc<Budget>,
 }
 
 impl ModuleCache {
@@ -109,7 +123,20 @@ impl ModuleCache {
             compiled: AtomicU64::new(0),
             loaded: AtomicU64::new(0),
             hits: AtomicU64::new(0),
+            idle_budget: Budget::new(crate::recycle::BUDGET),
         })
+    }
+
+    /// Drops the instances kept for the agents of each module that have waited
+    /// [`crate::recycle::KEEP_FOR`] for one.
+    pub fn expire_idle(&self) {
+        let modules: Vec<Arc<AgentModule>> = match self.modules.lock() {
+            Ok(modules) => modules.values().cloned().collect(),
+            Err(_) => return,
+        };
+        for module in modules {
+            module.idle.expire(crate::recycle::KEEP_FOR);
+        }
     }
 
     /// The engine modules are compiled for.
@@ -170,6 +197,7 @@ impl ModuleCache {
             size: wasm.len(),
             facts,
             pre,
+            idle: Idle::new(self.idle_budget.clone()),
         });
         if let Ok(mut modules) = self.modules.lock() {
             modules.insert(hash, admitted.clone());

@@ -270,7 +270,7 @@ impl LocalRunner {
                     Ok((moved, hop)) => {
                         on_event(&RunEvent::Moved(hop.clone()));
                         report.moves.push(hop);
-                        agent = moved;
+                        std::mem::replace(&mut agent, moved).retire();
                     }
                     Err(e) => {
                         report.outcome = Err(e);

@@ -35,6 +35,21 @@ impl InitialImage {
         }
     }
 
+    /// Writes the pages of `runs` in `memory` back to their content right after
+    /// instantiation. Pages of `runs` outside `memory` are skipped.
+    pub(crate) fn reset(&self, runs: &[PageRun], memory: &mut [u8]) {
+        for index in indices(runs) {
+            let at = index as usize * PAGE_SIZE;
+            let Some(page) = memory.get_mut(at..at + PAGE_SIZE) else {
+                continue;
+            };
+            match self.page(index) {
+                Some(initial) => page.copy_from_slice(initial),
+                None => page.fill(0),
+            }
+        }
+    }
+
     /// Content of page `index` right after instantiation (`None`: all zero).
     fn page(&self, index: u32) -> Option<&[u8]> {
         self.pages.get(&index).map(|p| &p[..])

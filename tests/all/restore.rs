@@ -239,3 +239,112 @@ fn a_checkpoint_flag_export_that_never_returns_is_stopped_by_the_cpu_budget() {
         Ok(_) => panic!("a module whose flag export never returns was launched"),
     }
 }
+
+/// Runs `agent` to its next safe point, asking it to stop at its next checkpoint.
+async fn to_safe_point(agent: &mut AgentInstance) {
+    agent.request_checkpoint();
+    match agent.poll().await {
+        Ok(Step::Suspended(_)) => {}
+        other => panic!("expected a safe point, got {other:?}"),
+    }
+}
+
+/// Runs a restored agent to its end.
+async fn to_end(mut agent: AgentInstance) -> agent_abi::Outcome {
+    loop {
+        agent.complete(agent_abi::OpResult::Checkpoint);
+        match agent.poll().await {
+            Ok(Step::Suspended(_)) => {}
+            Ok(Step::Finished(outcome)) => return outcome,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[test]
+fn an_instance_left_at_a_hop_is_reset_before_another_agent_is_restored_into_it() {
+    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
+    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
+    let heap = cache
+        .admit(&example("heap"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let site = Arc::new(search_sites().remove(0));
+    let limits = Limits::default();
+    let args = |pairs: &[(&str, &str)]| {
+        let args = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        AgentContext::new("home", "test", vec![], args.collect())
+    };
+    block_on(async {
+        // A: 64 KiB of random heap, then it leaves.
+        let context = args(&[("steps", "2"), ("chunk_kib", "64")]);
+        let mut a = AgentInstance::launch(heap.clone(), site.clone(), context, &limits)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        to_safe_point(&mut a).await;
+        let image_a = a.capture();
+        // B: more memory (a 2 MiB buffer of zeros) but 4 KiB chunks, so that most pages A
+        // wrote are pages B never wrote.
+        let context = args(&[("steps", "3"), ("chunk_kib", "4"), ("zero_mib", "2")]);
+        let mut b = AgentInstance::launch(heap.clone(), site.clone(), context, &limits)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        to_safe_point(&mut b).await;
+        let image_b = b.capture();
+        assert!(image_b.memory_bytes > image_a.memory_bytes);
+        drop(b);
+
+        assert_eq!(heap.idle_instances(), 0);
+        a.retire();
+        assert_eq!(heap.idle_instances(), 1, "A's instance is kept");
+        let reused = AgentInstance::restore(heap.clone(), site.clone(), image_b.clone(), &limits)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(heap.idle_instances(), 0, "B was restored into A's instance");
+        let fresh = AgentInstance::restore(heap.clone(), site.clone(), image_b.clone(), &limits)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Nothing of A is left: the memory is B's, byte for byte, as in a fresh instance.
+        assert!(reused.memory() == fresh.memory(), "A's pages leaked into B");
+        assert_eq!(reused.context().agent_id, fresh.context().agent_id);
+
+        let (reused, fresh) = (to_end(reused).await, to_end(fresh).await);
+        assert!(matches!(fresh, agent_abi::Outcome::Ok(_)), "{fresh:?}");
+        assert_eq!(reused, fresh);
+
+        // An instance with more memory than an image is not used for it: memory.size would
+        // differ.
+        let b = AgentInstance::restore(heap.clone(), site.clone(), image_b, &limits)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        b.retire();
+        assert_eq!(heap.idle_instances(), 1);
+        let a = AgentInstance::restore(heap.clone(), site.clone(), image_a, &limits)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(heap.idle_instances(), 1, "a fresh instance was made");
+        assert!(matches!(to_end(a).await, agent_abi::Outcome::Ok(_)));
+    });
+}
+
+#[test]
+fn an_instance_of_a_module_with_passive_data_is_not_reused() {
+    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
+    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
+    let site = Arc::new(search_sites().remove(0));
+    let limits = Limits::default();
+    // `data.drop` would empty the segment for good in that instance.
+    for (items, kept) in [("", 1), (r#"(data "passive")"#, 0)] {
+        let module = cache
+            .admit(&wat_module(items))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(module.facts.passive_data, kept == 0);
+        block_on(async {
+            let context = AgentContext::new("home", "test", vec![], Default::default());
+            let agent = AgentInstance::launch(module.clone(), site.clone(), context, &limits)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            agent.retire();
+        });
+        assert_eq!(module.idle_instances(), kept, "{items}");
+    }
+}

@@ -1164,13 +1164,18 @@ impl Host {
     }
 
     /// Makes the store's commits that did not wait for the disk durable every
-    /// [`super::store::LAZY_SYNC`].
+    /// [`super::store::LAZY_SYNC`], and drops the instances kept for agents that did not come
+    /// ([`crate::recycle`]).
     async fn sync_lazily(self: Arc<Self>) {
         let mut every = tokio::time::interval(super::store::LAZY_SYNC);
         while !self.shutting_down.load(Ordering::SeqCst) {
             every.tick().await;
             let host = self.clone();
-            let synced = tokio::task::spawn_blocking(move || host.store.sync_lazy()).await;
+            let synced = tokio::task::spawn_blocking(move || {
+                host.modules.expire_idle();
+                host.store.sync_lazy()
+            })
+            .await;
             if let Ok(Err(e)) = synced {
                 tracing::error!("cannot sync the store: {e}");
             }
@@ -1315,6 +1320,7 @@ impl Host {
                     Ok(info) => {
                         crash_point("source-after-committed");
                         self.forget_running(&id);
+                        agent.retire();
                         return self.forwarded(id, home, info).await;
                     }
                     Err(failure) => {

@@ -1,0 +1,184 @@
+//! Instances of agents that left, kept for the next agents of the same module.
+//!
+//! A small agent's hop made a fresh instance at the destination (a store, a memory mapped
+//! and the module's data written into it) and unmapped the one it left at the source: about
+//! a seventh of the CPU of the benchmark's hops (BENCHMARKS.md). An instance whose agent
+//! left at a hop is reset to the module's initial memory and kept here; the next agent of
+//! that module to arrive with at least as much memory is restored into it. The instances
+//! kept by all modules of a host share one budget of memory, and one unused for
+//! [`KEEP_FOR`] is dropped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a kept instance waits for an agent before it is dropped.
+pub const KEEP_FOR: Duration = Duration::from_secs(30);
+
+/// Memory the instances kept by all modules of one host may have, in bytes of linear memory.
+pub const BUDGET: u64 = 64 << 20;
+
+/// Only instances of at most this much memory are kept: an agent arriving with more takes
+/// longer to move than to instantiate, and a large instance would hold its memory unused.
+pub const KEEP_UP_TO: u64 = 8 << 20;
+
+/// Bytes of memory the kept instances of a host may still take.
+#[derive(Debug)]
+pub struct Budget {
+    left: AtomicU64,
+}
+
+impl Budget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            left: AtomicU64::new(bytes),
+        })
+    }
+
+    fn reserve(&self, bytes: u64) -> bool {
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(bytes)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: u64) {
+        self.left.fetch_add(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Kept items (instances), each with the size of its memory.
+#[derive(Debug)]
+pub struct Idle<T> {
+    kept: Mutex<Vec<Kept<T>>>,
+    budget: Arc<Budget>,
+}
+
+#[derive(Debug)]
+struct Kept<T> {
+    bytes: u64,
+    since: Instant,
+    item: T,
+}
+
+impl<T> Idle<T> {
+    /// An empty pool drawing on `budget`.
+    pub fn new(budget: Arc<Budget>) -> Idle<T> {
+        Idle {
+            kept: Mutex::default(),
+            budget,
+        }
+    }
+
+    /// Keeps `item`, of `bytes` of memory, unless it is too large or the budget is spent
+    /// (then it is dropped).
+    pub fn put(&self, bytes: u64, item: T) {
+        if bytes > KEEP_UP_TO || !self.budget.reserve(bytes) {
+            return;
+        }
+        match self.kept.lock() {
+            Ok(mut kept) => kept.push(Kept {
+                bytes,
+                since: Instant::now(),
+                item,
+            }),
+            Err(_) => self.budget.release(bytes),
+        }
+    }
+
+    /// The most recently kept item of at most `bytes` of memory, with its size.
+    pub fn take(&self, bytes: u64) -> Option<(u64, T)> {
+        let taken = {
+            let mut kept = self.kept.lock().ok()?;
+            let at = kept.iter().rposition(|k| k.bytes <= bytes)?;
+            kept.swap_remove(at)
+        };
+        self.budget.release(taken.bytes);
+        Some((taken.bytes, taken.item))
+    }
+
+    /// Drops the items kept for `age` or longer.
+    pub fn expire(&self, age: Duration) {
+        let old: Vec<Kept<T>> = match self.kept.lock() {
+            Ok(mut kept) => {
+                let (old, young) = std::mem::take(&mut *kept)
+                    .into_iter()
+                    .partition(|k| k.since.elapsed() >= age);
+                *kept = young;
+                old
+            }
+            Err(_) => return,
+        };
+        // Dropped outside the lock: dropping an instance unmaps its memory.
+        for k in old {
+            self.budget.release(k.bytes);
+        }
+    }
+
+    /// How many items are kept.
+    pub fn len(&self) -> usize {
+        self.kept.lock().map_or(0, |k| k.len())
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T> Drop for Idle<T> {
+    fn drop(&mut self) {
+        if let Ok(kept) = self.kept.get_mut() {
+            kept.iter().for_each(|k| self.budget.release(k.bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_the_newest_that_fits_within_the_budget() {
+        let budget = Budget::new(3 << 20);
+        let idle = Idle::new(budget.clone());
+        idle.put(1 << 20, "a");
+        idle.put(2 << 20, "b");
+        // The budget is spent: this one is dropped.
+        idle.put(1 << 20, "c");
+        assert_eq!(idle.len(), 2);
+        // Too large to keep at all.
+        let other = Idle::new(Budget::new(u64::MAX));
+        other.put(KEEP_UP_TO + 1, "huge");
+        assert!(other.is_empty());
+
+        assert_eq!(idle.take(1 << 20), Some((1 << 20, "a")));
+        assert_eq!(idle.take(1 << 20), None, "b has more memory than asked");
+        // Taking gave the budget back.
+        idle.put(1 << 20, "d");
+        assert_eq!(idle.take(8 << 20), Some((1 << 20, "d")));
+        assert_eq!(idle.take(8 << 20), Some((2 << 20, "b")));
+        assert!(idle.is_empty());
+        assert_eq!(budget.left.load(Ordering::Acquire), 3 << 20);
+    }
+
+    #[test]
+    fn expired_items_go_and_give_their_budget_back() {
+        let budget = Budget::new(4 << 20);
+        let idle = Idle::new(budget.clone());
+        idle.put(1 << 20, 1);
+        idle.put(1 << 20, 2);
+        idle.expire(Duration::from_secs(60));
+        assert_eq!(idle.len(), 2);
+        idle.expire(Duration::ZERO);
+        assert!(idle.is_empty());
+        assert_eq!(budget.left.load(Ordering::Acquire), 4 << 20);
+        // A pool dropped with items in it gives their budget back too.
+        let other = Idle::new(budget.clone());
+        other.put(2 << 20, 3);
+        drop(other);
+        assert_eq!(budget.left.load(Ordering::Acquire), 4 << 20);
+    }
+}
