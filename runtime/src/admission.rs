@@ -116,6 +116,8 @@ pub struct ModuleFacts {
     pub memory_exported: bool,
     /// The memory right after instantiation: data segments applied, the rest zero.
     pub initial: InitialImage,
+    /// Its size in bytes.
+    pub memory_bytes: u64,
     /// Whether it has passive data segments. `data.drop` empties one for good in an
     /// instance: an instance an agent of this module ran in is not reused for another.
     pub passive_data: bool,
@@ -284,6 +286,7 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
         globals,
         memory_exported: exported(export::MEMORY, wasmparser::ExternalKind::Memory),
         initial,
+        memory_bytes,
         passive_data,
     })
 }
@@ -346,6 +349,7 @@ mod tests {
         let mut expected = InitialImage::default();
         expected.write(65530, b"hello, world");
         assert_eq!(facts.initial, expected);
+        assert_eq!(facts.memory_bytes, 2 * WASM_PAGE);
     }
 
     #[test]

@@ -90,7 +90,13 @@ impl AgentInstance {
         context: AgentContext,
         limits: &Limits,
     ) -> Result<AgentInstance, AgentError> {
-        let mut agent = AgentInstance::instantiate(module, site, context, limits).await?;
+        // An instance an agent left, reset, is as fresh: its memory reads as the initial one.
+        let mut agent = match module.idle.take(module.facts.memory_bytes) {
+            Some((bytes, retired)) if bytes == module.facts.memory_bytes => {
+                AgentInstance::reuse(module, retired, site, context, limits)
+            }
+            _ => AgentInstance::instantiate(module, site, context, limits).await?,
+        };
         // wasi-libc reactors initialize themselves here; this runs once in an agent's life.
         if let Ok(init) = agent
             .instance
@@ -152,9 +158,13 @@ impl AgentInstance {
             return;
         }
         // Every page that differs from the initial memory, found as a capture finds them.
-        let runs = PageMap::changed_runs(self.memory(), &self.module.facts.initial);
-        let memory = self.memory.data_mut(&mut self.store);
-        self.module.facts.initial.reset(&runs, memory);
+        let touched = crate::touched::pages(self.memory());
+        let resident = touched.as_ref().map_or(bytes, |t| {
+            t.iter().filter(|&&t| t).count() as u64 * crate::snapshot::PAGE_SIZE as u64
+        });
+        let initial = &self.module.facts.initial;
+        let runs = PageMap::changed_runs_touched(self.memory(), initial, touched);
+        initial.reset(&runs, self.memory.data_mut(&mut self.store));
         let AgentInstance {
             store,
             instance,
@@ -168,7 +178,7 @@ impl AgentInstance {
             memory,
             poll,
         };
-        module.idle.put(bytes, retired);
+        module.idle.put(bytes, resident, retired);
     }
 
     /// An agent's instance made of `retired`: a fresh state for `context` in the store of an

@@ -5,7 +5,7 @@
 //! a seventh of the CPU of the benchmark's hops (BENCHMARKS.md). An instance whose agent
 //! left at a hop is reset to the module's initial memory and kept here; the next agent of
 //! that module to arrive with at least as much memory is restored into it. The instances
-//! kept by all modules of a host share one budget of memory, and one unused for
+//! kept by all modules of a host share one budget of resident memory, and one unused for
 //! [`KEEP_FOR`] is dropped.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 /// How long a kept instance waits for an agent before it is dropped.
 pub const KEEP_FOR: Duration = Duration::from_secs(30);
 
-/// Memory the instances kept by all modules of one host may have, in bytes of linear memory.
+/// Memory the instances kept by all modules of one host may hold, in bytes of the pages
+/// their agents touched (a small agent's memory is mostly a stack it barely uses).
 pub const BUDGET: u64 = 64 << 20;
 
 /// Only instances of at most this much memory are kept: an agent arriving with more takes
@@ -59,6 +60,7 @@ pub struct Idle<T> {
 #[derive(Debug)]
 struct Kept<T> {
     bytes: u64,
+    resident: u64,
     since: Instant,
     item: T,
 }
@@ -72,19 +74,20 @@ impl<T> Idle<T> {
         }
     }
 
-    /// Keeps `item`, of `bytes` of memory, unless it is too large or the budget is spent
-    /// (then it is dropped).
-    pub fn put(&self, bytes: u64, item: T) {
-        if bytes > KEEP_UP_TO || !self.budget.reserve(bytes) {
+    /// Keeps `item`, of `bytes` of memory of which it holds `resident`, unless it is too
+    /// large or the budget is spent (then it is dropped).
+    pub fn put(&self, bytes: u64, resident: u64, item: T) {
+        if bytes > KEEP_UP_TO || !self.budget.reserve(resident) {
             return;
         }
         match self.kept.lock() {
             Ok(mut kept) => kept.push(Kept {
                 bytes,
+                resident,
                 since: Instant::now(),
                 item,
             }),
-            Err(_) => self.budget.release(bytes),
+            Err(_) => self.budget.release(resident),
         }
     }
 
@@ -95,7 +98,7 @@ impl<T> Idle<T> {
             let at = kept.iter().rposition(|k| k.bytes <= bytes)?;
             kept.swap_remove(at)
         };
-        self.budget.release(taken.bytes);
+        self.budget.release(taken.resident);
         Some((taken.bytes, taken.item))
     }
 
@@ -113,7 +116,7 @@ impl<T> Idle<T> {
         };
         // Dropped outside the lock: dropping an instance unmaps its memory.
         for k in old {
-            self.budget.release(k.bytes);
+            self.budget.release(k.resident);
         }
     }
 
@@ -131,7 +134,7 @@ impl<T> Idle<T> {
 impl<T> Drop for Idle<T> {
     fn drop(&mut self) {
         if let Ok(kept) = self.kept.get_mut() {
-            kept.iter().for_each(|k| self.budget.release(k.bytes));
+            kept.iter().for_each(|k| self.budget.release(k.resident));
         }
     }
 }
@@ -144,22 +147,26 @@ mod tests {
     fn takes_the_newest_that_fits_within_the_budget() {
         let budget = Budget::new(3 << 20);
         let idle = Idle::new(budget.clone());
-        idle.put(1 << 20, "a");
-        idle.put(2 << 20, "b");
+        idle.put(1 << 20, 1 << 20, "a");
+        idle.put(2 << 20, 2 << 20, "b");
         // The budget is spent: this one is dropped.
-        idle.put(1 << 20, "c");
+        idle.put(1 << 20, 1 << 20, "c");
         assert_eq!(idle.len(), 2);
         // Too large to keep at all.
         let other = Idle::new(Budget::new(u64::MAX));
-        other.put(KEEP_UP_TO + 1, "huge");
+        other.put(KEEP_UP_TO + 1, 4096, "huge");
         assert!(other.is_empty());
 
         assert_eq!(idle.take(1 << 20), Some((1 << 20, "a")));
         assert_eq!(idle.take(1 << 20), None, "b has more memory than asked");
-        // Taking gave the budget back.
-        idle.put(1 << 20, "d");
-        assert_eq!(idle.take(8 << 20), Some((1 << 20, "d")));
         assert_eq!(idle.take(8 << 20), Some((2 << 20, "b")));
+        // Taking gave the budget back. What an item holds counts, not its size.
+        idle.put(4 << 20, 1 << 20, "d");
+        idle.put(1 << 20, 2 << 20, "e");
+        idle.put(1 << 20, 1, "f");
+        assert_eq!(idle.len(), 2);
+        assert_eq!(idle.take(8 << 20), Some((1 << 20, "e")));
+        assert_eq!(idle.take(8 << 20), Some((4 << 20, "d")));
         assert!(idle.is_empty());
         assert_eq!(budget.left.load(Ordering::Acquire), 3 << 20);
     }
@@ -168,8 +175,8 @@ mod tests {
     fn expired_items_go_and_give_their_budget_back() {
         let budget = Budget::new(4 << 20);
         let idle = Idle::new(budget.clone());
-        idle.put(1 << 20, 1);
-        idle.put(1 << 20, 2);
+        idle.put(1 << 20, 1 << 20, 1);
+        idle.put(1 << 20, 1 << 20, 2);
         idle.expire(Duration::from_secs(60));
         assert_eq!(idle.len(), 2);
         idle.expire(Duration::ZERO);
@@ -177,7 +184,7 @@ mod tests {
         assert_eq!(budget.left.load(Ordering::Acquire), 4 << 20);
         // A pool dropped with items in it gives their budget back too.
         let other = Idle::new(budget.clone());
-        other.put(2 << 20, 3);
+        other.put(2 << 20, 2 << 20, 3);
         drop(other);
         assert_eq!(budget.left.load(Ordering::Acquire), 4 << 20);
     }

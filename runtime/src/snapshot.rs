@@ -153,7 +153,15 @@ impl PageMap {
     /// must be mapped as an agent's linear memory is: every page never touched holds zeros,
     /// or what `initial` holds for it.
     pub fn changed_runs(memory: &[u8], initial: &InitialImage) -> Vec<PageRun> {
-        let touched = crate::touched::pages(memory);
+        PageMap::changed_runs_touched(memory, initial, crate::touched::pages(memory))
+    }
+
+    /// [`PageMap::changed_runs`], given what [`crate::touched::pages`] said of `memory`.
+    pub fn changed_runs_touched(
+        memory: &[u8],
+        initial: &InitialImage,
+        touched: Option<Vec<bool>>,
+    ) -> Vec<PageRun> {
         if touched.is_none() {
             crate::prefault::read(memory);
         }

@@ -348,3 +348,39 @@ fn an_instance_of_a_module_with_passive_data_is_not_reused() {
         assert_eq!(module.idle_instances(), kept, "{items}");
     }
 }
+
+#[test]
+fn a_launch_takes_an_instance_an_agent_left_and_runs_as_in_a_fresh_one() {
+    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
+    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
+    let heap = cache
+        .admit(&example("heap"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let site = Arc::new(search_sites().remove(0));
+    let limits = Limits::default();
+    let context = || {
+        let args = [("steps", "2"), ("chunk_kib", "1")];
+        let args = args.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        AgentContext::new("home", "test", vec![], args.collect())
+    };
+    block_on(async {
+        let launch = || AgentInstance::launch(heap.clone(), site.clone(), context(), &limits);
+        let mut left = launch().await.unwrap_or_else(|e| panic!("{e}"));
+        to_safe_point(&mut left).await;
+        assert_eq!(left.memory_bytes(), heap.facts.memory_bytes, "memory grew");
+        left.retire();
+        assert_eq!(heap.idle_instances(), 1);
+        let mut reused = launch().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            heap.idle_instances(),
+            0,
+            "the launch took the kept instance"
+        );
+        let mut fresh = launch().await.unwrap_or_else(|e| panic!("{e}"));
+        to_safe_point(&mut reused).await;
+        to_safe_point(&mut fresh).await;
+        let (reused, fresh) = (to_end(reused).await, to_end(fresh).await);
+        assert!(matches!(fresh, agent_abi::Outcome::Ok(_)), "{fresh:?}");
+        assert_eq!(reused, fresh);
+    });
+}
