@@ -77,6 +77,10 @@ pub struct AgentInstance {
     memory: Memory,
     poll: TypedFunc<(), i32>,
     module: Arc<AgentModule>,
+    /// What the last capture found, while the memory has not changed since: the runs of pages
+    /// that differ from the initial memory, and the bytes of the pages ever touched. Retiring
+    /// the instance then resets those runs without reading the page map again.
+    captured: Option<(Vec<PageRun>, u64)>,
 }
 
 impl AgentInstance {
@@ -158,12 +162,11 @@ impl AgentInstance {
             return;
         }
         // Every page that differs from the initial memory, found as a capture finds them.
-        let touched = crate::touched::pages(self.memory());
-        let resident = touched.as_ref().map_or(bytes, |t| {
-            t.iter().filter(|&&t| t).count() as u64 * crate::snapshot::PAGE_SIZE as u64
-        });
+        let (runs, resident) = match self.captured.take() {
+            Some(captured) => captured,
+            None => self.changed(),
+        };
         let initial = &self.module.facts.initial;
-        let runs = PageMap::changed_runs_touched(self.memory(), initial, touched);
         initial.reset(&runs, self.memory.data_mut(&mut self.store));
         let AgentInstance {
             store,
@@ -171,6 +174,7 @@ impl AgentInstance {
             memory,
             poll,
             module,
+            ..
         } = self;
         let retired = Retired {
             store,
@@ -179,6 +183,18 @@ impl AgentInstance {
             poll,
         };
         module.idle.put(bytes, resident, retired);
+    }
+
+    /// The runs of pages of the memory that differ from the module's initial memory, and the
+    /// bytes of the pages ever touched (all of them where the kernel does not say).
+    fn changed(&self) -> (Vec<PageRun>, u64) {
+        let memory = self.memory();
+        let touched = crate::touched::pages(memory);
+        let resident = touched.as_ref().map_or(memory.len() as u64, |t| {
+            t.iter().filter(|&&t| t).count() as u64 * crate::snapshot::PAGE_SIZE as u64
+        });
+        let initial = &self.module.facts.initial;
+        (PageMap::changed_runs_touched(memory, initial, touched), resident)
     }
 
     /// An agent's instance made of `retired`: a fresh state for `context` in the store of an
@@ -208,6 +224,7 @@ impl AgentInstance {
             memory,
             poll,
             module,
+            captured: None,
         }
     }
 
@@ -278,6 +295,7 @@ impl AgentInstance {
     /// `runs`, into the memory of this instance made by [`AgentInstance::prepare`] with the
     /// same runs: a large image is written as it arrives.
     pub fn write_pages(&mut self, runs: &[PageRun], from: usize, part: &[u8]) {
+        self.captured = None;
         PageMap::write_part(runs, from, part, self.memory.data_mut(&mut self.store));
     }
 
@@ -331,6 +349,7 @@ impl AgentInstance {
         // Checked again here: this instance's memory, not the header, bounds the writes.
         PageMap::check(&pages.runs, self.memory.data_size(&self.store) as u64)
             .map_err(ImageError::BadPages)?;
+        self.captured = None;
         if !written {
             pages.apply(self.memory.data_mut(&mut self.store));
         }
@@ -402,6 +421,7 @@ impl AgentInstance {
             memory,
             poll,
             module,
+            captured: None,
         })
     }
 
@@ -414,6 +434,7 @@ impl AgentInstance {
     /// # Cancel safety
     /// Not cancel safe: dropping the future mid-poll leaves the agent in an unknown state.
     pub async fn poll(&mut self) -> Result<Step, AgentError> {
+        self.captured = None;
         let started = Instant::now();
         self.store.data_mut().slice_start = Some(started);
         let result = self.poll.call_async(&mut self.store, ()).await;
@@ -456,6 +477,7 @@ impl AgentInstance {
 
     /// Asks the agent to suspend at its next `ctx.checkpoint()`.
     pub fn request_checkpoint(&mut self) {
+        self.captured = None;
         set_checkpoint_request(self.store.as_context_mut(), true);
     }
 
@@ -473,9 +495,10 @@ impl AgentInstance {
     /// image's page map holds their runs and no data. They are read from [`Self::memory`],
     /// which stays as it is until the agent runs again.
     pub fn capture_in_place(&mut self) -> AgentImage {
-        let memory = self.memory.data(&self.store);
+        let (runs, resident) = self.changed();
+        self.captured = Some((runs.clone(), resident));
         let pages = PageMap {
-            runs: PageMap::changed_runs(memory, &self.module.facts.initial),
+            runs,
             data: bytes::Bytes::new(),
         };
         let mut globals = Vec::with_capacity(self.module.facts.globals.len());

@@ -282,6 +282,10 @@ fn an_instance_left_at_a_hop_is_reset_before_another_agent_is_restored_into_it()
             .unwrap_or_else(|e| panic!("{e}"));
         to_safe_point(&mut a).await;
         let image_a = a.capture();
+        // It runs on after the capture and writes its second chunk before it leaves: those
+        // pages too must not reach B.
+        a.complete(agent_abi::OpResult::Checkpoint);
+        to_safe_point(&mut a).await;
         // B: more memory (a 2 MiB buffer of zeros) but 4 KiB chunks, so that most pages A
         // wrote are pages B never wrote.
         let context = args(&[("steps", "3"), ("chunk_kib", "4"), ("zero_mib", "2")]);

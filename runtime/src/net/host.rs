@@ -862,23 +862,25 @@ impl Host {
             error: None,
             sleeping: None,
         };
-        let _ = self.store.put_home(&status);
+        let _ = self.store.put_home_async(&status).await;
         if let Ok(mut homes) = self.homes.lock() {
             homes.insert(id, HomeEntry::new(status, vec![tx]));
         }
-        let launched = AgentInstance::launch(
+        let launched = match AgentInstance::launch(
             module.clone(),
             self.site.clone(),
             context,
             &self.config.limits,
         )
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|mut agent| {
+        {
             // From here on a crash of this host does not lose the agent.
-            self.keep(&mut agent, Resume::Poll)?;
-            Ok(agent)
-        });
+            Ok(mut agent) => match self.keep_async(&mut agent, Resume::Poll).await {
+                Ok(()) => Ok(agent),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e.to_string()),
+        };
         match launched {
             Ok(agent) => {
                 // Said once the agent is stored: a detached launcher may leave at this point.
@@ -1150,6 +1152,31 @@ impl Host {
         crash_point("source-after-forward");
     }
 
+    /// [`Host::finish`], waiting for the store as a task: how an agent running here ends.
+    async fn finish_async(
+        self: &Arc<Self>,
+        id: AgentId,
+        home: String,
+        hops: u64,
+        outcome: Result<Vec<u8>, String>,
+    ) {
+        let _ = self.store.remove_agent_async(&id).await;
+        self.forget_running(&id);
+        let event = self.ended(hops, outcome);
+        if home == self.config.name {
+            return self.deliver_async(&id, event).await;
+        }
+        let report = PendingReport {
+            home,
+            agent: id,
+            event,
+        };
+        if let Err(e) = self.store.put_report_async(&report).await {
+            tracing::error!(agent = %id, "cannot store a report for the home host: {e}");
+        }
+        self.outbox.notify_one();
+    }
+
     /// Sends an event to the agent's home host (here, or a peer). A report to a peer is
     /// stored first and sent until the home acknowledges it, across restarts of either.
     fn report(self: &Arc<Self>, agent: AgentId, home: String, event: LaunchEvent) {
@@ -1293,11 +1320,11 @@ impl Host {
                                 }
                             };
                             let hops = agent.context().trace.len() as u64;
-                            return self.finish(id, home, hops, outcome);
+                            return self.finish_async(id, home, hops, outcome).await;
                         }
                         Err(e) => {
                             let hops = agent.context().trace.len() as u64;
-                            return self.finish(id, home, hops, Err(e.to_string()));
+                            return self.finish_async(id, home, hops, Err(e.to_string())).await;
                         }
                     }
                 }
@@ -1309,7 +1336,9 @@ impl Host {
             // parking, say) ends it before its operation takes effect.
             if agent.flags().kill.load(Ordering::SeqCst) {
                 let hops = agent.context().trace.len() as u64;
-                return self.finish(id, home, hops, Err(AgentError::Killed.to_string()));
+                return self
+                    .finish_async(id, home, hops, Err(AgentError::Killed.to_string()))
+                    .await;
             }
             next = Start::Poll;
             match op {
@@ -1338,7 +1367,9 @@ impl Host {
                     }
                     if !sleep_unless_killed(&agent.flags(), ms).await {
                         let hops = agent.context().trace.len() as u64;
-                        return self.finish(id, home, hops, Err(AgentError::Killed.to_string()));
+                        return self
+                            .finish_async(id, home, hops, Err(AgentError::Killed.to_string()))
+                            .await;
                     }
                     agent.complete(OpResult::Sleep);
                 }
@@ -1520,15 +1551,16 @@ impl Host {
     ) {
         let _ = self.store.remove_agent(&id);
         self.forget_running(&id);
-        self.report(
-            id,
-            home,
-            LaunchEvent::Finished {
-                site: self.config.name.clone(),
-                hops,
-                outcome,
-            },
-        );
+        self.report(id, home, self.ended(hops, outcome));
+    }
+
+    /// The event of an agent's end here.
+    fn ended(&self, hops: u64, outcome: Result<Vec<u8>, String>) -> LaunchEvent {
+        LaunchEvent::Finished {
+            site: self.config.name.clone(),
+            hops,
+            outcome,
+        }
     }
 
     /// Answers a service call once: an agent re-running from an older image after a crash gets
@@ -1574,16 +1606,18 @@ impl Host {
 
     /// Stores the agent's image at its current safe point as its resident record.
     fn keep(&self, agent: &mut AgentInstance, resume: Resume) -> Result<(), String> {
-        let id = agent.context().agent_id;
-        let seq = agent.context().hop_seq;
-        let bytes = agent.capture().encode_parts().map_err(|e| e.to_string())?;
-        self.store
-            .keep_agent(&id, &bytes.parts(), |image| AgentRecord::Resident {
-                seq,
-                image,
-                resume,
-            })
-            .map(drop)
+        let (id, bytes, record) = kept(agent, resume)?;
+        let kept = self.store.keep_agent(&id, &bytes.parts(), record);
+        kept.map(drop)
+            .map_err(|e| format!("cannot store the agent: {e}"))
+    }
+
+    /// [`Host::keep`], waiting for the store as a task.
+    async fn keep_async(&self, agent: &mut AgentInstance, resume: Resume) -> Result<(), String> {
+        let (id, bytes, record) = kept(agent, resume)?;
+        let parts = bytes.parts();
+        let kept = self.store.keep_agent_async(&id, &parts, record).await;
+        kept.map(drop)
             .map_err(|e| format!("cannot store the agent: {e}"))
     }
 
@@ -2386,6 +2420,26 @@ fn departing(seq: u64, to: &str) -> impl FnOnce(String) -> AgentRecord + '_ {
         to: to.to_string(),
         image,
     }
+}
+
+/// What [`Host::keep`] stores of `agent`: its id, its image at its safe point, and how to make
+/// the record that names the image.
+fn kept(
+    agent: &mut AgentInstance,
+    resume: Resume,
+) -> Result<
+    (
+        AgentId,
+        crate::image::Encoded,
+        impl FnOnce(String) -> AgentRecord,
+    ),
+    String,
+> {
+    let id = agent.context().agent_id;
+    let seq = agent.context().hop_seq;
+    let bytes = agent.capture().encode_parts().map_err(|e| e.to_string())?;
+    let record = move |image| AgentRecord::Resident { seq, image, resume };
+    Ok((id, bytes, record))
 }
 
 #[cfg(test)]

@@ -638,20 +638,16 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn remove_agent(&self, agent: &AgentId) -> Result<(), StoreError> {
-        let agent = *agent;
-        let stale = self.write(move |dir, txn| {
-            let old = txn
-                .open_table(AGENTS)
-                .map_err(db_err)?
-                .remove(agent.0.as_slice())
-                .map_err(db_err)?
-                .map(|v| uncbor::<AgentRecord>(v.value()))
-                .transpose()?;
-            let stale = drop_old_image(dir, txn, old, None)?;
-            forget_answers(txn, &agent)?;
-            Ok(stale)
-        })?;
-        unlink(stale);
+        unlink(self.write(removing(*agent))?);
+        Ok(())
+    }
+
+    /// [`HostStore::remove_agent`], waiting as a task.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn remove_agent_async(&self, agent: &AgentId) -> Result<(), StoreError> {
+        unlink_off_workers(self.write_async(removing(*agent)).await?);
         Ok(())
     }
 
@@ -747,14 +743,15 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn put_report(&self, report: &PendingReport) -> Result<ReportKey, StoreError> {
-        let (key, bytes) = report_row(report);
-        self.write(move |_, txn| {
-            txn.open_table(OUTBOX)
-                .map_err(db_err)?
-                .insert(key.as_slice(), bytes.as_slice())
-                .map_err(db_err)?;
-            Ok(key)
-        })
+        self.write(reporting(report))
+    }
+
+    /// [`HostStore::put_report`], waiting as a task.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn put_report_async(&self, report: &PendingReport) -> Result<ReportKey, StoreError> {
+        self.write_async(reporting(report)).await
     }
 
     /// Forgets a report the home acknowledged, without waiting for the disk: a crash before
@@ -797,18 +794,15 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub fn put_home(&self, status: &StatusReply) -> Result<(), StoreError> {
-        let row = HomeRow {
-            status: status.clone(),
-            held_end: None,
-        };
-        let (agent, status) = (status.agent, cbor(&row));
-        self.write(move |_, txn| {
-            txn.open_table(HOME)
-                .map_err(db_err)?
-                .insert(agent.0.as_slice(), status.as_slice())
-                .map_err(db_err)?;
-            Ok(())
-        })
+        self.write(homing(status))
+    }
+
+    /// [`HostStore::put_home`], waiting as a task.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn put_home_async(&self, status: &StatusReply) -> Result<(), StoreError> {
+        self.write_async(homing(status)).await
     }
 
     /// Saves the home record `latest` yields inside the write transaction (nothing if it
@@ -935,6 +929,57 @@ type Stale = Option<PathBuf>;
 /// Length of an image given in parts.
 fn total(image: &[&[u8]]) -> usize {
     image.iter().map(|part| part.len()).sum()
+}
+
+/// The write that forgets `agent`, which ended here: its record, its image and the answers
+/// to its calls.
+fn removing(
+    agent: AgentId,
+) -> impl FnMut(&Path, &WriteTransaction) -> Result<Stale, StoreError> + Send + 'static {
+    move |dir, txn| {
+        let old = txn
+            .open_table(AGENTS)
+            .map_err(db_err)?
+            .remove(agent.0.as_slice())
+            .map_err(db_err)?
+            .map(|v| uncbor::<AgentRecord>(v.value()))
+            .transpose()?;
+        let stale = drop_old_image(dir, txn, old, None)?;
+        forget_answers(txn, &agent)?;
+        Ok(stale)
+    }
+}
+
+/// The write that saves `status` as the home record of its agent, with no held end.
+fn homing(
+    status: &StatusReply,
+) -> impl FnMut(&Path, &WriteTransaction) -> Result<(), StoreError> + Send + 'static {
+    let row = HomeRow {
+        status: status.clone(),
+        held_end: None,
+    };
+    let (agent, row) = (status.agent, cbor(&row));
+    move |_, txn| {
+        txn.open_table(HOME)
+            .map_err(db_err)?
+            .insert(agent.0.as_slice(), row.as_slice())
+            .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+/// The write that keeps `report` in the outbox; yields its key.
+fn reporting(
+    report: &PendingReport,
+) -> impl FnMut(&Path, &WriteTransaction) -> Result<ReportKey, StoreError> + Send + 'static {
+    let (key, bytes) = report_row(report);
+    move |_, txn| {
+        txn.open_table(OUTBOX)
+            .map_err(db_err)?
+            .insert(key.as_slice(), bytes.as_slice())
+            .map_err(db_err)?;
+        Ok(key)
+    }
 }
 
 /// Deletes a stale image file; failing only leaves a file behind.
