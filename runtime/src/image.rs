@@ -21,10 +21,16 @@ use serde::{Deserialize, Serialize};
 pub const FORMAT_VERSION: u32 = 1;
 
 const MAGIC: [u8; 8] = *b"AGNTIMG\0";
-/// zstd's fast levels (below 1) leave literals uncompressed: for the benchmark agent's five
-/// changed pages, level -3 gave a tenth more bytes than level 1 (4.4 against 4.0 KiB) and
-/// 2-4% more hops per second, where compressing had been 5% of the hosts' CPU.
-const ZSTD_LEVEL: i32 = -3;
+/// zstd level of images that travel. zstd's fast levels (below 1) leave literals
+/// uncompressed: for the benchmark agent's five changed pages, level -3 gave a tenth more
+/// bytes than level 1 (4.4 against 4.0 KiB) and 2-4% more hops per second, where compressing
+/// had been 5% of the hosts' CPU.
+const TRAVEL_LEVEL: i32 = -3;
+
+/// zstd level of images kept where they were made (a launch, a parked agent), which may stay
+/// on disk for days: at level -3 a parked agent's image no longer fit a 4 KiB page of the
+/// store, which grew by 15.4 KiB per parked agent against 8.9.
+const KEEP_LEVEL: i32 = 1;
 const RECURSION_LIMIT: usize = 32;
 
 /// The value of one mutable global.
@@ -338,7 +344,16 @@ impl AgentImage {
     /// # Errors
     /// When zstd fails to compress (out of memory).
     pub fn encode_parts(&self) -> std::io::Result<Encoded> {
-        self.write(self.pages.data.clone(), None)
+        self.write(self.pages.data.clone(), None, TRAVEL_LEVEL)
+    }
+
+    /// Encodes the image as [`AgentImage::encode_parts`] does, compressed harder: for an image
+    /// kept on disk where it was made (a launch, a parked agent), not sent.
+    ///
+    /// # Errors
+    /// When zstd fails to compress (out of memory).
+    pub fn encode_to_keep(&self) -> std::io::Result<Encoded> {
+        self.write(self.pages.data.clone(), None, KEEP_LEVEL)
     }
 
     /// Encodes the image leaving out the pages of `left_out`, which the reader holds in its
@@ -353,14 +368,19 @@ impl AgentImage {
             seq: base_seq,
             runs: left_out,
         };
-        self.write(body, Some(base))
+        self.write(body, Some(base), TRAVEL_LEVEL)
     }
 
-    fn write(&self, pages: bytes::Bytes, base: Option<LeftOut>) -> std::io::Result<Encoded> {
+    fn write(
+        &self,
+        pages: bytes::Bytes,
+        base: Option<LeftOut>,
+        level: i32,
+    ) -> std::io::Result<Encoded> {
         let raw = incompressible(&[&pages])?;
         let body = match raw {
             true => pages,
-            false => compress(&pages)?.into(),
+            false => compress(&pages, level)?.into(),
         };
         let head = self.head(body.len(), self.digest(), base, raw);
         Ok(Encoded { head, body })
@@ -650,18 +670,28 @@ fn read_header(bytes: &[u8], max_header: usize) -> Result<(WireHeader, usize), I
 thread_local! {
     // zstd contexts are costly to set up (more than compressing a small agent's pages), so
     // each thread keeps one of each.
-    static COMPRESSOR: std::cell::RefCell<std::io::Result<zstd::bulk::Compressor<'static>>> =
-        std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL));
+    static TRAVEL: std::cell::RefCell<std::io::Result<zstd::bulk::Compressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(TRAVEL_LEVEL));
+    static KEEP: std::cell::RefCell<std::io::Result<zstd::bulk::Compressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(KEEP_LEVEL));
     static DECOMPRESSOR: std::cell::RefCell<std::io::Result<zstd::bulk::Decompressor<'static>>> =
         std::cell::RefCell::new(zstd::bulk::Decompressor::new());
 }
 
-/// Compresses pages with this thread's zstd context.
-fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
-    COMPRESSOR.with(|c| match c.borrow_mut().as_mut() {
+/// Compresses pages with this thread's zstd context for `level` ([`TRAVEL_LEVEL`] or
+/// [`KEEP_LEVEL`]).
+fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    let with = |c: &std::cell::RefCell<std::io::Result<zstd::bulk::Compressor<'static>>>| match c
+        .borrow_mut()
+        .as_mut()
+    {
         Ok(c) => c.compress(data),
         Err(e) => Err(std::io::Error::other(e.to_string())),
-    })
+    };
+    match level {
+        KEEP_LEVEL => KEEP.with(with),
+        _ => TRAVEL.with(with),
+    }
 }
 
 /// Bodies at least this large are sampled before they are compressed.
@@ -695,7 +725,7 @@ fn incompressible(pages: &[&[u8]]) -> std::io::Result<bool> {
     }
     // Saving less than a quarter does not pay for compressing and decompressing every page
     // on a fast link; a few compressible pages (stack, data) among noise save less.
-    Ok(compress(&sample)?.len() > sample.len() / 4 * 3)
+    Ok(compress(&sample, TRAVEL_LEVEL)?.len() > sample.len() / 4 * 3)
 }
 
 /// Most memory reserved for the pages before any has been decompressed.
@@ -781,7 +811,7 @@ mod tests {
         tamper: impl FnOnce(&mut WireHeader),
     ) -> Vec<u8> {
         let body = body.unwrap_or_else(|| {
-            zstd::bulk::compress(&image.pages.data, ZSTD_LEVEL).unwrap_or_default()
+            zstd::bulk::compress(&image.pages.data, TRAVEL_LEVEL).unwrap_or_default()
         });
         let mut header = WireHeader {
             format: FORMAT_VERSION,
@@ -820,6 +850,30 @@ mod tests {
             encode_with(&img, None, |_| {}),
             "the test encoder matches the real one"
         );
+    }
+
+    #[test]
+    fn an_image_kept_is_compressed_harder_and_reads_the_same() {
+        // Pages like a small agent's: text, small integers and zeros.
+        let mut img = image();
+        let text = b"let mut x = vec![0u32; 16]; x[3] = 7; // state of the search ";
+        let data: Vec<u8> = (0..3 * PAGE_SIZE)
+            .map(|i| match i % 256 < 64 {
+                true => text[i % text.len()],
+                false => (i % 7) as u8 * u8::from(i % 3 == 0),
+            })
+            .collect();
+        img.pages.data = data.into();
+        let travels = img.encode().unwrap_or_default();
+        let kept = img.encode_to_keep().map(|e| e.to_vec()).unwrap_or_default();
+        assert!(
+            kept.len() < travels.len(),
+            "{} !< {}",
+            kept.len(),
+            travels.len()
+        );
+        assert_eq!(decode(&kept), Ok(img.clone()));
+        assert_eq!(decode(&travels), Ok(img));
     }
 
     /// The header of encoded image `bytes`.
@@ -1131,7 +1185,7 @@ mod tests {
             img.pages.data[PAGE_SIZE..].to_vec(),
             [&img.pages.data[..], &[0u8; PAGE_SIZE][..]].concat(),
         ] {
-            let body = zstd::bulk::compress(&data, ZSTD_LEVEL).unwrap_or_default();
+            let body = zstd::bulk::compress(&data, TRAVEL_LEVEL).unwrap_or_default();
             assert!(matches!(
                 decode(&encode_with(&img, Some(body), |_| {})),
                 Err(ImageError::CorruptBody(_))

@@ -2,8 +2,9 @@
 //!
 //! [`AgentInstance::launch`] starts an agent, [`AgentInstance::poll`] runs it to its next safe
 //! point, [`AgentInstance::capture`] takes an [`AgentImage`] there, and
-//! [`AgentInstance::restore`] brings an image back to life in a fresh instance, on any host,
-//! without running any initializer again.
+//! [`AgentInstance::restore`] brings an image back to life in an instance holding the
+//! module's initial memory, on any host, without running any initializer again, and
+//! [`AgentInstance::retire`] resets the instance of an agent that left for the next one.
 
 use crate::context::AgentContext;
 use crate::image::{AgentImage, GlobalValue, ImageError};
@@ -121,10 +122,12 @@ impl AgentInstance {
         Ok(agent)
     }
 
-    /// Restores an agent from `image` into a fresh instance of `module` on `site`.
+    /// Restores an agent from `image` into an instance of `module` on `site`: one an agent
+    /// of it left ([`AgentInstance::retire`]) with no more memory than the image, or a
+    /// fresh one.
     ///
-    /// The fresh instance holds the module's initial memory; the image's pages and globals
-    /// are written over it. No initializer runs.
+    /// The instance holds the module's initial memory; the image's pages and globals are
+    /// written over it. No initializer runs.
     ///
     /// # Errors
     /// [`AgentError::Image`] when the image does not fit the module; limit errors when its
@@ -194,7 +197,10 @@ impl AgentInstance {
             t.iter().filter(|&&t| t).count() as u64 * crate::snapshot::PAGE_SIZE as u64
         });
         let initial = &self.module.facts.initial;
-        (PageMap::changed_runs_touched(memory, initial, touched), resident)
+        (
+            PageMap::changed_runs_touched(memory, initial, touched),
+            resident,
+        )
     }
 
     /// An agent's instance made of `retired`: a fresh state for `context` in the store of an

@@ -6,7 +6,8 @@
 //! - [`instance`] runs the agent in a sandbox ([`limits`], [`host_abi`] imports, [`services`])
 //!   until a safe point, where the Wasm stack is empty;
 //! - [`snapshot`] and [`image`] capture memory and globals into a portable, verified image;
-//! - [`instance::AgentInstance::restore`] resumes the image in a fresh instance, anywhere.
+//! - [`instance::AgentInstance::restore`] resumes the image in an instance holding the module's
+//!   initial memory, anywhere: a fresh one, or one an agent left, reset ([`recycle`]).
 //!
 //! An agent returning to a host it left sends only the pages that host does not hold
 //! ([`base`]).

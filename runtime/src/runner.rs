@@ -1,5 +1,6 @@
 //! The local runner: an agent visits in-process virtual sites, and every hop goes through the
-//! full capture → encode → decode → restore path into a fresh instance.
+//! full capture → encode → decode → restore path, into an instance holding only the module's
+//! initial memory (a fresh one, or the one the agent left at its last hop, reset).
 //!
 //! This is the agent author's inner loop (`agent run`) and the test bed of the migration
 //! mechanism: with [`Migration::EverySafePoint`] or [`Migration::Chosen`] the runner also

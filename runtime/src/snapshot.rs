@@ -1,8 +1,9 @@
 //! Memory as a page map: which 4 KiB pages differ from the module's initial image.
 //!
-//! A fresh instance starts with exactly the initial image (data segments over zeros). So an
-//! image need only carry pages that differ from it: a mostly-zero heap costs almost nothing,
-//! and restoring into a fresh instance leaves the omitted pages right without touching them.
+//! A fresh instance starts with exactly the initial image (data segments over zeros), and an
+//! instance kept after its agent left is reset to it ([`crate::recycle`]). So an image need
+//! only carry pages that differ from it: a mostly-zero heap costs almost nothing, and restoring
+//! leaves the omitted pages right without touching them.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

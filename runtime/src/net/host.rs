@@ -2437,7 +2437,10 @@ fn kept(
 > {
     let id = agent.context().agent_id;
     let seq = agent.context().hop_seq;
-    let bytes = agent.capture().encode_parts().map_err(|e| e.to_string())?;
+    let bytes = agent
+        .capture()
+        .encode_to_keep()
+        .map_err(|e| e.to_string())?;
     let record = move |image| AgentRecord::Resident { seq, image, resume };
     Ok((id, bytes, record))
 }

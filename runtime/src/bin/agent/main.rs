@@ -33,7 +33,7 @@ enum Command {
         crate_dir: PathBuf,
     },
     /// Run an agent on in-process virtual sites; every hop goes through a real snapshot,
-    /// encode, decode and restore into a fresh instance.
+    /// encode, decode and restore into an instance reset to the module's initial memory.
     Run(RunArgs),
     /// Launch an agent on a host (its home) and follow it across hosts until it ends.
     Launch(LaunchArgs),
