@@ -69,6 +69,7 @@ pub(crate) struct Retired {
     instance: Instance,
     memory: Memory,
     poll: TypedFunc<(), i32>,
+    fresh_globals: Arc<[GlobalValue]>,
 }
 
 /// One agent in its sandbox.
@@ -82,6 +83,12 @@ pub struct AgentInstance {
     /// that differ from the initial memory, and the bytes of the pages ever touched. Retiring
     /// the instance then resets those runs without reading the page map again.
     captured: Option<(Vec<PageRun>, u64)>,
+    /// The mutable globals right after instantiation, before any agent code ran: retiring
+    /// writes them back.
+    fresh_globals: Arc<[GlobalValue]>,
+    /// Whether the agent stands at a safe point (launched, restored, or suspended by its
+    /// last poll): only then is the instance retired for another agent.
+    at_safe_point: bool,
 }
 
 impl AgentInstance {
@@ -147,21 +154,34 @@ impl AgentInstance {
         }
         check_globals(&image.globals, &module.facts.globals)?;
         let context = image.context.clone();
-        let agent = match module.idle.take(image.memory_bytes) {
+        // A kept instance as large as the image grows no memory, so the limiter would not see
+        // it: an image over the limit goes to a fresh instance, whose growth is refused.
+        let kept = match image.memory_bytes <= limits.max_memory {
+            true => module.idle.take(image.memory_bytes),
+            false => None,
+        };
+        let agent = match kept {
             Some((_, retired)) => AgentInstance::reuse(module, retired, site, context, limits),
             None => AgentInstance::instantiate(module, site, context, limits).await?,
         };
         agent.fill(image, false)
     }
 
-    /// Ends this instance, whose agent left at a hop: when its module allows, its memory is
-    /// reset to the module's initial memory and the module keeps it for the next agent of it
-    /// ([`crate::recycle`]); otherwise it is dropped.
+    /// Ends this instance, whose agent left at a hop: when its module allows, its memory and
+    /// mutable globals are reset to what instantiation left and the module keeps it for the
+    /// next agent of it ([`crate::recycle`]); otherwise it is dropped.
     ///
-    /// Call only between [`Self::poll`]s.
+    /// Call only between [`Self::poll`]s. An instance whose agent is not at a safe point (its
+    /// last poll failed, or never ended) is dropped.
     pub fn retire(mut self) {
         let bytes = self.memory_bytes();
-        if self.module.facts.passive_data || bytes > crate::recycle::KEEP_UP_TO {
+        let kept = !self.module.facts.passive_data && bytes <= crate::recycle::KEEP_UP_TO;
+        if !kept || !self.at_safe_point {
+            return;
+        }
+        // Globals too: a module may keep an allocator's pointer or any other state in them.
+        let fresh = self.fresh_globals.clone();
+        if write_globals(&self.instance, &mut self.store, &fresh).is_err() {
             return;
         }
         // Every page that differs from the initial memory, found as a capture finds them.
@@ -177,6 +197,7 @@ impl AgentInstance {
             memory,
             poll,
             module,
+            fresh_globals,
             ..
         } = self;
         let retired = Retired {
@@ -184,8 +205,11 @@ impl AgentInstance {
             instance,
             memory,
             poll,
+            fresh_globals,
         };
-        module.idle.put(bytes, resident, retired);
+        module
+            .idle
+            .put(bytes, resident + crate::recycle::OVERHEAD, retired);
     }
 
     /// The runs of pages of the memory that differ from the module's initial memory, and the
@@ -217,6 +241,7 @@ impl AgentInstance {
             instance,
             memory,
             poll,
+            fresh_globals,
         } = retired;
         let mut state = AgentState::new(context, site, limits);
         state.memory = Some(memory);
@@ -231,6 +256,8 @@ impl AgentInstance {
             poll,
             module,
             captured: None,
+            fresh_globals,
+            at_safe_point: true,
         }
     }
 
@@ -359,21 +386,8 @@ impl AgentInstance {
         if !written {
             pages.apply(self.memory.data_mut(&mut self.store));
         }
-        for g in &globals {
-            let global = self
-                .instance
-                .get_global(&mut self.store, &global_export(g.index))
-                .ok_or_else(|| AgentError::Abi(format!("global {} is not exported", g.index)))?;
-            let value = match g.kind {
-                GlobalKind::I32 => Val::I32(g.bits as u32 as i32),
-                GlobalKind::I64 => Val::I64(g.bits as i64),
-                GlobalKind::F32 => Val::F32(g.bits as u32),
-                GlobalKind::F64 => Val::F64(g.bits),
-            };
-            global
-                .set(&mut self.store, value)
-                .map_err(|e| AgentError::Abi(format!("global {}: {e}", g.index)))?;
-        }
+        write_globals(&self.instance, &mut self.store, &globals)?;
+        self.at_safe_point = true;
         Ok(self)
     }
 
@@ -403,6 +417,7 @@ impl AgentInstance {
             .get_memory(&mut store, MEMORY_EXPORT)
             .ok_or_else(|| AgentError::Abi("the instrumented module exports no memory".into()))?;
         store.data_mut().memory = Some(memory);
+        let fresh_globals = read_globals(&instance, &mut store, &module.facts.globals).into();
         if let Ok(flag) = instance.get_typed_func::<(), i32>(&mut store, export::CHECKPOINT_FLAG) {
             // Agent code: its CPU counts against the agent's budget, so a function that never
             // returns cannot hold a host (a destination restoring it) for longer than that.
@@ -428,6 +443,8 @@ impl AgentInstance {
             poll,
             module,
             captured: None,
+            fresh_globals,
+            at_safe_point: true,
         })
     }
 
@@ -441,6 +458,7 @@ impl AgentInstance {
     /// Not cancel safe: dropping the future mid-poll leaves the agent in an unknown state.
     pub async fn poll(&mut self) -> Result<Step, AgentError> {
         self.captured = None;
+        self.at_safe_point = false;
         let started = Instant::now();
         self.store.data_mut().slice_start = Some(started);
         let result = self.poll.call_async(&mut self.store, ()).await;
@@ -450,7 +468,10 @@ impl AgentInstance {
         set_checkpoint_request(self.store.as_context_mut(), false);
         match result.map_err(|e| self.classify(e))? {
             POLL_PENDING => match self.store.data().context.pending.clone() {
-                Some(op) => Ok(Step::Suspended(op)),
+                Some(op) => {
+                    self.at_safe_point = true;
+                    Ok(Step::Suspended(op))
+                }
                 None => Err(AgentError::Abi(
                     "agent_poll returned pending without a host operation (an await on a future that is not the host's?)".into(),
                 )),
@@ -507,25 +528,7 @@ impl AgentInstance {
             runs,
             data: bytes::Bytes::new(),
         };
-        let mut globals = Vec::with_capacity(self.module.facts.globals.len());
-        for (index, kind) in &self.module.facts.globals {
-            let bits = match self
-                .instance
-                .get_global(&mut self.store, &global_export(*index))
-                .map(|g| g.get(&mut self.store))
-            {
-                Some(Val::I32(v)) => u64::from(v as u32),
-                Some(Val::I64(v)) => v as u64,
-                Some(Val::F32(v)) => u64::from(v),
-                Some(Val::F64(v)) => v,
-                _ => 0, // admission guarantees every mutable global is exported with its kind
-            };
-            globals.push(GlobalValue {
-                index: *index,
-                kind: *kind,
-                bits,
-            });
-        }
+        let globals = read_globals(&self.instance, &mut self.store, &self.module.facts.globals);
         AgentImage {
             module: self.module.hash,
             memory_bytes: self.memory.data_size(&self.store) as u64,
@@ -634,6 +637,56 @@ fn set_checkpoint_request(mut store: wasmtime::StoreContextMut<'_, AgentState>, 
         let word = u32::from(requested).to_le_bytes();
         let _ = memory.write(&mut store, address as usize, &word);
     }
+}
+
+/// The values of the module's mutable globals (`kinds`) in `instance`.
+fn read_globals(
+    instance: &Instance,
+    store: &mut Store<AgentState>,
+    kinds: &[(u32, GlobalKind)],
+) -> Vec<GlobalValue> {
+    let mut globals = Vec::with_capacity(kinds.len());
+    for (index, kind) in kinds {
+        let bits = match instance
+            .get_global(&mut *store, &global_export(*index))
+            .map(|g| g.get(&mut *store))
+        {
+            Some(Val::I32(v)) => u64::from(v as u32),
+            Some(Val::I64(v)) => v as u64,
+            Some(Val::F32(v)) => u64::from(v),
+            Some(Val::F64(v)) => v,
+            _ => 0, // admission guarantees every mutable global is exported with its kind
+        };
+        globals.push(GlobalValue {
+            index: *index,
+            kind: *kind,
+            bits,
+        });
+    }
+    globals
+}
+
+/// Sets the mutable globals of `instance` to `globals`.
+fn write_globals(
+    instance: &Instance,
+    store: &mut Store<AgentState>,
+    globals: &[GlobalValue],
+) -> Result<(), AgentError> {
+    for g in globals {
+        let global = instance
+            .get_global(&mut *store, &global_export(g.index))
+            .ok_or_else(|| AgentError::Abi(format!("global {} is not exported", g.index)))?;
+        let value = match g.kind {
+            GlobalKind::I32 => Val::I32(g.bits as u32 as i32),
+            GlobalKind::I64 => Val::I64(g.bits as i64),
+            GlobalKind::F32 => Val::F32(g.bits as u32),
+            GlobalKind::F64 => Val::F64(g.bits),
+        };
+        global
+            .set(&mut *store, value)
+            .map_err(|e| AgentError::Abi(format!("global {}: {e}", g.index)))?;
+    }
+    Ok(())
 }
 
 fn check_globals(image: &[GlobalValue], module: &[(u32, GlobalKind)]) -> Result<(), ImageError> {

@@ -123,7 +123,7 @@ impl ModuleCache {
             compiled: AtomicU64::new(0),
             loaded: AtomicU64::new(0),
             hits: AtomicU64::new(0),
-            idle_budget: Budget::new(crate::recycle::BUDGET),
+            idle_budget: Budget::new(crate::recycle::BUDGET, crate::recycle::MAX_KEPT),
         })
     }
 

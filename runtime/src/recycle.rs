@@ -3,12 +3,11 @@
 //! A small agent's hop made a fresh instance at the destination (a store, a memory mapped
 //! and the module's data written into it) and unmapped the one it left at the source: about
 //! a seventh of the CPU of the benchmark's hops (BENCHMARKS.md). An instance whose agent
-//! left at a hop is reset to the module's initial memory and kept here; the next agent of
-//! that module to arrive with at least as much memory is restored into it. The instances
-//! kept by all modules of a host share one budget of resident memory, and one unused for
-//! [`KEEP_FOR`] is dropped.
+//! left at a hop is reset to the module's initial memory and globals and kept here; the next
+//! agent of that module launched, or arriving with at least as much memory, takes it. The
+//! instances kept by all modules of a host share one budget (a count, and resident memory),
+//! and one unused for [`KEEP_FOR`] is dropped.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,37 +15,59 @@ use std::time::{Duration, Instant};
 pub const KEEP_FOR: Duration = Duration::from_secs(30);
 
 /// Memory the instances kept by all modules of one host may hold, in bytes of the pages
-/// their agents touched (a small agent's memory is mostly a stack it barely uses).
+/// their agents touched (a small agent's memory is mostly a stack it barely uses) plus
+/// [`OVERHEAD`] each.
 pub const BUDGET: u64 = 64 << 20;
+
+/// What a kept instance is charged beyond the pages of memory its agent touched: its store,
+/// its mappings, and the touched part of the fiber stack its store keeps.
+pub const OVERHEAD: u64 = 64 << 10;
+
+/// Most instances the modules of one host keep: each holds a fiber stack (2 MiB of address
+/// space, of which deep recursion may have touched up to 1 MiB) and a few mappings that the
+/// budget cannot see.
+pub const MAX_KEPT: u64 = 256;
 
 /// Only instances of at most this much memory are kept: an agent arriving with more takes
 /// longer to move than to instantiate, and a large instance would hold its memory unused.
 pub const KEEP_UP_TO: u64 = 8 << 20;
 
-/// Bytes of memory the kept instances of a host may still take.
+/// Bytes of memory, and instances, the kept instances of a host may still take.
 #[derive(Debug)]
 pub struct Budget {
-    left: AtomicU64,
+    left: Mutex<(u64, u64)>,
 }
 
 impl Budget {
-    /// A budget of `bytes`.
-    pub fn new(bytes: u64) -> Arc<Budget> {
+    /// A budget of `bytes` over at most `count` items.
+    pub fn new(bytes: u64, count: u64) -> Arc<Budget> {
         Arc::new(Budget {
-            left: AtomicU64::new(bytes),
+            left: Mutex::new((bytes, count)),
         })
     }
 
     fn reserve(&self, bytes: u64) -> bool {
-        self.left
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-                left.checked_sub(bytes)
-            })
-            .is_ok()
+        let Ok(mut left) = self.left.lock() else {
+            return false;
+        };
+        match (left.0.checked_sub(bytes), left.1.checked_sub(1)) {
+            (Some(b), Some(c)) => {
+                *left = (b, c);
+                true
+            }
+            _ => false,
+        }
     }
 
     fn release(&self, bytes: u64) {
-        self.left.fetch_add(bytes, Ordering::AcqRel);
+        if let Ok(mut left) = self.left.lock() {
+            *left = (left.0 + bytes, left.1 + 1);
+        }
+    }
+
+    /// Bytes and items left.
+    pub fn left(&self) -> (u64, u64) {
+        self.left.lock().map_or((0, 0), |l| *l)
     }
 }
 
@@ -96,7 +117,7 @@ impl<T> Idle<T> {
         let taken = {
             let mut kept = self.kept.lock().ok()?;
             let at = kept.iter().rposition(|k| k.bytes <= bytes)?;
-            kept.swap_remove(at)
+            kept.remove(at)
         };
         self.budget.release(taken.resident);
         Some((taken.bytes, taken.item))
@@ -145,7 +166,7 @@ mod tests {
 
     #[test]
     fn takes_the_newest_that_fits_within_the_budget() {
-        let budget = Budget::new(3 << 20);
+        let budget = Budget::new(3 << 20, 10);
         let idle = Idle::new(budget.clone());
         idle.put(1 << 20, 1 << 20, "a");
         idle.put(2 << 20, 2 << 20, "b");
@@ -153,7 +174,7 @@ mod tests {
         idle.put(1 << 20, 1 << 20, "c");
         assert_eq!(idle.len(), 2);
         // Too large to keep at all.
-        let other = Idle::new(Budget::new(u64::MAX));
+        let other = Idle::new(Budget::new(u64::MAX, 10));
         other.put(KEEP_UP_TO + 1, 4096, "huge");
         assert!(other.is_empty());
 
@@ -168,12 +189,26 @@ mod tests {
         assert_eq!(idle.take(8 << 20), Some((1 << 20, "e")));
         assert_eq!(idle.take(8 << 20), Some((4 << 20, "d")));
         assert!(idle.is_empty());
-        assert_eq!(budget.left.load(Ordering::Acquire), 3 << 20);
+        assert_eq!(budget.left(), (3 << 20, 10));
+    }
+
+    #[test]
+    fn no_more_items_are_kept_than_the_budget_counts() {
+        let budget = Budget::new(u64::MAX / 2, 2);
+        let idle = Idle::new(budget.clone());
+        for item in 0..3 {
+            idle.put(1 << 20, 1, item);
+        }
+        assert_eq!(idle.len(), 2);
+        assert_eq!(idle.take(1 << 20), Some((1 << 20, 1)));
+        idle.put(1 << 20, 1, 3);
+        assert_eq!(idle.len(), 2);
+        assert_eq!(budget.left().1, 0);
     }
 
     #[test]
     fn expired_items_go_and_give_their_budget_back() {
-        let budget = Budget::new(4 << 20);
+        let budget = Budget::new(4 << 20, 10);
         let idle = Idle::new(budget.clone());
         idle.put(1 << 20, 1 << 20, 1);
         idle.put(1 << 20, 1 << 20, 2);
@@ -181,11 +216,11 @@ mod tests {
         assert_eq!(idle.len(), 2);
         idle.expire(Duration::ZERO);
         assert!(idle.is_empty());
-        assert_eq!(budget.left.load(Ordering::Acquire), 4 << 20);
+        assert_eq!(budget.left(), (4 << 20, 10));
         // A pool dropped with items in it gives their budget back too.
         let other = Idle::new(budget.clone());
         other.put(2 << 20, 2 << 20, 3);
         drop(other);
-        assert_eq!(budget.left.load(Ordering::Acquire), 4 << 20);
+        assert_eq!(budget.left(), (4 << 20, 10));
     }
 }

@@ -230,6 +230,7 @@ impl LocalRunner {
                         Ok((mut moved, hop)) => {
                             on_event(&RunEvent::Moved(hop.clone()));
                             report.moves.push(hop);
+                            agent.retire();
                             moved.complete(OpResult::Hop(Ok(())));
                             hopped = true;
                             moved

@@ -388,3 +388,36 @@ fn a_launch_takes_an_instance_an_agent_left_and_runs_as_in_a_fresh_one() {
         assert_eq!(reused, fresh);
     });
 }
+
+#[test]
+fn a_kept_instance_has_its_globals_back_and_one_whose_agent_failed_is_not_kept() {
+    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
+    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
+    // Its start traps unless the global reads as instantiated, then changes it.
+    let wasm = wat::parse_str(
+        r#"(module (memory (export "memory") 1) (global $g (mut i32) (i32.const 0))
+            (func (export "agent_start")
+                (if (global.get $g) (then unreachable)) (global.set $g (i32.const 1)))
+            (func (export "agent_poll") (result i32) i32.const 1)
+            (@custom "agent-abi" "\01\00\00\00"))"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let module = cache.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
+    let site = Arc::new(search_sites().remove(0));
+    let limits = Limits::default();
+    let context = || AgentContext::new("home", "test", vec![], Default::default());
+    block_on(async {
+        let launch = || AgentInstance::launch(module.clone(), site.clone(), context(), &limits);
+        let first = launch().await.unwrap_or_else(|e| panic!("{e}"));
+        first.retire();
+        assert_eq!(module.idle_instances(), 1);
+        let mut second = launch()
+            .await
+            .unwrap_or_else(|e| panic!("the global leaked: {e}"));
+        assert_eq!(module.idle_instances(), 0);
+        // Its poll breaks the ABI (done without an outcome): not at a safe point, not kept.
+        assert!(matches!(second.poll().await, Err(AgentError::Abi(_))));
+        second.retire();
+        assert_eq!(module.idle_instances(), 0);
+    });
+}
