@@ -344,7 +344,7 @@ impl AgentImage {
     /// # Errors
     /// When zstd fails to compress (out of memory).
     pub fn encode_parts(&self) -> std::io::Result<Encoded> {
-        self.write(self.pages.data.clone(), None, TRAVEL_LEVEL)
+        self.write(self.pages.data.clone(), None, &TRAVEL)
     }
 
     /// Encodes the image as [`AgentImage::encode_parts`] does, compressed harder: for an image
@@ -353,7 +353,7 @@ impl AgentImage {
     /// # Errors
     /// When zstd fails to compress (out of memory).
     pub fn encode_to_keep(&self) -> std::io::Result<Encoded> {
-        self.write(self.pages.data.clone(), None, KEEP_LEVEL)
+        self.write(self.pages.data.clone(), None, &KEEP)
     }
 
     /// Encodes the image leaving out the pages of `left_out`, which the reader holds in its
@@ -368,19 +368,19 @@ impl AgentImage {
             seq: base_seq,
             runs: left_out,
         };
-        self.write(body, Some(base), TRAVEL_LEVEL)
+        self.write(body, Some(base), &TRAVEL)
     }
 
     fn write(
         &self,
         pages: bytes::Bytes,
         base: Option<LeftOut>,
-        level: i32,
+        zstd: &'static std::thread::LocalKey<Zstd>,
     ) -> std::io::Result<Encoded> {
         let raw = incompressible(&[&pages])?;
         let body = match raw {
             true => pages,
-            false => compress(&pages, level)?.into(),
+            false => compress(&pages, zstd)?.into(),
         };
         let head = self.head(body.len(), self.digest(), base, raw);
         Ok(Encoded { head, body })
@@ -670,28 +670,21 @@ fn read_header(bytes: &[u8], max_header: usize) -> Result<(WireHeader, usize), I
 thread_local! {
     // zstd contexts are costly to set up (more than compressing a small agent's pages), so
     // each thread keeps one of each.
-    static TRAVEL: std::cell::RefCell<std::io::Result<zstd::bulk::Compressor<'static>>> =
-        std::cell::RefCell::new(zstd::bulk::Compressor::new(TRAVEL_LEVEL));
-    static KEEP: std::cell::RefCell<std::io::Result<zstd::bulk::Compressor<'static>>> =
-        std::cell::RefCell::new(zstd::bulk::Compressor::new(KEEP_LEVEL));
+    static TRAVEL: Zstd = std::cell::RefCell::new(zstd::bulk::Compressor::new(TRAVEL_LEVEL));
+    static KEEP: Zstd = std::cell::RefCell::new(zstd::bulk::Compressor::new(KEEP_LEVEL));
     static DECOMPRESSOR: std::cell::RefCell<std::io::Result<zstd::bulk::Decompressor<'static>>> =
         std::cell::RefCell::new(zstd::bulk::Decompressor::new());
 }
 
-/// Compresses pages with this thread's zstd context for `level` ([`TRAVEL_LEVEL`] or
-/// [`KEEP_LEVEL`]).
-fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
-    let with = |c: &std::cell::RefCell<std::io::Result<zstd::bulk::Compressor<'static>>>| match c
-        .borrow_mut()
-        .as_mut()
-    {
+/// A thread's zstd compression context for one level.
+type Zstd = std::cell::RefCell<std::io::Result<zstd::bulk::Compressor<'static>>>;
+
+/// Compresses pages with this thread's context `zstd` ([`TRAVEL`] or [`KEEP`]).
+fn compress(data: &[u8], zstd: &'static std::thread::LocalKey<Zstd>) -> std::io::Result<Vec<u8>> {
+    zstd.with(|c| match c.borrow_mut().as_mut() {
         Ok(c) => c.compress(data),
         Err(e) => Err(std::io::Error::other(e.to_string())),
-    };
-    match level {
-        KEEP_LEVEL => KEEP.with(with),
-        _ => TRAVEL.with(with),
-    }
+    })
 }
 
 /// Bodies at least this large are sampled before they are compressed.
@@ -725,7 +718,7 @@ fn incompressible(pages: &[&[u8]]) -> std::io::Result<bool> {
     }
     // Saving less than a quarter does not pay for compressing and decompressing every page
     // on a fast link; a few compressible pages (stack, data) among noise save less.
-    Ok(compress(&sample, TRAVEL_LEVEL)?.len() > sample.len() / 4 * 3)
+    Ok(compress(&sample, &TRAVEL)?.len() > sample.len() / 4 * 3)
 }
 
 /// Most memory reserved for the pages before any has been decompressed.

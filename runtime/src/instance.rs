@@ -62,13 +62,14 @@ pub enum AgentError {
     Instantiate(String),
 }
 
-/// An instance whose agent left, its memory reset to the module's initial memory: kept by
-/// its module ([`crate::recycle`]) for the next agent of it.
-pub(crate) struct Retired {
+/// An instance without its agent: made fresh, or left by an agent and reset to what
+/// instantiation left (then kept by its module, [`crate::recycle`], for the next agent of it).
+pub(crate) struct Shell {
     store: Store<AgentState>,
     instance: Instance,
     memory: Memory,
     poll: TypedFunc<(), i32>,
+    /// The mutable globals right after instantiation, before any agent code ran.
     fresh_globals: Arc<[GlobalValue]>,
 }
 
@@ -79,13 +80,13 @@ pub struct AgentInstance {
     memory: Memory,
     poll: TypedFunc<(), i32>,
     module: Arc<AgentModule>,
+    /// The mutable globals right after instantiation, before any agent code ran: retiring
+    /// writes them back.
+    fresh_globals: Arc<[GlobalValue]>,
     /// What the last capture found, while the memory has not changed since: the runs of pages
     /// that differ from the initial memory, and the bytes of the pages ever touched. Retiring
     /// the instance then resets those runs without reading the page map again.
     captured: Option<(Vec<PageRun>, u64)>,
-    /// The mutable globals right after instantiation, before any agent code ran: retiring
-    /// writes them back.
-    fresh_globals: Arc<[GlobalValue]>,
     /// Whether the agent stands at a safe point (launched, restored, or suspended by its
     /// last poll): only then is the instance retired for another agent.
     at_safe_point: bool,
@@ -102,13 +103,10 @@ impl AgentInstance {
         context: AgentContext,
         limits: &Limits,
     ) -> Result<AgentInstance, AgentError> {
-        // An instance an agent left, reset, is as fresh: its memory reads as the initial one.
-        let mut agent = match module.idle.take(module.facts.memory_bytes) {
-            Some((bytes, retired)) if bytes == module.facts.memory_bytes => {
-                AgentInstance::reuse(module, retired, site, context, limits)
-            }
-            _ => AgentInstance::instantiate(module, site, context, limits).await?,
-        };
+        // No kept instance has less memory than the module starts with, so one taken here
+        // has exactly that.
+        let bytes = module.facts.memory_bytes;
+        let mut agent = AgentInstance::kept_or_fresh(module, site, context, limits, bytes).await?;
         // wasi-libc reactors initialize themselves here; this runs once in an agent's life.
         if let Ok(init) = agent
             .instance
@@ -153,17 +151,8 @@ impl AgentInstance {
             .into());
         }
         check_globals(&image.globals, &module.facts.globals)?;
-        let context = image.context.clone();
-        // A kept instance as large as the image grows no memory, so the limiter would not see
-        // it: an image over the limit goes to a fresh instance, whose growth is refused.
-        let kept = match image.memory_bytes <= limits.max_memory {
-            true => module.idle.take(image.memory_bytes),
-            false => None,
-        };
-        let agent = match kept {
-            Some((_, retired)) => AgentInstance::reuse(module, retired, site, context, limits),
-            None => AgentInstance::instantiate(module, site, context, limits).await?,
-        };
+        let (context, bytes) = (image.context.clone(), image.memory_bytes);
+        let agent = AgentInstance::kept_or_fresh(module, site, context, limits, bytes).await?;
         agent.fill(image, false)
     }
 
@@ -175,8 +164,7 @@ impl AgentInstance {
     /// last poll failed, or never ended) is dropped.
     pub fn retire(mut self) {
         let bytes = self.memory_bytes();
-        let kept = !self.module.facts.passive_data && bytes <= crate::recycle::KEEP_UP_TO;
-        if !kept || !self.at_safe_point {
+        if self.module.facts.passive_data || !self.module.idle.keeps(bytes) || !self.at_safe_point {
             return;
         }
         // Globals too: a module may keep an allocator's pointer or any other state in them.
@@ -200,7 +188,7 @@ impl AgentInstance {
             fresh_globals,
             ..
         } = self;
-        let retired = Retired {
+        let shell = Shell {
             store,
             instance,
             memory,
@@ -209,7 +197,7 @@ impl AgentInstance {
         };
         module
             .idle
-            .put(bytes, resident + crate::recycle::OVERHEAD, retired);
+            .put(bytes, resident + crate::recycle::OVERHEAD, shell);
     }
 
     /// The runs of pages of the memory that differ from the module's initial memory, and the
@@ -227,36 +215,63 @@ impl AgentInstance {
         )
     }
 
-    /// An agent's instance made of `retired`: a fresh state for `context` in the store of an
-    /// instance whose memory reads as the module's initial memory (its size may be larger).
-    fn reuse(
+    /// An instance of `module` for the agent of `context`, whose memory will be
+    /// `memory_bytes`: one an agent of the module left with no more memory than that, or a
+    /// fresh one.
+    async fn kept_or_fresh(
         module: Arc<AgentModule>,
-        retired: Retired,
+        site: Arc<Site>,
+        context: AgentContext,
+        limits: &Limits,
+        memory_bytes: u64,
+    ) -> Result<AgentInstance, AgentError> {
+        // A kept instance as large as that grows no memory, so the limiter would not see it:
+        // memory over the limit goes to a fresh instance, whose growth is refused.
+        let kept = match memory_bytes <= limits.max_memory {
+            true => module.idle.take(memory_bytes),
+            false => None,
+        };
+        match kept {
+            Some((_, shell)) => Ok(AgentInstance::enter(module, shell, site, context, limits)),
+            None => AgentInstance::instantiate(module, site, context, limits).await,
+        }
+    }
+
+    /// The agent of `context` in `shell`, kept after another agent left: a fresh state in
+    /// its store.
+    fn enter(
+        module: Arc<AgentModule>,
+        mut shell: Shell,
         site: Arc<Site>,
         context: AgentContext,
         limits: &Limits,
     ) -> AgentInstance {
-        let Retired {
-            mut store,
+        let mut state = AgentState::new(context, site, limits);
+        state.memory = Some(shell.memory);
+        // The flag's address is the module's, found when the instance was made.
+        state.checkpoint_flag = shell.store.data().checkpoint_flag;
+        *shell.store.data_mut() = state;
+        shell.store.set_epoch_deadline(1);
+        AgentInstance::assemble(module, shell)
+    }
+
+    /// The agent instance of `shell`, at a safe point with nothing captured yet.
+    fn assemble(module: Arc<AgentModule>, shell: Shell) -> AgentInstance {
+        let Shell {
+            store,
             instance,
             memory,
             poll,
             fresh_globals,
-        } = retired;
-        let mut state = AgentState::new(context, site, limits);
-        state.memory = Some(memory);
-        // The flag's address is the module's, found when the instance was made.
-        state.checkpoint_flag = store.data().checkpoint_flag;
-        *store.data_mut() = state;
-        store.set_epoch_deadline(1);
+        } = shell;
         AgentInstance {
             store,
             instance,
             memory,
             poll,
             module,
-            captured: None,
             fresh_globals,
+            captured: None,
             at_safe_point: true,
         }
     }
@@ -436,16 +451,14 @@ impl AgentInstance {
         let poll = instance
             .get_typed_func::<(), i32>(&mut store, export::POLL)
             .map_err(|e| AgentError::Abi(format!("{}: {e}", export::POLL)))?;
-        Ok(AgentInstance {
+        let shell = Shell {
             store,
             instance,
             memory,
             poll,
-            module,
-            captured: None,
             fresh_globals,
-            at_safe_point: true,
-        })
+        };
+        Ok(AgentInstance::assemble(module, shell))
     }
 
     /// Runs the agent until its next safe point or its end.

@@ -7,7 +7,7 @@
 
 use crate::admission::{self, AdmissionError, ModuleFacts};
 use crate::host_abi;
-use crate::instance::Retired;
+use crate::instance::Shell;
 use crate::instrument;
 use crate::recycle::{Budget, Idle};
 use crate::state::AgentState;
@@ -54,7 +54,7 @@ pub struct AgentModule {
     /// Pre-linked for fast instantiation.
     pub(crate) pre: InstancePre<AgentState>,
     /// Instances of this module whose agents left, reset for the next ones.
-    pub(crate) idle: Idle<Retired>,
+    pub(crate) idle: Idle<Shell>,
 }
 
 impl AgentModule {

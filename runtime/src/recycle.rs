@@ -95,10 +95,16 @@ impl<T> Idle<T> {
         }
     }
 
+    /// Whether an item of `bytes` of memory may be kept at all ([`KEEP_UP_TO`]): one that may
+    /// not need not be made ready for keeping.
+    pub fn keeps(&self, bytes: u64) -> bool {
+        bytes <= KEEP_UP_TO
+    }
+
     /// Keeps `item`, of `bytes` of memory of which it holds `resident`, unless it is too
     /// large or the budget is spent (then it is dropped).
     pub fn put(&self, bytes: u64, resident: u64, item: T) {
-        if bytes > KEEP_UP_TO || !self.budget.reserve(resident) {
+        if !self.keeps(bytes) || !self.budget.reserve(resident) {
             return;
         }
         match self.kept.lock() {

@@ -240,6 +240,13 @@ fn a_checkpoint_flag_export_that_never_returns_is_stopped_by_the_cpu_budget() {
     }
 }
 
+/// `wasm` admitted by a cache of its own.
+fn admitted(wasm: &[u8]) -> Arc<agent_runtime::AgentModule> {
+    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
+    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
+    cache.admit(wasm).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Runs `agent` to its next safe point, asking it to stop at its next checkpoint.
 async fn to_safe_point(agent: &mut AgentInstance) {
     agent.request_checkpoint();
@@ -263,11 +270,7 @@ async fn to_end(mut agent: AgentInstance) -> agent_abi::Outcome {
 
 #[test]
 fn an_instance_left_at_a_hop_is_reset_before_another_agent_is_restored_into_it() {
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
-    let heap = cache
-        .admit(&example("heap"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let heap = admitted(&example("heap"));
     let site = Arc::new(search_sites().remove(0));
     let limits = Limits::default();
     let args = |pairs: &[(&str, &str)]| {
@@ -332,15 +335,11 @@ fn an_instance_left_at_a_hop_is_reset_before_another_agent_is_restored_into_it()
 
 #[test]
 fn an_instance_of_a_module_with_passive_data_is_not_reused() {
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
     let site = Arc::new(search_sites().remove(0));
     let limits = Limits::default();
     // `data.drop` would empty the segment for good in that instance.
     for (items, kept) in [("", 1), (r#"(data "passive")"#, 0)] {
-        let module = cache
-            .admit(&wat_module(items))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let module = admitted(&wat_module(items));
         assert_eq!(module.facts.passive_data, kept == 0);
         block_on(async {
             let context = AgentContext::new("home", "test", vec![], Default::default());
@@ -355,11 +354,7 @@ fn an_instance_of_a_module_with_passive_data_is_not_reused() {
 
 #[test]
 fn a_launch_takes_an_instance_an_agent_left_and_runs_as_in_a_fresh_one() {
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
-    let heap = cache
-        .admit(&example("heap"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let heap = admitted(&example("heap"));
     let site = Arc::new(search_sites().remove(0));
     let limits = Limits::default();
     let context = || {
@@ -391,8 +386,6 @@ fn a_launch_takes_an_instance_an_agent_left_and_runs_as_in_a_fresh_one() {
 
 #[test]
 fn a_kept_instance_has_its_globals_back_and_one_whose_agent_failed_is_not_kept() {
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
     // Its start traps unless the global reads as instantiated, then changes it.
     let wasm = wat::parse_str(
         r#"(module (memory (export "memory") 1) (global $g (mut i32) (i32.const 0))
@@ -402,7 +395,7 @@ fn a_kept_instance_has_its_globals_back_and_one_whose_agent_failed_is_not_kept()
             (@custom "agent-abi" "\01\00\00\00"))"#,
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let module = cache.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
+    let module = admitted(&wasm);
     let site = Arc::new(search_sites().remove(0));
     let limits = Limits::default();
     let context = || AgentContext::new("home", "test", vec![], Default::default());

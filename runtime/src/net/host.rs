@@ -875,10 +875,10 @@ impl Host {
         .await
         {
             // From here on a crash of this host does not lose the agent.
-            Ok(mut agent) => match self.keep_async(&mut agent, Resume::Poll).await {
-                Ok(()) => Ok(agent),
-                Err(e) => Err(e),
-            },
+            Ok(mut agent) => self
+                .keep_async(&mut agent, Resume::Poll)
+                .await
+                .map(|()| agent),
             Err(e) => Err(e.to_string()),
         };
         match launched {
@@ -1162,19 +1162,7 @@ impl Host {
     ) {
         let _ = self.store.remove_agent_async(&id).await;
         self.forget_running(&id);
-        let event = self.ended(hops, outcome);
-        if home == self.config.name {
-            return self.deliver_async(&id, event).await;
-        }
-        let report = PendingReport {
-            home,
-            agent: id,
-            event,
-        };
-        if let Err(e) = self.store.put_report_async(&report).await {
-            tracing::error!(agent = %id, "cannot store a report for the home host: {e}");
-        }
-        self.outbox.notify_one();
+        self.report_async(id, home, self.ended(hops, outcome)).await;
     }
 
     /// Sends an event to the agent's home host (here, or a peer). A report to a peer is
@@ -1185,6 +1173,18 @@ impl Host {
         }
         let report = PendingReport { home, agent, event };
         if let Err(e) = self.store.put_report(&report) {
+            tracing::error!(%agent, "cannot store a report for the home host: {e}");
+        }
+        self.outbox.notify_one();
+    }
+
+    /// [`Host::report`], waiting for the store as a task.
+    async fn report_async(self: &Arc<Self>, agent: AgentId, home: String, event: LaunchEvent) {
+        if home == self.config.name {
+            return self.deliver_async(&agent, event).await;
+        }
+        let report = PendingReport { home, agent, event };
+        if let Err(e) = self.store.put_report_async(&report).await {
             tracing::error!(%agent, "cannot store a report for the home host: {e}");
         }
         self.outbox.notify_one();
