@@ -355,3 +355,60 @@ fn an_end_held_back_by_its_home_survives_a_crash_of_the_home() {
         "{status:#}"
     );
 }
+
+/// A hop into the agent's home is recorded by the home, not reported by its source. The home
+/// crashes once it committed that hop, before it stored the agent's status: restarted, it
+/// records the hop from the agent's trace, and the agent's status holds both hops. Without
+/// that, the end waits for a report that never comes and the status lacks the hop home.
+#[test]
+fn a_hop_home_is_recorded_when_the_home_crashes_right_after_committing_it() {
+    let wasm = example_path("search");
+    let up: &[&str] = &[];
+    let mut cluster = Cluster::start(&SITES, &[("siteB", up), ("siteC", up)]);
+    cluster.start_with("siteA", &[], &[("FAILPOINTS", "dest-after-commit=return")]);
+    let launch = [
+        "launch",
+        &wasm,
+        "--hop",
+        "siteB,siteA",
+        "--arg",
+        "query=migration",
+        "--detach",
+        "--json",
+    ];
+    let out = cluster.agent(&launch, "siteA", "alice");
+    let agent = json(&out)["agent"].as_str().unwrap_or_default().to_string();
+    assert!(
+        !agent.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    restart_after_crash(&mut cluster, "siteA", "dest-after-commit");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let status = json(&cluster.agent(&["status", &agent, "--json"], "siteA", "alice"));
+        if status["state"] != "running" {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never ended: {status:#}\n--- siteA\n{}",
+            cluster.log("siteA")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status["state"], "finished", "{status:#}");
+    let path: Vec<(&str, &str)> = (status["hops"].as_array().into_iter().flatten())
+        .map(|h| {
+            let site = |k: &str| h[k].as_str().unwrap_or_default();
+            (site("from"), site("to"))
+        })
+        .collect();
+    assert_eq!(
+        path,
+        [("siteA", "siteB"), ("siteB", "siteA")],
+        "{status:#}\n--- siteA\n{}",
+        cluster.log("siteA")
+    );
+}

@@ -116,6 +116,17 @@ fn the_search_agent_visits_three_host_processes_and_a_second_launch_sends_no_mod
         module_bytes[2], 0,
         "siteA had the module (it was launched there)"
     );
+    // The hop home is recorded by the home from what its source told it with DEPARTED:
+    // it has the source's facts and a freeze time as the others do.
+    for hop in first["hops"].as_array().into_iter().flatten() {
+        assert_eq!(hop["from_arch"], std::env::consts::ARCH, "{hop}");
+        assert!(hop["image_bytes"].as_u64() > Some(0), "{hop}");
+        assert!(hop["freeze_us"].as_u64() > Some(0), "{hop}");
+        assert!(
+            hop["committed_us"].as_u64() >= hop["freeze_us"].as_u64(),
+            "{hop}"
+        );
+    }
 
     let again = json(&cluster.agent(&launch, "siteA", "bob"));
     assert_eq!(again["ok"], true);

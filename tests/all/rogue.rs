@@ -58,9 +58,15 @@ async fn transfer(
     image: &[u8],
 ) -> Result<TransferReply, String> {
     let (mut send, mut recv) = send_image(client, offer, module, image).await?;
-    write_msg(&mut send, &Departed { seq: offer.seq })
-        .await
-        .map_err(|e| e.to_string())?;
+    write_msg(
+        &mut send,
+        &Departed {
+            seq: offer.seq,
+            home: None,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     read_msg(&mut recv).await.map_err(|e| e.to_string())
 }
 
@@ -194,7 +200,7 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
         let (mut send, mut recv) = send_image(&client, &offer5, &search, &misconfirmed)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        write_msg(&mut send, &Departed { seq: 7 })
+        write_msg(&mut send, &Departed { seq: 7, home: None })
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let verdict: TransferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
@@ -272,9 +278,15 @@ fn an_image_sent_with_the_offer_is_committed_even_when_the_module_is_asked_for()
         write_blob(&mut send, &search)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        write_msg(&mut send, &Departed { seq: offer.seq })
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        write_msg(
+            &mut send,
+            &Departed {
+                seq: offer.seq,
+                home: None,
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
         let verdict: TransferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(
             matches!(verdict, TransferReply::Committed { .. }),

@@ -11,8 +11,8 @@ use super::arriving::Arriving;
 use super::certs::{Identity, Role};
 use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
 use super::messages::{
-    Asleep, Departed, HopInfo, LaunchEvent, ListReply, Offer, OfferReply, Request, StatusReply,
-    TransferReply, TransferStatus, unix_ms, unix_us,
+    Asleep, Departed, HopInfo, LaunchEvent, ListReply, Offer, OfferReply, Request, SentHome,
+    StatusReply, TransferReply, TransferStatus, unix_ms, unix_us,
 };
 use super::outgoing::{Outgoing, write_blob_passing, write_image};
 use super::spare::Spare;
@@ -446,6 +446,7 @@ impl Host {
                                     None => Start::Poll,
                                 },
                                 Resume::Arrived => {
+                                    self.came_home(&agent).await;
                                     agent.complete(OpResult::Hop(Ok(())));
                                     Start::Poll
                                 }
@@ -466,6 +467,36 @@ impl Host {
                 AgentRecord::Forwarded { .. } => {}
             }
         }
+    }
+
+    /// Records the hop that brought `agent` back to its home here, from its trace, in case
+    /// this host stopped between committing that hop and storing the agent's status (a hop
+    /// into its home is not reported by its source). What only the source knew reads 0; a
+    /// hop the status holds is not recorded again.
+    async fn came_home(self: &Arc<Self>, agent: &AgentInstance) {
+        let context = agent.context();
+        let Some(last) = (context.trace.last())
+            .filter(|h| h.seq == context.hop_seq && context.home == self.config.name)
+        else {
+            return;
+        };
+        let info = HopInfo {
+            seq: last.seq,
+            from: last.from.clone(),
+            from_arch: String::new(),
+            to: last.to.clone(),
+            image_bytes: 0,
+            memory_bytes: agent.memory().len() as u64,
+            module_bytes: 0,
+            base_list_bytes: 0,
+            pages_reused: 0,
+            freeze_us: 0,
+            committed_us: 0,
+            frozen_at_us: 0,
+            resumed_at_us: 0,
+        };
+        let agent = context.agent_id;
+        self.deliver_async(&agent, LaunchEvent::Moved(info)).await;
     }
 
     /// A hop this host was making when it stopped: the destination alone knows whether it
@@ -619,7 +650,8 @@ impl Host {
                     }
                 };
                 while let Ok((send, recv)) = conn.accept_bi().await {
-                    tokio::spawn(host.clone().serve_stream(peer.clone(), send, recv));
+                    let from = (peer.clone(), conn.rtt());
+                    tokio::spawn(host.clone().serve_stream(from, send, recv));
                 }
             });
         }
@@ -690,9 +722,10 @@ impl Host {
         }
     }
 
+    /// Answers one request of `peer`, whose connection's round-trip time was `rtt`.
     async fn serve_stream(
         self: Arc<Self>,
-        peer: Identity,
+        (peer, rtt): (Identity, Duration),
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
@@ -736,7 +769,13 @@ impl Host {
                 let reply = self.kill(&agent, &peer).await;
                 write_msg(&mut send, &reply).await
             }
-            Request::Hop(offer) => self.serve_offer(&peer, offer, &mut send, &mut recv).await,
+            Request::Hop(offer) => {
+                // No later than when it was sent, by this host's clock: so a freeze measured
+                // from it is a bound, as the source's own is (HopInfo::freeze_us).
+                let now = Instant::now();
+                let offered = (offer, now.checked_sub(rtt).unwrap_or(now));
+                self.serve_offer(&peer, offered, &mut send, &mut recv).await
+            }
             Request::Query { agent, seq } => {
                 let receiving = self
                     .receiving
@@ -1122,19 +1161,31 @@ impl Host {
         }
     }
 
-    /// The agent's hop to `to` committed there: leave a forwarding pointer and tell its home.
+    /// The agent's hop to `to` committed there: leave a forwarding pointer and tell its home,
+    /// unless it went home (the home recorded the hop when it committed it).
     async fn forwarded(self: &Arc<Self>, agent: AgentId, home: String, hop: HopInfo) {
         let record = AgentRecord::Forwarded {
             seq: hop.seq,
             to: hop.to.clone(),
         };
-        let event = LaunchEvent::Moved(hop);
-        if home == self.config.name {
+        if hop.to == home {
             if let Err(e) = self.store.forward_async(&agent, &record, None).await {
                 tracing::error!(%agent, "cannot record that the agent left: {e}");
             }
-            crash_point("source-after-forward");
-            return self.deliver_async(&agent, event).await;
+            return crash_point("source-after-forward");
+        }
+        let event = LaunchEvent::Moved(hop);
+        if home == self.config.name {
+            // The pointer and the new status in one write.
+            self.note(&agent, event);
+            let latest = self.latest_home(&agent);
+            let saved = self.store.forward_home_async(&agent, &record, latest);
+            let saved = saved.await;
+            if let Err(e) = &saved {
+                tracing::error!(%agent, "cannot record that the agent left: {e}");
+            }
+            self.tell(&agent, saved);
+            return crash_point("source-after-forward");
         }
         let report = PendingReport { home, agent, event };
         match self
@@ -1719,9 +1770,11 @@ impl Host {
             .flatten();
         let mut hop = SourceHop::offered(site);
         let mut streams = None;
+        let mut offered = Duration::ZERO;
         let reply = async {
             let conn = self.connect(site).await?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            offered = frozen.elapsed();
             write_msg(&mut send, &Request::Hop(offer.clone()))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -1865,7 +1918,16 @@ impl Host {
                     (Some(why), _) => hop.on_unrecorded(why),
                     (None, Some((send, _))) => {
                         crash_point("source-before-departed");
-                        let sent = write_msg(send, &Departed { seq }).await;
+                        // The home records a hop into it itself, from what it is told here.
+                        let home = (site == offer.home).then(|| SentHome {
+                            from_arch: std::env::consts::ARCH.to_string(),
+                            image_bytes: partial.as_ref().unwrap_or(&bytes).len() as u64,
+                            module_bytes: module_sent,
+                            pages_reused,
+                            frozen_at_us,
+                            offered_us: offered.as_micros() as u64,
+                        });
+                        let sent = write_msg(send, &Departed { seq, home }).await;
                         hop.on_confirmed(sent.map_err(|e| e.to_string()))
                     }
                     (None, None) => hop.on_confirmed(Err("no stream".into())),
@@ -2042,11 +2104,11 @@ impl Host {
         Ok((blob.into_bytes(), arriving))
     }
 
-    /// The destination side of a hop.
+    /// The destination side of a hop; `offered` is no later than when the offer was sent.
     async fn serve_offer(
         self: &Arc<Self>,
         peer: &Identity,
-        offer: Offer,
+        (offer, offered): (Offer, Instant),
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), WireError> {
@@ -2077,30 +2139,21 @@ impl Host {
                 .filter(|_| offer.image_bytes >= WORTH_A_BASE);
             *base = held.as_ref().map(|b| b.list().clone());
         }
-        let key = (offer.agent, offer.seq);
-        let accepted = matches!(reply, OfferReply::Accept { .. });
-        if accepted && let Ok(mut receiving) = self.receiving.lock() {
-            *receiving.entry(key).or_default() += 1;
-        }
-        let received = self
-            .receive_offered(peer, &offer, &reply, held.as_deref(), send, recv)
-            .await;
-        if accepted && let Ok(mut receiving) = self.receiving.lock() {
-            match receiving.get_mut(&key) {
-                Some(n) if *n > 1 => *n -= 1,
-                _ => drop(receiving.remove(&key)),
-            }
-        }
-        received
+        let receiving = (matches!(reply, OfferReply::Accept { .. }))
+            .then(|| Receiving::start(self, (offer.agent, offer.seq)));
+        let answer = (&reply, offered, receiving);
+        self.receive_offered(peer, &offer, answer, held.as_deref(), send, recv)
+            .await
     }
 
-    /// The destination side after the decision on the offer: answer it, and if it was
+    /// The destination side after the decision on the offer (`reply`, when the offer was
+    /// sent, and the count of it as being received if accepted): answer it, and if it was
     /// accepted, receive, validate, commit and start the agent.
     async fn receive_offered(
         self: &Arc<Self>,
         peer: &Identity,
         offer: &Offer,
-        reply: &OfferReply,
+        (reply, offered, receiving): (&OfferReply, Instant, Option<Receiving>),
         base: Option<&Base>,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
@@ -2160,6 +2213,8 @@ impl Host {
             Ok(arrival) => arrival,
             Err(why) => {
                 tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
+                // A query once the source has the answer must not hear IN PROGRESS.
+                drop(receiving);
                 return write_msg(send, &TransferReply::Refused(why)).await;
             }
         };
@@ -2214,11 +2269,39 @@ impl Host {
                     ran_us,
                     resumed_at_us,
                 };
-                write_msg(send, &reply).await
+                let answered = write_msg(send, &reply).await;
+                let answered_at = Instant::now();
+                if let Some(sent) = departed.home
+                    && offer.home == self.config.name
+                {
+                    // The source's time until it sent the offer plus ours since then.
+                    let since_offer = |at: Instant| {
+                        sent.offered_us + at.duration_since(offered).as_micros() as u64
+                    };
+                    let info = HopInfo {
+                        seq: offer.seq,
+                        from: peer.name.clone(),
+                        from_arch: sent.from_arch,
+                        to: self.config.name.clone(),
+                        image_bytes: sent.image_bytes,
+                        memory_bytes: offer.memory_bytes,
+                        module_bytes: sent.module_bytes,
+                        base_list_bytes: base.map_or(0, |b| b.list().wire_bytes()),
+                        pages_reused: sent.pages_reused,
+                        freeze_us: since_offer(resumed),
+                        committed_us: since_offer(answered_at),
+                        frozen_at_us: sent.frozen_at_us,
+                        resumed_at_us,
+                    };
+                    self.deliver_async(&offer.agent, LaunchEvent::Moved(info))
+                        .await;
+                }
+                answered
             }
             Err(why) => {
                 let _ = verdict.send(false);
                 tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
+                drop(receiving);
                 write_msg(send, &TransferReply::Refused(why)).await
             }
         }
@@ -2316,6 +2399,35 @@ impl Host {
         let agent = restored.map_err(|e| e.to_string())?;
         phase(how);
         Ok((agent, whole, unverified))
+    }
+}
+
+/// Counts a transfer (agent, seq) as being received here ([`Host::receiving`]) while it lives.
+struct Receiving {
+    host: Arc<Host>,
+    key: (AgentId, u64),
+}
+
+impl Receiving {
+    fn start(host: &Arc<Host>, key: (AgentId, u64)) -> Self {
+        if let Ok(mut receiving) = host.receiving.lock() {
+            *receiving.entry(key).or_default() += 1;
+        }
+        Receiving {
+            host: host.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        if let Ok(mut receiving) = self.host.receiving.lock() {
+            match receiving.get_mut(&self.key) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => drop(receiving.remove(&self.key)),
+            }
+        }
     }
 }
 

@@ -125,10 +125,32 @@ pub enum OfferReply {
 /// the destination may commit. The image travels while that record is being written; a
 /// destination that never hears this never commits, so a source that crashed before its
 /// record was durable (and will resume the agent itself) cannot meet the agent elsewhere.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Departed {
     /// The hop sequence number of the transfer.
     pub seq: u64,
+    /// What the source sent, when the destination is the agent's home: the home records the
+    /// hop itself once it committed it, so the source sends it no report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<SentHome>,
+}
+
+/// What a source tells the agent's home about a hop into it ([`Departed::home`]): the part of
+/// [`HopInfo`] only the source knows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentHome {
+    /// CPU architecture of the source.
+    pub from_arch: String,
+    /// Image bytes sent.
+    pub image_bytes: u64,
+    /// Module bytes sent.
+    pub module_bytes: u64,
+    /// Pages the image left out because the home held them.
+    pub pages_reused: u64,
+    /// When the source suspended the agent, in µs since the Unix epoch by its clock.
+    pub frozen_at_us: u64,
+    /// Microseconds from the suspension until the source sent the offer.
+    pub offered_us: u64,
 }
 
 /// Phase 3: the destination's verdict after receiving the image.
@@ -164,7 +186,7 @@ pub struct HopInfo {
     pub seq: u64,
     /// Source site.
     pub from: String,
-    /// CPU architecture of the source.
+    /// CPU architecture of the source (empty when not known: recorded after a restart).
     pub from_arch: String,
     /// Destination site.
     pub to: String,
@@ -185,9 +207,14 @@ pub struct HopInfo {
     /// Microseconds the agent did not run: from its suspension on the source until the
     /// destination resumed it. Measured on the source as `committed_us` less the time the
     /// destination says the agent had run when it sent COMMITTED, so the one-way delay of that
-    /// answer counts as frozen: an upper bound, with no clocks compared.
+    /// answer counts as frozen: an upper bound, with no clocks compared. A hop into the
+    /// agent's home is measured there: the source's time until it sent the offer
+    /// ([`SentHome::offered_us`]) plus the home's from the offer's arrival less the
+    /// connection's round-trip time until it resumed the agent. 0 when not known (recorded
+    /// after a restart).
     pub freeze_us: u64,
-    /// Microseconds from suspension on the source until COMMITTED reached it.
+    /// Microseconds from suspension on the source until COMMITTED reached it (for a hop into
+    /// the agent's home, until the home sent it, measured as `freeze_us` is).
     #[serde(default)]
     pub committed_us: u64,
     /// When the source suspended the agent, in µs since the Unix epoch by the source's clock.

@@ -587,6 +587,26 @@ impl HostStore {
         Ok(())
     }
 
+    /// [`HostStore::forward_async`] for an agent launched here, with no report: its home
+    /// record, as `latest` yields it ([`HostStore::put_home_latest`]), goes in the same write,
+    /// which waits for the disk as a home record's does. Yields the tag that came with it.
+    ///
+    /// # Errors
+    /// When the database fails: neither is stored.
+    pub async fn forward_home_async<T: Send + 'static>(
+        &self,
+        agent: &AgentId,
+        record: &AgentRecord,
+        latest: impl Fn() -> Option<(HomeRow, T)> + Send + 'static,
+    ) -> Result<Option<T>, StoreError> {
+        let (mut forward, mut home) = (forwarding(agent, record, None), home_latest(latest));
+        let both =
+            move |dir: &Path, txn: &WriteTransaction| Ok((forward(dir, txn)?, home(dir, txn)?));
+        let (stale, tag) = self.write_async(both).await?;
+        unlink_off_workers(stale);
+        Ok(tag)
+    }
+
     /// Stores `image` (its bytes in parts, as [`HostStore::stage_image`] takes them) durably,
     /// then the record `make` builds around its file name; returns that name.
     ///
