@@ -5,7 +5,8 @@
 //! `scripts/bench [ROUNDS] [SCENARIO...]` (release build; ROUNDS repeats each measured
 //! scenario, default 5; scenarios: checkpoint memcpy freeze throughput large sparse return
 //! restart parked, default all). `BENCH_PARKED=N` parks N agents instead of 100,000;
-//! `BENCH_AGENTS=N` puts N agents in flight in `throughput` instead of 200.
+//! `BENCH_AGENTS=N` puts N agents in flight in `throughput` instead of 200, `BENCH_HOPS=N` makes
+//! each hop N times instead of 20.
 
 use agent_e2e::{Cluster, example, launch, repo, runner};
 use agent_runtime::Limits;
@@ -327,7 +328,8 @@ impl Bench {
     async fn throughput(&self, rounds: usize) -> anyhow::Result<Row> {
         // BENCH_AGENTS=N: agents in flight, to see how throughput depends on them.
         let agents = env_count("BENCH_AGENTS", 200);
-        const HOPS: u64 = 20;
+        // BENCH_HOPS=N: hops each agent makes instead of 20 (a long trip's home record grows).
+        let hops_each = env_count("BENCH_HOPS", 20) as u64;
         let mut rates = Vec::new();
         for _ in 0..rounds {
             let started = Instant::now();
@@ -335,7 +337,7 @@ impl Bench {
             for _ in 0..agents {
                 let (client, wasm) = (self.client.clone(), self.wasm.clone());
                 tasks.spawn(async move {
-                    trip(&client, &wasm, &["siteB", "siteA"], &[("hops", HOPS)]).await
+                    trip(&client, &wasm, &["siteB", "siteA"], &[("hops", hops_each)]).await
                 });
             }
             let mut hops = 0;
@@ -350,7 +352,7 @@ impl Bench {
             target: "≥ 5,000",
             measured: format!("**{:.0}** (min {:.0}, max {:.0})", s.p50, s.min, s.max),
             how: format!(
-                "{agents} agents launched at once, {HOPS} hops each siteA⇄siteB; hops ÷ wall \
+                "{agents} agents launched at once, {hops_each} hops each siteA⇄siteB; hops ÷ wall \
                  time from the first launch to the last end; median of {} rounds",
                 s.n
             ),

@@ -16,7 +16,7 @@ use super::messages::{
 };
 use super::outgoing::{Outgoing, write_blob_passing, write_image};
 use super::spare::Spare;
-use super::store::{AgentRecord, CallEntry, HomeRow, HostStore, PendingReport, Resume};
+use super::store::{AgentRecord, CallEntry, HomeRow, HomeWrite, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::trim::Trimmer;
 use super::wire::{
@@ -112,6 +112,9 @@ struct HomeEntry {
     held: Option<LaunchEvent>,
     /// Events recorded so far; the status holds all of them.
     records: u64,
+    /// Hops that no stored record may hold yet (the store keeps hops apart from the status),
+    /// with the number of the event that recorded each.
+    unstored_hops: Vec<(u64, u64)>,
     /// Events a durably stored status holds.
     stored: u64,
     /// Events recorded but not yet heard by the watchers, with their number: they hear of
@@ -126,6 +129,7 @@ impl HomeEntry {
             watchers,
             held: None,
             records: 0,
+            unstored_hops: Vec::new(),
             stored: 0,
             unheard: Vec::new(),
         }
@@ -171,6 +175,7 @@ impl HomeEntry {
                     self.status.site = hop.to.clone();
                 }
                 hops.insert(at, hop.clone());
+                self.unstored_hops.push((self.records + 1, hop.seq));
                 if self
                     .status
                     .sleeping
@@ -220,17 +225,34 @@ impl HomeEntry {
         self.unheard.push((self.records, event));
     }
 
-    /// What the store keeps of it.
-    fn row(&self) -> HomeRow {
-        HomeRow {
-            status: self.status.clone(),
+    /// What the store is given of it: the status but for its hops, and the hops it may lack.
+    fn row(&self) -> HomeWrite {
+        let s = &self.status;
+        let status = StatusReply {
+            agent: s.agent,
+            owner: s.owner.clone(),
+            site: s.site.clone(),
+            state: s.state.clone(),
+            hops: Vec::new(),
+            result: s.result.clone(),
+            error: s.error.clone(),
+            sleeping: s.sleeping.clone(),
+        };
+        let hops = (self.unstored_hops.iter())
+            .filter_map(|(_, seq)| s.hops.binary_search_by_key(seq, |h| h.seq).ok())
+            .map(|at| s.hops[at].clone())
+            .collect();
+        let row = HomeRow {
+            status,
             held_end: self.held.clone(),
-        }
+        };
+        HomeWrite { row, hops }
     }
 
     /// A stored status holds the events up to record `upto`: the watchers hear of them.
     fn saved(&mut self, upto: u64) {
         self.stored = self.stored.max(upto);
+        self.unstored_hops.retain(|(n, _)| *n > upto);
         self.tell(upto);
     }
 
@@ -341,6 +363,9 @@ impl Host {
             .map(|row| {
                 let mut entry = HomeEntry::new(row.status, Vec::new());
                 entry.held = row.held_end;
+                // A row from before hops were stored apart holds its hops: they go apart with
+                // the agent's next write. (Hops stored apart are stored again, harmlessly.)
+                entry.unstored_hops = (entry.status.hops.iter()).map(|h| (0, h.seq)).collect();
                 (entry.status.agent, entry)
             })
             .collect();
@@ -1134,7 +1159,7 @@ impl Host {
     fn latest_home(
         self: &Arc<Self>,
         agent: &AgentId,
-    ) -> impl Fn() -> Option<(HomeRow, u64)> + Send + 'static {
+    ) -> impl Fn() -> Option<(HomeWrite, u64)> + Send + 'static {
         let (host, id) = (self.clone(), *agent);
         move || {
             let homes = host.homes.lock().ok()?;
@@ -2576,6 +2601,7 @@ mod tests {
             watchers: Vec::new(),
             held: None,
             records: 0,
+            unstored_hops: Vec::new(),
             stored: 0,
             unheard: Vec::new(),
         }
@@ -2680,10 +2706,10 @@ mod tests {
         };
         assert_eq!(home.note(end.clone()), Noted::Held);
         // What the store keeps holds it, so that it is acknowledged only once stored.
-        assert_eq!(home.row().held_end, Some(end));
-        assert_eq!(home.row().status.state, "running");
+        assert_eq!(home.row().row.held_end, Some(end));
+        assert_eq!(home.row().row.status.state, "running");
         assert_eq!(home.note(moved(2, "siteA")), Noted::Unsaved);
-        assert!(home.held.is_none() && home.row().held_end.is_none());
+        assert!(home.held.is_none() && home.row().row.held_end.is_none());
         assert_eq!(home.status.state, "finished");
         home.saved(home.records);
         assert_eq!(home.note(moved(2, "siteA")), Noted::Saved);

@@ -19,7 +19,7 @@
 //! call takes effect once. Its rows are also the site's record of visits.
 
 use super::batch::{Batcher, Durable};
-use super::messages::{LaunchEvent, StatusReply, TransferStatus};
+use super::messages::{HopInfo, LaunchEvent, StatusReply, TransferStatus};
 use crate::context::AgentId;
 use crate::image::AgentImage;
 use crate::modules::{ModuleHash, TEMPORARY, publish, write_durably, write_synced};
@@ -31,6 +31,9 @@ use std::path::{Path, PathBuf};
 const TRANSFERS: TableDefinition<&[u8], u8> = TableDefinition::new("transfers");
 const AGENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("agents");
 const HOME: TableDefinition<&[u8], &[u8]> = TableDefinition::new("home");
+/// The hops of agents launched here, (agent, seq) → hop: apart from their status, so that a
+/// hop costs the home one row, not a rewrite of all the hops before it.
+const HOME_HOPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("home_hops");
 const CALLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("calls");
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
@@ -239,6 +242,7 @@ impl HostStore {
         txn.open_table(TRANSFERS).map_err(db_err)?;
         txn.open_table(AGENTS).map_err(db_err)?;
         txn.open_table(HOME).map_err(db_err)?;
+        txn.open_table(HOME_HOPS).map_err(db_err)?;
         txn.open_table(CALLS).map_err(db_err)?;
         txn.open_table(OUTBOX).map_err(db_err)?;
         txn.open_table(IMAGES).map_err(db_err)?;
@@ -597,7 +601,7 @@ impl HostStore {
         &self,
         agent: &AgentId,
         record: &AgentRecord,
-        latest: impl Fn() -> Option<(HomeRow, T)> + Send + 'static,
+        latest: impl Fn() -> Option<(HomeWrite, T)> + Send + 'static,
     ) -> Result<Option<T>, StoreError> {
         let (mut forward, mut home) = (forwarding(agent, record, None), home_latest(latest));
         let both =
@@ -833,7 +837,7 @@ impl HostStore {
     /// When the database fails.
     pub fn put_home_latest<T: Send + 'static>(
         &self,
-        latest: impl Fn() -> Option<(HomeRow, T)> + Send + 'static,
+        latest: impl Fn() -> Option<(HomeWrite, T)> + Send + 'static,
     ) -> Result<Option<T>, StoreError> {
         self.write(home_latest(latest))
     }
@@ -844,7 +848,7 @@ impl HostStore {
     /// When the database fails.
     pub async fn put_home_latest_async<T: Send + 'static>(
         &self,
-        latest: impl Fn() -> Option<(HomeRow, T)> + Send + 'static,
+        latest: impl Fn() -> Option<(HomeWrite, T)> + Send + 'static,
     ) -> Result<Option<T>, StoreError> {
         self.write_async(home_latest(latest)).await
     }
@@ -856,10 +860,21 @@ impl HostStore {
     pub fn homes(&self) -> Result<Vec<HomeRow>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(HOME).map_err(db_err)?;
+        let hops = txn.open_table(HOME_HOPS).map_err(db_err)?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(db_err)? {
             let (_, v) = entry.map_err(db_err)?;
-            out.push(uncbor(v.value())?);
+            let mut row: HomeRow = uncbor(v.value())?;
+            // Rows written before the hops were kept apart hold them themselves.
+            let agent = row.status.agent;
+            let (first, last) = (transfer_key(&agent, 0), transfer_key(&agent, u64::MAX));
+            for hop in (hops.range(first.as_slice()..=last.as_slice())).map_err(db_err)? {
+                let (_, v) = hop.map_err(db_err)?;
+                row.status.hops.push(uncbor(v.value())?);
+            }
+            row.status.hops.sort_by_key(|h| h.seq);
+            row.status.hops.dedup_by_key(|h| h.seq);
+            out.push(row);
         }
         Ok(out)
     }
@@ -877,6 +892,17 @@ pub struct HomeRow {
     /// The held end, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_end: Option<LaunchEvent>,
+}
+
+/// A write of a home record ([`HostStore::put_home_latest`]): the row, and hops to store apart
+/// from it. Reading the record back ([`HostStore::homes`]) gives the row's hops and all those
+/// stored apart, so the row need not hold the hops stored before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HomeWrite {
+    /// The row.
+    pub row: HomeRow,
+    /// Hops to store apart (again, if they were: the same hop is the same row).
+    pub hops: Vec<HopInfo>,
 }
 
 /// An image written ahead of the record that will name it ([`HostStore::stage_image`]). A
@@ -929,16 +955,26 @@ fn keeping(
 
 /// The write of [`HostStore::put_home_latest`].
 fn home_latest<T>(
-    latest: impl Fn() -> Option<(HomeRow, T)> + Send + 'static,
+    latest: impl Fn() -> Option<(HomeWrite, T)> + Send + 'static,
 ) -> impl FnMut(&Path, &WriteTransaction) -> Result<Option<T>, StoreError> + Send + 'static {
     move |_, txn| {
-        let Some((row, tag)) = latest() else {
+        let Some((HomeWrite { row, hops }, tag)) = latest() else {
             return Ok(None);
         };
+        let agent = row.status.agent;
         txn.open_table(HOME)
             .map_err(db_err)?
-            .insert(row.status.agent.0.as_slice(), cbor(&row).as_slice())
+            .insert(agent.0.as_slice(), cbor(&row).as_slice())
             .map_err(db_err)?;
+        if !hops.is_empty() {
+            let mut table = txn.open_table(HOME_HOPS).map_err(db_err)?;
+            for hop in &hops {
+                let key = transfer_key(&agent, hop.seq);
+                table
+                    .insert(key.as_slice(), cbor(hop).as_slice())
+                    .map_err(db_err)?;
+            }
+        }
         Ok(Some(tag))
     }
 }
@@ -1170,7 +1206,10 @@ mod tests {
         };
         {
             let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-            let row = held.clone();
+            let row = HomeWrite {
+                row: held.clone(),
+                hops: Vec::new(),
+            };
             store
                 .put_home_latest(move || Some((row.clone(), ())))
                 .unwrap_or_else(|e| panic!("{e}"));
@@ -1196,6 +1235,61 @@ mod tests {
         assert_eq!(store.homes().ok(), Some(vec![read]));
     }
 
+    /// Hops are stored apart from the status, each once: the record reads back with the hops
+    /// of its row (as rows were written before) and those stored apart, in order. A row
+    /// written over one that held hops is given those hops to store apart.
+    #[test]
+    fn a_home_record_reads_back_with_the_hops_stored_apart_from_it() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let hop = |seq: u64| HopInfo {
+            seq,
+            from: "siteA".into(),
+            from_arch: "x86_64".into(),
+            to: "siteB".into(),
+            image_bytes: 4000 + seq,
+            memory_bytes: 0,
+            module_bytes: 0,
+            base_list_bytes: 0,
+            pages_reused: 0,
+            freeze_us: seq,
+            committed_us: seq,
+            frozen_at_us: 0,
+            resumed_at_us: 0,
+        };
+        let mut old = home_status(1);
+        old.hops = vec![hop(1)];
+        let write = |status: StatusReply, hops: Vec<HopInfo>| {
+            let write = HomeWrite {
+                row: HomeRow {
+                    status,
+                    held_end: None,
+                },
+                hops,
+            };
+            move || Some((write.clone(), ()))
+        };
+        {
+            let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+            (store.put_home_latest(write(old.clone(), Vec::new())))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let read = store.homes().unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(read.len(), 1);
+            assert_eq!(read[0].status, old);
+            for (status, hops) in [
+                (home_status(2), vec![hop(1), hop(3)]),
+                (home_status(3), vec![hop(2), hop(3)]),
+            ] {
+                (store.put_home_latest(write(status, hops))).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let mut want = home_status(3);
+        want.hops = vec![hop(1), hop(2), hop(3)];
+        let read = store.homes().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].status, want);
+    }
+
     #[test]
     fn home_writes_racing_each_other_leave_the_latest_status() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -1206,6 +1300,10 @@ mod tests {
             status: home_status(n),
             held_end: None,
         };
+        let write = move |n: u64| HomeWrite {
+            row: status(n),
+            hops: Vec::new(),
+        };
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {
@@ -1215,7 +1313,7 @@ mod tests {
                         store
                             .put_home_latest(move || {
                                 let n = *latest.lock().ok()?;
-                                Some((status(n), n))
+                                Some((write(n), n))
                             })
                             .unwrap_or_else(|e| panic!("{e}"));
                     }
