@@ -94,8 +94,11 @@ pub struct AgentContext {
     pub pending: Option<Op>,
     /// The result of that operation, once the host completed it and until the agent takes it.
     pub result: Option<OpResult>,
-    /// The hops done so far.
+    /// The last hops done, at most [`TRACE_KEPT`] ([`AgentContext::record_hop`]).
     pub trace: Vec<HopRecord>,
+    /// Hops done before those in `trace`: an image does not grow with every hop.
+    #[serde(default)]
+    pub hops_before: u64,
     /// Service calls made so far: the index of the next call in a host's call journal.
     #[serde(default)]
     pub calls: u64,
@@ -120,6 +123,7 @@ impl AgentContext {
             pending: None,
             result: None,
             trace: Vec::new(),
+            hops_before: 0,
             calls: 0,
         }
     }
@@ -127,5 +131,63 @@ impl AgentContext {
     /// CPU time used so far.
     pub fn cpu_used(&self) -> Duration {
         Duration::from_micros(self.cpu_used_us)
+    }
+
+    /// Hops done so far.
+    pub fn hops(&self) -> u64 {
+        self.hops_before + self.trace.len() as u64
+    }
+
+    /// Records a hop in the trace, which keeps the last [`TRACE_KEPT`].
+    pub fn record_hop(&mut self, hop: HopRecord) {
+        self.trace.push(hop);
+        let over = self.trace.len().saturating_sub(TRACE_KEPT);
+        self.trace.drain(..over);
+        self.hops_before += over as u64;
+    }
+}
+
+/// Hop records an agent's trace keeps. Every image carries the trace and every hop encodes,
+/// decodes and copies it: a whole one made an agent's 400th hop cost a third more than its
+/// 20th (BENCHMARKS.md).
+pub const TRACE_KEPT: usize = 32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop(seq: u64) -> HopRecord {
+        HopRecord {
+            seq,
+            from: "siteA".into(),
+            to: "siteB".into(),
+        }
+    }
+
+    /// The trace keeps the last hops and counts all of them; a failed hop's record, popped
+    /// (the host's `forget_failed_hop`), leaves the count as it was.
+    #[test]
+    fn the_trace_keeps_the_last_hops_and_counts_them_all() {
+        let mut context = AgentContext::new("siteA", "alice", Vec::new(), BTreeMap::new());
+        let many = TRACE_KEPT as u64 + 10;
+        for seq in 1..=many {
+            context.record_hop(hop(seq));
+        }
+        assert_eq!(context.hops(), many);
+        assert_eq!(context.trace.len(), TRACE_KEPT);
+        assert_eq!(context.trace.first().map(|h| h.seq), Some(11));
+        assert_eq!(context.trace.last(), Some(&hop(many)));
+
+        context.record_hop(hop(many + 1));
+        context.trace.pop();
+        assert_eq!(context.hops(), many);
+
+        // A context from before the cap (no `hops_before`) reads with its whole trace.
+        let mut old = ciborium::Value::serialized(&context).unwrap_or_else(|e| panic!("{e}"));
+        if let ciborium::Value::Map(fields) = &mut old {
+            fields.retain(|(k, _)| k.as_text() != Some("hops_before"));
+        }
+        let read: AgentContext = old.deserialized().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read.hops(), read.trace.len() as u64);
     }
 }

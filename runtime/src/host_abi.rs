@@ -18,7 +18,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<AgentState>) -> wasmtime::Result
                 agent_id: state.context.agent_id.to_string(),
                 site: state.site.name().to_string(),
                 home: state.context.home.clone(),
-                hops: state.context.trace.len() as u64,
+                hops: state.context.hops(),
                 itinerary: state.context.itinerary.clone(),
                 args: state.context.args.clone(),
             };

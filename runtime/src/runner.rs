@@ -296,7 +296,7 @@ impl LocalRunner {
         let mut image = agent.capture();
         image.context.hop_seq += 1;
         if requested {
-            image.context.trace.push(crate::context::HopRecord {
+            image.context.record_hop(crate::context::HopRecord {
                 seq: image.context.hop_seq,
                 from: from.clone(),
                 to: dest.name().into(),

@@ -1395,11 +1395,11 @@ impl Host {
                                     Err(crate::AgentError::Panicked(why).to_string())
                                 }
                             };
-                            let hops = agent.context().trace.len() as u64;
+                            let hops = agent.context().hops();
                             return self.finish_async(id, home, hops, outcome).await;
                         }
                         Err(e) => {
-                            let hops = agent.context().trace.len() as u64;
+                            let hops = agent.context().hops();
                             return self.finish_async(id, home, hops, Err(e.to_string())).await;
                         }
                     }
@@ -1411,7 +1411,7 @@ impl Host {
             // A kill that reached the agent between epoch ticks (one made while it woke from
             // parking, say) ends it before its operation takes effect.
             if agent.flags().kill.load(Ordering::SeqCst) {
-                let hops = agent.context().trace.len() as u64;
+                let hops = agent.context().hops();
                 return self
                     .finish_async(id, home, hops, Err(AgentError::Killed.to_string()))
                     .await;
@@ -1442,7 +1442,7 @@ impl Host {
                         return;
                     }
                     if !sleep_unless_killed(&agent.flags(), ms).await {
-                        let hops = agent.context().trace.len() as u64;
+                        let hops = agent.context().hops();
                         return self
                             .finish_async(id, home, hops, Err(AgentError::Killed.to_string()))
                             .await;
@@ -1458,12 +1458,12 @@ impl Host {
     fn park_asleep(self: &Arc<Self>, agent: &mut AgentInstance, ms: u64) -> bool {
         let id = agent.context().agent_id;
         let until_ms = unix_ms().saturating_add(ms);
-        let (home, hops) = (agent.context().home.clone(), agent.context().trace.len());
+        let (home, hops) = (agent.context().home.clone(), agent.context().hops());
         agent.complete(OpResult::Sleep);
         let resume = Resume::Wake {
             until_ms,
             home: home.clone(),
-            hops: hops as u64,
+            hops,
         };
         if let Err(e) = super::store::blocking(|| self.keep(agent, resume)) {
             // The sleep stays completed: the agent sleeps in memory and then goes on.
@@ -1483,7 +1483,7 @@ impl Host {
             _ => return false,
         };
         if killed {
-            self.finish(id, home, hops as u64, Err(AgentError::Killed.to_string()));
+            self.finish(id, home, hops, Err(AgentError::Killed.to_string()));
             return true;
         }
         self.idle.notify_waiters();
@@ -1722,7 +1722,7 @@ impl Host {
         agent.context_mut().hop_seq += 1;
         let seq = agent.context().hop_seq;
         let mut image = agent.capture_in_place();
-        image.context.trace.push(HopRecord {
+        image.context.record_hop(HopRecord {
             seq,
             from: from.clone(),
             to: site.to_string(),
