@@ -96,8 +96,9 @@ pub struct AgentContext {
     pub result: Option<OpResult>,
     /// The last hops done, at most [`TRACE_KEPT`] ([`AgentContext::record_hop`]).
     pub trace: Vec<HopRecord>,
-    /// Hops done before those in `trace`: an image does not grow with every hop.
-    #[serde(default)]
+    /// Hops done before those in `trace`: an image does not grow with every hop. Left out
+    /// while 0: a parked agent's image is a few bytes under one 4 KiB page of the store.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub hops_before: u64,
     /// Service calls made so far: the index of the next call in a host's call journal.
     #[serde(default)]
@@ -145,6 +146,10 @@ impl AgentContext {
         self.trace.drain(..over);
         self.hops_before += over as u64;
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Hop records an agent's trace keeps. Every image carries the trace and every hop encodes,
