@@ -2282,7 +2282,6 @@ impl Host {
                 // Before the agent is let go, so that a crash here leaves it where the commit did.
                 crash_point("dest-after-commit");
                 self.enroll(offer.agent, flags);
-                let _ = verdict.send(true);
                 if let Ok(mut bases) = self.bases.lock() {
                     bases.remove(&offer.agent);
                 }
@@ -2301,7 +2300,8 @@ impl Host {
                 {
                     // The source's time until it sent the offer plus ours since then.
                     let since_offer = |at: Instant| {
-                        sent.offered_us + at.duration_since(offered).as_micros() as u64
+                        let ours = at.duration_since(offered).as_micros() as u64;
+                        sent.offered_us.saturating_add(ours)
                     };
                     let info = HopInfo {
                         seq: offer.seq,
@@ -2318,9 +2318,14 @@ impl Host {
                         frozen_at_us: sent.frozen_at_us,
                         resumed_at_us,
                     };
+                    // Stored before the agent is let go: a write it makes next (its end, a
+                    // sleep, a departure) must not be durable before its hop home is, or a
+                    // crash of the home in between would lose the hop. (A crash before this
+                    // write leaves the agent `Arrived`: a restart records the hop then.)
                     self.deliver_async(&offer.agent, LaunchEvent::Moved(info))
                         .await;
                 }
+                let _ = verdict.send(true);
                 answered
             }
             Err(why) => {
