@@ -508,17 +508,9 @@ impl Host {
         let info = HopInfo {
             seq: last.seq,
             from: last.from.clone(),
-            from_arch: String::new(),
             to: last.to.clone(),
-            image_bytes: 0,
             memory_bytes: agent.memory().len() as u64,
-            module_bytes: 0,
-            base_list_bytes: 0,
-            pages_reused: 0,
-            freeze_us: 0,
-            committed_us: 0,
-            frozen_at_us: 0,
-            resumed_at_us: 0,
+            ..HopInfo::default()
         };
         let agent = context.agent_id;
         self.deliver_async(&agent, LaunchEvent::Moved(info)).await;
@@ -564,13 +556,7 @@ impl Host {
                     to,
                     image_bytes,
                     memory_bytes: stored.memory_bytes,
-                    module_bytes: 0,
-                    base_list_bytes: 0,
-                    pages_reused: 0,
-                    freeze_us: 0,
-                    committed_us: 0,
-                    frozen_at_us: 0,
-                    resumed_at_us: 0,
+                    ..HopInfo::default()
                 };
                 self.forwarded(id, home, info).await;
             }
@@ -2618,15 +2604,7 @@ mod tests {
             from: "siteA".into(),
             from_arch: "x86_64".into(),
             to: to.into(),
-            image_bytes: 0,
-            memory_bytes: 0,
-            module_bytes: 0,
-            base_list_bytes: 0,
-            pages_reused: 0,
-            freeze_us: 0,
-            committed_us: 0,
-            frozen_at_us: 0,
-            resumed_at_us: 0,
+            ..HopInfo::default()
         })
     }
 

@@ -179,8 +179,9 @@ pub enum TransferStatus {
     InProgress,
 }
 
-/// One hop as reported to the launcher.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One hop as reported to the launcher. The default (all 0) is a hop nothing is known of
+/// yet: a host recording one after a restart fills in what it still knows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HopInfo {
     /// Hop sequence number after the hop.
     pub seq: u64,
