@@ -476,7 +476,11 @@ impl Bench {
         let (after, disk_after) = (rss(pid)?, disk_usage(data));
         let wall = started.elapsed();
         let each = after.saturating_sub(before) as f64 / (count - warm) as f64;
-        let stored = disk_after.saturating_sub(disk_before) as f64 / (count - warm) as f64;
+        let per_agent = |after: u64, before: u64| {
+            after.saturating_sub(before) as f64 / (count - warm) as f64 / 1024.0
+        };
+        let written = per_agent(disk_after.0, disk_before.0);
+        let length = per_agent(disk_after.1, disk_before.1);
         Ok(Row {
             figure: "parked agents per host, memory each beyond its stored image",
             target: "100,000 at ≤ 8 KiB each",
@@ -490,10 +494,10 @@ impl Bench {
                 "bench agent launched on siteA, `ctx.sleep` of a day there ({IN_FLIGHT} \
                  launches in flight, {:.0} parked/s); growth of siteA's VmRSS from {warm} \
                  parked to {count} ÷ {} (the first {warm} fill caches and tables); the store \
-                 grew {:.1} KiB per agent on disk",
+                 grew {written:.1} KiB per agent written on disk ({length:.1} KiB of file \
+                 length, which jumps as redb doubles its file)",
                 count as f64 / wall.as_secs_f64(),
                 count - warm,
-                stored / 1024.0
             ),
         })
     }
@@ -565,19 +569,21 @@ fn rss(pid: u32) -> anyhow::Result<u64> {
     Ok(kib << 10)
 }
 
-/// Bytes of the files under `dir`.
-fn disk_usage(dir: &std::path::Path) -> u64 {
+/// Bytes of the files under `dir`: (written, as blocks the disk holds; length). redb grows
+/// its file by doubling it, so its length jumps and says little about one agent's share.
+fn disk_usage(dir: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+        return (0, 0);
     };
     entries
         .flatten()
         .map(|e| match e.metadata() {
             Ok(m) if m.is_dir() => disk_usage(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
+            Ok(m) => (m.blocks() * 512, m.len()),
+            Err(_) => (0, 0),
         })
-        .sum()
+        .fold((0, 0), |(w, l), (dw, dl)| (w + dw, l + dl))
 }
 
 async fn trip(
