@@ -166,3 +166,110 @@ async fn no_client_cert(host: &HostAddr, certs_dir: &std::path::Path) -> Result<
             });
     reply.map(|_| ())
 }
+
+/// A certificate chain and key from PEM files.
+fn pem(
+    files: &certs::CertFiles,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let key = PrivateKeyDer::from_pem_file(&files.key).unwrap_or_else(|e| panic!("{e}"));
+    (chain, key)
+}
+
+fn ring() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A host or user of another protocol version fails the handshake, both ways, with an error
+/// that says so; the host keeps serving.
+#[test]
+fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
+    const OLD: &[u8] = b"wasm-agents/1";
+    let up: &[&str] = &[];
+    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
+    let certs_dir = cluster.certs();
+    let host = HostAddr {
+        name: "siteA".into(),
+        addr: cluster.addrs["siteA"],
+    };
+    let alice = creds(&certs_dir, &certs_dir, Role::User, "alice");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pem(&certs::ca_files(&certs_dir)).0 {
+        roots.add(cert).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let roots = Arc::new(roots);
+
+    block_on(async {
+        // A user of the old version, with a good certificate, dials the host.
+        let (chain, key) = pem(&certs::files(&certs_dir, Role::User, "alice"));
+        let mut old_user = rustls::ClientConfig::builder_with_provider(ring())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain, key)
+            .unwrap_or_else(|e| panic!("{e}"));
+        old_user.alpn_protocols = vec![OLD.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(old_user)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut endpoint =
+            quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap_or_else(|e| panic!("{e}"));
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        let refused = endpoint
+            .connect(host.addr, &host.name)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .await
+            .expect_err("a host must refuse a user of another version");
+        let e = tls::connect_error(&refused);
+        assert!(
+            e.contains("another version of the protocol than wasm-agents/2"),
+            "{e}"
+        );
+
+        // Our user dials a host of the old version.
+        let (chain, key) = pem(&certs::files(&certs_dir, Role::Host, "siteB"));
+        let mut old_host = rustls::ServerConfig::builder_with_provider(ring())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap_or_else(|e| panic!("{e}"));
+        old_host.alpn_protocols = vec![OLD.to_vec()];
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(old_host)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let server = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(quic)),
+            ([127, 0, 0, 1], 0).into(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let old = HostAddr {
+            name: "siteB".into(),
+            addr: server.local_addr().unwrap_or_else(|e| panic!("{e}")),
+        };
+        let accepting = tokio::spawn(async move {
+            let incoming = server.accept().await?;
+            incoming.await.err()
+        });
+        let e = list_as(&old, &alice)
+            .await
+            .expect_err("a host of another version must be refused");
+        assert!(
+            e.starts_with("cannot connect to siteB")
+                && e.contains("another version of the protocol than wasm-agents/2"),
+            "{e}"
+        );
+        let failed = accepting.await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(failed.is_some(), "the old host's handshake must fail too");
+
+        // After both, the host still serves a user of its version.
+        list_as(&host, &alice)
+            .await
+            .unwrap_or_else(|e| panic!("the host stopped serving: {e}"));
+    });
+}

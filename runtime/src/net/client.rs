@@ -76,7 +76,7 @@ impl Client {
             .connect(host.addr, &host.name)
             .map_err(|e| e.to_string())?
             .await
-            .map_err(|e| format!("cannot connect to {host}: {e}"))?;
+            .map_err(|e| format!("cannot connect to {host}: {}", tls::connect_error(&e)))?;
         Ok(Client { conn, endpoint })
     }
 

@@ -686,7 +686,12 @@ impl Host {
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| format!("no answer from {site} at {addr} within {CONNECT_TIMEOUT:?}"))?
-            .map_err(|e| format!("cannot connect to {site} at {addr}: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "cannot connect to {site} at {addr}: {}",
+                    tls::connect_error(&e)
+                )
+            })?;
         match tls::peer_identity(&conn) {
             Ok(id) if id.role == Role::Host && id.name == site => {}
             Ok(id) => return Err(format!("{addr} is {id}, not host {site}")),

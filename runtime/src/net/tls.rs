@@ -8,8 +8,32 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// ALPN protocol id: our protocol and its version.
-pub const ALPN: &[u8] = b"wasm-agents/1";
+/// ALPN protocol id: our protocol and its version. A host or client of another version fails
+/// the handshake (TLS alert 120) instead of exchanging messages it reads differently. Version
+/// 2: a hop into an agent's home is recorded by the home, from what DEPARTED tells it, and an
+/// image's trace keeps only its last hops; hosts of version 1 mixed with these lose hops.
+pub const ALPN: &[u8] = b"wasm-agents/2";
+
+/// The TLS alert a peer sends when it speaks none of the protocols offered in ALPN.
+const NO_APPLICATION_PROTOCOL: u8 = 120;
+
+/// Says what failed when a connection could not be made, and why when the peer speaks
+/// another version of the protocol.
+pub fn connect_error(e: &quinn::ConnectionError) -> String {
+    let code = match e {
+        quinn::ConnectionError::ConnectionClosed(close) => Some(close.error_code),
+        quinn::ConnectionError::TransportError(error) => Some(error.code),
+        _ => None,
+    };
+    match code == Some(quinn::TransportErrorCode::crypto(NO_APPLICATION_PROTOCOL)) {
+        true => format!(
+            "{e}: the peer speaks another version of the protocol than {} (hosts and their \
+             users must run one release)",
+            String::from_utf8_lossy(ALPN)
+        ),
+        false => e.to_string(),
+    }
+}
 
 /// Errors setting up TLS.
 #[derive(Debug, thiserror::Error)]
