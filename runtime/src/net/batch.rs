@@ -374,11 +374,12 @@ impl<C: ?Sized> Drop for Leading<'_, C> {
         }
         let next = next_leader(&state);
         drop(state);
+        // The next leader first: it is scheduled before the tasks this batch lets go on.
+        wake_next(self.batcher, next);
         self.batcher.ended.notify_all();
         for task in self.wakes.drain(..) {
             task.notify_one();
         }
-        wake_next(self.batcher, next);
     }
 }
 
