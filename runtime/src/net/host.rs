@@ -360,12 +360,12 @@ impl Host {
             .homes()
             .map_err(err)?
             .into_iter()
-            .map(|row| {
-                let mut entry = HomeEntry::new(row.status, Vec::new());
-                entry.held = row.held_end;
+            .map(|home| {
+                let mut entry = HomeEntry::new(home.row.status, Vec::new());
+                entry.held = home.row.held_end;
                 // A row from before hops were stored apart holds its hops: they go apart with
-                // the agent's next write. (Hops stored apart are stored again, harmlessly.)
-                entry.unstored_hops = (entry.status.hops.iter()).map(|h| (0, h.seq)).collect();
+                // the agent's next write.
+                entry.unstored_hops = home.inline.iter().map(|seq| (0, *seq)).collect();
                 (entry.status.agent, entry)
             })
             .collect();

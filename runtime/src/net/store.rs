@@ -26,13 +26,20 @@ use crate::modules::{ModuleHash, TEMPORARY, publish, write_durably, write_synced
 use agent_abi::{CallError, HopError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const TRANSFERS: TableDefinition<&[u8], u8> = TableDefinition::new("transfers");
 const AGENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("agents");
 const HOME: TableDefinition<&[u8], &[u8]> = TableDefinition::new("home");
-/// The hops of agents launched here, (agent, seq) → hop: apart from their status, so that a
-/// hop costs the home one row, not a rewrite of all the hops before it.
+/// The hops of agents launched here, in the order written: n → (agent, hop). Apart from their
+/// status, so that a hop costs the home one row, not a rewrite of all the hops before it; in
+/// the order written, so that the hops a batch stores share a page or two (keyed by agent,
+/// each went to its agent's own page). Read only when the host starts.
+const HOME_HOP_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("home_hop_log");
+/// The same, keyed (agent, seq), as the release before wrote them: read, no longer written.
 const HOME_HOPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("home_hops");
 const CALLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("calls");
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
@@ -178,6 +185,8 @@ pub struct HostStore {
     dir: PathBuf,
     /// The group commit; its jobs are given the store's directory.
     batch: Batcher<Path>,
+    /// The key of the next row of [`HOME_HOP_LOG`].
+    next_hop: Arc<AtomicU64>,
 }
 
 /// Runs blocking store work without stalling the async runtime: on a multi-threaded tokio
@@ -243,6 +252,11 @@ impl HostStore {
         txn.open_table(AGENTS).map_err(db_err)?;
         txn.open_table(HOME).map_err(db_err)?;
         txn.open_table(HOME_HOPS).map_err(db_err)?;
+        let next_hop = match txn.open_table(HOME_HOP_LOG).map_err(db_err)?.last() {
+            Ok(Some((n, _))) => n.value().saturating_add(1),
+            Ok(None) => 0,
+            Err(e) => return Err(db_err(e)),
+        };
         txn.open_table(CALLS).map_err(db_err)?;
         txn.open_table(OUTBOX).map_err(db_err)?;
         txn.open_table(IMAGES).map_err(db_err)?;
@@ -251,6 +265,7 @@ impl HostStore {
             db,
             dir: dir.to_path_buf(),
             batch: Batcher::default(),
+            next_hop: Arc::new(AtomicU64::new(next_hop)),
         })
     }
 
@@ -603,7 +618,10 @@ impl HostStore {
         record: &AgentRecord,
         latest: impl Fn() -> Option<(HomeWrite, T)> + Send + 'static,
     ) -> Result<Option<T>, StoreError> {
-        let (mut forward, mut home) = (forwarding(agent, record, None), home_latest(latest));
+        let (mut forward, mut home) = (
+            forwarding(agent, record, None),
+            home_latest(latest, self.next_hop.clone()),
+        );
         let both =
             move |dir: &Path, txn: &WriteTransaction| Ok((forward(dir, txn)?, home(dir, txn)?));
         let (stale, tag) = self.write_async(both).await?;
@@ -839,7 +857,7 @@ impl HostStore {
         &self,
         latest: impl Fn() -> Option<(HomeWrite, T)> + Send + 'static,
     ) -> Result<Option<T>, StoreError> {
-        self.write(home_latest(latest))
+        self.write(home_latest(latest, self.next_hop.clone()))
     }
 
     /// [`HostStore::put_home_latest`], waiting as a task.
@@ -850,34 +868,60 @@ impl HostStore {
         &self,
         latest: impl Fn() -> Option<(HomeWrite, T)> + Send + 'static,
     ) -> Result<Option<T>, StoreError> {
-        self.write_async(home_latest(latest)).await
+        self.write_async(home_latest(latest, self.next_hop.clone()))
+            .await
     }
 
-    /// Home records of agents launched here.
+    /// Home records of agents launched here, with the hops stored apart from them.
     ///
     /// # Errors
     /// When the database fails.
-    pub fn homes(&self) -> Result<Vec<HomeRow>, StoreError> {
+    pub fn homes(&self) -> Result<Vec<StoredHome>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
+        let mut logged: HashMap<AgentId, Vec<HopInfo>> = HashMap::new();
+        for entry in txn
+            .open_table(HOME_HOP_LOG)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (_, v) = entry.map_err(db_err)?;
+            let (agent, hop): (AgentId, HopInfo) = uncbor(v.value())?;
+            logged.entry(agent).or_default().push(hop);
+        }
         let table = txn.open_table(HOME).map_err(db_err)?;
-        let hops = txn.open_table(HOME_HOPS).map_err(db_err)?;
+        let keyed = txn.open_table(HOME_HOPS).map_err(db_err)?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(db_err)? {
             let (_, v) = entry.map_err(db_err)?;
             let mut row: HomeRow = uncbor(v.value())?;
             // Rows written before the hops were kept apart hold them themselves.
+            let inline = row.status.hops.iter().map(|h| h.seq).collect();
             let agent = row.status.agent;
             let (first, last) = (transfer_key(&agent, 0), transfer_key(&agent, u64::MAX));
-            for hop in (hops.range(first.as_slice()..=last.as_slice())).map_err(db_err)? {
+            for hop in (keyed.range(first.as_slice()..=last.as_slice())).map_err(db_err)? {
                 let (_, v) = hop.map_err(db_err)?;
                 row.status.hops.push(uncbor(v.value())?);
             }
+            row.status
+                .hops
+                .extend(logged.remove(&agent).unwrap_or_default());
             row.status.hops.sort_by_key(|h| h.seq);
             row.status.hops.dedup_by_key(|h| h.seq);
-            out.push(row);
+            out.push(StoredHome { row, inline });
         }
         Ok(out)
     }
+}
+
+/// A home record as [`HostStore::homes`] reads it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredHome {
+    /// The record, with every hop stored of its agent.
+    pub row: HomeRow,
+    /// The hops (by seq) that only the record's row holds, as rows from before hops were
+    /// stored apart do: to be stored apart with the agent's next write.
+    pub inline: Vec<u64>,
 }
 
 /// A home's stored record of one agent launched there: its status, and an end that came
@@ -956,6 +1000,7 @@ fn keeping(
 /// The write of [`HostStore::put_home_latest`].
 fn home_latest<T>(
     latest: impl Fn() -> Option<(HomeWrite, T)> + Send + 'static,
+    next_hop: Arc<AtomicU64>,
 ) -> impl FnMut(&Path, &WriteTransaction) -> Result<Option<T>, StoreError> + Send + 'static {
     move |_, txn| {
         let Some((HomeWrite { row, hops }, tag)) = latest() else {
@@ -967,11 +1012,12 @@ fn home_latest<T>(
             .insert(agent.0.as_slice(), cbor(&row).as_slice())
             .map_err(db_err)?;
         if !hops.is_empty() {
-            let mut table = txn.open_table(HOME_HOPS).map_err(db_err)?;
+            let mut table = txn.open_table(HOME_HOP_LOG).map_err(db_err)?;
             for hop in &hops {
-                let key = transfer_key(&agent, hop.seq);
+                // A key drawn by a transaction that is then dropped is never used: a gap.
+                let n = next_hop.fetch_add(1, Ordering::Relaxed);
                 table
-                    .insert(key.as_slice(), cbor(hop).as_slice())
+                    .insert(n, cbor(&(agent, hop)).as_slice())
                     .map_err(db_err)?;
             }
         }
@@ -1215,7 +1261,7 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
         }
         let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(store.homes().ok(), Some(vec![held]));
+        assert_eq!(rows(&store), [held]);
 
         // A record stored as a bare status, as hosts did before.
         let old = home_status(2);
@@ -1232,29 +1278,41 @@ mod tests {
             status: home_status(2),
             held_end: None,
         };
-        assert_eq!(store.homes().ok(), Some(vec![read]));
+        assert_eq!(rows(&store), [read]);
     }
 
     /// Hops are stored apart from the status, each once: the record reads back with the hops
     /// of its row (as rows were written before) and those stored apart, in order. A row
     /// written over one that held hops is given those hops to store apart.
+    /// The home records stored, without what [`HostStore::homes`] tells of their hops.
+    fn rows(store: &HostStore) -> Vec<HomeRow> {
+        let homes = store.homes().unwrap_or_else(|e| panic!("{e}"));
+        homes.into_iter().map(|home| home.row).collect()
+    }
+
+    /// Rows of the hop log, counted.
+    fn logged(store: &HostStore) -> usize {
+        use redb::ReadableTableMetadata;
+        let txn = store.db.begin_read().unwrap_or_else(|e| panic!("{e}"));
+        let table = txn
+            .open_table(HOME_HOP_LOG)
+            .unwrap_or_else(|e| panic!("{e}"));
+        table.len().unwrap_or_else(|e| panic!("{e}")) as usize
+    }
+
+    /// A record reads back with every hop of its agent: those its row holds (rows from before
+    /// hops were stored apart), those keyed by agent (the release before), and those logged;
+    /// only the first are to be stored apart again.
     #[test]
     fn a_home_record_reads_back_with_the_hops_stored_apart_from_it() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let hop = |seq: u64| HopInfo {
             seq,
             from: "siteA".into(),
-            from_arch: "x86_64".into(),
             to: "siteB".into(),
             image_bytes: 4000 + seq,
-            memory_bytes: 0,
-            module_bytes: 0,
-            base_list_bytes: 0,
-            pages_reused: 0,
             freeze_us: seq,
-            committed_us: seq,
-            frozen_at_us: 0,
-            resumed_at_us: 0,
+            ..HopInfo::default()
         };
         let mut old = home_status(1);
         old.hops = vec![hop(1)];
@@ -1268,26 +1326,51 @@ mod tests {
             };
             move || Some((write.clone(), ()))
         };
+        let agent = old.agent;
         {
             let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
             (store.put_home_latest(write(old.clone(), Vec::new())))
                 .unwrap_or_else(|e| panic!("{e}"));
+            // Hop 2 as the release before stored it, keyed by agent.
+            (store.write(move |_, txn| {
+                let mut table = txn.open_table(HOME_HOPS).map_err(db_err)?;
+                let key = transfer_key(&agent, 2);
+                table
+                    .insert(key.as_slice(), cbor(&hop(2)).as_slice())
+                    .map_err(db_err)?;
+                Ok(())
+            }))
+            .unwrap_or_else(|e| panic!("{e}"));
             let read = store.homes().unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(read.len(), 1);
-            assert_eq!(read[0].status, old);
+            assert_eq!(
+                read[0].inline,
+                [1],
+                "the row's own hop is to be stored apart"
+            );
+            let mut want = old.clone();
+            want.hops = vec![hop(1), hop(2)];
+            assert_eq!(read[0].row.status, want);
             for (status, hops) in [
                 (home_status(2), vec![hop(1), hop(3)]),
-                (home_status(3), vec![hop(2), hop(3)]),
+                (home_status(3), vec![hop(4)]),
             ] {
                 (store.put_home_latest(write(status, hops))).unwrap_or_else(|e| panic!("{e}"));
             }
         }
         let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         let mut want = home_status(3);
-        want.hops = vec![hop(1), hop(2), hop(3)];
+        want.hops = vec![hop(1), hop(2), hop(3), hop(4)];
         let read = store.homes().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(read.len(), 1);
-        assert_eq!(read[0].status, want);
+        assert_eq!(read[0].row.status, want);
+        assert!(read[0].inline.is_empty(), "{:?}", read[0].inline);
+        // The log goes on after the last key the store held.
+        assert_eq!(logged(&store), 3);
+        (store.put_home_latest(write(home_status(4), vec![hop(5)])))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(logged(&store), 4);
+        assert_eq!(rows(&store)[0].status.hops.len(), 5);
     }
 
     #[test]
@@ -1320,8 +1403,7 @@ mod tests {
                 });
             }
         });
-        let stored = store.homes().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(stored, [status(200)]);
+        assert_eq!(rows(&store), [status(200)]);
     }
 
     #[test]
