@@ -26,8 +26,8 @@ async fn list_as(host: &HostAddr, creds: &Credentials) -> Result<(), String> {
     result
 }
 
-#[test]
-fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
+/// Hosts siteA and siteB, the CA's directory, siteA's address, and user alice's credentials.
+fn site_a() -> (Cluster, std::path::PathBuf, HostAddr, Credentials) {
     let up: &[&str] = &[];
     let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
     let certs_dir = cluster.certs();
@@ -36,6 +36,12 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
         addr: cluster.addrs["siteA"],
     };
     let alice = creds(&certs_dir, &certs_dir, Role::User, "alice");
+    (cluster, certs_dir, host, alice)
+}
+
+#[test]
+fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
+    let (cluster, certs_dir, host, alice) = site_a();
 
     block_on(async {
         // A certificate from another CA.
@@ -192,14 +198,7 @@ fn ring() -> Arc<rustls::crypto::CryptoProvider> {
 #[test]
 fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
     const OLD: &[u8] = b"wasm-agents/1";
-    let up: &[&str] = &[];
-    let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", up)]);
-    let certs_dir = cluster.certs();
-    let host = HostAddr {
-        name: "siteA".into(),
-        addr: cluster.addrs["siteA"],
-    };
-    let alice = creds(&certs_dir, &certs_dir, Role::User, "alice");
+    let (_cluster, certs_dir, host, alice) = site_a();
     let mut roots = rustls::RootCertStore::empty();
     for cert in pem(&certs::ca_files(&certs_dir)).0 {
         roots.add(cert).unwrap_or_else(|e| panic!("{e}"));

@@ -411,6 +411,20 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// A write of `key` → `key + 1` that yields `key`.
+    fn insert(
+        key: u64,
+    ) -> impl FnMut(&(), &WriteTransaction) -> Result<u64, StoreError> + Send + 'static {
+        move |(), txn| {
+            let mut t = txn
+                .open_table(T)
+                .map_err(|e| StoreError::Db(e.to_string()))?;
+            t.insert(key, key + 1)
+                .map_err(|e| StoreError::Db(e.to_string()))?;
+            Ok(key)
+        }
+    }
+
     /// A job that writes `key` → `value`, then fails if `fail`.
     fn job(ticket: u64, key: u64, value: u64, fail: bool) -> Job<()> {
         Job {
@@ -505,16 +519,6 @@ mod tests {
             .enable_time()
             .build()
             .unwrap_or_else(|e| panic!("{e}"));
-        let insert = |key: u64| {
-            move |(): &(), txn: &WriteTransaction| {
-                let mut t = txn
-                    .open_table(T)
-                    .map_err(|e| StoreError::Db(e.to_string()))?;
-                t.insert(key, key + 1)
-                    .map_err(|e| StoreError::Db(e.to_string()))?;
-                Ok(key)
-            }
-        };
         // 64 tasks and 2 threads, 20 writes each.
         let tasks: Vec<_> = (0..64u64)
             .map(|w| {
@@ -579,16 +583,6 @@ mod tests {
     fn a_task_woken_to_lead_the_next_batch_and_then_dropped_hands_the_lead_on() {
         let (_dir, db) = db();
         let (batcher, db) = (Arc::new(Batcher::<()>::default()), Arc::new(db));
-        let insert = |key: u64| {
-            move |(): &(), txn: &WriteTransaction| {
-                let mut t = txn
-                    .open_table(T)
-                    .map_err(|e| StoreError::Db(e.to_string()))?;
-                t.insert(key, key + 1)
-                    .map_err(|e| StoreError::Db(e.to_string()))?;
-                Ok(())
-            }
-        };
         // A thread leads a batch until told to end it.
         let end = Arc::new(AtomicBool::new(false));
         let leader = {
@@ -636,7 +630,7 @@ mod tests {
             tokio::time::timeout(std::time::Duration::from_secs(10), second).await
         });
         assert!(
-            matches!(done, Ok(Ok(Ok(())))),
+            matches!(done, Ok(Ok(Ok(2)))),
             "the second write was left waiting: {done:?}"
         );
         assert_eq!(stored(&db), [(2, 3)]);
