@@ -128,23 +128,11 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
 
 /// A QUIC client that trusts the CA but presents no certificate.
 async fn no_client_cert(host: &HostAddr, certs_dir: &std::path::Path) -> Result<(), String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in
-        CertificateDer::pem_file_iter(certs::ca_files(certs_dir).cert).map_err(|e| e.to_string())?
-    {
-        roots
-            .add(cert.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut tls = rustls::ClientConfig::builder_with_provider(ring())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots(certs_dir))
+        .with_no_client_auth();
     tls.alpn_protocols = vec![tls::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let mut endpoint = quinn::Endpoint::client(
@@ -173,6 +161,15 @@ async fn no_client_cert(host: &HostAddr, certs_dir: &std::path::Path) -> Result<
     reply.map(|_| ())
 }
 
+/// The certificates in a PEM file.
+fn pem_certs(path: &std::path::Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A certificate chain and key from PEM files.
 fn pem(
     files: &certs::CertFiles,
@@ -180,13 +177,19 @@ fn pem(
     Vec<rustls::pki_types::CertificateDer<'static>>,
     rustls::pki_types::PrivateKeyDer<'static>,
 ) {
+    use rustls::pki_types::PrivateKeyDer;
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .unwrap_or_else(|e| panic!("{e}"));
     let key = PrivateKeyDer::from_pem_file(&files.key).unwrap_or_else(|e| panic!("{e}"));
-    (chain, key)
+    (pem_certs(&files.cert), key)
+}
+
+/// The roots a client trusts: the CA's certificate under `certs_dir`.
+fn roots(certs_dir: &std::path::Path) -> Arc<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pem_certs(&certs::ca_files(certs_dir).cert) {
+        roots.add(cert).unwrap_or_else(|e| panic!("{e}"));
+    }
+    Arc::new(roots)
 }
 
 fn ring() -> Arc<rustls::crypto::CryptoProvider> {
@@ -199,11 +202,7 @@ fn ring() -> Arc<rustls::crypto::CryptoProvider> {
 fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
     const OLD: &[u8] = b"wasm-agents/1";
     let (_cluster, certs_dir, host, alice) = site_a();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in pem(&certs::ca_files(&certs_dir)).0 {
-        roots.add(cert).unwrap_or_else(|e| panic!("{e}"));
-    }
-    let roots = Arc::new(roots);
+    let roots = roots(&certs_dir);
 
     block_on(async {
         // A user of the old version, with a good certificate, dials the host.

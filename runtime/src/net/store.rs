@@ -945,7 +945,8 @@ pub struct HomeRow {
 pub struct HomeWrite {
     /// The row.
     pub row: HomeRow,
-    /// Hops to store apart (again, if they were: the same hop is the same row).
+    /// Hops to store apart. One stored twice (two writes of the agent's status raced) is read
+    /// back once.
     pub hops: Vec<HopInfo>,
 }
 
@@ -1281,9 +1282,6 @@ mod tests {
         assert_eq!(rows(&store), [read]);
     }
 
-    /// Hops are stored apart from the status, each once: the record reads back with the hops
-    /// of its row (as rows were written before) and those stored apart, in order. A row
-    /// written over one that held hops is given those hops to store apart.
     /// The home records stored, without what [`HostStore::homes`] tells of their hops.
     fn rows(store: &HostStore) -> Vec<HomeRow> {
         let homes = store.homes().unwrap_or_else(|e| panic!("{e}"));
