@@ -18,7 +18,6 @@ use crate::state::AgentState;
 use crate::{admission::GlobalKind, admission::WASM_PAGE};
 use agent_abi::{Op, OpResult, Outcome, POLL_DONE, POLL_PENDING, export};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use wasmtime::{AsContextMut, Instance, Memory, Store, Trap, TypedFunc, UpdateDeadline, Val};
 
 /// Where an agent stopped.
@@ -436,12 +435,10 @@ impl AgentInstance {
         if let Ok(flag) = instance.get_typed_func::<(), i32>(&mut store, export::CHECKPOINT_FLAG) {
             // Agent code: its CPU counts against the agent's budget, so a function that never
             // returns cannot hold a host (a destination restoring it) for longer than that.
-            let started = Instant::now();
-            store.data_mut().slice_start = Some(started);
-            let address = flag.call_async(&mut store, ()).await;
-            let state = store.data_mut();
-            state.slice_start = None;
-            state.context.cpu_used_us += started.elapsed().as_micros() as u64;
+            let meter = store.data().meter.clone();
+            meter.start();
+            let address = meter.run(flag.call_async(&mut store, ())).await;
+            store.data_mut().context.cpu_used_us += meter.in_slice().as_micros() as u64;
             let address = address.map_err(|e| match e.downcast::<LimitExceeded>() {
                 Ok(limit) => AgentError::Limit(limit),
                 Err(e) => AgentError::Abi(format!("{}: {e}", export::CHECKPOINT_FLAG)),
@@ -472,12 +469,10 @@ impl AgentInstance {
     pub async fn poll(&mut self) -> Result<Step, AgentError> {
         self.captured = None;
         self.at_safe_point = false;
-        let started = Instant::now();
-        self.store.data_mut().slice_start = Some(started);
-        let result = self.poll.call_async(&mut self.store, ()).await;
-        let state = self.store.data_mut();
-        state.slice_start = None;
-        state.context.cpu_used_us += started.elapsed().as_micros() as u64;
+        let meter = self.store.data().meter.clone();
+        meter.start();
+        let result = meter.run(self.poll.call_async(&mut self.store, ())).await;
+        self.store.data_mut().context.cpu_used_us += meter.in_slice().as_micros() as u64;
         set_checkpoint_request(self.store.as_context_mut(), false);
         match result.map_err(|e| self.classify(e))? {
             POLL_PENDING => match self.store.data().context.pending.clone() {
@@ -619,10 +614,7 @@ fn on_epoch(
     if state.flags.kill.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(Killed.into());
     }
-    let in_slice = state
-        .slice_start
-        .map(|t| t.elapsed())
-        .unwrap_or(Duration::ZERO);
+    let in_slice = state.meter.in_slice();
     if state.context.cpu_used() + in_slice >= state.limits.cpu_budget {
         return Err(LimitExceeded::Cpu {
             budget: state.limits.cpu_budget,

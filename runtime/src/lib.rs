@@ -18,6 +18,7 @@ pub mod admission;
 pub mod base;
 pub mod builder;
 pub mod context;
+pub mod cpu;
 mod direct;
 pub mod engine;
 pub mod faults;

@@ -1,12 +1,12 @@
 //! The host-side state of one running agent: what its store holds besides Wasm.
 
 use crate::context::AgentContext;
+use crate::cpu::CpuMeter;
 use crate::limits::{Limits, MemoryLimiter};
 use crate::log::{LogSink, LogSource};
 use crate::services::Site;
 use agent_abi::Outcome;
 use std::sync::Arc;
-use std::time::Instant;
 use wasmtime::Memory;
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -31,8 +31,8 @@ pub struct AgentState {
     /// Where the agent keeps its checkpoint flag in its memory (ABI 2), mirroring
     /// `checkpoint_requested` so the agent need not call the host to read it.
     pub(crate) checkpoint_flag: Option<u32>,
-    /// When the current `agent_poll` began, for CPU accounting.
-    pub(crate) slice_start: Option<Instant>,
+    /// CPU time of the call into the agent under way ([`crate::cpu`]).
+    pub(crate) meter: Arc<CpuMeter>,
     /// Requests from outside the agent's task (kill, checkpoint).
     pub(crate) flags: Arc<AgentFlags>,
 }
@@ -67,7 +67,7 @@ impl AgentState {
             log,
             checkpoint_requested: false,
             checkpoint_flag: None,
-            slice_start: None,
+            meter: Arc::default(),
             flags: Arc::default(),
         }
     }

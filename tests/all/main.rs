@@ -12,3 +12,4 @@ mod restore;
 mod returns;
 mod rogue;
 mod sleep;
+mod users;

@@ -2,6 +2,7 @@
 
 use agent_runtime::net::certs::{self, Role, Validity};
 use agent_runtime::net::host::{Host, HostConfig};
+use agent_runtime::net::quota::UserLimits;
 use agent_runtime::net::tls::Credentials;
 use agent_runtime::{Corpus, Limits, Site};
 use anyhow::{Context as _, bail};
@@ -30,7 +31,7 @@ struct Cli {
 enum Command {
     /// Run a host. With no options at all: a local development host named `localhost` on
     /// 127.0.0.1:4433, with development certificates generated in ./agent-host-data/certs.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create a private CA and issue host and user certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -93,9 +94,32 @@ struct ServeArgs {
     /// CPU time each agent may use in its whole life, on all hosts together, in seconds.
     #[arg(long)]
     cpu_budget_secs: Option<u64>,
-    /// Most agents running at once.
+    /// Most agents running at once (default 1000). Launches and arriving hops over it are
+    /// refused; parked agents due to wake wait for room.
     #[arg(long)]
     max_agents: Option<usize>,
+    /// Most agents one user may run here at once (default three quarters of --max-agents).
+    #[arg(long)]
+    user_max_agents: Option<usize>,
+    /// Most agents one user may have parked asleep here (default 10000); past it, the
+    /// user's sleeping agents wait in memory and count as running.
+    #[arg(long)]
+    user_max_parked: Option<usize>,
+    /// Launches per second one user may make here, on average (default 100; as many may
+    /// come at once).
+    #[arg(long)]
+    user_launches_per_sec: Option<f64>,
+    /// Connections one user may have open to this host at once (default 8).
+    #[arg(long)]
+    user_connections: Option<usize>,
+    /// MiB of requests that may be arriving at once from one user (default 72: a module
+    /// of the largest size and two messages).
+    #[arg(long)]
+    user_inflight_mib: Option<u64>,
+    /// MiB of requests and images that may be arriving at once from everyone (default
+    /// 1536: the largest image and half a GiB more).
+    #[arg(long)]
+    max_inflight_mib: Option<u64>,
     /// Send UDP datagrams one by one, not in GSO batches: needed when a peer is a big-endian
     /// host under qemu-user.
     #[arg(long)]
@@ -120,6 +144,12 @@ struct FileConfig {
     max_memory_mib: Option<u64>,
     cpu_budget_secs: Option<u64>,
     max_agents: Option<usize>,
+    user_max_agents: Option<usize>,
+    user_max_parked: Option<usize>,
+    user_launches_per_sec: Option<f64>,
+    user_connections: Option<usize>,
+    user_inflight_mib: Option<u64>,
+    max_inflight_mib: Option<u64>,
     segmentation_offload: Option<bool>,
     return_cache_mib: Option<u64>,
 }
@@ -152,8 +182,8 @@ fn main() -> std::process::ExitCode {
     // Crash points for the fault-injection tests; nothing in normal builds.
     let _faults = agent_runtime::faults::setup();
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
-        Command::Serve(args) => serve(args),
+    let result = match cli.command.unwrap_or(Command::Serve(Box::default())) {
+        Command::Serve(args) => serve(*args),
         Command::Certs(cmd) => certs_command(cmd),
     };
     match result {
@@ -255,15 +285,38 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         ..Limits::default()
     };
+    let max_agents = args.max_agents.or(file.max_agents).unwrap_or(1000);
+    let (max_image, max_module) = (1 << 30, 64 << 20);
+    let defaults = UserLimits::for_host(max_agents, max_module);
+    let user_limits = UserLimits {
+        connections: (args.user_connections.or(file.user_connections))
+            .unwrap_or(defaults.connections),
+        inflight: match args.user_inflight_mib.or(file.user_inflight_mib) {
+            Some(n) => mib(n, "user_inflight_mib")?,
+            None => defaults.inflight,
+        },
+        running: (args.user_max_agents.or(file.user_max_agents)).unwrap_or(defaults.running),
+        parked: (args.user_max_parked.or(file.user_max_parked)).unwrap_or(defaults.parked),
+        launches_per_sec: (args.user_launches_per_sec.or(file.user_launches_per_sec))
+            .unwrap_or(defaults.launches_per_sec),
+    };
+    if user_limits.launches_per_sec.is_nan() || user_limits.launches_per_sec <= 0.0 {
+        bail!("user_launches_per_sec must be above 0");
+    }
     let config = HostConfig {
         name: name.clone(),
         listen,
         data_dir: data_dir.clone(),
         peers,
         limits,
-        max_agents: args.max_agents.or(file.max_agents).unwrap_or(1000),
-        max_image: 1 << 30,
-        max_module: 64 << 20,
+        max_agents,
+        max_image,
+        max_module,
+        max_inflight: match args.max_inflight_mib.or(file.max_inflight_mib) {
+            Some(n) => mib(n, "max_inflight_mib")?,
+            None => max_image + (512 << 20),
+        },
+        user_limits,
         segmentation_offload: !args.no_segmentation_offload
             && file.segmentation_offload.unwrap_or(true),
         return_cache: mib(

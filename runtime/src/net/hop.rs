@@ -208,6 +208,10 @@ pub struct DestView {
     pub agents: usize,
     /// Most agents this host runs at once.
     pub max_agents: usize,
+    /// Agents of the offer's owner running here now.
+    pub owner_agents: usize,
+    /// Most agents one user may run here.
+    pub max_owner_agents: usize,
     /// Most memory per agent.
     pub max_memory: u64,
     /// Largest image accepted.
@@ -260,6 +264,12 @@ pub fn decide_offer(offer: &Offer, from: &Identity, view: &DestView) -> OfferRep
     }
     if view.agents >= view.max_agents {
         return OfferReply::Refuse(format!("host is full ({} agents)", view.agents));
+    }
+    if view.owner_agents >= view.max_owner_agents {
+        return OfferReply::Refuse(format!(
+            "user {} already runs {} agents here, the most a user may (user_max_agents)",
+            offer.owner, view.owner_agents
+        ));
     }
     OfferReply::Accept {
         need_module: !view.has_module,
@@ -436,6 +446,7 @@ mod tests {
     fn view() -> DestView {
         DestView {
             max_agents: 10,
+            max_owner_agents: 5,
             max_memory: 64 << 20,
             max_image: 1 << 20,
             max_module: 1 << 20,
@@ -525,6 +536,18 @@ mod tests {
                 }
             ),
             "host is full (10 agents)"
+        );
+        assert_eq!(
+            refuse(
+                &offer(),
+                &host,
+                &DestView {
+                    agents: 5,
+                    owner_agents: 5,
+                    ..view()
+                }
+            ),
+            "user alice already runs 5 agents here, the most a user may (user_max_agents)"
         );
         assert!(
             refuse(&Offer { abi: 99, ..offer() }, &host, &view())

@@ -8,6 +8,7 @@
 //! to the launcher and answers `status`/`list`/`kill`.
 
 use super::arriving::Arriving;
+use super::budget::{Budget, InFlight};
 use super::certs::{Identity, Role};
 use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
 use super::messages::{
@@ -15,12 +16,16 @@ use super::messages::{
     StatusReply, TransferReply, TransferStatus, unix_ms, unix_us,
 };
 use super::outgoing::{Outgoing, write_blob_passing, write_image};
+use super::peers::Peers;
+use super::quota::{HOST_STREAMS, OverQuota, Quotas, UserLimits};
+use super::residents::{Found, Residents};
 use super::spare::Spare;
 use super::store::{AgentRecord, CallEntry, HomeRow, HomeWrite, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
 use super::trim::Trimmer;
 use super::wire::{
-    Blob, WireError, read_blob, read_blob_into, read_msg, write_blob_parts, write_msg,
+    Blob, WireError, drain_blob, read_blob, read_blob_into, read_msg, read_msg_charged,
+    write_blob_repeated, write_msg,
 };
 use crate::base::{Base, BaseCache, BaseList, Binding, WORTH_A_BASE, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
@@ -41,13 +46,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// How long a host waits for a peer to answer a new connection (a down peer sends nothing).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub use super::peers::{ASK_TIMEOUT, CONNECT_TIMEOUT};
 
-/// How long a host waits for the answer to a request to a peer. A peer that crashed leaves
-/// the connection to it silent until the idle timeout; giving up sooner and reconnecting
-/// reaches the peer as soon as it is back.
-pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request's first message may take to arrive whole.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long a launch's module may take to arrive whole.
+pub const MODULE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// How long a source waits for the destination's verdict before it asks instead: the
 /// verdict's stream dies with a crashed destination only at the idle timeout, while a query
@@ -67,6 +72,9 @@ const WAKE_RETRY: Duration = Duration::from_secs(30);
 
 /// Parked agents restored at once.
 const WAKING_AT_ONCE: usize = 4;
+
+/// The chunk a probe sends again and again.
+const PROBE_CHUNK: usize = 1 << 20;
 
 /// How a host is set up.
 #[derive(Clone, Debug)]
@@ -92,6 +100,10 @@ pub struct HostConfig {
     /// Bytes of memory for the pages of agents that left, so that one coming back sends only
     /// what changed (0: keep none).
     pub return_cache: u64,
+    /// Bytes of requests arriving at once, from all peers and users together.
+    pub max_inflight: u64,
+    /// What each user may take of this host.
+    pub user_limits: UserLimits,
 }
 
 /// Why a host could not start.
@@ -288,11 +300,16 @@ pub struct Host {
     modules: ModuleCache,
     store: HostStore,
     endpoint: quinn::Endpoint,
-    conns: tokio::sync::Mutex<HashMap<String, quinn::Connection>>,
-    running: Mutex<HashMap<AgentId, Arc<AgentFlags>>>,
-    /// Agents parked asleep: only their alarm is in memory, their image is in the store.
-    /// Locked before `running` where both are.
-    parked: Mutex<HashMap<AgentId, tokio::task::AbortHandle>>,
+    peers: Peers,
+    /// Agents running here, and those parked asleep (only their alarm is in memory, their
+    /// image is in the store).
+    residents: Residents,
+    /// What each user has of this host.
+    quotas: Arc<Quotas>,
+    /// Bytes of requests arriving, from everyone.
+    inflight: Arc<Budget>,
+    /// One probe at a time: they measure the link, and would share it.
+    probing: tokio::sync::Semaphore,
     /// Permits to restore parked agents that are due.
     waking: tokio::sync::Semaphore,
     /// Transfers (agent, seq) this host accepted and has not decided yet, and how many: a
@@ -315,6 +332,13 @@ pub struct Host {
     /// The receive buffer of the last large arrival, for the next one.
     spare: Arc<Spare>,
 }
+
+/// One request's stream: its two halves and the charge of the bytes it brought.
+type Stream<'a> = (
+    &'a mut quinn::SendStream,
+    &'a mut quinn::RecvStream,
+    &'a mut InFlight,
+);
 
 /// How an agent task starts.
 enum Start {
@@ -374,6 +398,9 @@ impl Host {
             .map(|(id, _)| *id)
             .collect();
         let bases = Mutex::new(BaseCache::new(config.return_cache));
+        let peers = Peers::new(endpoint.clone(), config.peers.clone());
+        let quotas = Quotas::new(config.user_limits.clone());
+        let inflight = Budget::new("this host", config.max_inflight);
         let host = Arc::new(Host {
             config,
             bases,
@@ -381,9 +408,11 @@ impl Host {
             modules,
             store,
             endpoint,
-            conns: tokio::sync::Mutex::default(),
-            running: Mutex::default(),
-            parked: Mutex::default(),
+            peers,
+            residents: Residents::default(),
+            quotas,
+            inflight,
+            probing: tokio::sync::Semaphore::new(1),
             waking: tokio::sync::Semaphore::new(WAKING_AT_ONCE),
             receiving: Mutex::default(),
             peer_modules: Mutex::default(),
@@ -418,17 +447,15 @@ impl Host {
     pub async fn shutdown(&self, grace: Duration) {
         self.shutting_down.store(true, Ordering::SeqCst);
         // Parked agents stay stored; the next start sets their alarms again.
-        if let Ok(mut parked) = self.parked.lock() {
-            parked.drain().for_each(|(_, alarm)| alarm.abort());
-        }
-        for flags in self.running_flags() {
+        self.residents.stop_alarms();
+        for flags in self.residents.running_flags() {
             flags.checkpoint.store(true, Ordering::SeqCst);
         }
         let deadline = Instant::now() + grace;
-        while !self.running_flags().is_empty() && Instant::now() < deadline {
+        while self.residents.running() > 0 && Instant::now() < deadline {
             let _ = tokio::time::timeout(Duration::from_millis(50), self.idle.notified()).await;
         }
-        let left = self.running_flags().len();
+        let left = self.residents.running();
         if left > 0 {
             tracing::warn!(
                 agents = left,
@@ -437,13 +464,6 @@ impl Host {
         }
         self.endpoint.close(0u32.into(), b"host shutting down");
         self.endpoint.wait_idle().await;
-    }
-
-    fn running_flags(&self) -> Vec<Arc<AgentFlags>> {
-        self.running
-            .lock()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
     }
 
     /// Goes on with every agent the store says lives here, each from its last stored image;
@@ -456,9 +476,12 @@ impl Host {
         for (id, record) in residents {
             match record {
                 AgentRecord::Resident {
-                    resume: Resume::Wake { until_ms, .. },
+                    resume:
+                        Resume::Wake {
+                            until_ms, owner, ..
+                        },
                     ..
-                } => self.set_alarm(id, until_ms),
+                } => self.set_alarm(id, &owner, until_ms),
                 AgentRecord::Resident { image, resume, .. } => {
                     match self.restore_stored(&image).await {
                         Ok(mut agent) => {
@@ -647,111 +670,90 @@ impl Host {
 
     async fn accept_loop(self: Arc<Self>) {
         while let Some(incoming) = self.endpoint.accept().await {
-            let host = self.clone();
-            tokio::spawn(async move {
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => return tracing::info!("refused a connection: {e}"),
-                };
-                let peer = match tls::peer_identity(&conn) {
-                    Ok(id) => id,
-                    Err(e) => {
-                        tracing::warn!(remote = %conn.remote_address(), "no usable identity: {e}");
-                        return conn.close(1u32.into(), b"no usable certificate");
-                    }
-                };
-                while let Ok((send, recv)) = conn.accept_bi().await {
-                    let from = (peer.clone(), conn.rtt());
-                    tokio::spawn(host.clone().serve_stream(from, send, recv));
+            tokio::spawn(self.clone().serve_connection(incoming));
+        }
+    }
+
+    /// Serves the streams of one connection. A user's connection counts against its
+    /// quota, may open fewer streams than a host's, and charges what it sends to the user's
+    /// budget as well as the host's.
+    async fn serve_connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => return tracing::info!("refused a connection: {e}"),
+        };
+        let peer = match tls::peer_identity(&conn) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(remote = %conn.remote_address(), "no usable identity: {e}");
+                return conn.close(1u32.into(), b"no usable certificate");
+            }
+        };
+        let (user, budgets) = match peer.role {
+            Role::Host => {
+                conn.set_max_concurrent_bi_streams(HOST_STREAMS.into());
+                (None, vec![self.inflight.clone()])
+            }
+            Role::User => match self.quotas.connect(&peer.name) {
+                Ok(user) => {
+                    let budgets = vec![self.inflight.clone(), user.inflight.clone()];
+                    (Some(user), budgets)
                 }
-            });
+                Err(over) => {
+                    tracing::info!(%peer, "refused a connection: {over}");
+                    return conn.close(2u32.into(), over.to_string().as_bytes());
+                }
+            },
+        };
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let from = (peer.clone(), conn.rtt());
+            let inflight = InFlight::new(budgets.clone());
+            tokio::spawn(self.clone().serve_stream(from, inflight, send, recv));
         }
+        drop(user);
     }
 
-    /// A connection to peer `site`, reused while it lives.
+    /// A connection to peer `site` ([`Peers::connect`]).
     async fn connect(&self, site: &str) -> Result<quinn::Connection, String> {
-        let addr = *self
-            .config
-            .peers
-            .get(site)
-            .ok_or_else(|| format!("unknown site `{site}`"))?;
-        let mut conns = self.conns.lock().await;
-        if let Some(conn) = conns.get(site).filter(|c| c.close_reason().is_none()) {
-            return Ok(conn.clone());
-        }
-        let connecting = self
-            .endpoint
-            .connect(addr, site)
-            .map_err(|e| e.to_string())?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| format!("no answer from {site} at {addr} within {CONNECT_TIMEOUT:?}"))?
-            .map_err(|e| {
-                format!(
-                    "cannot connect to {site} at {addr}: {}",
-                    tls::connect_error(&e)
-                )
-            })?;
-        match tls::peer_identity(&conn) {
-            Ok(id) if id.role == Role::Host && id.name == site => {}
-            Ok(id) => return Err(format!("{addr} is {id}, not host {site}")),
-            Err(e) => return Err(e.to_string()),
-        }
-        conns.insert(site.to_string(), conn.clone());
-        Ok(conn)
+        self.peers.connect(site).await.map_err(|e| e.to_string())
     }
 
-    /// Sends one request to peer `site` and reads one reply, within [`ASK_TIMEOUT`]; on
-    /// failure the connection is dropped so that the next request connects afresh.
+    /// One request to peer `site` and its reply ([`Peers::ask`]).
     async fn ask<T: serde::de::DeserializeOwned>(
         &self,
         site: &str,
         request: &Request,
     ) -> Result<T, String> {
-        let conn = self.connect(site).await?;
-        let exchange = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            write_msg(&mut send, request)
-                .await
-                .map_err(|e| e.to_string())?;
-            let _ = send.finish();
-            read_msg(&mut recv).await.map_err(|e| e.to_string())
-        };
-        let reply = tokio::time::timeout(ASK_TIMEOUT, exchange)
+        self.peers
+            .ask(site, request)
             .await
-            .unwrap_or_else(|_| Err(format!("no answer from {site} within {ASK_TIMEOUT:?}")));
-        if reply.is_err() {
-            self.drop_connection(site, &conn).await;
-        }
-        reply
+            .map_err(|e| e.to_string())
     }
 
-    /// Forgets the cached connection to `site` if it is still `conn`. It is not closed: a
-    /// transfer on it may still finish if the path was only cut for a while.
-    async fn drop_connection(&self, site: &str, conn: &quinn::Connection) {
-        let mut conns = self.conns.lock().await;
-        if conns
-            .get(site)
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
-            conns.remove(site);
-        }
-    }
-
-    /// Answers one request of `peer`, whose connection's round-trip time was `rtt`.
+    /// Answers one request of `peer`, whose connection's round-trip time was `rtt`; what it
+    /// sends is charged to `inflight` while it is held.
     async fn serve_stream(
         self: Arc<Self>,
         (peer, rtt): (Identity, Duration),
+        mut inflight: InFlight,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let request: Request = match read_msg(&mut recv).await {
-            Ok(r) => r,
-            Err(e) => return tracing::info!(%peer, "bad request: {e}"),
+        let read = read_msg_charged(&mut recv, &mut inflight);
+        let request: Request = match tokio::time::timeout(REQUEST_DEADLINE, read).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return tracing::info!(%peer, "bad request: {e}"),
+            Err(_) => {
+                let _ = recv.stop(1u32.into());
+                return tracing::info!(%peer, "request not whole within {REQUEST_DEADLINE:?}");
+            }
         };
+        // The request's message is decoded: its bytes are no longer held.
+        inflight.release();
         let result = match request {
             Request::Launch { itinerary, args } => {
-                self.serve_launch(&peer, None, itinerary, args, &mut send, &mut recv)
+                let launch = (None, itinerary, args);
+                self.serve_launch(&peer, launch, &mut send, &mut recv, &mut inflight)
                     .await
             }
             Request::LaunchHash {
@@ -759,8 +761,8 @@ impl Host {
                 itinerary,
                 args,
             } => {
-                let known = Some(module);
-                self.serve_launch(&peer, known, itinerary, args, &mut send, &mut recv)
+                let launch = (Some(module), itinerary, args);
+                self.serve_launch(&peer, launch, &mut send, &mut recv, &mut inflight)
                     .await
             }
             Request::Status { agent } => {
@@ -790,7 +792,8 @@ impl Host {
                 // from it is a bound, as the source's own is (HopInfo::freeze_us).
                 let now = Instant::now();
                 let offered = (offer, now.checked_sub(rtt).unwrap_or(now));
-                self.serve_offer(&peer, offered, &mut send, &mut recv).await
+                let stream = (&mut send, &mut recv, &mut inflight);
+                self.serve_offer(&peer, offered, stream).await
             }
             Request::Query { agent, seq } => {
                 let receiving = self
@@ -828,9 +831,8 @@ impl Host {
             }
             Request::Sink => {
                 let reply = match peer.role {
-                    Role::Host => read_blob(&mut recv, "probe", self.config.max_image)
+                    Role::Host => drain_blob(&mut recv, "probe", self.config.max_image)
                         .await
-                        .map(|b| b.len() as u64)
                         .map_err(|e| e.to_string()),
                     Role::User => Err("only hosts send probes".to_string()),
                 };
@@ -844,24 +846,33 @@ impl Host {
     }
 
     /// Sends `bytes` of incompressible data to peer `to` over the connection hops use, the
-    /// way an image travels (one blob, read whole by the peer); returns the µs it took.
+    /// way an image travels (one blob, read by the peer as it comes); returns the µs it took.
+    /// The data is one chunk sent again and again, so a probe of any size costs one chunk
+    /// of memory; one probe runs at a time.
     async fn probe(&self, to: &str, bytes: u64) -> Result<u64, String> {
+        if !self.peers.knows(to) {
+            return Err(format!("unknown site `{to}`"));
+        }
         if bytes > self.config.max_image {
             return Err(format!(
                 "a probe may send at most {} bytes (the largest image)",
                 self.config.max_image
             ));
         }
-        let data = tokio::task::spawn_blocking(move || incompressible(bytes as usize))
-            .await
-            .map_err(|e| e.to_string())?;
+        let Ok(_probing) = self.probing.try_acquire() else {
+            return Err(format!(
+                "another probe is running on {}; try again once it ended",
+                self.config.name
+            ));
+        };
+        let chunk = bytes::Bytes::from(incompressible(PROBE_CHUNK.min(bytes as usize)));
         let conn = self.connect(to).await?;
         let started = Instant::now();
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         write_msg(&mut send, &Request::Sink)
             .await
             .map_err(|e| e.to_string())?;
-        write_blob_parts(&mut send, &[], data.into())
+        write_blob_repeated(&mut send, chunk, bytes)
             .await
             .map_err(|e| e.to_string())?;
         let _ = send.finish();
@@ -875,14 +886,15 @@ impl Host {
 
     // ---- users -------------------------------------------------------------------------
 
+    /// Launches an agent of the module named (or sent) with its itinerary and arguments, and
+    /// streams its events to the launcher until it ends.
     async fn serve_launch(
         self: &Arc<Self>,
         peer: &Identity,
-        known: Option<ModuleHash>,
-        itinerary: Vec<String>,
-        args: BTreeMap<String, String>,
+        (known, itinerary, args): (Option<ModuleHash>, Vec<String>, BTreeMap<String, String>),
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
+        inflight: &mut InFlight,
     ) -> Result<(), WireError> {
         if peer.role != Role::User {
             return write_msg(
@@ -900,10 +912,26 @@ impl Host {
             )
             .await;
         }
-        let module = match self.launch_module(known, send, recv).await? {
-            Ok(module) => module,
-            Err(refused) => return write_msg(send, &LaunchEvent::Refused(refused)).await,
+        if let Err(over) = self.may_launch(&peer.name) {
+            tracing::info!(%peer, "refused a launch: {over}");
+            return write_msg(send, &LaunchEvent::Refused(over.to_string())).await;
+        }
+        let read = self.launch_module(known, send, recv, inflight);
+        let module = match tokio::time::timeout(MODULE_DEADLINE, read).await {
+            Ok(Ok(Ok(module))) => module,
+            Ok(Ok(Err(refused))) => return write_msg(send, &LaunchEvent::Refused(refused)).await,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                let late = WireError::Late {
+                    what: "module",
+                    within: MODULE_DEADLINE,
+                };
+                let _ = write_msg(send, &LaunchEvent::Refused(late.to_string())).await;
+                return Err(late);
+            }
         };
+        // The module is admitted and stored: its bytes are no longer held for the launch.
+        inflight.release();
         let context = AgentContext::new(&self.config.name, &peer.name, itinerary, args);
         let id = context.agent_id;
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -984,6 +1012,33 @@ impl Host {
         Ok(())
     }
 
+    /// Whether `user` may launch an agent here now: within its launch rate and its share of
+    /// running agents, and the host not full.
+    fn may_launch(&self, user: &str) -> Result<(), OverQuota> {
+        let running = self.residents.running();
+        if running >= self.config.max_agents {
+            return Err(OverQuota::HostFull {
+                site: self.config.name.clone(),
+                running,
+            });
+        }
+        self.may_run(user)?;
+        self.quotas.launch(user)
+    }
+
+    /// Whether one more agent of `user` may run here.
+    fn may_run(&self, user: &str) -> Result<(), OverQuota> {
+        let running = self.residents.counts(user).running;
+        if running >= self.quotas.limits().running {
+            return Err(OverQuota::Running {
+                user: user.to_string(),
+                site: self.config.name.clone(),
+                running,
+            });
+        }
+        Ok(())
+    }
+
     /// The module of a launch: the one held here under the hash `known` names, or else the
     /// one the launcher sends (asked for with [`LaunchEvent::SendModule`] when it named a
     /// hash), admitted and stored. The inner error says why the launch is refused.
@@ -992,6 +1047,7 @@ impl Host {
         known: Option<ModuleHash>,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
+        inflight: &mut InFlight,
     ) -> Result<Result<Arc<AgentModule>, String>, WireError> {
         if let Some(hash) = known {
             // Held means kept, not only compiled: the agent must be restorable after a
@@ -1004,7 +1060,7 @@ impl Host {
             }
             write_msg(send, &LaunchEvent::SendModule).await?;
         }
-        let wasm = read_blob(recv, "module", self.config.max_module).await?;
+        let wasm = read_blob(recv, "module", self.config.max_module, inflight).await?;
         if let Some(hash) = known
             && ModuleHash::of(&wasm) != hash
         {
@@ -1034,18 +1090,10 @@ impl Host {
         if peer.role == Role::User && self.home_status(agent, peer).is_none() {
             return Err(format!("no agent {agent} of yours here"));
         }
-        let alarm = match (self.parked.lock(), self.running.lock()) {
-            (Ok(mut parked), Ok(running)) => match running.get(agent) {
-                Some(flags) => {
-                    flags.kill.store(true, Ordering::SeqCst);
-                    return Ok(());
-                }
-                None => parked.remove(agent),
-            },
-            _ => None,
-        };
-        if let Some(alarm) = alarm {
-            return self.kill_parked(*agent, alarm);
+        match self.residents.kill(agent) {
+            Found::Running => return Ok(()),
+            Found::Parked(alarm) => return self.kill_parked(*agent, alarm),
+            Found::Absent => {}
         }
         // Follow the agent: the home knows its last site, a host it left has a pointer.
         let next = match self.store.agent(agent).ok().flatten() {
@@ -1323,7 +1371,8 @@ impl Host {
 
     fn spawn_agent(self: &Arc<Self>, agent: AgentInstance, start: Start) {
         if !matches!(start, Start::Arrived(_)) {
-            self.enroll(agent.context().agent_id, agent.flags());
+            let context = agent.context();
+            self.enroll(context.agent_id, &context.owner, agent.flags());
         }
         tokio::spawn(self.clone().drive(agent, start));
     }
@@ -1331,19 +1380,15 @@ impl Host {
     /// Makes a running agent known: to kill, to shutdown and to the count of agents. An
     /// arrival is enrolled once it is committed (two uncommitted arrivals of one agent may
     /// meet, when its source restarted and offered the hop again).
-    fn enroll(&self, id: AgentId, flags: Arc<AgentFlags>) {
+    fn enroll(&self, id: AgentId, owner: &str, flags: Arc<AgentFlags>) {
         if self.shutting_down.load(Ordering::SeqCst) {
             flags.checkpoint.store(true, Ordering::SeqCst);
         }
-        if let Ok(mut running) = self.running.lock() {
-            running.insert(id, flags);
-        }
+        self.residents.enroll(id, owner, flags);
     }
 
     fn forget_running(&self, id: &AgentId) {
-        if let Ok(mut running) = self.running.lock() {
-            running.remove(id);
-        }
+        self.residents.forget(id);
         self.idle.notify_waiters();
         self.trimmer.freed();
     }
@@ -1448,6 +1493,12 @@ impl Host {
     /// and sets an alarm. `false` when it could not be stored (it then sleeps in memory).
     fn park_asleep(self: &Arc<Self>, agent: &mut AgentInstance, ms: u64) -> bool {
         let id = agent.context().agent_id;
+        let owner = agent.context().owner.clone();
+        let parked = self.residents.counts(&owner).parked;
+        if parked >= self.quotas.limits().parked {
+            tracing::info!(agent = %id, %owner, parked, "sleeping in memory: its owner has as many agents parked here as a user may (user_max_parked)");
+            return false;
+        }
         let until_ms = unix_ms().saturating_add(ms);
         let (home, hops) = (agent.context().home.clone(), agent.context().hops());
         agent.complete(OpResult::Sleep);
@@ -1455,6 +1506,7 @@ impl Host {
             until_ms,
             home: home.clone(),
             hops,
+            owner: owner.clone(),
         };
         if let Err(e) = super::store::blocking(|| self.keep(agent, resume)) {
             // The sleep stays completed: the agent sleeps in memory and then goes on.
@@ -1462,18 +1514,9 @@ impl Host {
             return false;
         }
         // Into `parked` and out of `running` at once, so that a kill finds it in one of them.
-        let killed = match (self.parked.lock(), self.running.lock()) {
-            (Ok(mut parked), Ok(mut running)) => {
-                let killed = agent.flags().kill.load(Ordering::SeqCst);
-                if !killed {
-                    parked.insert(id, self.alarm(id, until_ms));
-                    running.remove(&id);
-                }
-                killed
-            }
-            _ => return false,
-        };
-        if killed {
+        let flags = agent.flags();
+        let parked = (self.residents).park(id, &flags, &owner, || self.alarm(id, until_ms));
+        if !parked {
             self.finish(id, home, hops, Err(AgentError::Killed.to_string()));
             return true;
         }
@@ -1490,14 +1533,12 @@ impl Host {
     }
 
     /// Sets the alarm of a parked agent (one whose record says [`Resume::Wake`]).
-    fn set_alarm(self: &Arc<Self>, id: AgentId, until_ms: u64) {
-        if let Ok(mut parked) = self.parked.lock() {
-            parked.insert(id, self.alarm(id, until_ms));
-        }
+    fn set_alarm(self: &Arc<Self>, id: AgentId, owner: &str, until_ms: u64) {
+        (self.residents).set_alarm(id, owner, || self.alarm(id, until_ms));
     }
 
-    /// A task that wakes agent `id` at `until_ms`. Call with `parked` locked, and put the
-    /// handle there before unlocking: the task may be due at once.
+    /// A task that wakes agent `id` at `until_ms`. Call with the residents locked, and put
+    /// the handle there before unlocking: the task may be due at once.
     fn alarm(self: &Arc<Self>, id: AgentId, until_ms: u64) -> tokio::task::AbortHandle {
         let host = self.clone();
         let task = tokio::spawn(async move {
@@ -1528,7 +1569,7 @@ impl Host {
         let Ok(_permit) = self.waking.acquire().await else {
             return;
         };
-        while self.running.lock().map_or(0, |r| r.len()) >= self.config.max_agents
+        while self.residents.running() >= self.config.max_agents
             && !self.shutting_down.load(Ordering::SeqCst)
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1539,19 +1580,9 @@ impl Host {
         // Running from now on (its flags stand in until it is restored), unless a kill took
         // it out of `parked` first.
         let flags = Arc::<AgentFlags>::default();
-        let woken = match (self.parked.lock(), self.running.lock()) {
-            (Ok(mut parked), Ok(mut running)) => {
-                let woken = parked.remove(&id).is_some();
-                if woken {
-                    running.insert(id, flags.clone());
-                }
-                woken
-            }
-            _ => false,
-        };
-        if !woken {
+        let Some(owner) = self.residents.wake(id, flags.clone()) else {
             return;
-        }
+        };
         let (image, home, hops) = match self.store.agent(&id) {
             Ok(Some(AgentRecord::Resident {
                 image,
@@ -1571,19 +1602,9 @@ impl Host {
             }
             Err(e) => {
                 tracing::error!(agent = %id, "cannot wake, trying again in {WAKE_RETRY:?}: {e}");
-                let killed = match (self.parked.lock(), self.running.lock()) {
-                    (Ok(mut parked), Ok(mut running)) => {
-                        running.remove(&id);
-                        let killed = flags.kill.load(Ordering::SeqCst);
-                        if !killed {
-                            let again = unix_ms().saturating_add(WAKE_RETRY.as_millis() as u64);
-                            parked.insert(id, self.alarm(id, again));
-                        }
-                        killed
-                    }
-                    _ => false,
-                };
-                if killed {
+                let again = unix_ms().saturating_add(WAKE_RETRY.as_millis() as u64);
+                let parked = (self.residents).unwake(id, &flags, &owner, || self.alarm(id, again));
+                if !parked {
                     self.finish(id, home, hops, Err(AgentError::Killed.to_string()));
                 }
             }
@@ -1951,7 +1972,8 @@ impl Host {
                 SourceStep::AwaitVerdict => {
                     let verdict = match streams.as_mut() {
                         Some((_, recv)) => {
-                            tokio::time::timeout(VERDICT_TIMEOUT, read_msg::<TransferReply>(recv))
+                            let read = read_msg::<TransferReply>(recv);
+                            tokio::time::timeout(VERDICT_TIMEOUT, read)
                                 .await
                                 .map_err(|_| "no verdict yet".to_string())
                                 .and_then(|v| v.map_err(|e| e.to_string()))
@@ -2096,12 +2118,14 @@ impl Host {
         self: &Arc<Self>,
         offer: &Offer,
         recv: &mut quinn::RecvStream,
+        inflight: &mut InFlight,
         buffer: impl FnOnce(usize) -> Vec<u8>,
     ) -> Result<(Vec<u8>, Option<Arriving>), WireError> {
-        let mut blob = Blob::start(recv, "image", self.config.max_image, buffer).await?;
+        let limit = self.config.max_image;
+        let mut blob = Blob::start_into(recv, "image", limit, inflight, buffer).await?;
         let (mut arriving, mut wanted) = (None, 12);
         while blob.arrived().len() < wanted.min(blob.len()) {
-            blob.read_to(recv, wanted).await?;
+            blob.read_to(recv, wanted, inflight).await?;
             let seen = blob.arrived();
             match AgentImage::head_len(seen) {
                 Some(n) if n > 12 + MAX_HEADER_SEEN => break,
@@ -2111,7 +2135,7 @@ impl Host {
             }
         }
         while blob.arrived().len() < blob.len() {
-            blob.read_to(recv, blob.arrived().len() + ARRIVING_PIECE)
+            blob.read_to(recv, blob.arrived().len() + ARRIVING_PIECE, inflight)
                 .await?;
             if let Some(arriving) = &mut arriving {
                 arriving.keep_up(blob.arrived()).await;
@@ -2125,8 +2149,7 @@ impl Host {
         self: &Arc<Self>,
         peer: &Identity,
         (offer, offered): (Offer, Instant),
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
+        stream: Stream<'_>,
     ) -> Result<(), WireError> {
         let status = self.store.transfer(&offer.agent, offer.seq).ok().flatten();
         let view = DestView {
@@ -2134,7 +2157,9 @@ impl Host {
             aborted: status == Some(TransferStatus::Aborted),
             has_module: self.modules.get(&offer.module).is_some()
                 || self.store.module(&offer.module).is_some(),
-            agents: self.running.lock().map(|r| r.len()).unwrap_or(0),
+            agents: self.residents.running(),
+            owner_agents: self.residents.counts(&offer.owner).running,
+            max_owner_agents: self.quotas.limits().running,
             max_agents: if self.shutting_down.load(Ordering::SeqCst) {
                 0
             } else {
@@ -2158,7 +2183,7 @@ impl Host {
         let receiving = (matches!(reply, OfferReply::Accept { .. }))
             .then(|| Receiving::start(self, (offer.agent, offer.seq)));
         let answer = (&reply, offered, receiving);
-        self.receive_offered(peer, &offer, answer, held.as_deref(), send, recv)
+        self.receive_offered(peer, &offer, answer, held.as_deref(), stream)
             .await
     }
 
@@ -2171,8 +2196,7 @@ impl Host {
         offer: &Offer,
         (reply, offered, receiving): (&OfferReply, Instant, Option<Receiving>),
         base: Option<&Base>,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
+        (send, recv, inflight): Stream<'_>,
     ) -> Result<(), WireError> {
         write_msg(send, reply).await?;
         let OfferReply::Accept { need_module, .. } = *reply else {
@@ -2185,13 +2209,13 @@ impl Host {
         // The module comes first, unless the image followed the offer at once.
         let arriving = Instant::now();
         let early = match offer.image_follows {
-            true => Some(read_blob(recv, "image", self.config.max_image).await?),
+            true => Some(read_blob(recv, "image", self.config.max_image, inflight).await?),
             false => None,
         };
         // A large image is read into the buffer of the last one, if it is kept.
         let buffer = |len: usize| self.spare.take(len);
         let wasm = if need_module {
-            let wasm = read_blob(recv, "module", self.config.max_module).await?;
+            let wasm = read_blob(recv, "module", self.config.max_module, inflight).await?;
             crash_point("dest-mid-module");
             Some(wasm)
         } else {
@@ -2203,10 +2227,11 @@ impl Host {
         let (image, filling) = match early {
             Some(image) => (image, None),
             None if wasm.is_none() && offer.image_bytes >= WORTH_PREPARING => {
-                self.read_arriving(offer, recv, buffer).await?
+                self.read_arriving(offer, recv, inflight, buffer).await?
             }
             None => {
-                let read = read_blob_into(recv, "image", self.config.max_image, buffer);
+                let limit = self.config.max_image;
+                let read = read_blob_into(recv, "image", limit, inflight, buffer);
                 (read.await?, None)
             }
         };
@@ -2243,7 +2268,7 @@ impl Host {
         let (resumed, resumed_at_us) = (Instant::now(), unix_us());
         phase("resumed");
         let checking = unverified.map(|u| tokio::task::spawn_blocking(move || u.check()));
-        let departed: Departed = read_msg(recv).await?;
+        let departed: Departed = read_msg_charged(recv, inflight).await?;
         phase("departed");
         crash_point("dest-before-commit");
         let stored = whole.as_deref().unwrap_or(&image[..]);
@@ -2272,7 +2297,7 @@ impl Host {
             Ok(()) => {
                 // Before the agent is let go, so that a crash here leaves it where the commit did.
                 crash_point("dest-after-commit");
-                self.enroll(offer.agent, flags);
+                self.enroll(offer.agent, &offer.owner, flags);
                 if let Ok(mut bases) = self.bases.lock() {
                     bases.remove(&offer.agent);
                 }

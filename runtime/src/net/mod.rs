@@ -3,12 +3,16 @@
 
 mod arriving;
 mod batch;
+pub mod budget;
 pub mod certs;
 pub mod client;
 pub mod hop;
 pub mod host;
 pub mod messages;
 mod outgoing;
+mod peers;
+pub mod quota;
+mod residents;
 mod socket;
 mod spare;
 pub mod store;

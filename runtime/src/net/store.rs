@@ -145,6 +145,10 @@ pub enum Resume {
         home: String,
         /// Hops it made so far.
         hops: u64,
+        /// Its owner, counted against the owner's quota of parked agents (empty in records
+        /// from before it was stored).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        owner: String,
     },
 }
 

@@ -3,6 +3,7 @@
 //! Every length is checked against a limit before anything is allocated, and decoding is
 //! bounded, so a hostile peer gets an error, never a panic or an unbounded allocation.
 
+use super::budget::InFlight;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -31,6 +32,30 @@ pub enum WireError {
     /// A message that does not decode.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// The bytes already arriving for this host, or from this sender, fill its budget.
+    #[error("busy: {whose} already has {} MiB arriving, its most; try again once earlier requests are done", limit >> 20)]
+    Busy {
+        /// Whose budget is full ("this host", "user alice").
+        whose: String,
+        /// The budget in bytes.
+        limit: u64,
+    },
+    /// Memory for a frame's bytes could not be had.
+    #[error("no memory for {what} of {size} bytes")]
+    NoMemory {
+        /// What was being read.
+        what: &'static str,
+        /// Its declared size.
+        size: u64,
+    },
+    /// The frame did not arrive whole in time.
+    #[error("{what} did not arrive within {within:?}")]
+    Late {
+        /// What was being read.
+        what: &'static str,
+        /// The deadline.
+        within: std::time::Duration,
+    },
 }
 
 /// Writes one CBOR message.
@@ -46,7 +71,8 @@ pub async fn write_msg<T: Serialize>(
     write_blob(send, &bytes).await
 }
 
-/// Reads one CBOR message of at most [`MAX_MESSAGE`] bytes.
+/// Reads one CBOR message of at most [`MAX_MESSAGE`] bytes: the answer to a request this
+/// side made, charged to no budget.
 ///
 /// # Errors
 /// When the stream fails, the frame is too large, or it does not decode as `T`.
@@ -54,7 +80,22 @@ pub async fn write_msg<T: Serialize>(
 /// # Cancel safety
 /// Not cancel safe: a partly read frame is lost.
 pub async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, WireError> {
-    let bytes = read_blob(recv, "message", MAX_MESSAGE as u64).await?;
+    read_msg_charged(recv, &mut InFlight::default()).await
+}
+
+/// Reads one CBOR message as [`read_msg`] does, charging its bytes to `inflight` as they
+/// come: for what a peer or user sends unasked.
+///
+/// # Errors
+/// As [`read_msg`], and when its bytes do not fit the budget.
+///
+/// # Cancel safety
+/// Not cancel safe: a partly read frame is lost.
+pub async fn read_msg_charged<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    inflight: &mut InFlight,
+) -> Result<T, WireError> {
+    let bytes = read_blob(recv, "message", MAX_MESSAGE as u64, inflight).await?;
     decode_msg(&bytes)
 }
 
@@ -101,19 +142,48 @@ pub async fn write_blob_parts(
     send.write_chunk(body).await.map_err(stream)
 }
 
-/// Reads a length-prefixed blob of at most `limit` bytes.
+/// Writes a length-prefixed blob of `len` bytes made of `chunk` repeated (the last one cut
+/// short): a blob of any size from one chunk's memory.
 ///
 /// # Errors
-/// When the stream fails or the blob is larger than `limit`.
+/// When the stream fails, or `chunk` is empty while `len` is not.
+pub async fn write_blob_repeated(
+    send: &mut quinn::SendStream,
+    chunk: bytes::Bytes,
+    len: u64,
+) -> Result<(), WireError> {
+    let stream = |e: quinn::WriteError| WireError::Stream(e.to_string());
+    send.write_all(&len.to_le_bytes()).await.map_err(stream)?;
+    let mut left = len;
+    while left > 0 {
+        if chunk.is_empty() {
+            return Err(WireError::Malformed("a blob of an empty chunk".into()));
+        }
+        let piece = chunk.slice(..(chunk.len() as u64).min(left) as usize);
+        left -= piece.len() as u64;
+        send.write_chunk(piece).await.map_err(stream)?;
+    }
+    Ok(())
+}
+
+/// Reads a length-prefixed blob of at most `limit` bytes, its memory taken (and charged to
+/// `inflight`) as its bytes come, never from its declared length.
+///
+/// # Errors
+/// When the stream fails, the blob is larger than `limit`, or its bytes do not fit the budget.
 pub async fn read_blob(
     recv: &mut quinn::RecvStream,
     what: &'static str,
     limit: u64,
+    inflight: &mut InFlight,
 ) -> Result<Vec<u8>, WireError> {
-    read_blob_into(recv, what, limit, super::spare::fresh).await
+    let mut blob = Blob::start(recv, what, limit).await?;
+    blob.read_to(recv, blob.len(), inflight).await?;
+    Ok(blob.into_bytes())
 }
 
-/// Reads a blob as [`read_blob`] does, into the buffer `buffer` gives for its length.
+/// Reads a blob as [`read_blob`] does, into the buffer `buffer` gives for its length: the
+/// whole length is charged to `inflight` before the buffer is taken.
 ///
 /// # Errors
 /// As [`read_blob`].
@@ -121,22 +191,68 @@ pub async fn read_blob_into(
     recv: &mut quinn::RecvStream,
     what: &'static str,
     limit: u64,
+    inflight: &mut InFlight,
     buffer: impl FnOnce(usize) -> Vec<u8>,
 ) -> Result<Vec<u8>, WireError> {
-    let mut blob = Blob::start(recv, what, limit, buffer).await?;
-    blob.read_to(recv, blob.len()).await?;
+    let mut blob = Blob::start_into(recv, what, limit, inflight, buffer).await?;
+    blob.read_to(recv, blob.len(), inflight).await?;
     Ok(blob.into_bytes())
+}
+
+/// Reads a length-prefixed blob of at most `limit` bytes and drops its bytes as they come;
+/// returns how many came.
+///
+/// # Errors
+/// When the stream fails or ends early, or the blob is larger than `limit`.
+pub async fn drain_blob(
+    recv: &mut quinn::RecvStream,
+    what: &'static str,
+    limit: u64,
+) -> Result<u64, WireError> {
+    let len = read_len(recv, what, limit).await?;
+    let mut read = 0;
+    while read < len {
+        let want = usize::try_from(len - read).unwrap_or(usize::MAX);
+        match recv.read_chunk(want, true).await {
+            Ok(Some(chunk)) => read += chunk.bytes.len() as u64,
+            Ok(None) => {
+                return Err(WireError::Stream(format!(
+                    "{what} ended at {read} of {len} bytes"
+                )));
+            }
+            Err(e) => return Err(WireError::Stream(e.to_string())),
+        }
+    }
+    Ok(read)
+}
+
+async fn read_len(
+    recv: &mut quinn::RecvStream,
+    what: &'static str,
+    limit: u64,
+) -> Result<u64, WireError> {
+    let mut len = [0u8; 8];
+    recv.read_exact(&mut len).await.map_err(stream)?;
+    let size = u64::from_le_bytes(len);
+    if size > limit {
+        return Err(WireError::TooLarge { what, size, limit });
+    }
+    Ok(size)
 }
 
 /// A length-prefixed blob being read, for readers that act on its bytes as they come.
 pub struct Blob {
     bytes: Vec<u8>,
+    what: &'static str,
+    len: usize,
     read: usize,
+    /// The buffer was sized (and charged) for the whole blob up front.
+    sized: bool,
 }
 
 impl Blob {
-    /// Reads the length of a blob of at most `limit` bytes, and takes a buffer for it from
-    /// `buffer` (given the length; made that length if it is not).
+    /// Reads the length of a blob of at most `limit` bytes; its memory is taken as its bytes
+    /// come.
     ///
     /// # Errors
     /// As [`read_blob`].
@@ -144,34 +260,84 @@ impl Blob {
         recv: &mut quinn::RecvStream,
         what: &'static str,
         limit: u64,
-        buffer: impl FnOnce(usize) -> Vec<u8>,
     ) -> Result<Blob, WireError> {
-        let mut len = [0u8; 8];
-        recv.read_exact(&mut len).await.map_err(stream)?;
-        let size = u64::from_le_bytes(len);
-        if size > limit {
-            return Err(WireError::TooLarge { what, size, limit });
-        }
-        let mut bytes = buffer(size as usize);
-        bytes.resize(size as usize, 0);
-        Ok(Blob { bytes, read: 0 })
+        let len = read_len(recv, what, limit).await? as usize;
+        Ok(Blob {
+            bytes: Vec::new(),
+            what,
+            len,
+            read: 0,
+            sized: false,
+        })
     }
 
-    /// Reads on until `upto` bytes of the blob (or all of it, if fewer) have come.
+    /// Reads the length of a blob of at most `limit` bytes, charges all of it to `inflight`,
+    /// and takes a buffer for it from `buffer` (given the length; made that length if it is
+    /// not): for large images, whose reader writes them on as they come.
     ///
     /// # Errors
-    /// When the stream fails or ends first.
+    /// As [`read_blob`].
+    pub async fn start_into(
+        recv: &mut quinn::RecvStream,
+        what: &'static str,
+        limit: u64,
+        inflight: &mut InFlight,
+        buffer: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Result<Blob, WireError> {
+        let len = read_len(recv, what, limit).await? as usize;
+        inflight.take(len)?;
+        let mut bytes = buffer(len);
+        bytes.resize(len, 0);
+        Ok(Blob {
+            bytes,
+            what,
+            len,
+            read: 0,
+            sized: true,
+        })
+    }
+
+    /// Reads on until `upto` bytes of the blob (or all of it, if fewer) have come, charging
+    /// what comes to `inflight` unless the buffer was charged whole.
+    ///
+    /// # Errors
+    /// When the stream fails or ends first, or the bytes do not fit the budget.
     pub async fn read_to(
         &mut self,
         recv: &mut quinn::RecvStream,
         upto: usize,
+        inflight: &mut InFlight,
     ) -> Result<(), WireError> {
-        let upto = upto.min(self.bytes.len());
-        if upto > self.read {
-            recv.read_exact(&mut self.bytes[self.read..upto])
-                .await
-                .map_err(stream)?;
-            self.read = upto;
+        let upto = upto.min(self.len);
+        if self.sized {
+            if upto > self.read {
+                recv.read_exact(&mut self.bytes[self.read..upto])
+                    .await
+                    .map_err(stream)?;
+                self.read = upto;
+            }
+            return Ok(());
+        }
+        while self.read < upto {
+            let chunk = match recv.read_chunk(upto - self.read, true).await {
+                Ok(Some(chunk)) => chunk.bytes,
+                Ok(None) => {
+                    return Err(WireError::Stream(format!(
+                        "{} ended at {} of {} bytes",
+                        self.what, self.read, self.len
+                    )));
+                }
+                Err(e) => return Err(WireError::Stream(e.to_string())),
+            };
+            inflight.take(chunk.len())?;
+            self.bytes
+                .try_reserve(chunk.len())
+                .map_err(|_| WireError::NoMemory {
+                    what: self.what,
+                    size: self.len as u64,
+                })?;
+            self.bytes.extend_from_slice(&chunk);
+            self.read += chunk.len();
         }
         Ok(())
     }
@@ -183,15 +349,16 @@ impl Blob {
 
     /// The blob's length.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.len
     }
 
     /// Whether the blob has no bytes.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len == 0
     }
 
-    /// The whole blob's bytes (those not read yet are whatever the buffer held).
+    /// The blob's bytes: all of them once read whole (a buffer sized up front holds
+    /// whatever it held where bytes have not come).
     pub fn into_bytes(self) -> Vec<u8> {
         self.bytes
     }

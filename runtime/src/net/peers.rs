@@ -1,0 +1,302 @@
+//! Connections to peer hosts: one cached connection per peer, each dialled in a slot of its
+//! own so that a dial to one peer never holds up traffic to another.
+//!
+//! Requests for a peer that arrive while it is being dialled share that dial's outcome
+//! rather than dialling again one after another. A peer whose dials failed [`DOWN_AFTER`]
+//! times in a row is down: requests for it fail at once, while a background task dials it
+//! until it answers again (one miss alone may be a lost packet, so it is tried once more).
+
+use super::certs::Role;
+use super::messages::Request;
+use super::tls;
+use super::wire::{read_msg, write_msg};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// How long a host waits for a peer to answer a new connection (a down peer sends nothing).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a host waits for the answer to a request to a peer. A peer that crashed leaves
+/// the connection to it silent until the idle timeout; giving up sooner and reconnecting
+/// reaches the peer as soon as it is back.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Failed dials in a row after which a peer is down and requests for it fail at once.
+pub const DOWN_AFTER: u32 = 2;
+
+/// Pause of the background redial after a failed dial, doubled up to [`REDIAL_MAX`].
+const REDIAL_FIRST: Duration = Duration::from_millis(500);
+const REDIAL_MAX: Duration = Duration::from_secs(5);
+
+/// Why a peer could not be reached or asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    /// No address is known for the site.
+    #[error("unknown site `{0}`")]
+    Unknown(String),
+    /// Its last dials failed; it is being dialled in the background.
+    #[error("{site} is down (no connection since {}s ago: {last}); it is being dialled again", since.as_secs())]
+    Down {
+        /// The site.
+        site: String,
+        /// How long ago the first of the failed dials began.
+        since: Duration,
+        /// Why the last dial failed.
+        last: String,
+    },
+    /// A dial failed.
+    #[error("{0}")]
+    Dial(String),
+    /// The request failed or got no answer in time.
+    #[error("{0}")]
+    Ask(String),
+}
+
+/// The peers of one host.
+pub struct Peers {
+    endpoint: quinn::Endpoint,
+    addrs: BTreeMap<String, SocketAddr>,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+/// One peer's connection and the state of its dials.
+#[derive(Default)]
+struct Slot {
+    /// Held by the one task dialling the peer.
+    dialling: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    conn: Option<quinn::Connection>,
+    /// Dials ended so far: a task that waited for a dial uses its outcome.
+    dials: u64,
+    /// Failed dials in a row, when the first began, and why the last failed.
+    failed: u32,
+    failing_since: Option<Instant>,
+    last_error: String,
+    redialling: bool,
+}
+
+impl State {
+    fn live(&self) -> Option<quinn::Connection> {
+        self.conn.clone().filter(|c| c.close_reason().is_none())
+    }
+
+    fn down(&self, site: &str) -> Option<PeerError> {
+        (self.failed >= DOWN_AFTER).then(|| PeerError::Down {
+            site: site.to_string(),
+            since: self.failing_since.map_or(Duration::ZERO, |t| t.elapsed()),
+            last: self.last_error.clone(),
+        })
+    }
+}
+
+impl Peers {
+    /// The peers at `addrs`, dialled from `endpoint`.
+    pub fn new(endpoint: quinn::Endpoint, addrs: BTreeMap<String, SocketAddr>) -> Peers {
+        Peers {
+            endpoint,
+            addrs,
+            slots: Mutex::default(),
+        }
+    }
+
+    /// Whether `site` is a known peer.
+    pub fn knows(&self, site: &str) -> bool {
+        self.addrs.contains_key(site)
+    }
+
+    fn slot(&self, site: &str) -> Arc<Slot> {
+        match self.slots.lock() {
+            Ok(mut slots) => slots.entry(site.to_string()).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    /// A connection to peer `site`, reused while it lives.
+    ///
+    /// # Errors
+    /// When the site is unknown, down, or the dial fails.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a dial given up half-way counts for nothing.
+    pub async fn connect(&self, site: &str) -> Result<quinn::Connection, PeerError> {
+        let addr = *self
+            .addrs
+            .get(site)
+            .ok_or_else(|| PeerError::Unknown(site.to_string()))?;
+        let slot = self.slot(site);
+        let seen = {
+            let state = slot.state.lock().map_err(|_| poisoned(site))?;
+            if let Some(conn) = state.live() {
+                return Ok(conn);
+            }
+            if let Some(down) = state.down(site) {
+                return Err(down);
+            }
+            state.dials
+        };
+        let _dialling = slot.dialling.lock().await;
+        {
+            // A dial that ended while this task waited for its turn answers for it too.
+            let state = slot.state.lock().map_err(|_| poisoned(site))?;
+            if let Some(conn) = state.live() {
+                return Ok(conn);
+            }
+            if state.dials != seen {
+                return Err(state
+                    .down(site)
+                    .unwrap_or_else(|| PeerError::Dial(state.last_error.clone())));
+            }
+        }
+        let dialled = dial(&self.endpoint, site, addr).await;
+        let redial = settle(&slot, site, &dialled);
+        if redial {
+            let (endpoint, slot) = (self.endpoint.clone(), Arc::downgrade(&slot));
+            tokio::spawn(redial_until_up(endpoint, slot, site.to_string(), addr));
+        }
+        dialled.map_err(PeerError::Dial)
+    }
+
+    /// Sends one request to peer `site` and reads one reply, within [`ASK_TIMEOUT`]; on
+    /// failure the connection is forgotten so that the next request connects afresh.
+    ///
+    /// # Errors
+    /// When the peer cannot be reached, or gives no well-formed answer in time.
+    pub async fn ask<T: serde::de::DeserializeOwned>(
+        &self,
+        site: &str,
+        request: &Request,
+    ) -> Result<T, PeerError> {
+        let conn = self.connect(site).await?;
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_msg(&mut send, request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            read_msg(&mut recv).await.map_err(|e| e.to_string())
+        };
+        let reply = tokio::time::timeout(ASK_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer from {site} within {ASK_TIMEOUT:?}")));
+        if reply.is_err() {
+            self.forget(site, &conn);
+        }
+        reply.map_err(PeerError::Ask)
+    }
+
+    /// Forgets the cached connection to `site` if it is still `conn`. It is not closed: a
+    /// transfer on it may still finish if the path was only cut for a while.
+    pub fn forget(&self, site: &str, conn: &quinn::Connection) {
+        let slot = self.slot(site);
+        if let Ok(mut state) = slot.state.lock()
+            && state
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            state.conn = None;
+        }
+    }
+}
+
+/// Why a dial fails once the host closed its endpoint.
+const STOPPING: &str = "this host is shutting down";
+
+fn poisoned(site: &str) -> PeerError {
+    PeerError::Dial(format!("the connection slot of {site} is poisoned"))
+}
+
+/// Dials `site` at `addr` once and checks that the host there is that site.
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    site: &str,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, String> {
+    let connecting = endpoint.connect(addr, site).map_err(|e| match e {
+        quinn::ConnectError::EndpointStopping => STOPPING.to_string(),
+        e => e.to_string(),
+    })?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| format!("no answer from {site} at {addr} within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| {
+            format!(
+                "cannot connect to {site} at {addr}: {}",
+                tls::connect_error(&e)
+            )
+        })?;
+    match tls::peer_identity(&conn) {
+        Ok(id) if id.role == Role::Host && id.name == site => Ok(conn),
+        Ok(id) => Err(format!("{addr} is {id}, not host {site}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Records a dial's outcome in the slot; whether a background redial should start.
+fn settle(slot: &Slot, site: &str, dialled: &Result<quinn::Connection, String>) -> bool {
+    let Ok(mut state) = slot.state.lock() else {
+        return false;
+    };
+    state.dials += 1;
+    match dialled {
+        Ok(conn) => {
+            if state.failed > 0 {
+                tracing::info!(peer = site, "reachable again");
+            }
+            state.conn = Some(conn.clone());
+            state.failed = 0;
+            state.failing_since = None;
+            false
+        }
+        Err(e) => {
+            state.failed += 1;
+            state.failing_since.get_or_insert_with(Instant::now);
+            state.last_error.clone_from(e);
+            if state.failed == DOWN_AFTER {
+                tracing::warn!(peer = site, "down: {e}");
+            }
+            !std::mem::replace(&mut state.redialling, true)
+        }
+    }
+}
+
+/// Dials a peer whose dial failed, with growing pauses, until it answers (or the host, and
+/// so the slot, is gone, or the endpoint stops).
+async fn redial_until_up(
+    endpoint: quinn::Endpoint,
+    slot: Weak<Slot>,
+    site: String,
+    addr: SocketAddr,
+) {
+    let mut pause = REDIAL_FIRST;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(REDIAL_MAX);
+        let Some(slot) = slot.upgrade() else { return };
+        let _dialling = slot.dialling.lock().await;
+        let up = slot
+            .state
+            .lock()
+            .map_or(true, |s| s.live().is_some() || s.failed == 0);
+        if up {
+            break;
+        }
+        let dialled = dial(&endpoint, &site, addr).await;
+        let stopping = dialled.as_ref().err().is_some_and(|e| e == STOPPING);
+        settle(&slot, &site, &dialled);
+        if dialled.is_ok() || stopping {
+            break;
+        }
+    }
+    if let Some(slot) = slot.upgrade()
+        && let Ok(mut state) = slot.state.lock()
+    {
+        state.redialling = false;
+    }
+}
