@@ -109,7 +109,7 @@ struct ServeArgs {
     /// come at once).
     #[arg(long)]
     user_launches_per_sec: Option<f64>,
-    /// Connections one user may have open to this host at once (default 8).
+    /// Connections one user may have open to this host at once (default 32).
     #[arg(long)]
     user_connections: Option<usize>,
     /// MiB of requests that may be arriving at once from one user (default 72: a module

@@ -10,6 +10,7 @@
 use super::arriving::Arriving;
 use super::budget::{Budget, InFlight};
 use super::certs::{Identity, Role};
+use super::executor::AgentExecutor;
 use super::hop::{DestView, SourceHop, SourceStep, decide_offer};
 use super::messages::{
     Asleep, Departed, HopInfo, LaunchEvent, ListReply, Offer, OfferReply, Request, SentHome,
@@ -17,7 +18,7 @@ use super::messages::{
 };
 use super::outgoing::{Outgoing, write_blob_passing, write_image};
 use super::peers::Peers;
-use super::quota::{HOST_STREAMS, OverQuota, Quotas, UserLimits};
+use super::quota::{HOST_STREAMS, HOST_WINDOW, OverQuota, Quotas, UserLimits};
 use super::residents::{Found, Residents};
 use super::spare::Spare;
 use super::store::{AgentRecord, CallEntry, HomeRow, HomeWrite, HostStore, PendingReport, Resume};
@@ -310,6 +311,8 @@ pub struct Host {
     inflight: Arc<Budget>,
     /// One probe at a time: they measure the link, and would share it.
     probing: tokio::sync::Semaphore,
+    /// The threads agents run on, apart from those serving requests.
+    executor: AgentExecutor,
     /// Permits to restore parked agents that are due.
     waking: tokio::sync::Semaphore,
     /// Transfers (agent, seq) this host accepted and has not decided yet, and how many: a
@@ -413,6 +416,7 @@ impl Host {
             quotas,
             inflight,
             probing: tokio::sync::Semaphore::new(1),
+            executor: AgentExecutor::new().map_err(err)?,
             waking: tokio::sync::Semaphore::new(WAKING_AT_ONCE),
             receiving: Mutex::default(),
             peer_modules: Mutex::default(),
@@ -692,6 +696,7 @@ impl Host {
         let (user, budgets) = match peer.role {
             Role::Host => {
                 conn.set_max_concurrent_bi_streams(HOST_STREAMS.into());
+                conn.set_receive_window(HOST_WINDOW.into());
                 (None, vec![self.inflight.clone()])
             }
             Role::User => match self.quotas.connect(&peer.name) {
@@ -1374,7 +1379,13 @@ impl Host {
             let context = agent.context();
             self.enroll(context.agent_id, &context.owner, agent.flags());
         }
-        tokio::spawn(self.clone().drive(agent, start));
+        if self
+            .executor
+            .spawn(self.clone().drive(agent, start))
+            .is_none()
+        {
+            tracing::error!("no threads to run agents on");
+        }
     }
 
     /// Makes a running agent known: to kill, to shutdown and to the count of agents. An

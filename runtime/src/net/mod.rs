@@ -6,6 +6,7 @@ mod batch;
 pub mod budget;
 pub mod certs;
 pub mod client;
+mod executor;
 pub mod hop;
 pub mod host;
 pub mod messages;

@@ -14,6 +14,14 @@ pub const USER_STREAMS: u32 = 256;
 /// Concurrent streams a peer host's connection may open.
 pub const HOST_STREAMS: u32 = 1024;
 
+/// Bytes a user's connection may send ahead of what the host has read (QUIC's connection
+/// flow-control window): what a user's refused or stalled streams can leave in the
+/// connection's buffers. A host's connection gets [`HOST_WINDOW`], for images.
+pub const USER_WINDOW: u32 = 16 << 20;
+
+/// Bytes a peer host's connection may send ahead of what the host has read.
+pub const HOST_WINDOW: u32 = 128 << 20;
+
 /// The limits a host sets each user.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UserLimits {
@@ -34,7 +42,7 @@ impl UserLimits {
     /// bytes: a user may run three quarters of the agents, so that others still get in.
     pub fn for_host(max_agents: usize, max_module: u64) -> UserLimits {
         UserLimits {
-            connections: 8,
+            connections: 32,
             inflight: max_module + 2 * super::wire::MAX_MESSAGE as u64,
             running: (max_agents * 3 / 4).max(1),
             parked: 10_000,

@@ -2,7 +2,7 @@
 //! private CA, requires a client certificate, and names our protocol in ALPN.
 
 use super::certs::{self, CertFiles, Identity};
-use super::quota::{HOST_STREAMS, USER_STREAMS};
+use super::quota::{HOST_STREAMS, HOST_WINDOW, USER_STREAMS, USER_WINDOW};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
@@ -119,15 +119,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Flow-control windows sized so multi-MiB images stream without stalling; `streams` is how
-/// many streams the peer may open at once.
+/// many streams the peer may open at once, `window` how many bytes it may send ahead of what
+/// was read on all of them.
 ///
 /// `segmentation_offload: false` sends datagrams one by one instead of as GSO batches: needed
 /// when a peer is a big-endian host under qemu-user, which mis-reads the coalesced batches it
 /// receives (seen with s390x: handshakes work, bulk transfers stall until the idle timeout).
-fn transport(segmentation_offload: bool, streams: u32) -> Arc<quinn::TransportConfig> {
+fn transport(segmentation_offload: bool, streams: u32, window: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(32 << 20))
-        .receive_window(quinn::VarInt::from_u32(128 << 20))
+        .receive_window(quinn::VarInt::from_u32(window))
         .send_window(128 << 20)
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(streams))
         .keep_alive_interval(Some(Duration::from_secs(5)))
@@ -139,8 +140,8 @@ fn transport(segmentation_offload: bool, streams: u32) -> Arc<quinn::TransportCo
 }
 
 /// Server side: only clients with a certificate from the CA get in. See [`transport`] for
-/// `segmentation_offload`. A client may open [`USER_STREAMS`] streams at once until the
-/// server raises that for a host it identified.
+/// `segmentation_offload`. A client may open [`USER_STREAMS`] streams at once and send
+/// [`USER_WINDOW`] bytes ahead until the server raises both for a host it identified.
 ///
 /// # Errors
 /// When rustls rejects the certificate or key.
@@ -164,7 +165,7 @@ pub fn server_config(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport(segmentation_offload, USER_STREAMS));
+    config.transport_config(transport(segmentation_offload, USER_STREAMS, USER_WINDOW));
     Ok(config)
 }
 
@@ -187,7 +188,7 @@ pub fn client_config(
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport(segmentation_offload, HOST_STREAMS));
+    config.transport_config(transport(segmentation_offload, HOST_STREAMS, HOST_WINDOW));
     Ok(config)
 }
 
