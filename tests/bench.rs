@@ -17,8 +17,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Flags of both hosts: room for the 1 GiB and 256 MiB agents.
-const HOST_FLAGS: [&str; 4] = ["--max-memory-mib", "2048", "--max-agents", "100000"];
+/// Flags of both hosts: room for the 1 GiB and 256 MiB agents, and for one user (the bench) to
+/// launch and park as fast and as many as it can.
+const HOST_FLAGS: [&str; 8] = [
+    "--max-memory-mib",
+    "2048",
+    "--max-agents",
+    "100000",
+    "--user-launches-per-sec",
+    "1000000",
+    "--user-max-parked",
+    "1000000",
+];
 
 /// Order statistics of a sample.
 struct Stats {

@@ -48,7 +48,13 @@ fn main() -> anyhow::Result<()> {
         unsafe { std::env::set_var("AGENT_BIN", exe.with_file_name("agent")) };
     }
     let wasm = example("search");
-    let max = ["--max-agents", "100000"];
+    // One user (the soak) launches as fast as agents end.
+    let max = [
+        "--max-agents",
+        "100000",
+        "--user-launches-per-sec",
+        "1000000",
+    ];
     let mut cluster = Cluster::start(&SITES, &[("siteA", &max), ("siteB", &max), ("siteC", &max)]);
     let pids: Vec<u32> = SITES.iter().map(|s| cluster.pid(s)).collect();
     let started = Instant::now();
@@ -76,7 +82,12 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let endings: HashMap<String, Ending> = runtime
         .block_on(async {
-            let client = Arc::new(cluster.client("siteA", "alice").await?);
+            // A launcher's stream stays open while it follows its agent, and a user's
+            // connection may have 256 open at once: one connection per 200 agents.
+            let mut clients = Vec::new();
+            for _ in 0..agents.div_ceil(200).max(1) {
+                clients.push(Arc::new(cluster.client("siteA", "alice").await?));
+            }
             let wasm = Arc::new(wasm);
             let slots = Arc::new(tokio::sync::Semaphore::new(agents as usize));
             let mut tasks = tokio::task::JoinSet::new();
@@ -89,8 +100,9 @@ fn main() -> anyhow::Result<()> {
                 let itinerary: Vec<String> = (0..hops)
                     .map(|i| SITES[((launched + i + 1) % 3) as usize].to_string())
                     .collect();
+                let client = clients[(launched % clients.len() as u64) as usize].clone();
                 launched += 1;
-                let (client, wasm) = (client.clone(), wasm.clone());
+                let wasm = wasm.clone();
                 tasks.spawn(async move {
                     let args = BTreeMap::from([
                         ("query".to_string(), "migration".to_string()),
