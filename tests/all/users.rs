@@ -357,6 +357,33 @@ fn bytes_a_user_sends_are_bounded_per_user_and_connections_per_user_are_capped()
 }
 
 #[test]
+fn a_request_that_stops_half_way_is_dropped_at_its_deadline() {
+    let cluster = Cluster::start(&["siteA"], &[("siteA", &[])]);
+    block_on(async {
+        let alice = cluster.client("siteA", "alice").await?;
+        let (mut send, mut recv) = alice.open_raw().await.map_err(anyhow::Error::msg)?;
+        // A request message of 100 bytes, of which 10 come.
+        send.write_all(&100u64.to_le_bytes()).await?;
+        send.write_all(&[0xa1; 10]).await?;
+        let answer = tokio::time::timeout(Duration::from_secs(120), recv.read_to_end(1024)).await;
+        assert!(
+            matches!(answer, Ok(Err(_)) | Ok(Ok(_))),
+            "the host still waits for the request"
+        );
+        alice.close().await;
+        anyhow::Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        cluster
+            .log("siteA")
+            .contains("request not whole within 10s"),
+        "{}",
+        cluster.log("siteA")
+    );
+}
+
+#[test]
 fn one_user_flooding_a_host_does_not_stop_anothers_agent() {
     let flags: &[&str] = &["--user-max-agents", "8", "--cpu-budget-secs", "3"];
     let cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", flags), ("siteB", &[])]);

@@ -225,6 +225,17 @@ impl Client {
         Ok(std::time::Duration::from_micros(micros))
     }
 
+    /// Opens a stream and sends nothing on it (for tests of the host's checks).
+    ///
+    /// # Errors
+    /// When the stream cannot be opened.
+    pub async fn open_raw(&self) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+        self.conn
+            .open_bi()
+            .await
+            .map_err(|e| self.explain(e.to_string()))
+    }
+
     /// Sends a raw request (for tests of the host's checks).
     ///
     /// # Errors

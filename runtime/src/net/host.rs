@@ -801,21 +801,8 @@ impl Host {
                 self.serve_offer(&peer, offered, stream).await
             }
             Request::Query { agent, seq } => {
-                let receiving = self
-                    .receiving
-                    .lock()
-                    .is_ok_and(|r| r.contains_key(&(agent, seq)));
-                // A committed transfer is committed even while its stream is being answered:
-                // a source that heard COMMITTED and asks at once must not hear IN PROGRESS.
-                let committed = receiving
-                    && (self.store.transfer(&agent, seq).ok().flatten())
-                        == Some(TransferStatus::Committed);
                 let reply = match peer.role {
-                    Role::Host if receiving && !committed => Ok(TransferStatus::InProgress),
-                    Role::Host => self
-                        .store
-                        .resolve_transfer(&agent, seq)
-                        .map_err(|e| e.to_string()),
+                    Role::Host => self.transfer_status(&agent, seq),
                     Role::User => Err("only hosts may query transfers".to_string()),
                 };
                 write_msg(&mut send, &reply).await
@@ -848,6 +835,22 @@ impl Host {
             tracing::info!(%peer, "stream ended: {e}");
         }
         let _ = send.finish();
+    }
+
+    /// What became of transfer (agent, seq) here, for its source.
+    fn transfer_status(&self, agent: &AgentId, seq: u64) -> Result<TransferStatus, String> {
+        let receiving = self
+            .receiving
+            .lock()
+            .is_ok_and(|r| r.contains_key(&(*agent, seq)));
+        // A committed transfer is committed even while its stream is being answered: a source
+        // that heard COMMITTED and asks at once must not hear IN PROGRESS.
+        let committed = receiving
+            && (self.store.transfer(agent, seq).ok().flatten()) == Some(TransferStatus::Committed);
+        if receiving && !committed {
+            return Ok(TransferStatus::InProgress);
+        }
+        (self.store.resolve_transfer(agent, seq)).map_err(|e| e.to_string())
     }
 
     /// Sends `bytes` of incompressible data to peer `to` over the connection hops use, the
@@ -2162,6 +2165,11 @@ impl Host {
         (offer, offered): (Offer, Instant),
         stream: Stream<'_>,
     ) -> Result<(), WireError> {
+        if peer.role != Role::Host {
+            // Refused for who sent it, before anything is looked up.
+            let refused = decide_offer(&offer, peer, &DestView::default());
+            return write_msg(stream.0, &refused).await;
+        }
         let status = self.store.transfer(&offer.agent, offer.seq).ok().flatten();
         let view = DestView {
             committed: status == Some(TransferStatus::Committed),
