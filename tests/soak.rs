@@ -33,6 +33,20 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// `text` without its terminal colour codes.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn arg(index: usize, default: u64) -> u64 {
     std::env::args()
         .nth(index)
@@ -101,6 +115,7 @@ fn main() -> anyhow::Result<()> {
                     .map(|i| SITES[((launched + i + 1) % 3) as usize].to_string())
                     .collect();
                 let client = clients[(launched % clients.len() as u64) as usize].clone();
+                let nth = launched;
                 launched += 1;
                 let wasm = wasm.clone();
                 tasks.spawn(async move {
@@ -108,7 +123,8 @@ fn main() -> anyhow::Result<()> {
                         ("query".to_string(), "migration".to_string()),
                         ("limit".to_string(), "1".to_string()),
                     ]);
-                    let mut id = String::new();
+                    // Until the host names the agent (a launch it never started has no id).
+                    let mut id = format!("(launch {nth}, never started)");
                     let last = client
                         .launch(&wasm, itinerary, args, &mut |event| {
                             if let LaunchEvent::Launched { agent, .. } = event {
@@ -166,6 +182,35 @@ fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     for s in SITES {
         cluster.stop(s);
+        // Why requests were refused or failed, by how often.
+        let mut why: BTreeMap<String, usize> = BTreeMap::new();
+        for line in cluster.log(s).lines() {
+            let plain = strip_ansi(line);
+            let noted = [
+                "refused",
+                "bad request",
+                "stream ended",
+                "not whole",
+                "busy",
+            ];
+            if noted.iter().any(|n| plain.contains(n)) {
+                let text = plain.split_once(": ").map_or(&*plain, |(_, t)| t);
+                *why.entry(text.chars().take(120).collect()).or_default() += 1;
+            }
+        }
+        let mut why: Vec<(String, usize)> = why.into_iter().collect();
+        why.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        for (text, n) in why.iter().take(5) {
+            println!("{s}: {n} x {text}");
+        }
+        // What held each host's memory, as it logged every minute.
+        for line in cluster.log(s).lines().filter(|l| l.contains("rss_mib")) {
+            let plain = strip_ansi(line);
+            println!(
+                "{s}: {}",
+                plain.split_once(" memory ").map_or(&*plain, |(_, l)| l)
+            );
+        }
     }
 
     // Journals: agent → site → visits recorded.

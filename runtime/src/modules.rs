@@ -127,6 +127,15 @@ impl ModuleCache {
         })
     }
 
+    /// Bytes and instances kept for the next agents of their modules.
+    pub fn kept(&self) -> (u64, u64) {
+        let (bytes, count) = self.idle_budget.left();
+        (
+            crate::recycle::BUDGET.saturating_sub(bytes),
+            crate::recycle::MAX_KEPT.saturating_sub(count),
+        )
+    }
+
     /// Drops the instances kept for the agents of each module that have waited
     /// [`crate::recycle::KEEP_FOR`] for one.
     pub fn expire_idle(&self) {

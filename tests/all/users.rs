@@ -357,6 +357,31 @@ fn bytes_a_user_sends_are_bounded_per_user_and_connections_per_user_are_capped()
 }
 
 #[test]
+fn many_launches_of_a_module_the_host_lacks_send_it_once() {
+    // Room for three modules arriving at once: fifty arriving together would not fit.
+    let flags: &[&str] = &["--user-inflight-mib", "1"];
+    let cluster = Cluster::start(&["siteA"], &[("siteA", flags)]);
+    let search = std::sync::Arc::new(example("search"));
+    block_on(async {
+        let alice = std::sync::Arc::new(cluster.client("siteA", "alice").await?);
+        let mut launches = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let (alice, search) = (alice.clone(), search.clone());
+            launches
+                .spawn(async move { start(&alice, &search, &[], args(&[("query", "x")])).await });
+        }
+        for launched in launches.join_all().await {
+            assert!(
+                matches!(launched, Ok(LaunchEvent::Launched { .. })),
+                "{launched:?}"
+            );
+        }
+        anyhow::Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
 fn a_request_that_stops_half_way_is_dropped_at_its_deadline() {
     let cluster = Cluster::start(&["siteA"], &[("siteA", &[])]);
     block_on(async {

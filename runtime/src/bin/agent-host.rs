@@ -341,6 +341,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 certs_dir.display()
             );
         }
+        tokio::spawn(log_memory(host.clone()));
         wait_for_signal().await;
         tracing::info!("shutting down: parking agents at their next safe point");
         host.shutdown(Duration::from_secs(10)).await;
@@ -361,6 +362,42 @@ fn make_dev_certs(dir: &Path, name: &str) -> anyhow::Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+/// How often a host logs what holds its memory.
+const MEMORY_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs, every [`MEMORY_LOG_EVERY`], the process's resident memory beside what the allocator
+/// holds and what the host keeps: the rest is agents' linear memories and fiber stacks
+/// (mapped by wasmtime, not allocated) and code.
+async fn log_memory(host: std::sync::Arc<Host>) {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    let mib = |bytes: usize| bytes >> 20;
+    loop {
+        tokio::time::sleep(MEMORY_LOG_EVERY).await;
+        let held = host.memory();
+        let _ = epoch::advance();
+        let rss_kib = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_owned();
+                line.split_whitespace().nth(1)?.parse::<usize>().ok()
+            })
+            .unwrap_or(0);
+        tracing::info!(
+            rss_mib = rss_kib >> 10,
+            allocated_mib = stats::allocated::read().map_or(0, mib),
+            allocator_resident_mib = stats::resident::read().map_or(0, mib),
+            running = held.running,
+            parked = held.parked,
+            homes = held.homes,
+            return_cache_mib = held.return_cache >> 20,
+            kept = held.kept,
+            kept_mib = held.kept_bytes >> 20,
+            inflight_mib = held.inflight >> 20,
+            "memory"
+        );
+    }
 }
 
 async fn wait_for_signal() {

@@ -107,6 +107,25 @@ pub struct HostConfig {
     pub user_limits: UserLimits,
 }
 
+/// What a host holds in memory ([`Host::memory`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostMemory {
+    /// Agents running (each with its instance: linear memory and fiber stack).
+    pub running: usize,
+    /// Agents parked asleep (an alarm each; their images are in the store).
+    pub parked: usize,
+    /// Agents launched here, whose records stay in memory.
+    pub homes: usize,
+    /// Bytes of pages kept for agents' return visits.
+    pub return_cache: u64,
+    /// Instances kept for the next agents of their modules, and their bytes.
+    pub kept: u64,
+    /// Bytes those kept instances hold.
+    pub kept_bytes: u64,
+    /// Bytes of requests arriving.
+    pub inflight: u64,
+}
+
 /// Why a host could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -311,6 +330,8 @@ pub struct Host {
     inflight: Arc<Budget>,
     /// One probe at a time: they measure the link, and would share it.
     probing: tokio::sync::Semaphore,
+    /// Modules being sent by a launcher, each by one at a time.
+    uploads: Mutex<HashMap<ModuleHash, Arc<tokio::sync::Mutex<()>>>>,
     /// The threads agents run on, apart from those serving requests.
     executor: AgentExecutor,
     /// Permits to restore parked agents that are due.
@@ -416,6 +437,7 @@ impl Host {
             quotas,
             inflight,
             probing: tokio::sync::Semaphore::new(1),
+            uploads: Mutex::default(),
             executor: AgentExecutor::new().map_err(err)?,
             waking: tokio::sync::Semaphore::new(WAKING_AT_ONCE),
             receiving: Mutex::default(),
@@ -445,6 +467,20 @@ impl Host {
     /// The site name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// What this host holds in memory, by what holds it (for its log).
+    pub fn memory(&self) -> HostMemory {
+        let (kept_bytes, kept) = self.modules.kept();
+        HostMemory {
+            running: self.residents.running(),
+            parked: self.residents.parked(),
+            homes: self.homes.lock().map_or(0, |h| h.len()),
+            return_cache: self.bases.lock().map_or(0, |b| b.used()),
+            kept,
+            kept_bytes,
+            inflight: self.inflight.held(),
+        }
     }
 
     /// Stops accepting work, parks every running agent at its next safe point, and closes.
@@ -928,7 +964,12 @@ impl Host {
         let module = match tokio::time::timeout(MODULE_DEADLINE, read).await {
             Ok(Ok(Ok(module))) => module,
             Ok(Ok(Err(refused))) => return write_msg(send, &LaunchEvent::Refused(refused)).await,
-            Ok(Err(e)) => return Err(e),
+            Ok(Err(e)) => {
+                // Told, in case the stream still carries it (a budget was full, say).
+                let why = format!("the module was not received: {e}");
+                let _ = write_msg(send, &LaunchEvent::Refused(why)).await;
+                return Err(e);
+            }
             Err(_) => {
                 let late = WireError::Late {
                     what: "module",
@@ -1057,17 +1098,52 @@ impl Host {
         recv: &mut quinn::RecvStream,
         inflight: &mut InFlight,
     ) -> Result<Result<Arc<AgentModule>, String>, WireError> {
-        if let Some(hash) = known {
-            // Held means kept, not only compiled: the agent must be restorable after a
-            // restart (a hop that admitted a module and then failed to keep it leaves it
-            // compiled only).
-            if self.store.has_module(&hash)
-                && let Ok(module) = self.module(&hash).await
-            {
+        let Some(hash) = known else {
+            return self.receive_module(None, recv, inflight).await;
+        };
+        if let Some(module) = self.held_module(&hash).await {
+            return Ok(Ok(module));
+        }
+        // One launcher at a time sends a module this host lacks; launches of it that come
+        // meanwhile wait for it instead of all sending it at once.
+        let turn = match self.uploads.lock() {
+            Ok(mut uploads) => uploads.entry(hash).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let received = async {
+            let _turn = turn.lock().await;
+            if let Some(module) = self.held_module(&hash).await {
                 return Ok(Ok(module));
             }
             write_msg(send, &LaunchEvent::SendModule).await?;
+            self.receive_module(known, recv, inflight).await
         }
+        .await;
+        if let Ok(mut uploads) = self.uploads.lock()
+            && Arc::strong_count(&turn) <= 2
+        {
+            uploads.remove(&hash);
+        }
+        received
+    }
+
+    /// The module of hash `hash` if this host holds it. Held means kept, not only compiled:
+    /// the agent must be restorable after a restart (a hop that admitted a module and then
+    /// failed to keep it leaves it compiled only).
+    async fn held_module(self: &Arc<Self>, hash: &ModuleHash) -> Option<Arc<AgentModule>> {
+        match self.store.has_module(hash) {
+            true => self.module(hash).await.ok(),
+            false => None,
+        }
+    }
+
+    /// Reads a launcher's module (of hash `known`, if it named one), admits and stores it.
+    async fn receive_module(
+        self: &Arc<Self>,
+        known: Option<ModuleHash>,
+        recv: &mut quinn::RecvStream,
+        inflight: &mut InFlight,
+    ) -> Result<Result<Arc<AgentModule>, String>, WireError> {
         let wasm = read_blob(recv, "module", self.config.max_module, inflight).await?;
         if let Some(hash) = known
             && ModuleHash::of(&wasm) != hash

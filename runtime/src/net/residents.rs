@@ -184,6 +184,11 @@ impl Residents {
         self.lock().running.len()
     }
 
+    /// How many agents are parked here.
+    pub fn parked(&self) -> usize {
+        self.lock().parked.len()
+    }
+
     /// How many agents `owner` has here.
     pub fn counts(&self, owner: &str) -> Counts {
         self.lock().owners.get(owner).copied().unwrap_or_default()
