@@ -327,6 +327,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )?,
     };
     let documents = corpus.len();
+    // Without its background threads jemalloc gives freed pages back only when the thread
+    // that freed them allocates again: a host whose load moved elsewhere kept them.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!("the allocator keeps freed memory until it is used again: {e}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
