@@ -46,6 +46,13 @@ async fn start(
         .await
 }
 
+fn assert_launched(event: &Result<LaunchEvent, String>) {
+    assert!(
+        matches!(event, Ok(LaunchEvent::Launched { .. })),
+        "{event:?}"
+    );
+}
+
 fn refusal(event: &Result<LaunchEvent, String>) -> String {
     match event {
         Ok(LaunchEvent::Refused(why)) => why.clone(),
@@ -211,10 +218,7 @@ fn launches_count_against_max_agents_and_each_users_share() {
         let long = args(&[("n", "1000000000")]);
         for _ in 0..2 {
             let launched = start(&alice, &spin, &[], long.clone()).await;
-            assert!(
-                matches!(launched, Ok(LaunchEvent::Launched { .. })),
-                "{launched:?}"
-            );
+            assert_launched(&launched);
         }
         let over = refusal(&start(&alice, &spin, &[], long.clone()).await);
         assert!(
@@ -246,10 +250,7 @@ fn launches_count_against_max_agents_and_each_users_share() {
         let bob = cluster.client("siteA", "bob").await?;
         for _ in 0..2 {
             let launched = start(&bob, &spin, &[], long.clone()).await;
-            assert!(
-                matches!(launched, Ok(LaunchEvent::Launched { .. })),
-                "{launched:?}"
-            );
+            assert_launched(&launched);
         }
         let full = refusal(&start(&bob, &spin, &[], no_args()).await);
         assert!(full.contains("siteA is full: 4 agents running"), "{full}");
@@ -282,10 +283,7 @@ fn a_user_launching_faster_than_its_rate_is_refused_naming_the_quota() {
         // Bob's allowance is his own.
         let bob = cluster.client("siteA", "bob").await?;
         let launched = start(&bob, &search, &[], query).await;
-        assert!(
-            matches!(launched, Ok(LaunchEvent::Launched { .. })),
-            "{launched:?}"
-        );
+        assert_launched(&launched);
         anyhow::Ok(())
     })
     .unwrap_or_else(|e| panic!("{e}"));
@@ -371,10 +369,7 @@ fn many_launches_of_a_module_the_host_lacks_send_it_once() {
                 .spawn(async move { start(&alice, &search, &[], args(&[("query", "x")])).await });
         }
         for launched in launches.join_all().await {
-            assert!(
-                matches!(launched, Ok(LaunchEvent::Launched { .. })),
-                "{launched:?}"
-            );
+            assert_launched(&launched);
         }
         anyhow::Ok(())
     })

@@ -1693,7 +1693,7 @@ impl Host {
             Err(e) => {
                 tracing::error!(agent = %id, "cannot wake, trying again in {WAKE_RETRY:?}: {e}");
                 let again = unix_ms().saturating_add(WAKE_RETRY.as_millis() as u64);
-                let parked = (self.residents).unwake(id, &flags, &owner, || self.alarm(id, again));
+                let parked = (self.residents).park(id, &flags, &owner, || self.alarm(id, again));
                 if !parked {
                     self.finish(id, home, hops, Err(AgentError::Killed.to_string()));
                 }

@@ -139,24 +139,6 @@ impl Residents {
         Some(owner)
     }
 
-    /// Moves an agent that could not be woken back to the parked ones with a new alarm;
-    /// `false` (it is forgotten instead) if it was killed meanwhile.
-    pub fn unwake(
-        &self,
-        id: AgentId,
-        flags: &AgentFlags,
-        owner: &str,
-        alarm: impl FnOnce() -> AbortHandle,
-    ) -> bool {
-        let mut inner = self.lock();
-        inner.remove_running(&id);
-        if flags.kill.load(Ordering::SeqCst) {
-            return false;
-        }
-        inner.insert_parked(id, owner, alarm());
-        true
-    }
-
     /// Finds `id` for a kill: a running agent's kill flag is set, a parked one is taken out.
     pub fn kill(&self, id: &AgentId) -> Found {
         let mut inner = self.lock();
@@ -253,7 +235,12 @@ mod tests {
         residents.enroll(id, "alice", flags.clone());
         assert!(matches!(residents.kill(&id), Found::Running));
         assert!(!residents.park(id, &flags, "alice", alarm));
-        assert!(!residents.unwake(id, &flags, "alice", alarm));
+        assert_eq!(
+            residents.counts("alice").running,
+            1,
+            "still running until it ends"
+        );
+        assert!(residents.forget(&id));
         assert_eq!(residents.counts("alice"), Counts::default());
         residents.set_alarm(id, "bob", alarm);
         assert!(matches!(residents.kill(&id), Found::Parked(_)));
