@@ -261,6 +261,30 @@ fn launches_count_against_max_agents_and_each_users_share() {
 }
 
 #[test]
+fn launches_made_at_once_get_no_more_places_than_the_users_share() {
+    let flags: &[&str] = &["--user-max-agents", "3"];
+    let cluster = Cluster::start(&["siteA"], &[("siteA", flags)]);
+    let spin = std::sync::Arc::new(example("spin"));
+    block_on(async {
+        let alice = std::sync::Arc::new(cluster.client("siteA", "alice").await?);
+        let mut launches = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (alice, spin) = (alice.clone(), spin.clone());
+            launches.spawn(
+                async move { start(&alice, &spin, &[], args(&[("n", "1000000000")])).await },
+            );
+        }
+        let results = launches.join_all().await;
+        let launched = (results.iter())
+            .filter(|r| matches!(r, Ok(LaunchEvent::Launched { .. })))
+            .count();
+        assert_eq!(launched, 3, "{results:?}");
+        anyhow::Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
 fn a_user_launching_faster_than_its_rate_is_refused_naming_the_quota() {
     let flags: &[&str] = &["--user-launches-per-sec", "3"];
     let cluster = Cluster::start(&["siteA"], &[("siteA", flags)]);

@@ -19,7 +19,7 @@ use super::messages::{
 use super::outgoing::{Outgoing, write_blob_passing, write_image};
 use super::peers::Peers;
 use super::quota::{HOST_STREAMS, HOST_WINDOW, OverQuota, Quotas, UserLimits};
-use super::residents::{Found, Residents};
+use super::residents::{Found, Full, Reserved, Residents};
 use super::spare::Spare;
 use super::store::{AgentRecord, CallEntry, HomeRow, HomeWrite, HostStore, PendingReport, Resume};
 use super::tls::{self, Credentials};
@@ -70,6 +70,10 @@ pub const PARK_AFTER: Duration = Duration::from_secs(1);
 /// How long a host waits before it tries again to wake an agent whose image it could not
 /// restore (it stays parked meanwhile, and a kill still reaches it).
 const WAKE_RETRY: Duration = Duration::from_secs(30);
+
+/// How long a due agent whose owner runs as many agents as a user may stays parked before it
+/// tries again.
+const WAKE_DEFERRED: Duration = Duration::from_secs(1);
 
 /// Parked agents restored at once.
 const WAKING_AT_ONCE: usize = 4;
@@ -330,8 +334,8 @@ pub struct Host {
     inflight: Arc<Budget>,
     /// One probe at a time: they measure the link, and would share it.
     probing: tokio::sync::Semaphore,
-    /// Modules being sent by a launcher, each by one at a time.
-    uploads: Mutex<HashMap<ModuleHash, Arc<tokio::sync::Mutex<()>>>>,
+    /// Modules being sent by launchers: each user sends each one once at a time.
+    uploads: Mutex<Uploads>,
     /// The threads agents run on, apart from those serving requests.
     executor: AgentExecutor,
     /// Permits to restore parked agents that are due.
@@ -355,6 +359,52 @@ pub struct Host {
     trimmer: Arc<Trimmer>,
     /// The receive buffer of the last large arrival, for the next one.
     spare: Arc<Spare>,
+}
+
+/// The queues of launches sending a module, by user and module ([`UploadTurn`]).
+type Uploads = HashMap<(String, ModuleHash), Arc<tokio::sync::Mutex<()>>>;
+
+/// A launch's place in the queue of those sending one module ([`Host::launch_module`]). The
+/// queue's entry goes with its last member, however that one ends (a deadline may drop it).
+struct UploadTurn<'a> {
+    host: &'a Host,
+    key: (String, ModuleHash),
+    turn: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl<'a> UploadTurn<'a> {
+    fn new(host: &'a Host, key: (String, ModuleHash)) -> Self {
+        let turn = match host.uploads.lock() {
+            Ok(mut uploads) => uploads.entry(key.clone()).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        UploadTurn {
+            host,
+            key,
+            turn: Some(turn),
+        }
+    }
+
+    /// Waits until the launches before this one are done.
+    async fn wait(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.turn {
+            Some(turn) => Some(turn.lock().await),
+            None => None,
+        }
+    }
+}
+
+impl Drop for UploadTurn<'_> {
+    fn drop(&mut self) {
+        drop(self.turn.take());
+        if let Ok(mut uploads) = self.host.uploads.lock()
+            && uploads
+                .get(&self.key)
+                .is_some_and(|t| Arc::strong_count(t) == 1)
+        {
+            uploads.remove(&self.key);
+        }
+    }
 }
 
 /// One request's stream: its two halves and the charge of the bytes it brought.
@@ -729,16 +779,20 @@ impl Host {
                 return conn.close(1u32.into(), b"no usable certificate");
             }
         };
-        let (user, budgets) = match peer.role {
+        // A request's first message is charged to its sender's budget only, so that bytes
+        // filling the host's budget (images, modules) cannot stop `status` or `kill`.
+        let (user, first, budgets) = match peer.role {
             Role::Host => {
                 conn.set_max_concurrent_bi_streams(HOST_STREAMS.into());
                 conn.set_receive_window(HOST_WINDOW.into());
-                (None, vec![self.inflight.clone()])
+                let host = vec![self.inflight.clone()];
+                (None, host.clone(), host)
             }
             Role::User => match self.quotas.connect(&peer.name) {
                 Ok(user) => {
+                    let first = vec![user.inflight.clone()];
                     let budgets = vec![self.inflight.clone(), user.inflight.clone()];
-                    (Some(user), budgets)
+                    (Some(user), first, budgets)
                 }
                 Err(over) => {
                     tracing::info!(%peer, "refused a connection: {over}");
@@ -748,7 +802,7 @@ impl Host {
         };
         while let Ok((send, recv)) = conn.accept_bi().await {
             let from = (peer.clone(), conn.rtt());
-            let inflight = InFlight::new(budgets.clone());
+            let inflight = (InFlight::new(first.clone()), InFlight::new(budgets.clone()));
             tokio::spawn(self.clone().serve_stream(from, inflight, send, recv));
         }
         drop(user);
@@ -772,15 +826,16 @@ impl Host {
     }
 
     /// Answers one request of `peer`, whose connection's round-trip time was `rtt`; what it
-    /// sends is charged to `inflight` while it is held.
+    /// sends is charged while it is held: its first message to `first`, the rest to
+    /// `inflight`.
     async fn serve_stream(
         self: Arc<Self>,
         (peer, rtt): (Identity, Duration),
-        mut inflight: InFlight,
+        (mut first, mut inflight): (InFlight, InFlight),
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let read = read_msg_charged(&mut recv, &mut inflight);
+        let read = read_msg_charged(&mut recv, &mut first);
         let request: Request = match tokio::time::timeout(REQUEST_DEADLINE, read).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return tracing::info!(%peer, "bad request: {e}"),
@@ -790,7 +845,7 @@ impl Host {
             }
         };
         // The request's message is decoded: its bytes are no longer held.
-        inflight.release();
+        drop(first);
         let result = match request {
             Request::Launch { itinerary, args } => {
                 let launch = (None, itinerary, args);
@@ -956,11 +1011,15 @@ impl Host {
             )
             .await;
         }
-        if let Err(over) = self.may_launch(&peer.name) {
-            tracing::info!(%peer, "refused a launch: {over}");
-            return write_msg(send, &LaunchEvent::Refused(over.to_string())).await;
-        }
-        let read = self.launch_module(known, send, recv, inflight);
+        // A place for the agent, held from here until it runs (or the launch fails).
+        let place = match self.may_launch(&peer.name) {
+            Ok(place) => place,
+            Err(over) => {
+                tracing::info!(%peer, "refused a launch: {over}");
+                return write_msg(send, &LaunchEvent::Refused(over.to_string())).await;
+            }
+        };
+        let read = self.launch_module(&peer.name, known, send, recv, inflight);
         let module = match tokio::time::timeout(MODULE_DEADLINE, read).await {
             Ok(Ok(Ok(module))) => module,
             Ok(Ok(Err(refused))) => return write_msg(send, &LaunchEvent::Refused(refused)).await,
@@ -1037,6 +1096,8 @@ impl Host {
                 },
             ),
         }
+        // The agent runs (and is counted as running) or has ended.
+        drop(place);
         // Stream events until the end; if the user goes away the agent runs on. A launcher
         // that stops reading frees its stream at once (it may launch thousands).
         loop {
@@ -1061,31 +1122,26 @@ impl Host {
         Ok(())
     }
 
-    /// Whether `user` may launch an agent here now: within its launch rate and its share of
-    /// running agents, and the host not full.
-    fn may_launch(&self, user: &str) -> Result<(), OverQuota> {
-        let running = self.residents.running();
-        if running >= self.config.max_agents {
-            return Err(OverQuota::HostFull {
-                site: self.config.name.clone(),
-                running,
-            });
-        }
-        self.may_run(user)?;
-        self.quotas.launch(user)
+    /// A place for an agent `user` launches here now: within its launch rate and its share
+    /// of running agents, and the host not full.
+    fn may_launch(&self, user: &str) -> Result<Reserved<'_>, OverQuota> {
+        let place = self.reserve(user)?;
+        self.quotas.launch(user)?;
+        Ok(place)
     }
 
-    /// Whether one more agent of `user` may run here.
-    fn may_run(&self, user: &str) -> Result<(), OverQuota> {
-        let running = self.residents.counts(user).running;
-        if running >= self.quotas.limits().running {
-            return Err(OverQuota::Running {
+    /// A place for one more running agent of `user`, within the host's and the user's limits.
+    fn reserve(&self, user: &str) -> Result<Reserved<'_>, OverQuota> {
+        let (most, most_each) = (self.config.max_agents, self.quotas.limits().running);
+        let site = self.config.name.clone();
+        (self.residents.reserve(user, most, most_each)).map_err(|full| match full {
+            Full::Host(running) => OverQuota::HostFull { site, running },
+            Full::Owner(running) => OverQuota::Running {
                 user: user.to_string(),
-                site: self.config.name.clone(),
+                site,
                 running,
-            });
-        }
-        Ok(())
+            },
+        })
     }
 
     /// The module of a launch: the one held here under the hash `known` names, or else the
@@ -1093,6 +1149,7 @@ impl Host {
     /// hash), admitted and stored. The inner error says why the launch is refused.
     async fn launch_module(
         self: &Arc<Self>,
+        user: &str,
         known: Option<ModuleHash>,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
@@ -1104,27 +1161,16 @@ impl Host {
         if let Some(module) = self.held_module(&hash).await {
             return Ok(Ok(module));
         }
-        // One launcher at a time sends a module this host lacks; launches of it that come
-        // meanwhile wait for it instead of all sending it at once.
-        let turn = match self.uploads.lock() {
-            Ok(mut uploads) => uploads.entry(hash).or_default().clone(),
-            Err(_) => Arc::default(),
-        };
-        let received = async {
-            let _turn = turn.lock().await;
-            if let Some(module) = self.held_module(&hash).await {
-                return Ok(Ok(module));
-            }
-            write_msg(send, &LaunchEvent::SendModule).await?;
-            self.receive_module(known, recv, inflight).await
+        // One launch of a user at a time sends a module this host lacks; the user's launches
+        // of it that come meanwhile wait for it instead of all sending it at once. (Per user:
+        // one user's slow upload holds up no other user's.)
+        let turn = UploadTurn::new(self, (user.to_string(), hash));
+        let _turn = turn.wait().await;
+        if let Some(module) = self.held_module(&hash).await {
+            return Ok(Ok(module));
         }
-        .await;
-        if let Ok(mut uploads) = self.uploads.lock()
-            && Arc::strong_count(&turn) <= 2
-        {
-            uploads.remove(&hash);
-        }
-        received
+        write_msg(send, &LaunchEvent::SendModule).await?;
+        self.receive_module(known, recv, inflight).await
     }
 
     /// The module of hash `hash` if this host holds it. Held means kept, not only compiled:
@@ -1659,6 +1705,14 @@ impl Host {
         let Ok(_permit) = self.waking.acquire().await else {
             return;
         };
+        if let Some(owner) = self.residents.parked_owner(&id)
+            && self.residents.counts(&owner).running >= self.quotas.limits().running
+        {
+            // Its owner runs as many agents here as a user may: it stays parked a while
+            // longer, and the other users' agents that are due wake meanwhile.
+            let again = unix_ms().saturating_add(WAKE_DEFERRED.as_millis() as u64);
+            return self.set_alarm(id, &owner, again);
+        }
         while self.residents.running() >= self.config.max_agents
             && !self.shutting_down.load(Ordering::SeqCst)
         {
@@ -2265,6 +2319,15 @@ impl Host {
             max_module: self.config.max_module,
         };
         let mut reply = decide_offer(&offer, peer, &view);
+        // A place for the agent, held until it is enrolled at its commit (or the transfer
+        // ends): offers decided meanwhile count it.
+        let mut place = None;
+        if matches!(reply, OfferReply::Accept { .. }) {
+            match self.reserve(&offer.owner) {
+                Ok(held) => place = Some(held),
+                Err(over) => reply = OfferReply::Refuse(over.to_string()),
+            }
+        }
         // Held from the answer to the end of the transfer: the image may leave out its pages.
         let mut held = None;
         if let OfferReply::Accept { base, .. } = &mut reply {
@@ -2278,8 +2341,9 @@ impl Host {
         let receiving = (matches!(reply, OfferReply::Accept { .. }))
             .then(|| Receiving::start(self, (offer.agent, offer.seq)));
         let answer = (&reply, offered, receiving);
-        self.receive_offered(peer, &offer, answer, held.as_deref(), stream)
-            .await
+        let received = (self.receive_offered(peer, &offer, answer, held.as_deref(), stream)).await;
+        drop(place);
+        received
     }
 
     /// The destination side after the decision on the offer (`reply`, when the offer was

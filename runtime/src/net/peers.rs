@@ -284,19 +284,17 @@ async fn redial_until_up(
             .state
             .lock()
             .map_or(true, |s| s.live().is_some() || s.failed == 0);
-        if up {
-            break;
+        let done = up || {
+            let dialled = dial(&endpoint, &site, addr).await;
+            settle(&slot, &site, &dialled);
+            dialled.as_ref().map_or_else(|e| e == STOPPING, |_| true)
+        };
+        if done {
+            // Still holding the dial: no dial can fail between this and a new redial's start.
+            if let Ok(mut state) = slot.state.lock() {
+                state.redialling = false;
+            }
+            return;
         }
-        let dialled = dial(&endpoint, &site, addr).await;
-        let stopping = dialled.as_ref().err().is_some_and(|e| e == STOPPING);
-        settle(&slot, &site, &dialled);
-        if dialled.is_ok() || stopping {
-            break;
-        }
-    }
-    if let Some(slot) = slot.upgrade()
-        && let Ok(mut state) = slot.state.lock()
-    {
-        state.redialling = false;
     }
 }

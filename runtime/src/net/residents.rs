@@ -38,6 +38,8 @@ pub struct Residents {
 #[derive(Default)]
 struct Inner {
     running: HashMap<AgentId, (Arc<AgentFlags>, Arc<str>)>,
+    /// Places held for agents being launched or arriving ([`Reserved`]), counted as running.
+    reserved: usize,
     parked: HashMap<AgentId, (AbortHandle, Arc<str>)>,
     owners: HashMap<Arc<str>, Counts>,
 }
@@ -90,10 +92,69 @@ impl Inner {
     }
 }
 
+/// Why there is no place for one more agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Full {
+    /// The host runs this many, its most.
+    Host(usize),
+    /// The owner runs this many, its most.
+    Owner(usize),
+}
+
+/// A place held for an agent being launched or arriving, from the check that it may run here
+/// until it is enrolled (or given up): checks made meanwhile count it.
+pub struct Reserved<'a> {
+    residents: &'a Residents,
+    owner: Arc<str>,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.residents.lock();
+        inner.reserved -= 1;
+        inner.counted(&self.owner, |c| c.running -= 1);
+    }
+}
+
 impl Residents {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every change under the lock is a few map operations that cannot panic halfway.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds a place for one more agent of `owner`, if the host runs fewer than `most` and
+    /// the owner fewer than `most_each` (places held count as running).
+    ///
+    /// # Errors
+    /// [`Full`] says which limit is reached.
+    pub fn reserve(
+        &self,
+        owner: &str,
+        most: usize,
+        most_each: usize,
+    ) -> Result<Reserved<'_>, Full> {
+        let mut inner = self.lock();
+        let running = inner.running.len() + inner.reserved;
+        if running >= most {
+            return Err(Full::Host(running));
+        }
+        let (owner, counts) = inner.owner(owner);
+        if counts.running >= most_each {
+            let running = counts.running;
+            inner.counted(&owner, |_| {});
+            return Err(Full::Owner(running));
+        }
+        counts.running += 1;
+        inner.reserved += 1;
+        Ok(Reserved {
+            residents: self,
+            owner,
+        })
+    }
+
+    /// The owner of a parked agent.
+    pub fn parked_owner(&self, id: &AgentId) -> Option<Arc<str>> {
+        self.lock().parked.get(id).map(|(_, owner)| owner.clone())
     }
 
     /// Counts `id` as running for `owner`.
@@ -161,9 +222,10 @@ impl Residents {
             .collect()
     }
 
-    /// How many agents run here.
+    /// How many agents run here, places held for those coming included.
     pub fn running(&self) -> usize {
-        self.lock().running.len()
+        let inner = self.lock();
+        inner.running.len() + inner.reserved
     }
 
     /// How many agents are parked here.
@@ -225,6 +287,23 @@ mod tests {
         assert!(residents.forget(&a) && residents.forget(&b));
         assert_eq!(residents.counts("alice"), Counts::default());
         assert_eq!(residents.counts("bob"), Counts::default());
+    }
+
+    #[test]
+    fn a_place_held_counts_until_given_up_and_limits_host_and_owner() {
+        let residents = Residents::default();
+        let a = residents.reserve("alice", 3, 2);
+        let b = residents.reserve("alice", 3, 2);
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(residents.reserve("alice", 3, 2).err(), Some(Full::Owner(2)));
+        let c = residents.reserve("bob", 3, 2);
+        assert!(c.is_ok());
+        assert_eq!(residents.reserve("bob", 3, 2).err(), Some(Full::Host(3)));
+        assert_eq!(residents.running(), 3);
+        drop((a, b, c));
+        assert_eq!(residents.running(), 0);
+        assert_eq!(residents.counts("alice"), Counts::default());
+        assert_eq!(residents.counts("carol"), Counts::default());
     }
 
     #[tokio::test]
