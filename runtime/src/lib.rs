@@ -20,6 +20,7 @@ pub mod builder;
 pub mod context;
 pub mod cpu;
 mod direct;
+pub mod driver;
 pub mod engine;
 pub mod faults;
 mod host_abi;

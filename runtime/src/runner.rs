@@ -199,7 +199,9 @@ impl LocalRunner {
                 }
                 Ok(Step::Finished(outcome)) => {
                     report.outcome = match outcome {
-                        Outcome::Ok(bytes) => cbor_to_json(&bytes).map_err(AgentError::Abi),
+                        Outcome::Ok(bytes) => {
+                            cbor_to_json(&bytes).map_err(|e| AgentError::Abi(e.to_string()))
+                        }
                         Outcome::Err(why) => Err(AgentError::Failed(why)),
                         Outcome::Panicked(why) => Err(AgentError::Panicked(why)),
                     };
@@ -350,8 +352,20 @@ fn forward_log(agent: &AgentInstance, on_event: &mut (dyn FnMut(&RunEvent) + Sen
 ///
 /// # Errors
 /// When the bytes are not CBOR or have no JSON form (e.g. non-text map keys).
-pub fn cbor_to_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
+pub fn cbor_to_json(bytes: &[u8]) -> Result<serde_json::Value, ResultError> {
     let value: ciborium::Value = ciborium::de::from_reader_with_recursion_limit(bytes, 128)
-        .map_err(|e| format!("the agent's result is not valid CBOR: {e}"))?;
-    serde_json::to_value(&value).map_err(|e| format!("the agent's result has no JSON form: {e}"))
+        .map_err(|e| ResultError::NotCbor(e.to_string()))?;
+    serde_json::to_value(&value).map_err(ResultError::NoJson)
+}
+
+/// Why an agent's result cannot be shown as JSON.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultError {
+    /// The bytes are not CBOR (the decoder's error is generic over the reader, so its text
+    /// is kept).
+    #[error("the agent's result is not valid CBOR: {0}")]
+    NotCbor(String),
+    /// The value has no JSON form (e.g. non-text map keys).
+    #[error("the agent's result has no JSON form: {0}")]
+    NoJson(#[source] serde_json::Error),
 }

@@ -2,7 +2,10 @@
 
 use crate::base::BaseList;
 use crate::context::AgentId;
+use crate::instance::AgentError;
+use crate::limits::LimitExceeded;
 use crate::modules::ModuleHash;
+use agent_abi::Outcome;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -37,7 +40,7 @@ pub enum Request {
     /// User → home host: the user's agents. Answered with [`ListReply`].
     List,
     /// User → home host, or home host → current host: stop an agent. Answered with
-    /// `Result<(), String>`.
+    /// [`Reply<()>`].
     Kill {
         /// The agent.
         agent: AgentId,
@@ -47,7 +50,7 @@ pub enum Request {
     /// that commits without it refuses this request instead of misreading it.)
     Hop(Offer),
     /// Host → host: what became of a transfer whose answer was lost. Answered with
-    /// [`TransferStatus`].
+    /// [`Reply<TransferStatus>`].
     Query {
         /// The agent.
         agent: AgentId,
@@ -62,7 +65,7 @@ pub enum Request {
         event: LaunchEvent,
     },
     /// User → host: send `bytes` of incompressible data to peer `to` the way an image
-    /// travels, and say how long it took (µs). Answered with `Result<u64, String>`. The
+    /// travels, and say how long it took (µs). Answered with [`Reply<u64>`]. The
     /// baseline a hop's transfer is measured against.
     Probe {
         /// The peer.
@@ -71,7 +74,7 @@ pub enum Request {
         bytes: u64,
     },
     /// Host → host: a probe's data follows as a blob; read and drop it. Answered with
-    /// `Result<u64, String>` (the bytes received).
+    /// [`Reply<u64>`] (the bytes received).
     Sink,
 }
 
@@ -90,7 +93,7 @@ pub struct Offer {
     pub memory_bytes: u64,
     /// Image size in bytes.
     pub image_bytes: u64,
-    /// The agent ABI version it was built for.
+    /// The source host's agent ABI version (a destination runs only agents of its own).
     pub abi: u32,
     /// Who owns it.
     pub owner: String,
@@ -269,26 +272,187 @@ pub enum LaunchEvent {
         site: String,
         /// Hops it made, so the home can wait for reports of hops still on their way.
         hops: u64,
-        /// CBOR of its result, or why it failed.
-        #[serde(with = "outcome_bytes")]
-        outcome: Result<Vec<u8>, String>,
+        /// How it ended.
+        outcome: AgentEnd,
     },
 }
 
-mod outcome_bytes {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+/// How an agent ended: data, so that nobody recognises a kill or a limit from a message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentEnd {
+    /// It returned: CBOR of its result.
+    Finished(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// It returned an error.
+    Failed(String),
+    /// It panicked.
+    Panicked(String),
+    /// Its owner killed it.
+    Killed,
+    /// It tried to grow its memory past the limit.
+    OutOfMemory {
+        /// The limit in bytes.
+        limit: u64,
+        /// The size it asked for, in bytes.
+        wanted: u64,
+    },
+    /// It used up its CPU budget.
+    OutOfCpu {
+        /// The budget.
+        budget: std::time::Duration,
+    },
+    /// It recursed too deep.
+    StackOverflow,
+    /// It trapped, broke the ABI, or could not be restored or instantiated: why.
+    Broken(String),
+}
 
-    pub fn serialize<S: Serializer>(v: &Result<Vec<u8>, String>, s: S) -> Result<S::Ok, S::Error> {
-        v.as_ref().map(|b| serde_bytes::Bytes::new(b)).serialize(s)
+impl AgentEnd {
+    /// Its result, if it finished.
+    pub fn result(&self) -> Option<&[u8]> {
+        match self {
+            AgentEnd::Finished(bytes) => Some(bytes),
+            _ => None,
+        }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Result<Vec<u8>, String>, D::Error> {
-        let v: Result<serde_bytes::ByteBuf, String> = Deserialize::deserialize(d)?;
-        Ok(v.map(serde_bytes::ByteBuf::into_vec))
+    /// The state it leaves its agent in.
+    pub fn state(&self) -> AgentState {
+        match self {
+            AgentEnd::Finished(_) => AgentState::Finished,
+            AgentEnd::Killed => AgentState::Killed,
+            _ => AgentState::Failed,
+        }
+    }
+
+    /// Why it did not finish (the agent's error as the runtime says it), if it did not.
+    pub fn error(&self) -> Option<String> {
+        let error = match self {
+            AgentEnd::Finished(_) => return None,
+            AgentEnd::Failed(why) => AgentError::Failed(why.clone()),
+            AgentEnd::Panicked(why) => AgentError::Panicked(why.clone()),
+            AgentEnd::Killed => AgentError::Killed,
+            AgentEnd::OutOfMemory { limit, wanted } => AgentError::Limit(LimitExceeded::Memory {
+                limit: *limit,
+                wanted: *wanted,
+            }),
+            AgentEnd::OutOfCpu { budget } => {
+                AgentError::Limit(LimitExceeded::Cpu { budget: *budget })
+            }
+            AgentEnd::StackOverflow => AgentError::StackOverflow,
+            AgentEnd::Broken(why) => return Some(why.clone()),
+        };
+        Some(error.to_string())
     }
 }
+
+impl From<&AgentError> for AgentEnd {
+    fn from(error: &AgentError) -> AgentEnd {
+        match error {
+            AgentError::Failed(why) => AgentEnd::Failed(why.clone()),
+            AgentError::Panicked(why) => AgentEnd::Panicked(why.clone()),
+            AgentError::Killed => AgentEnd::Killed,
+            AgentError::Limit(LimitExceeded::Memory { limit, wanted }) => AgentEnd::OutOfMemory {
+                limit: *limit,
+                wanted: *wanted,
+            },
+            AgentError::Limit(LimitExceeded::Cpu { budget }) => {
+                AgentEnd::OutOfCpu { budget: *budget }
+            }
+            AgentError::StackOverflow => AgentEnd::StackOverflow,
+            other => AgentEnd::Broken(other.to_string()),
+        }
+    }
+}
+
+impl From<Outcome> for AgentEnd {
+    fn from(outcome: Outcome) -> AgentEnd {
+        match outcome {
+            Outcome::Ok(bytes) => AgentEnd::Finished(bytes),
+            Outcome::Err(why) => AgentEnd::Failed(why),
+            Outcome::Panicked(why) => AgentEnd::Panicked(why),
+        }
+    }
+}
+
+/// Where an agent is in its life, as its home host knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    /// It runs, sleeps or travels.
+    Running,
+    /// It returned a result.
+    Finished,
+    /// It failed: an error, a panic, a trap or a limit.
+    Failed,
+    /// Its owner killed it.
+    Killed,
+}
+
+impl AgentState {
+    /// How the CLI and the JSON views name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Running => "running",
+            AgentState::Finished => "finished",
+            AgentState::Failed => "failed",
+            AgentState::Killed => "killed",
+        }
+    }
+}
+
+impl std::fmt::Display for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a host refused a request, carried over the wire: callers match on the kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    /// The home host has no agent of that id launched by the asker.
+    #[error("no agent {0} of yours here")]
+    NotYours(AgentId),
+    /// The agent is not running anywhere this host knows of.
+    #[error("agent {0} is not running")]
+    NotRunning(AgentId),
+    /// A request only hosts may make.
+    #[error("only hosts {0}")]
+    OnlyHosts(String),
+    /// A request only users may make.
+    #[error("only users {0}")]
+    OnlyUsers(String),
+    /// A site this host has no address for.
+    #[error("unknown site `{0}`")]
+    UnknownSite(String),
+    /// A probe larger than the largest image.
+    #[error("a probe may send at most {max} bytes (the largest image)")]
+    ProbeTooLarge {
+        /// The largest image, in bytes.
+        max: u64,
+    },
+    /// Another probe is running on the host.
+    #[error("another probe is running on {0}; try again once it ended")]
+    Probing(String),
+    /// A peer received less of a probe than was sent.
+    #[error("{site} received {received} of {sent} bytes")]
+    Short {
+        /// The peer.
+        site: String,
+        /// Bytes it received.
+        received: u64,
+        /// Bytes sent.
+        sent: u64,
+    },
+    /// A peer the request needed could not be asked, or its stream broke.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The host's store failed.
+    #[error("{0}")]
+    Store(String),
+}
+
+/// A host's answer to a request that may be refused.
+pub type Reply<T> = Result<T, Refusal>;
 
 /// An agent's record on its home host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,8 +463,8 @@ pub struct StatusReply {
     pub owner: String,
     /// Where it was last seen.
     pub site: String,
-    /// `running`, `finished`, `failed` or `killed`.
-    pub state: String,
+    /// Where it is in its life.
+    pub state: AgentState,
     /// Hops so far.
     pub hops: Vec<HopInfo>,
     /// The result as JSON text, once it finished.

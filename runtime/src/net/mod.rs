@@ -1,7 +1,6 @@
 //! Hosts over the network: certificates, mutually authenticated QUIC, the hop protocol, the
 //! durable store, the host itself and the user's client.
 
-mod arriving;
 mod batch;
 pub mod budget;
 pub mod certs;
@@ -10,12 +9,10 @@ mod executor;
 pub mod hop;
 pub mod host;
 pub mod messages;
-mod outgoing;
 mod peers;
 pub mod quota;
 mod residents;
 mod socket;
-mod spare;
 pub mod store;
 pub mod tls;
 mod trim;

@@ -1235,7 +1235,7 @@ mod tests {
             agent: AgentId([9; 16]),
             owner: "alice".into(),
             site: format!("site{n}"),
-            state: "running".into(),
+            state: crate::net::messages::AgentState::Running,
             hops: Vec::new(),
             result: None,
             error: None,
@@ -1249,7 +1249,7 @@ mod tests {
         let end = LaunchEvent::Finished {
             site: "siteC".into(),
             hops: 2,
-            outcome: Ok(vec![0xf5]),
+            outcome: crate::net::messages::AgentEnd::Finished(vec![0xf5]),
         };
         let held = HomeRow {
             status: home_status(1),

@@ -3,7 +3,9 @@
 use agent_runtime::AgentId;
 use agent_runtime::net::certs::{self, Role};
 use agent_runtime::net::client::{Client, HostAddr};
-use agent_runtime::net::messages::{Asleep, HopInfo, LaunchEvent, StatusReply, unix_ms};
+use agent_runtime::net::messages::{
+    AgentState, Asleep, HopInfo, LaunchEvent, StatusReply, unix_ms,
+};
 use agent_runtime::net::tls::Credentials;
 use agent_runtime::runner::cbor_to_json;
 use anyhow::{Context as _, bail};
@@ -78,15 +80,11 @@ fn only_user(dir: &Path) -> anyhow::Result<String> {
 /// Whether an agent's last event says it succeeded, its result, and its error.
 fn outcome_of(last: &LaunchEvent) -> (bool, Option<serde_json::Value>, Option<String>) {
     match last {
-        LaunchEvent::Finished {
-            outcome: Ok(bytes), ..
-        } => match cbor_to_json(bytes) {
-            Ok(v) => (true, Some(v), None),
-            Err(e) => (false, None, Some(e)),
+        LaunchEvent::Finished { outcome, .. } => match outcome.result().map(cbor_to_json) {
+            Some(Ok(v)) => (true, Some(v), None),
+            Some(Err(e)) => (false, None, Some(e.to_string())),
+            None => (false, None, outcome.error()),
         },
-        LaunchEvent::Finished {
-            outcome: Err(e), ..
-        } => (false, None, Some(e.clone())),
         LaunchEvent::Refused(why) => (false, None, Some(format!("launch refused: {why}"))),
         other => (false, None, Some(format!("unexpected end: {other:?}"))),
     }
@@ -104,7 +102,7 @@ async fn follow(conn: &Connection, agent: &str) -> anyhow::Result<StatusReply> {
         let status = client.status(id).await;
         client.close().await;
         match status {
-            Ok(status) if status.state != "running" => return Ok(status),
+            Ok(status) if status.state != AgentState::Running => return Ok(status),
             Ok(_) => {}
             Err(e) if e.contains("no agent") => bail!("{e}"),
             Err(_) => {}
@@ -249,7 +247,7 @@ pub async fn launch(
                 .as_deref()
                 .map(serde_json::from_str)
                 .transpose()?;
-            (status.state == "finished", result, status.error)
+            (status.state == AgentState::Finished, result, status.error)
         }
         (Err(e), None) => return Err(e),
     };
@@ -351,7 +349,7 @@ fn asleep(s: &StatusReply) -> Option<&Asleep> {
     let now = unix_ms();
     s.sleeping
         .as_ref()
-        .filter(|a| s.state == "running" && a.until_ms > now)
+        .filter(|a| s.state == AgentState::Running && a.until_ms > now)
 }
 
 fn print_status(s: &StatusReply) {

@@ -8,8 +8,8 @@
 //! failure; once DEPARTED may have reached the destination, the source never guesses: it asks
 //! the destination what became of the transfer (agent id, hop seq) until it learns.
 
-use super::certs::{Identity, Role};
-use super::messages::{Offer, OfferReply, TransferReply, TransferStatus};
+use crate::net::certs::{Identity, Role};
+use crate::net::messages::{Offer, OfferReply, TransferReply, TransferStatus};
 use agent_abi::HopError;
 
 /// What the source must do next.

@@ -1,8 +1,8 @@
 //! The image a hop sends, and how it goes on the wire.
 
-use super::wire::{WireError, write_blob_parts};
 use crate::faults::crash_point;
 use crate::image::{Encoded, InPlace};
+use crate::net::wire::{WireError, write_blob_parts};
 use std::sync::Arc;
 
 /// The image of a hop: encoded into buffers of its own, or read in place from the memory of

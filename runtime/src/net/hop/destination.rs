@@ -1,0 +1,447 @@
+use crate::base::{Base, Binding, WORTH_A_BASE};
+use crate::context::{AgentContext, AgentId};
+use crate::faults::crash_point;
+use crate::image::{AgentImage, ImageError, Unverified};
+use crate::instance::AgentInstance;
+use crate::modules::ModuleHash;
+use crate::net::budget::InFlight;
+use crate::net::certs::{Identity, Role};
+use crate::net::hop::machine::{DestView, decide_offer};
+use crate::net::host::*;
+use crate::net::messages::{
+    Departed, HopInfo, LaunchEvent, Offer, OfferReply, TransferReply, TransferStatus, unix_us,
+};
+use crate::net::wire::{Blob, WireError, read_blob, read_blob_into, read_msg_charged, write_msg};
+use agent_abi::OpResult;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// Counts a transfer (agent, seq) as being received here ([`Host::receiving`]) while it lives.
+pub(in crate::net) struct Receiving {
+    host: Arc<Host>,
+    key: (AgentId, u64),
+}
+
+impl Receiving {
+    pub(in crate::net) fn start(host: &Arc<Host>, key: (AgentId, u64)) -> Self {
+        if let Ok(mut receiving) = host.receiving.lock() {
+            *receiving.entry(key).or_default() += 1;
+        }
+        Receiving {
+            host: host.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        if let Ok(mut receiving) = self.host.receiving.lock() {
+            match receiving.get_mut(&self.key) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => drop(receiving.remove(&self.key)),
+            }
+        }
+    }
+}
+
+/// Images at least this large have their instance made ready while they travel, and their
+/// pages hashed once the agent runs (before the commit), not before it resumes: below it a
+/// restore costs less than the task would, and hashing is quick. Their receive buffer is
+/// kept for the next one ([`Spare`]).
+pub(in crate::net) const WORTH_PREPARING: u64 = 8 << 20;
+
+/// Largest header the destination reads ahead for [`Host::prepare`]; a larger one is
+/// read with the body and checked by decoding.
+pub(in crate::net) const MAX_HEADER_SEEN: usize = 1 << 20;
+
+/// How many bytes of a large image are read before what came is written into its instance.
+pub(in crate::net) const ARRIVING_PIECE: usize = 4 << 20;
+
+/// What an offer says of the agent that a base must match to serve it.
+pub(in crate::net) fn offer_binding(offer: &Offer) -> Binding {
+    Binding {
+        module: offer.module,
+        owner: offer.owner.clone(),
+        home: offer.home.clone(),
+    }
+}
+
+impl Host {
+    /// Starts making an instance ready for the agent whose image begins with `head`, when
+    /// its header agrees with the offer ([`AgentInstance::prepare`]).
+    pub(in crate::net) fn prepare(
+        self: &Arc<Self>,
+        offer: &Offer,
+        head: &[u8],
+    ) -> Option<Arriving> {
+        let layout = AgentImage::layout(head, &self.image_limits())?;
+        if layout.memory_bytes != offer.memory_bytes {
+            return None;
+        }
+        let (host, hash) = (self.clone(), offer.module);
+        let context = AgentContext::new(&offer.home, &offer.owner, Vec::new(), BTreeMap::new());
+        let (memory_bytes, runs) = (layout.memory_bytes, layout.runs.clone());
+        let preparing = tokio::spawn(async move {
+            let module = host.module(&hash).await?;
+            let (site, limits) = (host.site.clone(), &host.config.limits);
+            AgentInstance::prepare(module, site, context, memory_bytes, runs, limits)
+                .await
+                .map_err(|e| e.to_string())
+        });
+        Some(Arriving::new(layout, preparing))
+    }
+
+    /// Reads a large image whose module this host holds, making its instance ready once its
+    /// header has come and writing its pages into it as they come ([`Arriving`]).
+    pub(in crate::net) async fn read_arriving(
+        self: &Arc<Self>,
+        offer: &Offer,
+        recv: &mut quinn::RecvStream,
+        inflight: &mut InFlight,
+        buffer: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Result<(Vec<u8>, Option<Arriving>), WireError> {
+        let limit = self.config.max_image;
+        let mut blob = Blob::start_into(recv, "image", limit, inflight, buffer).await?;
+        let (mut arriving, mut wanted) = (None, 12);
+        while blob.arrived().len() < wanted.min(blob.len()) {
+            blob.read_to(recv, wanted, inflight).await?;
+            let seen = blob.arrived();
+            match AgentImage::head_len(seen) {
+                Some(n) if n > 12 + MAX_HEADER_SEEN => break,
+                Some(n) if n <= seen.len() => arriving = self.prepare(offer, seen),
+                Some(n) => wanted = n,
+                None => break,
+            }
+        }
+        while blob.arrived().len() < blob.len() {
+            blob.read_to(recv, blob.arrived().len() + ARRIVING_PIECE, inflight)
+                .await?;
+            if let Some(arriving) = &mut arriving {
+                arriving.keep_up(blob.arrived()).await;
+            }
+        }
+        Ok((blob.into_bytes(), arriving))
+    }
+
+    /// The destination side of a hop; `offered` is no later than when the offer was sent.
+    pub(in crate::net) async fn serve_offer(
+        self: &Arc<Self>,
+        peer: &Identity,
+        (offer, offered): (Offer, Instant),
+        stream: Stream<'_>,
+    ) -> Result<(), WireError> {
+        if peer.role != Role::Host {
+            // Refused for who sent it, before anything is looked up.
+            let refused = decide_offer(&offer, peer, &DestView::default());
+            return write_msg(stream.0, &refused).await;
+        }
+        let status = self.store.transfer(&offer.agent, offer.seq).ok().flatten();
+        let view = DestView {
+            committed: status == Some(TransferStatus::Committed),
+            aborted: status == Some(TransferStatus::Aborted),
+            has_module: self.modules.get(&offer.module).is_some()
+                || self.store.module(&offer.module).is_some(),
+            agents: self.residents.running(),
+            owner_agents: self.residents.counts(&offer.owner).running,
+            max_owner_agents: self.quotas.limits().running,
+            max_agents: if self.shutting_down.load(Ordering::SeqCst) {
+                0
+            } else {
+                self.config.max_agents
+            },
+            max_memory: self.config.limits.max_memory,
+            max_image: self.config.max_image,
+            max_module: self.config.max_module,
+        };
+        let mut reply = decide_offer(&offer, peer, &view);
+        // A place for the agent, held until it is enrolled at its commit (or the transfer
+        // ends): offers decided meanwhile count it.
+        let mut place = None;
+        if matches!(reply, OfferReply::Accept { .. }) {
+            match self.reserve(&offer.owner) {
+                Ok(held) => place = Some(held),
+                Err(over) => reply = OfferReply::Refuse(over.to_string()),
+            }
+        }
+        // Held from the answer to the end of the transfer: the image may leave out its pages.
+        let mut held = None;
+        if let OfferReply::Accept { base, .. } = &mut reply {
+            let binding = offer_binding(&offer);
+            held = (self.bases.lock().ok())
+                .and_then(|b| b.get(&offer.agent))
+                .filter(|b| b.serves(&binding) && b.seq() < offer.seq)
+                .filter(|_| offer.image_bytes >= WORTH_A_BASE);
+            *base = held.as_ref().map(|b| b.list().clone());
+        }
+        let receiving = (matches!(reply, OfferReply::Accept { .. }))
+            .then(|| Receiving::start(self, (offer.agent, offer.seq)));
+        let answer = (&reply, offered, receiving);
+        let received = (self.receive_offered(peer, &offer, answer, held.as_deref(), stream)).await;
+        drop(place);
+        received
+    }
+
+    /// The destination side after the decision on the offer (`reply`, when the offer was
+    /// sent, and the count of it as being received if accepted): answer it, and if it was
+    /// accepted, receive, validate, commit and start the agent.
+    pub(in crate::net) async fn receive_offered(
+        self: &Arc<Self>,
+        peer: &Identity,
+        offer: &Offer,
+        (reply, offered, receiving): (&OfferReply, Instant, Option<Receiving>),
+        base: Option<&Base>,
+        (send, recv, inflight): Stream<'_>,
+    ) -> Result<(), WireError> {
+        write_msg(send, reply).await?;
+        let OfferReply::Accept { need_module, .. } = *reply else {
+            if let OfferReply::Refuse(why) = reply {
+                tracing::info!(agent = %offer.agent, %peer, "refused offer: {why}");
+            }
+            return Ok(());
+        };
+        crash_point("dest-after-offer");
+        // The module comes first, unless the image followed the offer at once.
+        let arriving = Instant::now();
+        let early = match offer.image_follows {
+            true => Some(read_blob(recv, "image", self.config.max_image, inflight).await?),
+            false => None,
+        };
+        // A large image is read into the buffer of the last one, if it is kept.
+        let buffer = |len: usize| self.spare.take(len);
+        let wasm = if need_module {
+            let wasm = read_blob(recv, "module", self.config.max_module, inflight).await?;
+            crash_point("dest-mid-module");
+            Some(wasm)
+        } else {
+            None
+        };
+        // A large agent's instance is made ready and written while its body travels, once
+        // its header has come (not when its module has just come: it was being admitted
+        // meanwhile).
+        let (image, filling) = match early {
+            Some(image) => (image, None),
+            None if wasm.is_none() && offer.image_bytes >= WORTH_PREPARING => {
+                self.read_arriving(offer, recv, inflight, buffer).await?
+            }
+            None => {
+                let limit = self.config.max_image;
+                let read = read_blob_into(recv, "image", limit, inflight, buffer);
+                (read.await?, None)
+            }
+        };
+        let phase = |name: &str| {
+            let us = arriving.elapsed().as_micros() as u64;
+            tracing::debug!(seq = offer.seq, phase = name, us, "hop in");
+        };
+        phase("image read");
+        crash_point("dest-mid-image");
+        // An image that must stand alone (no base was offered) is what gets stored: a large
+        // one is written and synced while it is checked and restored. Dropped unnamed, the
+        // file goes too.
+        let image = self.spare.lend(image);
+        let staging =
+            (base.is_none() && image.len() > crate::net::store::INLINE_IMAGE).then(|| {
+                let (host, image) = (self.clone(), image.clone());
+                tokio::task::spawn_blocking(move || host.store.stage_image(&[&image]))
+            });
+        let arrival = self.receive(offer, wasm, &image, base, filling);
+        let (mut agent, whole, unverified) = match arrival.await {
+            Ok(arrival) => arrival,
+            Err(why) => {
+                tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
+                // A query once the source has the answer must not hear IN PROGRESS.
+                drop(receiving);
+                return write_msg(send, &TransferReply::Refused(why)).await;
+            }
+        };
+        // It runs while DEPARTED comes and the commit is made; a commit that fails, or a
+        // stream that breaks first, drops it before it did anything seen.
+        let (verdict, committed) = tokio::sync::oneshot::channel();
+        let flags = agent.flags();
+        agent.complete(OpResult::Hop(Ok(())));
+        self.spawn_agent(agent, Start::Arrived(committed));
+        let (resumed, resumed_at_us) = (Instant::now(), unix_us());
+        phase("resumed");
+        let checking = unverified.map(|u| tokio::task::spawn_blocking(move || u.check()));
+        let departed: Departed = read_msg_charged(recv, inflight).await?;
+        phase("departed");
+        crash_point("dest-before-commit");
+        let stored = whole.as_deref().unwrap_or(&image[..]);
+        // One that failed to stage is staged again by the commit, which reports the error.
+        let staged = match staging {
+            Some(task) => task.await.ok().and_then(Result::ok),
+            None => None,
+        };
+        let checked = match checking {
+            Some(task) => task
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|checked| checked.map_err(|e| format!("invalid image: {e}"))),
+            None => Ok(()),
+        };
+        let commit = match (departed.seq == offer.seq, checked) {
+            (true, Ok(())) => (self.store)
+                .commit_arrival_async(&offer.agent, offer.seq, stored, staged)
+                .await
+                .map_err(|e| e.to_string()),
+            (false, _) => Err(format!("DEPARTED names hop {}", departed.seq)),
+            (true, Err(why)) => Err(why),
+        };
+        phase("committed");
+        match commit {
+            Ok(()) => {
+                // Before the agent is let go, so that a crash here leaves it where the commit did.
+                crash_point("dest-after-commit");
+                self.enroll(offer.agent, &offer.owner, flags);
+                if let Ok(mut bases) = self.bases.lock() {
+                    bases.remove(&offer.agent);
+                }
+                // It has arrived once the commit is durable, whether or not the answer reaches
+                // the source.
+                tracing::info!(agent = %offer.agent, from = %peer, seq = offer.seq, "agent arrived");
+                let ran_us = resumed.elapsed().as_micros() as u64;
+                let reply = TransferReply::Committed {
+                    ran_us,
+                    resumed_at_us,
+                };
+                let answered = write_msg(send, &reply).await;
+                let answered_at = Instant::now();
+                if let Some(sent) = departed.home
+                    && offer.home == self.config.name
+                {
+                    // The source's time until it sent the offer plus ours since then.
+                    let since_offer = |at: Instant| {
+                        let ours = at.duration_since(offered).as_micros() as u64;
+                        sent.offered_us.saturating_add(ours)
+                    };
+                    let info = HopInfo {
+                        seq: offer.seq,
+                        from: peer.name.clone(),
+                        from_arch: sent.from_arch,
+                        to: self.config.name.clone(),
+                        image_bytes: sent.image_bytes,
+                        memory_bytes: offer.memory_bytes,
+                        module_bytes: sent.module_bytes,
+                        base_list_bytes: base.map_or(0, |b| b.list().wire_bytes()),
+                        pages_reused: sent.pages_reused,
+                        freeze_us: since_offer(resumed),
+                        committed_us: since_offer(answered_at),
+                        frozen_at_us: sent.frozen_at_us,
+                        resumed_at_us,
+                    };
+                    // Stored before the agent is let go: a write it makes next (its end, a
+                    // sleep, a departure) must not be durable before its hop home is, or a
+                    // crash of the home in between would lose the hop. (A crash before this
+                    // write leaves the agent `Arrived`: a restart records the hop then.)
+                    self.deliver_async(&offer.agent, LaunchEvent::Moved(info))
+                        .await;
+                }
+                let _ = verdict.send(true);
+                answered
+            }
+            Err(why) => {
+                let _ = verdict.send(false);
+                tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
+                drop(receiving);
+                write_msg(send, &TransferReply::Refused(why)).await
+            }
+        }
+    }
+
+    /// Validates an arriving agent fully, by restoring it; yields it and, when pages were
+    /// filled in from a base, the whole image to store in place of the bytes that came.
+    pub(in crate::net) async fn receive(
+        self: &Arc<Self>,
+        offer: &Offer,
+        wasm: Option<Vec<u8>>,
+        bytes: &bytes::Bytes,
+        base: Option<&Base>,
+        arriving: Option<Arriving>,
+    ) -> Result<(AgentInstance, Option<Vec<u8>>, Option<Unverified>), String> {
+        let started = Instant::now();
+        let module = match wasm {
+            Some(wasm) => {
+                if ModuleHash::of(&wasm) != offer.module {
+                    return Err("the module bytes do not match the offered hash".into());
+                }
+                let module = self
+                    .admit(wasm.clone())
+                    .await
+                    .map_err(|e| format!("module refused: {e}"))?;
+                self.store
+                    .put_module(&module.hash, &wasm)
+                    .map_err(|e| e.to_string())?;
+                module
+            }
+            None => self.module(&offer.module).await?,
+        };
+        // A large image that stands alone is hashed once the agent runs, before the commit.
+        let (decoded, unverified) = match base.is_none() && bytes.len() as u64 >= WORTH_PREPARING {
+            true => match AgentImage::decode_unverified(bytes, &self.image_limits()) {
+                Ok((image, unverified)) => (Ok((image, false)), Some(unverified)),
+                Err(e) => (Err(e), None),
+            },
+            false => (
+                AgentImage::decode_against(bytes, &self.image_limits(), base),
+                None,
+            ),
+        };
+        if let (Err(ImageError::HashMismatch), Some(base)) = (&decoded, base) {
+            // Pages filled in from the base made a wrong image (a hash collision, or a base
+            // the source did not see): the next offer gets no list and sends every page.
+            if let Ok(mut bases) = self.bases.lock() {
+                bases.remove_seq(&offer.agent, base.seq());
+            }
+        }
+        let (image, filled_in) = decoded.map_err(|e| e.to_string())?;
+        if image.context.agent_id != offer.agent
+            || image.context.hop_seq != offer.seq
+            || image.module != offer.module
+            || image.context.owner != offer.owner
+            || image.context.home != offer.home
+        {
+            return Err("the image does not match the offer".into());
+        }
+        let phase = |name: &str| {
+            tracing::debug!(
+                seq = offer.seq,
+                phase = name,
+                us = started.elapsed().as_micros() as u64,
+                "hop in"
+            )
+        };
+        phase("decoded");
+        // What is stored must stand alone: the base may be gone when the store is read.
+        let whole = match filled_in {
+            true => Some(image.encode().map_err(|e| e.to_string())?),
+            false => None,
+        };
+        let ready = match arriving {
+            Some(arriving) => arriving.finish(bytes).await,
+            None => None,
+        };
+        let (restored, how) = match ready {
+            Some((ready, Some(runs))) if runs == image.pages.runs => (
+                AgentInstance::restore_written(ready, image),
+                "restored into the instance written as it came",
+            ),
+            Some((ready, None)) => (
+                AgentInstance::restore_into(ready, image),
+                "restored into the instance made ready",
+            ),
+            // Not prepared, preparing failed, or written by other runs (decoding read the
+            // same header, so never): a restore from scratch.
+            _ => {
+                let site = self.site.clone();
+                let restored = AgentInstance::restore(module, site, image, &self.config.limits);
+                (restored.await, "restored")
+            }
+        };
+        let agent = restored.map_err(|e| e.to_string())?;
+        phase(how);
+        Ok((agent, whole, unverified))
+    }
+}

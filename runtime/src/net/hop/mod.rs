@@ -1,0 +1,15 @@
+//! One hop of an agent between hosts, in the style of quinn-proto: [`machine`] owns the
+//! order of a hop's steps and every decision, without I/O; [`source`] and [`destination`]
+//! are the thin async drivers that perform what it says on the host's side and feed the
+//! results back. The buffers an image travels in live here too: [`outgoing`] (what a source
+//! sends), [`arriving`] (a large image written into its instance as it comes) and
+//! [`spare`] (a receive buffer kept for the next large arrival).
+
+pub(crate) mod arriving;
+pub(in crate::net) mod destination;
+pub mod machine;
+pub(crate) mod outgoing;
+pub(in crate::net) mod source;
+pub(crate) mod spare;
+
+pub use machine::{DestView, SourceHop, SourceStep, decide_offer};

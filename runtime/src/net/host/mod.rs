@@ -1,0 +1,403 @@
+//! A host: one site that runs agents, serves users and hands agents to its peers over
+//! mutually authenticated QUIC.
+//!
+//! Each agent runs as one task ([`driver`]) that polls it from safe point to safe point and
+//! performs its operations. A hop runs the source side of the protocol
+//! ([`crate::net::hop`]); an incoming offer runs its destination side. Events (hops, the end)
+//! go to the agent's home host ([`outbox`], [`homes`]), which streams them to the launcher and
+//! answers `status`, `list` and `kill` ([`launch`], [`serve`]).
+
+mod driver;
+mod homes;
+mod launch;
+mod outbox;
+mod parking;
+mod recovery;
+mod serve;
+
+pub(in crate::net) use crate::net::hop::arriving::Arriving;
+pub(in crate::net) use crate::net::hop::destination::{WORTH_PREPARING, offer_binding};
+pub(in crate::net) use homes::{HomeEntry, fit_list};
+pub(in crate::net) use parking::sleep_unless_killed;
+pub(in crate::net) use serve::Stream;
+
+pub(in crate::net) use launch::Uploads;
+pub(in crate::net) use parking::WAKING_AT_ONCE;
+
+use crate::base::BaseCache;
+use crate::context::AgentId;
+use crate::image::{AgentImage, ImageLimits};
+use crate::instance::AgentInstance;
+use crate::limits::Limits;
+use crate::modules::{AgentModule, ModuleCache, ModuleHash};
+use crate::net::budget::Budget;
+use crate::net::executor::AgentExecutor;
+use crate::net::hop::spare::Spare;
+use crate::net::peers::Peers;
+use crate::net::quota::{Quotas, UserLimits};
+use crate::net::residents::Residents;
+use crate::net::store::HostStore;
+use crate::net::tls::{self, Credentials};
+use crate::net::trim::Trimmer;
+use crate::services::Site;
+use crate::state::AgentFlags;
+use agent_abi::Op;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use crate::net::peers::{ASK_TIMEOUT, CONNECT_TIMEOUT};
+
+/// How long a request's first message may take to arrive whole.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long a launch's module may take to arrive whole.
+pub const MODULE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long a source waits for the destination's verdict before it asks instead: the
+/// verdict's stream dies with a crashed destination only at the idle timeout, while a query
+/// reaches the destination once it is back (and says "in progress" while it is just slow).
+pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sleeps at least this long park the agent (stored, memory freed); shorter ones wait in
+/// memory, where parking would cost more than it frees.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// How a host is set up.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Site name (the DNS name in the host's certificate).
+    pub name: String,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Where the store and compiled modules live.
+    pub data_dir: PathBuf,
+    /// Known peers: site name → address.
+    pub peers: BTreeMap<String, SocketAddr>,
+    /// Limits for each agent.
+    pub limits: Limits,
+    /// Most agents running at once.
+    pub max_agents: usize,
+    /// Largest image accepted.
+    pub max_image: u64,
+    /// Largest module accepted.
+    pub max_module: u64,
+    /// Send UDP datagrams in GSO batches (off when a peer is a big-endian host under qemu).
+    pub segmentation_offload: bool,
+    /// Bytes of memory for the pages of agents that left, so that one coming back sends only
+    /// what changed (0: keep none).
+    pub return_cache: u64,
+    /// Bytes of requests arriving at once, from all peers and users together.
+    pub max_inflight: u64,
+    /// What each user may take of this host.
+    pub user_limits: UserLimits,
+}
+
+/// What a host holds in memory ([`Host::memory`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostMemory {
+    /// Agents running (each with its instance: linear memory and fiber stack).
+    pub running: usize,
+    /// Agents parked asleep (an alarm each; their images are in the store).
+    pub parked: usize,
+    /// Agents launched here, whose records stay in memory.
+    pub homes: usize,
+    /// Bytes of pages kept for agents' return visits.
+    pub return_cache: u64,
+    /// Instances kept for the next agents of their modules, and their bytes.
+    pub kept: u64,
+    /// Bytes those kept instances hold.
+    pub kept_bytes: u64,
+    /// Bytes of requests arriving.
+    pub inflight: u64,
+}
+
+/// Why a host could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HostError(String);
+
+pub(in crate::net) fn err(e: impl std::fmt::Display) -> HostError {
+    HostError(e.to_string())
+}
+
+/// One running host.
+pub struct Host {
+    pub(in crate::net) config: HostConfig,
+    pub(in crate::net) site: Arc<Site>,
+    pub(in crate::net) modules: ModuleCache,
+    pub(in crate::net) store: HostStore,
+    pub(in crate::net) endpoint: quinn::Endpoint,
+    pub(in crate::net) peers: Peers,
+    /// Agents running here, and those parked asleep (only their alarm is in memory, their
+    /// image is in the store).
+    pub(in crate::net) residents: Residents,
+    /// What each user has of this host.
+    pub(in crate::net) quotas: Arc<Quotas>,
+    /// Bytes of requests arriving, from everyone.
+    pub(in crate::net) inflight: Arc<Budget>,
+    /// One probe at a time: they measure the link, and would share it.
+    pub(in crate::net) probing: tokio::sync::Semaphore,
+    /// Modules being sent by launchers: each user sends each one once at a time.
+    pub(in crate::net) uploads: Mutex<Uploads>,
+    /// The threads agents run on, apart from those serving requests.
+    pub(in crate::net) executor: AgentExecutor,
+    /// Permits to restore parked agents that are due.
+    pub(in crate::net) waking: tokio::sync::Semaphore,
+    /// Transfers (agent, seq) this host accepted and has not decided yet, and how many: a
+    /// source that restarted before its departure was durable offers the same hop again.
+    pub(in crate::net) receiving: Mutex<HashMap<(AgentId, u64), usize>>,
+    /// Agents launched here. No store write may be made while it is locked: a home record's
+    /// write locks it inside the write transaction ([`Host::save_home`]).
+    pub(in crate::net) homes: Mutex<HashMap<AgentId, HomeEntry>>,
+    /// Pages of agents that left, for their return visits.
+    pub(in crate::net) bases: Mutex<BaseCache>,
+    /// (peer, module) pairs a peer said it holds: a small image is sent to it with the offer.
+    /// Modules are stored durably, so the knowledge holds; a peer that lost one asks for it.
+    pub(in crate::net) peer_modules: Mutex<std::collections::HashSet<(String, ModuleHash)>>,
+    pub(in crate::net) shutting_down: AtomicBool,
+    pub(in crate::net) idle: tokio::sync::Notify,
+    /// Wakes the task that delivers stored reports to home hosts.
+    pub(in crate::net) outbox: tokio::sync::Notify,
+    /// Gives the memory of agents that left this host's memory back to the system.
+    pub(in crate::net) trimmer: Arc<Trimmer>,
+    /// The receive buffer of the last large arrival, for the next one.
+    pub(in crate::net) spare: Arc<Spare>,
+}
+
+/// How an agent task starts.
+pub(in crate::net) enum Start {
+    /// Poll it (a fresh launch, or its pending operation was completed).
+    Poll,
+    /// Handle its pending operation first (it was parked with one).
+    Handle(Op),
+    /// Poll an agent that arrived but whose commit is still being made: `true` once it is
+    /// durable, `false` (or dropped) if it never will be.
+    Arrived(tokio::sync::oneshot::Receiver<bool>),
+}
+
+impl Host {
+    /// Opens the store, binds the endpoint and resumes agents that live here.
+    ///
+    /// # Errors
+    /// When the store, certificates or socket cannot be set up.
+    pub async fn start(
+        config: HostConfig,
+        creds: Credentials,
+        site: Site,
+    ) -> Result<Arc<Host>, HostError> {
+        let engine = crate::engine::new_engine().map_err(err)?;
+        let modules =
+            ModuleCache::new(&engine, Some(config.data_dir.join("compiled"))).map_err(err)?;
+        let store = HostStore::open(&config.data_dir).map_err(err)?;
+        let server = tls::server_config(&creds, config.segmentation_offload).map_err(err)?;
+        let listen =
+            |e: std::io::Error| HostError(format!("cannot listen on {}: {e}", config.listen));
+        let socket = crate::net::socket::bind(config.listen).map_err(listen)?;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(listen)?;
+        endpoint.set_default_client_config(
+            tls::client_config(&creds, config.segmentation_offload).map_err(err)?,
+        );
+        let homes: HashMap<AgentId, HomeEntry> = store
+            .homes()
+            .map_err(err)?
+            .into_iter()
+            .map(|home| {
+                let mut entry = HomeEntry::new(home.row.status, Vec::new());
+                entry.held = home.row.held_end;
+                // A row from before hops were stored apart holds its hops: they go apart with
+                // the agent's next write.
+                entry.unstored_hops = home.inline.iter().map(|seq| (0, *seq)).collect();
+                (entry.status.agent, entry)
+            })
+            .collect();
+        let held: Vec<AgentId> = (homes.iter())
+            .filter(|(_, entry)| entry.held.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        let bases = Mutex::new(BaseCache::new(config.return_cache));
+        let peers = Peers::new(endpoint.clone(), config.peers.clone());
+        let quotas = Quotas::new(config.user_limits.clone());
+        let inflight = Budget::new("this host", config.max_inflight);
+        let host = Arc::new(Host {
+            config,
+            bases,
+            site: Arc::new(site),
+            modules,
+            store,
+            endpoint,
+            peers,
+            residents: Residents::default(),
+            quotas,
+            inflight,
+            probing: tokio::sync::Semaphore::new(1),
+            uploads: Mutex::default(),
+            executor: AgentExecutor::new().map_err(err)?,
+            waking: tokio::sync::Semaphore::new(WAKING_AT_ONCE),
+            receiving: Mutex::default(),
+            peer_modules: Mutex::default(),
+            homes: Mutex::new(homes),
+            shutting_down: AtomicBool::new(false),
+            idle: tokio::sync::Notify::new(),
+            outbox: tokio::sync::Notify::new(),
+            trimmer: Trimmer::start(),
+            spare: Arc::new(Spare::new(WORTH_PREPARING as usize)),
+        });
+        for agent in held {
+            host.release_held_later(agent);
+        }
+        host.resume_residents().await;
+        tokio::spawn(host.clone().accept_loop());
+        tokio::spawn(host.clone().deliver_reports());
+        tokio::spawn(host.clone().sync_lazily());
+        Ok(host)
+    }
+
+    /// The address the host listens on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// The site name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// What this host holds in memory, by what holds it (for its log).
+    pub fn memory(&self) -> HostMemory {
+        let (kept_bytes, kept) = self.modules.kept();
+        HostMemory {
+            running: self.residents.running(),
+            parked: self.residents.parked(),
+            homes: self.homes.lock().map_or(0, |h| h.len()),
+            return_cache: self.bases.lock().map_or(0, |b| b.used()),
+            kept,
+            kept_bytes,
+            inflight: self.inflight.held(),
+        }
+    }
+
+    /// Stops accepting work, parks every running agent at its next safe point, and closes.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        // Parked agents stay stored; the next start sets their alarms again.
+        self.residents.stop_alarms();
+        for flags in self.residents.running_flags() {
+            flags.checkpoint.store(true, Ordering::SeqCst);
+        }
+        let deadline = Instant::now() + grace;
+        while self.residents.running() > 0 && Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(50), self.idle.notified()).await;
+        }
+        let left = self.residents.running();
+        if left > 0 {
+            tracing::warn!(
+                agents = left,
+                "agents did not reach a safe point before shutdown"
+            );
+        }
+        self.endpoint.close(0u32.into(), b"host shutting down");
+        self.endpoint.wait_idle().await;
+    }
+
+    pub(in crate::net) fn image_limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_memory: self.config.limits.max_memory,
+            ..ImageLimits::default()
+        }
+    }
+
+    /// An admitted module by hash, admitting it from the store if needed.
+    pub(in crate::net) async fn module(
+        self: &Arc<Self>,
+        hash: &ModuleHash,
+    ) -> Result<Arc<AgentModule>, String> {
+        if let Some(m) = self.modules.get(hash) {
+            return Ok(m);
+        }
+        let bytes = self
+            .store
+            .module(hash)
+            .ok_or_else(|| format!("module {hash} is not kept here"))?;
+        self.admit(bytes).await
+    }
+
+    /// Admits (and compiles) a module off the async workers: compiling can take seconds,
+    /// and the QUIC connections (keep-alives, acknowledgements) must keep being served.
+    pub(in crate::net) async fn admit(
+        self: &Arc<Self>,
+        wasm: Vec<u8>,
+    ) -> Result<Arc<AgentModule>, String> {
+        let host = self.clone();
+        tokio::task::spawn_blocking(move || host.modules.admit(&wasm).map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| format!("admission failed: {e}"))?
+    }
+
+    pub(in crate::net) fn spawn_agent(self: &Arc<Self>, agent: AgentInstance, start: Start) {
+        if !matches!(start, Start::Arrived(_)) {
+            let context = agent.context();
+            self.enroll(context.agent_id, &context.owner, agent.flags());
+        }
+        if self
+            .executor
+            .spawn(self.clone().drive(agent, start))
+            .is_none()
+        {
+            tracing::error!("no threads to run agents on");
+        }
+    }
+
+    /// Makes a running agent known: to kill, to shutdown and to the count of agents. An
+    /// arrival is enrolled once it is committed (two uncommitted arrivals of one agent may
+    /// meet, when its source restarted and offered the hop again).
+    pub(in crate::net) fn enroll(&self, id: AgentId, owner: &str, flags: Arc<AgentFlags>) {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            flags.checkpoint.store(true, Ordering::SeqCst);
+        }
+        self.residents.enroll(id, owner, flags);
+    }
+
+    pub(in crate::net) fn forget_running(&self, id: &AgentId) {
+        self.residents.forget(id);
+        self.idle.notify_waiters();
+        self.trimmer.freed();
+    }
+
+    pub(in crate::net) async fn restore_stored(
+        self: &Arc<Self>,
+        image: &str,
+    ) -> Result<AgentInstance, String> {
+        let bytes = self.store.image(image).map_err(|e| e.to_string())?.into();
+        let image =
+            AgentImage::decode_shared(&bytes, &self.image_limits()).map_err(|e| e.to_string())?;
+        let module = self.module(&image.module).await?;
+        AgentInstance::restore(module, self.site.clone(), image, &self.config.limits)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// `len` xorshift bytes: data no compressor or cache can make smaller.
+pub(crate) fn incompressible(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

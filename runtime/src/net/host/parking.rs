@@ -1,0 +1,197 @@
+//! Parking: an agent asleep for long is stored and its memory freed; an alarm wakes it.
+
+use crate::context::AgentId;
+use crate::instance::AgentInstance;
+use crate::net::host::*;
+use crate::net::messages::{AgentEnd, LaunchEvent, unix_ms};
+use crate::net::store::{AgentRecord, Resume};
+use crate::state::AgentFlags;
+use agent_abi::OpResult;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// How long a host waits before it tries again to wake an agent whose image it could not
+/// restore (it stays parked meanwhile, and a kill still reaches it).
+pub(in crate::net) const WAKE_RETRY: Duration = Duration::from_secs(30);
+
+/// How long a due agent whose owner runs as many agents as a user may stays parked before it
+/// tries again.
+pub(in crate::net) const WAKE_DEFERRED: Duration = Duration::from_secs(1);
+
+/// Parked agents restored at once.
+pub(in crate::net) const WAKING_AT_ONCE: usize = 4;
+
+/// Sleeps `ms` unless the agent is killed meanwhile (checked every 100 ms); `false` if it was.
+pub(in crate::net) async fn sleep_unless_killed(flags: &AgentFlags, ms: u64) -> bool {
+    let until = tokio::time::Instant::now() + Duration::from_millis(ms.min(1 << 40));
+    while tokio::time::Instant::now() < until {
+        if flags.kill.load(Ordering::SeqCst) {
+            return false;
+        }
+        tokio::time::sleep_until(
+            until.min(tokio::time::Instant::now() + Duration::from_millis(100)),
+        )
+        .await;
+    }
+    !flags.kill.load(Ordering::SeqCst)
+}
+
+impl Host {
+    /// Parks an agent that sleeps `ms`: stores it with its sleep completed, frees its instance
+    /// and sets an alarm. `false` when it could not be stored (it then sleeps in memory).
+    pub(in crate::net) fn park_asleep(
+        self: &Arc<Self>,
+        agent: &mut AgentInstance,
+        ms: u64,
+    ) -> bool {
+        let id = agent.context().agent_id;
+        let owner = agent.context().owner.clone();
+        let parked = self.residents.counts(&owner).parked;
+        if parked >= self.quotas.limits().parked {
+            tracing::info!(agent = %id, %owner, parked, "sleeping in memory: its owner has as many agents parked here as a user may (user_max_parked)");
+            return false;
+        }
+        let until_ms = unix_ms().saturating_add(ms);
+        let (home, hops) = (agent.context().home.clone(), agent.context().hops());
+        agent.complete(OpResult::Sleep);
+        let resume = Resume::Wake {
+            until_ms,
+            home: home.clone(),
+            hops,
+            owner: owner.clone(),
+        };
+        if let Err(e) = crate::net::store::blocking(|| self.keep(agent, resume)) {
+            // The sleep stays completed: the agent sleeps in memory and then goes on.
+            tracing::warn!(agent = %id, "sleeping in memory: {e}");
+            return false;
+        }
+        // Into `parked` and out of `running` at once, so that a kill finds it in one of them.
+        let flags = agent.flags();
+        let parked = (self.residents).park(id, &flags, &owner, || self.alarm(id, until_ms));
+        if !parked {
+            self.finish(id, home, hops, AgentEnd::Killed);
+            return true;
+        }
+        self.idle.notify_waiters();
+        self.trimmer.freed();
+        tracing::info!(agent = %id, until_ms, "parked asleep");
+        let event = LaunchEvent::Sleeping {
+            site: self.config.name.clone(),
+            seq: agent.context().hop_seq,
+            until_ms,
+        };
+        self.report(id, home, event);
+        true
+    }
+
+    /// Sets the alarm of a parked agent (one whose record says [`Resume::Wake`]).
+    pub(in crate::net) fn set_alarm(self: &Arc<Self>, id: AgentId, owner: &str, until_ms: u64) {
+        (self.residents).set_alarm(id, owner, || self.alarm(id, until_ms));
+    }
+
+    /// A task that wakes agent `id` at `until_ms`. Call with the residents locked, and put
+    /// the handle there before unlocking: the task may be due at once.
+    pub(in crate::net) fn alarm(
+        self: &Arc<Self>,
+        id: AgentId,
+        until_ms: u64,
+    ) -> tokio::task::AbortHandle {
+        let host = self.clone();
+        let task = tokio::spawn(async move {
+            // By the wall clock, which a parked agent's deadline is stored in; rechecked at
+            // least hourly so that a long sleep follows a clock that was set.
+            loop {
+                let now = unix_ms();
+                if now >= until_ms {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis((until_ms - now).min(3_600_000))).await;
+            }
+            host.wake(id);
+        });
+        task.abort_handle()
+    }
+
+    /// Wakes a parked agent (its alarm rang).
+    pub(in crate::net) fn wake(self: &Arc<Self>, id: AgentId) {
+        // Its own task: an alarm stays small, whatever restoring takes.
+        tokio::spawn(self.clone().wake_parked(id));
+    }
+
+    /// Restores a parked agent from its stored image and polls it; a few at a time and only
+    /// while there is room, so that a host whose agents all fell due together (it was down,
+    /// or they slept alike) does not restore them all at once.
+    pub(in crate::net) async fn wake_parked(self: Arc<Self>, id: AgentId) {
+        let Ok(_permit) = self.waking.acquire().await else {
+            return;
+        };
+        if let Some(owner) = self.residents.parked_owner(&id)
+            && self.residents.counts(&owner).running >= self.quotas.limits().running
+        {
+            // Its owner runs as many agents here as a user may: it stays parked a while
+            // longer, and the other users' agents that are due wake meanwhile.
+            let again = unix_ms().saturating_add(WAKE_DEFERRED.as_millis() as u64);
+            return self.set_alarm(id, &owner, again);
+        }
+        while self.residents.running() >= self.config.max_agents
+            && !self.shutting_down.load(Ordering::SeqCst)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return; // it stays parked: the next start sets its alarm again
+        }
+        // Running from now on (its flags stand in until it is restored), unless a kill took
+        // it out of `parked` first.
+        let flags = Arc::<AgentFlags>::default();
+        let Some(owner) = self.residents.wake(id, flags.clone()) else {
+            return;
+        };
+        let (image, home, hops) = match self.store.agent(&id) {
+            Ok(Some(AgentRecord::Resident {
+                image,
+                resume: Resume::Wake { home, hops, .. },
+                ..
+            })) => (image, home, hops),
+            other => {
+                tracing::error!(agent = %id, "no parked image to wake: {other:?}");
+                return self.forget_running(&id);
+            }
+        };
+        match self.restore_stored(&image).await {
+            Ok(mut agent) => {
+                agent.adopt_flags(flags);
+                tracing::info!(agent = %id, "woke");
+                self.spawn_agent(agent, Start::Poll);
+            }
+            Err(e) => {
+                tracing::error!(agent = %id, "cannot wake, trying again in {WAKE_RETRY:?}: {e}");
+                let again = unix_ms().saturating_add(WAKE_RETRY.as_millis() as u64);
+                let parked = (self.residents).park(id, &flags, &owner, || self.alarm(id, again));
+                if !parked {
+                    self.finish(id, home, hops, AgentEnd::Killed);
+                }
+            }
+        }
+    }
+
+    /// Ends a parked agent that was killed: its alarm is cancelled, its record removed.
+    pub(in crate::net) fn kill_parked(
+        self: &Arc<Self>,
+        id: AgentId,
+        alarm: tokio::task::AbortHandle,
+    ) -> Result<(), String> {
+        alarm.abort();
+        match self.store.agent(&id) {
+            Ok(Some(AgentRecord::Resident {
+                resume: Resume::Wake { home, hops, .. },
+                ..
+            })) => {
+                self.finish(id, home, hops, AgentEnd::Killed);
+                Ok(())
+            }
+            other => Err(format!("no parked record of agent {id}: {other:?}")),
+        }
+    }
+}
