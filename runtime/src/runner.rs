@@ -8,13 +8,14 @@
 
 use crate::admission::AdmissionError;
 use crate::context::AgentContext;
+use crate::driver::{self, Flow, Place, Start};
 use crate::image::{AgentImage, ImageLimits};
-use crate::instance::{AgentError, AgentInstance, Step};
+use crate::instance::{AgentError, AgentInstance};
 use crate::limits::Limits;
 use crate::log::LogLine;
 use crate::modules::ModuleCache;
 use crate::services::Site;
-use agent_abi::{HopError, Op, OpResult, Outcome};
+use agent_abi::{CallError, HopError, OpResult, Outcome};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -162,7 +163,7 @@ impl LocalRunner {
         &self,
         wasm: &[u8],
         launch: Launch,
-        mut migration: Migration,
+        migration: Migration,
         on_event: &mut (dyn FnMut(&RunEvent) + Send),
     ) -> Result<RunReport, RunError> {
         let module = self.modules.admit(wasm)?;
@@ -177,112 +178,22 @@ impl LocalRunner {
             cpu: Duration::ZERO,
             site: HOME_SITE.into(),
         };
-        let mut agent = match AgentInstance::launch(module, home, context, &self.limits).await {
+        let agent = match AgentInstance::launch(module, home, context, &self.limits).await {
             Ok(agent) => agent,
             Err(e) => {
                 report.outcome = Err(e);
                 return Ok(report);
             }
         };
-        loop {
-            if !matches!(migration, Migration::OnlyHops) {
-                agent.request_checkpoint();
-            }
-            let step = agent.poll().await;
-            forward_log(&agent, on_event);
-            report.cpu = agent.context().cpu_used();
-            report.site = agent.site().name().to_string();
-            let op = match step {
-                Err(e) => {
-                    report.outcome = Err(e);
-                    return Ok(report);
-                }
-                Ok(Step::Finished(outcome)) => {
-                    report.outcome = match outcome {
-                        Outcome::Ok(bytes) => {
-                            cbor_to_json(&bytes).map_err(|e| AgentError::Abi(e.to_string()))
-                        }
-                        Outcome::Err(why) => Err(AgentError::Failed(why)),
-                        Outcome::Panicked(why) => Err(AgentError::Panicked(why)),
-                    };
-                    return Ok(report);
-                }
-                Ok(Step::Suspended(op)) => op,
-            };
-            report.safe_points += 1;
-            let move_anyway = match &mut migration {
-                Migration::OnlyHops => false,
-                Migration::EverySafePoint => true,
-                Migration::Chosen(choose) => choose(report.safe_points),
-            };
-            let here = agent.site().clone();
-            let mut hopped = false;
-            agent = match op {
-                Op::Hop { site } => match self.sites.get(&site) {
-                    None => {
-                        let error = HopError::UnknownSite(site);
-                        on_event(&RunEvent::HopFailed {
-                            site: here.name().into(),
-                            error: error.clone(),
-                        });
-                        agent.complete(OpResult::Hop(Err(error)));
-                        agent
-                    }
-                    Some(dest) => match self.migrate(&mut agent, dest.clone(), true).await {
-                        Ok((mut moved, hop)) => {
-                            on_event(&RunEvent::Moved(hop.clone()));
-                            report.moves.push(hop);
-                            agent.retire();
-                            moved.complete(OpResult::Hop(Ok(())));
-                            hopped = true;
-                            moved
-                        }
-                        Err(e) => {
-                            // Before the destination has the agent, the source keeps it.
-                            let error = HopError::Refused {
-                                site: dest.name().into(),
-                                reason: e.to_string(),
-                            };
-                            on_event(&RunEvent::HopFailed {
-                                site: here.name().into(),
-                                error: error.clone(),
-                            });
-                            agent.complete(OpResult::Hop(Err(error)));
-                            agent
-                        }
-                    },
-                },
-                Op::Call { service, request } => {
-                    let result = here
-                        .call(&service, &request)
-                        .map(serde_bytes::ByteBuf::from);
-                    agent.complete(OpResult::Call(result));
-                    agent
-                }
-                Op::Checkpoint => {
-                    agent.complete(OpResult::Checkpoint);
-                    agent
-                }
-                Op::Sleep { ms } => {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    agent.complete(OpResult::Sleep);
-                    agent
-                }
-            };
-            if move_anyway && !hopped {
-                match self.migrate(&mut agent, here.clone(), false).await {
-                    Ok((moved, hop)) => {
-                        on_event(&RunEvent::Moved(hop.clone()));
-                        report.moves.push(hop);
-                        std::mem::replace(&mut agent, moved).retire();
-                    }
-                    Err(e) => {
-                        report.outcome = Err(e);
-                        return Ok(report);
-                    }
-                }
-            }
-        }
+        let mut place = InProcess {
+            runner: self,
+            report: &mut report,
+            migration,
+            move_anyway: false,
+            on_event,
+        };
+        driver::drive(agent, &mut place, Start::Poll).await;
+        Ok(report)
     }
 
     /// Moves `agent` to `dest` through an encoded image; the source instance is left intact
@@ -335,16 +246,126 @@ impl LocalRunner {
     }
 }
 
-fn forward_log(agent: &AgentInstance, on_event: &mut (dyn FnMut(&RunEvent) + Send)) {
-    let (lines, dropped) = agent.drain_log();
-    for line in lines {
-        on_event(&RunEvent::Log {
+/// The runner as the place an agent runs in: every site is in this process.
+struct InProcess<'a> {
+    runner: &'a LocalRunner,
+    report: &'a mut RunReport,
+    migration: Migration,
+    /// Whether the agent moves after its current operation although it did not ask to.
+    move_anyway: bool,
+    on_event: &'a mut (dyn FnMut(&RunEvent) + Send),
+}
+
+impl InProcess<'_> {
+    /// A hop the agent asked for did not happen: it goes on where it is, with the error.
+    async fn stay(&mut self, mut agent: AgentInstance, error: HopError) -> Flow {
+        (self.on_event)(&RunEvent::HopFailed {
             site: agent.site().name().into(),
-            line,
+            error: error.clone(),
         });
+        agent.complete(OpResult::Hop(Err(error)));
+        self.after_op(agent).await
     }
-    if dropped > 0 {
-        on_event(&RunEvent::LogDropped { lines: dropped });
+}
+
+impl Place for InProcess<'_> {
+    fn before_poll(&mut self, agent: &mut AgentInstance) {
+        if !matches!(self.migration, Migration::OnlyHops) {
+            agent.request_checkpoint();
+        }
+    }
+
+    fn log(&mut self, agent: &AgentInstance, lines: Vec<LogLine>, dropped: u64) {
+        self.report.cpu = agent.context().cpu_used();
+        self.report.site = agent.site().name().to_string();
+        for line in lines {
+            (self.on_event)(&RunEvent::Log {
+                site: agent.site().name().into(),
+                line,
+            });
+        }
+        if dropped > 0 {
+            (self.on_event)(&RunEvent::LogDropped { lines: dropped });
+        }
+    }
+
+    async fn before_op(&mut self, agent: AgentInstance) -> Flow {
+        self.report.safe_points += 1;
+        self.move_anyway = match &mut self.migration {
+            Migration::OnlyHops => false,
+            Migration::EverySafePoint => true,
+            Migration::Chosen(choose) => choose(self.report.safe_points),
+        };
+        Flow::Go(agent)
+    }
+
+    async fn hop(&mut self, mut agent: AgentInstance, site: String) -> Flow {
+        let Some(dest) = self.runner.sites.get(&site).cloned() else {
+            return self.stay(agent, HopError::UnknownSite(site)).await;
+        };
+        match self.runner.migrate(&mut agent, dest.clone(), true).await {
+            Ok((mut moved, hop)) => {
+                (self.on_event)(&RunEvent::Moved(hop.clone()));
+                self.report.moves.push(hop);
+                agent.retire();
+                moved.complete(OpResult::Hop(Ok(())));
+                Flow::Go(moved)
+            }
+            Err(e) => {
+                // Before the destination has the agent, the source keeps it.
+                let error = HopError::Refused {
+                    site: dest.name().into(),
+                    reason: e.to_string(),
+                };
+                self.stay(agent, error).await
+            }
+        }
+    }
+
+    async fn call(
+        &mut self,
+        agent: &mut AgentInstance,
+        service: &str,
+        request: &[u8],
+    ) -> Result<serde_bytes::ByteBuf, CallError> {
+        let answer = agent.site().call(service, request);
+        answer.map(serde_bytes::ByteBuf::from)
+    }
+
+    async fn sleep(&mut self, mut agent: AgentInstance, ms: u64) -> Flow {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        agent.complete(OpResult::Sleep);
+        Flow::Go(agent)
+    }
+
+    async fn after_op(&mut self, mut agent: AgentInstance) -> Flow {
+        if !self.move_anyway {
+            return Flow::Go(agent);
+        }
+        let here = agent.site().clone();
+        match self.runner.migrate(&mut agent, here, false).await {
+            Ok((moved, hop)) => {
+                (self.on_event)(&RunEvent::Moved(hop.clone()));
+                self.report.moves.push(hop);
+                agent.retire();
+                Flow::Go(moved)
+            }
+            Err(e) => {
+                self.report.outcome = Err(e);
+                Flow::Stop
+            }
+        }
+    }
+
+    async fn end(&mut self, _agent: AgentInstance, end: Result<Outcome, AgentError>) {
+        self.report.outcome = match end {
+            Ok(Outcome::Ok(bytes)) => {
+                cbor_to_json(&bytes).map_err(|e| AgentError::Abi(e.to_string()))
+            }
+            Ok(Outcome::Err(why)) => Err(AgentError::Failed(why)),
+            Ok(Outcome::Panicked(why)) => Err(AgentError::Panicked(why)),
+            Err(e) => Err(e),
+        };
     }
 }
 

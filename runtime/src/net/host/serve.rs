@@ -22,7 +22,6 @@ pub(in crate::net) type Stream<'a> = (
     &'a mut InFlight,
 );
 
-
 impl Host {
     pub(in crate::net) async fn accept_loop(self: Arc<Self>) {
         while let Some(incoming) = self.endpoint.accept().await {
