@@ -15,6 +15,7 @@
 //! [`runner`] drives that loop across in-process virtual sites.
 
 pub mod admission;
+pub mod backoff;
 pub mod base;
 pub mod builder;
 pub mod context;

@@ -1,7 +1,7 @@
 //! The user's side: connect to a host with a user certificate and launch, inspect or kill
 //! agents.
 
-use super::messages::{LaunchEvent, ListReply, Request, StatusReply};
+use super::messages::{LaunchEvent, ListReply, Reply, Request, StatusReply};
 use super::tls::{self, Credentials};
 use super::wire::{read_msg, write_blob, write_msg};
 use crate::context::AgentId;
@@ -188,8 +188,10 @@ impl Client {
     /// # Errors
     /// When the host does not know the agent as the user's, or the connection fails.
     pub async fn status(&self, agent: AgentId) -> Result<StatusReply, String> {
-        self.call::<Result<StatusReply, String>>(&Request::Status { agent })
-            .await?
+        let reply = self
+            .call::<Reply<StatusReply>>(&Request::Status { agent })
+            .await?;
+        reply.map_err(|refused| refused.to_string())
     }
 
     /// The user's agents launched on this host (as many as fit in one reply, running ones
@@ -206,8 +208,8 @@ impl Client {
     /// # Errors
     /// When it is not the user's agent, not running, or the connection fails.
     pub async fn kill(&self, agent: AgentId) -> Result<(), String> {
-        self.call::<Result<(), String>>(&Request::Kill { agent })
-            .await?
+        let reply = self.call::<Reply<()>>(&Request::Kill { agent }).await?;
+        reply.map_err(|refused| refused.to_string())
     }
 
     /// Asks the host to send `bytes` of incompressible data to its peer `to` the way an
@@ -221,7 +223,8 @@ impl Client {
             to: to.to_string(),
             bytes,
         };
-        let micros = self.call::<Result<u64, String>>(&request).await??;
+        let reply = self.call::<Reply<u64>>(&request).await?;
+        let micros = reply.map_err(|refused| refused.to_string())?;
         Ok(std::time::Duration::from_micros(micros))
     }
 

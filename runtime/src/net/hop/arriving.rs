@@ -9,10 +9,11 @@
 
 use crate::image::Layout;
 use crate::instance::AgentInstance;
+use crate::net::host::RestoreError;
 use crate::snapshot::PageRun;
 
 /// An instance being made ready for an arriving agent.
-pub type Preparing = tokio::task::JoinHandle<Result<AgentInstance, String>>;
+pub type Preparing = tokio::task::JoinHandle<Result<AgentInstance, RestoreError>>;
 
 /// An arriving agent's instance and how much of its body is written into it.
 pub struct Arriving {

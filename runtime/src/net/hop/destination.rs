@@ -1,3 +1,5 @@
+use crate::AgentError;
+use crate::AgentModule;
 use crate::base::{Base, Binding, WORTH_A_BASE};
 use crate::context::{AgentContext, AgentId};
 use crate::faults::crash_point;
@@ -11,6 +13,7 @@ use crate::net::host::*;
 use crate::net::messages::{
     Departed, HopInfo, LaunchEvent, Offer, OfferReply, TransferReply, TransferStatus, unix_us,
 };
+use crate::net::store::StoreError;
 use crate::net::wire::{Blob, WireError, read_blob, read_blob_into, read_msg_charged, write_msg};
 use agent_abi::OpResult;
 use std::collections::BTreeMap;
@@ -87,9 +90,9 @@ impl Host {
         let preparing = tokio::spawn(async move {
             let module = host.module(&hash).await?;
             let (site, limits) = (host.site.clone(), &host.config.limits);
-            AgentInstance::prepare(module, site, context, memory_bytes, runs, limits)
-                .await
-                .map_err(|e| e.to_string())
+            let prepared =
+                AgentInstance::prepare(module, site, context, memory_bytes, runs, limits);
+            Ok(prepared.await?)
         });
         Some(Arriving::new(layout, preparing))
     }
@@ -203,24 +206,89 @@ impl Host {
             return Ok(());
         };
         crash_point("dest-after-offer");
+        let arrival = Arrival {
+            peer,
+            offer,
+            offered,
+            base,
+            started: Instant::now(),
+        };
+        let (image, wasm, filling) = self
+            .read_transfer(offer, need_module, recv, inflight)
+            .await?;
+        arrival.phase("image read");
+        crash_point("dest-mid-image");
+        // An image that must stand alone (no base was offered) is what gets stored: a large
+        // one is written and synced while it is checked and restored. Dropped unnamed, the
+        // file goes too.
+        let image = self.spare.lend(image);
+        let staging =
+            (base.is_none() && image.len() > crate::net::store::INLINE_IMAGE).then(|| {
+                let (host, image) = (self.clone(), image.clone());
+                tokio::task::spawn_blocking(move || host.store.stage_image(&[&image]))
+            });
+        let (mut agent, whole, unverified) =
+            match self.receive(offer, wasm, &image, base, filling).await {
+                Ok(arrived) => arrived,
+                Err(why) => return arrival.refuse(send, receiving, why).await,
+            };
+        // It runs while DEPARTED comes and the commit is made; a commit that fails, or a
+        // stream that breaks first, drops it before it did anything seen.
+        let (verdict, committed) = tokio::sync::oneshot::channel();
+        let flags = agent.flags();
+        agent.complete(OpResult::Hop(Ok(())));
+        self.spawn_agent(agent, Start::Arrived(committed));
+        let resumed = (Instant::now(), unix_us());
+        arrival.phase("resumed");
+        let checking = unverified.map(|u| tokio::task::spawn_blocking(move || u.check()));
+        let departed: Departed = read_msg_charged(recv, inflight).await?;
+        arrival.phase("departed");
+        crash_point("dest-before-commit");
+        let stored = whole.as_deref().unwrap_or(&image[..]);
+        let commit = self
+            .commit(offer, &departed, stored, (staging, checking))
+            .await;
+        arrival.phase("committed");
+        if let Err(why) = commit {
+            let _ = verdict.send(false);
+            return arrival.refuse(send, receiving, why).await;
+        }
+        // Before the agent is let go, so that a crash here leaves it where the commit did.
+        crash_point("dest-after-commit");
+        self.enroll(offer.agent, &offer.owner, flags);
+        if let Ok(mut bases) = self.bases.lock() {
+            bases.remove(&offer.agent);
+        }
+        let answered = self.arrived(&arrival, departed, resumed, send).await;
+        let _ = verdict.send(true);
+        answered
+    }
+
+    /// Reads what the source sends after the acceptance: the image (into the buffer of the
+    /// last large one, if kept) and the module if it was asked for. A large agent's instance
+    /// is made ready and written while its body travels, once its header has come (not when
+    /// its module has just come: it was being admitted meanwhile).
+    async fn read_transfer(
+        self: &Arc<Self>,
+        offer: &Offer,
+        need_module: bool,
+        recv: &mut quinn::RecvStream,
+        inflight: &mut InFlight,
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>, Option<Arriving>), WireError> {
         // The module comes first, unless the image followed the offer at once.
-        let arriving = Instant::now();
         let early = match offer.image_follows {
             true => Some(read_blob(recv, "image", self.config.max_image, inflight).await?),
             false => None,
         };
-        // A large image is read into the buffer of the last one, if it is kept.
         let buffer = |len: usize| self.spare.take(len);
-        let wasm = if need_module {
-            let wasm = read_blob(recv, "module", self.config.max_module, inflight).await?;
-            crash_point("dest-mid-module");
-            Some(wasm)
-        } else {
-            None
+        let wasm = match need_module {
+            true => {
+                let wasm = read_blob(recv, "module", self.config.max_module, inflight).await?;
+                crash_point("dest-mid-module");
+                Some(wasm)
+            }
+            false => None,
         };
-        // A large agent's instance is made ready and written while its body travels, once
-        // its header has come (not when its module has just come: it was being admitted
-        // meanwhile).
         let (image, filling) = match early {
             Some(image) => (image, None),
             None if wasm.is_none() && offer.image_bytes >= WORTH_PREPARING => {
@@ -232,123 +300,82 @@ impl Host {
                 (read.await?, None)
             }
         };
-        let phase = |name: &str| {
-            let us = arriving.elapsed().as_micros() as u64;
-            tracing::debug!(seq = offer.seq, phase = name, us, "hop in");
-        };
-        phase("image read");
-        crash_point("dest-mid-image");
-        // An image that must stand alone (no base was offered) is what gets stored: a large
-        // one is written and synced while it is checked and restored. Dropped unnamed, the
-        // file goes too.
-        let image = self.spare.lend(image);
-        let staging =
-            (base.is_none() && image.len() > crate::net::store::INLINE_IMAGE).then(|| {
-                let (host, image) = (self.clone(), image.clone());
-                tokio::task::spawn_blocking(move || host.store.stage_image(&[&image]))
-            });
-        let arrival = self.receive(offer, wasm, &image, base, filling);
-        let (mut agent, whole, unverified) = match arrival.await {
-            Ok(arrival) => arrival,
-            Err(why) => {
-                tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
-                // A query once the source has the answer must not hear IN PROGRESS.
-                drop(receiving);
-                return write_msg(send, &TransferReply::Refused(why)).await;
-            }
-        };
-        // It runs while DEPARTED comes and the commit is made; a commit that fails, or a
-        // stream that breaks first, drops it before it did anything seen.
-        let (verdict, committed) = tokio::sync::oneshot::channel();
-        let flags = agent.flags();
-        agent.complete(OpResult::Hop(Ok(())));
-        self.spawn_agent(agent, Start::Arrived(committed));
-        let (resumed, resumed_at_us) = (Instant::now(), unix_us());
-        phase("resumed");
-        let checking = unverified.map(|u| tokio::task::spawn_blocking(move || u.check()));
-        let departed: Departed = read_msg_charged(recv, inflight).await?;
-        phase("departed");
-        crash_point("dest-before-commit");
-        let stored = whole.as_deref().unwrap_or(&image[..]);
-        // One that failed to stage is staged again by the commit, which reports the error.
+        Ok((image, wasm, filling))
+    }
+
+    /// Makes an arrival durable once DEPARTED names its hop and a large image, hashed while
+    /// the agent ran, proved whole. One that failed to stage is staged again by the commit,
+    /// which reports the error.
+    async fn commit(
+        &self,
+        offer: &Offer,
+        departed: &Departed,
+        stored: &[u8],
+        (staging, checking): (Option<Staging>, Option<Checking>),
+    ) -> Result<(), ArrivalError> {
         let staged = match staging {
             Some(task) => task.await.ok().and_then(Result::ok),
             None => None,
         };
-        let checked = match checking {
-            Some(task) => task
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|checked| checked.map_err(|e| format!("invalid image: {e}"))),
-            None => Ok(()),
-        };
-        let commit = match (departed.seq == offer.seq, checked) {
-            (true, Ok(())) => (self.store)
-                .commit_arrival_async(&offer.agent, offer.seq, stored, staged)
-                .await
-                .map_err(|e| e.to_string()),
-            (false, _) => Err(format!("DEPARTED names hop {}", departed.seq)),
-            (true, Err(why)) => Err(why),
-        };
-        phase("committed");
-        match commit {
-            Ok(()) => {
-                // Before the agent is let go, so that a crash here leaves it where the commit did.
-                crash_point("dest-after-commit");
-                self.enroll(offer.agent, &offer.owner, flags);
-                if let Ok(mut bases) = self.bases.lock() {
-                    bases.remove(&offer.agent);
-                }
-                // It has arrived once the commit is durable, whether or not the answer reaches
-                // the source.
-                tracing::info!(agent = %offer.agent, from = %peer, seq = offer.seq, "agent arrived");
-                let ran_us = resumed.elapsed().as_micros() as u64;
-                let reply = TransferReply::Committed {
-                    ran_us,
-                    resumed_at_us,
-                };
-                let answered = write_msg(send, &reply).await;
-                let answered_at = Instant::now();
-                if let Some(sent) = departed.home
-                    && offer.home == self.config.name
-                {
-                    // The source's time until it sent the offer plus ours since then.
-                    let since_offer = |at: Instant| {
-                        let ours = at.duration_since(offered).as_micros() as u64;
-                        sent.offered_us.saturating_add(ours)
-                    };
-                    let info = HopInfo {
-                        seq: offer.seq,
-                        from: peer.name.clone(),
-                        from_arch: sent.from_arch,
-                        to: self.config.name.clone(),
-                        image_bytes: sent.image_bytes,
-                        memory_bytes: offer.memory_bytes,
-                        module_bytes: sent.module_bytes,
-                        base_list_bytes: base.map_or(0, |b| b.list().wire_bytes()),
-                        pages_reused: sent.pages_reused,
-                        freeze_us: since_offer(resumed),
-                        committed_us: since_offer(answered_at),
-                        frozen_at_us: sent.frozen_at_us,
-                        resumed_at_us,
-                    };
-                    // Stored before the agent is let go: a write it makes next (its end, a
-                    // sleep, a departure) must not be durable before its hop home is, or a
-                    // crash of the home in between would lose the hop. (A crash before this
-                    // write leaves the agent `Arrived`: a restart records the hop then.)
-                    self.deliver_async(&offer.agent, LaunchEvent::Moved(info))
-                        .await;
-                }
-                let _ = verdict.send(true);
-                answered
-            }
-            Err(why) => {
-                let _ = verdict.send(false);
-                tracing::warn!(agent = %offer.agent, %peer, "refused transfer: {why}");
-                drop(receiving);
-                write_msg(send, &TransferReply::Refused(why)).await
-            }
+        if let Some(task) = checking {
+            task.await?.map_err(ArrivalError::Invalid)?;
         }
+        if departed.seq != offer.seq {
+            return Err(ArrivalError::OtherHop(departed.seq));
+        }
+        let (agent, seq) = (&offer.agent, offer.seq);
+        Ok((self.store.commit_arrival_async(agent, seq, stored, staged)).await?)
+    }
+
+    /// The arrival is durable: answer COMMITTED, and record a hop into the agent's home here.
+    async fn arrived(
+        self: &Arc<Self>,
+        arrival: &Arrival<'_>,
+        departed: Departed,
+        (resumed, resumed_at_us): (Instant, u64),
+        send: &mut quinn::SendStream,
+    ) -> Result<(), WireError> {
+        let (offer, peer) = (arrival.offer, arrival.peer);
+        // It has arrived once the commit is durable, whether or not the answer reaches the
+        // source.
+        tracing::info!(agent = %offer.agent, from = %peer, seq = offer.seq, "agent arrived");
+        let ran_us = resumed.elapsed().as_micros() as u64;
+        let reply = TransferReply::Committed {
+            ran_us,
+            resumed_at_us,
+        };
+        let answered = write_msg(send, &reply).await;
+        let answered_at = Instant::now();
+        if let Some(sent) = departed.home
+            && offer.home == self.config.name
+        {
+            // The source's time until it sent the offer plus ours since then.
+            let since_offer = |at: Instant| {
+                let ours = at.duration_since(arrival.offered).as_micros() as u64;
+                sent.offered_us.saturating_add(ours)
+            };
+            let info = HopInfo {
+                seq: offer.seq,
+                from: peer.name.clone(),
+                from_arch: sent.from_arch,
+                to: self.config.name.clone(),
+                image_bytes: sent.image_bytes,
+                memory_bytes: offer.memory_bytes,
+                module_bytes: sent.module_bytes,
+                base_list_bytes: arrival.base.map_or(0, |b| b.list().wire_bytes()),
+                pages_reused: sent.pages_reused,
+                freeze_us: since_offer(resumed),
+                committed_us: since_offer(answered_at),
+                frozen_at_us: sent.frozen_at_us,
+                resumed_at_us,
+            };
+            // Stored before the agent is let go: a write it makes next (its end, a sleep, a
+            // departure) must not be durable before its hop home is, or a crash of the home
+            // in between would lose the hop. (A crash before this write leaves the agent
+            // `Arrived`: a restart records the hop then.)
+            (self.deliver_async(&offer.agent, LaunchEvent::Moved(info))).await;
+        }
+        answered
     }
 
     /// Validates an arriving agent fully, by restoring it; yields it and, when pages were
@@ -360,63 +387,21 @@ impl Host {
         bytes: &bytes::Bytes,
         base: Option<&Base>,
         arriving: Option<Arriving>,
-    ) -> Result<(AgentInstance, Option<Vec<u8>>, Option<Unverified>), String> {
+    ) -> Result<(AgentInstance, Option<Vec<u8>>, Option<Unverified>), ArrivalError> {
         let started = Instant::now();
         let module = match wasm {
-            Some(wasm) => {
-                if ModuleHash::of(&wasm) != offer.module {
-                    return Err("the module bytes do not match the offered hash".into());
-                }
-                let module = self
-                    .admit(wasm.clone())
-                    .await
-                    .map_err(|e| format!("module refused: {e}"))?;
-                self.store
-                    .put_module(&module.hash, &wasm)
-                    .map_err(|e| e.to_string())?;
-                module
-            }
+            Some(wasm) => self.arriving_module(offer, wasm).await?,
             None => self.module(&offer.module).await?,
         };
-        // A large image that stands alone is hashed once the agent runs, before the commit.
-        let (decoded, unverified) = match base.is_none() && bytes.len() as u64 >= WORTH_PREPARING {
-            true => match AgentImage::decode_unverified(bytes, &self.image_limits()) {
-                Ok((image, unverified)) => (Ok((image, false)), Some(unverified)),
-                Err(e) => (Err(e), None),
-            },
-            false => (
-                AgentImage::decode_against(bytes, &self.image_limits(), base),
-                None,
-            ),
-        };
-        if let (Err(ImageError::HashMismatch), Some(base)) = (&decoded, base) {
-            // Pages filled in from the base made a wrong image (a hash collision, or a base
-            // the source did not see): the next offer gets no list and sends every page.
-            if let Ok(mut bases) = self.bases.lock() {
-                bases.remove_seq(&offer.agent, base.seq());
-            }
-        }
-        let (image, filled_in) = decoded.map_err(|e| e.to_string())?;
-        if image.context.agent_id != offer.agent
-            || image.context.hop_seq != offer.seq
-            || image.module != offer.module
-            || image.context.owner != offer.owner
-            || image.context.home != offer.home
-        {
-            return Err("the image does not match the offer".into());
-        }
+        let (image, filled_in, unverified) = self.decode_arrival(offer, bytes, base)?;
         let phase = |name: &str| {
-            tracing::debug!(
-                seq = offer.seq,
-                phase = name,
-                us = started.elapsed().as_micros() as u64,
-                "hop in"
-            )
+            let us = started.elapsed().as_micros() as u64;
+            tracing::debug!(seq = offer.seq, phase = name, us, "hop in");
         };
         phase("decoded");
         // What is stored must stand alone: the base may be gone when the store is read.
         let whole = match filled_in {
-            true => Some(image.encode().map_err(|e| e.to_string())?),
+            true => Some(image.encode().map_err(ArrivalError::Encode)?),
             false => None,
         };
         let ready = match arriving {
@@ -440,8 +425,133 @@ impl Host {
                 (restored.await, "restored")
             }
         };
-        let agent = restored.map_err(|e| e.to_string())?;
+        let agent = restored?;
         phase(how);
         Ok((agent, whole, unverified))
     }
+
+    /// Admits and keeps the module an arrival brought.
+    async fn arriving_module(
+        self: &Arc<Self>,
+        offer: &Offer,
+        wasm: Vec<u8>,
+    ) -> Result<Arc<AgentModule>, ArrivalError> {
+        if ModuleHash::of(&wasm) != offer.module {
+            return Err(ArrivalError::OtherModule);
+        }
+        let module = (self.admit(wasm.clone()).await).map_err(ArrivalError::ModuleRefused)?;
+        self.store.put_module(&module.hash, &wasm)?;
+        Ok(module)
+    }
+
+    /// Decodes an arriving image, filling in pages from `base`, and checks it is the offered
+    /// agent's. A large image that stands alone is hashed once the agent runs, before the
+    /// commit: it comes back unverified.
+    fn decode_arrival(
+        &self,
+        offer: &Offer,
+        bytes: &bytes::Bytes,
+        base: Option<&Base>,
+    ) -> Result<(AgentImage, bool, Option<Unverified>), ArrivalError> {
+        let limits = self.image_limits();
+        let (decoded, unverified) = match base.is_none() && bytes.len() as u64 >= WORTH_PREPARING {
+            true => match AgentImage::decode_unverified(bytes, &limits) {
+                Ok((image, unverified)) => (Ok((image, false)), Some(unverified)),
+                Err(e) => (Err(e), None),
+            },
+            false => (AgentImage::decode_against(bytes, &limits, base), None),
+        };
+        if let (Err(ImageError::HashMismatch), Some(base)) = (&decoded, base) {
+            // Pages filled in from the base made a wrong image (a hash collision, or a base
+            // the source did not see): the next offer gets no list and sends every page.
+            if let Ok(mut bases) = self.bases.lock() {
+                bases.remove_seq(&offer.agent, base.seq());
+            }
+        }
+        let (image, filled_in) = decoded?;
+        if image.context.agent_id != offer.agent
+            || image.context.hop_seq != offer.seq
+            || image.module != offer.module
+            || image.context.owner != offer.owner
+            || image.context.home != offer.home
+        {
+            return Err(ArrivalError::NotTheOffer);
+        }
+        Ok((image, filled_in, unverified))
+    }
+}
+
+/// A large image being written to the store while it is checked.
+type Staging = tokio::task::JoinHandle<Result<crate::net::store::Staged, StoreError>>;
+
+/// A large image's pages being hashed while the agent runs.
+type Checking = tokio::task::JoinHandle<Result<(), ImageError>>;
+
+/// One accepted transfer at the destination.
+struct Arrival<'a> {
+    peer: &'a Identity,
+    offer: &'a Offer,
+    /// No later than when the offer was sent, by this host's clock.
+    offered: Instant,
+    base: Option<&'a Base>,
+    started: Instant,
+}
+
+impl Arrival<'_> {
+    fn phase(&self, name: &str) {
+        let us = self.started.elapsed().as_micros() as u64;
+        tracing::debug!(seq = self.offer.seq, phase = name, us, "hop in");
+    }
+
+    /// Refuses the transfer: the source still owns the agent.
+    async fn refuse(
+        &self,
+        send: &mut quinn::SendStream,
+        receiving: Option<Receiving>,
+        why: ArrivalError,
+    ) -> Result<(), WireError> {
+        let (agent, peer) = (self.offer.agent, self.peer);
+        tracing::warn!(%agent, %peer, "refused transfer: {why}");
+        // A query once the source has the answer must not hear IN PROGRESS.
+        drop(receiving);
+        write_msg(send, &TransferReply::Refused(why.to_string())).await
+    }
+}
+
+/// Why an arriving agent was refused.
+#[derive(Debug, thiserror::Error)]
+pub(in crate::net) enum ArrivalError {
+    /// The module bytes are not those offered.
+    #[error("the module bytes do not match the offered hash")]
+    OtherModule,
+    /// Admission refused the module.
+    #[error("module refused: {0}")]
+    ModuleRefused(#[source] AdmitError),
+    /// The module it needs is not here, or not admitted.
+    #[error(transparent)]
+    Module(#[from] RestoreError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The image does not decode.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A large image's pages do not match its digest.
+    #[error("invalid image: {0}")]
+    Invalid(#[source] ImageError),
+    /// The image is not the offered agent's.
+    #[error("the image does not match the offer")]
+    NotTheOffer,
+    /// The whole image could not be encoded to be stored.
+    #[error("{0}")]
+    Encode(#[source] std::io::Error),
+    /// The agent could not be restored.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// DEPARTED named another hop.
+    #[error("DEPARTED names hop {0}")]
+    OtherHop(u64),
+    /// A task checking the image failed.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
 }

@@ -8,9 +8,19 @@
 //! failure; once DEPARTED may have reached the destination, the source never guesses: it asks
 //! the destination what became of the transfer (agent id, hop seq) until it learns.
 
+use crate::backoff::Backoff;
+use crate::base::WORTH_A_BASE;
 use crate::net::certs::{Identity, Role};
 use crate::net::messages::{Offer, OfferReply, TransferReply, TransferStatus};
 use agent_abi::HopError;
+use std::fmt::Display;
+use std::time::Duration;
+
+/// The first pause before a source asks a destination what became of a transfer again.
+const QUERY_FIRST: Duration = Duration::from_millis(100);
+
+/// The longest pause between such queries.
+const QUERY_MOST: Duration = Duration::from_secs(1);
 
 /// What the source must do next.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,7 +30,10 @@ pub enum SourceStep {
         /// The destination lacks the module.
         module: bool,
     },
-    /// Once the departure record is durable, send DEPARTED.
+    /// Make the departure record durable (start writing it, if that has not begun) and
+    /// say how it went ([`SourceHop::on_recorded`]).
+    Record,
+    /// The departure record is durable: send DEPARTED.
     Confirm,
     /// Wait for the destination's verdict.
     AwaitVerdict,
@@ -42,34 +55,136 @@ enum SourceState {
     Done,
 }
 
+/// Whether the departure record is being written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Recording {
+    NotStarted,
+    Started,
+    Done,
+}
+
+/// How a source sends one hop: decided from the image before the offer leaves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Record the departure while the offer and the image travel. A large image is recorded
+    /// once it has been sent, as the destination stores its copy once it has come: writing
+    /// to the disk slows a transfer alongside (BENCHMARKS.md), and the destination resumes
+    /// the agent before DEPARTED anyway, so only the commit waits for the record.
+    pub record_early: bool,
+    /// Send the image right after the offer, without waiting for the answer: for an image
+    /// too small to be worth a page list, to a host known to hold the module.
+    pub image_follows: bool,
+    /// Keep the pages the agent leaves with, so that coming back sends only what changed.
+    pub keep_base: bool,
+}
+
+impl Plan {
+    /// The plan for an image of `image_bytes` to a destination that holds the module (as far
+    /// as the source knows) or not; `base_fits`: the return cache would keep its pages.
+    pub fn new(image_bytes: u64, peer_has_module: bool, base_fits: bool) -> Plan {
+        Plan {
+            record_early: image_bytes < WORTH_PREPARING,
+            image_follows: peer_has_module && image_bytes < WORTH_A_BASE,
+            keep_base: base_fits && image_bytes >= WORTH_A_BASE,
+        }
+    }
+
+    /// Whether an image whose carried pages take `pages_bytes` is encoded from the agent's
+    /// memory where it lies: a large one the return cache would not keep. Any other is
+    /// copied out (a base keeps its pages, and a small one costs little).
+    pub fn in_place(pages_bytes: u64, base_fits: bool) -> bool {
+        !base_fits && pages_bytes >= WORTH_PREPARING
+    }
+}
+
+/// Images at least this large have their departure recorded once they were sent, their
+/// instance made ready while they travel, and their pages hashed once the agent runs (before
+/// the commit), not before it resumes: below it a restore costs less than the task would,
+/// and hashing is quick.
+pub const WORTH_PREPARING: u64 = 8 << 20;
+
 /// The source side of one hop. Start it after sending the OFFER.
 #[derive(Debug)]
 pub struct SourceHop {
     site: String,
     state: SourceState,
+    plan: Plan,
+    recording: Recording,
+    /// The step that waits for the departure record.
+    after_record: Option<SourceStep>,
+    /// Pauses between queries.
+    backoff: Backoff,
 }
 
 impl SourceHop {
-    /// A hop to `site` whose OFFER is on its way.
+    /// A hop to `site` whose OFFER is on its way and whose departure record is durable
+    /// already.
     pub fn offered(site: &str) -> SourceHop {
+        let mut hop = SourceHop::planned(site, Plan::default());
+        hop.recording = Recording::Done;
+        hop
+    }
+
+    /// A hop to `site` sent as `plan` says, whose OFFER is on its way. With
+    /// [`Plan::record_early`] the driver starts writing the departure record now.
+    pub fn planned(site: &str, plan: Plan) -> SourceHop {
         SourceHop {
             site: site.to_string(),
             state: SourceState::Offered,
+            plan,
+            recording: match plan.record_early {
+                true => Recording::Started,
+                false => Recording::NotStarted,
+            },
+            after_record: None,
+            backoff: Backoff::new(QUERY_FIRST, QUERY_MOST),
         }
+    }
+
+    /// How this hop is sent.
+    pub fn plan(&self) -> Plan {
+        self.plan
     }
 
     /// A hop to `site` found recorded as departing after a restart: its image may have reached
     /// the destination, so only the destination's answer settles it.
     pub fn departed(site: &str) -> SourceHop {
-        SourceHop {
-            site: site.to_string(),
-            state: SourceState::InDoubt,
+        let mut hop = SourceHop::planned(site, Plan::default());
+        hop.state = SourceState::InDoubt;
+        hop.recording = Recording::Done;
+        hop
+    }
+
+    /// How long to wait before the next query.
+    pub fn query_pause(&mut self) -> Duration {
+        self.backoff.wait()
+    }
+
+    /// `step`, once a departure record being written is durable: any step but sending the
+    /// image waits for it, so that a hop that ends knows whether a departure was recorded.
+    fn after_recording(&mut self, step: SourceStep) -> SourceStep {
+        if self.recording == Recording::Started && !matches!(step, SourceStep::Transfer { .. }) {
+            self.after_record = Some(step);
+            return SourceStep::Record;
+        }
+        step
+    }
+
+    /// The departure record is durable (`Ok`), or could not be made so.
+    pub fn on_recorded<E: Display>(&mut self, recorded: Result<(), E>) -> SourceStep {
+        self.recording = Recording::Done;
+        let Some(then) = self.after_record.take() else {
+            return self.out_of_order("departure record");
+        };
+        match (recorded, then) {
+            (Err(why), SourceStep::Confirm) => self.on_unrecorded(&why.to_string()),
+            (_, then) => then,
         }
     }
 
     fn done(&mut self, step: SourceStep) -> SourceStep {
         self.state = SourceState::Done;
-        step
+        self.after_recording(step)
     }
 
     fn resume(&mut self, why: impl Into<String>) -> SourceStep {
@@ -82,11 +197,11 @@ impl SourceHop {
 
     fn in_doubt(&mut self) -> SourceStep {
         self.state = SourceState::InDoubt;
-        SourceStep::Query
+        self.after_recording(SourceStep::Query)
     }
 
     /// The destination answered the OFFER, or the exchange failed (`Err`).
-    pub fn on_offer_reply(&mut self, reply: Result<OfferReply, String>) -> SourceStep {
+    pub fn on_offer_reply<E: Display>(&mut self, reply: Result<OfferReply, E>) -> SourceStep {
         if self.state != SourceState::Offered {
             return self.out_of_order("offer reply");
         }
@@ -106,22 +221,26 @@ impl SourceHop {
             }
             Ok(OfferReply::AlreadyCommitted) => self.done(SourceStep::Forget),
             // Nothing of the agent has left: it is safe to resume here.
-            Err(why) => self.resume(why),
+            Err(why) => self.resume(why.to_string()),
         }
     }
 
     /// The module and image were sent (`Ok`) or sending failed part-way (`Err`).
-    pub fn on_sent(&mut self, sent: Result<(), String>) -> SourceStep {
+    pub fn on_sent<E: Display>(&mut self, sent: Result<(), E>) -> SourceStep {
         if self.state != SourceState::Transferring {
             return self.out_of_order("end of transfer");
         }
         match sent {
             Ok(()) => {
                 self.state = SourceState::Confirming;
-                SourceStep::Confirm
+                // A large image's departure is recorded once it was sent.
+                if self.recording == Recording::NotStarted {
+                    self.recording = Recording::Started;
+                }
+                self.after_recording(SourceStep::Confirm)
             }
             // The destination may hold the whole image, but it never commits without DEPARTED.
-            Err(why) => self.resume(why),
+            Err(why) => self.resume(why.to_string()),
         }
     }
 
@@ -135,7 +254,7 @@ impl SourceHop {
     }
 
     /// DEPARTED was sent (`Ok`), or sending it failed (`Err`): it may have arrived.
-    pub fn on_confirmed(&mut self, sent: Result<(), String>) -> SourceStep {
+    pub fn on_confirmed<E: Display>(&mut self, sent: Result<(), E>) -> SourceStep {
         if self.state != SourceState::Confirming {
             return self.out_of_order("DEPARTED");
         }
@@ -149,7 +268,7 @@ impl SourceHop {
     }
 
     /// The destination's verdict, or the exchange failed before it arrived.
-    pub fn on_verdict(&mut self, verdict: Result<TransferReply, String>) -> SourceStep {
+    pub fn on_verdict<E: Display>(&mut self, verdict: Result<TransferReply, E>) -> SourceStep {
         if self.state != SourceState::AwaitingVerdict {
             return self.out_of_order("verdict");
         }
@@ -167,7 +286,7 @@ impl SourceHop {
     }
 
     /// The destination's answer to a query, or the query failed (ask again later).
-    pub fn on_query_reply(&mut self, status: Result<TransferStatus, String>) -> SourceStep {
+    pub fn on_query_reply<E: Display>(&mut self, status: Result<TransferStatus, E>) -> SourceStep {
         if self.state != SourceState::InDoubt {
             return self.out_of_order("query reply");
         }
@@ -294,16 +413,19 @@ mod tests {
     fn a_clean_hop_ends_with_the_source_forgetting_the_agent() {
         let mut hop = SourceHop::offered("b");
         assert_eq!(
-            hop.on_offer_reply(Ok(OfferReply::Accept {
+            hop.on_offer_reply(Ok::<_, &str>(OfferReply::Accept {
                 need_module: true,
                 base: None
             })),
             SourceStep::Transfer { module: true }
         );
-        assert_eq!(hop.on_sent(Ok(())), SourceStep::Confirm);
-        assert_eq!(hop.on_confirmed(Ok(())), SourceStep::AwaitVerdict);
+        assert_eq!(hop.on_sent(Ok::<_, &str>(())), SourceStep::Confirm);
         assert_eq!(
-            hop.on_verdict(Ok(TransferReply::Committed {
+            hop.on_confirmed(Ok::<_, &str>(())),
+            SourceStep::AwaitVerdict
+        );
+        assert_eq!(
+            hop.on_verdict(Ok::<_, &str>(TransferReply::Committed {
                 ran_us: 0,
                 resumed_at_us: 0
             })),
@@ -316,26 +438,26 @@ mod tests {
     fn before_departed_is_sent_every_failure_resumes_on_the_source() {
         let mut hop = SourceHop::offered("b");
         assert_eq!(
-            hop.on_offer_reply(Err("connection lost".into())),
+            hop.on_offer_reply(Err("connection lost")),
             unreachable("connection lost")
         );
         let mut hop = SourceHop::offered("b");
         assert_eq!(
-            hop.on_offer_reply(Ok(OfferReply::Refuse("full".into()))),
+            hop.on_offer_reply(Ok::<_, &str>(OfferReply::Refuse("full".into()))),
             SourceStep::Resume(HopError::Refused {
                 site: "b".into(),
                 reason: "full".into()
             })
         );
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept {
+        hop.on_offer_reply(Ok::<_, &str>(OfferReply::Accept {
             need_module: false,
             base: None,
         }));
-        hop.on_sent(Ok(()));
-        hop.on_confirmed(Ok(()));
+        hop.on_sent(Ok::<_, &str>(()));
+        hop.on_confirmed(Ok::<_, &str>(()));
         assert_eq!(
-            hop.on_verdict(Ok(TransferReply::Refused("bad image".into()))),
+            hop.on_verdict(Ok::<_, &str>(TransferReply::Refused("bad image".into()))),
             SourceStep::Resume(HopError::Refused {
                 site: "b".into(),
                 reason: "bad image".into()
@@ -344,18 +466,15 @@ mod tests {
         // The image may have arrived whole, but without DEPARTED it is never committed.
         let accepted = || {
             let mut hop = SourceHop::offered("b");
-            hop.on_offer_reply(Ok(OfferReply::Accept {
+            hop.on_offer_reply(Ok::<_, &str>(OfferReply::Accept {
                 need_module: false,
                 base: None,
             }));
             hop
         };
-        assert_eq!(
-            accepted().on_sent(Err("reset".into())),
-            unreachable("reset")
-        );
+        assert_eq!(accepted().on_sent(Err("reset")), unreachable("reset"));
         let mut hop = accepted();
-        hop.on_sent(Ok(()));
+        hop.on_sent(Ok::<_, &str>(()));
         assert_eq!(
             hop.on_unrecorded("disk full"),
             unreachable("cannot record the departure: disk full")
@@ -365,31 +484,28 @@ mod tests {
     #[test]
     fn after_departed_may_have_arrived_the_source_asks_until_it_knows() {
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept {
+        hop.on_offer_reply(Ok::<_, &str>(OfferReply::Accept {
             need_module: false,
             base: None,
         }));
-        hop.on_sent(Ok(()));
-        assert_eq!(hop.on_confirmed(Err("reset".into())), SourceStep::Query);
+        hop.on_sent(Ok::<_, &str>(()));
+        assert_eq!(hop.on_confirmed(Err("reset")), SourceStep::Query);
+        assert_eq!(hop.on_query_reply(Err("still down")), SourceStep::Query);
         assert_eq!(
-            hop.on_query_reply(Err("still down".into())),
-            SourceStep::Query
-        );
-        assert_eq!(
-            hop.on_query_reply(Ok(TransferStatus::Committed)),
+            hop.on_query_reply(Ok::<_, &str>(TransferStatus::Committed)),
             SourceStep::Forget
         );
 
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept {
+        hop.on_offer_reply(Ok::<_, &str>(OfferReply::Accept {
             need_module: false,
             base: None,
         }));
-        hop.on_sent(Ok(()));
-        hop.on_confirmed(Ok(()));
-        assert_eq!(hop.on_verdict(Err("timeout".into())), SourceStep::Query);
+        hop.on_sent(Ok::<_, &str>(()));
+        hop.on_confirmed(Ok::<_, &str>(()));
+        assert_eq!(hop.on_verdict(Err("timeout")), SourceStep::Query);
         assert_eq!(
-            hop.on_query_reply(Ok(TransferStatus::Aborted)),
+            hop.on_query_reply(Ok::<_, &str>(TransferStatus::Aborted)),
             unreachable("the transfer was interrupted and aborted")
         );
     }
@@ -398,7 +514,7 @@ mod tests {
     fn a_repeated_transfer_of_a_committed_hop_is_committed_again() {
         let mut hop = SourceHop::offered("b");
         assert_eq!(
-            hop.on_offer_reply(Ok(OfferReply::AlreadyCommitted)),
+            hop.on_offer_reply(Ok::<_, &str>(OfferReply::AlreadyCommitted)),
             SourceStep::Forget
         );
     }
@@ -406,26 +522,26 @@ mod tests {
     #[test]
     fn out_of_order_inputs_resume_only_before_departed_is_sent() {
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept {
+        hop.on_offer_reply(Ok::<_, &str>(OfferReply::Accept {
             need_module: false,
             base: None,
         }));
         // A verdict before DEPARTED was sent: the destination cannot have committed.
         assert_eq!(
-            hop.on_verdict(Ok(TransferReply::Committed {
+            hop.on_verdict(Ok::<_, &str>(TransferReply::Committed {
                 ran_us: 0,
                 resumed_at_us: 0
             })),
             unreachable("protocol error: verdict out of order")
         );
         let mut hop = SourceHop::offered("b");
-        hop.on_offer_reply(Ok(OfferReply::Accept {
+        hop.on_offer_reply(Ok::<_, &str>(OfferReply::Accept {
             need_module: false,
             base: None,
         }));
-        hop.on_sent(Ok(()));
-        hop.on_confirmed(Ok(()));
-        assert_eq!(hop.on_sent(Ok(())), SourceStep::Query);
+        hop.on_sent(Ok::<_, &str>(()));
+        hop.on_confirmed(Ok::<_, &str>(()));
+        assert_eq!(hop.on_sent(Ok::<_, &str>(())), SourceStep::Query);
     }
 
     fn offer() -> Offer {
@@ -569,22 +685,19 @@ mod tests {
     #[test]
     fn a_departure_found_after_a_restart_is_settled_only_by_the_destination() {
         let mut hop = SourceHop::departed("b");
+        assert_eq!(hop.on_query_reply(Err("b is down")), SourceStep::Query);
         assert_eq!(
-            hop.on_query_reply(Err("b is down".into())),
-            SourceStep::Query
-        );
-        assert_eq!(
-            hop.on_query_reply(Ok(TransferStatus::InProgress)),
+            hop.on_query_reply(Ok::<_, &str>(TransferStatus::InProgress)),
             SourceStep::Query
         );
         assert!(!hop.is_done());
         assert_eq!(
-            hop.on_query_reply(Ok(TransferStatus::Committed)),
+            hop.on_query_reply(Ok::<_, &str>(TransferStatus::Committed)),
             SourceStep::Forget
         );
         let mut hop = SourceHop::departed("b");
         assert_eq!(
-            hop.on_query_reply(Ok(TransferStatus::Aborted)),
+            hop.on_query_reply(Ok::<_, &str>(TransferStatus::Aborted)),
             unreachable("the transfer was interrupted and aborted")
         );
         assert!(hop.is_done());

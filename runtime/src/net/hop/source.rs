@@ -1,20 +1,60 @@
-use crate::base::{Base, BaseList, Binding, WORTH_A_BASE, encode_against};
+//! The source side of a hop: the I/O that [`SourceHop`] asks for, from the agent's capture
+//! to the forwarding pointer.
+
+use crate::base::{Base, BaseList, Binding, encode_against};
 use crate::context::{AgentId, HopRecord};
 use crate::faults::crash_point;
-use crate::image::Encoded;
+use crate::image::{AgentImage, Encoded};
 use crate::instance::AgentInstance;
-use crate::net::hop::machine::{SourceHop, SourceStep};
+use crate::modules::AgentModule;
+use crate::net::hop::machine::{Plan, SourceHop, SourceStep};
 use crate::net::hop::outgoing::{Outgoing, write_blob_passing, write_image};
 use crate::net::host::*;
 use crate::net::messages::{
-    Departed, HopInfo, Offer, OfferReply, Request, SentHome, TransferReply, TransferStatus, unix_us,
+    Departed, HopInfo, Offer, OfferReply, Reply, Request, SentHome, TransferReply, TransferStatus,
+    unix_us,
 };
-use crate::net::store::AgentRecord;
-use crate::net::wire::{read_msg, write_msg};
+use crate::net::peers::PeerError;
+use crate::net::store::{AgentRecord, StoreError};
+use crate::net::wire::{WireError, read_msg, write_msg};
 use crate::snapshot::{PAGE_SIZE, PageMap};
 use agent_abi::HopError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Why an exchange of a hop with its destination failed.
+#[derive(Debug, thiserror::Error)]
+pub(in crate::net) enum LinkError {
+    /// No connection to the destination.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// The stream failed.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The stream could not be opened.
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The destination's verdict did not come in time.
+    #[error("no verdict yet")]
+    NoVerdict,
+    /// The destination refused the query.
+    #[error(transparent)]
+    Refused(#[from] crate::net::messages::Refusal),
+    /// The hop's streams are gone.
+    #[error("no stream")]
+    NoStream,
+}
+
+/// Why the departure record could not be made durable.
+#[derive(Debug, thiserror::Error)]
+pub(in crate::net) enum RecordError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The task writing it failed.
+    #[error("the departure task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
 
 /// Why a hop did not happen, and the departure image recorded before it failed, if any.
 pub(in crate::net) struct HopFailure {
@@ -51,38 +91,100 @@ impl Host {
         if !self.config.peers.contains_key(site) {
             return Err(HopError::UnknownSite(site.to_string()).into());
         }
-        let from = self.config.name.clone();
-        // Each attempt gets its own sequence number, so a retry never meets an aborted one.
-        agent.context_mut().hop_seq += 1;
-        let seq = agent.context().hop_seq;
-        let mut image = agent.capture_in_place();
-        image.context.record_hop(HopRecord {
-            seq,
-            from: from.clone(),
-            to: site.to_string(),
-        });
+        // The agent stays suspended until the hop ends, so its memory can be read where it lies.
+        let module = agent.module().clone();
+        let mut out = self.pack(agent, site, module, (frozen, frozen_at_us))?;
+        let mut hop = SourceHop::planned(site, out.plan);
+        if out.plan.record_early
+            && let Outgoing::Encoded(full) = &out.bytes
+        {
+            let id = out.offer.agent;
+            out.recording = Some(self.record_departure(id, out.seq, site, full));
+        }
+        let reply = out.offer_to(self, site).await;
+        out.phase("offer answered");
+        let mut step = hop.on_offer_reply(reply);
+        loop {
+            step = match step {
+                SourceStep::Transfer { module } => {
+                    crash_point("source-after-offer");
+                    let sent = out.transfer(self, module).await;
+                    out.phase("sent");
+                    hop.on_sent(sent)
+                }
+                SourceStep::Record => {
+                    let recorded = out.record(self, site).await;
+                    out.phase("departure recorded");
+                    hop.on_recorded(recorded)
+                }
+                SourceStep::Confirm => {
+                    crash_point("source-before-departed");
+                    hop.on_confirmed(out.confirm(site).await)
+                }
+                SourceStep::AwaitVerdict => {
+                    let verdict = out.verdict().await;
+                    out.phase("verdict");
+                    hop.on_verdict(verdict)
+                }
+                SourceStep::Query => {
+                    tokio::time::sleep(hop.query_pause()).await;
+                    let query = Request::Query {
+                        agent: out.offer.agent,
+                        seq: out.seq,
+                    };
+                    let status = self.peers.ask::<Reply<TransferStatus>>(site, &query).await;
+                    hop.on_query_reply(status.map_err(LinkError::from).and_then(|s| Ok(s?)))
+                }
+                SourceStep::Resume(error) => {
+                    // It stays: a base is for an agent that left.
+                    if let Ok(mut bases) = self.bases.lock() {
+                        bases.remove_seq(&out.offer.agent, out.seq);
+                    }
+                    let departure = out.departure.take();
+                    return Err(HopFailure { error, departure });
+                }
+                SourceStep::Forget => {
+                    self.peer_holds(site, &out.module);
+                    return Ok(out.info(&self.config.name, site));
+                }
+            };
+        }
+    }
+
+    /// Captures the agent for hop `seq + 1` to `site` and encodes its image: in place, or
+    /// copied out ([`Plan::in_place`]).
+    fn pack<'a>(
+        self: &Arc<Self>,
+        agent: &'a mut AgentInstance,
+        site: &str,
+        module: Arc<AgentModule>,
+        (frozen, frozen_at_us): (Instant, u64),
+    ) -> Result<Outbound<'a>, HopFailure> {
         let unreachable = |reason: String| HopError::Unreachable {
             site: site.into(),
             reason,
         };
+        // Each attempt gets its own sequence number, so a retry never meets an aborted one.
+        agent.context_mut().hop_seq += 1;
+        let seq = agent.context().hop_seq;
+        let from = self.config.name.clone();
+        let mut image = agent.capture_in_place();
+        image.context.record_hop(HopRecord {
+            seq,
+            from,
+            to: site.to_string(),
+        });
         let phase = |name: &str| {
-            tracing::debug!(
-                seq,
-                phase = name,
-                us = frozen.elapsed().as_micros() as u64,
-                "hop out"
-            )
+            let us = frozen.elapsed().as_micros() as u64;
+            tracing::debug!(seq, phase = name, us, "hop out");
         };
         phase("captured");
-        // The agent stays suspended until the hop ends, so its memory can be read where it
-        // lies. A large image the return cache would not keep is sent and stored from there;
-        // any other is copied out (the base keeps its pages, and a small one costs little).
         let memory = agent.memory();
-        let in_place = match self.bases.lock().is_ok_and(|b| b.fits(&image.pages)) {
-            false if image.pages.pages() * PAGE_SIZE as u64 >= WORTH_PREPARING => image
-                .encode_in_place(memory)
-                .map_err(|e| unreachable(e.to_string()))?,
-            _ => None,
+        let base_fits = self.bases.lock().is_ok_and(|b| b.fits(&image.pages));
+        let carried = image.pages.pages() * PAGE_SIZE as u64;
+        let in_place = match Plan::in_place(carried, base_fits) {
+            true => (image.encode_in_place(memory)).map_err(|e| unreachable(e.to_string()))?,
+            false => None,
         };
         let bytes = match in_place {
             Some(image) => Outgoing::InPlace(image),
@@ -93,23 +195,8 @@ impl Host {
             }
         };
         phase("encoded");
-        // The departure is recorded while the offer and the image travel: it must be durable
-        // before DEPARTED is sent, since the destination commits only after DEPARTED. Once it
-        // is, a restart asks the destination, which aborts a transfer it never committed.
-        // A large image is recorded once it has been sent, as the destination stores its copy
-        // once it has come: on the VMs we measure on, writing to the disk slows a transfer
-        // alongside by half (BENCHMARKS.md), and the destination resumes the agent before
-        // DEPARTED anyway, so only the commit waits for the record.
-        let record_later = bytes.len() as u64 >= WORTH_PREPARING;
-        let mut recording = match &bytes {
-            Outgoing::Encoded(full) if !record_later => {
-                Some(self.record_departure(image.context.agent_id, seq, site, full))
-            }
-            _ => None,
-        };
-        let module = agent.module().clone();
-        let known =
-            (self.peer_modules.lock()).is_ok_and(|k| k.contains(&(site.into(), module.hash)));
+        let known = self.peer_has(site, &module);
+        let plan = Plan::new(bytes.len() as u64, known, base_fits);
         let offer = Offer {
             agent: image.context.agent_id,
             seq,
@@ -120,242 +207,47 @@ impl Host {
             abi: agent_abi::ABI_VERSION,
             owner: image.context.owner.clone(),
             home: image.context.home.clone(),
-            image_follows: known && (bytes.len() as u64) < WORTH_A_BASE,
+            image_follows: plan.image_follows,
         };
         // Hashed while the offer travels and kept before the image leaves: an agent that
         // comes straight back finds its pages here.
-        let mut base_task = (offer.image_bytes >= WORTH_A_BASE)
+        let base_task = (plan.keep_base)
             .then(|| self.hash_base(seq, &image.pages, offer_binding(&offer)))
             .flatten();
-        let mut hop = SourceHop::offered(site);
-        let mut streams = None;
-        let mut offered = Duration::ZERO;
-        let reply = async {
-            let conn = self.connect(site).await?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            offered = frozen.elapsed();
-            write_msg(&mut send, &Request::Hop(offer.clone()))
-                .await
-                .map_err(|e| e.to_string())?;
-            if offer.image_follows {
-                write_image(&mut send, &bytes, "source-mid-image")
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            let reply: OfferReply = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
-            streams = Some((send, recv));
-            Ok(reply)
-        }
-        .await;
-        phase("offer answered");
-        let mut reply = reply;
-        let base = match &mut reply {
-            Ok(OfferReply::Accept { base, .. }) => base.take(),
-            _ => None,
-        };
-        if let Ok(OfferReply::Accept {
-            need_module: false, ..
-        }) = &reply
-            && let Ok(mut known) = self.peer_modules.lock()
-        {
+        Ok(Outbound {
+            seq,
+            frozen,
+            frozen_at_us,
+            plan,
+            image,
+            memory,
+            bytes,
+            offer,
+            module,
+            base_task,
+            own_base: None,
+            base: None,
+            partial: None,
+            pages_reused: 0,
+            module_sent: 0,
+            streams: None,
+            offered: Duration::ZERO,
+            recording: None,
+            departure: None,
+            ran_there: Duration::ZERO,
+            resumed_there: 0,
+        })
+    }
+
+    /// Whether peer `site` said it holds `module`.
+    fn peer_has(&self, site: &str, module: &AgentModule) -> bool {
+        (self.peer_modules.lock()).is_ok_and(|k| k.contains(&(site.into(), module.hash)))
+    }
+
+    /// Peer `site` holds `module`: a small image of it is sent with the offer from now on.
+    fn peer_holds(&self, site: &str, module: &AgentModule) {
+        if let Ok(mut known) = self.peer_modules.lock() {
             known.insert((site.to_string(), module.hash));
-        }
-        let mut step = hop.on_offer_reply(reply);
-        let mut module_sent = 0u64;
-        let mut own_base = None;
-        // What is sent, when it is not the whole image: the pages the destination lacks.
-        let mut partial = None;
-        let mut pages_reused = 0;
-        let mut backoff = Duration::from_millis(100);
-        // Set once the departure is recorded: from then on a restart asks the destination.
-        let mut departure = None;
-        let mut unrecorded = None;
-        // How long the agent had run on the destination when it answered COMMITTED.
-        let mut ran_there = Duration::ZERO;
-        let mut resumed_there = 0;
-        loop {
-            if record_later
-                && departure.is_none()
-                && unrecorded.is_none()
-                && matches!(step, SourceStep::Confirm)
-            {
-                match &bytes {
-                    Outgoing::Encoded(full) => {
-                        recording = Some(self.record_departure(offer.agent, seq, site, full));
-                    }
-                    // Not a task of its own: the pages stay borrowed from the agent.
-                    Outgoing::InPlace(full) => {
-                        match crate::net::store::blocking(|| {
-                            self.keep_departure(offer.agent, seq, site, &full.parts())
-                        }) {
-                            Ok(image) => departure = Some(image),
-                            Err(e) => {
-                                tracing::error!(seq, "cannot record the departure: {e}");
-                                unrecorded = Some(e);
-                            }
-                        }
-                        phase("departure recorded");
-                    }
-                }
-            }
-            // Any step but sending the image waits for the record.
-            if !matches!(step, SourceStep::Transfer { .. })
-                && let Some(recording) = recording.take()
-            {
-                let recorded = recording
-                    .await
-                    .unwrap_or_else(|e| Err(format!("the departure task failed: {e}")));
-                match recorded {
-                    Ok(image) => departure = Some(image),
-                    Err(e) => {
-                        tracing::error!(seq, "cannot record the departure: {e}");
-                        unrecorded = Some(e);
-                    }
-                }
-                phase("departure recorded");
-            }
-            step = match step {
-                SourceStep::Transfer {
-                    module: need_module,
-                } => {
-                    crash_point("source-after-offer");
-                    if let Some(task) = base_task.take()
-                        && let Ok(kept) = task.await
-                    {
-                        let kept = Arc::new(kept);
-                        if let Ok(mut bases) = self.bases.lock() {
-                            bases.insert(offer.agent, kept.clone());
-                        }
-                        own_base = Some(kept);
-                        phase("base kept");
-                    }
-                    if let Some(list) = &base {
-                        let own = own_base.as_deref();
-                        let encoded = crate::net::store::blocking(|| {
-                            // Pages read in place are copied out to be encoded against the list.
-                            if image.pages.data.is_empty() {
-                                let runs = std::mem::take(&mut image.pages.runs);
-                                image.pages = PageMap::gather(memory, runs);
-                            }
-                            encode_against(&image, list, own)
-                        });
-                        match encoded {
-                            Ok(Some((encoded, reused))) => {
-                                partial = Some(Outgoing::Encoded(Arc::new(encoded)));
-                                pages_reused = reused;
-                            }
-                            Ok(None) => {}
-                            Err(e) => tracing::warn!(seq, "sending the whole image: {e}"),
-                        }
-                        phase("encoded against the destination's pages");
-                    }
-                    let sent = match streams.as_mut() {
-                        Some((send, _)) => {
-                            let mut result = Ok(());
-                            if need_module {
-                                // Read only when the destination lacks it: most hops go to
-                                // hosts that have it.
-                                let wasm = self.store.module(&module.hash).unwrap_or_default();
-                                module_sent = wasm.len() as u64;
-                                let wasm = bytes::Bytes::from(wasm);
-                                result =
-                                    write_blob_passing(send, &[], &wasm, "source-mid-module").await;
-                            }
-                            if result.is_ok() && !offer.image_follows {
-                                let wire = partial.as_ref().unwrap_or(&bytes);
-                                result = write_image(send, wire, "source-mid-image").await;
-                            }
-                            result.map_err(|e| e.to_string())
-                        }
-                        None => Err("no stream".to_string()),
-                    };
-                    phase("sent");
-                    hop.on_sent(sent)
-                }
-                SourceStep::Confirm => match (&unrecorded, streams.as_mut()) {
-                    // Dropping the streams tells the destination; it never commits.
-                    (Some(why), _) => hop.on_unrecorded(why),
-                    (None, Some((send, _))) => {
-                        crash_point("source-before-departed");
-                        // The home records a hop into it itself, from what it is told here.
-                        let home = (site == offer.home).then(|| SentHome {
-                            from_arch: std::env::consts::ARCH.to_string(),
-                            image_bytes: partial.as_ref().unwrap_or(&bytes).len() as u64,
-                            module_bytes: module_sent,
-                            pages_reused,
-                            frozen_at_us,
-                            offered_us: offered.as_micros() as u64,
-                        });
-                        let sent = write_msg(send, &Departed { seq, home }).await;
-                        hop.on_confirmed(sent.map_err(|e| e.to_string()))
-                    }
-                    (None, None) => hop.on_confirmed(Err("no stream".into())),
-                },
-                SourceStep::AwaitVerdict => {
-                    let verdict = match streams.as_mut() {
-                        Some((_, recv)) => {
-                            let read = read_msg::<TransferReply>(recv);
-                            tokio::time::timeout(VERDICT_TIMEOUT, read)
-                                .await
-                                .map_err(|_| "no verdict yet".to_string())
-                                .and_then(|v| v.map_err(|e| e.to_string()))
-                        }
-                        None => Err("no stream".to_string()),
-                    };
-                    phase("verdict");
-                    if let Ok(TransferReply::Committed {
-                        ran_us,
-                        resumed_at_us,
-                    }) = &verdict
-                    {
-                        ran_there = Duration::from_micros(*ran_us);
-                        resumed_there = *resumed_at_us;
-                    }
-                    hop.on_verdict(verdict)
-                }
-                SourceStep::Query => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    let status: Result<Result<TransferStatus, String>, String> = self
-                        .ask(
-                            site,
-                            &Request::Query {
-                                agent: offer.agent,
-                                seq,
-                            },
-                        )
-                        .await;
-                    hop.on_query_reply(status.and_then(|s| s))
-                }
-                SourceStep::Resume(error) => {
-                    // It stays: a base is for an agent that left.
-                    if let Ok(mut bases) = self.bases.lock() {
-                        bases.remove_seq(&offer.agent, seq);
-                    }
-                    return Err(HopFailure { error, departure });
-                }
-                SourceStep::Forget => {
-                    if let Ok(mut known) = self.peer_modules.lock() {
-                        known.insert((site.to_string(), module.hash));
-                    }
-                    let info = HopInfo {
-                        seq,
-                        from,
-                        from_arch: std::env::consts::ARCH.to_string(),
-                        to: site.to_string(),
-                        image_bytes: partial.as_ref().unwrap_or(&bytes).len() as u64,
-                        memory_bytes: offer.memory_bytes,
-                        module_bytes: module_sent,
-                        base_list_bytes: base.as_ref().map_or(0, BaseList::wire_bytes),
-                        pages_reused,
-                        freeze_us: frozen.elapsed().saturating_sub(ran_there).as_micros() as u64,
-                        committed_us: frozen.elapsed().as_micros() as u64,
-                        frozen_at_us,
-                        resumed_at_us: resumed_there,
-                    };
-                    return Ok(info);
-                }
-            };
         }
     }
 
@@ -384,7 +276,7 @@ impl Host {
         seq: u64,
         to: &str,
         bytes: &Arc<Encoded>,
-    ) -> tokio::task::JoinHandle<Result<String, String>> {
+    ) -> tokio::task::JoinHandle<Result<String, StoreError>> {
         let (host, bytes, to) = (self.clone(), bytes.clone(), to.to_string());
         if bytes.len() > crate::net::store::INLINE_IMAGE {
             return tokio::task::spawn_blocking(move || {
@@ -393,10 +285,9 @@ impl Host {
         }
         tokio::spawn(async move {
             let parts = bytes.parts();
-            let kept = (host.store)
+            (host.store)
                 .keep_agent_async(&id, &parts, departing(seq, &to))
-                .await;
-            kept.map_err(|e| e.to_string())
+                .await
         })
     }
 
@@ -408,9 +299,214 @@ impl Host {
         seq: u64,
         to: &str,
         parts: &[&[u8]],
-    ) -> Result<String, String> {
-        (self.store)
-            .keep_agent(&id, parts, departing(seq, to))
-            .map_err(|e| e.to_string())
+    ) -> Result<String, StoreError> {
+        (self.store).keep_agent(&id, parts, departing(seq, to))
+    }
+}
+
+/// One hop on its way out: what the driver holds between the machine's steps.
+struct Outbound<'a> {
+    seq: u64,
+    /// When the agent was suspended, by the monotonic clock and in µs since the Unix epoch.
+    frozen: Instant,
+    frozen_at_us: u64,
+    plan: Plan,
+    image: AgentImage,
+    /// The agent's memory, which its image's pages may still point into.
+    memory: &'a [u8],
+    /// The whole image.
+    bytes: Outgoing<'a>,
+    offer: Offer,
+    module: Arc<AgentModule>,
+    /// The pages the agent leaves with, being hashed into a base for its return.
+    base_task: Option<tokio::task::JoinHandle<Base>>,
+    own_base: Option<Arc<Base>>,
+    /// The pages the destination holds of the agent from an earlier stay.
+    base: Option<BaseList>,
+    /// What is sent when it is not the whole image: the pages the destination lacks.
+    partial: Option<Outgoing<'a>>,
+    pages_reused: u64,
+    module_sent: u64,
+    streams: Option<(quinn::SendStream, quinn::RecvStream)>,
+    /// From the suspension until the offer was sent.
+    offered: Duration,
+    /// The departure record being written.
+    recording: Option<tokio::task::JoinHandle<Result<String, StoreError>>>,
+    /// The departure image, once recorded: from then on a restart asks the destination.
+    departure: Option<String>,
+    /// How long the agent had run on the destination when it answered COMMITTED.
+    ran_there: Duration,
+    resumed_there: u64,
+}
+
+impl Outbound<'_> {
+    fn phase(&self, name: &str) {
+        let us = self.frozen.elapsed().as_micros() as u64;
+        tracing::debug!(seq = self.seq, phase = name, us, "hop out");
+    }
+
+    /// What travels: the pages the destination lacks, or the whole image.
+    fn sent(&self) -> &Outgoing<'_> {
+        self.partial.as_ref().unwrap_or(&self.bytes)
+    }
+
+    /// Sends the offer (and the image, if it follows) and reads the answer.
+    async fn offer_to(&mut self, host: &Host, site: &str) -> Result<OfferReply, LinkError> {
+        let conn = host.peers.connect(site).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        self.offered = self.frozen.elapsed();
+        write_msg(&mut send, &Request::Hop(self.offer.clone())).await?;
+        if self.offer.image_follows {
+            write_image(&mut send, &self.bytes, "source-mid-image").await?;
+        }
+        let mut reply: OfferReply = read_msg(&mut recv).await?;
+        self.streams = Some((send, recv));
+        if let OfferReply::Accept { base, need_module } = &mut reply {
+            self.base = base.take();
+            if !*need_module {
+                host.peer_holds(site, &self.module);
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Keeps the base, encodes the image against the destination's pages if it listed any,
+    /// and sends the module (if `need_module`) and the image (unless it followed the offer).
+    async fn transfer(&mut self, host: &Host, need_module: bool) -> Result<(), LinkError> {
+        if let Some(task) = self.base_task.take()
+            && let Ok(kept) = task.await
+        {
+            let kept = Arc::new(kept);
+            if let Ok(mut bases) = host.bases.lock() {
+                bases.insert(self.offer.agent, kept.clone());
+            }
+            self.own_base = Some(kept);
+            self.phase("base kept");
+        }
+        if self.base.is_some() {
+            self.encode_against_list();
+        }
+        let Some((send, _)) = self.streams.as_mut() else {
+            return Err(LinkError::NoStream);
+        };
+        if need_module {
+            // Read only when the destination lacks it: most hops go to hosts that have it.
+            let wasm = host.store.module(&self.module.hash).unwrap_or_default();
+            self.module_sent = wasm.len() as u64;
+            let wasm = bytes::Bytes::from(wasm);
+            write_blob_passing(send, &[], &wasm, "source-mid-module").await?;
+        }
+        if !self.offer.image_follows {
+            let wire = self.partial.as_ref().unwrap_or(&self.bytes);
+            write_image(send, wire, "source-mid-image").await?;
+        }
+        Ok(())
+    }
+
+    /// Encodes only the pages the destination lacks, from its list.
+    fn encode_against_list(&mut self) {
+        let Some(list) = &self.base else { return };
+        let (image, memory, own) = (&mut self.image, self.memory, self.own_base.as_deref());
+        let encoded = crate::net::store::blocking(|| {
+            // Pages read in place are copied out to be encoded against the list.
+            if image.pages.data.is_empty() {
+                let runs = std::mem::take(&mut image.pages.runs);
+                image.pages = PageMap::gather(memory, runs);
+            }
+            encode_against(image, list, own)
+        });
+        match encoded {
+            Ok(Some((encoded, reused))) => {
+                self.partial = Some(Outgoing::Encoded(Arc::new(encoded)));
+                self.pages_reused = reused;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(seq = self.seq, "sending the whole image: {e}"),
+        }
+        self.phase("encoded against the destination's pages");
+    }
+
+    /// Makes the departure record durable: waits for the one being written, or writes it
+    /// now (a large image's, once it was sent).
+    async fn record(&mut self, host: &Arc<Host>, site: &str) -> Result<(), RecordError> {
+        let (id, seq) = (self.offer.agent, self.seq);
+        let recorded = match (self.recording.take(), &self.bytes) {
+            (Some(task), _) => task.await?,
+            (None, Outgoing::Encoded(full)) => host.record_departure(id, seq, site, full).await?,
+            // Not a task of its own: the pages stay borrowed from the agent.
+            (None, Outgoing::InPlace(full)) => {
+                crate::net::store::blocking(|| host.keep_departure(id, seq, site, &full.parts()))
+            }
+        };
+        match recorded {
+            Ok(image) => {
+                self.departure = Some(image);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(seq, "cannot record the departure: {e}");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Sends DEPARTED; a hop into the agent's home says what the home records of it.
+    async fn confirm(&mut self, site: &str) -> Result<(), LinkError> {
+        // The home records a hop into it itself, from what it is told here.
+        let home = (site == self.offer.home).then(|| SentHome {
+            from_arch: std::env::consts::ARCH.to_string(),
+            image_bytes: self.sent().len() as u64,
+            module_bytes: self.module_sent,
+            pages_reused: self.pages_reused,
+            frozen_at_us: self.frozen_at_us,
+            offered_us: self.offered.as_micros() as u64,
+        });
+        let Some((send, _)) = self.streams.as_mut() else {
+            return Err(LinkError::NoStream);
+        };
+        let departed = Departed {
+            seq: self.seq,
+            home,
+        };
+        Ok(write_msg(send, &departed).await?)
+    }
+
+    /// Reads the destination's verdict, for at most [`VERDICT_TIMEOUT`].
+    async fn verdict(&mut self) -> Result<TransferReply, LinkError> {
+        let Some((_, recv)) = self.streams.as_mut() else {
+            return Err(LinkError::NoStream);
+        };
+        let read = read_msg::<TransferReply>(recv);
+        let verdict = (tokio::time::timeout(VERDICT_TIMEOUT, read).await)
+            .map_err(|_| LinkError::NoVerdict)??;
+        if let TransferReply::Committed {
+            ran_us,
+            resumed_at_us,
+        } = &verdict
+        {
+            self.ran_there = Duration::from_micros(*ran_us);
+            self.resumed_there = *resumed_at_us;
+        }
+        Ok(verdict)
+    }
+
+    /// The hop as it is reported to the agent's home.
+    fn info(&self, from: &str, site: &str) -> HopInfo {
+        let elapsed = self.frozen.elapsed();
+        HopInfo {
+            seq: self.seq,
+            from: from.to_string(),
+            from_arch: std::env::consts::ARCH.to_string(),
+            to: site.to_string(),
+            image_bytes: self.sent().len() as u64,
+            memory_bytes: self.offer.memory_bytes,
+            module_bytes: self.module_sent,
+            base_list_bytes: self.base.as_ref().map_or(0, BaseList::wire_bytes),
+            pages_reused: self.pages_reused,
+            freeze_us: elapsed.saturating_sub(self.ran_there).as_micros() as u64,
+            committed_us: elapsed.as_micros() as u64,
+            frozen_at_us: self.frozen_at_us,
+            resumed_at_us: self.resumed_there,
+        }
     }
 }

@@ -261,7 +261,7 @@ impl Host {
     }
 
     /// The event of an agent's end here.
-    fn ended(&self, hops: u64, outcome: AgentEnd) -> LaunchEvent {
+    pub(in crate::net) fn ended(&self, hops: u64, outcome: AgentEnd) -> LaunchEvent {
         LaunchEvent::Finished {
             site: self.config.name.clone(),
             hops,

@@ -209,6 +209,58 @@ pub(in crate::net) fn fit_list(all: Vec<StatusReply>) -> ListReply {
 }
 
 impl Host {
+    /// Records a new agent of `owner` launched here, watched by `watcher`.
+    pub(in crate::net) async fn add_home(
+        &self,
+        id: AgentId,
+        owner: &str,
+        watcher: mpsc::UnboundedSender<LaunchEvent>,
+    ) {
+        let status = StatusReply {
+            agent: id,
+            owner: owner.to_string(),
+            site: self.config.name.clone(),
+            state: AgentState::Running,
+            hops: Vec::new(),
+            result: None,
+            error: None,
+            sleeping: None,
+        };
+        let _ = self.store.put_home_async(&status).await;
+        if let Ok(mut homes) = self.homes.lock() {
+            homes.insert(id, HomeEntry::new(status, vec![watcher]));
+        }
+    }
+
+    /// Drops the watchers of an agent that went away.
+    pub(in crate::net) fn forget_gone_watchers(&self, id: &AgentId) {
+        if let Ok(mut homes) = self.homes.lock()
+            && let Some(entry) = homes.get_mut(id)
+        {
+            entry.watchers.retain(|w| !w.is_closed());
+            entry.watchers.shrink_to_fit();
+        }
+    }
+
+    /// The records of the agents `owner` launched here, running ones first, each group by id.
+    pub(in crate::net) fn home_list(&self, owner: &str) -> Vec<StatusReply> {
+        let mut list: Vec<StatusReply> = match self.homes.lock() {
+            Ok(homes) => (homes.values())
+                .filter(|h| h.status.owner == owner)
+                .map(|h| h.status.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        list.sort_by_key(|a| (a.state != AgentState::Running, a.agent));
+        list
+    }
+
+    /// The site an agent launched here was last seen on.
+    pub(in crate::net) fn home_site(&self, agent: &AgentId) -> Option<String> {
+        let homes = self.homes.lock().ok()?;
+        homes.get(agent).map(|e| e.status.site.clone())
+    }
+
     /// Records the hop that brought `agent` back to its home here, from its trace, in case
     /// this host stopped between committing that hop and storing the agent's status (a hop
     /// into its home is not reported by its source). What only the source knew reads 0; a

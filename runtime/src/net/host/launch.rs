@@ -7,9 +7,12 @@ use crate::modules::{AgentModule, ModuleHash};
 use crate::net::budget::InFlight;
 use crate::net::certs::{Identity, Role};
 use crate::net::host::*;
-use crate::net::messages::{AgentEnd, AgentState, LaunchEvent, Request, StatusReply};
+use crate::net::messages::Refusal;
+use crate::net::messages::Reply;
+use crate::net::messages::{AgentEnd, LaunchEvent, Request};
 use crate::net::quota::OverQuota;
 use crate::net::residents::{Found, Full, Reserved};
+use crate::net::store::StoreError;
 use crate::net::store::{AgentRecord, Resume};
 use crate::net::wire::{WireError, read_blob, write_msg};
 use std::collections::{BTreeMap, HashMap};
@@ -63,6 +66,20 @@ impl Drop for UploadTurn<'_> {
     }
 }
 
+/// Why a launch's module was not taken.
+#[derive(Debug, thiserror::Error)]
+pub(in crate::net) enum ModuleRefused {
+    /// The bytes sent are not those of the hash the launcher named.
+    #[error("the module sent is not the one named (hash {0})")]
+    NotNamed(ModuleHash),
+    /// Admission refused it.
+    #[error("module refused: {0}")]
+    Refused(#[source] AdmitError),
+    /// The store could not keep it.
+    #[error("cannot keep the module: {0}")]
+    NotKept(#[source] StoreError),
+}
+
 impl Host {
     /// Launches an agent of the module named (or sent) with its itinerary and arguments, and
     /// streams its events to the launcher until it ends.
@@ -70,115 +87,93 @@ impl Host {
         self: &Arc<Self>,
         peer: &Identity,
         (known, itinerary, args): (Option<ModuleHash>, Vec<String>, BTreeMap<String, String>),
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
-        inflight: &mut InFlight,
+        (send, recv, inflight): Stream<'_>,
     ) -> Result<(), WireError> {
+        let refused = |why: String| LaunchEvent::Refused(why);
         if peer.role != Role::User {
-            return write_msg(
-                send,
-                &LaunchEvent::Refused(format!(
-                    "only users launch agents, and {peer} is not a user"
-                )),
-            )
-            .await;
+            let why = format!("only users launch agents, and {peer} is not a user");
+            return write_msg(send, &refused(why)).await;
         }
         if self.shutting_down.load(Ordering::SeqCst) {
-            return write_msg(
-                send,
-                &LaunchEvent::Refused("the host is shutting down".into()),
-            )
-            .await;
+            return write_msg(send, &refused("the host is shutting down".into())).await;
         }
         // A place for the agent, held from here until it runs (or the launch fails).
         let place = match self.may_launch(&peer.name) {
             Ok(place) => place,
             Err(over) => {
                 tracing::info!(%peer, "refused a launch: {over}");
-                return write_msg(send, &LaunchEvent::Refused(over.to_string())).await;
+                return write_msg(send, &refused(over.to_string())).await;
             }
         };
         let read = self.launch_module(&peer.name, known, send, recv, inflight);
         let module = match tokio::time::timeout(MODULE_DEADLINE, read).await {
             Ok(Ok(Ok(module))) => module,
-            Ok(Ok(Err(refused))) => return write_msg(send, &LaunchEvent::Refused(refused)).await,
-            Ok(Err(e)) => {
-                // Told, in case the stream still carries it (a budget was full, say).
-                let why = format!("the module was not received: {e}");
-                let _ = write_msg(send, &LaunchEvent::Refused(why)).await;
-                return Err(e);
-            }
+            Ok(Ok(Err(no))) => return write_msg(send, &refused(no.to_string())).await,
             Err(_) => {
                 let late = WireError::Late {
                     what: "module",
                     within: MODULE_DEADLINE,
                 };
-                let _ = write_msg(send, &LaunchEvent::Refused(late.to_string())).await;
+                let _ = write_msg(send, &refused(late.to_string())).await;
                 return Err(late);
+            }
+            Ok(Err(e)) => {
+                // Told, in case the stream still carries it (a budget was full, say).
+                let why = format!("the module was not received: {e}");
+                let _ = write_msg(send, &refused(why)).await;
+                return Err(e);
             }
         };
         // The module is admitted and stored: its bytes are no longer held for the launch.
         inflight.release();
         let context = AgentContext::new(&self.config.name, &peer.name, itinerary, args);
         let id = context.agent_id;
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let status = StatusReply {
-            agent: id,
-            owner: peer.name.clone(),
-            site: self.config.name.clone(),
-            state: AgentState::Running,
-            hops: Vec::new(),
-            result: None,
-            error: None,
-            sleeping: None,
-        };
-        let _ = self.store.put_home_async(&status).await;
-        if let Ok(mut homes) = self.homes.lock() {
-            homes.insert(id, HomeEntry::new(status, vec![tx]));
-        }
-        let launched = match AgentInstance::launch(
-            module.clone(),
-            self.site.clone(),
-            context,
-            &self.config.limits,
-        )
-        .await
-        {
-            // From here on a crash of this host does not lose the agent.
-            Ok(mut agent) => match self.keep_async(&mut agent, Resume::Poll).await {
-                Ok(()) => Ok(agent),
-                Err(e) => Err(AgentEnd::Broken(e.to_string())),
-            },
-            Err(e) => Err(AgentEnd::from(&e)),
-        };
-        match launched {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.add_home(id, &peer.name, tx).await;
+        match self.launch_agent(module.clone(), context).await {
             Ok(agent) => {
                 // Said once the agent is stored: a detached launcher may leave at this point.
-                let said = write_msg(
-                    send,
-                    &LaunchEvent::Launched {
-                        agent: id,
-                        module: module.hash,
-                        site: self.config.name.clone(),
-                    },
-                )
-                .await;
+                let launched = LaunchEvent::Launched {
+                    agent: id,
+                    module: module.hash,
+                    site: self.config.name.clone(),
+                };
+                let said = write_msg(send, &launched).await;
                 self.spawn_agent(agent, Start::Poll);
                 said?;
             }
-            Err(e) => self.deliver(
-                &id,
-                LaunchEvent::Finished {
-                    site: self.config.name.clone(),
-                    hops: 0,
-                    outcome: e,
-                },
-            ),
+            Err(end) => self.deliver(&id, self.ended(0, end)),
         }
         // The agent runs (and is counted as running) or has ended.
         drop(place);
-        // Stream events until the end; if the user goes away the agent runs on. A launcher
-        // that stops reading frees its stream at once (it may launch thousands).
+        self.stream_events(id, send, rx).await
+    }
+
+    /// Starts the agent of a launch and stores it: from then on a crash of this host does
+    /// not lose it.
+    async fn launch_agent(
+        self: &Arc<Self>,
+        module: Arc<AgentModule>,
+        context: AgentContext,
+    ) -> Result<AgentInstance, AgentEnd> {
+        let (site, limits) = (self.site.clone(), &self.config.limits);
+        let launched = AgentInstance::launch(module, site, context, limits).await;
+        let mut agent = launched.map_err(|e| AgentEnd::from(&e))?;
+        match self.keep_async(&mut agent, Resume::Poll).await {
+            Ok(()) => Ok(agent),
+            Err(e) => Err(AgentEnd::Broken(e.to_string())),
+        }
+    }
+
+    /// Streams an agent's events to its launcher until its end; if the launcher goes away
+    /// the agent runs on. A launcher that stops reading frees its stream at once (it may
+    /// launch thousands).
+    async fn stream_events(
+        &self,
+        id: AgentId,
+        send: &mut quinn::SendStream,
+        mut rx: mpsc::UnboundedReceiver<LaunchEvent>,
+    ) -> Result<(), WireError> {
         loop {
             let event = tokio::select! {
                 event = rx.recv() => event,
@@ -192,12 +187,7 @@ impl Host {
         }
         // The channel's buffer would otherwise stay with the home record until the next event.
         drop(rx);
-        if let Ok(mut homes) = self.homes.lock()
-            && let Some(entry) = homes.get_mut(&id)
-        {
-            entry.watchers.retain(|w| !w.is_closed());
-            entry.watchers.shrink_to_fit();
-        }
+        self.forget_gone_watchers(&id);
         Ok(())
     }
 
@@ -233,7 +223,7 @@ impl Host {
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
         inflight: &mut InFlight,
-    ) -> Result<Result<Arc<AgentModule>, String>, WireError> {
+    ) -> Result<Result<Arc<AgentModule>, ModuleRefused>, WireError> {
         let Some(hash) = known else {
             return self.receive_module(None, recv, inflight).await;
         };
@@ -271,22 +261,20 @@ impl Host {
         known: Option<ModuleHash>,
         recv: &mut quinn::RecvStream,
         inflight: &mut InFlight,
-    ) -> Result<Result<Arc<AgentModule>, String>, WireError> {
+    ) -> Result<Result<Arc<AgentModule>, ModuleRefused>, WireError> {
         let wasm = read_blob(recv, "module", self.config.max_module, inflight).await?;
         if let Some(hash) = known
             && ModuleHash::of(&wasm) != hash
         {
-            return Ok(Err(format!(
-                "the module sent is not the one named (hash {hash})"
-            )));
+            return Ok(Err(ModuleRefused::NotNamed(hash)));
         }
         let module = match self.admit(wasm.clone()).await {
             Ok(m) => m,
-            Err(e) => return Ok(Err(format!("module refused: {e}"))),
+            Err(e) => return Ok(Err(ModuleRefused::Refused(e))),
         };
         Ok(match self.store.put_module(&module.hash, &wasm) {
             Ok(()) => Ok(module),
-            Err(e) => Err(format!("cannot keep the module: {e}")),
+            Err(e) => Err(ModuleRefused::NotKept(e)),
         })
     }
 
@@ -294,9 +282,9 @@ impl Host {
         self: &Arc<Self>,
         agent: &AgentId,
         peer: &Identity,
-    ) -> Result<(), String> {
+    ) -> Reply<()> {
         if peer.role == Role::User && self.home_status(agent, peer).is_none() {
-            return Err(format!("no agent {agent} of yours here"));
+            return Err(Refusal::NotYours(*agent));
         }
         match self.residents.kill(agent) {
             Found::Running => return Ok(()),
@@ -306,18 +294,15 @@ impl Host {
         // Follow the agent: the home knows its last site, a host it left has a pointer.
         let next = match self.store.agent(agent).ok().flatten() {
             Some(AgentRecord::Forwarded { to, .. }) => Some(to),
-            _ => self
-                .homes
-                .lock()
-                .ok()
-                .and_then(|h| h.get(agent).map(|e| e.status.site.clone())),
+            _ => self.home_site(agent),
         };
         match next {
             Some(site) if site != self.config.name => {
-                Box::pin(self.ask::<Result<(), String>>(&site, &Request::Kill { agent: *agent }))
-                    .await?
+                let kill = Request::Kill { agent: *agent };
+                let asked = Box::pin(self.peers.ask::<Reply<()>>(&site, &kill)).await;
+                asked.map_err(|e| Refusal::Unreachable(e.to_string()))?
             }
-            _ => Err(format!("agent {agent} is not running")),
+            _ => Err(Refusal::NotRunning(*agent)),
         }
     }
 }

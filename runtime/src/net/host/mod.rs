@@ -24,6 +24,8 @@ pub(in crate::net) use serve::Stream;
 pub(in crate::net) use launch::Uploads;
 pub(in crate::net) use parking::WAKING_AT_ONCE;
 
+use crate::AgentError;
+use crate::ImageError;
 use crate::base::BaseCache;
 use crate::context::AgentId;
 use crate::image::{AgentImage, ImageLimits};
@@ -65,6 +67,37 @@ pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Sleeps at least this long park the agent (stored, memory freed); shorter ones wait in
 /// memory, where parking would cost more than it frees.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Why a module could not be admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    /// The module was refused.
+    #[error(transparent)]
+    Refused(#[from] crate::admission::AdmissionError),
+    /// The task admitting it failed.
+    #[error("admission failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Why a stored agent, or a module it needs, could not be brought back.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::net::store::StoreError),
+    /// The image is not one.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The module is not in the store.
+    #[error("module {0} is not kept here")]
+    NoModule(ModuleHash),
+    /// The module was not admitted.
+    #[error(transparent)]
+    Admit(#[from] AdmitError),
+    /// The agent could not be restored.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
 
 /// How a host is set up.
 #[derive(Clone, Debug)]
@@ -321,15 +354,12 @@ impl Host {
     pub(in crate::net) async fn module(
         self: &Arc<Self>,
         hash: &ModuleHash,
-    ) -> Result<Arc<AgentModule>, String> {
+    ) -> Result<Arc<AgentModule>, RestoreError> {
         if let Some(m) = self.modules.get(hash) {
             return Ok(m);
         }
-        let bytes = self
-            .store
-            .module(hash)
-            .ok_or_else(|| format!("module {hash} is not kept here"))?;
-        self.admit(bytes).await
+        let bytes = (self.store.module(hash)).ok_or(RestoreError::NoModule(*hash))?;
+        Ok(self.admit(bytes).await?)
     }
 
     /// Admits (and compiles) a module off the async workers: compiling can take seconds,
@@ -337,11 +367,9 @@ impl Host {
     pub(in crate::net) async fn admit(
         self: &Arc<Self>,
         wasm: Vec<u8>,
-    ) -> Result<Arc<AgentModule>, String> {
+    ) -> Result<Arc<AgentModule>, AdmitError> {
         let host = self.clone();
-        tokio::task::spawn_blocking(move || host.modules.admit(&wasm).map_err(|e| e.to_string()))
-            .await
-            .map_err(|e| format!("admission failed: {e}"))?
+        Ok(tokio::task::spawn_blocking(move || host.modules.admit(&wasm)).await??)
     }
 
     pub(in crate::net) fn spawn_agent(self: &Arc<Self>, agent: AgentInstance, start: Start) {
@@ -377,14 +405,12 @@ impl Host {
     pub(in crate::net) async fn restore_stored(
         self: &Arc<Self>,
         image: &str,
-    ) -> Result<AgentInstance, String> {
-        let bytes = self.store.image(image).map_err(|e| e.to_string())?.into();
-        let image =
-            AgentImage::decode_shared(&bytes, &self.image_limits()).map_err(|e| e.to_string())?;
+    ) -> Result<AgentInstance, RestoreError> {
+        let bytes = self.store.image(image)?.into();
+        let image = AgentImage::decode_shared(&bytes, &self.image_limits())?;
         let module = self.module(&image.module).await?;
-        AgentInstance::restore(module, self.site.clone(), image, &self.config.limits)
-            .await
-            .map_err(|e| e.to_string())
+        let limits = &self.config.limits;
+        Ok(AgentInstance::restore(module, self.site.clone(), image, limits).await?)
     }
 }
 

@@ -132,7 +132,7 @@ impl Host {
                         agent: report.agent,
                         event: report.event,
                     };
-                    match host.ask::<()>(&report.home, &request).await {
+                    match host.peers.ask::<()>(&report.home, &request).await {
                         Ok(()) => host.store.remove_report(&key).await.is_ok(),
                         Err(e) => {
                             let (agent, home) = (report.agent, &report.home);

@@ -3,6 +3,8 @@
 use crate::context::AgentId;
 use crate::instance::AgentInstance;
 use crate::net::host::*;
+use crate::net::messages::Refusal;
+use crate::net::messages::Reply;
 use crate::net::messages::{AgentEnd, LaunchEvent, unix_ms};
 use crate::net::store::{AgentRecord, Resume};
 use crate::state::AgentFlags;
@@ -181,7 +183,7 @@ impl Host {
         self: &Arc<Self>,
         id: AgentId,
         alarm: tokio::task::AbortHandle,
-    ) -> Result<(), String> {
+    ) -> Reply<()> {
         alarm.abort();
         match self.store.agent(&id) {
             Ok(Some(AgentRecord::Resident {
@@ -191,7 +193,9 @@ impl Host {
                 self.finish(id, home, hops, AgentEnd::Killed);
                 Ok(())
             }
-            other => Err(format!("no parked record of agent {id}: {other:?}")),
+            other => Err(Refusal::Store(format!(
+                "no parked record of agent {id}: {other:?}"
+            ))),
         }
     }
 }

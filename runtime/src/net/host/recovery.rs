@@ -5,13 +5,14 @@ use crate::context::AgentId;
 use crate::image::AgentImage;
 use crate::instance::AgentInstance;
 use crate::net::hop::machine::{SourceHop, SourceStep};
+use crate::net::hop::source::LinkError;
 use crate::net::host::*;
+use crate::net::messages::Reply;
 use crate::net::messages::{HopInfo, LaunchEvent, Request, TransferStatus};
 use crate::net::store::{AgentRecord, Resume};
 use agent_abi::{HopError, OpResult};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 /// A departure image already counts the hop it was made for; when that hop failed, the agent
 /// resumed from the image must not.
@@ -86,27 +87,15 @@ impl Host {
         tracing::info!(agent = %id, seq, %to, "asking where a departing agent is");
         let mut hop = SourceHop::departed(&to);
         let mut step = SourceStep::Query;
-        let mut backoff = Duration::from_millis(100);
         while step == SourceStep::Query && !self.shutting_down.load(Ordering::SeqCst) {
-            let status: Result<Result<TransferStatus, String>, String> =
-                self.ask(&to, &Request::Query { agent: id, seq }).await;
-            step = hop.on_query_reply(status.and_then(|s| s));
+            let query = Request::Query { agent: id, seq };
+            let status = self.peers.ask::<Reply<TransferStatus>>(&to, &query).await;
+            step = hop.on_query_reply(status.map_err(LinkError::from).and_then(|s| Ok(s?)));
             if step == SourceStep::Query {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                tokio::time::sleep(hop.query_pause()).await;
             }
         }
-        let decoded = self
-            .store
-            .image(&image)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                let image_len = bytes.len() as u64;
-                AgentImage::decode_shared(&bytes.into(), &self.image_limits())
-                    .map(|image| (image_len, image))
-                    .map_err(|e| e.to_string())
-            });
-        let (image_bytes, stored) = match decoded {
+        let (image_bytes, stored) = match self.departure_image(&image) {
             Ok(d) => d,
             Err(e) => return tracing::error!(agent = %id, "cannot read departure image: {e}"),
         };
@@ -135,6 +124,14 @@ impl Host {
             }
             _ => {} // shutting down: the record stays, the next start asks again
         }
+    }
+
+    /// The size of departure image `image` and the image.
+    fn departure_image(&self, image: &str) -> Result<(u64, AgentImage), RestoreError> {
+        let bytes = self.store.image(image)?;
+        let image_len = bytes.len() as u64;
+        let image = AgentImage::decode_shared(&bytes.into(), &self.image_limits())?;
+        Ok((image_len, image))
     }
 
     /// A hop away failed after its departure was recorded: the agent stays, and on a restart

@@ -5,9 +5,12 @@ use crate::context::AgentId;
 use crate::net::budget::InFlight;
 use crate::net::certs::{Identity, Role};
 use crate::net::host::*;
-use crate::net::messages::{AgentState, LaunchEvent, Request, StatusReply, TransferStatus};
+use crate::net::messages::Refusal;
+use crate::net::messages::Reply;
+use crate::net::messages::{LaunchEvent, Request, TransferStatus};
 use crate::net::quota::{HOST_STREAMS, HOST_WINDOW};
 use crate::net::tls::{self};
+use crate::net::wire::WireError;
 use crate::net::wire::{drain_blob, read_msg, read_msg_charged, write_blob_repeated, write_msg};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,23 +76,6 @@ impl Host {
         drop(user);
     }
 
-    /// A connection to peer `site` ([`Peers::connect`]).
-    pub(in crate::net) async fn connect(&self, site: &str) -> Result<quinn::Connection, String> {
-        self.peers.connect(site).await.map_err(|e| e.to_string())
-    }
-
-    /// One request to peer `site` and its reply ([`Peers::ask`]).
-    pub(in crate::net) async fn ask<T: serde::de::DeserializeOwned>(
-        &self,
-        site: &str,
-        request: &Request,
-    ) -> Result<T, String> {
-        self.peers
-            .ask(site, request)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
     /// Answers one request of `peer`, whose connection's round-trip time was `rtt`; what it
     /// sends is charged while it is held: its first message to `first`, the rest to
     /// `inflight`.
@@ -111,11 +97,11 @@ impl Host {
         };
         // The request's message is decoded: its bytes are no longer held.
         drop(first);
+        let stream = (&mut send, &mut recv, &mut inflight);
         let result = match request {
             Request::Launch { itinerary, args } => {
                 let launch = (None, itinerary, args);
-                self.serve_launch(&peer, launch, &mut send, &mut recv, &mut inflight)
-                    .await
+                self.serve_launch(&peer, launch, stream).await
             }
             Request::LaunchHash {
                 module,
@@ -123,69 +109,16 @@ impl Host {
                 args,
             } => {
                 let launch = (Some(module), itinerary, args);
-                self.serve_launch(&peer, launch, &mut send, &mut recv, &mut inflight)
-                    .await
-            }
-            Request::Status { agent } => {
-                let reply = self
-                    .home_status(&agent, &peer)
-                    .ok_or_else(|| format!("no agent {agent} of yours here"));
-                write_msg(&mut send, &reply).await
-            }
-            Request::List => {
-                let mut list: Vec<StatusReply> = match self.homes.lock() {
-                    Ok(homes) => homes
-                        .values()
-                        .filter(|h| h.status.owner == peer.name)
-                        .map(|h| h.status.clone())
-                        .collect(),
-                    Err(_) => Vec::new(),
-                };
-                list.sort_by_key(|a| (a.state != AgentState::Running, a.agent));
-                write_msg(&mut send, &fit_list(list)).await
-            }
-            Request::Kill { agent } => {
-                let reply = self.kill(&agent, &peer).await;
-                write_msg(&mut send, &reply).await
+                self.serve_launch(&peer, launch, stream).await
             }
             Request::Hop(offer) => {
                 // No later than when it was sent, by this host's clock: so a freeze measured
                 // from it is a bound, as the source's own is (HopInfo::freeze_us).
                 let now = Instant::now();
                 let offered = (offer, now.checked_sub(rtt).unwrap_or(now));
-                let stream = (&mut send, &mut recv, &mut inflight);
                 self.serve_offer(&peer, offered, stream).await
             }
-            Request::Query { agent, seq } => {
-                let reply = match peer.role {
-                    Role::Host => self.transfer_status(&agent, seq),
-                    Role::User => Err("only hosts may query transfers".to_string()),
-                };
-                write_msg(&mut send, &reply).await
-            }
-            Request::Report { agent, event } => {
-                // `SendModule` belongs to a launch stream, never to an agent's record.
-                if peer.role == Role::Host && event != LaunchEvent::SendModule {
-                    self.deliver_async(&agent, event).await;
-                }
-                write_msg(&mut send, &()).await
-            }
-            Request::Probe { to, bytes } => {
-                let reply = match peer.role {
-                    Role::User => self.probe(&to, bytes).await,
-                    Role::Host => Err("only users ask for probes".to_string()),
-                };
-                write_msg(&mut send, &reply).await
-            }
-            Request::Sink => {
-                let reply = match peer.role {
-                    Role::Host => drain_blob(&mut recv, "probe", self.config.max_image)
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Role::User => Err("only hosts send probes".to_string()),
-                };
-                write_msg(&mut send, &reply).await
-            }
+            request => self.answer(&peer, request, stream.0, stream.1).await,
         };
         if let Err(e) = result {
             tracing::info!(%peer, "stream ended: {e}");
@@ -193,12 +126,62 @@ impl Host {
         let _ = send.finish();
     }
 
+    /// Answers a request that is one message each way.
+    async fn answer(
+        self: &Arc<Self>,
+        peer: &Identity,
+        request: Request,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), WireError> {
+        let only_hosts = |what: &str| Refusal::OnlyHosts(what.to_string());
+        let only_users = |what: &str| Refusal::OnlyUsers(what.to_string());
+        match request {
+            Request::Status { agent } => {
+                let reply = (self.home_status(&agent, peer)).ok_or(Refusal::NotYours(agent));
+                write_msg(send, &reply).await
+            }
+            Request::List => write_msg(send, &fit_list(self.home_list(&peer.name))).await,
+            Request::Kill { agent } => write_msg(send, &self.kill(&agent, peer).await).await,
+            Request::Query { agent, seq } => {
+                let reply = match peer.role {
+                    Role::Host => self.transfer_status(&agent, seq),
+                    Role::User => Err(only_hosts("may query transfers")),
+                };
+                write_msg(send, &reply).await
+            }
+            Request::Report { agent, event } => {
+                // `SendModule` belongs to a launch stream, never to an agent's record.
+                if peer.role == Role::Host && event != LaunchEvent::SendModule {
+                    self.deliver_async(&agent, event).await;
+                }
+                write_msg(send, &()).await
+            }
+            Request::Probe { to, bytes } => {
+                let reply = match peer.role {
+                    Role::User => self.probe(&to, bytes).await,
+                    Role::Host => Err(only_users("ask for probes")),
+                };
+                write_msg(send, &reply).await
+            }
+            Request::Sink => {
+                let reply = match peer.role {
+                    Role::Host => (drain_blob(recv, "probe", self.config.max_image).await)
+                        .map_err(|e| Refusal::Unreachable(e.to_string())),
+                    Role::User => Err(only_hosts("send probes")),
+                };
+                write_msg(send, &reply).await
+            }
+            Request::Launch { .. } | Request::LaunchHash { .. } | Request::Hop(_) => Ok(()),
+        }
+    }
+
     /// What became of transfer (agent, seq) here, for its source.
     pub(in crate::net) fn transfer_status(
         &self,
         agent: &AgentId,
         seq: u64,
-    ) -> Result<TransferStatus, String> {
+    ) -> Reply<TransferStatus> {
         let receiving = self
             .receiving
             .lock()
@@ -210,45 +193,44 @@ impl Host {
         if receiving && !committed {
             return Ok(TransferStatus::InProgress);
         }
-        (self.store.resolve_transfer(agent, seq)).map_err(|e| e.to_string())
+        (self.store.resolve_transfer(agent, seq)).map_err(|e| Refusal::Store(e.to_string()))
     }
 
     /// Sends `bytes` of incompressible data to peer `to` over the connection hops use, the
     /// way an image travels (one blob, read by the peer as it comes); returns the µs it took.
     /// The data is one chunk sent again and again, so a probe of any size costs one chunk
     /// of memory; one probe runs at a time.
-    pub(in crate::net) async fn probe(&self, to: &str, bytes: u64) -> Result<u64, String> {
+    pub(in crate::net) async fn probe(&self, to: &str, bytes: u64) -> Reply<u64> {
         if !self.peers.knows(to) {
-            return Err(format!("unknown site `{to}`"));
+            return Err(Refusal::UnknownSite(to.to_string()));
         }
         if bytes > self.config.max_image {
-            return Err(format!(
-                "a probe may send at most {} bytes (the largest image)",
-                self.config.max_image
-            ));
+            let max = self.config.max_image;
+            return Err(Refusal::ProbeTooLarge { max });
         }
         let Ok(_probing) = self.probing.try_acquire() else {
-            return Err(format!(
-                "another probe is running on {}; try again once it ended",
-                self.config.name
-            ));
+            return Err(Refusal::Probing(self.config.name.clone()));
         };
         let chunk = bytes::Bytes::from(incompressible(PROBE_CHUNK.min(bytes as usize)));
-        let conn = self.connect(to).await?;
+        let unreachable = |e: &dyn std::fmt::Display| Refusal::Unreachable(e.to_string());
+        let conn = self.peers.connect(to).await.map_err(|e| unreachable(&e))?;
         let started = Instant::now();
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_msg(&mut send, &Request::Sink)
-            .await
-            .map_err(|e| e.to_string())?;
-        write_blob_repeated(&mut send, chunk, bytes)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = send.finish();
-        let received: Result<u64, String> = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
+        let sent = async {
+            write_msg(&mut send, &Request::Sink).await?;
+            write_blob_repeated(&mut send, chunk, bytes).await?;
+            let _ = send.finish();
+            read_msg::<Reply<u64>>(&mut recv).await
+        };
+        let received = sent.await.map_err(|e| unreachable(&e))??;
         let elapsed = started.elapsed().as_micros() as u64;
-        match received? {
+        match received {
             n if n == bytes => Ok(elapsed),
-            n => Err(format!("{to} received {n} of {bytes} bytes")),
+            received => Err(Refusal::Short {
+                site: to.to_string(),
+                received,
+                sent: bytes,
+            }),
         }
     }
 }
