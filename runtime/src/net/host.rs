@@ -702,7 +702,7 @@ impl Host {
                 image: image.to_string(),
                 resume: Resume::HopFailed(error.clone()),
             };
-            if let Err(e) = self.store.set_agent(&id, &record) {
+            if let Err(e) = self.store.set_agent_blocking(&id, &record) {
                 tracing::error!(agent = %id, "cannot record the failed hop: {e}");
             }
         }
@@ -941,7 +941,7 @@ impl Host {
         if receiving && !committed {
             return Ok(TransferStatus::InProgress);
         }
-        (self.store.resolve_transfer(agent, seq)).map_err(|e| e.to_string())
+        (self.store.resolve_transfer_blocking(agent, seq)).map_err(|e| e.to_string())
     }
 
     /// Sends `bytes` of incompressible data to peer `to` over the connection hops use, the
@@ -1310,7 +1310,7 @@ impl Host {
     /// status, which the store makes one at a time, store ever newer ones; and no write waits
     /// for the disk with `homes` locked, so the statuses of many agents share one sync.
     fn save_home(self: &Arc<Self>, agent: &AgentId) {
-        let saved = self.store.put_home_latest(self.latest_home(agent));
+        let saved = self.store.put_home_latest_blocking(self.latest_home(agent));
         self.tell(agent, saved);
     }
 
@@ -1417,7 +1417,7 @@ impl Host {
             return self.deliver(&agent, event);
         }
         let report = PendingReport { home, agent, event };
-        if let Err(e) = self.store.put_report(&report) {
+        if let Err(e) = self.store.put_report_blocking(&report) {
             tracing::error!(%agent, "cannot store a report for the home host: {e}");
         }
         self.outbox.notify_one();
@@ -1445,7 +1445,7 @@ impl Host {
             let host = self.clone();
             let synced = tokio::task::spawn_blocking(move || {
                 host.modules.expire_idle();
-                host.store.sync_lazy()
+                host.store.sync_lazy_blocking()
             })
             .await;
             if let Ok(Err(e)) = synced {
@@ -1781,7 +1781,7 @@ impl Host {
         hops: u64,
         outcome: Result<Vec<u8>, String>,
     ) {
-        let _ = self.store.remove_agent(&id);
+        let _ = self.store.remove_agent_blocking(&id);
         self.forget_running(&id);
         self.report(id, home, self.ended(hops, outcome));
     }
@@ -1829,7 +1829,7 @@ impl Host {
             request: digest,
             answer: Some(answer.clone()),
         };
-        if let Err(e) = self.store.put_call(&id, index, &entry) {
+        if let Err(e) = self.store.put_call_blocking(&id, index, &entry) {
             tracing::error!(agent = %id, "cannot journal a call: {e}");
         }
         crash_point("after-call");
@@ -1839,7 +1839,7 @@ impl Host {
     /// Stores the agent's image at its current safe point as its resident record.
     fn keep(&self, agent: &mut AgentInstance, resume: Resume) -> Result<(), String> {
         let (id, bytes, record) = kept(agent, resume)?;
-        let kept = self.store.keep_agent(&id, &bytes.parts(), record);
+        let kept = self.store.keep_agent_blocking(&id, &bytes.parts(), record);
         kept.map(drop)
             .map_err(|e| format!("cannot store the agent: {e}"))
     }
@@ -2232,7 +2232,7 @@ impl Host {
         parts: &[&[u8]],
     ) -> Result<String, String> {
         (self.store)
-            .keep_agent(&id, parts, departing(seq, to))
+            .keep_agent_blocking(&id, parts, departing(seq, to))
             .map_err(|e| e.to_string())
     }
 

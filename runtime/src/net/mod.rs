@@ -2,7 +2,6 @@
 //! durable store, the host itself and the user's client.
 
 mod arriving;
-mod batch;
 pub mod budget;
 pub mod certs;
 pub mod client;
