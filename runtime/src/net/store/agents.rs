@@ -76,7 +76,7 @@ pub enum Resume {
         /// Hops it made so far.
         hops: u64,
         /// Its owner, counted against the owner's quota of parked agents (empty in records
-        /// written before owners were stored).
+        /// that lack it).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         owner: String,
     },

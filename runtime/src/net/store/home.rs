@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// A home's stored record of one agent launched there: its status, and an end that came
 /// before the reports of all its hops and is held back until they do (kept here so that the
 /// home can acknowledge it, and a restart still holds it). Stored as the status's own
-/// fields plus `held_end`, so records from before `held_end` read as they are.
+/// fields plus `held_end`, so that a row holding a bare status reads too.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HomeRow {
     /// What `status` answers.
@@ -44,8 +44,8 @@ pub struct HomeWrite {
 pub struct StoredHome {
     /// The record, with every hop stored of its agent.
     pub row: HomeRow,
-    /// The hops (by seq) that only the record's row holds, as rows from before hops were
-    /// stored apart do: to be stored apart with the agent's next write.
+    /// The hops (by seq) that only the record's row holds (the older layout kept them in the
+    /// row): to be stored apart with the agent's next write.
     pub inline: Vec<u64>,
 }
 
@@ -123,7 +123,7 @@ impl HostStore {
         for entry in table.iter()? {
             let (_, v) = entry?;
             let mut row: HomeRow = uncbor(v.value())?;
-            // Rows written before the hops were kept apart hold them themselves.
+            // Rows of the older layout hold their hops themselves.
             let inline = row.status.hops.iter().map(|h| h.seq).collect();
             let agent = row.status.agent;
             row.status.hops.extend(keyed_hops(&keyed, &agent)?);

@@ -80,7 +80,7 @@ async fn a_held_end_is_kept_with_the_home_status_and_old_records_read_without_on
     let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(rows(&store), [held]);
 
-    // A record stored as a bare status, as hosts did before.
+    // A record stored as a bare status, without `held_end`.
     let old = home_status(2);
     store
         .write(move |_, txn| {
@@ -112,9 +112,9 @@ fn logged(store: &HostStore) -> usize {
     table.len().unwrap_or_else(|e| panic!("{e}")) as usize
 }
 
-/// A record reads back with every hop of its agent: those its row holds (rows from before
-/// hops were stored apart), those keyed by agent (the release before), and those logged;
-/// only the first are to be stored apart again.
+/// A record reads back with every hop of its agent: those its row holds (the older layout),
+/// those in the `home_hops` table keyed by agent, and those logged; only the first are to be
+/// stored apart again.
 #[tokio::test]
 async fn a_home_record_reads_back_with_the_hops_stored_apart_from_it() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -144,7 +144,7 @@ async fn a_home_record_reads_back_with_the_hops_stored_apart_from_it() {
         (store.put_home_latest(write(old.clone(), Vec::new())))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        // Hop 2 as the release before stored it, keyed by agent.
+        // Hop 2 in the `home_hops` table, keyed by agent.
         (store.write(move |_, txn| {
             let mut table = txn.open_table(HOME_HOPS)?;
             let key = agent_key(&agent, 2);
