@@ -122,9 +122,9 @@ impl HostStore {
     /// that name. `image` is its bytes in parts, as [`HostStore::stage_image`] takes them.
     ///
     /// The parts may be borrowed from a suspended agent's memory (a departure image read in
-    /// place): a large image is written to its file here, off the async workers
-    /// ([`super::blocking`]), so that the caller need not copy it out to hand it to a task of
-    /// its own.
+    /// place): a large image is written to its file here, off the async workers (in
+    /// `tokio::task::block_in_place`), so that the caller need not copy it out to hand it to
+    /// a task of its own.
     ///
     /// # Errors
     /// When the file or the database fails.

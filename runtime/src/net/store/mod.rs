@@ -1,13 +1,13 @@
 //! A host's durable store: redb for records and small images, content-addressed files for
 //! modules and large images.
 //!
-//! - [`schema`]: the tables, their keys and how rows are encoded;
-//! - [`agents`], [`transfers`], [`calls`], [`reports`], [`home`]: the records, each with its
-//!   row type, its writes and its reads;
-//! - [`blobs`]: modules and images, as files or inline in the database;
-//! - [`batch`]: the group commit every write goes through.
+//! - `schema`: the tables, their keys and how rows are encoded;
+//! - `agents`, `transfers`, `calls`, `reports`, `home`: the records, each with its row type,
+//!   its writes and its reads;
+//! - `blobs`: modules and images, as files or inline in the database;
+//! - `batch`: the group commit every write goes through.
 //!
-//! Writes are `async`: each is queued for the next group commit ([`batch`]), so that the
+//! Writes are `async`: each is queued for the next group commit (`batch`), so that the
 //! writes of many agents hopping at once share one transaction and one disk sync, and the
 //! caller waits as a task. A write returns once it is durable, except for the few a crash may
 //! lose because the restart repairs them ([`HostStore::forward`],
