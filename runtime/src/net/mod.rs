@@ -1,7 +1,6 @@
 //! Hosts over the network: certificates, mutually authenticated QUIC, the hop protocol, the
 //! durable store, the host itself and the user's client.
 
-mod batch;
 pub mod budget;
 pub mod certs;
 pub mod client;

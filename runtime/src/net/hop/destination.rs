@@ -324,7 +324,7 @@ impl Host {
             return Err(ArrivalError::OtherHop(departed.seq));
         }
         let (agent, seq) = (&offer.agent, offer.seq);
-        Ok((self.store.commit_arrival_async(agent, seq, stored, staged)).await?)
+        Ok((self.store.commit_arrival(agent, seq, stored, staged)).await?)
     }
 
     /// The arrival is durable: answer COMMITTED, and record a hop into the agent's home here.
@@ -373,7 +373,7 @@ impl Host {
             // departure) must not be durable before its hop home is, or a crash of the home
             // in between would lose the hop. (A crash before this write leaves the agent
             // `Arrived`: a restart records the hop then.)
-            (self.deliver_async(&offer.agent, LaunchEvent::Moved(info))).await;
+            (self.deliver(&offer.agent, LaunchEvent::Moved(info))).await;
         }
         answered
     }

@@ -268,7 +268,7 @@ impl Host {
         }))
     }
 
-    /// Stores the departure image and record of hop `seq` to `to`, off the async workers;
+    /// Stores the departure image and record of hop `seq` to `to` as a task of its own;
     /// yields the image's name.
     pub(in crate::net) fn record_departure(
         self: &Arc<Self>,
@@ -278,29 +278,21 @@ impl Host {
         bytes: &Arc<Encoded>,
     ) -> tokio::task::JoinHandle<Result<String, StoreError>> {
         let (host, bytes, to) = (self.clone(), bytes.clone(), to.to_string());
-        if bytes.len() > crate::net::store::INLINE_IMAGE {
-            return tokio::task::spawn_blocking(move || {
-                host.keep_departure(id, seq, &to, &bytes.parts())
-            });
-        }
-        tokio::spawn(async move {
-            let parts = bytes.parts();
-            (host.store)
-                .keep_agent_async(&id, &parts, departing(seq, &to))
-                .await
-        })
+        tokio::spawn(async move { host.keep_departure(id, seq, &to, &bytes.parts()).await })
     }
 
     /// Stores the departure image (`parts`, read one after the other) and record of hop `seq`
     /// to `to`; yields the image's name.
-    pub(in crate::net) fn keep_departure(
+    pub(in crate::net) async fn keep_departure(
         &self,
         id: AgentId,
         seq: u64,
         to: &str,
         parts: &[&[u8]],
     ) -> Result<String, StoreError> {
-        (self.store).keep_agent(&id, parts, departing(seq, to))
+        (self.store)
+            .keep_agent(&id, parts, departing(seq, to))
+            .await
     }
 }
 
@@ -435,7 +427,7 @@ impl Outbound<'_> {
             (None, Outgoing::Encoded(full)) => host.record_departure(id, seq, site, full).await?,
             // Not a task of its own: the pages stay borrowed from the agent.
             (None, Outgoing::InPlace(full)) => {
-                crate::net::store::blocking(|| host.keep_departure(id, seq, site, &full.parts()))
+                host.keep_departure(id, seq, site, &full.parts()).await
             }
         };
         match recorded {

@@ -52,7 +52,7 @@ struct OnHost {
 impl OnHost {
     async fn end_with(&self, hops: u64, end: AgentEnd) {
         let host = &self.host;
-        (host.finish_async(self.id, self.home.clone(), hops, end)).await;
+        (host.finish(self.id, self.home.clone(), hops, end)).await;
     }
 }
 
@@ -78,7 +78,7 @@ impl Place for OnHost {
 
     async fn before_op(&mut self, agent: AgentInstance) -> Flow {
         if self.host.shutting_down.load(Ordering::SeqCst) {
-            self.host.park(agent);
+            self.host.park(agent).await;
             return Flow::Stop;
         }
         // A kill that reached the agent between epoch ticks (one made while it woke from
@@ -106,7 +106,7 @@ impl Place for OnHost {
             }
             Err(failure) => {
                 let departure = failure.departure.as_deref();
-                self.host.hop_failed(&mut agent, departure, failure.error);
+                (self.host.hop_failed(&mut agent, departure, failure.error)).await;
                 Flow::Go(agent)
             }
         }
@@ -122,7 +122,7 @@ impl Place for OnHost {
     }
 
     async fn sleep(&mut self, mut agent: AgentInstance, ms: u64) -> Flow {
-        if Duration::from_millis(ms) >= PARK_AFTER && self.host.park_asleep(&mut agent, ms) {
+        if Duration::from_millis(ms) >= PARK_AFTER && self.host.park_asleep(&mut agent, ms).await {
             return Flow::Stop;
         }
         if !sleep_unless_killed(&agent.flags(), ms).await {
@@ -195,7 +195,7 @@ impl Host {
             request: digest,
             answer: Some(answer.clone()),
         };
-        if let Err(e) = self.store.put_call(&id, index, &entry) {
+        if let Err(e) = self.store.put_call(&id, index, &entry).await {
             tracing::error!(agent = %id, "cannot journal a call: {e}");
         }
         crash_point("after-call");
@@ -203,61 +203,38 @@ impl Host {
     }
 
     /// Stores the agent's image at its current safe point as its resident record.
-    pub(in crate::net) fn keep(
-        &self,
-        agent: &mut AgentInstance,
-        resume: Resume,
-    ) -> Result<(), KeepError> {
-        let (id, bytes, record) = kept(agent, resume)?;
-        self.store.keep_agent(&id, &bytes.parts(), record)?;
-        Ok(())
-    }
-
-    /// [`Host::keep`], waiting for the store as a task.
-    pub(in crate::net) async fn keep_async(
+    pub(in crate::net) async fn keep(
         &self,
         agent: &mut AgentInstance,
         resume: Resume,
     ) -> Result<(), KeepError> {
         let (id, bytes, record) = kept(agent, resume)?;
         let parts = bytes.parts();
-        self.store.keep_agent_async(&id, &parts, record).await?;
+        self.store.keep_agent(&id, &parts, record).await?;
         Ok(())
     }
 
     /// Stores the agent at its safe point, pending operation included, to resume on restart.
-    pub(in crate::net) fn park(self: &Arc<Self>, mut agent: AgentInstance) {
+    pub(in crate::net) async fn park(self: &Arc<Self>, mut agent: AgentInstance) {
         let id = agent.context().agent_id;
-        match self.keep(&mut agent, Resume::Handle) {
+        match self.keep(&mut agent, Resume::Handle).await {
             Ok(()) => tracing::info!(agent = %id, "parked"),
             Err(e) => tracing::error!(agent = %id, "cannot park agent: {e}"),
         }
         self.forget_running(&id);
     }
 
-    pub(in crate::net) fn finish(
+    /// How an agent running here ends: its record goes, its home hears of it.
+    pub(in crate::net) async fn finish(
         self: &Arc<Self>,
         id: AgentId,
         home: String,
         hops: u64,
         end: AgentEnd,
     ) {
-        let _ = self.store.remove_agent(&id);
+        let _ = self.store.remove_agent(&id).await;
         self.forget_running(&id);
-        self.report(id, home, self.ended(hops, end));
-    }
-
-    /// [`Host::finish`], waiting for the store as a task: how an agent running here ends.
-    pub(in crate::net) async fn finish_async(
-        self: &Arc<Self>,
-        id: AgentId,
-        home: String,
-        hops: u64,
-        end: AgentEnd,
-    ) {
-        let _ = self.store.remove_agent_async(&id).await;
-        self.forget_running(&id);
-        self.report_async(id, home, self.ended(hops, end)).await;
+        self.report(id, home, self.ended(hops, end)).await;
     }
 
     /// The event of an agent's end here.

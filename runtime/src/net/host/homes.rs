@@ -226,7 +226,7 @@ impl Host {
             error: None,
             sleeping: None,
         };
-        let _ = self.store.put_home_async(&status).await;
+        let _ = self.store.put_home(&status).await;
         if let Ok(mut homes) = self.homes.lock() {
             homes.insert(id, HomeEntry::new(status, vec![watcher]));
         }
@@ -280,7 +280,7 @@ impl Host {
             ..HopInfo::default()
         };
         let agent = context.agent_id;
-        self.deliver_async(&agent, LaunchEvent::Moved(info)).await;
+        self.deliver(&agent, LaunchEvent::Moved(info)).await;
     }
 
     pub(in crate::net) fn home_status(
@@ -296,20 +296,9 @@ impl Host {
     }
 
     /// Records an event of an agent launched here and passes it to its watchers.
-    pub(in crate::net) fn deliver(self: &Arc<Self>, agent: &AgentId, event: LaunchEvent) {
+    pub(in crate::net) async fn deliver(self: &Arc<Self>, agent: &AgentId, event: LaunchEvent) {
         if self.note(agent, event) {
-            self.save_home(agent);
-        }
-    }
-
-    /// [`Host::deliver`], waiting for the store as a task.
-    pub(in crate::net) async fn deliver_async(
-        self: &Arc<Self>,
-        agent: &AgentId,
-        event: LaunchEvent,
-    ) {
-        if self.note(agent, event) {
-            self.save_home_async(agent).await;
+            self.save_home(agent).await;
         }
     }
 
@@ -345,11 +334,11 @@ impl Host {
         let host = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(HOLD_END).await;
-            host.release_held(&agent);
+            host.release_held(&agent).await;
         });
     }
 
-    pub(in crate::net) fn release_held(self: &Arc<Self>, agent: &AgentId) {
+    async fn release_held(self: &Arc<Self>, agent: &AgentId) {
         if let Ok(mut homes) = self.homes.lock()
             && let Some(entry) = homes.get_mut(agent)
             && let Some(held) = entry.held.take()
@@ -358,24 +347,15 @@ impl Host {
         } else {
             return;
         }
-        self.save_home(agent);
+        self.save_home(agent).await;
     }
 
     /// Stores the agent's home status as it is now, then tells the watchers the events it
     /// holds. The status is read inside the write transaction, so writes of one agent's
     /// status, which the store makes one at a time, store ever newer ones; and no write waits
     /// for the disk with `homes` locked, so the statuses of many agents share one sync.
-    pub(in crate::net) fn save_home(self: &Arc<Self>, agent: &AgentId) {
-        let saved = self.store.put_home_latest(self.latest_home(agent));
-        self.tell(agent, saved);
-    }
-
-    /// [`Host::save_home`], waiting for the store as a task.
-    pub(in crate::net) async fn save_home_async(self: &Arc<Self>, agent: &AgentId) {
-        let saved = self
-            .store
-            .put_home_latest_async(self.latest_home(agent))
-            .await;
+    pub(in crate::net) async fn save_home(self: &Arc<Self>, agent: &AgentId) {
+        let saved = self.store.put_home_latest(self.latest_home(agent)).await;
         self.tell(agent, saved);
     }
 

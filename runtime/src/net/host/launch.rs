@@ -142,7 +142,7 @@ impl Host {
                 self.spawn_agent(agent, Start::Poll);
                 said?;
             }
-            Err(end) => self.deliver(&id, self.ended(0, end)),
+            Err(end) => self.deliver(&id, self.ended(0, end)).await,
         }
         // The agent runs (and is counted as running) or has ended.
         drop(place);
@@ -159,7 +159,7 @@ impl Host {
         let (site, limits) = (self.site.clone(), &self.config.limits);
         let launched = AgentInstance::launch(module, site, context, limits).await;
         let mut agent = launched.map_err(|e| AgentEnd::from(&e))?;
-        match self.keep_async(&mut agent, Resume::Poll).await {
+        match self.keep(&mut agent, Resume::Poll).await {
             Ok(()) => Ok(agent),
             Err(e) => Err(AgentEnd::Broken(e.to_string())),
         }
@@ -288,7 +288,7 @@ impl Host {
         }
         match self.residents.kill(agent) {
             Found::Running => return Ok(()),
-            Found::Parked(alarm) => return self.kill_parked(*agent, alarm),
+            Found::Parked(alarm) => return self.kill_parked(*agent, alarm).await,
             Found::Absent => {}
         }
         // Follow the agent: the home knows its last site, a host it left has a pointer.

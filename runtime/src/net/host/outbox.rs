@@ -24,7 +24,7 @@ impl Host {
             to: hop.to.clone(),
         };
         if hop.to == home {
-            if let Err(e) = self.store.forward_async(&agent, &record, None).await {
+            if let Err(e) = self.store.forward(&agent, &record, None).await {
                 tracing::error!(%agent, "cannot record that the agent left: {e}");
             }
             return crash_point("source-after-forward");
@@ -34,7 +34,7 @@ impl Host {
             // The pointer and the new status in one write.
             self.note(&agent, event);
             let latest = self.latest_home(&agent);
-            let saved = self.store.forward_home_async(&agent, &record, latest);
+            let saved = self.store.forward_home(&agent, &record, latest);
             let saved = saved.await;
             if let Err(e) = &saved {
                 tracing::error!(%agent, "cannot record that the agent left: {e}");
@@ -43,16 +43,12 @@ impl Host {
             return crash_point("source-after-forward");
         }
         let report = PendingReport { home, agent, event };
-        match self
-            .store
-            .forward_async(&agent, &record, Some(&report))
-            .await
-        {
+        match self.store.forward(&agent, &record, Some(&report)).await {
             Ok(()) => self.outbox.notify_one(),
             Err(e) => {
                 // The report went with the failed transaction: keep it on its own.
                 tracing::error!(%agent, "cannot record that the agent left: {e}");
-                self.report(agent, report.home, report.event);
+                Box::pin(self.report(agent, report.home, report.event)).await;
             }
         }
         crash_point("source-after-forward");
@@ -60,34 +56,17 @@ impl Host {
 
     /// Sends an event to the agent's home host (here, or a peer). A report to a peer is
     /// stored first and sent until the home acknowledges it, across restarts of either.
-    pub(in crate::net) fn report(
+    pub(in crate::net) async fn report(
         self: &Arc<Self>,
         agent: AgentId,
         home: String,
         event: LaunchEvent,
     ) {
         if home == self.config.name {
-            return self.deliver(&agent, event);
+            return self.deliver(&agent, event).await;
         }
         let report = PendingReport { home, agent, event };
-        if let Err(e) = self.store.put_report(&report) {
-            tracing::error!(%agent, "cannot store a report for the home host: {e}");
-        }
-        self.outbox.notify_one();
-    }
-
-    /// [`Host::report`], waiting for the store as a task.
-    pub(in crate::net) async fn report_async(
-        self: &Arc<Self>,
-        agent: AgentId,
-        home: String,
-        event: LaunchEvent,
-    ) {
-        if home == self.config.name {
-            return self.deliver_async(&agent, event).await;
-        }
-        let report = PendingReport { home, agent, event };
-        if let Err(e) = self.store.put_report_async(&report).await {
+        if let Err(e) = self.store.put_report(&report).await {
             tracing::error!(%agent, "cannot store a report for the home host: {e}");
         }
         self.outbox.notify_one();
@@ -101,12 +80,8 @@ impl Host {
         while !self.shutting_down.load(Ordering::SeqCst) {
             every.tick().await;
             let host = self.clone();
-            let synced = tokio::task::spawn_blocking(move || {
-                host.modules.expire_idle();
-                host.store.sync_lazy()
-            })
-            .await;
-            if let Ok(Err(e)) = synced {
+            let _ = tokio::task::spawn_blocking(move || host.modules.expire_idle()).await;
+            if let Err(e) = self.store.sync_lazy().await {
                 tracing::error!("cannot sync the store: {e}");
             }
         }

@@ -42,7 +42,7 @@ pub(in crate::net) async fn sleep_unless_killed(flags: &AgentFlags, ms: u64) -> 
 impl Host {
     /// Parks an agent that sleeps `ms`: stores it with its sleep completed, frees its instance
     /// and sets an alarm. `false` when it could not be stored (it then sleeps in memory).
-    pub(in crate::net) fn park_asleep(
+    pub(in crate::net) async fn park_asleep(
         self: &Arc<Self>,
         agent: &mut AgentInstance,
         ms: u64,
@@ -63,7 +63,7 @@ impl Host {
             hops,
             owner: owner.clone(),
         };
-        if let Err(e) = crate::net::store::blocking(|| self.keep(agent, resume)) {
+        if let Err(e) = self.keep(agent, resume).await {
             // The sleep stays completed: the agent sleeps in memory and then goes on.
             tracing::warn!(agent = %id, "sleeping in memory: {e}");
             return false;
@@ -72,7 +72,7 @@ impl Host {
         let flags = agent.flags();
         let parked = (self.residents).park(id, &flags, &owner, || self.alarm(id, until_ms));
         if !parked {
-            self.finish(id, home, hops, AgentEnd::Killed);
+            self.finish(id, home, hops, AgentEnd::Killed).await;
             return true;
         }
         self.idle.notify_waiters();
@@ -83,7 +83,7 @@ impl Host {
             seq: agent.context().hop_seq,
             until_ms,
         };
-        self.report(id, home, event);
+        self.report(id, home, event).await;
         true
     }
 
@@ -172,14 +172,14 @@ impl Host {
                 let again = unix_ms().saturating_add(WAKE_RETRY.as_millis() as u64);
                 let parked = (self.residents).park(id, &flags, &owner, || self.alarm(id, again));
                 if !parked {
-                    self.finish(id, home, hops, AgentEnd::Killed);
+                    self.finish(id, home, hops, AgentEnd::Killed).await;
                 }
             }
         }
     }
 
     /// Ends a parked agent that was killed: its alarm is cancelled, its record removed.
-    pub(in crate::net) fn kill_parked(
+    pub(in crate::net) async fn kill_parked(
         self: &Arc<Self>,
         id: AgentId,
         alarm: tokio::task::AbortHandle,
@@ -190,7 +190,7 @@ impl Host {
                 resume: Resume::Wake { home, hops, .. },
                 ..
             })) => {
-                self.finish(id, home, hops, AgentEnd::Killed);
+                self.finish(id, home, hops, AgentEnd::Killed).await;
                 Ok(())
             }
             other => Err(Refusal::Store(format!(

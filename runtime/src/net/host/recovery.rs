@@ -119,7 +119,7 @@ impl Host {
                     Err(e) => return tracing::error!(agent = %id, "cannot resume: {e}"),
                 };
                 forget_failed_hop(&mut agent);
-                self.hop_failed(&mut agent, Some(&image), error);
+                self.hop_failed(&mut agent, Some(&image), error).await;
                 self.spawn_agent(agent, Start::Poll);
             }
             _ => {} // shutting down: the record stays, the next start asks again
@@ -137,7 +137,7 @@ impl Host {
     /// A hop away failed after its departure was recorded: the agent stays, and on a restart
     /// it goes on from the departure image with the same error.
     /// Without `departure` (nothing was recorded or sent) the stored record stays as it was.
-    pub(in crate::net) fn hop_failed(
+    pub(in crate::net) async fn hop_failed(
         self: &Arc<Self>,
         agent: &mut AgentInstance,
         departure: Option<&str>,
@@ -150,7 +150,7 @@ impl Host {
                 image: image.to_string(),
                 resume: Resume::HopFailed(error.clone()),
             };
-            if let Err(e) = self.store.set_agent(&id, &record) {
+            if let Err(e) = self.store.set_agent(&id, &record).await {
                 tracing::error!(agent = %id, "cannot record the failed hop: {e}");
             }
         }
@@ -162,7 +162,8 @@ impl Host {
                 site: self.config.name.clone(),
                 error: error.to_string(),
             },
-        );
+        )
+        .await;
         agent.complete(OpResult::Hop(Err(error)));
     }
 }

@@ -145,7 +145,7 @@ impl Host {
             Request::Kill { agent } => write_msg(send, &self.kill(&agent, peer).await).await,
             Request::Query { agent, seq } => {
                 let reply = match peer.role {
-                    Role::Host => self.transfer_status(&agent, seq),
+                    Role::Host => self.transfer_status(&agent, seq).await,
                     Role::User => Err(only_hosts("may query transfers")),
                 };
                 write_msg(send, &reply).await
@@ -153,7 +153,7 @@ impl Host {
             Request::Report { agent, event } => {
                 // `SendModule` belongs to a launch stream, never to an agent's record.
                 if peer.role == Role::Host && event != LaunchEvent::SendModule {
-                    self.deliver_async(&agent, event).await;
+                    self.deliver(&agent, event).await;
                 }
                 write_msg(send, &()).await
             }
@@ -177,7 +177,7 @@ impl Host {
     }
 
     /// What became of transfer (agent, seq) here, for its source.
-    pub(in crate::net) fn transfer_status(
+    pub(in crate::net) async fn transfer_status(
         &self,
         agent: &AgentId,
         seq: u64,
@@ -193,7 +193,8 @@ impl Host {
         if receiving && !committed {
             return Ok(TransferStatus::InProgress);
         }
-        (self.store.resolve_transfer(agent, seq)).map_err(|e| Refusal::Store(e.to_string()))
+        let resolved = self.store.resolve_transfer(agent, seq).await;
+        resolved.map_err(|e| Refusal::Store(e.to_string()))
     }
 
     /// Sends `bytes` of incompressible data to peer `to` over the connection hops use, the
