@@ -14,7 +14,7 @@
 use crate::admission::GlobalKind;
 use crate::context::AgentContext;
 use crate::modules::ModuleHash;
-use crate::snapshot::{PAGE_SIZE, PageMap, PageRun};
+use crate::snapshot::{PAGE_SIZE, PageMap, PageRun, PagesError};
 use serde::{Deserialize, Serialize};
 
 /// Version of the image format this runtime writes and reads.
@@ -203,7 +203,7 @@ pub enum ImageError {
     },
     /// The page runs do not fit the memory.
     #[error("bad page map: {0}")]
-    BadPages(String),
+    BadPages(#[from] PagesError),
     /// The body could not be decompressed to the size the page map implies.
     #[error("corrupt image body: {0}")]
     CorruptBody(String),
@@ -570,7 +570,7 @@ impl AgentImage {
                     .filter(|b| b.seq() == wanted.seq)
                     .ok_or(ImageError::NeedsBase(wanted.seq))?;
                 let left = PageMap::check(&wanted.runs, header.memory_bytes)
-                    .map_err(|e| ImageError::BadPages(format!("left-out pages: {e}")))?;
+                    .map_err(|e| PagesError::LeftOut(Box::new(e)))?;
                 (Some(base), left.min(pages))
             }
         };

@@ -13,7 +13,7 @@ use crate::limits::{LimitExceeded, Limits};
 use crate::log::LogLine;
 use crate::modules::AgentModule;
 use crate::services::Site;
-use crate::snapshot::{PageMap, PageRun};
+use crate::snapshot::{PageMap, PageRun, PagesError};
 use crate::state::AgentState;
 use crate::{admission::GlobalKind, admission::WASM_PAGE};
 use agent_abi::{Op, OpResult, Outcome, POLL_DONE, POLL_PENDING, export};
@@ -370,9 +370,10 @@ impl AgentInstance {
     fn grow_to(&mut self, memory_bytes: u64) -> Result<(), AgentError> {
         let current = self.memory.data_size(&self.store) as u64;
         if memory_bytes < current {
-            return Err(ImageError::BadPages(format!(
-                "memory of {memory_bytes} bytes is smaller than the module's initial {current}"
-            ))
+            return Err(ImageError::BadPages(PagesError::SmallerThanInitial {
+                memory: memory_bytes,
+                initial: current,
+            })
             .into());
         }
         if memory_bytes > current {
