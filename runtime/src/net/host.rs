@@ -31,7 +31,10 @@ use super::wire::{
 use crate::base::{Base, BaseCache, BaseList, Binding, WORTH_A_BASE, encode_against};
 use crate::context::{AgentContext, AgentId, HopRecord};
 use crate::faults::crash_point;
-use crate::image::{AgentImage, Encoded, ImageError, ImageLimits, Unverified};
+use crate::image::{
+    AgentImage, Compression, DecodeOptions, EncodeOptions, Encoded, ImageError, ImageLimits,
+    Unverified, Verify,
+};
 use crate::instance::{AgentError, AgentInstance, Step};
 use crate::limits::Limits;
 use crate::modules::{AgentModule, ModuleCache, ModuleHash};
@@ -651,8 +654,8 @@ impl Host {
             .map_err(|e| e.to_string())
             .and_then(|bytes| {
                 let image_len = bytes.len() as u64;
-                AgentImage::decode_shared(&bytes.into(), &self.image_limits())
-                    .map(|image| (image_len, image))
+                AgentImage::decode(bytes, &DecodeOptions::new(self.image_limits()))
+                    .map(|decoded| (image_len, decoded.image))
                     .map_err(|e| e.to_string())
             });
         let (image_bytes, stored) = match decoded {
@@ -719,9 +722,10 @@ impl Host {
     }
 
     async fn restore_stored(self: &Arc<Self>, image: &str) -> Result<AgentInstance, String> {
-        let bytes = self.store.image(image).map_err(|e| e.to_string())?.into();
-        let image =
-            AgentImage::decode_shared(&bytes, &self.image_limits()).map_err(|e| e.to_string())?;
+        let bytes = self.store.image(image).map_err(|e| e.to_string())?;
+        let image = AgentImage::decode(bytes, &DecodeOptions::new(self.image_limits()))
+            .map_err(|e| e.to_string())?
+            .image;
         let module = self.module(&image.module).await?;
         AgentInstance::restore(module, self.site.clone(), image, &self.config.limits)
             .await
@@ -1910,7 +1914,7 @@ impl Host {
             Some(image) => Outgoing::InPlace(image),
             None => {
                 image.pages = PageMap::gather(memory, std::mem::take(&mut image.pages.runs));
-                let encoded = image.encode_parts();
+                let encoded = image.encode(EncodeOptions::default());
                 Outgoing::Encoded(Arc::new(encoded.map_err(|e| unreachable(e.to_string()))?))
             }
         };
@@ -2540,15 +2544,17 @@ impl Host {
             None => self.module(&offer.module).await?,
         };
         // A large image that stands alone is hashed once the agent runs, before the commit.
-        let (decoded, unverified) = match base.is_none() && bytes.len() as u64 >= WORTH_PREPARING {
-            true => match AgentImage::decode_unverified(bytes, &self.image_limits()) {
-                Ok((image, unverified)) => (Ok((image, false)), Some(unverified)),
-                Err(e) => (Err(e), None),
+        let options = DecodeOptions {
+            base: base.map(Base::as_base_pages),
+            verify: match base.is_none() && bytes.len() as u64 >= WORTH_PREPARING {
+                true => Verify::Later,
+                false => Verify::Now,
             },
-            false => (
-                AgentImage::decode_against(bytes, &self.image_limits(), base),
-                None,
-            ),
+            ..DecodeOptions::new(self.image_limits())
+        };
+        let (decoded, unverified) = match AgentImage::decode(bytes.clone(), &options) {
+            Ok(d) => (Ok((d.image, d.filled_in)), d.unverified),
+            Err(e) => (Err(e), None),
         };
         if let (Err(ImageError::HashMismatch), Some(base)) = (&decoded, base) {
             // Pages filled in from the base made a wrong image (a hash collision, or a base
@@ -2577,7 +2583,12 @@ impl Host {
         phase("decoded");
         // What is stored must stand alone: the base may be gone when the store is read.
         let whole = match filled_in {
-            true => Some(image.encode().map_err(|e| e.to_string())?),
+            true => Some(
+                (image
+                    .encode(EncodeOptions::default())
+                    .map_err(|e| e.to_string())?)
+                .to_vec(),
+            ),
             false => None,
         };
         let ready = match arriving {
@@ -2756,7 +2767,10 @@ fn kept(
     let seq = agent.context().hop_seq;
     let bytes = agent
         .capture()
-        .encode_to_keep()
+        .encode(EncodeOptions {
+            compression: Compression::Keep,
+            ..EncodeOptions::default()
+        })
         .map_err(|e| e.to_string())?;
     let record = move |image| AgentRecord::Resident { seq, image, resume };
     Ok((id, bytes, record))

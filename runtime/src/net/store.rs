@@ -1609,7 +1609,10 @@ mod tests {
             },
             context: crate::context::AgentContext::new("h", "o", Vec::new(), Default::default()),
         };
-        let bytes = image.encode().unwrap_or_else(|e| panic!("{e}"));
+        let bytes = (image
+            .encode(Default::default())
+            .unwrap_or_else(|e| panic!("{e}")))
+        .to_vec();
         assert!(bytes.len() > INLINE_IMAGE, "large enough for a file");
         let staged = store
             .stage_image(&[&bytes])
@@ -1617,7 +1620,9 @@ mod tests {
         let digest = blake3::Hash::from(image.digest()).to_hex();
         assert_eq!(staged.name, format!("{digest}.img"));
         // Given in the parts it was encoded in, it is the same file under the same name.
-        let parts = image.encode_parts().unwrap_or_else(|e| panic!("{e}"));
+        let parts = image
+            .encode(Default::default())
+            .unwrap_or_else(|e| panic!("{e}"));
         let again = store
             .stage_image(&parts.parts())
             .unwrap_or_else(|e| panic!("{e}"));
