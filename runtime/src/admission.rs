@@ -7,6 +7,7 @@
 //! On success we return the facts the snapshot code needs: the mutable globals and the
 //! module's initial memory image.
 
+pub use crate::globals::GlobalKind;
 use crate::snapshot::{InitialImage, PAGE_SIZE};
 use agent_abi::{ABI_SECTION, ABI_VERSION, IMPORT_MODULE, MIN_ABI_VERSION, export, import};
 use wasmparser::{DataKind, Operator, Parser, Payload, TypeRef, ValType, Validator};
@@ -92,19 +93,6 @@ pub enum AdmissionError {
     /// wasmtime failed to compile the module.
     #[error("compilation failed: {0}")]
     Compile(String),
-}
-
-/// Type of a mutable global, as carried in an image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum GlobalKind {
-    /// `i32`
-    I32,
-    /// `i64`
-    I64,
-    /// `f32`, carried as bits.
-    F32,
-    /// `f64`, carried as bits.
-    F64,
 }
 
 /// What admission learned about a module.

@@ -22,6 +22,7 @@ pub mod cpu;
 mod direct;
 pub mod engine;
 pub mod faults;
+pub mod globals;
 mod host_abi;
 pub mod image;
 pub mod instance;

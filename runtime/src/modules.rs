@@ -7,9 +7,8 @@
 
 use crate::admission::{self, AdmissionError, ModuleFacts};
 use crate::host_abi;
-use crate::instance::Shell;
 use crate::instrument;
-use crate::recycle::{Budget, Idle};
+use crate::recycle::{Budget, Idle, Shell};
 use crate::state::AgentState;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -8,8 +8,22 @@
 //! instances kept by all modules of a host share one budget (a count, and resident memory),
 //! and one unused for [`KEEP_FOR`] is dropped.
 
+use crate::globals::GlobalValue;
+use crate::state::AgentState;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use wasmtime::{Instance, Memory, Store, TypedFunc};
+
+/// An instance without its agent: made fresh, or left by an agent and reset to what
+/// instantiation left (then kept by its module, in an [`Idle`], for the next agent of it).
+pub(crate) struct Shell {
+    pub(crate) store: Store<AgentState>,
+    pub(crate) instance: Instance,
+    pub(crate) memory: Memory,
+    pub(crate) poll: TypedFunc<(), i32>,
+    /// The mutable globals right after instantiation, before any agent code ran.
+    pub(crate) fresh_globals: Arc<[GlobalValue]>,
+}
 
 /// How long a kept instance waits for an agent before it is dropped.
 pub const KEEP_FOR: Duration = Duration::from_secs(30);

@@ -15,28 +15,16 @@ mod digest;
 mod encode;
 mod format;
 
+pub use crate::globals::GlobalValue;
 pub use compression::Compression;
 pub use decode::{BasePages, DecodeOptions, Decoded, Verify};
 pub use digest::Unverified;
 pub use encode::{EncodeOptions, Encoded, InPlace, LeaveOut};
 pub use format::{FORMAT_VERSION, Layout};
 
-use crate::admission::GlobalKind;
 use crate::context::AgentContext;
 use crate::modules::ModuleHash;
 use crate::snapshot::{PageMap, PagesError};
-use serde::{Deserialize, Serialize};
-
-/// The value of one mutable global.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GlobalValue {
-    /// Global index in the module.
-    pub index: u32,
-    /// Its type.
-    pub kind: GlobalKind,
-    /// Its value's bits (floats keep their exact bit pattern, NaN payloads included).
-    pub bits: u64,
-}
 
 /// An agent captured at a safe point.
 #[derive(Clone, Debug, PartialEq, Eq)]

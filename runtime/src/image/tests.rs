@@ -2,6 +2,7 @@ use super::compression::FIRST_RESERVE;
 use super::format::{MAGIC, WireHeader};
 use super::*;
 use crate::context::AgentContext;
+use crate::globals::GlobalKind;
 use crate::snapshot::{PAGE_SIZE, PageRun};
 
 const TRAVEL_LEVEL: i32 = Compression::Travel.level();
