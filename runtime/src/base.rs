@@ -13,7 +13,7 @@
 //! host that offers another agent under the id of one that left cannot have its pages put
 //! into code of its choosing. What such a host can learn is the list itself, 8-byte hash
 //! prefixes of the pages the agent left with, enough to confirm a guess of a page's content.
-//! The list costs 8 bytes per base page on the wire (16 KiB for 8 MiB of carried pages).
+//! The list costs 8 bytes per base page on the wire.
 
 use crate::context::AgentId;
 use crate::image::{AgentImage, BasePages, EncodeOptions, Encoded, LeaveOut};
@@ -30,8 +30,8 @@ const HASH_BYTES: usize = 8;
 const MAX_LISTED_PAGES: u64 = 1 << 17;
 
 /// Images smaller than this travel whole: hashing the pages, listing them and encoding
-/// against the list cost more time than the few bytes they save (≈ 0.1 ms a hop for an 8 KiB
-/// image, on the critical path of every hop between two hosts).
+/// against the list cost more time than the few bytes they save, on the critical path of
+/// every hop between two hosts.
 pub const WORTH_A_BASE: u64 = 64 << 10;
 
 /// A short hash of one page: enough to pick pages, since the image's digest checks the result.

@@ -112,8 +112,7 @@ impl PageRun {
 
 /// Captures of at least this many bytes are copied on all cores, [`COPY_PIECE`] at a time:
 /// most of a large capture is the kernel clearing the fresh buffer's pages as they are first
-/// written (256 MiB: 100-330 ms against 32 ms for a copy into memory already mapped), and
-/// that clearing goes as fast as the threads that fault.
+/// written, several times the copy itself, and that clearing goes as fast as the threads that fault.
 const PARALLEL_COPY: usize = 16 << 20;
 const COPY_PIECE: usize = 4 << 20;
 
@@ -184,7 +183,7 @@ impl PageMap {
 
     /// The runs of pages of `memory` that differ from `initial`, without copying them: what
     /// an image read in place needs ([`crate::image::InPlace`]). A large memory is scanned
-    /// on all cores, [`COPY_PIECE`] at a time (256 MiB: 28 ms on one core of the benchmark VM).
+    /// on all cores, [`COPY_PIECE`] at a time.
     ///
     /// Pages the kernel says were never touched are not read ([`crate::touched`]); where it
     /// does not say, the memory is mapped ahead in one call and every page read. So `memory`

@@ -378,6 +378,12 @@ fn bad_images_are_refused_with_the_exact_error() {
             limit: 1 << 16
         })
     );
+}
+
+#[test]
+fn images_with_bad_contents_are_refused_with_the_exact_error() {
+    let img = image();
+    let good = encoded(&img).unwrap_or_default();
     assert!(matches!(
         decode(&encode_with(&img, None, |h| h.memory_bytes = 1000)),
         Err(ImageError::BadHeader(_))

@@ -47,11 +47,10 @@ impl AgentInstance {
     /// A fresh instance of `module` for an agent arriving with `memory_bytes` of memory, of
     /// which the pages of `runs` will be written: made, grown and mapped while its image is
     /// still on the way, so that restoring it ([`AgentInstance::restore_into`]) only copies.
-    /// Mapping fresh memory is most of a large restore on the VMs we run on (see
-    /// [`crate::prefault`]). `context` stands in for the image's until then. Mapped ahead
-    /// on a thread of its own, the memory is ready before most of a large image has come;
-    /// left to be mapped by the writes of the pages as they arrive, it slowed the transfer
-    /// (BENCHMARKS.md).
+    /// Mapping fresh memory is most of a large restore (see [`crate::prefault`]). `context`
+    /// stands in for the image's until then. Mapped ahead on a thread of its own, the memory
+    /// is ready before most of a large image has come, and the writes of the pages as they
+    /// arrive do not slow the transfer.
     ///
     /// # Errors
     /// As [`AgentInstance::restore`], for the sizes given.
