@@ -7,6 +7,7 @@
 //! On success we return the facts the snapshot code needs: the mutable globals and the
 //! module's initial memory image.
 
+pub use crate::globals::GlobalKind;
 use crate::snapshot::{InitialImage, PAGE_SIZE};
 use agent_abi::{ABI_SECTION, ABI_VERSION, IMPORT_MODULE, MIN_ABI_VERSION, export, import};
 use wasmparser::{DataKind, Operator, Parser, Payload, TypeRef, ValType, Validator};
@@ -94,19 +95,6 @@ pub enum AdmissionError {
     Compile(String),
 }
 
-/// Type of a mutable global, as carried in an image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum GlobalKind {
-    /// `i32`
-    I32,
-    /// `i64`
-    I64,
-    /// `f32`, carried as bits.
-    F32,
-    /// `f64`, carried as bits.
-    F64,
-}
-
 /// What admission learned about a module.
 #[derive(Clone, Debug)]
 pub struct ModuleFacts {
@@ -131,145 +119,209 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
     Validator::new()
         .validate_all(wasm)
         .map_err(|e| AdmissionError::Invalid(e.message().to_string()))?;
-
-    let mut abi = None;
-    let mut exports = Vec::new();
-    let mut memories = Vec::new();
-    let mut globals = Vec::new();
-    let mut imported_funcs = 0u32;
-    let mut defined_funcs = 0u32;
-    let mut segments = Vec::new();
-    let mut passive_data = false;
-    let invalid =
-        |e: wasmparser::BinaryReaderError| AdmissionError::Invalid(e.message().to_string());
-
+    let mut sections = Sections::default();
     for payload in Parser::new(0).parse_all(wasm) {
-        match payload.map_err(invalid)? {
+        sections.read(payload.map_err(invalid)?)?;
+    }
+    sections.facts()
+}
+
+/// A module that wasmparser read but found malformed.
+fn invalid(e: wasmparser::BinaryReaderError) -> AdmissionError {
+    AdmissionError::Invalid(e.message().to_string())
+}
+
+/// What the sections of a module say, gathered as they are read; each section is refused as
+/// soon as it shows state that could not travel.
+#[derive(Default)]
+struct Sections {
+    abi: Option<u32>,
+    exports: Vec<(String, wasmparser::ExternalKind)>,
+    memories: Vec<wasmparser::MemoryType>,
+    globals: Vec<(u32, GlobalKind)>,
+    imported_funcs: u32,
+    defined_funcs: u32,
+    /// Active data segments: (offset, bytes).
+    segments: Vec<(u64, Vec<u8>)>,
+    passive_data: bool,
+}
+
+impl Sections {
+    /// Takes in one section of the module.
+    fn read(&mut self, payload: Payload<'_>) -> Result<(), AdmissionError> {
+        match payload {
             Payload::Version {
                 encoding: wasmparser::Encoding::Component,
                 ..
-            } => {
-                return Err(AdmissionError::NotACoreModule);
-            }
-            Payload::ImportSection(reader) => {
-                for import in reader.into_imports() {
-                    let import = import.map_err(invalid)?;
-                    let offered = match (import.module, import.ty) {
-                        (IMPORT_MODULE, TypeRef::Func(_)) => import::ALL.contains(&import.name),
-                        (WASI_MODULE, TypeRef::Func(_)) => true, // the linker checks names and types
-                        _ => false,
-                    };
-                    if !offered {
-                        return Err(AdmissionError::UnknownImport {
-                            module: import.module.to_string(),
-                            name: import.name.to_string(),
-                        });
-                    }
-                    imported_funcs += 1;
-                }
-            }
+            } => return Err(AdmissionError::NotACoreModule),
+            Payload::ImportSection(reader) => self.imports(reader)?,
             Payload::MemorySection(reader) => {
                 for memory in reader {
-                    memories.push(memory.map_err(invalid)?);
+                    self.memories.push(memory.map_err(invalid)?);
                 }
             }
-            Payload::GlobalSection(reader) => {
-                for (index, global) in reader.into_iter().enumerate() {
-                    let ty = global.map_err(invalid)?.ty;
-                    if !ty.mutable {
-                        continue;
-                    }
-                    let kind = match ty.content_type {
-                        ValType::I32 => GlobalKind::I32,
-                        ValType::I64 => GlobalKind::I64,
-                        ValType::F32 => GlobalKind::F32,
-                        ValType::F64 => GlobalKind::F64,
-                        other => {
-                            return Err(AdmissionError::UnsupportedGlobal {
-                                index: index as u32,
-                                ty: other.to_string(),
-                            });
-                        }
-                    };
-                    globals.push((index as u32, kind));
-                }
-            }
+            Payload::GlobalSection(reader) => self.globals(reader)?,
             Payload::ExportSection(reader) => {
                 for export in reader {
                     let export = export.map_err(invalid)?;
-                    exports.push((export.name.to_string(), export.kind));
+                    self.exports.push((export.name.to_string(), export.kind));
                 }
             }
             Payload::StartSection { .. } => return Err(AdmissionError::StartFunction),
-            Payload::DataSection(reader) => {
-                for (index, data) in reader.into_iter().enumerate() {
-                    let data = data.map_err(invalid)?;
-                    passive_data |= matches!(data.kind, DataKind::Passive);
-                    if let DataKind::Active { offset_expr, .. } = data.kind {
-                        // Only `i32.const N` alone: an extended constant expression such as
-                        // `i32.const 0 i32.const 65536 i32.add` would otherwise be read as 0.
-                        let mut ops = offset_expr.get_operators_reader();
-                        let offset = match (ops.read().map_err(invalid)?, ops.read()) {
-                            (Operator::I32Const { value }, Ok(Operator::End)) => {
-                                u64::from(value as u32)
-                            }
-                            _ => return Err(AdmissionError::DataOffset(index as u32)),
-                        };
-                        segments.push((offset, data.data.to_vec()));
-                    }
-                }
-            }
-            Payload::CodeSectionEntry(body) => {
-                let func = imported_funcs + defined_funcs;
-                defined_funcs += 1;
-                let mut ops = body.get_operators_reader().map_err(invalid)?;
-                while !ops.eof() {
-                    if let Some(op) = table_write(&ops.read().map_err(invalid)?) {
-                        return Err(AdmissionError::WritesTable { func, op });
-                    }
-                }
-            }
+            Payload::DataSection(reader) => self.data(reader)?,
+            Payload::CodeSectionEntry(body) => self.code(body)?,
             Payload::CustomSection(section) if section.name() == ABI_SECTION => {
                 let version = <[u8; 4]>::try_from(section.data())
                     .map(u32::from_le_bytes)
                     .unwrap_or(u32::MAX);
-                abi = Some(version);
+                self.abi = Some(version);
             }
             _ => {}
         }
+        Ok(())
     }
 
-    match abi {
-        None => return Err(AdmissionError::NotAnAgent),
-        Some(v) if !(MIN_ABI_VERSION..=ABI_VERSION).contains(&v) => {
-            return Err(AdmissionError::AbiMismatch {
-                module: v,
-                host: ABI_VERSION,
-            });
+    /// Refuses imports the host does not offer: they could not be linked on any host.
+    fn imports(
+        &mut self,
+        reader: wasmparser::ImportSectionReader<'_>,
+    ) -> Result<(), AdmissionError> {
+        for import in reader.into_imports() {
+            let import = import.map_err(invalid)?;
+            let offered = match (import.module, import.ty) {
+                (IMPORT_MODULE, TypeRef::Func(_)) => import::ALL.contains(&import.name),
+                (WASI_MODULE, TypeRef::Func(_)) => true, // the linker checks names and types
+                _ => false,
+            };
+            if !offered {
+                return Err(AdmissionError::UnknownImport {
+                    module: import.module.to_string(),
+                    name: import.name.to_string(),
+                });
+            }
+            self.imported_funcs += 1;
         }
-        Some(_) => {}
+        Ok(())
     }
-    let memory = match memories.as_slice() {
-        [memory] => *memory,
-        other => return Err(AdmissionError::MemoryCount(other.len())),
-    };
-    if memory.shared {
-        return Err(AdmissionError::SharedMemory);
+
+    /// Notes the mutable globals, which an image carries; refuses those it cannot carry.
+    fn globals(
+        &mut self,
+        reader: wasmparser::GlobalSectionReader<'_>,
+    ) -> Result<(), AdmissionError> {
+        for (index, global) in reader.into_iter().enumerate() {
+            let ty = global.map_err(invalid)?.ty;
+            if !ty.mutable {
+                continue;
+            }
+            let kind = match ty.content_type {
+                ValType::I32 => GlobalKind::I32,
+                ValType::I64 => GlobalKind::I64,
+                ValType::F32 => GlobalKind::F32,
+                ValType::F64 => GlobalKind::F64,
+                other => {
+                    return Err(AdmissionError::UnsupportedGlobal {
+                        index: index as u32,
+                        ty: other.to_string(),
+                    });
+                }
+            };
+            self.globals.push((index as u32, kind));
+        }
+        Ok(())
     }
-    if memory.memory64 {
-        return Err(AdmissionError::Memory64);
+
+    /// Notes the data segments, which make the initial memory; refuses offsets it cannot place.
+    fn data(&mut self, reader: wasmparser::DataSectionReader<'_>) -> Result<(), AdmissionError> {
+        for (index, data) in reader.into_iter().enumerate() {
+            let data = data.map_err(invalid)?;
+            self.passive_data |= matches!(data.kind, DataKind::Passive);
+            if let DataKind::Active { offset_expr, .. } = data.kind {
+                // Only `i32.const N` alone: an extended constant expression such as
+                // `i32.const 0 i32.const 65536 i32.add` would otherwise be read as 0.
+                let mut ops = offset_expr.get_operators_reader();
+                let offset = match (ops.read().map_err(invalid)?, ops.read()) {
+                    (Operator::I32Const { value }, Ok(Operator::End)) => u64::from(value as u32),
+                    _ => return Err(AdmissionError::DataOffset(index as u32)),
+                };
+                self.segments.push((offset, data.data.to_vec()));
+            }
+        }
+        Ok(())
     }
-    let exported = |name: &str, kind| exports.iter().any(|(n, k)| n == name && *k == kind);
-    // ABI 2 agents tell the host where their checkpoint flag is.
-    let flag = abi
-        .is_some_and(|v| v >= 2)
-        .then_some(export::CHECKPOINT_FLAG);
-    for name in [export::START, export::POLL].into_iter().chain(flag) {
-        if !exported(name, wasmparser::ExternalKind::Func) {
-            return Err(AdmissionError::MissingExport(name));
+
+    /// Refuses a function that writes a table: the table would have to travel with the agent.
+    fn code(&mut self, body: wasmparser::FunctionBody<'_>) -> Result<(), AdmissionError> {
+        let func = self.imported_funcs + self.defined_funcs;
+        self.defined_funcs += 1;
+        let mut ops = body.get_operators_reader().map_err(invalid)?;
+        while !ops.eof() {
+            if let Some(op) = table_write(&ops.read().map_err(invalid)?) {
+                return Err(AdmissionError::WritesTable { func, op });
+            }
+        }
+        Ok(())
+    }
+
+    /// What the whole module says, once every section has been read.
+    fn facts(self) -> Result<ModuleFacts, AdmissionError> {
+        let abi = self.abi_version()?;
+        let memory = self.memory()?;
+        let exported = |name: &str, kind| self.exports.iter().any(|(n, k)| n == name && *k == kind);
+        // ABI 2 agents tell the host where their checkpoint flag is.
+        let flag = (abi >= 2).then_some(export::CHECKPOINT_FLAG);
+        for name in [export::START, export::POLL].into_iter().chain(flag) {
+            if !exported(name, wasmparser::ExternalKind::Func) {
+                return Err(AdmissionError::MissingExport(name));
+            }
+        }
+        let memory_exported = exported(export::MEMORY, wasmparser::ExternalKind::Memory);
+        let memory_bytes = memory.initial.saturating_mul(WASM_PAGE);
+        Ok(ModuleFacts {
+            initial: initial_memory(self.segments, memory_bytes)?,
+            globals: self.globals,
+            memory_exported,
+            memory_bytes,
+            passive_data: self.passive_data,
+        })
+    }
+
+    /// The ABI version the module was built for, if this host runs it.
+    fn abi_version(&self) -> Result<u32, AdmissionError> {
+        match self.abi {
+            None => Err(AdmissionError::NotAnAgent),
+            Some(v) if !(MIN_ABI_VERSION..=ABI_VERSION).contains(&v) => {
+                Err(AdmissionError::AbiMismatch {
+                    module: v,
+                    host: ABI_VERSION,
+                })
+            }
+            Some(v) => Ok(v),
         }
     }
-    let memory_bytes = memory.initial.saturating_mul(WASM_PAGE);
+
+    /// The module's one memory, if an image can carry it.
+    fn memory(&self) -> Result<wasmparser::MemoryType, AdmissionError> {
+        let memory = match self.memories.as_slice() {
+            [memory] => *memory,
+            other => return Err(AdmissionError::MemoryCount(other.len())),
+        };
+        if memory.shared {
+            return Err(AdmissionError::SharedMemory);
+        }
+        if memory.memory64 {
+            return Err(AdmissionError::Memory64);
+        }
+        Ok(memory)
+    }
+}
+
+/// The memory of `memory_bytes` right after instantiation, with the active data `segments`
+/// written into it.
+fn initial_memory(
+    segments: Vec<(u64, Vec<u8>)>,
+    memory_bytes: u64,
+) -> Result<InitialImage, AdmissionError> {
     let mut initial = InitialImage::default();
     for (offset, bytes) in segments {
         // Validation cannot check this; wasmtime would fail at instantiation.
@@ -282,13 +334,7 @@ pub fn inspect(wasm: &[u8]) -> Result<ModuleFacts, AdmissionError> {
         initial.write(offset, &bytes);
     }
     debug_assert_eq!(PAGE_SIZE as u64 * 16, WASM_PAGE);
-    Ok(ModuleFacts {
-        globals,
-        memory_exported: exported(export::MEMORY, wasmparser::ExternalKind::Memory),
-        initial,
-        memory_bytes,
-        passive_data,
-    })
+    Ok(initial)
 }
 
 /// The name of `op` if it writes a table.
@@ -383,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_what_cannot_be_an_agent() {
+    fn refuses_what_is_not_an_agent_for_this_host() {
         assert!(matches!(
             inspect(b"\0asm\x01\0\0\0garbage"),
             Err(AdmissionError::Invalid(_))
@@ -407,6 +453,10 @@ mod tests {
             refused(MEMORY, r#"(@custom "agent-abi" "\02\00\00\00")"#),
             AdmissionError::MissingExport(export::CHECKPOINT_FLAG)
         );
+    }
+
+    #[test]
+    fn refuses_imports_the_host_does_not_offer() {
         assert_eq!(
             refused(&format!(r#"(import "env" "open" (func)) {MEMORY}"#), ABI),
             AdmissionError::UnknownImport {
@@ -431,6 +481,10 @@ mod tests {
                 name: "memory".into()
             }
         );
+    }
+
+    #[test]
+    fn refuses_memory_an_image_cannot_carry() {
         assert_eq!(
             refused(r#"(memory 1 1 shared)"#, ABI),
             AdmissionError::SharedMemory
@@ -441,6 +495,10 @@ mod tests {
             AdmissionError::MemoryCount(2)
         );
         assert_eq!(refused("", ABI), AdmissionError::MemoryCount(0));
+    }
+
+    #[test]
+    fn refuses_state_outside_memory_and_mutable_globals() {
         assert_eq!(
             refused(
                 &format!("{MEMORY} (global (mut v128) (v128.const i64x2 0 0))"),
@@ -479,6 +537,10 @@ mod tests {
             refused(&format!("{MEMORY} (func $s) (start $s)"), ABI),
             AdmissionError::StartFunction
         );
+    }
+
+    #[test]
+    fn refuses_data_it_cannot_place() {
         assert_eq!(
             refused(
                 r#"(memory 1) (global $base i32 (i32.const 8)) (data (global.get $base) "x")"#,

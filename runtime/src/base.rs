@@ -5,7 +5,7 @@
 //! [`BaseCache`] bounded in bytes. When the agent is offered back, the host answers with the
 //! hash of every base page ([`BaseList`]); the source leaves out of the image each page whose
 //! hash the list holds at the same index ([`encode_against`]), and the host fills them in from
-//! the base before it checks the image's digest ([`AgentImage::decode_against`]). The digest
+//! the base before it checks the image's digest ([`AgentImage::decode`]). The digest
 //! covers the whole memory, so a wrong match (a stale list, a hash collision, a lying peer)
 //! makes a refused transfer, after which the agent goes on at the source — never a wrong agent.
 //!
@@ -13,10 +13,10 @@
 //! host that offers another agent under the id of one that left cannot have its pages put
 //! into code of its choosing. What such a host can learn is the list itself, 8-byte hash
 //! prefixes of the pages the agent left with, enough to confirm a guess of a page's content.
-//! The list costs 8 bytes per base page on the wire (16 KiB for 8 MiB of carried pages).
+//! The list costs 8 bytes per base page on the wire.
 
 use crate::context::AgentId;
-use crate::image::{AgentImage, Encoded};
+use crate::image::{AgentImage, BasePages, EncodeOptions, Encoded, LeaveOut};
 use crate::modules::ModuleHash;
 use crate::snapshot::{PAGE_SIZE, PageMap, PageRun, indices, push_index};
 use serde::{Deserialize, Serialize};
@@ -30,8 +30,8 @@ const HASH_BYTES: usize = 8;
 const MAX_LISTED_PAGES: u64 = 1 << 17;
 
 /// Images smaller than this travel whole: hashing the pages, listing them and encoding
-/// against the list cost more time than the few bytes they save (≈ 0.1 ms a hop for an 8 KiB
-/// image, on the critical path of every hop between two hosts).
+/// against the list cost more time than the few bytes they save, on the critical path of
+/// every hop between two hosts.
 pub const WORTH_A_BASE: u64 = 64 << 10;
 
 /// A short hash of one page: enough to pick pages, since the image's digest checks the result.
@@ -125,6 +125,14 @@ impl Base {
         &self.pages
     }
 
+    /// The pages, for decoding an image that leaves some of them out.
+    pub fn as_base_pages(&self) -> BasePages<'_> {
+        BasePages {
+            seq: self.seq(),
+            pages: &self.pages,
+        }
+    }
+
     /// What a source needs to leave pages out.
     pub fn list(&self) -> &BaseList {
         &self.list
@@ -182,7 +190,14 @@ pub fn encode_against(
     if left == 0 {
         return Ok(None);
     }
-    let bytes = image.encode_leaving_out(list.seq, left_out, body.into())?;
+    let bytes = image.encode(EncodeOptions {
+        leave_out: Some(LeaveOut {
+            base_seq: list.seq,
+            runs: left_out,
+            rest: body.into(),
+        }),
+        ..EncodeOptions::default()
+    })?;
     Ok(Some((bytes, left)))
 }
 
@@ -272,7 +287,7 @@ impl BaseCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::{ImageError, ImageLimits};
+    use crate::image::{DecodeOptions, ImageError, ImageLimits};
     use crate::modules::ModuleHash;
     use crate::snapshot::{InitialImage, PAGE_SIZE};
 
@@ -309,6 +324,20 @@ mod tests {
         ImageLimits::default()
     }
 
+    /// Decodes `bytes` with `base`'s pages at hand; says whether pages were filled in.
+    fn decode_against(
+        bytes: &bytes::Bytes,
+        limits: &ImageLimits,
+        base: Option<&Base>,
+    ) -> Result<(AgentImage, bool), ImageError> {
+        let options = DecodeOptions {
+            limits: *limits,
+            base: base.map(Base::as_base_pages),
+            ..DecodeOptions::default()
+        };
+        AgentImage::decode(bytes.clone(), &options).map(|d| (d.image, d.filled_in))
+    }
+
     #[test]
     fn a_return_visit_sends_only_the_changed_pages_and_restores_every_page() {
         // Left at hop 2 with pages 1..40 dirty; since then pages 5 and 6 changed, page 50
@@ -332,25 +361,28 @@ mod tests {
             let again = encode_against(&after, base.list(), Some(&own)).expect("encode");
             assert_eq!(again, Some((bytes.clone(), left)));
         }
-        let full = after.encode().expect("encode");
+        let full = after
+            .encode(EncodeOptions::default())
+            .expect("encode")
+            .to_vec();
         assert!(bytes.len() < full.len());
         assert_eq!(
-            AgentImage::decode_against(&bytes.to_vec().into(), &limits(), Some(&base)),
+            decode_against(&bytes.to_vec().into(), &limits(), Some(&base)),
             Ok((after.clone(), true))
         );
         // A plain decode, or one against another base, cannot fill the pages in.
         assert_eq!(
-            AgentImage::decode(&bytes.to_vec(), &limits()),
+            decode_against(&bytes.to_vec().into(), &limits(), None).map(|(image, _)| image),
             Err(ImageError::NeedsBase(2))
         );
         let other = kept(3, before.pages.clone());
         assert_eq!(
-            AgentImage::decode_against(&bytes.to_vec().into(), &limits(), Some(&other)),
+            decode_against(&bytes.to_vec().into(), &limits(), Some(&other)),
             Err(ImageError::NeedsBase(2))
         );
         // A full image decodes with or without a base.
         assert_eq!(
-            AgentImage::decode_against(&full.clone().into(), &limits(), Some(&base)),
+            decode_against(&full.clone().into(), &limits(), Some(&base)),
             Ok((after, false))
         );
     }
@@ -366,13 +398,13 @@ mod tests {
         // The receiver's base of hop 2 is not what it listed: page 3 differs.
         let wrong = kept(2, image(|i| if i == 3 { 1 } else { i as u8 }).pages);
         assert_eq!(
-            AgentImage::decode_against(&bytes.to_vec().into(), &limits(), Some(&wrong)),
+            decode_against(&bytes.to_vec().into(), &limits(), Some(&wrong)),
             Err(ImageError::HashMismatch)
         );
         // A base lacking a left-out page.
         let short = kept(2, image(|i| if i < 10 { i as u8 } else { 0 }).pages);
         assert!(matches!(
-            AgentImage::decode_against(&bytes.to_vec().into(), &limits(), Some(&short)),
+            decode_against(&bytes.to_vec().into(), &limits(), Some(&short)),
             Err(ImageError::BadPages(_))
         ));
     }

@@ -1,11 +1,9 @@
 //! Writes large files around the page cache.
 //!
-//! A 256 MiB agent's image is written and synced by both hosts of its hop. Through the page
-//! cache that cost 0.41 s of kernel CPU on the benchmark VM (copying into cache pages, then
-//! writing them back), against 0.08 s with `O_DIRECT` (`dd` of 256 MiB both ways, side by
-//! side), and the write finished sooner (0.54 s against 0.79 s). That CPU is taken from the
-//! agent restored and running on the same cores meanwhile, and the cache pages from other
-//! files. So files of at least [`DIRECT_MIN`] bytes go straight to the disk, through an aligned
+//! A large agent's image is written and synced by both hosts of its hop. Through the page
+//! cache that costs kernel CPU (copying into cache pages, then writing them back) taken from
+//! the agent restored and running on the same cores meanwhile, and cache pages from other
+//! files; `O_DIRECT` costs a fraction of it and finishes sooner. So files of at least [`DIRECT_MIN`] bytes go straight to the disk, through an aligned
 //! bounce buffer; where the file system refuses `O_DIRECT` (tmpfs, some others) they are
 //! written as before.
 

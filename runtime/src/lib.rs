@@ -24,6 +24,7 @@ mod direct;
 pub mod driver;
 pub mod engine;
 pub mod faults;
+pub mod globals;
 mod host_abi;
 pub mod image;
 pub mod instance;

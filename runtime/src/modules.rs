@@ -7,9 +7,8 @@
 
 use crate::admission::{self, AdmissionError, ModuleFacts};
 use crate::host_abi;
-use crate::instance::Shell;
 use crate::instrument;
-use crate::recycle::{Budget, Idle};
+use crate::recycle::{Budget, Idle, Shell};
 use crate::state::AgentState;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -269,45 +268,45 @@ impl ModuleCache {
 /// Writes `bytes` to `path` atomically: a reader sees the old file or the whole new one.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    publish(&write_synced(dir, &[bytes])?, path)
+    let tmp = synced_temporary(dir, &[bytes])?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir);
+    Ok(())
 }
 
 /// Writes `bytes` to a new file of a temporary name (starting [`TEMPORARY`]) in `dir` and
 /// syncs it; yields its path. [`publish`] gives it its name.
 pub fn write_synced(dir: &Path, parts: &[&[u8]]) -> std::io::Result<PathBuf> {
-    let mut tmp = tempfile_in(dir)?;
-    let written =
-        crate::direct::write_parts(&tmp.0, &mut tmp.1, parts).and_then(|()| tmp.1.sync_all());
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp.0);
-        return Err(e);
-    }
-    Ok(tmp.0)
+    synced_temporary(dir, parts)?
+        .into_temp_path()
+        .keep()
+        .map_err(|e| e.error)
 }
 
 /// Renames a file [`write_synced`] wrote to `path` and makes the rename durable.
 pub fn publish(tmp: &Path, path: &Path) -> std::io::Result<()> {
     std::fs::rename(tmp, path)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")));
     Ok(())
 }
 
 /// How the names of temporary files start: what a crash leaves of them is removed at start.
 pub const TEMPORARY: &str = ".tmp-";
 
-fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    let name = format!(
-        "{TEMPORARY}{}-{}",
-        std::process::id(),
-        crate::context::AgentId::random()
-    );
-    let path = dir.join(name);
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)?;
-    Ok((path, file))
+/// A new file of a temporary name in `dir` holding `parts`, synced; removed if dropped.
+fn synced_temporary(dir: &Path, parts: &[&[u8]]) -> std::io::Result<tempfile::NamedTempFile> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMPORARY)
+        .tempfile_in(dir)?;
+    let path = tmp.path().to_path_buf();
+    crate::direct::write_parts(&path, tmp.as_file_mut(), parts)?;
+    tmp.as_file().sync_all()?;
+    Ok(tmp)
+}
+
+/// Makes the names in `dir` durable; a failure only loses the name on a crash.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }

@@ -1,9 +1,8 @@
 //! Hints that map memory in one call before it is read or written page by page.
 //!
-//! On the VMs we run on, the first touch of each 4 KiB page traps into the kernel for a few
-//! microseconds: filling a fresh 256 MiB buffer cost 240–500 ms in faults against 45 ms with a
-//! transparent huge page hint and one populating `madvise` (measured side by side). These are
-//! hints only: where the kernel refuses them (other systems, older kernels, emulators) the
+//! The first touch of each 4 KiB page traps into the kernel: filling a large fresh buffer
+//! page by page costs several times what a transparent huge page hint and one populating
+//! `madvise` cost. These are hints only: where the kernel refuses them (other systems, older kernels, emulators) the
 //! pages fault in on first touch as before, with the same bytes.
 
 /// Regions smaller than this are left to fault in: the calls would cost more than they save.

@@ -1,15 +1,28 @@
 //! Instances of agents that left, kept for the next agents of the same module.
 //!
-//! A small agent's hop made a fresh instance at the destination (a store, a memory mapped
-//! and the module's data written into it) and unmapped the one it left at the source: about
-//! a seventh of the CPU of the benchmark's hops (BENCHMARKS.md). An instance whose agent
-//! left at a hop is reset to the module's initial memory and globals and kept here; the next
+//! Making a fresh instance (a store, a memory mapped and the module's data written into it)
+//! and unmapping the one an agent left is a large part of a small agent's hop. An instance
+//! whose agent left at a hop is reset to the module's initial memory and globals and kept here; the next
 //! agent of that module launched, or arriving with at least as much memory, takes it. The
 //! instances kept by all modules of a host share one budget (a count, and resident memory),
 //! and one unused for [`KEEP_FOR`] is dropped.
 
+use crate::globals::GlobalValue;
+use crate::state::AgentState;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use wasmtime::{Instance, Memory, Store, TypedFunc};
+
+/// An instance without its agent: made fresh, or left by an agent and reset to what
+/// instantiation left (then kept by its module, in an [`Idle`], for the next agent of it).
+pub(crate) struct Shell {
+    pub(crate) store: Store<AgentState>,
+    pub(crate) instance: Instance,
+    pub(crate) memory: Memory,
+    pub(crate) poll: TypedFunc<(), i32>,
+    /// The mutable globals right after instantiation, before any agent code ran.
+    pub(crate) fresh_globals: Arc<[GlobalValue]>,
+}
 
 /// How long a kept instance waits for an agent before it is dropped.
 pub const KEEP_FOR: Duration = Duration::from_secs(30);

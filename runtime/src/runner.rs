@@ -9,7 +9,7 @@
 use crate::admission::AdmissionError;
 use crate::context::AgentContext;
 use crate::driver::{self, Flow, Place, Start};
-use crate::image::{AgentImage, ImageLimits};
+use crate::image::{AgentImage, DecodeOptions, EncodeOptions, ImageLimits};
 use crate::instance::{AgentError, AgentInstance};
 use crate::limits::Limits;
 use crate::log::LogLine;
@@ -216,12 +216,13 @@ impl LocalRunner {
             });
         }
         let bytes = image
-            .encode()
-            .map_err(|e| AgentError::Abi(format!("cannot encode the image: {e}")))?;
+            .encode(EncodeOptions::default())
+            .map_err(|e| AgentError::Abi(format!("cannot encode the image: {e}")))?
+            .to_vec();
         let capture = started.elapsed();
         let started = Instant::now();
         let image_bytes = bytes.len();
-        let image = AgentImage::decode_shared(&bytes.into(), &self.image_limits)?;
+        let image = AgentImage::decode(bytes, &DecodeOptions::new(self.image_limits))?.image;
         let module = self.modules.get(&image.module).ok_or_else(|| {
             AgentError::Instantiate(format!("module {} is not admitted here", image.module))
         })?;

@@ -11,6 +11,43 @@ use std::collections::BTreeMap;
 /// Granularity of the page map.
 pub const PAGE_SIZE: usize = 4096;
 
+/// Why a page map (from an untrusted image) cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PagesError {
+    /// A run is empty, out of order, or past the end of the memory.
+    #[error(
+        "page run {start}+{count} is empty, out of order or outside the memory of {limit} pages"
+    )]
+    BadRun {
+        /// First page of the run.
+        start: u32,
+        /// Pages in the run.
+        count: u32,
+        /// Pages in the memory.
+        limit: u64,
+    },
+    /// The body holds fewer pages than the runs not left out.
+    #[error("the body ends early")]
+    BodyEndsEarly,
+    /// A page left out of the body is not in the base it should come from.
+    #[error("left-out page {0} is not in the base")]
+    NotInBase(u32),
+    /// A page left out of the body is not among the carried pages.
+    #[error("left-out page {0} is not carried")]
+    NotCarried(u32),
+    /// The runs of pages left out are malformed.
+    #[error("left-out pages: {0}")]
+    LeftOut(#[source] Box<PagesError>),
+    /// The memory is smaller than the module starts with.
+    #[error("memory of {memory} bytes is smaller than the module's initial {initial}")]
+    SmallerThanInitial {
+        /// Size of the image's memory.
+        memory: u64,
+        /// Size of the module's initial memory.
+        initial: u64,
+    },
+}
+
 /// The memory of a freshly instantiated module: non-zero pages only.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InitialImage {
@@ -75,8 +112,7 @@ impl PageRun {
 
 /// Captures of at least this many bytes are copied on all cores, [`COPY_PIECE`] at a time:
 /// most of a large capture is the kernel clearing the fresh buffer's pages as they are first
-/// written (256 MiB: 100-330 ms against 32 ms for a copy into memory already mapped), and
-/// that clearing goes as fast as the threads that fault.
+/// written, several times the copy itself, and that clearing goes as fast as the threads that fault.
 const PARALLEL_COPY: usize = 16 << 20;
 const COPY_PIECE: usize = 4 << 20;
 
@@ -147,7 +183,7 @@ impl PageMap {
 
     /// The runs of pages of `memory` that differ from `initial`, without copying them: what
     /// an image read in place needs ([`crate::image::InPlace`]). A large memory is scanned
-    /// on all cores, [`COPY_PIECE`] at a time (256 MiB: 28 ms on one core of the benchmark VM).
+    /// on all cores, [`COPY_PIECE`] at a time.
     ///
     /// Pages the kernel says were never touched are not read ([`crate::touched`]); where it
     /// does not say, the memory is mapped ahead in one call and every page read. So `memory`
@@ -270,7 +306,7 @@ impl PageMap {
         left_out: &[PageRun],
         body: &[u8],
         base: &PageMap,
-    ) -> Result<PageMap, String> {
+    ) -> Result<PageMap, PagesError> {
         // Sized by what is at hand, not by the (untrusted) runs.
         let mut data = Vec::with_capacity(body.len() + base.data.len());
         let mut left = indices(left_out).peekable();
@@ -278,17 +314,17 @@ impl PageMap {
         let mut sent = body.chunks_exact(PAGE_SIZE);
         for index in indices(&runs) {
             if left.next_if_eq(&index).is_none() {
-                data.extend_from_slice(sent.next().ok_or("the body ends early")?);
+                data.extend_from_slice(sent.next().ok_or(PagesError::BodyEndsEarly)?);
                 continue;
             }
             while held.next_if(|(i, _)| *i < index).is_some() {}
             match held.next_if(|(i, _)| *i == index) {
                 Some((_, page)) => data.extend_from_slice(page),
-                None => return Err(format!("left-out page {index} is not in the base")),
+                None => return Err(PagesError::NotInBase(index)),
             }
         }
         if let Some(index) = left.next() {
-            return Err(format!("left-out page {index} is not carried"));
+            return Err(PagesError::NotCarried(index));
         }
         Ok(PageMap {
             runs,
@@ -298,7 +334,10 @@ impl PageMap {
 
     /// Checks that the runs are sorted, disjoint, inside a memory of `memory_bytes` and match
     /// the amount of data. Runs come from untrusted images.
-    pub fn check(runs: &[PageRun], memory_bytes: u64) -> Result<u64, String> {
+    ///
+    /// # Errors
+    /// [`PagesError::BadRun`] naming the first run that does not fit.
+    pub fn check(runs: &[PageRun], memory_bytes: u64) -> Result<u64, PagesError> {
         let limit = memory_bytes / PAGE_SIZE as u64;
         let mut next = 0u64;
         let mut pages = 0u64;
@@ -306,10 +345,11 @@ impl PageMap {
             let start = u64::from(run.start);
             let end = start + u64::from(run.count);
             if run.count == 0 || start < next || end > limit {
-                return Err(format!(
-                    "page run {}+{} is empty, out of order or outside the memory of {limit} pages",
-                    run.start, run.count
-                ));
+                return Err(PagesError::BadRun {
+                    start: run.start,
+                    count: run.count,
+                    limit,
+                });
             }
             next = end;
             pages += u64::from(run.count);

@@ -3,7 +3,7 @@
 //! Every agent runs on a fiber stack of its own (its host calls are async). wasmtime maps a
 //! fresh stack for each instance and unmaps it when the instance goes: on a host where agents
 //! hop in and out thousands of times a second, mapping, protecting, faulting in and unmapping
-//! stacks took about 4% of the CPU (BENCHMARKS.md). Here a stack an instance gave back is
+//! stacks takes a noticeable share of the CPU. Here a stack an instance gave back is
 //! kept, up to [`KEEP`] of them, and handed to the next instance as it is.
 //!
 //! A reused stack holds what its last agent's host calls left on it. wasmtime asks for a

@@ -4,8 +4,8 @@
 //! page the kernel holds neither in memory nor in swap was never touched since it was mapped:
 //! it reads as zeros (anonymous memory) or as the file it maps (the module's initial image,
 //! which wasmtime maps copy-on-write). So it cannot differ, and need not be read, nor mapped
-//! to be read: mapping a small agent's 1 MiB memory ahead for the scan took 4.7% of the
-//! samples of the hops-per-second benchmark. `/proc/self/pagemap` tells, one `u64` per page.
+//! to be read, which would cost a small agent's hop more than the scan itself.
+//! `/proc/self/pagemap` tells, one `u64` per page.
 //!
 //! The page map is trusted only once it has answered right about pages just written and left
 //! alone: under an emulator (`qemu-user` runs the heterogeneity test's hosts) it may describe

@@ -2,7 +2,7 @@
 //! found included, once fixed) goes through exactly what its target runs, and must come back,
 //! refused or accepted, without a panic. See fuzz/README.md.
 
-use agent_runtime::image::{AgentImage, ImageLimits};
+use agent_runtime::image::{AgentImage, DecodeOptions, ImageLimits};
 use agent_runtime::net::messages::{
     LaunchEvent, OfferReply, Request, StatusReply, TransferReply, TransferStatus,
 };
@@ -38,7 +38,7 @@ fn each_input(target: &str, check: impl Fn(&[u8])) {
 #[test]
 fn image_decode() {
     each_input("image_decode", |data| {
-        let _ = AgentImage::decode(data, &ImageLimits::default());
+        let _ = AgentImage::decode(data.to_vec(), &DecodeOptions::new(ImageLimits::default()));
     });
 }
 

@@ -34,7 +34,9 @@ fn image_of(wasm: &[u8]) -> (Vec<u8>, Offer) {
     ))
     .unwrap_or_else(|e| panic!("{e}"));
     let image = agent.capture();
-    let bytes = image.encode().unwrap_or_else(|e| panic!("{e}"));
+    let bytes = (image.encode(Default::default()))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_vec();
     let offer = Offer {
         agent: image.context.agent_id,
         seq: 1,
@@ -311,8 +313,12 @@ fn an_image_sent_with_the_offer_is_committed_even_when_the_module_is_asked_for()
 /// hashes the pages as they come, and harmless to the agent if it ever runs.
 fn with_noise(image: &[u8], offer: &Offer, mib: usize) -> (Vec<u8>, Offer) {
     use agent_runtime::snapshot::{PAGE_SIZE, PageRun};
-    let mut image =
-        AgentImage::decode(image, &ImageLimits::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut image = AgentImage::decode(
+        image.to_vec(),
+        &agent_runtime::image::DecodeOptions::new(ImageLimits::default()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .image;
     let pages = mib * (1 << 20) / PAGE_SIZE;
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let noise = (0..pages * PAGE_SIZE / 8).flat_map(|_| {
@@ -329,7 +335,9 @@ fn with_noise(image: &[u8], offer: &Offer, mib: usize) -> (Vec<u8>, Offer) {
     });
     image.pages.data = data.into();
     image.memory_bytes += (mib as u64) << 20;
-    let bytes = image.encode().unwrap_or_else(|e| panic!("{e}"));
+    let bytes = (image.encode(Default::default()))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_vec();
     let offer = Offer {
         memory_bytes: image.memory_bytes,
         image_bytes: bytes.len() as u64,

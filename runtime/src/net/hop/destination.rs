@@ -3,6 +3,9 @@ use crate::AgentModule;
 use crate::base::{Base, Binding, WORTH_A_BASE};
 use crate::context::{AgentContext, AgentId};
 use crate::faults::crash_point;
+use crate::image::DecodeOptions;
+use crate::image::EncodeOptions;
+use crate::image::Verify;
 use crate::image::{AgentImage, ImageError, Unverified};
 use crate::instance::AgentInstance;
 use crate::modules::ModuleHash;
@@ -401,7 +404,11 @@ impl Host {
         phase("decoded");
         // What is stored must stand alone: the base may be gone when the store is read.
         let whole = match filled_in {
-            true => Some(image.encode().map_err(ArrivalError::Encode)?),
+            true => Some(
+                (image.encode(EncodeOptions::default()))
+                    .map_err(ArrivalError::Encode)?
+                    .to_vec(),
+            ),
             false => None,
         };
         let ready = match arriving {
@@ -454,12 +461,17 @@ impl Host {
         base: Option<&Base>,
     ) -> Result<(AgentImage, bool, Option<Unverified>), ArrivalError> {
         let limits = self.image_limits();
-        let (decoded, unverified) = match base.is_none() && bytes.len() as u64 >= WORTH_PREPARING {
-            true => match AgentImage::decode_unverified(bytes, &limits) {
-                Ok((image, unverified)) => (Ok((image, false)), Some(unverified)),
-                Err(e) => (Err(e), None),
+        let options = DecodeOptions {
+            base: base.map(Base::as_base_pages),
+            verify: match base.is_none() && bytes.len() as u64 >= WORTH_PREPARING {
+                true => Verify::Later,
+                false => Verify::Now,
             },
-            false => (AgentImage::decode_against(bytes, &limits, base), None),
+            ..DecodeOptions::new(limits)
+        };
+        let (decoded, unverified) = match AgentImage::decode(bytes.clone(), &options) {
+            Ok(d) => (Ok((d.image, d.filled_in)), d.unverified),
+            Err(e) => (Err(e), None),
         };
         if let (Err(ImageError::HashMismatch), Some(base)) = (&decoded, base) {
             // Pages filled in from the base made a wrong image (a hash collision, or a base

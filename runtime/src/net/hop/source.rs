@@ -4,7 +4,7 @@
 use crate::base::{Base, BaseList, Binding, encode_against};
 use crate::context::{AgentId, HopRecord};
 use crate::faults::crash_point;
-use crate::image::{AgentImage, Encoded};
+use crate::image::{AgentImage, EncodeOptions, Encoded};
 use crate::instance::AgentInstance;
 use crate::modules::AgentModule;
 use crate::net::hop::machine::{Plan, SourceHop, SourceStep};
@@ -190,7 +190,7 @@ impl Host {
             Some(image) => Outgoing::InPlace(image),
             None => {
                 image.pages = PageMap::gather(memory, std::mem::take(&mut image.pages.runs));
-                let encoded = image.encode_parts();
+                let encoded = image.encode(EncodeOptions::default());
                 Outgoing::Encoded(Arc::new(encoded.map_err(|e| unreachable(e.to_string()))?))
             }
         };

@@ -4,7 +4,7 @@
 use crate::context::AgentId;
 use crate::driver::{self, Flow, Place};
 use crate::faults::crash_point;
-use crate::image::Encoded;
+use crate::image::{Compression, EncodeOptions, Encoded};
 use crate::instance::{AgentError, AgentInstance};
 use crate::log::LogLine;
 use crate::net::host::{Host, PARK_AFTER, Start, sleep_unless_killed};
@@ -34,7 +34,11 @@ fn kept(
 ) -> Result<(AgentId, Encoded, impl FnOnce(String) -> AgentRecord), std::io::Error> {
     let id = agent.context().agent_id;
     let seq = agent.context().hop_seq;
-    let bytes = agent.capture().encode_to_keep()?;
+    let keep = EncodeOptions {
+        compression: Compression::Keep,
+        ..EncodeOptions::default()
+    };
+    let bytes = agent.capture().encode(keep)?;
     let record = move |image| AgentRecord::Resident { seq, image, resume };
     Ok((id, bytes, record))
 }

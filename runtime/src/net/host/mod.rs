@@ -28,6 +28,7 @@ use crate::AgentError;
 use crate::ImageError;
 use crate::base::BaseCache;
 use crate::context::AgentId;
+use crate::image::DecodeOptions;
 use crate::image::{AgentImage, ImageLimits};
 use crate::instance::AgentInstance;
 use crate::limits::Limits;
@@ -406,8 +407,8 @@ impl Host {
         self: &Arc<Self>,
         image: &str,
     ) -> Result<AgentInstance, RestoreError> {
-        let bytes = self.store.image(image)?.into();
-        let image = AgentImage::decode_shared(&bytes, &self.image_limits())?;
+        let bytes = self.store.image(image)?;
+        let image = AgentImage::decode(bytes, &DecodeOptions::new(self.image_limits()))?.image;
         let module = self.module(&image.module).await?;
         let limits = &self.config.limits;
         Ok(AgentInstance::restore(module, self.site.clone(), image, limits).await?)

@@ -3,6 +3,7 @@
 
 use crate::context::AgentId;
 use crate::image::AgentImage;
+use crate::image::DecodeOptions;
 use crate::instance::AgentInstance;
 use crate::net::hop::machine::{SourceHop, SourceStep};
 use crate::net::hop::source::LinkError;
@@ -130,7 +131,7 @@ impl Host {
     fn departure_image(&self, image: &str) -> Result<(u64, AgentImage), RestoreError> {
         let bytes = self.store.image(image)?;
         let image_len = bytes.len() as u64;
-        let image = AgentImage::decode_shared(&bytes.into(), &self.image_limits())?;
+        let image = AgentImage::decode(bytes, &DecodeOptions::new(self.image_limits()))?.image;
         Ok((image_len, image))
     }
 

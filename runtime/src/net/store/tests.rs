@@ -426,7 +426,10 @@ async fn an_image_file_is_named_by_the_digest_its_header_claims() {
         },
         context: crate::context::AgentContext::new("h", "o", Vec::new(), Default::default()),
     };
-    let bytes = image.encode().unwrap_or_else(|e| panic!("{e}"));
+    let bytes = (image
+        .encode(Default::default())
+        .unwrap_or_else(|e| panic!("{e}")))
+    .to_vec();
     assert!(bytes.len() > INLINE_IMAGE, "large enough for a file");
     let staged = store
         .stage_image(&[&bytes])
@@ -434,7 +437,9 @@ async fn an_image_file_is_named_by_the_digest_its_header_claims() {
     let digest = blake3::Hash::from(image.digest()).to_hex();
     assert_eq!(staged.name, format!("{digest}.img"));
     // Given in the parts it was encoded in, it is the same file under the same name.
-    let parts = image.encode_parts().unwrap_or_else(|e| panic!("{e}"));
+    let parts = image
+        .encode(Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
     let again = store
         .stage_image(&parts.parts())
         .unwrap_or_else(|e| panic!("{e}"));
