@@ -148,7 +148,7 @@ fn main() -> anyhow::Result<()> {
                             Err(e) => Ending::Failed(e),
                         },
                         Ok(other) => Ending::Failed(format!("{other:?}")),
-                        Err(e) => Ending::Lost(e),
+                        Err(e) => Ending::Lost(e.to_string()),
                     };
                     (id, ending)
                 });

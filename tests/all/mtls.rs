@@ -20,8 +20,10 @@ fn creds(ca_dir: &std::path::Path, dir: &std::path::Path, role: Role, name: &str
 
 /// Connects and makes one request; the error a refused client sees.
 async fn list_as(host: &HostAddr, creds: &Credentials) -> Result<(), String> {
-    let client = Client::connect(host, creds).await?;
-    let result = client.list().await.map(|_| ());
+    let client = Client::connect(host, creds)
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = client.list().await.map(|_| ()).map_err(|e| e.to_string());
     client.close().await;
     result
 }

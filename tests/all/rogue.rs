@@ -77,7 +77,10 @@ async fn send_image(
     module: &[u8],
     image: &[u8],
 ) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
-    let (mut send, mut recv) = client.open(&Request::Hop(offer.clone())).await?;
+    let (mut send, mut recv) = client
+        .open(&Request::Hop(offer.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
     let reply: OfferReply = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
     let OfferReply::Accept { need_module, .. } = reply else {
         return Err(format!("offer not accepted: {reply:?}"));

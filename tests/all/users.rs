@@ -44,6 +44,7 @@ async fn start(
     client
         .launch_until(wasm, itinerary, args, &mut |_| {}, &launched)
         .await
+        .map_err(|e| e.to_string())
 }
 
 fn assert_launched(event: &Result<LaunchEvent, String>) {
@@ -70,7 +71,9 @@ fn probes_are_checked_before_they_cost_memory_and_stream_through_the_peer() {
             let mut set = tokio::task::JoinSet::new();
             for _ in 0..n {
                 let client = client.clone();
-                set.spawn(async move { client.probe(to, 1 << 30).await });
+                set.spawn(
+                    async move { client.probe(to, 1 << 30).await.map_err(|e| e.to_string()) },
+                );
             }
             set.join_all()
         };
@@ -326,7 +329,12 @@ fn bytes_a_user_sends_are_bounded_per_user_and_connections_per_user_are_capped()
         }
         // The fourth connection is refused once it asks anything.
         let fourth = cluster.client("siteA", "alice").await?;
-        let why = fourth.list().await.err().unwrap_or_default();
+        let why = fourth
+            .list()
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(why.contains("user_connections"), "{why}");
         // On each connection, 200 launches that declare a 64 MiB module and send 1 MiB of
         // it; none ever finishes.

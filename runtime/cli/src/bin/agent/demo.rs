@@ -210,7 +210,7 @@ async fn wait_ready(conn: &Connection, hosts: &mut Hosts) -> anyhow::Result<()> 
                     client.close().await;
                     return Ok(());
                 }
-                Err(e) => e,
+                Err(e) => e.to_string(),
             },
             Err(e) => e.to_string(),
         };

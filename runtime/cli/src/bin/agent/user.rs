@@ -2,7 +2,7 @@
 
 use agent_runtime::AgentId;
 use agent_runtime::net::certs::{self, Role};
-use agent_runtime::net::client::{Client, HostAddr};
+use agent_runtime::net::client::{Client, ClientError, HostAddr};
 use agent_runtime::net::messages::{Asleep, HopInfo, LaunchEvent, StatusReply, unix_ms};
 use agent_runtime::net::tls::Credentials;
 use agent_runtime::runner::cbor_to_json;
@@ -106,7 +106,8 @@ async fn follow(conn: &Connection, agent: &str) -> anyhow::Result<StatusReply> {
         match status {
             Ok(status) if status.state != "running" => return Ok(status),
             Ok(_) => {}
-            Err(e) if e.contains("no agent") => bail!("{e}"),
+            // The home answered that it has no such agent of ours: waiting will not help.
+            Err(ClientError::Refused(why)) => bail!("{why}"),
             Err(_) => {}
         }
     }
