@@ -11,7 +11,7 @@
 use agent_e2e::{Cluster, example, launch, repo, runner};
 use agent_runtime::Limits;
 use agent_runtime::net::client::Client;
-use agent_runtime::net::messages::{HopInfo, LaunchEvent};
+use agent_runtime::net::messages::{AgentEnd, HopInfo, LaunchEvent};
 use agent_runtime::runner::Migration;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -619,7 +619,7 @@ async fn trip(
         .map_err(anyhow::Error::msg)?;
     match last {
         LaunchEvent::Finished {
-            outcome: Ok(_),
+            outcome: AgentEnd::Finished(_),
             hops: n,
             ..
         } if n == hops.len() as u64 => {}

@@ -1,6 +1,10 @@
 //! Helpers for the end-to-end tests: real agents built from `examples/`, the real `agent`
 //! binary, and runners over real corpora.
 
+// These helpers run inside tests, where an unexpected error is a failing test; clippy's
+// allowance for tests does not reach a library crate.
+#![allow(clippy::unwrap_used)]
+
 pub mod relay;
 
 use agent_runtime::engine::new_engine;
@@ -44,7 +48,7 @@ pub fn example(name: &str) -> Vec<u8> {
             .join(agent_runtime::builder::TARGET)
             .join("release"))
     });
-    let dir = dir.as_ref().unwrap_or_else(|e| panic!("{e}"));
+    let dir = dir.as_ref().unwrap();
     let path = dir.join(format!("{name}.wasm"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
@@ -79,7 +83,7 @@ pub fn finish(mut child: std::process::Child, within: std::time::Duration) -> st
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let _ = child.kill();
-    child.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
+    child.wait_with_output().unwrap()
 }
 
 /// The site names in a JSON list such as the search agent's `visited` or `skipped`
@@ -119,15 +123,15 @@ pub fn search_sites() -> Vec<Site> {
         .iter()
         .map(|name| {
             let dir = repo().join("examples/search/sites").join(name);
-            Site::new(name, Corpus::load(&dir).unwrap_or_else(|e| panic!("{e}")))
+            Site::new(name, Corpus::load(&dir).unwrap())
         })
         .collect()
 }
 
 /// A runner over the search sites with the given limits and no disk cache.
 pub fn runner(limits: Limits) -> LocalRunner {
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let modules = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
+    let engine = new_engine().unwrap();
+    let modules = ModuleCache::new(&engine, None).unwrap();
     LocalRunner::new(modules, search_sites(), limits)
 }
 
@@ -148,13 +152,13 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
         .block_on(f)
 }
 
 /// Runs an agent to its end on a fresh current-thread tokio runtime.
 pub fn run(runner: &LocalRunner, wasm: &[u8], launch: Launch, migration: Migration) -> RunReport {
-    block_on(runner.run(wasm, launch, migration, &mut |_| {})).unwrap_or_else(|e| panic!("{e}"))
+    block_on(runner.run(wasm, launch, migration, &mut |_| {})).unwrap()
 }
 
 /// The `agent-host` binary beside [`agent_bin`].
@@ -184,26 +188,20 @@ impl Cluster {
     /// (each knows all of `sites` as peers), with the extra `serve` flags given per site.
     pub fn start(sites: &[&str], up: &[(&str, &[&str])]) -> Cluster {
         use agent_runtime::net::certs::{self, Role, Validity};
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
-        certs::init_ca(&certs).unwrap_or_else(|e| panic!("{e}"));
+        certs::init_ca(&certs).unwrap();
         for site in sites {
-            certs::issue(&certs, &certs, Role::Host, site, Validity::default())
-                .unwrap_or_else(|e| panic!("{e}"));
+            certs::issue(&certs, &certs, Role::Host, site, Validity::default()).unwrap();
         }
         for user in ["alice", "bob"] {
-            certs::issue(&certs, &certs, Role::User, user, Validity::default())
-                .unwrap_or_else(|e| panic!("{e}"));
+            certs::issue(&certs, &certs, Role::User, user, Validity::default()).unwrap();
         }
         let addrs: BTreeMap<String, std::net::SocketAddr> = sites
             .iter()
             .map(|s| {
-                let socket =
-                    std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-                (
-                    s.to_string(),
-                    socket.local_addr().unwrap_or_else(|e| panic!("{e}")),
-                )
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                (s.to_string(), socket.local_addr().unwrap())
             })
             .collect();
         let mut cluster = Cluster {
@@ -231,8 +229,7 @@ impl Cluster {
     }
 
     fn spawn_with(&mut self, site: &str, extra: &[&str], env: &[(&str, &str)]) {
-        let log = std::fs::File::create(self.dir.path().join(format!("{site}.log")))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let log = std::fs::File::create(self.dir.path().join(format!("{site}.log"))).unwrap();
         let mut cmd = Command::new(agent_host_bin());
         cmd.args([
             "serve",
@@ -262,7 +259,7 @@ impl Cluster {
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         self.hosts.push((site.to_string(), child));
     }
 
@@ -284,7 +281,7 @@ impl Cluster {
             .args(args)
             .args(self.conn_args(site, user))
             .output()
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
     }
 
     /// Starts the `agent` CLI like [`Cluster::agent`] without waiting for it.
@@ -295,7 +292,7 @@ impl Cluster {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
     }
 
     fn wait_ready(&self, site: &str) {

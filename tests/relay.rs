@@ -41,8 +41,8 @@ pub struct Relay {
 impl Relay {
     /// Starts a relay in front of `target`.
     pub fn start(target: SocketAddr) -> Relay {
-        let front = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-        let addr = front.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = front.local_addr().unwrap();
         let faults = Arc::new(Faults::default());
         let shared = faults.clone();
         std::thread::spawn(move || forward_front(front, target, shared));
@@ -136,11 +136,11 @@ fn forward_front(front: UdpSocket, target: SocketAddr, faults: Arc<Faults>) {
             continue;
         };
         let upstream = upstreams.entry(from).or_insert_with(|| {
-            let socket = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
             let _ = socket.connect(target);
             let (back, front, faults) = (
-                socket.try_clone().unwrap_or_else(|e| panic!("{e}")),
-                front.try_clone().unwrap_or_else(|e| panic!("{e}")),
+                socket.try_clone().unwrap(),
+                front.try_clone().unwrap(),
                 faults.clone(),
             );
             std::thread::spawn(move || forward_back(back, front, from, faults));

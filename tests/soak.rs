@@ -6,7 +6,7 @@
 //! `scripts/soak [AGENTS] [MINUTES] [HOPS]` (defaults 1000, 10, 30).
 
 use agent_e2e::{Cluster, example};
-use agent_runtime::net::messages::LaunchEvent;
+use agent_runtime::net::messages::{AgentEnd, LaunchEvent};
 use agent_runtime::runner::cbor_to_json;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -135,7 +135,8 @@ fn main() -> anyhow::Result<()> {
                     drop(permit);
                     let ending = match last {
                         Ok(LaunchEvent::Finished {
-                            outcome: Ok(bytes), ..
+                            outcome: AgentEnd::Finished(bytes),
+                            ..
                         }) => match cbor_to_json(&bytes) {
                             Ok(v) => Ending::Visited(
                                 v["visited"]
@@ -145,10 +146,10 @@ fn main() -> anyhow::Result<()> {
                                     .filter_map(|s| s.as_str().map(str::to_string))
                                     .collect(),
                             ),
-                            Err(e) => Ending::Failed(e),
+                            Err(e) => Ending::Failed(e.to_string()),
                         },
                         Ok(other) => Ending::Failed(format!("{other:?}")),
-                        Err(e) => Ending::Lost(e),
+                        Err(e) => Ending::Lost(e.to_string()),
                     };
                     (id, ending)
                 });

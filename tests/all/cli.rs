@@ -14,7 +14,7 @@ fn agent_build_prints_the_module_path_last() {
         .arg("build")
         .arg(repo().join("examples/search"))
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -32,7 +32,7 @@ fn agent_build_explains_a_directory_that_is_not_a_crate() {
         .arg("build")
         .arg(repo().join("docs"))
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -43,7 +43,7 @@ fn agent_build_explains_a_directory_that_is_not_a_crate() {
 
 #[test]
 fn agent_run_searches_three_sites_and_prints_hops_and_hits() {
-    let cache = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cache = tempfile::tempdir().unwrap();
     let out = Command::new(agent_bin())
         .arg("run")
         .arg(search_wasm())
@@ -58,14 +58,13 @@ fn agent_run_searches_three_sites_and_prints_hops_and_hits() {
         .arg("--data")
         .arg(repo().join("examples/search/sites"))
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     for hop in ["home -> siteA", "siteA -> siteB", "siteB -> siteC"] {
         assert!(stderr.contains(hop), "missing `{hop}` in:\n{stderr}");
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for site in ["siteA", "siteB", "siteC"] {
         assert!(
             value["hits"]
@@ -85,15 +84,14 @@ fn agent_run_json_reports_failure_with_a_nonzero_exit() {
         .arg(search_wasm())
         .args(["--sites", "siteA", "--json", "--no-disk-cache"])
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(
         out.status.code(),
         Some(1),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let value: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(value["ok"], false);
     assert_eq!(
         value["error"],
@@ -103,15 +101,15 @@ fn agent_run_json_reports_failure_with_a_nonzero_exit() {
 
 #[test]
 fn agent_run_refuses_a_module_that_is_not_an_agent_and_a_missing_corpus() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let bogus = dir.path().join("bogus.wasm");
-    std::fs::write(&bogus, b"\0asm\x01\0\0\0").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&bogus, b"\0asm\x01\0\0\0").unwrap();
     let out = Command::new(agent_bin())
         .arg("run")
         .arg(&bogus)
         .args(["--sites", "a", "--no-disk-cache"])
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -125,7 +123,7 @@ fn agent_run_refuses_a_module_that_is_not_an_agent_and_a_missing_corpus() {
         .args(["--sites", "nowhere", "--no-disk-cache", "--data"])
         .arg(dir.path())
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -142,7 +140,7 @@ fn agent_build_says_how_to_install_a_missing_target() {
         .arg(repo().join("examples/search"))
         .env("RUSTC", "true")
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

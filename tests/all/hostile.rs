@@ -22,16 +22,12 @@ fn hostile_agents_get_clear_errors_and_the_host_keeps_serving_others() {
     let hostile = example_path("hostile");
     let search = example_path("search");
     // A module that imports a function this host does not offer.
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let foreign = dir.path().join("foreign.wasm");
     let text = r#"(module (import "agent_v1" "fork" (func)) (memory (export "memory") 1)
         (func (export "agent_start")) (func (export "agent_poll") (result i32) i32.const 1)
         (@custom "agent-abi" "\01\00\00\00"))"#;
-    std::fs::write(
-        &foreign,
-        wat::parse_str(text).unwrap_or_else(|e| panic!("{e}")),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&foreign, wat::parse_str(text).unwrap()).unwrap();
     let foreign = foreign.display().to_string();
 
     // (mode, words its launcher's error must contain)

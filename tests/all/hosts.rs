@@ -254,7 +254,7 @@ fn users_see_and_kill_only_their_own_agents() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = launch.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let out = launch.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(json(&out)["error"], "agent killed by its owner");
     assert_eq!(
@@ -338,24 +338,24 @@ fn sigkill_loses_no_running_agent_a_restart_runs_it_from_its_last_stored_image()
 
 #[test]
 fn a_bare_agent_host_serve_is_a_working_development_host() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let mut host = Command::new(agent_e2e::agent_host_bin())
         .args(["serve", "--listen", &port.to_string()])
         .current_dir(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let stdout = host.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        .unwrap();
+    let stdout = host.stdout.take().expect("no stdout");
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
     let hint = lines
         .by_ref()
         .map_while(Result::ok)
         .find_map(|l| l.strip_prefix("connect with: ").map(str::to_string))
-        .unwrap_or_else(|| panic!("no `connect with:` line"));
+        .expect("no `connect with:` line");
     // The printed command works as printed (with a real module in place of AGENT.wasm).
     let wasm = search_wasm();
     let words: Vec<String> = hint
@@ -374,7 +374,7 @@ fn a_bare_agent_host_serve_is_a_working_development_host() {
         .args(["--arg", "query=anything", "--json"])
         .current_dir(dir.path())
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let _ = host.kill();
     let _ = host.wait();
     assert!(
@@ -402,7 +402,7 @@ fn a_host_configured_by_a_toml_file_takes_part_in_hops() {
         repo().join("examples/search/sites/siteB").display(),
         cluster.addrs["siteA"],
     );
-    std::fs::write(&config, text).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&config, text).unwrap();
     let mut host = Command::new(agent_e2e::agent_host_bin())
         .arg("serve")
         .arg("--config")
@@ -410,7 +410,7 @@ fn a_host_configured_by_a_toml_file_takes_part_in_hops() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cluster.agent(&["list"], "siteB", "alice").status.success() {
         assert!(
@@ -444,13 +444,13 @@ fn a_host_configured_by_a_toml_file_takes_part_in_hops() {
     );
 
     let bad = cluster.dir.path().join("bad.toml");
-    std::fs::write(&bad, "name = \"x\"\nlisten_port = 4\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&bad, "name = \"x\"\nlisten_port = 4\n").unwrap();
     let out = Command::new(agent_e2e::agent_host_bin())
         .arg("serve")
         .arg("--config")
         .arg(&bad)
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -489,7 +489,7 @@ fn kill_follows_the_agent_to_the_host_it_runs_on() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = launch.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let out = launch.wait_with_output().unwrap();
     let value = json(&out);
     assert_eq!(value["error"], "agent killed by its owner");
     assert_eq!(value["hops"][0]["to"], "siteB");
@@ -592,8 +592,8 @@ async fn launch_by_hash(
         itinerary: Vec::new(),
         args,
     };
-    let (send, mut recv) = client.open(&launch).await.unwrap_or_else(|e| panic!("{e}"));
-    let first = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
+    let (send, mut recv) = client.open(&launch).await.unwrap();
+    let first = read_msg(&mut recv).await.unwrap();
     (send, recv, first)
 }
 
@@ -602,10 +602,8 @@ async fn launch_by_hash(
 async fn launch_sending(client: &Client, wasm: &[u8], sent: &[u8]) -> LaunchEvent {
     let (mut send, mut recv, first) = launch_by_hash(client, wasm).await;
     assert_eq!(first, LaunchEvent::SendModule);
-    write_blob(&mut send, sent)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"))
+    write_blob(&mut send, sent).await.unwrap();
+    read_msg(&mut recv).await.unwrap()
 }
 
 #[test]
@@ -613,10 +611,7 @@ fn a_launch_sends_the_module_only_to_a_host_that_lacks_it() {
     let cluster = Cluster::start(&["siteA"], &[("siteA", &[])]);
     let wasm = example("search");
     block_on(async {
-        let client = cluster
-            .client("siteA", "alice")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let client = cluster.client("siteA", "alice").await.unwrap();
         // Other bytes than the module named: refused, and nothing of them is kept.
         let answer = launch_sending(&client, &wasm, &example("bench")).await;
         assert!(
@@ -651,7 +646,7 @@ fn a_launch_sends_the_module_only_to_a_host_that_lacks_it() {
                 seen.push(e.clone())
             })
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert!(matches!(last, LaunchEvent::Finished { .. }), "{last:?}");
         assert!(!seen.contains(&LaunchEvent::SendModule), "{seen:?}");
     });

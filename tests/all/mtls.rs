@@ -15,13 +15,15 @@ fn creds(ca_dir: &std::path::Path, dir: &std::path::Path, role: Role, name: &str
         &certs::ca_files(ca_dir).cert,
         &certs::files(dir, role, name),
     )
-    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap()
 }
 
 /// Connects and makes one request; the error a refused client sees.
 async fn list_as(host: &HostAddr, creds: &Credentials) -> Result<(), String> {
-    let client = Client::connect(host, creds).await?;
-    let result = client.list().await.map(|_| ());
+    let client = Client::connect(host, creds)
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = client.list().await.map(|_| ()).map_err(|e| e.to_string());
     client.close().await;
     result
 }
@@ -46,9 +48,8 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
     block_on(async {
         // A certificate from another CA.
         let other = cluster.dir.path().join("other-ca");
-        certs::init_ca(&other).unwrap_or_else(|e| panic!("{e}"));
-        certs::issue(&other, &other, Role::User, "mallory", Validity::default())
-            .unwrap_or_else(|e| panic!("{e}"));
+        certs::init_ca(&other).unwrap();
+        certs::issue(&other, &other, Role::User, "mallory", Validity::default()).unwrap();
         let foreign = creds(&certs_dir, &other, Role::User, "mallory");
         let e = list_as(&host, &foreign)
             .await
@@ -65,8 +66,7 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
             from: time::Duration::days(-30),
             until: time::Duration::days(-1),
         };
-        certs::issue(&certs_dir, &old, Role::User, "alice", expired)
-            .unwrap_or_else(|e| panic!("{e}"));
+        certs::issue(&certs_dir, &old, Role::User, "alice", expired).unwrap();
         let e = list_as(&host, &creds(&certs_dir, &old, Role::User, "alice"))
             .await
             .expect_err("an expired certificate must be refused");
@@ -92,9 +92,7 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
         assert!(e.contains(r#"certificate not valid for name "siteB"; certificate is only valid for DnsName("siteA")"#), "{e}");
 
         // A user certificate trying a host-only transfer.
-        let client = Client::connect(&host, &alice)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let client = Client::connect(&host, &alice).await.unwrap();
         let offer = Offer {
             agent: AgentId([9; 16]),
             seq: 1,
@@ -107,10 +105,7 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
             home: "siteA".into(),
             image_follows: false,
         };
-        let reply: OfferReply = client
-            .request(&Request::Hop(offer))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let reply: OfferReply = client.request(&Request::Hop(offer)).await.unwrap();
         assert_eq!(
             reply,
             OfferReply::Refuse(
@@ -122,7 +117,7 @@ fn wrong_certificates_are_refused_and_the_host_keeps_serving() {
         // After all that, the host still serves a legitimate user.
         list_as(&host, &alice)
             .await
-            .unwrap_or_else(|e| panic!("the host stopped serving: {e}"));
+            .expect("the host stopped serving");
     });
 }
 
@@ -167,7 +162,7 @@ fn pem_certs(path: &std::path::Path) -> Vec<rustls::pki_types::CertificateDer<'s
     use rustls::pki_types::pem::PemObject;
     CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
 }
 
 /// A certificate chain and key from PEM files.
@@ -179,7 +174,7 @@ fn pem(
 ) {
     use rustls::pki_types::PrivateKeyDer;
     use rustls::pki_types::pem::PemObject;
-    let key = PrivateKeyDer::from_pem_file(&files.key).unwrap_or_else(|e| panic!("{e}"));
+    let key = PrivateKeyDer::from_pem_file(&files.key).unwrap();
     (pem_certs(&files.cert), key)
 }
 
@@ -187,7 +182,7 @@ fn pem(
 fn roots(certs_dir: &std::path::Path) -> Arc<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in pem_certs(&certs::ca_files(certs_dir).cert) {
-        roots.add(cert).unwrap_or_else(|e| panic!("{e}"));
+        roots.add(cert).unwrap();
     }
     Arc::new(roots)
 }
@@ -209,19 +204,17 @@ fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
         let (chain, key) = pem(&certs::files(&certs_dir, Role::User, "alice"));
         let mut old_user = rustls::ClientConfig::builder_with_provider(ring())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
             .with_root_certificates(roots.clone())
             .with_client_auth_cert(chain, key)
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         old_user.alpn_protocols = vec![OLD.to_vec()];
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(old_user)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut endpoint =
-            quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap_or_else(|e| panic!("{e}"));
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(old_user).unwrap();
+        let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
         endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
         let refused = endpoint
             .connect(host.addr, &host.name)
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
             .await
             .expect_err("a host must refuse a user of another version");
         let e = tls::connect_error(&refused);
@@ -234,21 +227,20 @@ fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
         let (chain, key) = pem(&certs::files(&certs_dir, Role::Host, "siteB"));
         let mut old_host = rustls::ServerConfig::builder_with_provider(ring())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
             .with_no_client_auth()
             .with_single_cert(chain, key)
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         old_host.alpn_protocols = vec![OLD.to_vec()];
-        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(old_host)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(old_host).unwrap();
         let server = quinn::Endpoint::server(
             quinn::ServerConfig::with_crypto(Arc::new(quic)),
             ([127, 0, 0, 1], 0).into(),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let old = HostAddr {
             name: "siteB".into(),
-            addr: server.local_addr().unwrap_or_else(|e| panic!("{e}")),
+            addr: server.local_addr().unwrap(),
         };
         let accepting = tokio::spawn(async move {
             let incoming = server.accept().await?;
@@ -262,12 +254,12 @@ fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
                 && e.contains("another version of the protocol than wasm-agents/2"),
             "{e}"
         );
-        let failed = accepting.await.unwrap_or_else(|e| panic!("{e}"));
+        let failed = accepting.await.unwrap();
         assert!(failed.is_some(), "the old host's handshake must fail too");
 
         // After both, the host still serves a user of its version.
         list_as(&host, &alice)
             .await
-            .unwrap_or_else(|e| panic!("the host stopped serving: {e}"));
+            .expect("the host stopped serving");
     });
 }

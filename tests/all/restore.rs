@@ -10,21 +10,17 @@ use std::sync::Arc;
 
 #[test]
 fn an_image_only_restores_into_its_own_module() {
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
-    let heap = cache
-        .admit(&example("heap"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let spin = cache
-        .admit(&example("spin"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let engine = new_engine().unwrap();
+    let cache = ModuleCache::new(&engine, None).unwrap();
+    let heap = cache.admit(&example("heap")).unwrap();
+    let spin = cache.admit(&example("spin")).unwrap();
     let site = Arc::new(search_sites().remove(0));
     let limits = Limits::default();
     block_on(async {
         let context = AgentContext::new("home", "test", vec![], Default::default());
         let mut agent = AgentInstance::launch(heap.clone(), site.clone(), context, &limits)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         agent.request_checkpoint();
         assert!(matches!(
             agent.poll().await,
@@ -83,31 +79,29 @@ fn an_image_only_restores_into_its_own_module() {
                 &limits,
             )
         };
-        let ready = prepare(&spin).await.unwrap_or_else(|e| panic!("{e}"));
+        let ready = prepare(&spin).await.unwrap();
         assert!(matches!(
             AgentInstance::restore_into(ready, image.clone()),
             Err(AgentError::Image(ImageError::WrongModule { .. }))
         ));
         // Into its own, the image takes the prepared instance's place and context.
-        let ready = prepare(&heap).await.unwrap_or_else(|e| panic!("{e}"));
-        let prepared =
-            AgentInstance::restore_into(ready, image.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let ready = prepare(&heap).await.unwrap();
+        let prepared = AgentInstance::restore_into(ready, image.clone()).unwrap();
         assert_eq!(prepared.context().agent_id, image.context.agent_id);
         assert_eq!(prepared.context().home, "home");
         // Its pages written a piece at a time as they would arrive, then restored without them.
-        let mut ready = prepare(&heap).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut ready = prepare(&heap).await.unwrap();
         let (runs, body) = (&image.pages.runs, &image.pages.data);
         for (n, part) in body.chunks(5000).enumerate() {
             ready.write_pages(runs, n * 5000, part);
         }
-        let written =
-            AgentInstance::restore_written(ready, image.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let written = AgentInstance::restore_written(ready, image.clone()).unwrap();
         assert!(!body.is_empty() && written.memory() == prepared.memory());
 
         // The untouched image still restores and finishes, the same either way.
         let fresh = AgentInstance::restore(heap, site.clone(), image, &limits)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         let mut outcomes = Vec::new();
         assert!(fresh.memory() == prepared.memory());
         for mut agent in [fresh, prepared, written] {
@@ -131,19 +125,17 @@ fn an_image_only_restores_into_its_own_module() {
 
 #[test]
 fn compiled_code_is_loaded_from_disk_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let wasm = example("spin");
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let first =
-        ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap_or_else(|e| panic!("{e}"));
-    first.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
-    first.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
+    let engine = new_engine().unwrap();
+    let first = ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap();
+    first.admit(&wasm).unwrap();
+    first.admit(&wasm).unwrap();
     assert_eq!((first.stats().compiled, first.stats().hits), (1, 1));
 
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let restarted =
-        ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap_or_else(|e| panic!("{e}"));
-    restarted.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
+    let engine = new_engine().unwrap();
+    let restarted = ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap();
+    restarted.admit(&wasm).unwrap();
     assert_eq!(
         (
             restarted.stats().compiled,
@@ -153,18 +145,14 @@ fn compiled_code_is_loaded_from_disk_after_a_restart() {
     );
 
     // A damaged file is noticed and the module compiled again.
-    for entry in std::fs::read_dir(dir.path())
-        .unwrap_or_else(|e| panic!("{e}"))
-        .flatten()
-    {
+    for entry in std::fs::read_dir(dir.path()).unwrap().flatten() {
         let mut bytes = std::fs::read(entry.path()).unwrap_or_default();
         let at = bytes.len() / 2;
         bytes[at] ^= 0xff;
-        std::fs::write(entry.path(), bytes).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(entry.path(), bytes).unwrap();
     }
-    let again =
-        ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap_or_else(|e| panic!("{e}"));
-    again.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
+    let again = ModuleCache::new(&engine, Some(dir.path().to_path_buf())).unwrap();
+    again.admit(&wasm).unwrap();
     assert_eq!(
         (again.stats().compiled, again.stats().loaded_from_disk),
         (1, 0)
@@ -173,8 +161,8 @@ fn compiled_code_is_loaded_from_disk_after_a_restart() {
 
 #[test]
 fn a_module_importing_what_the_host_lacks_is_refused() {
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
+    let engine = new_engine().unwrap();
+    let cache = ModuleCache::new(&engine, None).unwrap();
     let wasm = wat_module(r#"(import "wasi_snapshot_preview1" "teleport" (func))"#);
     match cache.admit(&wasm) {
         Err(agent_runtime::admission::AdmissionError::Link(why)) => {
@@ -190,13 +178,13 @@ fn wat_module(import: &str) -> Vec<u8> {
             (func (export "agent_start")) (func (export "agent_poll") (result i32) i32.const 1)
             (@custom "agent-abi" "\01\00\00\00"))"#
     );
-    wat::parse_str(&text).unwrap_or_else(|e| panic!("{e}"))
+    wat::parse_str(&text).unwrap()
 }
 
 #[test]
 fn agents_of_one_new_module_arriving_at_once_compile_it_once() {
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let cache = Arc::new(ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}")));
+    let engine = new_engine().unwrap();
+    let cache = Arc::new(ModuleCache::new(&engine, None).unwrap());
     let wasm = Arc::new(example("spin"));
     let admissions: Vec<_> = (0..4)
         .map(|_| {
@@ -205,9 +193,7 @@ fn agents_of_one_new_module_arriving_at_once_compile_it_once() {
         })
         .collect();
     for admission in admissions {
-        let admitted = admission
-            .join()
-            .unwrap_or_else(|_| panic!("admission panicked"));
+        let admitted = admission.join().expect("admission panicked");
         assert!(admitted.is_ok(), "{admitted:?}");
     }
     let stats = cache.stats();
@@ -222,10 +208,10 @@ fn a_checkpoint_flag_export_that_never_returns_is_stopped_by_the_cpu_budget() {
         (func (export "agent_start")) (func (export "agent_poll") (result i32) i32.const 1)
         (func (export "agent_checkpoint_flag") (result i32) (loop $l (br $l)) i32.const 0)
         (@custom "agent-abi" "\02\00\00\00"))"#;
-    let wasm = wat::parse_str(text).unwrap_or_else(|e| panic!("{e}"));
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
-    let module = cache.admit(&wasm).unwrap_or_else(|e| panic!("{e}"));
+    let wasm = wat::parse_str(text).unwrap();
+    let engine = new_engine().unwrap();
+    let cache = ModuleCache::new(&engine, None).unwrap();
+    let module = cache.admit(&wasm).unwrap();
     let site = Arc::new(search_sites().remove(0));
     let context = AgentContext::new("siteA", "test", Vec::new(), Default::default());
     let limits = Limits {
@@ -242,9 +228,9 @@ fn a_checkpoint_flag_export_that_never_returns_is_stopped_by_the_cpu_budget() {
 
 /// `wasm` admitted by a cache of its own.
 fn admitted(wasm: &[u8]) -> Arc<agent_runtime::AgentModule> {
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
-    cache.admit(wasm).unwrap_or_else(|e| panic!("{e}"))
+    let engine = new_engine().unwrap();
+    let cache = ModuleCache::new(&engine, None).unwrap();
+    cache.admit(wasm).unwrap()
 }
 
 /// Runs `agent` to its next safe point, asking it to stop at its next checkpoint.
@@ -282,7 +268,7 @@ fn an_instance_left_at_a_hop_is_reset_before_another_agent_is_restored_into_it()
         let context = args(&[("steps", "2"), ("chunk_kib", "64")]);
         let mut a = AgentInstance::launch(heap.clone(), site.clone(), context, &limits)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         to_safe_point(&mut a).await;
         let image_a = a.capture();
         // It runs on after the capture and writes its second chunk before it leaves: those
@@ -294,7 +280,7 @@ fn an_instance_left_at_a_hop_is_reset_before_another_agent_is_restored_into_it()
         let context = args(&[("steps", "3"), ("chunk_kib", "4"), ("zero_mib", "2")]);
         let mut b = AgentInstance::launch(heap.clone(), site.clone(), context, &limits)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         to_safe_point(&mut b).await;
         let image_b = b.capture();
         assert!(image_b.memory_bytes > image_a.memory_bytes);
@@ -305,11 +291,11 @@ fn an_instance_left_at_a_hop_is_reset_before_another_agent_is_restored_into_it()
         assert_eq!(heap.idle_instances(), 1, "A's instance is kept");
         let reused = AgentInstance::restore(heap.clone(), site.clone(), image_b.clone(), &limits)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert_eq!(heap.idle_instances(), 0, "B was restored into A's instance");
         let fresh = AgentInstance::restore(heap.clone(), site.clone(), image_b.clone(), &limits)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         // Nothing of A is left: the memory is B's, byte for byte, as in a fresh instance.
         assert!(reused.memory() == fresh.memory(), "A's pages leaked into B");
         assert_eq!(reused.context().agent_id, fresh.context().agent_id);
@@ -322,12 +308,12 @@ fn an_instance_left_at_a_hop_is_reset_before_another_agent_is_restored_into_it()
         // differ.
         let b = AgentInstance::restore(heap.clone(), site.clone(), image_b, &limits)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         b.retire();
         assert_eq!(heap.idle_instances(), 1);
         let a = AgentInstance::restore(heap.clone(), site.clone(), image_a, &limits)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert_eq!(heap.idle_instances(), 1, "a fresh instance was made");
         assert!(matches!(to_end(a).await, agent_abi::Outcome::Ok(_)));
     });
@@ -345,7 +331,7 @@ fn an_instance_of_a_module_with_passive_data_is_not_reused() {
             let context = AgentContext::new("home", "test", vec![], Default::default());
             let agent = AgentInstance::launch(module.clone(), site.clone(), context, &limits)
                 .await
-                .unwrap_or_else(|e| panic!("{e}"));
+                .unwrap();
             agent.retire();
         });
         assert_eq!(module.idle_instances(), kept, "{items}");
@@ -364,18 +350,18 @@ fn a_launch_takes_an_instance_an_agent_left_and_runs_as_in_a_fresh_one() {
     };
     block_on(async {
         let launch = || AgentInstance::launch(heap.clone(), site.clone(), context(), &limits);
-        let mut left = launch().await.unwrap_or_else(|e| panic!("{e}"));
+        let mut left = launch().await.unwrap();
         to_safe_point(&mut left).await;
         assert_eq!(left.memory_bytes(), heap.facts.memory_bytes, "memory grew");
         left.retire();
         assert_eq!(heap.idle_instances(), 1);
-        let mut reused = launch().await.unwrap_or_else(|e| panic!("{e}"));
+        let mut reused = launch().await.unwrap();
         assert_eq!(
             heap.idle_instances(),
             0,
             "the launch took the kept instance"
         );
-        let mut fresh = launch().await.unwrap_or_else(|e| panic!("{e}"));
+        let mut fresh = launch().await.unwrap();
         to_safe_point(&mut reused).await;
         to_safe_point(&mut fresh).await;
         let (reused, fresh) = (to_end(reused).await, to_end(fresh).await);
@@ -394,19 +380,17 @@ fn a_kept_instance_has_its_globals_back_and_one_whose_agent_failed_is_not_kept()
             (func (export "agent_poll") (result i32) i32.const 1)
             (@custom "agent-abi" "\01\00\00\00"))"#,
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let module = admitted(&wasm);
     let site = Arc::new(search_sites().remove(0));
     let limits = Limits::default();
     let context = || AgentContext::new("home", "test", vec![], Default::default());
     block_on(async {
         let launch = || AgentInstance::launch(module.clone(), site.clone(), context(), &limits);
-        let first = launch().await.unwrap_or_else(|e| panic!("{e}"));
+        let first = launch().await.unwrap();
         first.retire();
         assert_eq!(module.idle_instances(), 1);
-        let mut second = launch()
-            .await
-            .unwrap_or_else(|e| panic!("the global leaked: {e}"));
+        let mut second = launch().await.expect("the global leaked");
         assert_eq!(module.idle_instances(), 0);
         // Its poll breaks the ABI (done without an outcome): not at a safe point, not kept.
         assert!(matches!(second.poll().await, Err(AgentError::Abi(_))));

@@ -20,9 +20,9 @@ use std::sync::Arc;
 
 /// A real image of a freshly launched agent of `wasm`, and its offer.
 fn image_of(wasm: &[u8]) -> (Vec<u8>, Offer) {
-    let engine = new_engine().unwrap_or_else(|e| panic!("{e}"));
-    let cache = ModuleCache::new(&engine, None).unwrap_or_else(|e| panic!("{e}"));
-    let module = cache.admit(wasm).unwrap_or_else(|e| panic!("{e}"));
+    let engine = new_engine().unwrap();
+    let cache = ModuleCache::new(&engine, None).unwrap();
+    let module = cache.admit(wasm).unwrap();
     let site = Arc::new(Site::new("siteB", Corpus::empty()));
     let mut context = AgentContext::new("siteB", "alice", Vec::new(), Default::default());
     context.hop_seq = 1;
@@ -32,11 +32,9 @@ fn image_of(wasm: &[u8]) -> (Vec<u8>, Offer) {
         context,
         &Limits::default(),
     ))
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let image = agent.capture();
-    let bytes = (image.encode(Default::default()))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .to_vec();
+    let bytes = (image.encode(Default::default())).unwrap().to_vec();
     let offer = Offer {
         agent: image.context.agent_id,
         seq: 1,
@@ -79,7 +77,10 @@ async fn send_image(
     module: &[u8],
     image: &[u8],
 ) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
-    let (mut send, mut recv) = client.open(&Request::Hop(offer.clone())).await?;
+    let (mut send, mut recv) = client
+        .open(&Request::Hop(offer.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
     let reply: OfferReply = read_msg(&mut recv).await.map_err(|e| e.to_string())?;
     let OfferReply::Accept { need_module, .. } = reply else {
         return Err(format!("offer not accepted: {reply:?}"));
@@ -101,7 +102,7 @@ fn as_site_b(cluster: &Cluster) -> (Credentials, HostAddr) {
         &certs::ca_files(&cluster.certs()).cert,
         &certs::files(&cluster.certs(), Role::Host, "siteB"),
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let host = HostAddr {
         name: "siteA".into(),
         addr: cluster.addrs["siteA"],
@@ -138,9 +139,7 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
     let (misconfirmed, offer5) = image_of(&search);
 
     block_on(async {
-        let client = Client::connect(&host, &rogue)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let client = Client::connect(&host, &rogue).await.unwrap();
 
         // The module's bytes are not the module the offer names.
         let verdict = transfer(&client, &offer, &heap, &image).await;
@@ -169,11 +168,8 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
             seq: 3,
             ..offer.clone()
         };
-        let (mut send, mut recv) = client
-            .open(&Request::Hop(offer3.clone()))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let reply: OfferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
+        let (mut send, mut recv) = client.open(&Request::Hop(offer3.clone())).await.unwrap();
+        let reply: OfferReply = read_msg(&mut recv).await.unwrap();
         assert_eq!(
             reply,
             OfferReply::Accept {
@@ -183,10 +179,8 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
         );
         send.write_all(&(image.len() as u64).to_le_bytes())
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        send.write_all(&image[..image.len() / 2])
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
+        send.write_all(&image[..image.len() / 2]).await.unwrap();
         let _ = send.finish();
         assert!(read_msg::<TransferReply>(&mut recv).await.is_err());
 
@@ -194,18 +188,18 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
         // ends without DEPARTED: as if the source crashed before its record was durable.
         let (mut send, mut recv) = send_image(&client, &offer4, &search, &unconfirmed)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         let _ = send.finish();
         assert!(read_msg::<TransferReply>(&mut recv).await.is_err());
 
         // A whole, valid image confirmed for another hop.
         let (mut send, mut recv) = send_image(&client, &offer5, &search, &misconfirmed)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         write_msg(&mut send, &Departed { seq: 7, home: None })
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let verdict: TransferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
+        let verdict: TransferReply = read_msg(&mut recv).await.unwrap();
         assert_eq!(
             verdict,
             TransferReply::Refused("DEPARTED names hop 7".into())
@@ -223,7 +217,7 @@ fn a_rogue_host_plants_nothing_and_the_destination_keeps_serving() {
             let status: Result<TransferStatus, String> = client
                 .request(&Request::Query { agent, seq })
                 .await
-                .unwrap_or_else(|e| panic!("{e}"));
+                .unwrap();
             assert_eq!(status, Ok(TransferStatus::Aborted), "{agent} seq {seq}");
         }
         client.close().await;
@@ -259,17 +253,10 @@ fn an_image_sent_with_the_offer_is_committed_even_when_the_module_is_asked_for()
         ..offer
     };
     block_on(async {
-        let client = Client::connect(&host, &peer)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (mut send, mut recv) = client
-            .open(&Request::Hop(offer.clone()))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        write_blob(&mut send, &image)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let reply: OfferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
+        let client = Client::connect(&host, &peer).await.unwrap();
+        let (mut send, mut recv) = client.open(&Request::Hop(offer.clone())).await.unwrap();
+        write_blob(&mut send, &image).await.unwrap();
+        let reply: OfferReply = read_msg(&mut recv).await.unwrap();
         assert_eq!(
             reply,
             OfferReply::Accept {
@@ -277,9 +264,7 @@ fn an_image_sent_with_the_offer_is_committed_even_when_the_module_is_asked_for()
                 base: None
             }
         );
-        write_blob(&mut send, &search)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        write_blob(&mut send, &search).await.unwrap();
         write_msg(
             &mut send,
             &Departed {
@@ -288,8 +273,8 @@ fn an_image_sent_with_the_offer_is_committed_even_when_the_module_is_asked_for()
             },
         )
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-        let verdict: TransferReply = read_msg(&mut recv).await.unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+        let verdict: TransferReply = read_msg(&mut recv).await.unwrap();
         assert!(
             matches!(verdict, TransferReply::Committed { .. }),
             "{verdict:?}"
@@ -300,7 +285,7 @@ fn an_image_sent_with_the_offer_is_committed_even_when_the_module_is_asked_for()
                 seq: offer.seq,
             })
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert_eq!(status, Ok(TransferStatus::Committed));
         client.close().await;
     });
@@ -317,7 +302,7 @@ fn with_noise(image: &[u8], offer: &Offer, mib: usize) -> (Vec<u8>, Offer) {
         image.to_vec(),
         &agent_runtime::image::DecodeOptions::new(ImageLimits::default()),
     )
-    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap()
     .image;
     let pages = mib * (1 << 20) / PAGE_SIZE;
     let mut x = 0x2545_f491_4f6c_dd1du64;
@@ -335,9 +320,7 @@ fn with_noise(image: &[u8], offer: &Offer, mib: usize) -> (Vec<u8>, Offer) {
     });
     image.pages.data = data.into();
     image.memory_bytes += (mib as u64) << 20;
-    let bytes = (image.encode(Default::default()))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .to_vec();
+    let bytes = (image.encode(Default::default())).unwrap().to_vec();
     let offer = Offer {
         memory_bytes: image.memory_bytes,
         image_bytes: bytes.len() as u64,
@@ -369,9 +352,7 @@ fn a_large_image_changed_after_it_was_hashed_is_refused_and_the_same_untouched_a
     let (small, other) = image_of(&search);
     let (untouched, other) = with_noise(&small, &other, 12);
     block_on(async {
-        let client = Client::connect(&host, &peer)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let client = Client::connect(&host, &peer).await.unwrap();
         let verdict = transfer(&client, &offer, &search, &tampered).await;
         assert!(
             matches!(&verdict, Ok(TransferReply::Refused(why)) if why.contains("hash mismatch")),
@@ -383,7 +364,7 @@ fn a_large_image_changed_after_it_was_hashed_is_refused_and_the_same_untouched_a
                 seq: offer.seq,
             })
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert_eq!(status, Ok(TransferStatus::Aborted));
 
         let verdict = transfer(&client, &other, &search, &untouched).await;

@@ -1,13 +1,83 @@
 //! The user's side: connect to a host with a user certificate and launch, inspect or kill
 //! agents.
 
-use super::messages::{LaunchEvent, ListReply, Reply, Request, StatusReply};
-use super::tls::{self, Credentials};
-use super::wire::{read_msg, write_blob, write_msg};
+use super::certs::CertError;
+use super::messages::{LaunchEvent, ListReply, Refusal, Reply, Request, StatusReply};
+use super::tls::{self, Credentials, TlsError};
+use super::wire::{WireError, read_msg, write_blob, write_msg};
 use crate::context::AgentId;
 use crate::modules::ModuleHash;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+
+/// The application close code of a host that found no usable identity in our certificate.
+const NO_USABLE_CERTIFICATE: u32 = 1;
+
+/// What went wrong talking to a host as a user.
+///
+/// Each message already says what its cause said, so print it with `Display` alone; the cause
+/// is still there, as `source()`, for code that inspects it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No UDP socket for the connection.
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// The credentials do not make a TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The connection could not be started (an address or name quinn cannot use).
+    #[error(transparent)]
+    Start(#[from] quinn::ConnectError),
+    /// The connection could not be made: the host is unreachable, its certificate is not the
+    /// one expected, or it speaks another version of the protocol.
+    #[error("cannot connect to {host}: {}", tls::connect_error(source))]
+    Connect {
+        /// The host dialled.
+        host: HostAddr,
+        /// Why the handshake failed.
+        #[source]
+        source: quinn::ConnectionError,
+    },
+    /// The host closed the connection because it does not accept our certificate.
+    #[error("the host refused our certificate: {0}")]
+    CertificateRefused(#[source] quinn::ConnectionError),
+    /// The host closed the connection for another reason (it is shutting down, or we have
+    /// too many connections open to it).
+    #[error("the host closed the connection: {0}")]
+    Closed(#[source] quinn::ConnectionError),
+    /// A stream could not be opened on a connection that is still up.
+    #[error(transparent)]
+    Open(quinn::ConnectionError),
+    /// A message could not be written or read.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The host asked for the module's bytes twice in one launch.
+    #[error("the host asked for the module again")]
+    ModuleAskedTwice,
+    /// The host answered and refused the request.
+    #[error(transparent)]
+    Refused(Refusal),
+}
+
+/// A `NAME@IP:PORT` that does not name a host.
+#[derive(Debug, thiserror::Error)]
+pub enum HostAddrError {
+    /// No `@` between the name and the address.
+    #[error("expected NAME@IP:PORT, got `{0}`")]
+    Syntax(String),
+    /// The part after `@` is not an IP address and port.
+    #[error("bad address in `{text}`: {source}")]
+    Address {
+        /// The whole argument.
+        text: String,
+        /// Why the address does not parse.
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// The name cannot be a site's name.
+    #[error(transparent)]
+    Name(#[from] CertError),
+}
 
 /// A host to talk to: its site name (checked against its certificate) and address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,17 +89,18 @@ pub struct HostAddr {
 }
 
 impl std::str::FromStr for HostAddr {
-    type Err = String;
+    type Err = HostAddrError;
 
     /// Parses `NAME@IP:PORT`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (name, addr) = s
             .split_once('@')
-            .ok_or_else(|| format!("expected NAME@IP:PORT, got `{s}`"))?;
-        let addr = addr
-            .parse()
-            .map_err(|e| format!("bad address in `{s}`: {e}"))?;
-        super::certs::check_name(name).map_err(|e| e.to_string())?;
+            .ok_or_else(|| HostAddrError::Syntax(s.to_string()))?;
+        let addr = addr.parse().map_err(|source| HostAddrError::Address {
+            text: s.to_string(),
+            source,
+        })?;
+        super::certs::check_name(name)?;
         Ok(HostAddr {
             name: name.to_string(),
             addr,
@@ -67,16 +138,17 @@ impl Client {
     ///
     /// # Errors
     /// When the connection cannot be made or the host's certificate is not the one expected.
-    pub async fn connect(host: &HostAddr, creds: &Credentials) -> Result<Client, String> {
-        let mut endpoint = quinn::Endpoint::client(bind_addr(host.addr))
-            .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-        endpoint
-            .set_default_client_config(tls::client_config(creds, true).map_err(|e| e.to_string())?);
+    pub async fn connect(host: &HostAddr, creds: &Credentials) -> Result<Client, ClientError> {
+        let mut endpoint =
+            quinn::Endpoint::client(bind_addr(host.addr)).map_err(ClientError::Socket)?;
+        endpoint.set_default_client_config(tls::client_config(creds, true)?);
         let conn = endpoint
-            .connect(host.addr, &host.name)
-            .map_err(|e| e.to_string())?
+            .connect(host.addr, &host.name)?
             .await
-            .map_err(|e| format!("cannot connect to {host}: {}", tls::connect_error(&e)))?;
+            .map_err(|source| ClientError::Connect {
+                host: host.clone(),
+                source,
+            })?;
         Ok(Client { conn, endpoint })
     }
 
@@ -87,35 +159,41 @@ impl Client {
     pub async fn open(
         &self,
         request: &Request,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
-        let (mut send, recv) = self
-            .conn
-            .open_bi()
-            .await
-            .map_err(|e| self.explain(e.to_string()))?;
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
+        let (mut send, recv) = self.open_raw().await?;
         write_msg(&mut send, request)
             .await
-            .map_err(|e| self.explain(e.to_string()))?;
+            .map_err(|e| self.explain(e))?;
         Ok((send, recv))
     }
 
-    /// Turns a transport error into one that says what the host refused, when it did.
-    fn explain(&self, e: String) -> String {
+    /// Turns a transport error into one that says what the host refused, when it closed the
+    /// connection: a stream's error only echoes the close.
+    fn explain(&self, e: impl Into<ClientError>) -> ClientError {
         match self.conn.close_reason() {
-            Some(reason) if reason.to_string().contains("certificate") => {
-                format!("the host refused our certificate: {reason}")
-            }
-            Some(reason) => format!("the host closed the connection: {reason}"),
-            None => e,
+            Some(reason) if refuses_certificate(&reason) => ClientError::CertificateRefused(reason),
+            Some(reason) => ClientError::Closed(reason),
+            None => e.into(),
         }
     }
 
-    async fn call<T: serde::de::DeserializeOwned>(&self, request: &Request) -> Result<T, String> {
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        request: &Request,
+    ) -> Result<T, ClientError> {
         let (mut send, mut recv) = self.open(request).await?;
         let _ = send.finish();
-        read_msg(&mut recv)
-            .await
-            .map_err(|e| self.explain(e.to_string()))
+        read_msg(&mut recv).await.map_err(|e| self.explain(e))
+    }
+
+    /// Sends a request the host may refuse; its refusal becomes [`ClientError::Refused`].
+    async fn call_refusable<T: serde::de::DeserializeOwned>(
+        &self,
+        request: &Request,
+    ) -> Result<T, ClientError> {
+        self.call::<Reply<T>>(request)
+            .await?
+            .map_err(ClientError::Refused)
     }
 
     /// Launches an agent and calls `on_event` for each event until it finishes (or is
@@ -130,7 +208,7 @@ impl Client {
         itinerary: Vec<String>,
         args: BTreeMap<String, String>,
         on_event: &mut (dyn FnMut(&LaunchEvent) + Send),
-    ) -> Result<LaunchEvent, String> {
+    ) -> Result<LaunchEvent, ClientError> {
         self.launch_until(wasm, itinerary, args, on_event, &|_| false)
             .await
     }
@@ -147,7 +225,7 @@ impl Client {
         args: BTreeMap<String, String>,
         on_event: &mut (dyn FnMut(&LaunchEvent) + Send),
         stop: &(dyn Fn(&LaunchEvent) -> bool + Sync),
-    ) -> Result<LaunchEvent, String> {
+    ) -> Result<LaunchEvent, ClientError> {
         let request = Request::LaunchHash {
             module: ModuleHash::of(wasm),
             itinerary,
@@ -156,16 +234,14 @@ impl Client {
         let (mut send, mut recv) = self.open(&request).await?;
         let mut first = true;
         loop {
-            let event: LaunchEvent = read_msg(&mut recv)
-                .await
-                .map_err(|e| self.explain(e.to_string()))?;
+            let event: LaunchEvent = read_msg(&mut recv).await.map_err(|e| self.explain(e))?;
             if event == LaunchEvent::SendModule {
                 if !std::mem::take(&mut first) {
-                    return Err("the host asked for the module again".into());
+                    return Err(ClientError::ModuleAskedTwice);
                 }
                 write_blob(&mut send, wasm)
                     .await
-                    .map_err(|e| self.explain(e.to_string()))?;
+                    .map_err(|e| self.explain(e))?;
                 let _ = send.finish();
                 continue;
             }
@@ -187,11 +263,8 @@ impl Client {
     ///
     /// # Errors
     /// When the host does not know the agent as the user's, or the connection fails.
-    pub async fn status(&self, agent: AgentId) -> Result<StatusReply, String> {
-        let reply = self
-            .call::<Reply<StatusReply>>(&Request::Status { agent })
-            .await?;
-        reply.map_err(|refused| refused.to_string())
+    pub async fn status(&self, agent: AgentId) -> Result<StatusReply, ClientError> {
+        self.call_refusable(&Request::Status { agent }).await
     }
 
     /// The user's agents launched on this host (as many as fit in one reply, running ones
@@ -199,7 +272,7 @@ impl Client {
     ///
     /// # Errors
     /// When the connection fails.
-    pub async fn list(&self) -> Result<ListReply, String> {
+    pub async fn list(&self) -> Result<ListReply, ClientError> {
         self.call(&Request::List).await
     }
 
@@ -207,9 +280,8 @@ impl Client {
     ///
     /// # Errors
     /// When it is not the user's agent, not running, or the connection fails.
-    pub async fn kill(&self, agent: AgentId) -> Result<(), String> {
-        let reply = self.call::<Reply<()>>(&Request::Kill { agent }).await?;
-        reply.map_err(|refused| refused.to_string())
+    pub async fn kill(&self, agent: AgentId) -> Result<(), ClientError> {
+        self.call_refusable(&Request::Kill { agent }).await
     }
 
     /// Asks the host to send `bytes` of incompressible data to its peer `to` the way an
@@ -218,13 +290,12 @@ impl Client {
     /// # Errors
     /// When the peer is unknown or unreachable, `bytes` is larger than an image may be, or
     /// the connection fails.
-    pub async fn probe(&self, to: &str, bytes: u64) -> Result<std::time::Duration, String> {
+    pub async fn probe(&self, to: &str, bytes: u64) -> Result<std::time::Duration, ClientError> {
         let request = Request::Probe {
             to: to.to_string(),
             bytes,
         };
-        let reply = self.call::<Reply<u64>>(&request).await?;
-        let micros = reply.map_err(|refused| refused.to_string())?;
+        let micros: u64 = self.call_refusable(&request).await?;
         Ok(std::time::Duration::from_micros(micros))
     }
 
@@ -232,11 +303,11 @@ impl Client {
     ///
     /// # Errors
     /// When the stream cannot be opened.
-    pub async fn open_raw(&self) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    pub async fn open_raw(&self) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
         self.conn
             .open_bi()
             .await
-            .map_err(|e| self.explain(e.to_string()))
+            .map_err(|e| self.explain(ClientError::Open(e)))
     }
 
     /// Sends a raw request (for tests of the host's checks).
@@ -246,7 +317,7 @@ impl Client {
     pub async fn request<T: serde::de::DeserializeOwned>(
         &self,
         request: &Request,
-    ) -> Result<T, String> {
+    ) -> Result<T, ClientError> {
         self.call(request).await
     }
 
@@ -254,5 +325,19 @@ impl Client {
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"bye");
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// Whether a host closed the connection over our certificate: the TLS handshake's check of it
+/// failed (a TLS alert), or the host found no identity in it.
+fn refuses_certificate(reason: &quinn::ConnectionError) -> bool {
+    let is_tls_alert = |code: quinn::TransportErrorCode| u64::from(code) & !0xff == 0x100;
+    match reason {
+        quinn::ConnectionError::ConnectionClosed(close) => is_tls_alert(close.error_code),
+        quinn::ConnectionError::TransportError(error) => is_tls_alert(error.code),
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            close.error_code == NO_USABLE_CERTIFICATE.into()
+        }
+        _ => false,
     }
 }

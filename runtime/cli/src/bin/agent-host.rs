@@ -232,6 +232,36 @@ fn certs_command(cmd: CertsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl FileConfig {
+    /// These settings with the command line's options laid over them: options win.
+    fn overridden_by(self, args: ServeArgs) -> FileConfig {
+        let mut peers = self.peers;
+        peers.extend(args.peers);
+        FileConfig {
+            name: args.name.or(self.name),
+            listen: args.listen.or(self.listen),
+            data_dir: args.data_dir.or(self.data_dir),
+            certs: args.certs.or(self.certs),
+            peers,
+            corpus: args.corpus.or(self.corpus),
+            max_memory_mib: args.max_memory_mib.or(self.max_memory_mib),
+            cpu_budget_secs: args.cpu_budget_secs.or(self.cpu_budget_secs),
+            max_agents: args.max_agents.or(self.max_agents),
+            user_max_agents: args.user_max_agents.or(self.user_max_agents),
+            user_max_parked: args.user_max_parked.or(self.user_max_parked),
+            user_launches_per_sec: args.user_launches_per_sec.or(self.user_launches_per_sec),
+            user_connections: args.user_connections.or(self.user_connections),
+            user_inflight_mib: args.user_inflight_mib.or(self.user_inflight_mib),
+            max_inflight_mib: args.max_inflight_mib.or(self.max_inflight_mib),
+            segmentation_offload: match args.no_segmentation_offload {
+                true => Some(false),
+                false => self.segmentation_offload,
+            },
+            return_cache_mib: args.return_cache_mib.or(self.return_cache_mib),
+        }
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let dev = args.config.is_none()
         && args.name.is_none()
@@ -245,88 +275,86 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => FileConfig::default(),
     };
-    let name = args
-        .name
-        .or(file.name)
-        .unwrap_or_else(|| "localhost".into());
+    let settings = file.overridden_by(args);
+    let name = (settings.name.clone()).unwrap_or_else(|| "localhost".into());
     certs::check_name(&name)?;
-    let listen = args
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4433)));
-    let data_dir = args
-        .data_dir
-        .or(file.data_dir)
-        .unwrap_or_else(|| PathBuf::from("agent-host-data"));
-    let certs_dir = args
-        .certs
-        .or(file.certs)
-        .unwrap_or_else(|| data_dir.join("certs"));
+    let data_dir = (settings.data_dir.clone()).unwrap_or_else(|| PathBuf::from("agent-host-data"));
+    let certs_dir = (settings.certs.clone()).unwrap_or_else(|| data_dir.join("certs"));
     if dev && !certs::ca_files(&certs_dir).cert.exists() {
         make_dev_certs(&certs_dir, &name)?;
     }
     let creds = Credentials::load(&certs::ca_files(&certs_dir).cert, &certs::files(&certs_dir, Role::Host, &name))
         .with_context(|| format!("no host certificate for {name} in {} (make one with `agent-host certs issue --dir DIR --host {name}`)", certs_dir.display()))?;
-    let mut peers = file.peers;
-    peers.extend(args.peers);
-    let corpus = match args.corpus.or(file.corpus) {
-        Some(dir) => Corpus::load(&dir)
+    let corpus = match &settings.corpus {
+        Some(dir) => Corpus::load(dir)
             .with_context(|| format!("cannot load the corpus {}", dir.display()))?,
         None => Corpus::empty(),
     };
+    let documents = corpus.len();
+    let config = host_config(settings, name.clone(), data_dir)?;
+    let site = Site::new(&name, corpus);
+    run_host(config, creds, (site, documents), dev.then_some(&certs_dir))
+}
+
+/// The host's configuration from its settings, with the defaults for what they leave out.
+fn host_config(s: FileConfig, name: String, data_dir: PathBuf) -> anyhow::Result<HostConfig> {
     let limits = Limits {
-        max_memory: mib(
-            args.max_memory_mib.or(file.max_memory_mib).unwrap_or(256),
-            "max_memory_mib",
-        )?,
-        cpu_budget: match args.cpu_budget_secs.or(file.cpu_budget_secs) {
+        max_memory: mib(s.max_memory_mib.unwrap_or(256), "max_memory_mib")?,
+        cpu_budget: match s.cpu_budget_secs {
             Some(secs) => std::time::Duration::from_secs(secs),
             None => Limits::default().cpu_budget,
         },
         ..Limits::default()
     };
-    let max_agents = args.max_agents.or(file.max_agents).unwrap_or(1000);
+    let max_agents = s.max_agents.unwrap_or(1000);
     let (max_image, max_module) = (1 << 30, 64 << 20);
-    let defaults = UserLimits::for_host(max_agents, max_module);
-    let user_limits = UserLimits {
-        connections: (args.user_connections.or(file.user_connections))
-            .unwrap_or(defaults.connections),
-        inflight: match args.user_inflight_mib.or(file.user_inflight_mib) {
-            Some(n) => mib(n, "user_inflight_mib")?,
-            None => defaults.inflight,
-        },
-        running: (args.user_max_agents.or(file.user_max_agents)).unwrap_or(defaults.running),
-        parked: (args.user_max_parked.or(file.user_max_parked)).unwrap_or(defaults.parked),
-        launches_per_sec: (args.user_launches_per_sec.or(file.user_launches_per_sec))
-            .unwrap_or(defaults.launches_per_sec),
-    };
-    if user_limits.launches_per_sec.is_nan() || user_limits.launches_per_sec <= 0.0 {
-        bail!("user_launches_per_sec must be above 0");
-    }
-    let config = HostConfig {
-        name: name.clone(),
-        listen,
-        data_dir: data_dir.clone(),
-        peers,
+    let user_limits = user_limits(&s, UserLimits::for_host(max_agents, max_module))?;
+    Ok(HostConfig {
+        name,
+        listen: (s.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4433))),
+        data_dir,
         limits,
         max_agents,
         max_image,
         max_module,
-        max_inflight: match args.max_inflight_mib.or(file.max_inflight_mib) {
+        max_inflight: match s.max_inflight_mib {
             Some(n) => mib(n, "max_inflight_mib")?,
             None => max_image + (512 << 20),
         },
         user_limits,
-        segmentation_offload: !args.no_segmentation_offload
-            && file.segmentation_offload.unwrap_or(true),
-        return_cache: mib(
-            args.return_cache_mib
-                .or(file.return_cache_mib)
-                .unwrap_or(256),
-            "return_cache_mib",
-        )?,
+        segmentation_offload: s.segmentation_offload.unwrap_or(true),
+        return_cache: mib(s.return_cache_mib.unwrap_or(256), "return_cache_mib")?,
+        peers: s.peers,
+    })
+}
+
+/// What one user may use of the host: the settings, or else `defaults`.
+fn user_limits(s: &FileConfig, defaults: UserLimits) -> anyhow::Result<UserLimits> {
+    let limits = UserLimits {
+        connections: s.user_connections.unwrap_or(defaults.connections),
+        inflight: match s.user_inflight_mib {
+            Some(n) => mib(n, "user_inflight_mib")?,
+            None => defaults.inflight,
+        },
+        running: s.user_max_agents.unwrap_or(defaults.running),
+        parked: s.user_max_parked.unwrap_or(defaults.parked),
+        launches_per_sec: s.user_launches_per_sec.unwrap_or(defaults.launches_per_sec),
     };
-    let documents = corpus.len();
+    if limits.launches_per_sec.is_nan() || limits.launches_per_sec <= 0.0 {
+        bail!("user_launches_per_sec must be above 0");
+    }
+    Ok(limits)
+}
+
+/// Runs the host until a signal stops it. A development host (`dev_certs`) also says how to
+/// connect to it.
+fn run_host(
+    config: HostConfig,
+    creds: Credentials,
+    (site, documents): (Site, usize),
+    dev_certs: Option<&Path>,
+) -> anyhow::Result<()> {
+    let (name, listen) = (config.name.clone(), config.listen);
     // Without its background threads jemalloc gives freed pages back only when the thread
     // that freed them allocates again: a host whose load moved elsewhere kept them.
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
@@ -336,11 +364,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let host = Host::start(config, creds, Site::new(&name, corpus)).await?;
+        let host = Host::start(config, creds, site).await?;
         let addr = host.local_addr().unwrap_or(listen);
         tracing::info!(site = %name, %addr, arch = std::env::consts::ARCH, documents, "host ready");
         println!("host {name} listening on {addr} ({documents} documents)");
-        if dev {
+        if let Some(certs_dir) = dev_certs {
             println!(
                 "connect with: agent launch AGENT.wasm --hop {name} --host {name}@{addr} --certs {}",
                 certs_dir.display()

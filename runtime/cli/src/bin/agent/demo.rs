@@ -1,7 +1,8 @@
 //! `agent demo`: three real `agent-host` processes on loopback, certificates made for the
 //! occasion, and the search agent sent across them.
 
-use crate::user::{self, Connection};
+use crate::connection::Connection;
+use crate::launch::{self, Submission};
 use agent_runtime::builder;
 use agent_runtime::net::certs::{self, Role, Validity};
 use anyhow::{Context as _, bail};
@@ -87,46 +88,22 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let work = tempfile::tempdir()?;
     let certs_dir = work.path().join("certs");
-    certs::init_ca(&certs_dir)?;
-    for site in SITES {
-        certs::issue(
-            &certs_dir,
-            &certs_dir,
-            Role::Host,
-            site,
-            Validity::default(),
-        )?;
-    }
-    certs::issue(
-        &certs_dir,
-        &certs_dir,
-        Role::User,
-        "demo",
-        Validity::default(),
-    )?;
-    eprintln!(
-        "made a private CA and certificates for {} and user demo in {}",
-        SITES.join(", "),
-        certs_dir.display()
-    );
-
+    make_certs(&certs_dir)?;
     let addrs: BTreeMap<&str, SocketAddr> = SITES
         .iter()
         .map(|s| Ok((*s, free_port()?)))
         .collect::<anyhow::Result<_>>()?;
     let mut hosts = Hosts(Vec::new());
     for site in SITES {
-        hosts.0.push((
-            site.to_string(),
-            spawn_host(
-                &host_bin,
-                work.path(),
-                &certs_dir,
-                &args.sites,
-                site,
-                &addrs,
-            )?,
-        ));
+        let child = spawn_host(
+            &host_bin,
+            work.path(),
+            &certs_dir,
+            &args.sites,
+            site,
+            &addrs,
+        )?;
+        hosts.0.push((site.to_string(), child));
     }
     let connections: Vec<Connection> = SITES
         .iter()
@@ -154,25 +131,45 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let itinerary = vec![
+        search(&connections[0], &wasm, &args.query).await
+    })
+}
+
+/// A private CA, a certificate for each site and one for the user `demo`, in `dir`.
+fn make_certs(dir: &Path) -> anyhow::Result<()> {
+    certs::init_ca(dir)?;
+    for site in SITES {
+        certs::issue(dir, dir, Role::Host, site, Validity::default())?;
+    }
+    certs::issue(dir, dir, Role::User, "demo", Validity::default())?;
+    eprintln!(
+        "made a private CA and certificates for {} and user demo in {}",
+        SITES.join(", "),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Sends the search agent from `home` across the sites and says how many hits it brought.
+async fn search(home: &Connection, wasm: &[u8], query: &str) -> anyhow::Result<ExitCode> {
+    let submission = Submission {
+        wasm,
+        itinerary: vec![
             "siteB".to_string(),
             "siteC".to_string(),
             "siteA".to_string(),
-        ];
-        let mut launch_args = BTreeMap::new();
-        launch_args.insert("query".to_string(), args.query.clone());
-        let (code, result) =
-            user::launch(&connections[0], &wasm, itinerary, launch_args, false).await?;
-        if let Some(hits) = result.as_ref().and_then(|r| r["hits"].as_array()) {
-            eprintln!(
-                "{} hits for `{}` from {} sites",
-                hits.len(),
-                args.query,
-                SITES.len()
-            );
-        }
-        anyhow::Ok(code)
-    })
+        ],
+        args: BTreeMap::from([("query".to_string(), query.to_string())]),
+    };
+    let (code, result) = launch::launch(home, submission, false).await?;
+    if let Some(hits) = result.as_ref().and_then(|r| r["hits"].as_array()) {
+        eprintln!(
+            "{} hits for `{query}` from {} sites",
+            hits.len(),
+            SITES.len()
+        );
+    }
+    Ok(code)
 }
 
 fn spawn_host(
@@ -210,7 +207,7 @@ async fn wait_ready(conn: &Connection, hosts: &mut Hosts) -> anyhow::Result<()> 
                     client.close().await;
                     return Ok(());
                 }
-                Err(e) => e,
+                Err(e) => e.to_string(),
             },
             Err(e) => e.to_string(),
         };

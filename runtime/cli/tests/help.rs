@@ -8,14 +8,14 @@ fn help_names_every_command_and_flag() {
     let out = Command::new(env!("CARGO_BIN_EXE_agent"))
         .arg("--help")
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(text.contains("build") && text.contains("run"), "{text}");
     let out = Command::new(env!("CARGO_BIN_EXE_agent"))
         .args(["run", "--help"])
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     for flag in [
         "--sites",
@@ -38,7 +38,7 @@ fn a_missing_module_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_agent"))
         .args(["run", "/nonexistent/agent.wasm", "--sites", "a"])
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -52,14 +52,14 @@ fn agent_host_help_names_serve_and_certs() {
     let out = Command::new(env!("CARGO_BIN_EXE_agent-host"))
         .arg("--help")
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(text.contains("serve") && text.contains("certs"), "{text}");
     let out = Command::new(env!("CARGO_BIN_EXE_agent-host"))
         .args(["serve", "--help"])
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     for flag in [
         "--config",
@@ -82,7 +82,7 @@ fn user_commands_are_listed_and_bad_ids_explained() {
     let out = Command::new(env!("CARGO_BIN_EXE_agent"))
         .arg("--help")
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     for cmd in ["launch", "status", "list", "kill", "demo"] {
         assert!(text.contains(cmd), "`agent --help` lacks {cmd}:\n{text}");
@@ -90,7 +90,7 @@ fn user_commands_are_listed_and_bad_ids_explained() {
     let out = Command::new(env!("CARGO_BIN_EXE_agent"))
         .args(["status", "xyz"])
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("`xyz` is not an agent id (32 hex digits)")
@@ -100,12 +100,12 @@ fn user_commands_are_listed_and_bad_ids_explained() {
 #[test]
 fn a_missing_user_certificate_says_how_to_make_one() {
     let dir = std::env::temp_dir().join(format!("agent-help-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(&dir).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_agent"))
         .args(["list", "--user", "carol", "--certs"])
         .arg(&dir)
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(out.status.code(), Some(2));
     let text = String::from_utf8_lossy(&out.stderr);

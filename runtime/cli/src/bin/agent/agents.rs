@@ -1,0 +1,140 @@
+//! The user's views of agents already launched: `agent status`, `list`, `kill`, and `probe`.
+
+use crate::connection::{Connection, client_error};
+use crate::format::{HopView, hop_table, hop_views, wake_time};
+use agent_runtime::AgentId;
+use agent_runtime::net::messages::{AgentState, Asleep, StatusReply, unix_ms};
+use serde::Serialize;
+
+/// One agent as `--json` prints it. Fields in alphabetical order, as the keys always came out.
+#[derive(Serialize)]
+struct StatusView<'a> {
+    agent: String,
+    error: &'a Option<String>,
+    hops: Vec<HopView<'a>>,
+    owner: &'a str,
+    result: Option<serde_json::Value>,
+    site: &'a str,
+    sleeping_until_ms: Option<u64>,
+    state: &'a str,
+}
+
+impl<'a> From<&'a StatusReply> for StatusView<'a> {
+    fn from(s: &'a StatusReply) -> Self {
+        StatusView {
+            agent: s.agent.to_string(),
+            error: &s.error,
+            hops: hop_views(&s.hops),
+            owner: &s.owner,
+            // A result that is not JSON shows as null, as it always did.
+            result: (s.result.as_deref()).and_then(|r| serde_json::from_str(r).ok()),
+            site: &s.site,
+            sleeping_until_ms: asleep(s).map(|a| a.until_ms),
+            state: s.state.as_str(),
+        }
+    }
+}
+
+/// A sleep the home host heard of, if the agent is still due to wake from it.
+fn asleep(s: &StatusReply) -> Option<&Asleep> {
+    let now = unix_ms();
+    s.sleeping
+        .as_ref()
+        .filter(|a| s.state == AgentState::Running && a.until_ms > now)
+}
+
+/// One line per agent: its id, state, where it is, its owner and the path it took.
+fn print_status(s: &StatusReply) {
+    let path: Vec<&str> = std::iter::once(
+        s.hops
+            .first()
+            .map(|h| h.from.as_str())
+            .unwrap_or(s.site.as_str()),
+    )
+    .chain(s.hops.iter().map(|h| h.to.as_str()))
+    .collect();
+    let state = if asleep(s).is_some() {
+        "sleeping"
+    } else {
+        s.state.as_str()
+    };
+    println!(
+        "{}  {:<9} on {:<10} owner {:<10} path {}",
+        s.agent,
+        state,
+        s.site,
+        s.owner,
+        path.join(" -> ")
+    );
+}
+
+/// `agent status ID`.
+pub async fn status(conn: &Connection, agent: AgentId, json: bool) -> anyhow::Result<()> {
+    let client = conn.connect().await?;
+    let s = client.status(agent).await.map_err(client_error)?;
+    client.close().await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&StatusView::from(&s))?);
+        return Ok(());
+    }
+    print_status(&s);
+    if let Some(sleep) = asleep(&s) {
+        println!("asleep on {} {}", sleep.site, wake_time(sleep.until_ms));
+    }
+    if !s.hops.is_empty() {
+        println!("{}", hop_table(&s.hops));
+    }
+    if let Some(result) = &s.result {
+        println!("result: {result}");
+    }
+    if let Some(error) = &s.error {
+        println!("error: {error}");
+    }
+    Ok(())
+}
+
+/// `agent list`.
+pub async fn list(conn: &Connection, json: bool) -> anyhow::Result<()> {
+    let client = conn.connect().await?;
+    let reply = client.list().await.map_err(client_error)?;
+    client.close().await;
+    let all = &reply.agents;
+    if reply.total > all.len() as u64 {
+        eprintln!(
+            "showing {} of your {} agents on {} (running ones first)",
+            all.len(),
+            reply.total,
+            conn.host
+        );
+    }
+    if json {
+        let views: Vec<StatusView<'_>> = all.iter().map(StatusView::from).collect();
+        println!("{}", serde_json::to_string_pretty(&views)?);
+    } else if all.is_empty() {
+        eprintln!("no agents of yours on {}", conn.host);
+    } else {
+        all.iter().for_each(print_status);
+    }
+    Ok(())
+}
+
+/// `agent kill ID`.
+pub async fn kill(conn: &Connection, agent: AgentId) -> anyhow::Result<()> {
+    let client = conn.connect().await?;
+    let result = client.kill(agent).await.map_err(client_error);
+    client.close().await;
+    result?;
+    eprintln!("asked agent {agent} to stop");
+    Ok(())
+}
+
+/// `agent probe`: how fast the host's link to a peer carries an image's worth of bytes.
+pub async fn probe(conn: &Connection, to: &str, mib: u64) -> anyhow::Result<()> {
+    let client = conn.connect().await?;
+    let result = client.probe(to, mib << 20).await.map_err(client_error);
+    client.close().await;
+    let took = result?;
+    let rate = (mib as f64) / took.as_secs_f64().max(1e-9);
+    println!("{mib} MiB to {to} in {took:.2?} ({rate:.0} MiB/s)");
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! `agent`: the user's and agent author's command line.
+
+mod agents;
+mod connection;
+mod demo;
+mod format;
+mod launch;
+mod local;
+
+use agent_runtime::builder;
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use connection::Connection;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Build and run WebAssembly mobile agents.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build an agent crate for wasm32-wasip1 (release); prints the module's path last.
+    Build {
+        /// Directory of the agent crate.
+        crate_dir: PathBuf,
+    },
+    /// Run an agent on in-process virtual sites; every hop goes through a real snapshot,
+    /// encode, decode and restore into an instance reset to the module's initial memory.
+    Run(RunArgs),
+    /// Launch an agent on a host (its home) and follow it across hosts until it ends.
+    Launch(LaunchArgs),
+    /// Show one of your agents.
+    Status {
+        /// The agent's id.
+        id: agent_runtime::AgentId,
+        #[command(flatten)]
+        conn: Connection,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List your agents launched on a host.
+    List {
+        #[command(flatten)]
+        conn: Connection,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop one of your agents, wherever it runs.
+    Kill {
+        /// The agent's id.
+        id: agent_runtime::AgentId,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Measure the link between a host and one of its peers: the host sends incompressible
+    /// data to the peer the way an agent's image travels.
+    Probe {
+        /// The peer to send to.
+        #[arg(long)]
+        to: String,
+        /// How much to send, in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Start three real hosts on loopback and send the search agent across them.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct LaunchArgs {
+    /// The agent module (.wasm).
+    module: PathBuf,
+    /// Sites to visit, comma-separated (the agent's itinerary).
+    #[arg(long, value_delimiter = ',')]
+    hop: Vec<String>,
+    /// Argument for the agent, repeatable.
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    args: Vec<(String, String)>,
+    #[command(flatten)]
+    conn: Connection,
+    /// Print one JSON object with the result and the hops.
+    #[arg(long)]
+    json: bool,
+    /// Return once the home host started the agent, printing its id; it runs on (follow it
+    /// with `agent status ID`).
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The agent module (.wasm).
+    pub module: PathBuf,
+    /// Sites to create and give the agent as its itinerary, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub sites: Vec<String>,
+    /// Directory of site corpora: site X serves the documents under DIR/X/.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Argument for the agent, repeatable.
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub args: Vec<(String, String)>,
+    /// Also migrate at every safe point (service calls, checkpoints), not only on hops.
+    #[arg(long)]
+    pub migrate_every_safe_point: bool,
+    /// Most memory the agent may use, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub max_memory_mib: u64,
+    /// CPU budget of the agent, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub cpu_budget: f64,
+    /// Where compiled modules are kept [default: ~/.cache/agent-runtime/modules].
+    #[arg(long, conflicts_with = "no_disk_cache")]
+    pub cache_dir: Option<PathBuf>,
+    /// Keep compiled modules in memory only.
+    #[arg(long)]
+    pub no_disk_cache: bool,
+    /// Print one JSON object with the result and the hops instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got `{s}`")),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build { crate_dir } => builder::build(&crate_dir)
+            .map(|path| {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            })
+            .map_err(anyhow::Error::from),
+        Command::Run(args) => local::run(args),
+        Command::Launch(args) => launch(args),
+        Command::Status { id, conn, json } => {
+            block_on(agents::status(&conn, id, json)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::List { conn, json } => {
+            block_on(agents::list(&conn, json)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Kill { id, conn } => block_on(agents::kill(&conn, id)).map(|()| ExitCode::SUCCESS),
+        Command::Probe { to, mib, conn } => {
+            block_on(agents::probe(&conn, &to, mib)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => demo::run(args),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::from(2)
+    })
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
+    let wasm = std::fs::read(&args.module)
+        .with_context(|| format!("cannot read {}", args.module.display()))?;
+    let submission = launch::Submission {
+        wasm: &wasm,
+        itinerary: args.hop,
+        args: args.args.into_iter().collect::<BTreeMap<_, _>>(),
+    };
+    if args.detach {
+        return block_on(launch::launch_detached(&args.conn, submission, args.json));
+    }
+    block_on(launch::launch(&args.conn, submission, args.json)).map(|(code, _)| code)
+}
