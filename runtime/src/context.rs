@@ -12,23 +12,13 @@ use std::time::Duration;
 pub struct AgentId(#[serde(with = "serde_bytes")] pub [u8; 16]);
 
 impl AgentId {
-    /// A fresh random id.
+    /// A fresh random id: 128 bits from the operating system's generator, so that ids made
+    /// on any number of hosts at once do not meet.
     pub fn random() -> AgentId {
         let mut bytes = [0u8; 16];
-        // The seed mixes the clock, the process and a counter; blake3 spreads it over 128 bits.
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let mut hasher = blake3::Hasher::new();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        hasher.update(&now.as_nanos().to_le_bytes());
-        hasher.update(&std::process::id().to_le_bytes());
-        hasher.update(
-            &COUNTER
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                .to_le_bytes(),
-        );
-        bytes.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+        // Linux's getrandom(2) fails only before the kernel's generator is seeded at boot, or
+        // with an invalid buffer; neither can happen to a running host.
+        getrandom::fill(&mut bytes).expect("the operating system's random generator failed");
         AgentId(bytes)
     }
 }

@@ -9,6 +9,9 @@ use crate::log::LogLine;
 use agent_abi::{CallError, Op, OpResult, Outcome};
 use std::future::Future;
 
+/// The answer to a service call.
+pub type CallAnswer = Result<serde_bytes::ByteBuf, CallError>;
+
 /// Where a drive starts.
 pub enum Start {
     /// Poll the agent (a fresh launch, or its pending operation was completed).
@@ -52,9 +55,8 @@ pub trait Place: Send {
     fn call(
         &mut self,
         agent: &mut AgentInstance,
-        service: &str,
-        request: &[u8],
-    ) -> impl Future<Output = Result<serde_bytes::ByteBuf, CallError>> + Send;
+        call: (&str, &[u8]),
+    ) -> impl Future<Output = CallAnswer> + Send;
 
     /// `ctx.sleep(ms)`.
     fn sleep(&mut self, agent: AgentInstance, ms: u64) -> impl Future<Output = Flow> + Send;
@@ -103,7 +105,7 @@ pub async fn drive<P: Place>(mut agent: AgentInstance, place: &mut P, start: Sta
             // succeeded it runs on elsewhere.
             Op::Hop { site } => place.hop(agent, site).await,
             Op::Call { service, request } => {
-                let answer = place.call(&mut agent, &service, &request).await;
+                let answer = place.call(&mut agent, (&service, &request)).await;
                 agent.complete(OpResult::Call(answer));
                 place.after_op(agent).await
             }

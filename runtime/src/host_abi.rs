@@ -7,103 +7,98 @@ use crate::state::AgentState;
 use agent_abi::{AgentInfo, IMPORT_MODULE, MAX_LOG_LINE, MAX_MESSAGE, Op, Outcome, code, import};
 use wasmtime::{Caller, Linker};
 
+/// The agent's caller, as each import sees it.
+type Agent<'a> = Caller<'a, AgentState>;
+
 /// Adds the `agent_v1` functions to `linker`.
 pub(crate) fn add_to_linker(linker: &mut Linker<AgentState>) -> wasmtime::Result<()> {
-    linker.func_wrap(
-        IMPORT_MODULE,
-        import::CONTEXT,
-        |mut caller: Caller<'_, AgentState>, ptr: i32, cap: i32| {
-            let state = caller.data();
-            let info = AgentInfo {
-                agent_id: state.context.agent_id.to_string(),
-                site: state.site.name().to_string(),
-                home: state.context.home.clone(),
-                hops: state.context.hops(),
-                itinerary: state.context.itinerary.clone(),
-                args: state.context.args.clone(),
-            };
-            let mut bytes = Vec::new();
-            // Encoding into a Vec cannot fail for this plain data type.
-            let _ = ciborium::into_writer(&info, &mut bytes);
-            reply(&mut caller, ptr, cap, &bytes)
-        },
-    )?;
-    linker.func_wrap(
-        IMPORT_MODULE,
-        import::SUBMIT,
-        |mut caller: Caller<'_, AgentState>, ptr: i32, len: i32| {
-            let bytes = match read(&mut caller, ptr, len, MAX_MESSAGE) {
-                Ok(b) => b,
-                Err(code) => return code,
-            };
-            let state = caller.data_mut();
-            if state.context.pending.is_some() || state.context.result.is_some() {
-                return code::BUSY;
-            }
-            match ciborium::de::from_reader_with_recursion_limit::<Op, _>(bytes.as_slice(), 16) {
-                Ok(op) => {
-                    state.context.pending = Some(op);
-                    code::OK
-                }
-                Err(_) => code::BAD_MESSAGE,
-            }
-        },
-    )?;
-    linker.func_wrap(
-        IMPORT_MODULE,
-        import::TAKE,
-        |mut caller: Caller<'_, AgentState>, ptr: i32, cap: i32| {
-            let Some(result) = caller.data().context.result.as_ref() else {
-                return code::NO_RESULT;
-            };
-            let mut bytes = Vec::new();
-            // Encoding into a Vec cannot fail for this plain data type.
-            let _ = ciborium::into_writer(result, &mut bytes);
-            let n = reply(&mut caller, ptr, cap, &bytes);
-            if n >= 0 && n <= cap {
-                caller.data_mut().context.result = None; // taken
-            }
-            n
-        },
-    )?;
+    linker.func_wrap(IMPORT_MODULE, import::CONTEXT, context)?;
+    linker.func_wrap(IMPORT_MODULE, import::SUBMIT, submit)?;
+    linker.func_wrap(IMPORT_MODULE, import::TAKE, take)?;
     linker.func_wrap(
         IMPORT_MODULE,
         import::CHECKPOINT_REQUESTED,
-        |caller: Caller<'_, AgentState>| i32::from(caller.data().checkpoint_requested),
+        |caller: Agent<'_>| i32::from(caller.data().checkpoint_requested),
     )?;
-    linker.func_wrap(
-        IMPORT_MODULE,
-        import::LOG,
-        |mut caller: Caller<'_, AgentState>, level: i32, ptr: i32, len: i32| {
-            let len = len.clamp(0, MAX_LOG_LINE as i32);
-            if let Ok(bytes) = read(&mut caller, ptr, len, MAX_LOG_LINE) {
-                let text = String::from_utf8_lossy(&bytes).into_owned();
-                caller
-                    .data()
-                    .log
-                    .push(crate::log::LogSource::Agent(level), text);
-            }
-        },
-    )?;
-    linker.func_wrap(
-        IMPORT_MODULE,
-        import::FINISH,
-        |mut caller: Caller<'_, AgentState>, ptr: i32, len: i32| {
-            let bytes = match read(&mut caller, ptr, len, MAX_MESSAGE) {
-                Ok(b) => b,
-                Err(code) => return code,
-            };
-            match ciborium::de::from_reader_with_recursion_limit::<Outcome, _>(bytes.as_slice(), 16)
-            {
-                Ok(outcome) => {
-                    caller.data_mut().outcome = Some(outcome);
-                    code::OK
-                }
-                Err(_) => code::BAD_MESSAGE,
-            }
-        },
-    )?;
+    linker.func_wrap(IMPORT_MODULE, import::LOG, log)?;
+    linker.func_wrap(IMPORT_MODULE, import::FINISH, finish)?;
     Ok(())
+}
+
+/// `context(ptr, cap)`: the agent's [`AgentInfo`].
+fn context(mut caller: Agent<'_>, ptr: i32, cap: i32) -> i32 {
+    let state = caller.data();
+    let info = AgentInfo {
+        agent_id: state.context.agent_id.to_string(),
+        site: state.site.name().to_string(),
+        home: state.context.home.clone(),
+        hops: state.context.hops(),
+        itinerary: state.context.itinerary.clone(),
+        args: state.context.args.clone(),
+    };
+    let mut bytes = Vec::new();
+    // Encoding into a Vec cannot fail for this plain data type.
+    let _ = ciborium::into_writer(&info, &mut bytes);
+    reply(&mut caller, ptr, cap, &bytes)
+}
+
+/// `submit(ptr, len)`: the agent's next operation, performed once it suspends.
+fn submit(mut caller: Agent<'_>, ptr: i32, len: i32) -> i32 {
+    let bytes = match read(&mut caller, ptr, len, MAX_MESSAGE) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let state = caller.data_mut();
+    if state.context.pending.is_some() || state.context.result.is_some() {
+        return code::BUSY;
+    }
+    match ciborium::de::from_reader_with_recursion_limit::<Op, _>(bytes.as_slice(), 16) {
+        Ok(op) => {
+            state.context.pending = Some(op);
+            code::OK
+        }
+        Err(_) => code::BAD_MESSAGE,
+    }
+}
+
+/// `take(ptr, cap)`: the result of the agent's last operation, once.
+fn take(mut caller: Agent<'_>, ptr: i32, cap: i32) -> i32 {
+    let Some(result) = caller.data().context.result.as_ref() else {
+        return code::NO_RESULT;
+    };
+    let mut bytes = Vec::new();
+    // Encoding into a Vec cannot fail for this plain data type.
+    let _ = ciborium::into_writer(result, &mut bytes);
+    let n = reply(&mut caller, ptr, cap, &bytes);
+    if n >= 0 && n <= cap {
+        caller.data_mut().context.result = None; // taken
+    }
+    n
+}
+
+/// `log(level, ptr, len)`: one line of the agent's log, cut to [`MAX_LOG_LINE`].
+fn log(mut caller: Agent<'_>, level: i32, ptr: i32, len: i32) {
+    let len = len.clamp(0, MAX_LOG_LINE as i32);
+    if let Ok(bytes) = read(&mut caller, ptr, len, MAX_LOG_LINE) {
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let log = &caller.data().log;
+        log.push(crate::log::LogSource::Agent(level), text);
+    }
+}
+
+/// `finish(ptr, len)`: the agent's [`Outcome`].
+fn finish(mut caller: Agent<'_>, ptr: i32, len: i32) -> i32 {
+    let bytes = match read(&mut caller, ptr, len, MAX_MESSAGE) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    match ciborium::de::from_reader_with_recursion_limit::<Outcome, _>(bytes.as_slice(), 16) {
+        Ok(outcome) => {
+            caller.data_mut().outcome = Some(outcome);
+            code::OK
+        }
+        Err(_) => code::BAD_MESSAGE,
+    }
 }
 
 /// Copies `len` bytes at `ptr` out of the agent's memory.

@@ -100,18 +100,38 @@ pub struct ModuleCache {
     idle_budget: Arc<Budget>,
 }
 
+/// Why a module cache could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The host functions could not be linked.
+    #[error("cannot link the host functions: {0}")]
+    Link(#[source] wasmtime::Error),
+    /// The directory of compiled code could not be created.
+    #[error("cannot create {}: {source}", path.display())]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
 impl ModuleCache {
     /// A cache for `engine`, keeping compiled code under `dir` when given.
     ///
     /// # Errors
     /// When the host functions cannot be linked or `dir` cannot be created.
-    pub fn new(engine: &Engine, dir: Option<PathBuf>) -> anyhow::Result<ModuleCache> {
+    pub fn new(engine: &Engine, dir: Option<PathBuf>) -> Result<ModuleCache, CacheError> {
         let mut linker = Linker::new(engine);
-        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut AgentState| &mut s.wasi)?;
-        host_abi::add_to_linker(&mut linker)?;
+        let wasi =
+            wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut AgentState| &mut s.wasi);
+        wasi.map_err(CacheError::Link)?;
+        host_abi::add_to_linker(&mut linker).map_err(CacheError::Link)?;
         if let Some(dir) = &dir {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| CacheError::Dir {
+                path: dir.clone(),
+                source,
+            })?;
         }
         Ok(ModuleCache {
             engine: engine.clone(),

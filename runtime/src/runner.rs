@@ -8,14 +8,14 @@
 
 use crate::admission::AdmissionError;
 use crate::context::AgentContext;
-use crate::driver::{self, Flow, Place, Start};
+use crate::driver::{self, CallAnswer, Flow, Place, Start};
 use crate::image::{AgentImage, DecodeOptions, EncodeOptions, ImageLimits};
 use crate::instance::{AgentError, AgentInstance};
 use crate::limits::Limits;
 use crate::log::LogLine;
 use crate::modules::ModuleCache;
 use crate::services::Site;
-use agent_abi::{CallError, HopError, OpResult, Outcome};
+use agent_abi::{HopError, OpResult, Outcome};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -326,9 +326,8 @@ impl Place for InProcess<'_> {
     async fn call(
         &mut self,
         agent: &mut AgentInstance,
-        service: &str,
-        request: &[u8],
-    ) -> Result<serde_bytes::ByteBuf, CallError> {
+        (service, request): (&str, &[u8]),
+    ) -> CallAnswer {
         let answer = agent.site().call(service, request);
         answer.map(serde_bytes::ByteBuf::from)
     }

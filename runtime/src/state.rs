@@ -41,10 +41,20 @@ pub struct AgentState {
 /// (kill) or the next `ctx.checkpoint()` (checkpoint).
 #[derive(Debug, Default)]
 pub struct AgentFlags {
-    /// Stop the agent for good.
+    /// Stop the agent for good (read by the epoch callback while it runs).
     pub kill: std::sync::atomic::AtomicBool,
     /// Stop the agent at its next checkpoint.
     pub checkpoint: std::sync::atomic::AtomicBool,
+    /// Cancelled with the kill: wakes what waits on the agent's behalf (a sleep).
+    pub killed: tokio_util::sync::CancellationToken,
+}
+
+impl AgentFlags {
+    /// Kills the agent: it stops at its next epoch tick, and a sleep of it ends at once.
+    pub fn kill(&self) {
+        self.kill.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.killed.cancel();
+    }
 }
 
 impl AgentState {

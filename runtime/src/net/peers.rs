@@ -10,6 +10,7 @@ use super::certs::Role;
 use super::messages::Request;
 use super::tls;
 use super::wire::{read_msg, write_msg};
+use crate::backoff::Backoff;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
@@ -30,8 +31,67 @@ pub const DOWN_AFTER: u32 = 2;
 const REDIAL_FIRST: Duration = Duration::from_millis(500);
 const REDIAL_MAX: Duration = Duration::from_secs(5);
 
-/// Why a peer could not be reached or asked.
+/// Why one dial of a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]
+pub enum DialError {
+    /// This host closed its endpoint.
+    #[error("this host is shutting down")]
+    Stopping,
+    /// The endpoint could not start the dial.
+    #[error(transparent)]
+    Start(#[from] quinn::ConnectError),
+    /// Nothing answered in time.
+    #[error("no answer from {site} at {addr} within {CONNECT_TIMEOUT:?}")]
+    Silent {
+        /// The site dialled.
+        site: String,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// The connection failed (the handshake, say).
+    #[error("cannot connect to {site} at {addr}: {}", tls::connect_error(source))]
+    Connect {
+        /// The site dialled.
+        site: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// What failed.
+        source: quinn::ConnectionError,
+    },
+    /// Another host, or a user, answered at the address.
+    #[error("{addr} is {found}, not host {site}")]
+    NotThatHost {
+        /// The site dialled.
+        site: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// Who answered.
+        found: super::certs::Identity,
+    },
+    /// The peer's certificate names no usable identity.
+    #[error(transparent)]
+    Identity(Arc<super::certs::CertError>),
+    /// The slot of the peer's connection was poisoned by a panic.
+    #[error("the connection slot of {0} is poisoned")]
+    Poisoned(String),
+}
+
+/// Why a request to a peer got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    /// The stream could not be opened.
+    #[error(transparent)]
+    Open(#[from] quinn::ConnectionError),
+    /// The stream failed.
+    #[error(transparent)]
+    Wire(#[from] super::wire::WireError),
+    /// No answer came in time.
+    #[error("no answer from {0} within {ASK_TIMEOUT:?}")]
+    Silent(String),
+}
+
+/// Why a peer could not be reached or asked.
+#[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     /// No address is known for the site.
     #[error("unknown site `{0}`")]
@@ -44,14 +104,14 @@ pub enum PeerError {
         /// How long ago the first of the failed dials began.
         since: Duration,
         /// Why the last dial failed.
-        last: String,
+        last: DialError,
     },
     /// A dial failed.
-    #[error("{0}")]
-    Dial(String),
+    #[error(transparent)]
+    Dial(#[from] DialError),
     /// The request failed or got no answer in time.
-    #[error("{0}")]
-    Ask(String),
+    #[error(transparent)]
+    Ask(#[from] AskError),
 }
 
 /// The peers of one host.
@@ -77,7 +137,7 @@ struct State {
     /// Failed dials in a row, when the first began, and why the last failed.
     failed: u32,
     failing_since: Option<Instant>,
-    last_error: String,
+    last_error: Option<DialError>,
     redialling: bool,
 }
 
@@ -87,11 +147,24 @@ impl State {
     }
 
     fn down(&self, site: &str) -> Option<PeerError> {
-        (self.failed >= DOWN_AFTER).then(|| PeerError::Down {
+        let last = self
+            .last_error
+            .clone()
+            .filter(|_| self.failed >= DOWN_AFTER)?;
+        Some(PeerError::Down {
             site: site.to_string(),
             since: self.failing_since.map_or(Duration::ZERO, |t| t.elapsed()),
-            last: self.last_error.clone(),
+            last,
         })
+    }
+
+    /// Why the last dial failed, for a task that waited for it.
+    fn failure(&self, site: &str) -> PeerError {
+        match (self.down(site), &self.last_error) {
+            (Some(down), _) => down,
+            (None, Some(last)) => PeerError::Dial(last.clone()),
+            (None, None) => PeerError::Dial(DialError::Poisoned(site.to_string())),
+        }
     }
 }
 
@@ -148,9 +221,7 @@ impl Peers {
                 return Ok(conn);
             }
             if state.dials != seen {
-                return Err(state
-                    .down(site)
-                    .unwrap_or_else(|| PeerError::Dial(state.last_error.clone())));
+                return Err(state.failure(site));
             }
         }
         let dialled = dial(&self.endpoint, site, addr).await;
@@ -159,7 +230,7 @@ impl Peers {
             let (endpoint, slot) = (self.endpoint.clone(), Arc::downgrade(&slot));
             tokio::spawn(redial_until_up(endpoint, slot, site.to_string(), addr));
         }
-        dialled.map_err(PeerError::Dial)
+        Ok(dialled?)
     }
 
     /// Sends one request to peer `site` and reads one reply, within [`ASK_TIMEOUT`]; on
@@ -174,20 +245,18 @@ impl Peers {
     ) -> Result<T, PeerError> {
         let conn = self.connect(site).await?;
         let exchange = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            write_msg(&mut send, request)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            write_msg(&mut send, request).await?;
             let _ = send.finish();
-            read_msg(&mut recv).await.map_err(|e| e.to_string())
+            Ok::<T, AskError>(read_msg(&mut recv).await?)
         };
         let reply = tokio::time::timeout(ASK_TIMEOUT, exchange)
             .await
-            .unwrap_or_else(|_| Err(format!("no answer from {site} within {ASK_TIMEOUT:?}")));
+            .unwrap_or_else(|_| Err(AskError::Silent(site.to_string())));
         if reply.is_err() {
             self.forget(site, &conn);
         }
-        reply.map_err(PeerError::Ask)
+        Ok(reply?)
     }
 
     /// Forgets the cached connection to `site` if it is still `conn`. It is not closed: a
@@ -205,11 +274,8 @@ impl Peers {
     }
 }
 
-/// Why a dial fails once the host closed its endpoint.
-const STOPPING: &str = "this host is shutting down";
-
 fn poisoned(site: &str) -> PeerError {
-    PeerError::Dial(format!("the connection slot of {site} is poisoned"))
+    PeerError::Dial(DialError::Poisoned(site.to_string()))
 }
 
 /// Dials `site` at `addr` once and checks that the host there is that site.
@@ -217,29 +283,26 @@ async fn dial(
     endpoint: &quinn::Endpoint,
     site: &str,
     addr: SocketAddr,
-) -> Result<quinn::Connection, String> {
+) -> Result<quinn::Connection, DialError> {
     let connecting = endpoint.connect(addr, site).map_err(|e| match e {
-        quinn::ConnectError::EndpointStopping => STOPPING.to_string(),
-        e => e.to_string(),
+        quinn::ConnectError::EndpointStopping => DialError::Stopping,
+        e => DialError::Start(e),
     })?;
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-        .await
-        .map_err(|_| format!("no answer from {site} at {addr} within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|e| {
-            format!(
-                "cannot connect to {site} at {addr}: {}",
-                tls::connect_error(&e)
-            )
-        })?;
-    match tls::peer_identity(&conn) {
-        Ok(id) if id.role == Role::Host && id.name == site => Ok(conn),
-        Ok(id) => Err(format!("{addr} is {id}, not host {site}")),
-        Err(e) => Err(e.to_string()),
+    let site = site.to_string();
+    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Err(_) => return Err(DialError::Silent { site, addr }),
+        Ok(Err(source)) => return Err(DialError::Connect { site, addr, source }),
+        Ok(Ok(conn)) => conn,
+    };
+    let identity = tls::peer_identity(&conn).map_err(|e| DialError::Identity(Arc::new(e)))?;
+    match identity {
+        id if id.role == Role::Host && id.name == site => Ok(conn),
+        found => Err(DialError::NotThatHost { site, addr, found }),
     }
 }
 
 /// Records a dial's outcome in the slot; whether a background redial should start.
-fn settle(slot: &Slot, site: &str, dialled: &Result<quinn::Connection, String>) -> bool {
+fn settle(slot: &Slot, site: &str, dialled: &Result<quinn::Connection, DialError>) -> bool {
     let Ok(mut state) = slot.state.lock() else {
         return false;
     };
@@ -257,7 +320,7 @@ fn settle(slot: &Slot, site: &str, dialled: &Result<quinn::Connection, String>) 
         Err(e) => {
             state.failed += 1;
             state.failing_since.get_or_insert_with(Instant::now);
-            state.last_error.clone_from(e);
+            state.last_error = Some(e.clone());
             if state.failed == DOWN_AFTER {
                 tracing::warn!(peer = site, "down: {e}");
             }
@@ -274,10 +337,9 @@ async fn redial_until_up(
     site: String,
     addr: SocketAddr,
 ) {
-    let mut pause = REDIAL_FIRST;
+    let mut pause = Backoff::new(REDIAL_FIRST, REDIAL_MAX);
     loop {
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(REDIAL_MAX);
+        tokio::time::sleep(pause.wait()).await;
         let Some(slot) = slot.upgrade() else { return };
         let _dialling = slot.dialling.lock().await;
         let up = slot
@@ -287,7 +349,9 @@ async fn redial_until_up(
         let done = up || {
             let dialled = dial(&endpoint, &site, addr).await;
             settle(&slot, &site, &dialled);
-            dialled.as_ref().map_or_else(|e| e == STOPPING, |_| true)
+            dialled
+                .as_ref()
+                .map_or_else(|e| matches!(e, DialError::Stopping), |_| true)
         };
         if done {
             // Still holding the dial: no dial can fail between this and a new redial's start.

@@ -204,7 +204,7 @@ impl Residents {
     pub fn kill(&self, id: &AgentId) -> Found {
         let mut inner = self.lock();
         if let Some((flags, _)) = inner.running.get(id) {
-            flags.kill.store(true, Ordering::SeqCst);
+            flags.kill();
             return Found::Running;
         }
         match inner.remove_parked(id) {

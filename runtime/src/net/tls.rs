@@ -40,16 +40,22 @@ pub fn connect_error(e: &quinn::ConnectionError) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A PEM file could not be read.
-    #[error("cannot read {path}: {why}")]
+    #[error("cannot read {path}: {source}")]
     Read {
         /// The file.
         path: String,
         /// What failed.
-        why: String,
+        source: rustls::pki_types::pem::Error,
     },
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
-    Config(String),
+    Config(#[from] rustls::Error),
+    /// The verifier of client certificates could not be built.
+    #[error("TLS configuration: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The configuration offers QUIC no cipher suite.
+    #[error("TLS configuration: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
 }
 
 /// A CA to trust and a certificate to present.
@@ -71,9 +77,9 @@ impl Clone for Credentials {
 }
 
 fn read_err(path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsError + '_ {
-    move |e| TlsError::Read {
+    move |source| TlsError::Read {
         path: path.display().to_string(),
-        why: e.to_string(),
+        source,
     }
 }
 
@@ -85,9 +91,7 @@ impl Credentials {
     pub fn load(ca: &Path, files: &CertFiles) -> Result<Credentials, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(ca).map_err(read_err(ca))? {
-            roots
-                .add(cert.map_err(read_err(ca))?)
-                .map_err(|e| TlsError::Config(e.to_string()))?;
+            roots.add(cert.map_err(read_err(ca))?)?;
         }
         let chain = CertificateDer::pem_file_iter(&files.cert)
             .map_err(read_err(&files.cert))?
@@ -153,17 +157,13 @@ pub fn server_config(
         creds.roots.clone(),
         provider(),
     )
-    .build()
-    .map_err(|e| TlsError::Config(e.to_string()))?;
+    .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(creds.chain.clone(), creds.key.clone_key())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport(segmentation_offload, USER_STREAMS, USER_WINDOW));
     Ok(config)
@@ -179,14 +179,11 @@ pub fn client_config(
     segmentation_offload: bool,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(creds.roots.clone())
-        .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(transport(segmentation_offload, HOST_STREAMS, HOST_WINDOW));
     Ok(config)

@@ -16,9 +16,25 @@ const RECURSION_LIMIT: usize = 32;
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    /// The stream failed or ended early.
+    /// Writing to the stream failed.
     #[error("stream: {0}")]
-    Stream(String),
+    Write(#[from] quinn::WriteError),
+    /// Reading from the stream failed.
+    #[error("stream: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// Reading a frame's length or message failed.
+    #[error("stream: {0}")]
+    ReadExact(#[from] quinn::ReadExactError),
+    /// The stream ended before the frame did.
+    #[error("stream: {what} ended at {read} of {len} bytes")]
+    Ended {
+        /// What was being read.
+        what: &'static str,
+        /// Bytes read.
+        read: u64,
+        /// The frame's length.
+        len: u64,
+    },
     /// A frame larger than allowed.
     #[error("{what} of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -117,12 +133,8 @@ pub fn decode_msg<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
 /// # Errors
 /// When the stream fails.
 pub async fn write_blob(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), WireError> {
-    send.write_all(&(bytes.len() as u64).to_le_bytes())
-        .await
-        .map_err(|e| WireError::Stream(e.to_string()))?;
-    send.write_all(bytes)
-        .await
-        .map_err(|e| WireError::Stream(e.to_string()))
+    send.write_all(&(bytes.len() as u64).to_le_bytes()).await?;
+    Ok(send.write_all(bytes).await?)
 }
 
 /// Writes a length-prefixed blob given in two parts, `head` then `body`: the body is handed
@@ -135,11 +147,10 @@ pub async fn write_blob_parts(
     head: &[u8],
     body: bytes::Bytes,
 ) -> Result<(), WireError> {
-    let stream = |e: quinn::WriteError| WireError::Stream(e.to_string());
     let len = (head.len() + body.len()) as u64;
-    send.write_all(&len.to_le_bytes()).await.map_err(stream)?;
-    send.write_all(head).await.map_err(stream)?;
-    send.write_chunk(body).await.map_err(stream)
+    send.write_all(&len.to_le_bytes()).await?;
+    send.write_all(head).await?;
+    Ok(send.write_chunk(body).await?)
 }
 
 /// Writes a length-prefixed blob of `len` bytes made of `chunk` repeated (the last one cut
@@ -152,8 +163,7 @@ pub async fn write_blob_repeated(
     chunk: bytes::Bytes,
     len: u64,
 ) -> Result<(), WireError> {
-    let stream = |e: quinn::WriteError| WireError::Stream(e.to_string());
-    send.write_all(&len.to_le_bytes()).await.map_err(stream)?;
+    send.write_all(&len.to_le_bytes()).await?;
     let mut left = len;
     while left > 0 {
         if chunk.is_empty() {
@@ -161,7 +171,7 @@ pub async fn write_blob_repeated(
         }
         let piece = chunk.slice(..(chunk.len() as u64).min(left) as usize);
         left -= piece.len() as u64;
-        send.write_chunk(piece).await.map_err(stream)?;
+        send.write_chunk(piece).await?;
     }
     Ok(())
 }
@@ -216,11 +226,9 @@ pub async fn drain_blob(
         match recv.read_chunk(want, true).await {
             Ok(Some(chunk)) => read += chunk.bytes.len() as u64,
             Ok(None) => {
-                return Err(WireError::Stream(format!(
-                    "{what} ended at {read} of {len} bytes"
-                )));
+                return Err(WireError::Ended { what, read, len });
             }
-            Err(e) => return Err(WireError::Stream(e.to_string())),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(read)
@@ -232,7 +240,7 @@ async fn read_len(
     limit: u64,
 ) -> Result<u64, WireError> {
     let mut len = [0u8; 8];
-    recv.read_exact(&mut len).await.map_err(stream)?;
+    recv.read_exact(&mut len).await?;
     let size = u64::from_le_bytes(len);
     if size > limit {
         return Err(WireError::TooLarge { what, size, limit });
@@ -322,12 +330,13 @@ impl Blob {
             let chunk = match recv.read_chunk(upto - self.read, true).await {
                 Ok(Some(chunk)) => chunk.bytes,
                 Ok(None) => {
-                    return Err(WireError::Stream(format!(
-                        "{} ended at {} of {} bytes",
-                        self.what, self.read, self.len
-                    )));
+                    return Err(WireError::Ended {
+                        what: self.what,
+                        read: self.read as u64,
+                        len: self.len as u64,
+                    });
                 }
-                Err(e) => return Err(WireError::Stream(e.to_string())),
+                Err(e) => return Err(e.into()),
             };
             inflight.take(chunk.len())?;
             self.bytes
@@ -365,5 +374,5 @@ impl Blob {
 }
 
 fn stream(e: quinn::ReadExactError) -> WireError {
-    WireError::Stream(e.to_string())
+    WireError::ReadExact(e)
 }

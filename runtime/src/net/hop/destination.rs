@@ -11,17 +11,17 @@ use crate::instance::AgentInstance;
 use crate::modules::ModuleHash;
 use crate::net::budget::InFlight;
 use crate::net::certs::{Identity, Role};
-use crate::net::hop::machine::{DestView, decide_offer};
-use crate::net::host::*;
+use crate::net::hop::offer::{DestView, decide_offer};
+use crate::net::host::{AdmitError, Arriving, Host, RestoreError, Start, Stream};
 use crate::net::messages::{
     Departed, HopInfo, LaunchEvent, Offer, OfferReply, TransferReply, TransferStatus, unix_us,
 };
+use crate::net::residents::Reserved;
 use crate::net::store::StoreError;
 use crate::net::wire::{Blob, WireError, read_blob, read_blob_into, read_msg_charged, write_msg};
 use agent_abi::OpResult;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// Counts a transfer (agent, seq) as being received here ([`Host::receiving`]) while it lives.
@@ -153,7 +153,7 @@ impl Host {
             agents: self.residents.running(),
             owner_agents: self.residents.counts(&offer.owner).running,
             max_owner_agents: self.quotas.limits().running,
-            max_agents: if self.shutting_down.load(Ordering::SeqCst) {
+            max_agents: if self.stopping() {
                 0
             } else {
                 self.config.max_agents
@@ -184,10 +184,8 @@ impl Host {
         }
         let receiving = (matches!(reply, OfferReply::Accept { .. }))
             .then(|| Receiving::start(self, (offer.agent, offer.seq)));
-        let answer = (&reply, offered, receiving);
-        let received = (self.receive_offered(peer, &offer, answer, held.as_deref(), stream)).await;
-        drop(place);
-        received
+        let answer = (&reply, offered, (receiving, place));
+        (self.receive_offered(peer, &offer, answer, held.as_deref(), stream)).await
     }
 
     /// The destination side after the decision on the offer (`reply`, when the offer was
@@ -197,7 +195,7 @@ impl Host {
         self: &Arc<Self>,
         peer: &Identity,
         offer: &Offer,
-        (reply, offered, receiving): (&OfferReply, Instant, Option<Receiving>),
+        (reply, offered, (receiving, place)): (&OfferReply, Instant, Held<'_>),
         base: Option<&Base>,
         (send, recv, inflight): Stream<'_>,
     ) -> Result<(), WireError> {
@@ -259,6 +257,8 @@ impl Host {
         // Before the agent is let go, so that a crash here leaves it where the commit did.
         crash_point("dest-after-commit");
         self.enroll(offer.agent, &offer.owner, flags);
+        // Counted as running now: offers decided from here on count it once.
+        drop(place);
         if let Ok(mut bases) = self.bases.lock() {
             bases.remove(&offer.agent);
         }
@@ -492,6 +492,10 @@ impl Host {
         Ok((image, filled_in, unverified))
     }
 }
+
+/// What an accepted transfer holds until it ends: its count as being received, and the place
+/// for its agent until the agent is enrolled.
+type Held<'a> = (Option<Receiving>, Option<Reserved<'a>>);
 
 /// A large image being written to the store while it is checked.
 type Staging = tokio::task::JoinHandle<Result<crate::net::store::Staged, StoreError>>;

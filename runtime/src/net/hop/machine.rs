@@ -10,8 +10,7 @@
 
 use crate::backoff::Backoff;
 use crate::base::WORTH_A_BASE;
-use crate::net::certs::{Identity, Role};
-use crate::net::messages::{Offer, OfferReply, TransferReply, TransferStatus};
+use crate::net::messages::{OfferReply, TransferReply, TransferStatus};
 use agent_abi::HopError;
 use std::fmt::Display;
 use std::time::Duration;
@@ -314,93 +313,9 @@ impl SourceHop {
     }
 }
 
-/// What a destination knows when it decides on an OFFER.
-#[derive(Clone, Debug, Default)]
-pub struct DestView {
-    /// (agent, seq) was already committed here.
-    pub committed: bool,
-    /// (agent, seq) was aborted here (a query answered "aborted").
-    pub aborted: bool,
-    /// The module is already admitted here.
-    pub has_module: bool,
-    /// Agents running here now.
-    pub agents: usize,
-    /// Most agents this host runs at once.
-    pub max_agents: usize,
-    /// Agents of the offer's owner running here now.
-    pub owner_agents: usize,
-    /// Most agents one user may run here.
-    pub max_owner_agents: usize,
-    /// Most memory per agent.
-    pub max_memory: u64,
-    /// Largest image accepted.
-    pub max_image: u64,
-    /// Largest module accepted.
-    pub max_module: u64,
-}
-
-/// Phase 1 at the destination: accept or refuse an OFFER before any state moves.
-pub fn decide_offer(offer: &Offer, from: &Identity, view: &DestView) -> OfferReply {
-    if from.role != Role::Host {
-        return OfferReply::Refuse(format!(
-            "only hosts may transfer agents, and {from} is not a host"
-        ));
-    }
-    if view.committed {
-        return OfferReply::AlreadyCommitted;
-    }
-    if view.aborted {
-        return OfferReply::Refuse(format!(
-            "transfer of agent {} at seq {} was aborted",
-            offer.agent, offer.seq
-        ));
-    }
-    if offer.abi != agent_abi::ABI_VERSION {
-        return OfferReply::Refuse(format!(
-            "agent ABI v{} is not offered here (this host speaks v{})",
-            offer.abi,
-            agent_abi::ABI_VERSION
-        ));
-    }
-    if offer.memory_bytes > view.max_memory {
-        return OfferReply::Refuse(format!(
-            "the agent needs {:.1} MiB of memory; this host allows {:.1} MiB",
-            offer.memory_bytes as f64 / f64::from(1 << 20),
-            view.max_memory as f64 / f64::from(1 << 20)
-        ));
-    }
-    if offer.image_bytes > view.max_image {
-        return OfferReply::Refuse(format!(
-            "image of {} bytes exceeds this host's limit of {}",
-            offer.image_bytes, view.max_image
-        ));
-    }
-    if !view.has_module && offer.module_bytes > view.max_module {
-        return OfferReply::Refuse(format!(
-            "module of {} bytes exceeds this host's limit of {}",
-            offer.module_bytes, view.max_module
-        ));
-    }
-    if view.agents >= view.max_agents {
-        return OfferReply::Refuse(format!("host is full ({} agents)", view.agents));
-    }
-    if view.owner_agents >= view.max_owner_agents {
-        return OfferReply::Refuse(format!(
-            "user {} already runs {} agents here, the most a user may (user_max_agents)",
-            offer.owner, view.owner_agents
-        ));
-    }
-    OfferReply::Accept {
-        need_module: !view.has_module,
-        base: None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::AgentId;
-    use crate::modules::ModuleHash;
 
     fn unreachable(reason: &str) -> SourceStep {
         SourceStep::Resume(HopError::Unreachable {
@@ -542,144 +457,6 @@ mod tests {
         hop.on_sent(Ok::<_, &str>(()));
         hop.on_confirmed(Ok::<_, &str>(()));
         assert_eq!(hop.on_sent(Ok::<_, &str>(())), SourceStep::Query);
-    }
-
-    fn offer() -> Offer {
-        Offer {
-            agent: AgentId([1; 16]),
-            seq: 3,
-            module: ModuleHash([2; 32]),
-            module_bytes: 1000,
-            memory_bytes: 2 << 20,
-            image_bytes: 5000,
-            abi: agent_abi::ABI_VERSION,
-            owner: "alice".into(),
-            home: "a".into(),
-            image_follows: false,
-        }
-    }
-
-    fn view() -> DestView {
-        DestView {
-            max_agents: 10,
-            max_owner_agents: 5,
-            max_memory: 64 << 20,
-            max_image: 1 << 20,
-            max_module: 1 << 20,
-            ..DestView::default()
-        }
-    }
-
-    #[test]
-    fn the_destination_decides_before_any_state_moves() {
-        let host = Identity {
-            name: "a".into(),
-            role: Role::Host,
-        };
-        let user = Identity {
-            name: "alice".into(),
-            role: Role::User,
-        };
-        assert_eq!(
-            decide_offer(&offer(), &host, &view()),
-            OfferReply::Accept {
-                need_module: true,
-                base: None
-            }
-        );
-        assert_eq!(
-            decide_offer(
-                &offer(),
-                &host,
-                &DestView {
-                    has_module: true,
-                    ..view()
-                }
-            ),
-            OfferReply::Accept {
-                need_module: false,
-                base: None
-            }
-        );
-        assert_eq!(
-            decide_offer(
-                &offer(),
-                &host,
-                &DestView {
-                    committed: true,
-                    ..view()
-                }
-            ),
-            OfferReply::AlreadyCommitted
-        );
-        let refuse = |o: &Offer, from: &Identity, v: &DestView| match decide_offer(o, from, v) {
-            OfferReply::Refuse(why) => why,
-            other => panic!("expected a refusal, got {other:?}"),
-        };
-        assert_eq!(
-            refuse(&offer(), &user, &view()),
-            "only hosts may transfer agents, and user alice is not a host"
-        );
-        assert!(
-            refuse(
-                &offer(),
-                &host,
-                &DestView {
-                    aborted: true,
-                    ..view()
-                }
-            )
-            .contains("was aborted")
-        );
-        assert_eq!(
-            refuse(
-                &offer(),
-                &host,
-                &DestView {
-                    max_memory: 1 << 20,
-                    ..view()
-                }
-            ),
-            "the agent needs 2.0 MiB of memory; this host allows 1.0 MiB"
-        );
-        assert_eq!(
-            refuse(
-                &offer(),
-                &host,
-                &DestView {
-                    agents: 10,
-                    ..view()
-                }
-            ),
-            "host is full (10 agents)"
-        );
-        assert_eq!(
-            refuse(
-                &offer(),
-                &host,
-                &DestView {
-                    agents: 5,
-                    owner_agents: 5,
-                    ..view()
-                }
-            ),
-            "user alice already runs 5 agents here, the most a user may (user_max_agents)"
-        );
-        assert!(
-            refuse(&Offer { abi: 99, ..offer() }, &host, &view())
-                .starts_with("agent ABI v99 is not offered here")
-        );
-        assert!(
-            refuse(
-                &Offer {
-                    image_bytes: 2 << 20,
-                    ..offer()
-                },
-                &host,
-                &view()
-            )
-            .starts_with("image of")
-        );
     }
 
     #[test]

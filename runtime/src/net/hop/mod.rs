@@ -8,8 +8,10 @@
 pub(crate) mod arriving;
 pub(in crate::net) mod destination;
 pub mod machine;
+pub mod offer;
 pub(crate) mod outgoing;
 pub(in crate::net) mod source;
 pub(crate) mod spare;
 
-pub use machine::{DestView, SourceHop, SourceStep, decide_offer};
+pub use machine::{Plan, SourceHop, SourceStep};
+pub use offer::{DestView, decide_offer};

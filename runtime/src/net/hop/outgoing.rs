@@ -36,7 +36,7 @@ pub(crate) async fn write_image(
         Outgoing::Encoded(e) => return write_blob_passing(send, e.head(), e.body(), point).await,
         Outgoing::InPlace(image) => image,
     };
-    let stream = |e: quinn::WriteError| WireError::Stream(e.to_string());
+    let stream = WireError::Write;
     let parts = image.parts();
     let Some((head, body)) = parts.split_first() else {
         return Ok(());
@@ -72,7 +72,7 @@ pub(crate) async fn write_blob_passing(
     if !cfg!(feature = "failpoints") {
         return write_blob_parts(send, head, body.clone()).await;
     }
-    let stream = |e: quinn::WriteError| WireError::Stream(e.to_string());
+    let stream = WireError::Write;
     let (len, half) = ((head.len() + body.len()) as u64, body.len() / 2);
     send.write_all(&len.to_le_bytes()).await.map_err(stream)?;
     send.write_all(head).await.map_err(stream)?;

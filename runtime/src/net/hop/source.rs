@@ -9,7 +9,7 @@ use crate::instance::AgentInstance;
 use crate::modules::AgentModule;
 use crate::net::hop::machine::{Plan, SourceHop, SourceStep};
 use crate::net::hop::outgoing::{Outgoing, write_blob_passing, write_image};
-use crate::net::host::*;
+use crate::net::host::{Host, VERDICT_TIMEOUT, offer_binding};
 use crate::net::messages::{
     Departed, HopInfo, Offer, OfferReply, Reply, Request, SentHome, TransferReply, TransferStatus,
     unix_us,
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 pub(in crate::net) enum LinkError {
     /// No connection to the destination.
     #[error(transparent)]
-    Peer(#[from] PeerError),
+    Peer(Box<PeerError>),
     /// The stream failed.
     #[error(transparent)]
     Wire(#[from] WireError),
@@ -43,6 +43,12 @@ pub(in crate::net) enum LinkError {
     /// The hop's streams are gone.
     #[error("no stream")]
     NoStream,
+}
+
+impl From<PeerError> for LinkError {
+    fn from(error: PeerError) -> LinkError {
+        LinkError::Peer(Box::new(error))
+    }
 }
 
 /// Why the departure record could not be made durable.
@@ -197,18 +203,7 @@ impl Host {
         phase("encoded");
         let known = self.peer_has(site, &module);
         let plan = Plan::new(bytes.len() as u64, known, base_fits);
-        let offer = Offer {
-            agent: image.context.agent_id,
-            seq,
-            module: module.hash,
-            module_bytes: module.size as u64,
-            memory_bytes: image.memory_bytes,
-            image_bytes: bytes.len() as u64,
-            abi: agent_abi::ABI_VERSION,
-            owner: image.context.owner.clone(),
-            home: image.context.home.clone(),
-            image_follows: plan.image_follows,
-        };
+        let offer = offer_of(&image, &module, bytes.len() as u64, plan);
         // Hashed while the offer travels and kept before the image leaves: an agent that
         // comes straight back finds its pages here.
         let base_task = (plan.keep_base)
@@ -293,6 +288,23 @@ impl Host {
         (self.store)
             .keep_agent(&id, parts, departing(seq, to))
             .await
+    }
+}
+
+/// The offer of hop `image.context.hop_seq` of an agent of `module` whose image takes
+/// `image_bytes`.
+fn offer_of(image: &AgentImage, module: &AgentModule, image_bytes: u64, plan: Plan) -> Offer {
+    Offer {
+        agent: image.context.agent_id,
+        seq: image.context.hop_seq,
+        module: module.hash,
+        module_bytes: module.size as u64,
+        memory_bytes: image.memory_bytes,
+        image_bytes,
+        abi: agent_abi::ABI_VERSION,
+        owner: image.context.owner.clone(),
+        home: image.context.home.clone(),
+        image_follows: plan.image_follows,
     }
 }
 

@@ -2,7 +2,7 @@
 //! of service calls, storing an agent at a safe point, and the end of an agent.
 
 use crate::context::AgentId;
-use crate::driver::{self, Flow, Place};
+use crate::driver::{self, CallAnswer, Flow, Place};
 use crate::faults::crash_point;
 use crate::image::{Compression, EncodeOptions, Encoded};
 use crate::instance::{AgentError, AgentInstance};
@@ -10,7 +10,7 @@ use crate::log::LogLine;
 use crate::net::host::{Host, PARK_AFTER, Start, sleep_unless_killed};
 use crate::net::messages::{AgentEnd, LaunchEvent};
 use crate::net::store::{AgentRecord, CallEntry, Resume, StoreError};
-use agent_abi::{CallError, OpResult, Outcome};
+use agent_abi::{OpResult, Outcome};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -81,7 +81,7 @@ impl Place for OnHost {
     }
 
     async fn before_op(&mut self, agent: AgentInstance) -> Flow {
-        if self.host.shutting_down.load(Ordering::SeqCst) {
+        if self.host.stopping() {
             self.host.park(agent).await;
             return Flow::Stop;
         }
@@ -119,9 +119,8 @@ impl Place for OnHost {
     async fn call(
         &mut self,
         agent: &mut AgentInstance,
-        service: &str,
-        request: &[u8],
-    ) -> Result<serde_bytes::ByteBuf, CallError> {
+        (service, request): (&str, &[u8]),
+    ) -> CallAnswer {
         self.host.call(agent, service, request).await
     }
 

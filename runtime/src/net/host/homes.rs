@@ -4,7 +4,7 @@
 use crate::context::AgentId;
 use crate::instance::AgentInstance;
 use crate::net::certs::Identity;
-use crate::net::host::*;
+use crate::net::host::Host;
 use crate::net::messages::{AgentState, Asleep, HopInfo, LaunchEvent, ListReply, StatusReply};
 use crate::net::store::{HomeRow, HomeWrite};
 use std::sync::Arc;

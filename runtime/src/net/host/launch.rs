@@ -6,7 +6,7 @@ use crate::instance::AgentInstance;
 use crate::modules::{AgentModule, ModuleHash};
 use crate::net::budget::InFlight;
 use crate::net::certs::{Identity, Role};
-use crate::net::host::*;
+use crate::net::host::{AdmitError, Host, MODULE_DEADLINE, Start, Stream};
 use crate::net::messages::Refusal;
 use crate::net::messages::Reply;
 use crate::net::messages::{AgentEnd, LaunchEvent, Request};
@@ -17,7 +17,6 @@ use crate::net::store::{AgentRecord, Resume};
 use crate::net::wire::{WireError, read_blob, write_msg};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
 /// The queues of launches sending a module, by user and module ([`UploadTurn`]).
@@ -94,7 +93,7 @@ impl Host {
             let why = format!("only users launch agents, and {peer} is not a user");
             return write_msg(send, &refused(why)).await;
         }
-        if self.shutting_down.load(Ordering::SeqCst) {
+        if self.stopping() {
             return write_msg(send, &refused("the host is shutting down".into())).await;
         }
         // A place for the agent, held from here until it runs (or the launch fails).
@@ -132,20 +131,24 @@ impl Host {
         self.add_home(id, &peer.name, tx).await;
         match self.launch_agent(module.clone(), context).await {
             Ok(agent) => {
+                self.spawn_agent(agent, Start::Poll);
+                // The agent is counted as running: its place goes before the launcher hears
+                // of it, so that its next launch never finds both counted.
+                drop(place);
                 // Said once the agent is stored: a detached launcher may leave at this point.
+                // Its events wait in `rx` until this is written.
                 let launched = LaunchEvent::Launched {
                     agent: id,
                     module: module.hash,
                     site: self.config.name.clone(),
                 };
-                let said = write_msg(send, &launched).await;
-                self.spawn_agent(agent, Start::Poll);
-                said?;
+                write_msg(send, &launched).await?;
             }
-            Err(end) => self.deliver(&id, self.ended(0, end)).await,
+            Err(end) => {
+                drop(place);
+                self.deliver(&id, self.ended(0, end)).await;
+            }
         }
-        // The agent runs (and is counted as running) or has ended.
-        drop(place);
         self.stream_events(id, send, rx).await
     }
 

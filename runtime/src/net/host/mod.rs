@@ -40,6 +40,7 @@ use crate::net::peers::Peers;
 use crate::net::quota::{Quotas, UserLimits};
 use crate::net::residents::Residents;
 use crate::net::store::HostStore;
+use crate::net::store::StoreError;
 use crate::net::tls::{self, Credentials};
 use crate::net::trim::Trimmer;
 use crate::services::Site;
@@ -48,9 +49,11 @@ use agent_abi::Op;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use crate::net::peers::{ASK_TIMEOUT, CONNECT_TIMEOUT};
 
@@ -151,11 +154,30 @@ pub struct HostMemory {
 
 /// Why a host could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct HostError(String);
-
-pub(in crate::net) fn err(e: impl std::fmt::Display) -> HostError {
-    HostError(e.to_string())
+pub enum HostError {
+    /// The Wasm engine could not be made.
+    #[error("cannot make the Wasm engine: {0}")]
+    Engine(#[source] wasmtime::Error),
+    /// The module cache could not be set up.
+    #[error(transparent)]
+    Modules(#[from] crate::modules::CacheError),
+    /// The store could not be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The certificates make no TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The threads agents run on could not be started.
+    #[error("cannot start the threads agents run on: {0}")]
+    Threads(#[source] std::io::Error),
 }
 
 /// One running host.
@@ -192,7 +214,11 @@ pub struct Host {
     /// (peer, module) pairs a peer said it holds: a small image is sent to it with the offer.
     /// Modules are stored durably, so the knowledge holds; a peer that lost one asks for it.
     pub(in crate::net) peer_modules: Mutex<std::collections::HashSet<(String, ModuleHash)>>,
-    pub(in crate::net) shutting_down: AtomicBool,
+    /// Cancelled when the host shuts down.
+    pub(in crate::net) stopping: CancellationToken,
+    /// The tasks that run agents, for shutdown to wait for.
+    pub(in crate::net) agents: TaskTracker,
+    /// Notified when an agent stops running here (there may be room for another).
     pub(in crate::net) idle: tokio::sync::Notify,
     /// Wakes the task that delivers stored reports to home hosts.
     pub(in crate::net) outbox: tokio::sync::Notify,
@@ -223,28 +249,12 @@ impl Host {
         creds: Credentials,
         site: Site,
     ) -> Result<Arc<Host>, HostError> {
-        let engine = crate::engine::new_engine().map_err(err)?;
-        let modules =
-            ModuleCache::new(&engine, Some(config.data_dir.join("compiled"))).map_err(err)?;
-        let store = HostStore::open(&config.data_dir).map_err(err)?;
-        let server = tls::server_config(&creds, config.segmentation_offload).map_err(err)?;
-        let listen =
-            |e: std::io::Error| HostError(format!("cannot listen on {}: {e}", config.listen));
-        let socket = crate::net::socket::bind(config.listen).map_err(listen)?;
-        let runtime = Arc::new(quinn::TokioRuntime);
-        let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            runtime,
-        )
-        .map_err(listen)?;
-        endpoint.set_default_client_config(
-            tls::client_config(&creds, config.segmentation_offload).map_err(err)?,
-        );
+        let engine = crate::engine::new_engine().map_err(HostError::Engine)?;
+        let modules = ModuleCache::new(&engine, Some(config.data_dir.join("compiled")))?;
+        let store = HostStore::open(&config.data_dir)?;
+        let endpoint = endpoint(&config, &creds)?;
         let homes: HashMap<AgentId, HomeEntry> = store
-            .homes()
-            .map_err(err)?
+            .homes()?
             .into_iter()
             .map(|home| {
                 let mut entry = HomeEntry::new(home.row.status, Vec::new());
@@ -276,12 +286,13 @@ impl Host {
             inflight,
             probing: tokio::sync::Semaphore::new(1),
             uploads: Mutex::default(),
-            executor: AgentExecutor::new().map_err(err)?,
+            executor: AgentExecutor::new().map_err(HostError::Threads)?,
             waking: tokio::sync::Semaphore::new(WAKING_AT_ONCE),
             receiving: Mutex::default(),
             peer_modules: Mutex::default(),
             homes: Mutex::new(homes),
-            shutting_down: AtomicBool::new(false),
+            stopping: CancellationToken::new(),
+            agents: TaskTracker::new(),
             idle: tokio::sync::Notify::new(),
             outbox: tokio::sync::Notify::new(),
             trimmer: Trimmer::start(),
@@ -323,16 +334,14 @@ impl Host {
 
     /// Stops accepting work, parks every running agent at its next safe point, and closes.
     pub async fn shutdown(&self, grace: Duration) {
-        self.shutting_down.store(true, Ordering::SeqCst);
+        self.stopping.cancel();
         // Parked agents stay stored; the next start sets their alarms again.
         self.residents.stop_alarms();
         for flags in self.residents.running_flags() {
             flags.checkpoint.store(true, Ordering::SeqCst);
         }
-        let deadline = Instant::now() + grace;
-        while self.residents.running() > 0 && Instant::now() < deadline {
-            let _ = tokio::time::timeout(Duration::from_millis(50), self.idle.notified()).await;
-        }
+        self.agents.close();
+        let _ = tokio::time::timeout(grace, self.agents.wait()).await;
         let left = self.residents.running();
         if left > 0 {
             tracing::warn!(
@@ -378,12 +387,31 @@ impl Host {
             let context = agent.context();
             self.enroll(context.agent_id, &context.owner, agent.flags());
         }
-        if self
-            .executor
-            .spawn(self.clone().drive(agent, start))
-            .is_none()
-        {
+        let drive = self.agents.track_future(self.clone().drive(agent, start));
+        if self.executor.spawn(drive).is_none() {
             tracing::error!("no threads to run agents on");
+        }
+    }
+
+    /// Whether the host is shutting down.
+    pub(in crate::net) fn stopping(&self) -> bool {
+        self.stopping.is_cancelled()
+    }
+
+    /// Waits until fewer agents run here than the host's most, or it shuts down.
+    pub(in crate::net) async fn room_to_run(&self) {
+        loop {
+            let freed = self.idle.notified();
+            tokio::pin!(freed);
+            // Registered before the count is read, so that an agent leaving in between wakes it.
+            freed.as_mut().enable();
+            if self.residents.running() < self.config.max_agents || self.stopping() {
+                return;
+            }
+            tokio::select! {
+                () = freed => {}
+                () = self.stopping.cancelled() => {}
+            }
         }
     }
 
@@ -391,7 +419,7 @@ impl Host {
     /// arrival is enrolled once it is committed (two uncommitted arrivals of one agent may
     /// meet, when its source restarted and offered the hop again).
     pub(in crate::net) fn enroll(&self, id: AgentId, owner: &str, flags: Arc<AgentFlags>) {
-        if self.shutting_down.load(Ordering::SeqCst) {
+        if self.stopping() {
             flags.checkpoint.store(true, Ordering::SeqCst);
         }
         self.residents.enroll(id, owner, flags);
@@ -413,6 +441,21 @@ impl Host {
         let limits = &self.config.limits;
         Ok(AgentInstance::restore(module, self.site.clone(), image, limits).await?)
     }
+}
+
+/// The host's QUIC endpoint: it serves with `creds` and dials its peers with them.
+fn endpoint(config: &HostConfig, creds: &Credentials) -> Result<quinn::Endpoint, HostError> {
+    let gso = config.segmentation_offload;
+    let server = tls::server_config(creds, gso)?;
+    let addr = config.listen;
+    let listen = |source| HostError::Listen { addr, source };
+    let socket = crate::net::socket::bind(addr).map_err(listen)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let config_ = quinn::EndpointConfig::default();
+    let mut endpoint =
+        quinn::Endpoint::new(config_, Some(server), socket, runtime).map_err(listen)?;
+    endpoint.set_default_client_config(tls::client_config(creds, gso)?);
+    Ok(endpoint)
 }
 
 /// `len` xorshift bytes: data no compressor or cache can make smaller.

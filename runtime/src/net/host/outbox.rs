@@ -3,11 +3,10 @@
 
 use crate::context::AgentId;
 use crate::faults::crash_point;
-use crate::net::host::*;
+use crate::net::host::Host;
 use crate::net::messages::{HopInfo, LaunchEvent, Request};
 use crate::net::store::{AgentRecord, PendingReport};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 impl Host {
@@ -77,7 +76,7 @@ impl Host {
     /// ([`crate::recycle`]).
     pub(in crate::net) async fn sync_lazily(self: Arc<Self>) {
         let mut every = tokio::time::interval(crate::net::store::LAZY_SYNC);
-        while !self.shutting_down.load(Ordering::SeqCst) {
+        while !self.stopping() {
             every.tick().await;
             let host = self.clone();
             let _ = tokio::task::spawn_blocking(move || host.modules.expire_idle()).await;
@@ -90,7 +89,7 @@ impl Host {
     /// Delivers stored reports to their home hosts, retrying those that fail.
     pub(in crate::net) async fn deliver_reports(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(200);
-        while !self.shutting_down.load(Ordering::SeqCst) {
+        while !self.stopping() {
             let reports = self.store.reports().unwrap_or_else(|e| {
                 tracing::error!("cannot read stored reports: {e}");
                 Vec::new()

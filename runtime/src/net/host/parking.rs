@@ -2,7 +2,7 @@
 
 use crate::context::AgentId;
 use crate::instance::AgentInstance;
-use crate::net::host::*;
+use crate::net::host::{Host, Start};
 use crate::net::messages::Refusal;
 use crate::net::messages::Reply;
 use crate::net::messages::{AgentEnd, LaunchEvent, unix_ms};
@@ -26,17 +26,11 @@ pub(in crate::net) const WAKING_AT_ONCE: usize = 4;
 
 /// Sleeps `ms` unless the agent is killed meanwhile (checked every 100 ms); `false` if it was.
 pub(in crate::net) async fn sleep_unless_killed(flags: &AgentFlags, ms: u64) -> bool {
-    let until = tokio::time::Instant::now() + Duration::from_millis(ms.min(1 << 40));
-    while tokio::time::Instant::now() < until {
-        if flags.kill.load(Ordering::SeqCst) {
-            return false;
-        }
-        tokio::time::sleep_until(
-            until.min(tokio::time::Instant::now() + Duration::from_millis(100)),
-        )
-        .await;
+    let sleep = tokio::time::sleep(Duration::from_millis(ms.min(1 << 40)));
+    tokio::select! {
+        () = sleep => !flags.kill.load(Ordering::SeqCst),
+        () = flags.killed.cancelled() => false,
     }
-    !flags.kill.load(Ordering::SeqCst)
 }
 
 impl Host {
@@ -136,12 +130,8 @@ impl Host {
             let again = unix_ms().saturating_add(WAKE_DEFERRED.as_millis() as u64);
             return self.set_alarm(id, &owner, again);
         }
-        while self.residents.running() >= self.config.max_agents
-            && !self.shutting_down.load(Ordering::SeqCst)
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if self.shutting_down.load(Ordering::SeqCst) {
+        self.room_to_run().await;
+        if self.stopping() {
             return; // it stays parked: the next start sets its alarm again
         }
         // Running from now on (its flags stand in until it is restored), unless a kill took

@@ -7,13 +7,12 @@ use crate::image::DecodeOptions;
 use crate::instance::AgentInstance;
 use crate::net::hop::machine::{SourceHop, SourceStep};
 use crate::net::hop::source::LinkError;
-use crate::net::host::*;
+use crate::net::host::{Host, RestoreError, Start};
 use crate::net::messages::Reply;
 use crate::net::messages::{HopInfo, LaunchEvent, Request, TransferStatus};
 use crate::net::store::{AgentRecord, Resume};
 use agent_abi::{HopError, OpResult};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 /// A departure image already counts the hop it was made for; when that hop failed, the agent
 /// resumed from the image must not.
@@ -88,7 +87,7 @@ impl Host {
         tracing::info!(agent = %id, seq, %to, "asking where a departing agent is");
         let mut hop = SourceHop::departed(&to);
         let mut step = SourceStep::Query;
-        while step == SourceStep::Query && !self.shutting_down.load(Ordering::SeqCst) {
+        while step == SourceStep::Query && !self.stopping() {
             let query = Request::Query { agent: id, seq };
             let status = self.peers.ask::<Reply<TransferStatus>>(&to, &query).await;
             step = hop.on_query_reply(status.map_err(LinkError::from).and_then(|s| Ok(s?)));

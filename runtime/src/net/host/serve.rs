@@ -4,7 +4,7 @@
 use crate::context::AgentId;
 use crate::net::budget::InFlight;
 use crate::net::certs::{Identity, Role};
-use crate::net::host::*;
+use crate::net::host::{Host, REQUEST_DEADLINE, fit_list, incompressible};
 use crate::net::messages::Refusal;
 use crate::net::messages::Reply;
 use crate::net::messages::{LaunchEvent, Request, TransferStatus};
