@@ -143,8 +143,7 @@ fn is_zero(n: &u64) -> bool {
 }
 
 /// Hop records an agent's trace keeps. Every image carries the trace and every hop encodes,
-/// decodes and copies it: a whole one made an agent's 400th hop cost a third more than its
-/// 20th (BENCHMARKS.md).
+/// decodes and copies it: a whole one made long-travelled agents' hops dearer (BENCHMARKS.md).
 pub const TRACE_KEPT: usize = 32;
 
 #[cfg(test)]

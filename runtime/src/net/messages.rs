@@ -45,9 +45,7 @@ pub enum Request {
         /// The agent.
         agent: AgentId,
     },
-    /// Host → host: phase 1 of a hop. Answered with [`OfferReply`]. (Named `Hop`, not
-    /// `Offer` as before, since a destination now commits only after [`Departed`]: a host
-    /// that commits without it refuses this request instead of misreading it.)
+    /// Host → host: phase 1 of a hop. Answered with [`OfferReply`].
     Hop(Offer),
     /// Host → host: what became of a transfer whose answer was lost. Answered with
     /// [`Reply<TransferStatus>`].

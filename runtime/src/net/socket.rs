@@ -1,18 +1,16 @@
 //! The host's UDP socket, with kernel buffers deep enough for bulk transfers.
 //!
-//! A 256 MiB image arrives at about 300 MB/s on loopback. The default receive buffer
-//! (`net.core.rmem_default`, 208 KiB on Debian) holds less than a millisecond of that: when
-//! the host's threads are busy a moment longer (hashing, mapping memory), the kernel drops
-//! datagrams, QUIC's congestion control takes each loss for congestion and halves its rate,
-//! and the transfer takes up to twice as long as it could. Measured on the benchmark VM: a
-//! thousand dropped datagrams (`RcvbufErrors` in `/proc/net/snmp`) in three such hops.
+//! The default receive buffer (`net.core.rmem_default`) holds less than a millisecond of a
+//! large image arriving: when the host's threads are busy a moment longer (hashing, mapping
+//! memory), the kernel drops datagrams (`RcvbufErrors` in `/proc/net/snmp`), QUIC's congestion
+//! control takes each loss for congestion and halves its rate, and the transfer takes up to
+//! twice as long as it could (BENCHMARKS.md).
 
 use std::net::{SocketAddr, UdpSocket};
 
-/// The kernel buffer a host asks for each way: about 45 ms of a 700 MB/s transfer, more than
-/// a busy receiver stalls for (with 4 MiB the benchmark still lost 1,300–2,000 datagrams in
-/// five 256 MiB hops, with this none). The kernel caps it at `net.core.rmem_max` and
-/// `net.core.wmem_max`; raise those for the full depth.
+/// The kernel buffer a host asks for each way: more of a fast transfer than a busy receiver
+/// stalls for, so that no datagram is dropped meanwhile (BENCHMARKS.md). The kernel caps it
+/// at `net.core.rmem_max` and `net.core.wmem_max`; raise those for the full depth.
 pub const BUFFER_BYTES: usize = 32 << 20;
 
 /// Binds a UDP socket on `addr` with [`BUFFER_BYTES`] of kernel buffer asked for each way.

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 const SETTLE: Duration = Duration::from_secs(1);
 
 /// How long releases may keep coming before the heap is trimmed anyway. A busy host frees
-/// instances all the time; trimming it every second cost 2–3% of its CPU (BENCHMARKS.md).
+/// instances all the time, and trimming it every second cost it CPU (BENCHMARKS.md).
 const AT_MOST: Duration = Duration::from_secs(15);
 
 /// Trims the heap some time after agents' instances were freed.

@@ -1,11 +1,11 @@
 //! The instance of a large arriving agent, made ready and written while its image travels.
 //!
-//! A 256 MiB image takes hundreds of milliseconds to arrive. Meanwhile its instance is made
-//! (memory grown and mapped) and, when its body is raw (the pages as they are), each piece
-//! of pages is written into that memory once it has come: restoring the agent after the last
-//! byte then sets only its globals and context, where copying the whole memory took 22–33
-//! ms after the last byte (BENCHMARKS.md). Nothing of it runs until the whole image is decoded
-//! and checked against the offer; an image that fails that is dropped with its instance.
+//! A large image takes a while to arrive. Meanwhile its instance is made (memory grown and
+//! mapped) and, when its body is raw (the pages as they are), each piece of pages is written
+//! into that memory once it has come: restoring the agent after the last byte then sets only
+//! its globals and context instead of copying the whole memory (BENCHMARKS.md). Nothing of
+//! it runs until the whole image is decoded and checked against the offer; an image that
+//! fails that is dropped with its instance.
 
 use crate::image::Layout;
 use crate::instance::AgentInstance;

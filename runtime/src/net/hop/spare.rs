@@ -1,6 +1,6 @@
 //! The receive buffer of a large arriving image, kept for the next one.
 //!
-//! A 256 MiB image is read into a buffer of its size. A fresh buffer costs a page fault and
+//! A large image is read into a buffer of its size. A fresh buffer costs a page fault and
 //! a cleared page for each of its pages (on a VM, the hypervisor may have to back them
 //! again too), on the same cores that carry the transfer: the benchmark's hops read their
 //! images more slowly than a bare transfer of the same bytes (BENCHMARKS.md). A host keeps

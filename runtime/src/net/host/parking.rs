@@ -24,7 +24,7 @@ pub(in crate::net) const WAKE_DEFERRED: Duration = Duration::from_secs(1);
 /// Parked agents restored at once.
 pub(in crate::net) const WAKING_AT_ONCE: usize = 4;
 
-/// Sleeps `ms` unless the agent is killed meanwhile (checked every 100 ms); `false` if it was.
+/// Sleeps `ms` unless the agent is killed meanwhile; `false` if it was.
 pub(in crate::net) async fn sleep_unless_killed(flags: &AgentFlags, ms: u64) -> bool {
     let sleep = tokio::time::sleep(Duration::from_millis(ms.min(1 << 40)));
     tokio::select! {
