@@ -10,10 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// ALPN protocol id: our protocol and its version. A host or client of another version fails
-/// the handshake (TLS alert 120) instead of exchanging messages it reads differently. Version
-/// 2: a hop into an agent's home is recorded by the home, from what DEPARTED tells it, and an
-/// image's trace keeps only its last hops; hosts of version 1 mixed with these lose hops.
-pub const ALPN: &[u8] = b"wasm-agents/2";
+/// the handshake (TLS alert 120) instead of exchanging messages it reads differently
+/// (docs/protocol.md says what each version changed).
+pub const ALPN: &[u8] = b"wasm-agents/3";
 
 /// The TLS alert a peer sends when it speaks none of the protocols offered in ALPN.
 const NO_APPLICATION_PROTOCOL: u8 = 120;
