@@ -331,7 +331,12 @@ impl Client {
 /// Whether a host closed the connection over our certificate: the TLS handshake's check of it
 /// failed (a TLS alert), or the host found no identity in it.
 fn refuses_certificate(reason: &quinn::ConnectionError) -> bool {
-    let is_tls_alert = |code: quinn::TransportErrorCode| u64::from(code) & !0xff == 0x100;
+    // QUIC carries a TLS alert as 0x100 plus its number: bad_certificate (42) to
+    // certificate_unknown (46), unknown_ca (48), access_denied (49), certificate_required (116).
+    let is_tls_alert = |code: quinn::TransportErrorCode| {
+        let code = u64::from(code);
+        code & !0xff == 0x100 && matches!(code & 0xff, 42..=46 | 48 | 49 | 116)
+    };
     match reason {
         quinn::ConnectionError::ConnectionClosed(close) => is_tls_alert(close.error_code),
         quinn::ConnectionError::TransportError(error) => is_tls_alert(error.code),

@@ -271,8 +271,34 @@ pub enum LaunchEvent {
         /// Hops it made, so the home can wait for reports of hops still on their way.
         hops: u64,
         /// How it ended.
+        #[serde(deserialize_with = "stored_end::read")]
         outcome: AgentEnd,
     },
+}
+
+/// Reads an agent's end as hosts of protocol version 2 stored it too (a held end, a report
+/// in the outbox): CBOR of the result, or why it failed, in words.
+mod stored_end {
+    use super::AgentEnd;
+    use crate::instance::AgentError;
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Now(AgentEnd),
+        Before(Result<serde_bytes::ByteBuf, String>),
+    }
+
+    pub fn read<'de, D: Deserializer<'de>>(d: D) -> Result<AgentEnd, D::Error> {
+        Ok(match Stored::deserialize(d)? {
+            Stored::Now(end) => end,
+            Stored::Before(Ok(bytes)) => AgentEnd::Finished(bytes.into_vec()),
+            // That release said a kill only in these words.
+            Stored::Before(Err(why)) if why == AgentError::Killed.to_string() => AgentEnd::Killed,
+            Stored::Before(Err(why)) => AgentEnd::Broken(why),
+        })
+    }
 }
 
 /// How an agent ended: data, so that nobody recognises a kill or a limit from a message.
@@ -505,4 +531,76 @@ pub struct Asleep {
     pub seq: u64,
     /// When it wakes, in milliseconds since the Unix epoch.
     pub until_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Serialize;
+
+    /// A finished event as protocol version 2 wrote it.
+    #[derive(Serialize)]
+    enum StoredBefore {
+        Finished {
+            site: String,
+            hops: u64,
+            outcome: Result<serde_bytes::ByteBuf, String>,
+        },
+    }
+
+    fn read_back(outcome: Result<serde_bytes::ByteBuf, String>) -> AgentEnd {
+        let before = StoredBefore::Finished {
+            site: "siteB".into(),
+            hops: 2,
+            outcome,
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&before, &mut bytes).unwrap();
+        match ciborium::from_reader(bytes.as_slice()).unwrap() {
+            LaunchEvent::Finished {
+                outcome, hops: 2, ..
+            } => outcome,
+            other => panic!("read back as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_end_stored_by_the_release_before_reads_back_as_what_it_was() {
+        let result = serde_bytes::ByteBuf::from(vec![0xf5]);
+        assert_eq!(read_back(Ok(result)), AgentEnd::Finished(vec![0xf5]));
+        let killed = AgentError::Killed.to_string();
+        assert_eq!(read_back(Err(killed)), AgentEnd::Killed);
+        let failed = "agent failed: no corpus".to_string();
+        assert_eq!(read_back(Err(failed.clone())), AgentEnd::Broken(failed));
+    }
+
+    #[test]
+    fn every_end_reads_back_as_it_was_written() {
+        let ends = [
+            AgentEnd::Finished(vec![1, 2]),
+            AgentEnd::Failed("no".into()),
+            AgentEnd::Panicked("oops".into()),
+            AgentEnd::Killed,
+            AgentEnd::OutOfMemory {
+                limit: 1,
+                wanted: 2,
+            },
+            AgentEnd::OutOfCpu {
+                budget: std::time::Duration::from_millis(5),
+            },
+            AgentEnd::StackOverflow,
+            AgentEnd::Broken("trap".into()),
+        ];
+        for outcome in ends {
+            let event = LaunchEvent::Finished {
+                site: "a".into(),
+                hops: 0,
+                outcome: outcome.clone(),
+            };
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&event, &mut bytes).unwrap();
+            let back: LaunchEvent = ciborium::from_reader(bytes.as_slice()).unwrap();
+            assert_eq!(back, event);
+        }
+    }
 }

@@ -33,6 +33,8 @@ pub enum Found {
 #[derive(Default)]
 pub struct Residents {
     inner: Mutex<Inner>,
+    /// Notified whenever the count of running agents (places held included) goes down.
+    freed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -113,6 +115,8 @@ impl Drop for Reserved<'_> {
         let mut inner = self.residents.lock();
         inner.reserved -= 1;
         inner.counted(&self.owner, |c| c.running -= 1);
+        drop(inner);
+        self.residents.freed.notify_waiters();
     }
 }
 
@@ -164,7 +168,27 @@ impl Residents {
 
     /// Stops counting `id` as running; whether it was.
     pub fn forget(&self, id: &AgentId) -> bool {
-        self.lock().remove_running(id).is_some()
+        let forgot = self.lock().remove_running(id).is_some();
+        self.freed.notify_waiters();
+        forgot
+    }
+
+    /// Waits until `enough` holds of the count of running agents (places held included),
+    /// checked again whenever that count goes down.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it holds nothing.
+    pub async fn until_running(&self, enough: impl Fn(usize) -> bool) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the count is read, so that a change in between wakes it.
+            freed.as_mut().enable();
+            if enough(self.running()) {
+                return;
+            }
+            freed.await;
+        }
     }
 
     /// Moves a running agent to the parked ones, with the alarm `alarm` makes (made under the
@@ -182,6 +206,8 @@ impl Residents {
         }
         inner.remove_running(&id);
         inner.insert_parked(id, owner, alarm());
+        drop(inner);
+        self.freed.notify_waiters();
         true
     }
 
@@ -253,9 +279,41 @@ impl Residents {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn alarm() -> AbortHandle {
         tokio::spawn(std::future::pending::<()>()).abort_handle()
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_room_ends_when_a_place_is_given_up_or_an_agent_stops() {
+        let residents = Arc::new(Residents::default());
+        let place = residents.reserve("alice", 1, 1).unwrap();
+        let waiting = {
+            let residents = residents.clone();
+            tokio::spawn(async move { residents.until_running(|n| n < 1).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(place);
+        // A guard against a hang, not a measurement: the wait ends at once.
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the place given up wakes the wait")
+            .unwrap();
+        let id = AgentId::random();
+        residents.enroll(id, "alice", Arc::default());
+        let waiting = {
+            let residents = residents.clone();
+            tokio::spawn(async move { residents.until_running(|n| n == 0).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        residents.forget(&id);
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the agent that stopped wakes the wait")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -364,7 +364,9 @@ fn run_host(
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let host = Host::start(config, creds, site).await?;
+        // Its message names the cause already: as a chain `{:#}` would print it twice.
+        let started = Host::start(config, creds, site).await;
+        let host = started.map_err(anyhow::Error::msg)?;
         let addr = host.local_addr().unwrap_or(listen);
         tracing::info!(site = %name, %addr, arch = std::env::consts::ARCH, documents, "host ready");
         println!("host {name} listening on {addr} ({documents} documents)");

@@ -320,12 +320,14 @@ impl Host {
             Some(task) => task.await.ok().and_then(Result::ok),
             None => None,
         };
-        if let Some(task) = checking {
-            task.await?.map_err(ArrivalError::Invalid)?;
-        }
+        let checked = match checking {
+            Some(task) => task.await.map(|c| c.map_err(ArrivalError::Invalid)),
+            None => Ok(Ok(())),
+        };
         if departed.seq != offer.seq {
             return Err(ArrivalError::OtherHop(departed.seq));
         }
+        checked??;
         let (agent, seq) = (&offer.agent, offer.seq);
         Ok((self.store.commit_arrival(agent, seq, stored, staged)).await?)
     }

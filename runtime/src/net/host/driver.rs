@@ -19,7 +19,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum KeepError {
     /// Its image could not be encoded.
-    #[error("cannot encode the agent: {0}")]
+    #[error(transparent)]
     Encode(#[from] std::io::Error),
     /// The store failed.
     #[error("cannot store the agent: {0}")]

@@ -218,8 +218,6 @@ pub struct Host {
     pub(in crate::net) stopping: CancellationToken,
     /// The tasks that run agents, for shutdown to wait for.
     pub(in crate::net) agents: TaskTracker,
-    /// Notified when an agent stops running here (there may be room for another).
-    pub(in crate::net) idle: tokio::sync::Notify,
     /// Wakes the task that delivers stored reports to home hosts.
     pub(in crate::net) outbox: tokio::sync::Notify,
     /// Gives the memory of agents that left this host's memory back to the system.
@@ -293,7 +291,6 @@ impl Host {
             homes: Mutex::new(homes),
             stopping: CancellationToken::new(),
             agents: TaskTracker::new(),
-            idle: tokio::sync::Notify::new(),
             outbox: tokio::sync::Notify::new(),
             trimmer: Trimmer::start(),
             spare: Arc::new(Spare::new(WORTH_PREPARING as usize)),
@@ -340,8 +337,13 @@ impl Host {
         for flags in self.residents.running_flags() {
             flags.checkpoint.store(true, Ordering::SeqCst);
         }
+        // Every agent task ends, and every place held for a launch or an arrival is given up.
         self.agents.close();
-        let _ = tokio::time::timeout(grace, self.agents.wait()).await;
+        let settled = async {
+            self.agents.wait().await;
+            self.residents.until_running(|running| running == 0).await;
+        };
+        let _ = tokio::time::timeout(grace, settled).await;
         let left = self.residents.running();
         if left > 0 {
             tracing::warn!(
@@ -400,18 +402,10 @@ impl Host {
 
     /// Waits until fewer agents run here than the host's most, or it shuts down.
     pub(in crate::net) async fn room_to_run(&self) {
-        loop {
-            let freed = self.idle.notified();
-            tokio::pin!(freed);
-            // Registered before the count is read, so that an agent leaving in between wakes it.
-            freed.as_mut().enable();
-            if self.residents.running() < self.config.max_agents || self.stopping() {
-                return;
-            }
-            tokio::select! {
-                () = freed => {}
-                () = self.stopping.cancelled() => {}
-            }
+        let most = self.config.max_agents;
+        tokio::select! {
+            () = self.residents.until_running(|running| running < most) => {}
+            () = self.stopping.cancelled() => {}
         }
     }
 
@@ -427,7 +421,6 @@ impl Host {
 
     pub(in crate::net) fn forget_running(&self, id: &AgentId) {
         self.residents.forget(id);
-        self.idle.notify_waiters();
         self.trimmer.freed();
     }
 

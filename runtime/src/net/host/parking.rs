@@ -69,7 +69,6 @@ impl Host {
             self.finish(id, home, hops, AgentEnd::Killed).await;
             return true;
         }
-        self.idle.notify_waiters();
         self.trimmer.freed();
         tracing::info!(agent = %id, until_ms, "parked asleep");
         let event = LaunchEvent::Sleeping {
