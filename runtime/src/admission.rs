@@ -381,7 +381,7 @@ mod tests {
 
     #[test]
     fn admits_an_agent_and_learns_its_state() {
-        let facts = inspect(&agent(MEMORY, ABI)).unwrap_or_else(|e| panic!("{e}"));
+        let facts = inspect(&agent(MEMORY, ABI)).unwrap();
         assert_eq!(
             facts.globals,
             vec![(0, GlobalKind::I32), (1, GlobalKind::I64)]
@@ -389,7 +389,7 @@ mod tests {
         assert!(facts.memory_exported);
         assert!(!facts.passive_data);
         let passive = format!(r#"{MEMORY} (data "not placed")"#);
-        let facts_passive = inspect(&agent(&passive, ABI)).unwrap_or_else(|e| panic!("{e}"));
+        let facts_passive = inspect(&agent(&passive, ABI)).unwrap();
         assert!(facts_passive.passive_data);
         assert_eq!(facts_passive.initial, facts.initial);
         let mut expected = InitialImage::default();
@@ -401,8 +401,8 @@ mod tests {
     #[test]
     fn instrumentation_exports_globals_and_memory_without_renumbering() {
         let wasm = agent(MEMORY, ABI);
-        let facts = inspect(&wasm).unwrap_or_else(|e| panic!("{e}"));
-        let out = crate::instrument::instrument(&wasm, &facts).unwrap_or_else(|e| panic!("{e}"));
+        let facts = inspect(&wasm).unwrap();
+        let out = crate::instrument::instrument(&wasm, &facts).unwrap();
         let again = inspect(&out).unwrap_or_else(|e| panic!("instrumented module refused: {e}"));
         assert_eq!(again.globals, facts.globals);
         let mut exports = Vec::new();
@@ -562,7 +562,7 @@ mod tests {
     fn refuses_missing_entry_points() {
         let text =
             format!(r#"(module (memory (export "memory") 1) (func (export "agent_start")) {ABI})"#);
-        let wasm = wat::parse_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        let wasm = wat::parse_str(&text).unwrap();
         assert_eq!(
             inspect(&wasm).err(),
             Some(AdmissionError::MissingExport(export::POLL))

@@ -96,7 +96,7 @@ mod tests {
 
     #[test]
     fn parts_land_whole_and_in_order_whatever_their_sizes() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         // Below the threshold; one block exactly past it; a header, a body and a tail that
         // cross chunk and block boundaries.
         let cases: Vec<Vec<Vec<u8>>> = vec![
@@ -107,11 +107,11 @@ mod tests {
         ];
         for (i, parts) in cases.iter().enumerate() {
             let path = dir.path().join(format!("f{i}"));
-            let mut file = File::create(&path).unwrap_or_else(|e| panic!("{e}"));
+            let mut file = File::create(&path).unwrap();
             let slices: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-            write_parts(&path, &mut file, &slices).unwrap_or_else(|e| panic!("{e}"));
-            file.sync_all().unwrap_or_else(|e| panic!("{e}"));
-            let back = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+            write_parts(&path, &mut file, &slices).unwrap();
+            file.sync_all().unwrap();
+            let back = std::fs::read(&path).unwrap();
             assert_eq!(back, parts.concat(), "case {i}");
         }
     }
@@ -120,16 +120,15 @@ mod tests {
     #[test]
     fn a_large_file_bypasses_the_page_cache_where_the_file_system_allows() {
         // Files in the working directory's file system (a disk, unlike /tmp on some hosts).
-        let dir =
-            tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let path = dir.path().join("big");
-        let mut file = File::create(&path).unwrap_or_else(|e| panic!("{e}"));
+        let mut file = File::create(&path).unwrap();
         let direct_ok = open_direct(&path).is_some();
         let data = pattern(DIRECT_MIN * 2 + 123, 9);
-        write_parts(&path, &mut file, &[&data]).unwrap_or_else(|e| panic!("{e}"));
-        file.sync_all().unwrap_or_else(|e| panic!("{e}"));
+        write_parts(&path, &mut file, &[&data]).unwrap();
+        file.sync_all().unwrap();
         if direct_ok {
-            let reader = File::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            let reader = File::open(&path).unwrap();
             assert!(
                 cached_pages(&reader, data.len()) <= 1,
                 "only the tail block went through the page cache"

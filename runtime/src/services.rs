@@ -254,8 +254,8 @@ mod tests {
                 limit: MAX_CALL_BYTES as u64
             })
         );
-        let info: HostInfo = decode(&site.call(HOST_INFO, &encode(&())).unwrap_or_default())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let info: HostInfo =
+            decode(&site.call(HOST_INFO, &encode(&())).unwrap_or_default()).unwrap();
         assert_eq!(info.arch, std::env::consts::ARCH);
     }
 }

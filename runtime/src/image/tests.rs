@@ -264,9 +264,7 @@ fn a_raw_body_is_lent_from_the_buffer_it_was_decoded_from() {
 #[test]
 fn an_image_encoded_in_parts_shares_its_raw_pages_and_reads_as_the_whole() {
     let img = noisy(512);
-    let parts = img
-        .encode(EncodeOptions::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let parts = img.encode(EncodeOptions::default()).unwrap();
     assert_eq!(parts.to_vec(), encoded(&img).unwrap_or_default());
     assert_eq!(parts.len(), parts.head().len() + parts.body().len());
     assert_eq!(
@@ -276,9 +274,7 @@ fn an_image_encoded_in_parts_shares_its_raw_pages_and_reads_as_the_whole() {
     );
     // A compressed body is the compressor's own: it reads back the same.
     let small = image();
-    let parts = small
-        .encode(EncodeOptions::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let parts = small.encode(EncodeOptions::default()).unwrap();
     assert_ne!(parts.body().as_ptr(), small.pages.data.as_ptr());
     assert_eq!(decode(&parts.parts().concat()), Ok(small));
 }
@@ -491,8 +487,7 @@ fn an_image_decoded_unverified_is_the_image_and_its_check_catches_tampering() {
     let limits = ImageLimits::default();
     for img in [noisy(1024), image()] {
         let bytes = bytes::Bytes::from(encoded(&img).unwrap_or_default());
-        let (decoded, unverified) =
-            decode_unverified(&bytes, &limits).unwrap_or_else(|e| panic!("{e}"));
+        let (decoded, unverified) = decode_unverified(&bytes, &limits).unwrap();
         assert_eq!(decoded, img);
         assert_eq!(unverified.check(), Ok(()));
     }
@@ -504,7 +499,7 @@ fn an_image_decoded_unverified_is_the_image_and_its_check_catches_tampering() {
         *b ^= 1;
     }
     let tampered = bytes::Bytes::from(tampered);
-    let (_, unverified) = decode_unverified(&tampered, &limits).unwrap_or_else(|e| panic!("{e}"));
+    let (_, unverified) = decode_unverified(&tampered, &limits).unwrap();
     assert_eq!(unverified.check(), Err(ImageError::HashMismatch));
     assert_eq!(
         AgentImage::decode(tampered.clone(), &DecodeOptions::default())
@@ -518,7 +513,7 @@ fn an_image_decoded_unverified_is_the_image_and_its_check_catches_tampering() {
         header.context.agent_id = crate::context::AgentId::random();
     });
     let forged = bytes::Bytes::from(forged);
-    let (_, unverified) = decode_unverified(&forged, &limits).unwrap_or_else(|e| panic!("{e}"));
+    let (_, unverified) = decode_unverified(&forged, &limits).unwrap();
     assert_eq!(unverified.check(), Err(ImageError::HashMismatch));
 }
 

@@ -277,8 +277,8 @@ mod tests {
 
     #[test]
     fn issued_certificates_carry_name_and_role_and_keys_are_private() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        init_ca(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path()).unwrap();
         assert!(matches!(init_ca(dir.path()), Err(CertError::Exists(_))));
         let host = issue(
             dir.path(),
@@ -287,7 +287,7 @@ mod tests {
             "siteA",
             Validity::default(),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let user = issue(
             dir.path(),
             dir.path(),
@@ -295,7 +295,7 @@ mod tests {
             "alice",
             Validity::default(),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         for (files, expected) in [
             (
                 &host,
@@ -313,9 +313,8 @@ mod tests {
             ),
         ] {
             let pem = std::fs::read(&files.cert).unwrap_or_default();
-            let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem)
-                .unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(identity(&der).unwrap_or_else(|e| panic!("{e}")), expected);
+            let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+            assert_eq!(identity(&der).unwrap(), expected);
             #[cfg(unix)]
             {
                 use std::os::unix::fs::PermissionsExt;

@@ -53,10 +53,7 @@ mod tests {
             socket2::SockRef::from(&socket).recv_buffer_size(),
             socket2::SockRef::from(&default).recv_buffer_size(),
         );
-        let (ours, theirs) = (
-            ours.unwrap_or_else(|e| panic!("{e}")),
-            theirs.unwrap_or_else(|e| panic!("{e}")),
-        );
+        let (ours, theirs) = (ours.unwrap(), theirs.unwrap());
         // Equal only where rmem_max is no larger than rmem_default.
         let max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
             .ok()

@@ -460,7 +460,7 @@ mod tests {
         assert!(!reply.agents.is_empty() && reply.agents.len() < many.len());
         assert_eq!(reply.agents[..], many[..reply.agents.len()]);
         let mut bytes = Vec::new();
-        ciborium::into_writer(&reply, &mut bytes).unwrap_or_else(|e| panic!("{e}"));
+        ciborium::into_writer(&reply, &mut bytes).unwrap();
         assert!(bytes.len() <= crate::net::wire::MAX_MESSAGE);
         // A short list is whole.
         let few = fit_list(many[..10].to_vec());

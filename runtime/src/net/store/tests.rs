@@ -10,14 +10,14 @@ use redb::ReadableDatabase;
 
 #[tokio::test]
 async fn a_transfer_is_committed_or_aborted_never_both() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let store = HostStore::open(dir.path()).unwrap();
     let agent = AgentId([5; 16]);
     assert_eq!(store.transfer(&agent, 1).ok().flatten(), None);
     store
         .commit_arrival(&agent, 1, b"image one", None)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(
         store.resolve_transfer(&agent, 1).await.ok(),
         Some(TransferStatus::Committed)
@@ -56,7 +56,7 @@ fn home_status(n: u64) -> StatusReply {
 
 #[tokio::test]
 async fn a_held_end_is_kept_with_the_home_status_and_old_records_read_without_one() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let end = LaunchEvent::Finished {
         site: "siteC".into(),
         hops: 2,
@@ -67,7 +67,7 @@ async fn a_held_end_is_kept_with_the_home_status_and_old_records_read_without_on
         held_end: Some(end),
     };
     {
-        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let store = HostStore::open(dir.path()).unwrap();
         let row = HomeWrite {
             row: held.clone(),
             hops: Vec::new(),
@@ -75,9 +75,9 @@ async fn a_held_end_is_kept_with_the_home_status_and_old_records_read_without_on
         store
             .put_home_latest(move || Some((row.clone(), ())))
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
     }
-    let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let store = HostStore::open(dir.path()).unwrap();
     assert_eq!(rows(&store), [held]);
 
     // A record stored as a bare status, without `held_end`.
@@ -88,7 +88,7 @@ async fn a_held_end_is_kept_with_the_home_status_and_old_records_read_without_on
             Ok(())
         })
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let read = HomeRow {
         status: home_status(2),
         held_end: None,
@@ -98,18 +98,16 @@ async fn a_held_end_is_kept_with_the_home_status_and_old_records_read_without_on
 
 /// The home records stored, without what [`HostStore::homes`] tells of their hops.
 fn rows(store: &HostStore) -> Vec<HomeRow> {
-    let homes = store.homes().unwrap_or_else(|e| panic!("{e}"));
+    let homes = store.homes().unwrap();
     homes.into_iter().map(|home| home.row).collect()
 }
 
 /// Rows of the hop log, counted.
 fn logged(store: &HostStore) -> usize {
     use redb::ReadableTableMetadata;
-    let txn = store.db.begin_read().unwrap_or_else(|e| panic!("{e}"));
-    let table = txn
-        .open_table(HOME_HOP_LOG)
-        .unwrap_or_else(|e| panic!("{e}"));
-    table.len().unwrap_or_else(|e| panic!("{e}")) as usize
+    let txn = store.db.begin_read().unwrap();
+    let table = txn.open_table(HOME_HOP_LOG).unwrap();
+    table.len().unwrap() as usize
 }
 
 /// A record reads back with every hop of its agent: those its row holds (the older layout),
@@ -117,7 +115,7 @@ fn logged(store: &HostStore) -> usize {
 /// stored apart again.
 #[tokio::test]
 async fn a_home_record_reads_back_with_the_hops_stored_apart_from_it() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let hop = |seq: u64| HopInfo {
         seq,
         from: "siteA".into(),
@@ -140,10 +138,10 @@ async fn a_home_record_reads_back_with_the_hops_stored_apart_from_it() {
     };
     let agent = old.agent;
     {
-        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let store = HostStore::open(dir.path()).unwrap();
         (store.put_home_latest(write(old.clone(), Vec::new())))
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         // Hop 2 in the `home_hops` table, keyed by agent.
         (store.write(move |_, txn| {
             let mut table = txn.open_table(HOME_HOPS)?;
@@ -152,8 +150,8 @@ async fn a_home_record_reads_back_with_the_hops_stored_apart_from_it() {
             Ok(())
         }))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-        let read = store.homes().unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+        let read = store.homes().unwrap();
         assert_eq!(read.len(), 1);
         assert_eq!(
             read[0].inline,
@@ -167,13 +165,13 @@ async fn a_home_record_reads_back_with_the_hops_stored_apart_from_it() {
             (home_status(2), vec![hop(1), hop(3)]),
             (home_status(3), vec![hop(4)]),
         ] {
-            (store.put_home_latest(write(status, hops)).await).unwrap_or_else(|e| panic!("{e}"));
+            (store.put_home_latest(write(status, hops)).await).unwrap();
         }
     }
-    let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let store = HostStore::open(dir.path()).unwrap();
     let mut want = home_status(3);
     want.hops = vec![hop(1), hop(2), hop(3), hop(4)];
-    let read = store.homes().unwrap_or_else(|e| panic!("{e}"));
+    let read = store.homes().unwrap();
     assert_eq!(read.len(), 1);
     assert_eq!(read[0].row.status, want);
     assert!(read[0].inline.is_empty(), "{:?}", read[0].inline);
@@ -181,15 +179,15 @@ async fn a_home_record_reads_back_with_the_hops_stored_apart_from_it() {
     assert_eq!(logged(&store), 3);
     (store.put_home_latest(write(home_status(4), vec![hop(5)])))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(logged(&store), 4);
     assert_eq!(rows(&store)[0].status.hops.len(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn home_writes_racing_each_other_leave_the_latest_status() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let store = Arc::new(HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(HostStore::open(dir.path()).unwrap());
     // The status in memory, changed by each writer before it stores whatever is latest.
     let latest = Arc::new(std::sync::Mutex::new(0u64));
     let status = |n: u64| HomeRow {
@@ -205,7 +203,7 @@ async fn home_writes_racing_each_other_leave_the_latest_status() {
             let (store, latest) = (store.clone(), latest.clone());
             tokio::spawn(async move {
                 for _ in 0..50 {
-                    *latest.lock().unwrap_or_else(|e| panic!("{e}")) += 1;
+                    *latest.lock().unwrap() += 1;
                     let latest = latest.clone();
                     store
                         .put_home_latest(move || {
@@ -213,20 +211,20 @@ async fn home_writes_racing_each_other_leave_the_latest_status() {
                             Some((write(n), n))
                         })
                         .await
-                        .unwrap_or_else(|e| panic!("{e}"));
+                        .unwrap();
                 }
             })
         })
         .collect();
     for writer in writers {
-        writer.await.unwrap_or_else(|e| panic!("{e}"));
+        writer.await.unwrap();
     }
     assert_eq!(rows(&store), [status(200)]);
 }
 
 #[tokio::test]
 async fn a_forward_keeps_its_report_and_removes_a_departure_file_only_once_durable() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let agent = AgentId([7; 16]);
     let large = vec![7u8; INLINE_IMAGE + 1];
     let report = PendingReport {
@@ -238,7 +236,7 @@ async fn a_forward_keeps_its_report_and_removes_a_departure_file_only_once_durab
         },
     };
     {
-        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let store = HostStore::open(dir.path()).unwrap();
         store
             .keep_agent(&agent, &[&large], |image| AgentRecord::Departing {
                 seq: 3,
@@ -246,7 +244,7 @@ async fn a_forward_keeps_its_report_and_removes_a_departure_file_only_once_durab
                 image,
             })
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         let forwarded = AgentRecord::Forwarded {
             seq: 3,
             to: "siteC".into(),
@@ -254,12 +252,12 @@ async fn a_forward_keeps_its_report_and_removes_a_departure_file_only_once_durab
         store
             .forward(&agent, &forwarded, Some(&report))
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
     }
     // Reopened (a clean close syncs, so this shows what was committed, not what a crash
     // keeps; the fault test `source-after-forward` crashes for real): the pointer and the
     // report are there, the departure's file is gone.
-    let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let store = HostStore::open(dir.path()).unwrap();
     let images = std::fs::read_dir(dir.path().join("images")).map(Iterator::count);
     assert_eq!(images.ok(), Some(0));
     assert_eq!(
@@ -275,21 +273,21 @@ async fn a_forward_keeps_its_report_and_removes_a_departure_file_only_once_durab
         [&report]
     );
     // Acknowledged: gone at once; the next lazy sync makes it so on disk.
-    (store.remove_report(&reports[0].0).await).unwrap_or_else(|e| panic!("{e}"));
+    (store.remove_report(&reports[0].0).await).unwrap();
     assert!(store.reports().unwrap_or_default().is_empty());
     assert!(store.batch.lazy_pending());
-    store.sync_lazy().await.unwrap_or_else(|e| panic!("{e}"));
+    store.sync_lazy().await.unwrap();
     assert!(!store.batch.lazy_pending());
     drop(store);
-    let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let store = HostStore::open(dir.path()).unwrap();
     assert!(store.reports().unwrap_or_default().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_all_commit_and_survive_a_reopen() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     {
-        let store = Arc::new(HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
+        let store = Arc::new(HostStore::open(dir.path()).unwrap());
         let writers: Vec<_> = (0..8u8)
             .map(|w| {
                 let store = store.clone();
@@ -312,22 +310,22 @@ async fn concurrent_writes_all_commit_and_survive_a_reopen() {
             assert!(written.is_ok(), "{written:?}");
         }
     }
-    let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let store = HostStore::open(dir.path()).unwrap();
     assert_eq!(store.visits().unwrap_or_default().len(), 8 * 25);
 }
 
 #[tokio::test]
 async fn records_and_images_survive_a_reopen() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let agent = AgentId([6; 16]);
     {
-        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let store = HostStore::open(dir.path()).unwrap();
         store
             .commit_arrival(&agent, 4, b"the image", None)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
     }
-    let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let store = HostStore::open(dir.path()).unwrap();
     let residents = store.residents().unwrap_or_default();
     let Some((id, AgentRecord::Resident { seq, image, .. })) = residents.first().cloned() else {
         panic!("no resident after reopen: {residents:?}");
@@ -343,7 +341,7 @@ async fn records_and_images_survive_a_reopen() {
             },
         )
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert!(
         store.image(&image).is_err(),
         "the image of an agent that left is deleted"
@@ -353,7 +351,7 @@ async fn records_and_images_survive_a_reopen() {
 
 #[tokio::test]
 async fn a_staged_image_is_a_file_only_once_committed_and_leftovers_go_at_open() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images");
     let files = || {
         let mut names: Vec<String> = std::fs::read_dir(&images)
@@ -368,8 +366,8 @@ async fn a_staged_image_is_a_file_only_once_committed_and_leftovers_go_at_open()
     let big = vec![7u8; INLINE_IMAGE + 1];
     let agent = AgentId([8; 16]);
     {
-        let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-        let dropped = store.stage_image(&[&big]).unwrap_or_else(|e| panic!("{e}"));
+        let store = HostStore::open(dir.path()).unwrap();
+        let dropped = store.stage_image(&[&big]).unwrap();
         assert_eq!(files().len(), 1, "a large image is written when staged");
         drop(dropped);
         assert!(
@@ -377,11 +375,11 @@ async fn a_staged_image_is_a_file_only_once_committed_and_leftovers_go_at_open()
             "an image dropped unnamed leaves no file"
         );
 
-        let staged = store.stage_image(&[&big]).unwrap_or_else(|e| panic!("{e}"));
+        let staged = store.stage_image(&[&big]).unwrap();
         store
             .commit_arrival(&agent, 1, &big, Some(staged))
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         let image = match store.agent(&agent) {
             Ok(Some(AgentRecord::Resident { image, .. })) => image,
             other => panic!("not resident: {other:?}"),
@@ -389,11 +387,11 @@ async fn a_staged_image_is_a_file_only_once_committed_and_leftovers_go_at_open()
         assert_eq!(files(), vec![image.clone()]);
         assert_eq!(store.image(&image).ok(), Some(big.clone()));
         // What a crash between writing and naming a file leaves.
-        let left = store.stage_image(&[&big]).unwrap_or_else(|e| panic!("{e}"));
+        let left = store.stage_image(&[&big]).unwrap();
         std::mem::forget(left);
         assert_eq!(files().len(), 2);
     }
-    let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let store = HostStore::open(dir.path()).unwrap();
     let residents = store.residents().unwrap_or_default();
     assert_eq!(residents.len(), 1);
     let named = residents
@@ -410,8 +408,8 @@ async fn a_staged_image_is_a_file_only_once_committed_and_leftovers_go_at_open()
 #[tokio::test]
 async fn an_image_file_is_named_by_the_digest_its_header_claims() {
     use crate::snapshot::{PAGE_SIZE, PageMap, PageRun};
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let store = HostStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let store = HostStore::open(dir.path()).unwrap();
     let pages = (INLINE_IMAGE / PAGE_SIZE + 2) as u32;
     let image = AgentImage {
         module: ModuleHash([3; 32]),
@@ -426,29 +424,20 @@ async fn an_image_file_is_named_by_the_digest_its_header_claims() {
         },
         context: crate::context::AgentContext::new("h", "o", Vec::new(), Default::default()),
     };
-    let bytes = (image
-        .encode(Default::default())
-        .unwrap_or_else(|e| panic!("{e}")))
-    .to_vec();
+    let bytes = (image.encode(Default::default()).unwrap()).to_vec();
     assert!(bytes.len() > INLINE_IMAGE, "large enough for a file");
-    let staged = store
-        .stage_image(&[&bytes])
-        .unwrap_or_else(|e| panic!("{e}"));
+    let staged = store.stage_image(&[&bytes]).unwrap();
     let digest = blake3::Hash::from(image.digest()).to_hex();
     assert_eq!(staged.name, format!("{digest}.img"));
     // Given in the parts it was encoded in, it is the same file under the same name.
-    let parts = image
-        .encode(Default::default())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let again = store
-        .stage_image(&parts.parts())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let parts = image.encode(Default::default()).unwrap();
+    let again = store.stage_image(&parts.parts()).unwrap();
     assert_eq!(again.name, staged.name);
     let written = |s: &Staged| s.file.as_ref().and_then(|f| std::fs::read(f).ok());
     assert_eq!(written(&again), Some(bytes.clone()));
     assert_eq!(written(&again), written(&staged));
     let junk: [&[u8]; 2] = [b"not an ", b"image"];
-    let other = store.stage_image(&junk).unwrap_or_else(|e| panic!("{e}"));
+    let other = store.stage_image(&junk).unwrap();
     assert_eq!(
         other.name,
         format!("{}.img", blake3::hash(b"not an image").to_hex())

@@ -17,20 +17,20 @@ enum TestError {
 }
 
 fn db() -> (tempfile::TempDir, Database) {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let db = Database::create(dir.path().join("db")).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::create(dir.path().join("db")).unwrap();
     (dir, db)
 }
 
 fn stored(db: &Database) -> Vec<(u64, u64)> {
-    let txn = db.begin_read().unwrap_or_else(|e| panic!("{e}"));
+    let txn = db.begin_read().unwrap();
     let Ok(table) = txn.open_table(T) else {
         return Vec::new();
     };
-    let rows = table.iter().unwrap_or_else(|e| panic!("{e}"));
+    let rows = table.iter().unwrap();
     rows.map(|r| r.map(|(k, v)| (k.value(), v.value())))
         .collect::<Result<_, _>>()
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
 }
 
 /// Inserts `key` → `value` in `txn`.
@@ -53,7 +53,7 @@ fn insert(
 /// Runs `write` to its end on this thread, as a writer outside any async runtime would.
 fn on_thread<F: std::future::Future>(write: F) -> F::Output {
     let runtime = tokio::runtime::Builder::new_current_thread().build();
-    runtime.unwrap_or_else(|e| panic!("{e}")).block_on(write)
+    runtime.unwrap().block_on(write)
 }
 
 /// A job that writes `key` → `value`, then fails if `fail`.
@@ -146,7 +146,7 @@ fn writers_waiting_as_tasks_and_as_threads_share_transactions_and_none_is_left_w
         .worker_threads(2)
         .enable_time()
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     // 64 tasks and 2 threads, 20 writes each.
     let tasks: Vec<_> = (0..64u64)
         .map(|w| {
@@ -193,7 +193,7 @@ fn a_task_dropped_while_its_write_is_queued_takes_the_write_off_the_queue() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let write = batcher.write(&(), &db, Durable::Now, |(), _| Ok::<_, TestError>(()));
     let waited = runtime.block_on(async {
         tokio::time::timeout(std::time::Duration::from_millis(20), write).await
@@ -231,7 +231,7 @@ fn a_task_woken_to_lead_the_next_batch_and_then_dropped_hands_the_lead_on() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let spawn = |key: u64| {
         let (batcher, db) = (batcher.clone(), db.clone());
         runtime.spawn(async move { batcher.write(&(), &db, Durable::Now, insert(key)).await })
@@ -261,8 +261,8 @@ fn a_task_woken_to_lead_the_next_batch_and_then_dropped_hands_the_lead_on() {
 
 #[test]
 fn a_write_that_panics_leaves_no_writer_waiting() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let db = Arc::new(Database::create(dir.path().join("db")).unwrap_or_else(|e| panic!("{e}")));
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(Database::create(dir.path().join("db")).unwrap());
     let batcher = Arc::new(Batcher::<()>::default());
     // The first writer leads, waits until a second write is queued behind its batch,
     // then panics.
