@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 ///
 /// Version 2 added [`export::CHECKPOINT_FLAG`]: the agent reads a word of its own memory at each
 /// `checkpoint()` and calls the host only when the host has set it. Version 3 added
-/// [`Op::Sleep`].
-pub const ABI_VERSION: u32 = 3;
+/// [`Op::Sleep`], version 4 [`Op::Emit`].
+pub const ABI_VERSION: u32 = 4;
 
 /// Oldest ABI version a host still runs (version 1 agents ask the host at every checkpoint).
 pub const MIN_ABI_VERSION: u32 = 1;
@@ -139,6 +139,13 @@ pub enum Op {
         /// How long, in milliseconds.
         ms: u64,
     },
+    /// Tell whoever launched the agent a value (CBOR), in order with its other values. It
+    /// completes once the agent's home holds the value.
+    Emit {
+        /// CBOR-encoded value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
 }
 
 /// The result of a completed [`Op`].
@@ -152,7 +159,37 @@ pub enum OpResult {
     Checkpoint,
     /// Result of [`Op::Sleep`].
     Sleep,
+    /// Result of [`Op::Emit`].
+    Emit(Result<(), EmitError>),
 }
+
+/// Why a value was not emitted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EmitError {
+    /// The value could not be encoded.
+    BadValue(String),
+    /// The value is larger than [`MAX_EMIT`].
+    TooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+}
+
+impl std::fmt::Display for EmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EmitError::BadValue(why) => write!(f, "cannot encode the value: {why}"),
+            EmitError::TooLarge { limit } => {
+                write!(f, "value exceeds the limit of {limit} bytes")
+            }
+        }
+    }
+}
+
+impl std::error::Error for EmitError {}
+
+/// Largest emitted value, encoded: it travels to the agent's home and on to its launcher.
+pub const MAX_EMIT: usize = 64 << 10;
 
 /// Why a hop did not happen. The agent keeps running on the site it was on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

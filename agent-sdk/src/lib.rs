@@ -44,8 +44,8 @@ mod sys;
 pub mod task;
 
 pub use agent_abi::services;
-pub use agent_abi::{CallError, HopError};
-pub use op::{Call, Checkpoint, Hop, Sleep};
+pub use agent_abi::{CallError, EmitError, HopError};
+pub use op::{Call, Checkpoint, Emit, Hop, Sleep};
 
 use agent_abi::{AgentInfo, Op};
 use serde::Serialize;
@@ -239,6 +239,26 @@ impl Context {
     pub fn sleep(&self, duration: std::time::Duration) -> Sleep {
         let ms = duration.as_nanos().div_ceil(1_000_000);
         Sleep::new(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    /// Tells whoever launched the agent `value`, as it goes: `agent launch` prints it, and
+    /// its launcher hears the agent's values in the order emitted, each once, wherever the
+    /// agent is when it emits them. A safe point: it completes once the agent's home holds
+    /// the value.
+    ///
+    /// # Errors
+    /// An [`EmitError`] when the value cannot be encoded or is larger than
+    /// [`agent_abi::MAX_EMIT`].
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: agent_sdk::Context) -> Result<(), agent_sdk::EmitError> {
+    /// ctx.emit(&format!("searching {}", ctx.site())).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn emit<T: Serialize>(&self, value: &T) -> Emit {
+        let mut bytes = Vec::new();
+        let encoded = ciborium::into_writer(value, &mut bytes);
+        Emit::new(bytes, encoded.err().map(|e| e.to_string()))
     }
 
     /// Writes a line to the host's log for this agent.

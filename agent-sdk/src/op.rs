@@ -6,7 +6,7 @@
 //! then takes the result the host holds for it.
 
 use crate::sys;
-use agent_abi::{CallError, HopError, Op, OpResult, code};
+use agent_abi::{CallError, EmitError, HopError, Op, OpResult, code};
 use serde::de::DeserializeOwned;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -181,6 +181,43 @@ impl Future for Sleep {
         self.0.poll().map(|result| match result {
             OpResult::Sleep => (),
             other => mismatch(&other),
+        })
+    }
+}
+
+/// Future of [`Context::emit`](crate::Context::emit).
+#[must_use = "a value is emitted only when awaited"]
+#[derive(Debug)]
+pub struct Emit {
+    pending: Option<Pending>,
+    encode_error: Option<String>,
+}
+
+impl Emit {
+    pub(crate) fn new(value: Vec<u8>, encode_error: Option<String>) -> Self {
+        Emit {
+            pending: Some(Pending::Ready(Op::Emit { value })),
+            encode_error,
+        }
+    }
+}
+
+impl Future for Emit {
+    type Output = Result<(), EmitError>;
+
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(why) = self.encode_error.take() {
+            return Poll::Ready(Err(EmitError::BadValue(why)));
+        }
+        let Some(pending) = self.pending.as_mut() else {
+            panic!("agent-sdk: emit polled after it completed");
+        };
+        pending.poll().map(|result| {
+            self.pending = None;
+            match result {
+                OpResult::Emit(result) => result,
+                other => mismatch(&other),
+            }
         })
     }
 }

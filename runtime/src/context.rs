@@ -93,6 +93,10 @@ pub struct AgentContext {
     /// Service calls made so far: the index of the next call in a host's call journal.
     #[serde(default)]
     pub calls: u64,
+    /// Values emitted and held by the agent's home: the next one is number `emits + 1`, so a
+    /// value emitted again after a crash is known as the same one.
+    #[serde(default)]
+    pub emits: u64,
 }
 
 impl AgentContext {
@@ -116,6 +120,7 @@ impl AgentContext {
             trace: Vec::new(),
             hops_before: 0,
             calls: 0,
+            emits: 0,
         }
     }
 

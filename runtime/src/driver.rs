@@ -6,7 +6,7 @@
 
 use crate::instance::{AgentError, AgentInstance, Step};
 use crate::log::LogLine;
-use agent_abi::{CallError, Op, OpResult, Outcome};
+use agent_abi::{CallError, EmitError, MAX_EMIT, Op, OpResult, Outcome};
 use std::future::Future;
 
 /// The answer to a service call.
@@ -61,6 +61,10 @@ pub trait Place: Send {
     /// `ctx.sleep(ms)`.
     fn sleep(&mut self, agent: AgentInstance, ms: u64) -> impl Future<Output = Flow> + Send;
 
+    /// `ctx.emit(value)`, of at most [`MAX_EMIT`] bytes: the place completes it once the
+    /// value is told.
+    fn emit(&mut self, agent: AgentInstance, value: Vec<u8>) -> impl Future<Output = Flow> + Send;
+
     /// After an operation was performed here (not after a hop away).
     fn after_op(&mut self, agent: AgentInstance) -> impl Future<Output = Flow> + Send {
         async { Flow::Go(agent) }
@@ -114,6 +118,15 @@ pub async fn drive<P: Place>(mut agent: AgentInstance, place: &mut P, start: Sta
                 place.after_op(agent).await
             }
             Op::Sleep { ms } => match place.sleep(agent, ms).await {
+                Flow::Go(agent) => place.after_op(agent).await,
+                Flow::Stop => return,
+            },
+            Op::Emit { value } if value.len() > MAX_EMIT => {
+                let limit = MAX_EMIT as u64;
+                agent.complete(OpResult::Emit(Err(EmitError::TooLarge { limit })));
+                place.after_op(agent).await
+            }
+            Op::Emit { value } => match place.emit(agent, value).await {
                 Flow::Go(agent) => place.after_op(agent).await,
                 Flow::Stop => return,
             },

@@ -21,9 +21,10 @@
 //! | `source-after-committed` | source: COMMITTED received, departure not yet cleaned up |
 //! | `source-after-forward` | source: forwarding pointer (and the report to a home elsewhere) committed, perhaps not yet synced |
 //! | `after-call` | any host: a service call journaled, its answer not yet given to the agent |
+//! | `after-emit` | any host: the agent's home holds a value it emitted, the agent has not gone on |
 
 /// Names of every crash point (kept here so tests and docs agree).
-pub const POINTS: [&str; 12] = [
+pub const POINTS: [&str; 13] = [
     "source-after-offer",
     "source-mid-module",
     "source-mid-image",
@@ -36,6 +37,7 @@ pub const POINTS: [&str; 12] = [
     "source-after-committed",
     "source-after-forward",
     "after-call",
+    "after-emit",
 ];
 
 /// Reads `FAILPOINTS` from the environment; the returned guard keeps the points configured.

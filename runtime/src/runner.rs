@@ -87,6 +87,13 @@ pub enum RunEvent {
         /// The line.
         line: LogLine,
     },
+    /// The agent emitted a value for its launcher.
+    Emitted {
+        /// Where it was.
+        site: String,
+        /// The value, as JSON (`null` if it has no JSON form).
+        value: serde_json::Value,
+    },
     /// Log lines dropped because the agent logged too much.
     LogDropped {
         /// How many.
@@ -335,6 +342,15 @@ impl Place for InProcess<'_> {
     async fn sleep(&mut self, mut agent: AgentInstance, ms: u64) -> Flow {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         agent.complete(OpResult::Sleep);
+        Flow::Go(agent)
+    }
+
+    async fn emit(&mut self, mut agent: AgentInstance, value: Vec<u8>) -> Flow {
+        let site = agent.site().name().to_string();
+        let value = cbor_to_json(&value).unwrap_or_default();
+        (self.on_event)(&RunEvent::Emitted { site, value });
+        agent.context_mut().emits += 1;
+        agent.complete(OpResult::Emit(Ok(())));
         Flow::Go(agent)
     }
 

@@ -264,6 +264,14 @@ pub enum LaunchEvent {
         /// When it wakes, in milliseconds since the Unix epoch.
         until_ms: u64,
     },
+    /// The agent emitted a value for its launcher (`ctx.emit`).
+    Emitted {
+        /// Its number among the agent's values, from 1: the home holds each once, in order.
+        seq: u64,
+        /// CBOR of the value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
     /// The agent ended.
     Finished {
         /// Where it ended.
@@ -495,6 +503,9 @@ pub struct StatusReply {
     pub result: Option<String>,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// Values it emitted so far.
+    #[serde(default)]
+    pub emits: u64,
     /// The last time it was parked asleep, unless it moved or ended since. Still `running`: it
     /// may have woken since (compare `until_ms` with the clock).
     #[serde(default)]

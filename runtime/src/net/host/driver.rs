@@ -1,6 +1,8 @@
 //! The agent driver on a host: the host as the [`Place`] an agent runs in, with the journal
 //! of service calls, storing an agent at a safe point, and the end of an agent.
 
+use crate::AgentFlags;
+use crate::backoff::Backoff;
 use crate::context::AgentId;
 use crate::driver::{self, CallAnswer, Flow, Place};
 use crate::faults::crash_point;
@@ -8,6 +10,7 @@ use crate::image::{Compression, EncodeOptions, Encoded};
 use crate::instance::{AgentError, AgentInstance};
 use crate::log::LogLine;
 use crate::net::host::{Host, PARK_AFTER, Start, sleep_unless_killed};
+use crate::net::messages::Request;
 use crate::net::messages::{AgentEnd, LaunchEvent};
 use crate::net::store::{AgentRecord, CallEntry, Resume, StoreError};
 use agent_abi::{OpResult, Outcome};
@@ -43,6 +46,10 @@ fn kept(
     Ok((id, bytes, record))
 }
 
+/// The first pause before an agent's host tells its home again, and the longest.
+const TELL_FIRST: Duration = Duration::from_millis(100);
+const TELL_MOST: Duration = Duration::from_secs(5);
+
 /// One agent running on a host.
 struct OnHost {
     host: Arc<Host>,
@@ -54,6 +61,34 @@ struct OnHost {
 }
 
 impl OnHost {
+    /// Tells the agent's home `event` and waits until the home holds it, trying again while
+    /// the home cannot be reached: the agent goes on only then, so its values reach the home
+    /// in order and none waits on a host the agent left. `false` if the agent was killed, or
+    /// this host began to shut down, meanwhile.
+    async fn tell_home(&self, event: LaunchEvent, flags: &AgentFlags) -> bool {
+        let host = &self.host;
+        if self.home == host.config.name {
+            host.deliver(&self.id, event).await;
+            return true;
+        }
+        let report = Request::Report {
+            agent: self.id,
+            event,
+        };
+        let mut pause = Backoff::new(TELL_FIRST, TELL_MOST);
+        loop {
+            let told = host.peers.ask::<()>(&self.home, &report).await;
+            let Err(e) = told else { return true };
+            let home = &self.home;
+            tracing::warn!(agent = %self.id, %home, "cannot tell the home host: {e}");
+            tokio::select! {
+                () = tokio::time::sleep(pause.wait()) => {}
+                () = flags.killed.cancelled() => return false,
+                () = host.stopping.cancelled() => return false,
+            }
+        }
+    }
+
     async fn end_with(&self, hops: u64, end: AgentEnd) {
         let host = &self.host;
         (host.finish(self.id, self.home.clone(), hops, end)).await;
@@ -134,6 +169,30 @@ impl Place for OnHost {
             return Flow::Stop;
         }
         agent.complete(OpResult::Sleep);
+        Flow::Go(agent)
+    }
+
+    async fn emit(&mut self, mut agent: AgentInstance, value: Vec<u8>) -> Flow {
+        // Numbered from the agent's image, so that one told again after a crash is the same.
+        let seq = agent.context().emits + 1;
+        let event = LaunchEvent::Emitted { seq, value };
+        if !self.tell_home(event, &agent.flags()).await {
+            return match self.host.stopping() {
+                // Stored with its emit pending: the next start tells it again.
+                true => {
+                    self.host.park(agent).await;
+                    Flow::Stop
+                }
+                false => {
+                    self.end_with(agent.context().hops(), AgentEnd::Killed)
+                        .await;
+                    Flow::Stop
+                }
+            };
+        }
+        crash_point("after-emit");
+        agent.context_mut().emits = seq;
+        agent.complete(OpResult::Emit(Ok(())));
         Flow::Go(agent)
     }
 

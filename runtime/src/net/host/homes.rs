@@ -117,6 +117,9 @@ impl HomeEntry {
                     until_ms: *until_ms,
                 });
             }
+            // Told again (its host crashed before the agent went on): held already.
+            LaunchEvent::Emitted { seq, .. } if *seq <= self.status.emits => return,
+            LaunchEvent::Emitted { seq, .. } => self.status.emits = *seq,
             LaunchEvent::Finished { site, outcome, .. } => {
                 self.status.site = site.clone();
                 self.status.sleeping = None;
@@ -144,6 +147,7 @@ impl HomeEntry {
             hops: Vec::new(),
             result: s.result.clone(),
             error: s.error.clone(),
+            emits: s.emits,
             sleeping: s.sleeping.clone(),
         };
         let hops = (self.unstored_hops.iter())
@@ -224,6 +228,7 @@ impl Host {
             hops: Vec::new(),
             result: None,
             error: None,
+            emits: 0,
             sleeping: None,
         };
         let _ = self.store.put_home(&status).await;
@@ -411,6 +416,7 @@ mod tests {
                 hops: Vec::new(),
                 result: None,
                 error: None,
+                emits: 0,
                 sleeping: None,
             },
             watchers: Vec::new(),
@@ -493,6 +499,31 @@ mod tests {
         home.saved(3);
         assert_eq!(heard(&mut rx), [3]);
         assert!(home.unheard.is_empty());
+    }
+
+    #[test]
+    fn a_value_emitted_again_is_held_once_and_heard_once() {
+        let mut home = entry();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        home.watchers.push(tx);
+        let emitted = |seq: u64| LaunchEvent::Emitted {
+            seq,
+            value: vec![seq as u8],
+        };
+        for seq in [1, 2, 2, 1, 3] {
+            home.note(emitted(seq));
+        }
+        assert_eq!((home.status.emits, home.records), (3, 3));
+        home.saved(3);
+        let heard: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| match e {
+                LaunchEvent::Emitted { seq, .. } => seq,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(heard, [1, 2, 3]);
+        // Told again once stored: acknowledged at once, changing nothing.
+        assert_eq!(home.note(emitted(2)), Noted::Saved);
     }
 
     #[test]

@@ -50,6 +50,7 @@ fn home_status(n: u64) -> StatusReply {
         hops: Vec::new(),
         result: None,
         error: None,
+        emits: 0,
         sleeping: None,
     }
 }

@@ -26,6 +26,9 @@ pub struct Submission<'a> {
 #[derive(Serialize)]
 struct LaunchView<'a> {
     agent: Option<String>,
+    /// What the agent emitted, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    emitted: Vec<serde_json::Value>,
     error: Option<String>,
     hops: Vec<HopView<'a>>,
     ok: bool,
@@ -188,7 +191,9 @@ impl Progress {
                 | LaunchEvent::Sleeping { site, .. }
                 | LaunchEvent::Finished { site, .. } => site.as_str(),
                 LaunchEvent::Moved(hop) => hop.to.as_str(),
-                LaunchEvent::Refused(_) | LaunchEvent::SendModule => "",
+                LaunchEvent::Refused(_) | LaunchEvent::SendModule | LaunchEvent::Emitted { .. } => {
+                    return;
+                }
             };
             bar.set_message(format!("agent on {where_now}, {hops} hops"));
         }
@@ -199,6 +204,11 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// An emitted value as JSON (`null` when it has no JSON form).
+fn emitted(value: &[u8]) -> serde_json::Value {
+    cbor_to_json(value).unwrap_or_default()
 }
 
 /// The line that tells the user of an event, if it has one.
@@ -230,6 +240,7 @@ fn event_line(event: &LaunchEvent, terminal: bool) -> Option<String> {
         ),
         LaunchEvent::Refused(why) => format!("launch refused: {why}"),
         LaunchEvent::Finished { site, .. } => format!("agent ended on {site}"),
+        LaunchEvent::Emitted { value, .. } => format!("emitted: {}", emitted(value)),
         LaunchEvent::SendModule => return None,
     })
 }
@@ -245,9 +256,11 @@ pub async fn launch(
     let progress = Progress::new(json);
     let mut hops: Vec<HopInfo> = Vec::new();
     let mut launched: Option<String> = None;
+    let mut values = Vec::new();
     let mut on_event = |event: &LaunchEvent| {
         match event {
             LaunchEvent::Moved(hop) => hops.push(hop.clone()),
+            LaunchEvent::Emitted { value, .. } => values.push(emitted(value)),
             LaunchEvent::Launched { agent, .. } => launched = Some(agent.to_string()),
             _ => {}
         }
@@ -278,7 +291,7 @@ pub async fn launch(
     };
     // Reports of hops come from different hosts and may arrive out of order.
     hops.sort_by_key(|h| h.seq);
-    print_ending(launched, &ending, &hops, json)?;
+    print_ending(launched, &ending, (&hops, values), json)?;
     let code = match ending.ok {
         true => ExitCode::SUCCESS,
         false => ExitCode::FAILURE,
@@ -290,12 +303,13 @@ pub async fn launch(
 fn print_ending(
     agent: Option<String>,
     ending: &Ending,
-    hops: &[HopInfo],
+    (hops, emitted): (&[HopInfo], Vec<serde_json::Value>),
     json: bool,
 ) -> anyhow::Result<()> {
     if json {
         let view = LaunchView {
             agent,
+            emitted,
             error: ending.error.clone(),
             hops: hop_views(hops),
             ok: ending.ok,

@@ -172,6 +172,7 @@ fn print_event(event: &RunEvent, color: bool) {
             };
             eprintln!("  [{site}] {tag}: {}", line.text);
         }
+        RunEvent::Emitted { site, value } => eprintln!("  [{site}] emitted: {value}"),
         RunEvent::LogDropped { lines } => {
             eprintln!("  ({lines} log lines dropped: the agent logs too much)")
         }
