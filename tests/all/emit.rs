@@ -41,6 +41,9 @@ fn an_agents_values_reach_its_launcher_once_each_in_order_as_it_hops() {
     assert_eq!(report["ok"], true, "{report:#}");
     assert_eq!(emitted(&report), tour(3), "{report:#}");
     assert_eq!(report["result"]["emitted"], 7, "{report:#}");
+    let agent = report["agent"].as_str().unwrap_or_default();
+    let status = json(&cluster.agent(&["status", agent, "--json"], "siteA", "alice"));
+    assert_eq!(status["emits"], 7, "{status:#}");
     // Without `--json`, each value is printed as it comes.
     let args = ["launch", &wasm, "--hop", "siteB"];
     let out = cluster.agent(&args, "siteA", "alice");

@@ -322,8 +322,10 @@ fn an_end_held_back_by_its_home_survives_a_crash_of_the_home() {
     while !cluster.log("siteA").contains("held for up to") {
         assert!(
             Instant::now() < deadline,
-            "siteA never held the end:\n{}",
-            cluster.log("siteA")
+            "siteA never held the end:\n{}\n--- siteC\n{}\n--- siteB\n{}",
+            cluster.log("siteA"),
+            cluster.log("siteC"),
+            cluster.log("siteB")
         );
         std::thread::sleep(Duration::from_millis(50));
     }

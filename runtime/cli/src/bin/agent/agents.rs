@@ -10,6 +10,8 @@ use serde::Serialize;
 #[derive(Serialize)]
 struct StatusView<'a> {
     agent: String,
+    /// Values it emitted so far.
+    emits: u64,
     error: &'a Option<String>,
     hops: Vec<HopView<'a>>,
     owner: &'a str,
@@ -23,6 +25,7 @@ impl<'a> From<&'a StatusReply> for StatusView<'a> {
     fn from(s: &'a StatusReply) -> Self {
         StatusView {
             agent: s.agent.to_string(),
+            emits: s.emits,
             error: &s.error,
             hops: hop_views(&s.hops),
             owner: &s.owner,
