@@ -43,14 +43,19 @@ impl Host {
         }
         let report = PendingReport { home, agent, event };
         match self.store.forward(&agent, &record, Some(&report)).await {
-            Ok(()) => self.outbox.notify_one(),
+            Ok(()) => {
+                // Before the outbox is woken: a crash here must leave the report unsent, or
+                // it could reach the home before the crash as often as not.
+                crash_point("source-after-forward");
+                self.outbox.notify_one();
+            }
             Err(e) => {
                 // The report went with the failed transaction: keep it on its own.
                 tracing::error!(%agent, "cannot record that the agent left: {e}");
                 Box::pin(self.report(agent, report.home, report.event)).await;
+                crash_point("source-after-forward");
             }
         }
-        crash_point("source-after-forward");
     }
 
     /// Sends an event to the agent's home host (here, or a peer). A report to a peer is
