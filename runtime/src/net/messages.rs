@@ -295,16 +295,25 @@ mod stored_end {
     #[serde(untagged)]
     enum Stored {
         Now(AgentEnd),
-        Before(Result<serde_bytes::ByteBuf, String>),
+        Before(Version2),
+    }
+
+    /// An end as version 2 wrote it: the CBOR of the result, or why the agent failed.
+    #[derive(Deserialize)]
+    enum Version2 {
+        Ok(serde_bytes::ByteBuf),
+        Err(String),
     }
 
     pub fn read<'de, D: Deserializer<'de>>(d: D) -> Result<AgentEnd, D::Error> {
         Ok(match Stored::deserialize(d)? {
             Stored::Now(end) => end,
-            Stored::Before(Ok(bytes)) => AgentEnd::Finished(bytes.into_vec()),
+            Stored::Before(Version2::Ok(bytes)) => AgentEnd::Finished(bytes.into_vec()),
             // That release said a kill only in these words.
-            Stored::Before(Err(why)) if why == AgentError::Killed.to_string() => AgentEnd::Killed,
-            Stored::Before(Err(why)) => AgentEnd::Broken(why),
+            Stored::Before(Version2::Err(why)) if why == AgentError::Killed.to_string() => {
+                AgentEnd::Killed
+            }
+            Stored::Before(Version2::Err(why)) => AgentEnd::Broken(why),
         })
     }
 }
@@ -555,11 +564,18 @@ mod tests {
         Finished {
             site: String,
             hops: u64,
-            outcome: Result<serde_bytes::ByteBuf, String>,
+            outcome: Version2,
         },
     }
 
-    fn read_back(outcome: Result<serde_bytes::ByteBuf, String>) -> AgentEnd {
+    /// Its outcome: serde writes a `Result` as this enum.
+    #[derive(Serialize)]
+    enum Version2 {
+        Ok(serde_bytes::ByteBuf),
+        Err(String),
+    }
+
+    fn read_back(outcome: Version2) -> AgentEnd {
         let before = StoredBefore::Finished {
             site: "siteB".into(),
             hops: 2,
@@ -578,11 +594,15 @@ mod tests {
     #[test]
     fn an_end_stored_by_the_release_before_reads_back_as_what_it_was() {
         let result = serde_bytes::ByteBuf::from(vec![0xf5]);
-        assert_eq!(read_back(Ok(result)), AgentEnd::Finished(vec![0xf5]));
+        assert_eq!(
+            read_back(Version2::Ok(result)),
+            AgentEnd::Finished(vec![0xf5])
+        );
         let killed = AgentError::Killed.to_string();
-        assert_eq!(read_back(Err(killed)), AgentEnd::Killed);
+        assert_eq!(read_back(Version2::Err(killed)), AgentEnd::Killed);
         let failed = "agent failed: no corpus".to_string();
-        assert_eq!(read_back(Err(failed.clone())), AgentEnd::Broken(failed));
+        let broken = AgentEnd::Broken(failed.clone());
+        assert_eq!(read_back(Version2::Err(failed)), broken);
     }
 
     #[test]
