@@ -110,6 +110,8 @@ pub struct RunReport {
     pub outcome: Result<serde_json::Value, AgentError>,
     /// Every move, in order.
     pub moves: Vec<HopReport>,
+    /// What the agent emitted, in order, as JSON (`null` for a value with no JSON form).
+    pub emitted: Vec<serde_json::Value>,
     /// Safe points reached.
     pub safe_points: u64,
     /// CPU time used.
@@ -181,6 +183,7 @@ impl LocalRunner {
             agent_id,
             outcome: Ok(serde_json::Value::Null),
             moves: Vec::new(),
+            emitted: Vec::new(),
             safe_points: 0,
             cpu: Duration::ZERO,
             site: HOME_SITE.into(),
@@ -348,7 +351,11 @@ impl Place for InProcess<'_> {
     async fn emit(&mut self, mut agent: AgentInstance, value: Vec<u8>) -> Flow {
         let site = agent.site().name().to_string();
         let value = cbor_to_json(&value).unwrap_or_default();
-        (self.on_event)(&RunEvent::Emitted { site, value });
+        (self.on_event)(&RunEvent::Emitted {
+            site,
+            value: value.clone(),
+        });
+        self.report.emitted.push(value);
         agent.context_mut().emits += 1;
         agent.complete(OpResult::Emit(Ok(())));
         Flow::Go(agent)

@@ -1,6 +1,6 @@
 //! The `agent` command line, run as a real process on real agents.
 
-use agent_e2e::{agent_bin, example, repo};
+use agent_e2e::{agent_bin, example, example_path, repo};
 use std::process::Command;
 
 fn search_wasm() -> std::path::PathBuf {
@@ -147,4 +147,35 @@ fn agent_build_says_how_to_install_a_missing_target() {
         stderr.contains("the wasm32-wasip1 target is not installed; install it with: rustup target add wasm32-wasip1"),
         "{stderr}"
     );
+}
+
+#[test]
+fn agent_run_prints_what_the_agent_emits_and_json_lists_it_in_order() {
+    let run = |json: bool| {
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run").arg(example_path("progress"));
+        cmd.args(["--sites", "siteA,siteB", "--arg", "rounds=2"]);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(r#"[siteB] emitted: {"n":3,"site":"siteB"}"#),
+        "{stderr}"
+    );
+    let out = run(true);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sites: Vec<&str> = (report["emitted"].as_array().into_iter().flatten())
+        .map(|v| v["site"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        sites,
+        ["home", "siteA", "siteB", "siteA", "siteB"],
+        "{report:#}"
+    );
+    assert_eq!(report["result"]["emitted"], 5, "{report:#}");
 }

@@ -19,6 +19,8 @@ use std::time::Duration;
 struct RunView<'a> {
     agent_id: &'a str,
     cpu_ms: f64,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    emitted: &'a [serde_json::Value],
     error: Option<String>,
     hops: Vec<MoveView<'a>>,
     ok: bool,
@@ -46,6 +48,7 @@ impl<'a> From<&'a RunReport> for RunView<'a> {
         RunView {
             agent_id: &report.agent_id,
             cpu_ms: report.cpu.as_secs_f64() * 1e3,
+            emitted: &report.emitted,
             error: report.outcome.as_ref().err().map(|e| e.to_string()),
             hops: report.moves.iter().map(MoveView::from).collect(),
             ok: report.outcome.is_ok(),
