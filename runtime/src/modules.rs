@@ -6,10 +6,9 @@
 //! ever travels between hosts, never compiled code: each host compiles for its own CPU.
 
 use crate::admission::{self, AdmissionError, ModuleFacts};
-use crate::host_abi;
-use crate::instrument;
 use crate::recycle::{Budget, Idle, Shell};
 use crate::state::AgentState;
+use crate::{host_abi, instrument};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;

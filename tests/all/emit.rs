@@ -23,21 +23,25 @@ fn tour(rounds: usize) -> Vec<(u64, String)> {
     (1..).zip(sites.map(str::to_string)).collect()
 }
 
+/// `agent launch` of the progress agent on a tour of siteB and siteC, `rounds` times.
+fn tour_launch<'a>(wasm: &'a str, rounds: &'a str) -> [&'a str; 7] {
+    [
+        "launch",
+        wasm,
+        "--hop",
+        "siteB,siteC",
+        "--arg",
+        rounds,
+        "--json",
+    ]
+}
+
 #[test]
 fn an_agents_values_reach_its_launcher_once_each_in_order_as_it_hops() {
     let up: &[&str] = &[];
     let cluster = Cluster::start(&SITES, &[("siteA", up), ("siteB", up), ("siteC", up)]);
     let wasm = example_path("progress");
-    let args = [
-        "launch",
-        &wasm,
-        "--hop",
-        "siteB,siteC",
-        "--arg",
-        "rounds=3",
-        "--json",
-    ];
-    let report = json(&cluster.agent(&args, "siteA", "alice"));
+    let report = json(&cluster.agent(&tour_launch(&wasm, "rounds=3"), "siteA", "alice"));
     assert_eq!(report["ok"], true, "{report:#}");
     assert_eq!(emitted(&report), tour(3), "{report:#}");
     assert_eq!(report["result"]["emitted"], 7, "{report:#}");
@@ -63,16 +67,7 @@ fn a_value_emitted_again_after_its_host_crashed_reaches_the_launcher_once() {
     let mut cluster = Cluster::start(&SITES, &[("siteA", up), ("siteC", up)]);
     cluster.start_with("siteB", &[], &[("FAILPOINTS", "after-emit=return")]);
     let wasm = example_path("progress");
-    let args = [
-        "launch",
-        &wasm,
-        "--hop",
-        "siteB,siteC",
-        "--arg",
-        "rounds=2",
-        "--json",
-    ];
-    let launcher = cluster.spawn_agent(&args, "siteA", "alice");
+    let launcher = cluster.spawn_agent(&tour_launch(&wasm, "rounds=2"), "siteA", "alice");
     let status = cluster.wait_exit("siteB", Duration::from_secs(60));
     assert!(
         !status.success(),

@@ -1,24 +1,22 @@
-use crate::AgentError;
-use crate::AgentModule;
-use crate::base::{Base, Binding, WORTH_A_BASE};
+use crate::base::{Base, WORTH_A_BASE};
 use crate::context::{AgentContext, AgentId};
 use crate::faults::crash_point;
-use crate::image::DecodeOptions;
-use crate::image::EncodeOptions;
-use crate::image::Verify;
-use crate::image::{AgentImage, ImageError, Unverified};
+use crate::image::{AgentImage, DecodeOptions, EncodeOptions, ImageError, Unverified, Verify};
 use crate::instance::AgentInstance;
 use crate::modules::ModuleHash;
 use crate::net::budget::InFlight;
 use crate::net::certs::{Identity, Role};
-use crate::net::hop::offer::{DestView, decide_offer};
-use crate::net::host::{AdmitError, Arriving, Host, RestoreError, Start, Stream};
+use crate::net::hop::arriving::Arriving;
+use crate::net::hop::machine::WORTH_PREPARING;
+use crate::net::hop::offer::{DestView, decide_offer, offer_binding};
+use crate::net::host::{AdmitError, Host, RestoreError, Start, Stream};
 use crate::net::messages::{
     Departed, HopInfo, LaunchEvent, Offer, OfferReply, TransferReply, TransferStatus, unix_us,
 };
 use crate::net::residents::Reserved;
 use crate::net::store::StoreError;
 use crate::net::wire::{Blob, WireError, read_blob, read_blob_into, read_msg_charged, write_msg};
+use crate::{AgentError, AgentModule};
 use agent_abi::OpResult;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,27 +51,12 @@ impl Drop for Receiving {
     }
 }
 
-/// Images at least this large have their instance made ready while they travel, and their
-/// pages hashed once the agent runs (before the commit), not before it resumes: below it a
-/// restore costs less than the task would, and hashing is quick. Their receive buffer is
-/// kept for the next one ([`Spare`]).
-pub(in crate::net) const WORTH_PREPARING: u64 = 8 << 20;
-
 /// Largest header the destination reads ahead for [`Host::prepare`]; a larger one is
 /// read with the body and checked by decoding.
 pub(in crate::net) const MAX_HEADER_SEEN: usize = 1 << 20;
 
 /// How many bytes of a large image are read before what came is written into its instance.
 pub(in crate::net) const ARRIVING_PIECE: usize = 4 << 20;
-
-/// What an offer says of the agent that a base must match to serve it.
-pub(in crate::net) fn offer_binding(offer: &Offer) -> Binding {
-    Binding {
-        module: offer.module,
-        owner: offer.owner.clone(),
-        home: offer.home.clone(),
-    }
-}
 
 impl Host {
     /// Starts making an instance ready for the agent whose image begins with `head`, when
@@ -399,10 +382,7 @@ impl Host {
             None => self.module(&offer.module).await?,
         };
         let (image, filled_in, unverified) = self.decode_arrival(offer, bytes, base)?;
-        let phase = |name: &str| {
-            let us = started.elapsed().as_micros() as u64;
-            tracing::debug!(seq = offer.seq, phase = name, us, "hop in");
-        };
+        let phase = |name: &str| super::phase(false, offer.seq, started, name);
         phase("decoded");
         // What is stored must stand alone: the base may be gone when the store is read.
         let whole = match filled_in {
@@ -517,8 +497,7 @@ struct Arrival<'a> {
 
 impl Arrival<'_> {
     fn phase(&self, name: &str) {
-        let us = self.started.elapsed().as_micros() as u64;
-        tracing::debug!(seq = self.offer.seq, phase = name, us, "hop in");
+        super::phase(false, self.offer.seq, self.started, name);
     }
 
     /// Refuses the transfer: the source still owns the agent.

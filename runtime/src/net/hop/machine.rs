@@ -99,7 +99,7 @@ impl Plan {
 /// Images at least this large have their departure recorded once they were sent, their
 /// instance made ready while they travel, and their pages hashed once the agent runs (before
 /// the commit), not before it resumes: below it a restore costs less than the task would,
-/// and hashing is quick.
+/// and hashing is quick. Their receive buffer is kept for the next one (`spare`).
 pub const WORTH_PREPARING: u64 = 8 << 20;
 
 /// The source side of one hop. Start it after sending the OFFER.

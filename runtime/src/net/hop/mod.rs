@@ -15,3 +15,13 @@ pub(crate) mod spare;
 
 pub use machine::{Plan, SourceHop, SourceStep};
 pub use offer::{DestView, decide_offer};
+
+/// Logs that hop `seq` reached phase `name` on this host's side of it (`out` on the source),
+/// with the µs since that side began.
+fn phase(out: bool, seq: u64, since: std::time::Instant, name: &str) {
+    let us = since.elapsed().as_micros() as u64;
+    match out {
+        true => tracing::debug!(seq, phase = name, us, "hop out"),
+        false => tracing::debug!(seq, phase = name, us, "hop in"),
+    }
+}

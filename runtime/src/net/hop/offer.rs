@@ -1,6 +1,7 @@
 //! The destination's decision on an OFFER, before any state moves: pure, from what the
 //! destination knows ([`DestView`]).
 
+use crate::base::Binding;
 use crate::net::certs::{Identity, Role};
 use crate::net::messages::{Offer, OfferReply};
 
@@ -83,6 +84,15 @@ pub fn decide_offer(offer: &Offer, from: &Identity, view: &DestView) -> OfferRep
     OfferReply::Accept {
         need_module: !view.has_module,
         base: None,
+    }
+}
+
+/// What an offer says of the agent that a base must match to serve it.
+pub fn offer_binding(offer: &Offer) -> Binding {
+    Binding {
+        module: offer.module,
+        owner: offer.owner.clone(),
+        home: offer.home.clone(),
     }
 }
 

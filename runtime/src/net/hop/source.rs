@@ -8,8 +8,9 @@ use crate::image::{AgentImage, EncodeOptions, Encoded};
 use crate::instance::AgentInstance;
 use crate::modules::AgentModule;
 use crate::net::hop::machine::{Plan, SourceHop, SourceStep};
+use crate::net::hop::offer::offer_binding;
 use crate::net::hop::outgoing::{Outgoing, write_blob_passing, write_image};
-use crate::net::host::{Host, VERDICT_TIMEOUT, offer_binding};
+use crate::net::host::{Host, VERDICT_TIMEOUT};
 use crate::net::messages::{
     Departed, HopInfo, Offer, OfferReply, Reply, Request, SentHome, TransferReply, TransferStatus,
     unix_us,
@@ -180,10 +181,7 @@ impl Host {
             from,
             to: site.to_string(),
         });
-        let phase = |name: &str| {
-            let us = frozen.elapsed().as_micros() as u64;
-            tracing::debug!(seq, phase = name, us, "hop out");
-        };
+        let phase = |name: &str| super::phase(true, seq, frozen, name);
         phase("captured");
         let memory = agent.memory();
         let base_fits = self.bases.lock().is_ok_and(|b| b.fits(&image.pages));
@@ -345,8 +343,7 @@ struct Outbound<'a> {
 
 impl Outbound<'_> {
     fn phase(&self, name: &str) {
-        let us = self.frozen.elapsed().as_micros() as u64;
-        tracing::debug!(seq = self.seq, phase = name, us, "hop out");
+        super::phase(true, self.seq, self.frozen, name);
     }
 
     /// What travels: the pages the destination lacks, or the whole image.

@@ -3,9 +3,7 @@
 use crate::context::AgentId;
 use crate::instance::AgentInstance;
 use crate::net::host::{Host, Start};
-use crate::net::messages::Refusal;
-use crate::net::messages::Reply;
-use crate::net::messages::{AgentEnd, LaunchEvent, unix_ms};
+use crate::net::messages::{AgentEnd, LaunchEvent, Refusal, Reply, unix_ms};
 use crate::net::store::{AgentRecord, Resume};
 use crate::state::AgentFlags;
 use agent_abi::OpResult;

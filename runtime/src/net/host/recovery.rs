@@ -2,14 +2,12 @@
 //! departures that were under way are settled by asking their destinations.
 
 use crate::context::AgentId;
-use crate::image::AgentImage;
-use crate::image::DecodeOptions;
+use crate::image::{AgentImage, DecodeOptions};
 use crate::instance::AgentInstance;
 use crate::net::hop::machine::{SourceHop, SourceStep};
 use crate::net::hop::source::LinkError;
 use crate::net::host::{Host, RestoreError, Start};
-use crate::net::messages::Reply;
-use crate::net::messages::{HopInfo, LaunchEvent, Request, TransferStatus};
+use crate::net::messages::{HopInfo, LaunchEvent, Reply, Request, TransferStatus};
 use crate::net::store::{AgentRecord, Resume};
 use agent_abi::{HopError, OpResult};
 use std::sync::Arc;

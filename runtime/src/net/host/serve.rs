@@ -5,13 +5,12 @@ use crate::context::AgentId;
 use crate::net::budget::InFlight;
 use crate::net::certs::{Identity, Role};
 use crate::net::host::{Host, REQUEST_DEADLINE, fit_list, incompressible};
-use crate::net::messages::Refusal;
-use crate::net::messages::Reply;
-use crate::net::messages::{LaunchEvent, Request, TransferStatus};
+use crate::net::messages::{LaunchEvent, Refusal, Reply, Request, TransferStatus};
 use crate::net::quota::{HOST_STREAMS, HOST_WINDOW};
 use crate::net::tls::{self};
-use crate::net::wire::WireError;
-use crate::net::wire::{drain_blob, read_msg, read_msg_charged, write_blob_repeated, write_msg};
+use crate::net::wire::{
+    WireError, drain_blob, read_msg, read_msg_charged, write_blob_repeated, write_msg,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
