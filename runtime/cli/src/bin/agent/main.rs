@@ -33,7 +33,8 @@ enum Command {
     /// Run an agent on in-process virtual sites; every hop goes through a real snapshot,
     /// encode, decode and restore into an instance reset to the module's initial memory.
     Run(RunArgs),
-    /// Launch an agent on a host (its home) and follow it across hosts until it ends.
+    /// Launch an agent on a host (its home) and follow it across hosts until it ends, printing
+    /// its hops and the values it emits as they come.
     Launch(LaunchArgs),
     /// Show one of your agents.
     Status {
@@ -88,7 +89,7 @@ struct LaunchArgs {
     args: Vec<(String, String)>,
     #[command(flatten)]
     conn: Connection,
-    /// Print one JSON object with the result and the hops.
+    /// Print one JSON object with the result, the hops and the values emitted, in order.
     #[arg(long)]
     json: bool,
     /// Return once the home host started the agent, printing its id; it runs on (follow it
@@ -125,7 +126,7 @@ pub struct RunArgs {
     /// Keep compiled modules in memory only.
     #[arg(long)]
     pub no_disk_cache: bool,
-    /// Print one JSON object with the result and the hops instead of text.
+    /// Print one JSON object with the result, the hops and the values emitted instead of text.
     #[arg(long)]
     pub json: bool,
 }
