@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 ///
 /// Version 2 added [`export::CHECKPOINT_FLAG`]: the agent reads a word of its own memory at each
 /// `checkpoint()` and calls the host only when the host has set it. Version 3 added
-/// [`Op::Sleep`], version 4 [`Op::Emit`].
-pub const ABI_VERSION: u32 = 4;
+/// [`Op::Sleep`], version 4 [`Op::Emit`], version 5 [`Op::Send`] and [`Op::Recv`].
+pub const ABI_VERSION: u32 = 5;
 
 /// Oldest ABI version a host still runs (version 1 agents ask the host at every checkpoint).
 pub const MIN_ABI_VERSION: u32 = 1;
@@ -146,6 +146,23 @@ pub enum Op {
         #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
+    /// Send a message (CBOR) to agent `to`. It completes once the receiver's home holds the
+    /// message: it is then delivered exactly once, in order with this agent's other messages
+    /// to `to`, wherever `to` goes.
+    Send {
+        /// The receiver's id (32 hex digits).
+        to: String,
+        /// CBOR-encoded message.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    /// Take the next message from the agent's mailbox, waiting for one if it is empty: at
+    /// most `timeout_ms` milliseconds when given. A host may park a waiting agent and wake
+    /// it when a message comes.
+    Recv {
+        /// How long to wait at most; `None`: until a message comes.
+        timeout_ms: Option<u64>,
+    },
 }
 
 /// The result of a completed [`Op`].
@@ -161,7 +178,96 @@ pub enum OpResult {
     Sleep,
     /// Result of [`Op::Emit`].
     Emit(Result<(), EmitError>),
+    /// Result of [`Op::Send`].
+    Send(Result<(), SendError>),
+    /// Result of [`Op::Recv`]: the next message, or `None` when the wait timed out.
+    Recv(Option<Message>),
 }
+
+/// A message taken from an agent's mailbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Who sent it.
+    pub from: Sender,
+    /// The CBOR-encoded message.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// Who sent a message.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Sender {
+    /// An agent, by id (32 hex digits).
+    Agent(String),
+    /// A user (`agent send`), by the name in their certificate.
+    User(String),
+}
+
+impl std::fmt::Display for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sender::Agent(id) => write!(f, "agent {id}"),
+            Sender::User(name) => write!(f, "user {name}"),
+        }
+    }
+}
+
+/// Why a message was not sent. Nothing was delivered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SendError {
+    /// The message could not be encoded, or `to` is not an agent id.
+    BadValue(String),
+    /// The encoded message is larger than the limit.
+    TooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// No host knows an agent of that id.
+    NoSuchAgent(String),
+    /// The agent has ended: it takes no more messages.
+    Ended(String),
+    /// The agent belongs to another owner.
+    NotYours(String),
+    /// The agent's mailbox holds as many messages as its home allows; try again later.
+    Full {
+        /// Messages a mailbox holds at most.
+        limit: u64,
+    },
+    /// The receiver's home could not be reached for a while; try again later (a message
+    /// sent again is not delivered twice).
+    Unreachable(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::BadValue(why) => write!(f, "cannot send: {why}"),
+            SendError::TooLarge { limit } => {
+                write!(f, "message exceeds the limit of {limit} bytes")
+            }
+            SendError::NoSuchAgent(id) => write!(f, "no such agent: {id}"),
+            SendError::Ended(id) => write!(f, "agent ended: {id}"),
+            SendError::NotYours(id) => {
+                write!(
+                    f,
+                    "agent {id} belongs to another owner: only its owner's agents may message it"
+                )
+            }
+            SendError::Full { limit } => {
+                write!(
+                    f,
+                    "the receiver's mailbox is full ({limit} messages); try again later"
+                )
+            }
+            SendError::Unreachable(why) => write!(f, "the receiver's home is unreachable: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// Largest message, encoded, that an agent or user may send.
+pub const MAX_MAIL: usize = 64 << 10;
 
 /// Why a value was not emitted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

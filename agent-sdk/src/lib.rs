@@ -44,8 +44,8 @@ mod sys;
 pub mod task;
 
 pub use agent_abi::services;
-pub use agent_abi::{CallError, EmitError, HopError};
-pub use op::{Call, Checkpoint, Emit, Hop, Sleep};
+pub use agent_abi::{CallError, EmitError, HopError, SendError, Sender};
+pub use op::{Call, Checkpoint, Emit, Hop, Message, Recv, SendTo, Sleep};
 
 use agent_abi::{AgentInfo, Op};
 use serde::Serialize;
@@ -259,6 +259,54 @@ impl Context {
         let mut bytes = Vec::new();
         let encoded = ciborium::into_writer(value, &mut bytes);
         Emit::new(bytes, encoded.err().map(|e| e.to_string()))
+    }
+
+    /// Sends `message` to agent `to` (its id, 32 hex digits, as [`Context::agent_id`] gives
+    /// it): the receiver takes it with [`Context::recv`], once, in order with this agent's
+    /// other messages to it, wherever either of them goes. Only agents of the same owner may
+    /// message each other. A safe point: it completes once the receiver's home holds the
+    /// message.
+    ///
+    /// # Errors
+    /// A [`SendError`] that says why nothing was sent: an unknown or ended receiver, one of
+    /// another owner, a full mailbox, a message larger than [`agent_abi::MAX_MAIL`].
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: agent_sdk::Context) -> Result<(), agent_sdk::SendError> {
+    /// let coordinator = ctx.arg("coordinator").unwrap_or_default();
+    /// ctx.send(&coordinator, &("found", ctx.site())).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn send<T: Serialize>(&self, to: &str, message: &T) -> SendTo {
+        let mut bytes = Vec::new();
+        let encoded = ciborium::into_writer(message, &mut bytes);
+        SendTo::new(to, bytes, encoded.err().map(|e| e.to_string()))
+    }
+
+    /// Takes the next message from this agent's mailbox, waiting as long as it takes for one.
+    /// A safe point: a host parks an agent that waits long (stores it and frees its memory)
+    /// and wakes it when a message comes, across restarts of the host.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: agent_sdk::Context) {
+    /// let message = ctx.recv().await;
+    /// let text: Option<String> = message.body().ok();
+    /// # }
+    /// ```
+    pub fn recv(&self) -> impl Future<Output = Message> {
+        let recv = Recv::new(None);
+        async move {
+            match recv.await {
+                Some(message) => message,
+                None => panic!("agent-sdk: the host ended a wait without a timeout"),
+            }
+        }
+    }
+
+    /// Like [`Context::recv`], but waits at most `timeout`: `None` if no message came.
+    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Recv {
+        let ms = timeout.as_nanos().div_ceil(1_000_000);
+        Recv::new(Some(u64::try_from(ms).unwrap_or(u64::MAX)))
     }
 
     /// Writes a line to the host's log for this agent.

@@ -6,7 +6,7 @@
 //! then takes the result the host holds for it.
 
 use crate::sys;
-use agent_abi::{CallError, EmitError, HopError, Op, OpResult, code};
+use agent_abi::{CallError, EmitError, HopError, Op, OpResult, SendError, Sender, code};
 use serde::de::DeserializeOwned;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -219,5 +219,100 @@ impl Future for Emit {
                 other => mismatch(&other),
             }
         })
+    }
+}
+
+/// Future of [`Context::send`](crate::Context::send).
+#[must_use = "a message is sent only when awaited"]
+#[derive(Debug)]
+pub struct SendTo {
+    pending: Option<Pending>,
+    encode_error: Option<String>,
+}
+
+impl SendTo {
+    pub(crate) fn new(to: &str, value: Vec<u8>, encode_error: Option<String>) -> Self {
+        let op = Op::Send {
+            to: to.to_string(),
+            value,
+        };
+        SendTo {
+            pending: Some(Pending::Ready(op)),
+            encode_error,
+        }
+    }
+}
+
+impl Future for SendTo {
+    type Output = Result<(), SendError>;
+
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(why) = self.encode_error.take() {
+            return Poll::Ready(Err(SendError::BadValue(why)));
+        }
+        let Some(pending) = self.pending.as_mut() else {
+            panic!("agent-sdk: send polled after it completed");
+        };
+        pending.poll().map(|result| {
+            self.pending = None;
+            match result {
+                OpResult::Send(result) => result,
+                other => mismatch(&other),
+            }
+        })
+    }
+}
+
+/// Future of [`Context::recv_timeout`](crate::Context::recv_timeout) (and of
+/// [`Context::recv`](crate::Context::recv), which waits without a timeout).
+#[must_use = "a message is taken only when awaited"]
+#[derive(Debug)]
+pub struct Recv(Pending);
+
+impl Recv {
+    pub(crate) fn new(timeout_ms: Option<u64>) -> Self {
+        Recv(Pending::Ready(Op::Recv { timeout_ms }))
+    }
+}
+
+impl Future for Recv {
+    type Output = Option<Message>;
+
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.poll().map(|result| match result {
+            OpResult::Recv(message) => message.map(|m| Message {
+                from: m.from,
+                body: m.body,
+            }),
+            other => mismatch(&other),
+        })
+    }
+}
+
+/// A message taken from the agent's mailbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// Who sent it: an agent (by id) or a user (`agent send`, by name).
+    pub from: Sender,
+    /// The message, CBOR-encoded.
+    pub body: Vec<u8>,
+}
+
+impl Message {
+    /// The message decoded as a `T` (what the sender passed to `send`: `agent send ID TEXT`
+    /// sends a string, `--json VALUE` any JSON value).
+    ///
+    /// # Errors
+    /// When the message is not a `T`.
+    pub fn body<T: DeserializeOwned>(&self) -> Result<T, String> {
+        ciborium::from_reader(self.body.as_slice()).map_err(|e| e.to_string())
+    }
+
+    /// The sender's agent id, if an agent sent it.
+    pub fn from_agent(&self) -> Option<&str> {
+        match &self.from {
+            Sender::Agent(id) => Some(id),
+            Sender::User(_) => None,
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The agent context: everything about an agent that is not its memory and globals, and that
 //! travels with it in every image (identity, itinerary, budgets, the pending operation).
 
-use agent_abi::{Op, OpResult};
+use agent_abi::{Message, Op, OpResult};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -97,6 +97,18 @@ pub struct AgentContext {
     /// value emitted again after a crash is known as the same one.
     #[serde(default)]
     pub emits: u64,
+    /// Messages the agent took: the next one is number `received + 1` of its mailbox.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub received: u64,
+    /// Messages fetched from the agent's home and not taken yet, numbered from
+    /// `received + 1`: they travel with it, and its home holds them until a stored state of
+    /// the agent took them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbox: Vec<Message>,
+    /// The number of the last message the agent sent to each receiver: one sent again after
+    /// a crash is known to the receiver's mailbox as the same.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sent: BTreeMap<AgentId, u64>,
 }
 
 impl AgentContext {
@@ -121,6 +133,9 @@ impl AgentContext {
             hops_before: 0,
             calls: 0,
             emits: 0,
+            received: 0,
+            inbox: Vec::new(),
+            sent: BTreeMap::new(),
         }
     }
 

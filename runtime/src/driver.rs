@@ -4,9 +4,10 @@
 //! QUIC, a journaled service call, a sleep that parks) is the place's; the order is the
 //! driver's.
 
+use crate::context::AgentId;
 use crate::instance::{AgentError, AgentInstance, Step};
 use crate::log::LogLine;
-use agent_abi::{CallError, EmitError, MAX_EMIT, Op, OpResult, Outcome};
+use agent_abi::{CallError, EmitError, MAX_EMIT, MAX_MAIL, Op, OpResult, Outcome, SendError};
 use std::future::Future;
 
 /// The answer to a service call.
@@ -64,6 +65,23 @@ pub trait Place: Send {
     /// `ctx.emit(value)`, of at most [`MAX_EMIT`] bytes: the place completes it once the
     /// value is told.
     fn emit(&mut self, agent: AgentInstance, value: Vec<u8>) -> impl Future<Output = Flow> + Send;
+
+    /// `ctx.send(to, value)`, of at most [`MAX_MAIL`] bytes and to an agent id that parses:
+    /// the place completes it once the receiver's home holds the message, or with an error.
+    fn send(
+        &mut self,
+        agent: AgentInstance,
+        to: AgentId,
+        value: Vec<u8>,
+    ) -> impl Future<Output = Flow> + Send;
+
+    /// `ctx.recv()` (no timeout) or `ctx.recv_timeout(ms)`: the place completes it with the
+    /// agent's next message, or `None` once the timeout passed.
+    fn recv(
+        &mut self,
+        agent: AgentInstance,
+        timeout_ms: Option<u64>,
+    ) -> impl Future<Output = Flow> + Send;
 
     /// After an operation was performed here (not after a hop away).
     fn after_op(&mut self, agent: AgentInstance) -> impl Future<Output = Flow> + Send {
@@ -127,6 +145,30 @@ pub async fn drive<P: Place>(mut agent: AgentInstance, place: &mut P, start: Sta
                 place.after_op(agent).await
             }
             Op::Emit { value } => match place.emit(agent, value).await {
+                Flow::Go(agent) => place.after_op(agent).await,
+                Flow::Stop => return,
+            },
+            Op::Send { to, value } => {
+                let to = match to.parse::<AgentId>() {
+                    Ok(_) if value.len() > MAX_MAIL => Err(SendError::TooLarge {
+                        limit: MAX_MAIL as u64,
+                    }),
+                    Ok(to) => Ok(to),
+                    Err(why) => Err(SendError::BadValue(why)),
+                };
+                let sent = match to {
+                    Ok(to) => place.send(agent, to, value).await,
+                    Err(e) => {
+                        agent.complete(OpResult::Send(Err(e)));
+                        Flow::Go(agent)
+                    }
+                };
+                match sent {
+                    Flow::Go(agent) => place.after_op(agent).await,
+                    Flow::Stop => return,
+                }
+            }
+            Op::Recv { timeout_ms } => match place.recv(agent, timeout_ms).await {
                 Flow::Go(agent) => place.after_op(agent).await,
                 Flow::Stop => return,
             },

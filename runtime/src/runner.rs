@@ -7,7 +7,7 @@
 //! migrates the agent where it did not ask to move, which must not change its result.
 
 use crate::admission::AdmissionError;
-use crate::context::AgentContext;
+use crate::context::{AgentContext, AgentId};
 use crate::driver::{self, CallAnswer, Flow, Place, Start};
 use crate::image::{AgentImage, DecodeOptions, EncodeOptions, ImageLimits};
 use crate::instance::{AgentError, AgentInstance};
@@ -15,7 +15,7 @@ use crate::limits::Limits;
 use crate::log::LogLine;
 use crate::modules::ModuleCache;
 use crate::services::Site;
-use agent_abi::{HopError, OpResult, Outcome};
+use agent_abi::{HopError, Message, OpResult, Outcome, SendError, Sender};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -358,6 +358,42 @@ impl Place for InProcess<'_> {
         self.report.emitted.push(value);
         agent.context_mut().emits += 1;
         agent.complete(OpResult::Emit(Ok(())));
+        Flow::Go(agent)
+    }
+
+    /// A local run has one agent: it may send messages to itself, which it receives in order.
+    async fn send(&mut self, mut agent: AgentInstance, to: AgentId, value: Vec<u8>) -> Flow {
+        let me = agent.context().agent_id;
+        let sent = match to == me {
+            true => {
+                let from = Sender::Agent(me.to_string());
+                (agent.context_mut().inbox).push(Message { from, body: value });
+                Ok(())
+            }
+            false => Err(SendError::NoSuchAgent(to.to_string())),
+        };
+        agent.complete(OpResult::Send(sent));
+        Flow::Go(agent)
+    }
+
+    async fn recv(&mut self, mut agent: AgentInstance, timeout_ms: Option<u64>) -> Flow {
+        let context = agent.context_mut();
+        let message = match (context.inbox.is_empty(), timeout_ms) {
+            (false, _) => {
+                context.received += 1;
+                Some(context.inbox.remove(0))
+            }
+            (true, Some(ms)) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                None
+            }
+            (true, None) => {
+                let why = "it waits for a message, and nothing can send one in a local run";
+                self.report.outcome = Err(AgentError::Stuck(why.into()));
+                return Flow::Stop;
+            }
+        };
+        agent.complete(OpResult::Recv(message));
         Flow::Go(agent)
     }
 

@@ -61,6 +61,9 @@ pub enum AgentError {
     /// The instance could not be created.
     #[error("cannot instantiate the agent: {0}")]
     Instantiate(String),
+    /// It waits for something that cannot come where it runs (a message, in a local run).
+    #[error("agent cannot go on: {0}")]
+    Stuck(String),
 }
 
 /// One agent in its sandbox.

@@ -2,7 +2,9 @@
 //! agents.
 
 use super::certs::CertError;
-use super::messages::{LaunchEvent, ListReply, Refusal, Reply, Request, StatusReply};
+use super::messages::{
+    LaunchEvent, ListReply, Post, PostFrom, Refusal, Reply, Request, StatusReply,
+};
 use super::tls::{self, Credentials, TlsError};
 use super::wire::{WireError, read_msg, write_blob, write_msg};
 use crate::context::AgentId;
@@ -284,6 +286,35 @@ impl Client {
         self.call_refusable(&Request::Kill { agent }).await
     }
 
+    /// Sends `body` (CBOR) to agent `to`, launched on this host, as message number `seq` of
+    /// `mailer`'s session: the home holds it once, in order with the session's other
+    /// messages to `to`, however often it is sent again ([`Mailer`]).
+    ///
+    /// # Errors
+    /// When the host refuses it (no such agent, ended, not the user's, mailbox full,
+    /// message too large) or the connection fails: then it may or may not be held, and
+    /// sending it again through the same mailer holds it once.
+    pub async fn send_message(
+        &self,
+        mailer: &mut Mailer,
+        to: AgentId,
+        body: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        let seq = mailer.next.get(&to).map_or(1, |n| n + 1);
+        let from = PostFrom::User {
+            session: mailer.session,
+        };
+        let post = Post {
+            to,
+            from,
+            seq,
+            body,
+        };
+        self.call_refusable::<()>(&Request::Post(post)).await?;
+        mailer.next.insert(to, seq);
+        Ok(())
+    }
+
     /// Asks the host to send `bytes` of incompressible data to its peer `to` the way an
     /// image travels; returns how long that took.
     ///
@@ -344,5 +375,33 @@ fn refuses_certificate(reason: &quinn::ConnectionError) -> bool {
             close.error_code == NO_USABLE_CERTIFICATE.into()
         }
         _ => false,
+    }
+}
+
+/// A user's session of messages: each receiver's messages are numbered in it, so that one
+/// sent again over any connection is held once. Its session number is random, so that
+/// sessions of one user never meet.
+#[derive(Clone, Debug)]
+pub struct Mailer {
+    session: u64,
+    next: std::collections::HashMap<AgentId, u64>,
+}
+
+impl Mailer {
+    /// A new session.
+    pub fn new() -> Mailer {
+        let mut bytes = [0u8; 8];
+        // As for agent ids: the operating system's generator fails only before it is seeded.
+        getrandom::fill(&mut bytes).expect("the operating system's random generator failed");
+        Mailer {
+            session: u64::from_le_bytes(bytes),
+            next: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl Default for Mailer {
+    fn default() -> Self {
+        Mailer::new()
     }
 }

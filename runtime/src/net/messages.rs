@@ -74,6 +74,69 @@ pub enum Request {
     /// Host → host: a probe's data follows as a blob; read and drop it. Answered with
     /// [`Reply<u64>`] (the bytes received).
     Sink,
+    /// User → home host, or the host of a sending agent → the receiver's home host: a
+    /// message for an agent launched there. Answered with [`Reply<()>`] once the home holds
+    /// it (or held it already: it was sent again).
+    Post(Post),
+    /// Host → home host: the messages of `agent` numbered after `after`, waiting up to
+    /// `wait_ms` for one if there is none; a stored state of the agent took those up to
+    /// `taken`, which the home may drop. Answered with [`Reply<Vec<Message>>`].
+    Fetch {
+        /// The agent.
+        agent: AgentId,
+        /// The last message it took or holds.
+        after: u64,
+        /// The last message a stored state of it took.
+        taken: u64,
+        /// How long to wait for one, in milliseconds.
+        wait_ms: u64,
+    },
+    /// Host → home host: `agent` is parked on the asking host waiting for a message after
+    /// `after`: send [`Request::Wake`] when one comes. Answered with [`Reply<bool>`]: `true`
+    /// when one is there already (wake it now).
+    Await {
+        /// The agent.
+        agent: AgentId,
+        /// The last message it took or holds.
+        after: u64,
+    },
+    /// Home host → host: a message came for `agent`, which waits parked here. Answered with
+    /// [`Reply<()>`].
+    Wake {
+        /// The agent.
+        agent: AgentId,
+    },
+}
+
+/// A message for an agent, to its home host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Post {
+    /// The receiver.
+    pub to: AgentId,
+    /// The sender.
+    pub from: PostFrom,
+    /// The sender's number of this message to `to`: 1, 2, 3, ...
+    pub seq: u64,
+    /// The CBOR-encoded message.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// Who sends a [`Post`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PostFrom {
+    /// An agent, vouched for by the host it runs on (hosts only).
+    Agent {
+        /// The agent.
+        id: AgentId,
+        /// Its owner.
+        owner: String,
+    },
+    /// The asking user, in one run of `agent send` (users only).
+    User {
+        /// The run's random number.
+        session: u64,
+    },
 }
 
 /// Phase 1 of a hop: what the destination needs to decide before any state moves.
@@ -490,6 +553,32 @@ pub enum Refusal {
     /// The host's store failed.
     #[error("{0}")]
     Store(String),
+    /// No host knows an agent of that id.
+    #[error("no such agent: {0}")]
+    NoSuchAgent(AgentId),
+    /// The agent ended: it takes no more messages.
+    #[error("agent ended: {0}")]
+    Ended(AgentId),
+    /// The agent's mailbox holds as many messages as its home allows.
+    #[error("the mailbox of agent {agent} is full ({limit} messages); try again once it took some")]
+    MailboxFull {
+        /// The agent.
+        agent: AgentId,
+        /// Messages a mailbox holds at most.
+        limit: u64,
+    },
+    /// A message larger than a home takes.
+    #[error("a message may be at most {limit} bytes")]
+    MailTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// A sender skipped numbers.
+    #[error("message out of order: the next one from this sender is number {expected}")]
+    OutOfOrder {
+        /// The number expected.
+        expected: u64,
+    },
 }
 
 /// A host's answer to a request that may be refused.

@@ -7,6 +7,7 @@ pub mod client;
 mod executor;
 pub mod hop;
 pub mod host;
+pub mod mailbox;
 pub mod messages;
 mod peers;
 pub mod quota;

@@ -183,6 +183,11 @@ impl Peers {
         self.addrs.contains_key(site)
     }
 
+    /// The names of the peers.
+    pub fn names(&self) -> impl Iterator<Item = String> + '_ {
+        self.addrs.keys().cloned()
+    }
+
     fn slot(&self, site: &str) -> Arc<Slot> {
         match self.slots.lock() {
             Ok(mut slots) => slots.entry(site.to_string()).or_default().clone(),

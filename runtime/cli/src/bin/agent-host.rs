@@ -2,6 +2,7 @@
 
 use agent_runtime::net::certs::{self, Role, Validity};
 use agent_runtime::net::host::{Host, HostConfig};
+use agent_runtime::net::mailbox::DEFAULT_MAILBOX;
 use agent_runtime::net::quota::UserLimits;
 use agent_runtime::net::tls::Credentials;
 use agent_runtime::{Corpus, Limits, Site};
@@ -128,6 +129,10 @@ struct ServeArgs {
     /// back sends only the pages that changed. 0 keeps none.
     #[arg(long)]
     return_cache_mib: Option<u64>,
+    /// Messages an agent's mailbox holds at most, at its home (default 1024): a message to a
+    /// full mailbox is refused with an error saying so, and the sender tries again later.
+    #[arg(long)]
+    mailbox: Option<u64>,
 }
 
 /// The TOML configuration file.
@@ -152,6 +157,7 @@ struct FileConfig {
     max_inflight_mib: Option<u64>,
     segmentation_offload: Option<bool>,
     return_cache_mib: Option<u64>,
+    mailbox: Option<u64>,
 }
 
 /// `n` MiB in bytes, or an error naming the setting when that does not fit.
@@ -258,6 +264,7 @@ impl FileConfig {
                 false => self.segmentation_offload,
             },
             return_cache_mib: args.return_cache_mib.or(self.return_cache_mib),
+            mailbox: args.mailbox.or(self.mailbox),
         }
     }
 }
@@ -324,6 +331,10 @@ fn host_config(s: FileConfig, name: String, data_dir: PathBuf) -> anyhow::Result
         user_limits,
         segmentation_offload: s.segmentation_offload.unwrap_or(true),
         return_cache: mib(s.return_cache_mib.unwrap_or(256), "return_cache_mib")?,
+        mailbox: match s.mailbox.unwrap_or(DEFAULT_MAILBOX) {
+            0 => anyhow::bail!("mailbox = 0 would refuse every message; give 1 or more"),
+            n => n,
+        },
         peers: s.peers,
     })
 }

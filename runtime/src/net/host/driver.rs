@@ -10,9 +10,11 @@ use crate::image::{Compression, EncodeOptions, Encoded};
 use crate::instance::{AgentError, AgentInstance};
 use crate::log::LogLine;
 use crate::net::host::{Host, PARK_AFTER, Start, sleep_unless_killed};
-use crate::net::messages::{AgentEnd, LaunchEvent, Request};
+use crate::net::messages::{
+    AgentEnd, LaunchEvent, Post, PostFrom, Refusal, Reply, Request, unix_ms,
+};
 use crate::net::store::{AgentRecord, CallEntry, Resume, StoreError};
-use agent_abi::{OpResult, Outcome};
+use agent_abi::{Message, OpResult, Outcome, SendError};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -49,6 +51,12 @@ fn kept(
 const TELL_FIRST: Duration = Duration::from_millis(100);
 const TELL_MOST: Duration = Duration::from_secs(5);
 
+/// How long an agent's host tries to reach a receiver's home before `send` fails.
+const SEND_PATIENCE: Duration = Duration::from_secs(30);
+
+/// An agent is stored again once it took this part of its mailbox's room since it last was.
+const KEEP_TAKEN_PART: u64 = 4;
+
 /// One agent running on a host.
 struct OnHost {
     host: Arc<Host>,
@@ -57,6 +65,10 @@ struct OnHost {
     /// An arrival runs before its commit is durable, but nothing it does takes effect before:
     /// its first operation, or its end, waits for this verdict.
     uncommitted: Option<tokio::sync::oneshot::Receiver<bool>>,
+    /// The messages a stored state of the agent took: its home may drop them.
+    taken: u64,
+    /// The end of the wait of a `recv` it was parked in (ms since the Unix epoch).
+    waited_until: Option<u64>,
 }
 
 impl OnHost {
@@ -86,6 +98,93 @@ impl OnHost {
                 () = host.stopping.cancelled() => return false,
             }
         }
+    }
+
+    /// Asks the agent's home for its messages after `after`, waiting up to `wait_ms` for one,
+    /// and again while the home cannot be reached. `None` if the agent was killed, or this
+    /// host began to shut down, meanwhile.
+    async fn fetch(&self, after: u64, wait_ms: u64, flags: &AgentFlags) -> Option<Vec<Message>> {
+        let host = &self.host;
+        let mut pause = Backoff::new(TELL_FIRST, TELL_MOST);
+        loop {
+            let fetched = match self.home == host.config.name {
+                true => {
+                    let wait = Duration::from_millis(wait_ms);
+                    let fetch = host.fetch_mail(&self.id, (after, self.taken), wait);
+                    tokio::select! {
+                        fetched = fetch => fetched.map_err(|e| e.to_string()),
+                        () = flags.killed.cancelled() => return None,
+                    }
+                }
+                false => {
+                    let fetch = Request::Fetch {
+                        agent: self.id,
+                        after,
+                        taken: self.taken,
+                        wait_ms,
+                    };
+                    let asked = host.peers.ask::<Reply<Vec<Message>>>(&self.home, &fetch);
+                    tokio::select! {
+                        asked = asked => asked.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+                        () = flags.killed.cancelled() => return None,
+                    }
+                }
+            };
+            match fetched {
+                Ok(mail) => return Some(mail),
+                Err(e) => {
+                    let home = &self.home;
+                    tracing::warn!(agent = %self.id, %home, "cannot fetch messages: {e}");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause.wait()) => {}
+                () = flags.killed.cancelled() => return None,
+                () = host.stopping.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Sends `post` to its receiver's home, and again while it cannot be reached, for at
+    /// most [`SEND_PATIENCE`]. `None` if the agent was killed, or this host began to shut
+    /// down, meanwhile.
+    async fn post(&self, post: &Post, owner: &str, flags: &AgentFlags) -> Option<Reply<()>> {
+        let host = &self.host;
+        let mut pause = Backoff::new(TELL_FIRST, TELL_MOST);
+        let patience = tokio::time::Instant::now() + SEND_PATIENCE;
+        loop {
+            let posted = host.post_to_home(post, owner, &self.home);
+            let posted = tokio::select! {
+                posted = posted => posted,
+                () = flags.killed.cancelled() => return None,
+            };
+            match posted {
+                Err(Refusal::Unreachable(e)) | Err(Refusal::Store(e))
+                    if tokio::time::Instant::now() < patience =>
+                {
+                    tracing::warn!(agent = %self.id, to = %post.to, "cannot send a message yet: {e}");
+                }
+                other => return Some(other),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause.wait()) => {}
+                () = flags.killed.cancelled() => return None,
+                () = host.stopping.cancelled() => return None,
+            }
+        }
+    }
+
+    /// The agent stops at a wait that was cut short: stored with its operation pending if
+    /// this host is shutting down, ended if it was killed.
+    async fn cut_short(&self, agent: AgentInstance) -> Flow {
+        match self.host.stopping() {
+            true => self.host.park(agent).await,
+            false => {
+                self.end_with(agent.context().hops(), AgentEnd::Killed)
+                    .await
+            }
+        }
+        Flow::Stop
     }
 
     async fn end_with(&self, hops: u64, end: AgentEnd) {
@@ -195,6 +294,64 @@ impl Place for OnHost {
         Flow::Go(agent)
     }
 
+    async fn send(&mut self, mut agent: AgentInstance, to: AgentId, body: Vec<u8>) -> Flow {
+        // Numbered from the agent's image, so that one sent again after a crash is the same.
+        let context = agent.context();
+        let seq = context.sent.get(&to).map_or(1, |n| n + 1);
+        let owner = context.owner.clone();
+        let from = PostFrom::Agent {
+            id: self.id,
+            owner: owner.clone(),
+        };
+        let post = Post {
+            to,
+            from,
+            seq,
+            body,
+        };
+        let Some(posted) = self.post(&post, &owner, &agent.flags()).await else {
+            return self.cut_short(agent).await;
+        };
+        crash_point("after-send");
+        if posted.is_ok() {
+            agent.context_mut().sent.insert(to, seq);
+        }
+        agent.complete(OpResult::Send(posted.map_err(|e| send_error(&to, e))));
+        Flow::Go(agent)
+    }
+
+    async fn recv(&mut self, mut agent: AgentInstance, timeout_ms: Option<u64>) -> Flow {
+        let deadline = (self.waited_until.take())
+            .or_else(|| timeout_ms.map(|ms| unix_ms().saturating_add(ms)))
+            .unwrap_or(u64::MAX);
+        loop {
+            let context = agent.context_mut();
+            if !context.inbox.is_empty() {
+                let message = context.inbox.remove(0);
+                context.received += 1;
+                agent.complete(OpResult::Recv(Some(message)));
+                return self.keep_taken(agent).await;
+            }
+            let after = context.received;
+            let left = deadline.saturating_sub(unix_ms());
+            let wait = left.min(PARK_AFTER.as_millis() as u64);
+            let Some(mail) = self.fetch(after, wait, &agent.flags()).await else {
+                return self.cut_short(agent).await;
+            };
+            if !mail.is_empty() {
+                agent.context_mut().inbox = mail;
+                continue;
+            }
+            if unix_ms() >= deadline {
+                agent.complete(OpResult::Recv(None));
+                return Flow::Go(agent);
+            }
+            if self.host.park_waiting(&mut agent, deadline).await {
+                return Flow::Stop;
+            }
+        }
+    }
+
     async fn end(&mut self, agent: AgentInstance, end: Result<Outcome, AgentError>) {
         let end = match end {
             Ok(outcome) => AgentEnd::from(outcome),
@@ -204,20 +361,53 @@ impl Place for OnHost {
     }
 }
 
+impl OnHost {
+    /// After the agent took a message: once it took [`KEEP_TAKEN`] since its last stored
+    /// state, it is stored again, so that its home may drop them and its mailbox has room.
+    async fn keep_taken(&mut self, mut agent: AgentInstance) -> Flow {
+        let received = agent.context().received;
+        let every = (self.host.config.mailbox / KEEP_TAKEN_PART).max(1);
+        if received - self.taken >= every {
+            match self.host.keep(&mut agent, Resume::Poll).await {
+                Ok(()) => self.taken = received,
+                Err(e) => tracing::warn!(agent = %self.id, "cannot store the agent: {e}"),
+            }
+        }
+        Flow::Go(agent)
+    }
+}
+
+/// What an agent is told of a message its receiver's home refused.
+fn send_error(to: &AgentId, refusal: Refusal) -> SendError {
+    let to = to.to_string();
+    match refusal {
+        Refusal::NoSuchAgent(_) => SendError::NoSuchAgent(to),
+        Refusal::Ended(_) => SendError::Ended(to),
+        Refusal::NotYours(_) => SendError::NotYours(to),
+        Refusal::MailboxFull { limit, .. } => SendError::Full { limit },
+        Refusal::MailTooLarge { limit } => SendError::TooLarge { limit },
+        other => SendError::Unreachable(other.to_string()),
+    }
+}
+
 impl Host {
     /// Runs `agent` here from `start` until it ends, leaves or is stored.
     pub(in crate::net) async fn drive(self: Arc<Self>, agent: AgentInstance, start: Start) {
         let context = agent.context();
-        let (start, uncommitted) = match start {
-            Start::Arrived(committed) => (driver::Start::Poll, Some(committed)),
-            Start::Poll => (driver::Start::Poll, None),
-            Start::Handle(op) => (driver::Start::Handle(op), None),
+        let (start, uncommitted, waited_until) = match start {
+            Start::Arrived(committed) => (driver::Start::Poll, Some(committed), None),
+            Start::Poll => (driver::Start::Poll, None, None),
+            Start::Handle(op) => (driver::Start::Handle(op), None, None),
+            Start::Waiting(op, until_ms) => (driver::Start::Handle(op), None, Some(until_ms)),
         };
         let mut place = OnHost {
             id: context.agent_id,
             home: context.home.clone(),
+            // An agent starts here from a stored state: an arrival's is its committed image.
+            taken: context.received,
             host: self,
             uncommitted,
+            waited_until,
         };
         driver::drive(agent, &mut place, start).await;
     }

@@ -302,8 +302,12 @@ impl Host {
 
     /// Records an event of an agent launched here and passes it to its watchers.
     pub(in crate::net) async fn deliver(self: &Arc<Self>, agent: &AgentId, event: LaunchEvent) {
+        let ended = matches!(event, LaunchEvent::Finished { .. });
         if self.note(agent, event) {
             self.save_home(agent).await;
+        }
+        if ended {
+            self.close_mailbox(agent).await;
         }
     }
 

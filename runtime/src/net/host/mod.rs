@@ -12,6 +12,7 @@ mod homes;
 mod launch;
 mod outbox;
 mod parking;
+mod post;
 mod recovery;
 mod serve;
 
@@ -23,6 +24,7 @@ use crate::net::hop::machine::WORTH_PREPARING;
 use homes::HomeEntry;
 use launch::Uploads;
 use parking::WAKING_AT_ONCE;
+use post::PostOffice;
 
 use crate::base::BaseCache;
 use crate::context::AgentId;
@@ -128,6 +130,8 @@ pub struct HostConfig {
     pub max_inflight: u64,
     /// What each user may take of this host.
     pub user_limits: UserLimits,
+    /// Messages an agent's mailbox holds at most (at its home).
+    pub mailbox: u64,
 }
 
 /// What a host holds in memory ([`Host::memory`]).
@@ -221,6 +225,8 @@ pub struct Host {
     pub(in crate::net) trimmer: Arc<Trimmer>,
     /// The receive buffer of the last large arrival, for the next one.
     pub(in crate::net) spare: Arc<Spare>,
+    /// The mailboxes of agents launched here.
+    pub(in crate::net) post: PostOffice,
 }
 
 /// How an agent task starts.
@@ -229,6 +235,9 @@ pub(in crate::net) enum Start {
     Poll,
     /// Handle its pending operation first (it was parked with one).
     Handle(Op),
+    /// Handle its pending `recv` (it was parked waiting for a message), whose wait ends at
+    /// `until_ms` (milliseconds since the Unix epoch).
+    Waiting(Op, u64),
     /// Poll an agent that arrived but whose commit is still being made: `true` once it is
     /// durable, `false` (or dropped) if it never will be.
     Arrived(tokio::sync::oneshot::Receiver<bool>),
@@ -264,6 +273,7 @@ impl Host {
             .filter(|(_, entry)| entry.held.is_some())
             .map(|(id, _)| *id)
             .collect();
+        let post = PostOffice::load(store.mailboxes()?);
         let bases = Mutex::new(BaseCache::new(config.return_cache));
         let peers = Peers::new(endpoint.clone(), config.peers.clone());
         let quotas = Quotas::new(config.user_limits.clone());
@@ -291,10 +301,12 @@ impl Host {
             outbox: tokio::sync::Notify::new(),
             trimmer: Trimmer::start(),
             spare: Arc::new(Spare::new(WORTH_PREPARING as usize)),
+            post,
         });
         for agent in held {
             host.release_held_later(agent);
         }
+        host.reopen_mailboxes().await;
         host.resume_residents().await;
         tokio::spawn(host.clone().accept_loop());
         tokio::spawn(host.clone().deliver_reports());

@@ -3,7 +3,7 @@
 use crate::context::AgentId;
 use crate::instance::AgentInstance;
 use crate::net::host::{Host, Start};
-use crate::net::messages::{AgentEnd, LaunchEvent, Refusal, Reply, unix_ms};
+use crate::net::messages::{AgentEnd, LaunchEvent, Refusal, Reply, Request, unix_ms};
 use crate::net::store::{AgentRecord, Resume};
 use crate::state::AgentFlags;
 use agent_abi::OpResult;
@@ -54,6 +54,7 @@ impl Host {
             home: home.clone(),
             hops,
             owner: owner.clone(),
+            mail: false,
         };
         if let Err(e) = self.keep(agent, resume).await {
             // The sleep stays completed: the agent sleeps in memory and then goes on.
@@ -75,6 +76,58 @@ impl Host {
             until_ms,
         };
         self.report(id, home, event).await;
+        true
+    }
+
+    /// Parks an agent that waits for a message: stores it with its `recv` pending, frees its
+    /// instance, sets an alarm for the end of its wait (`until_ms`) and tells its home where
+    /// it waits, which wakes it when a message comes. `false` when it could not be stored (it
+    /// then waits in memory).
+    pub(in crate::net) async fn park_waiting(
+        self: &Arc<Self>,
+        agent: &mut AgentInstance,
+        until_ms: u64,
+    ) -> bool {
+        let context = agent.context();
+        let (id, owner) = (context.agent_id, context.owner.clone());
+        if self.residents.counts(&owner).parked >= self.quotas.limits().parked {
+            return false;
+        }
+        let (home, hops) = (context.home.clone(), context.hops());
+        let after = context.received + context.inbox.len() as u64;
+        let resume = Resume::Wake {
+            until_ms,
+            home: home.clone(),
+            hops,
+            owner: owner.clone(),
+            mail: true,
+        };
+        if let Err(e) = self.keep(agent, resume).await {
+            tracing::warn!(agent = %id, "waiting in memory: {e}");
+            return false;
+        }
+        let flags = agent.flags();
+        let parked = (self.residents).park(id, &flags, &owner, || self.alarm(id, until_ms));
+        if !parked {
+            self.finish(id, home, hops, AgentEnd::Killed).await;
+            return true;
+        }
+        self.trimmer.freed();
+        tracing::info!(agent = %id, "parked waiting for a message");
+        // Parked first, then its home told: a message that comes after the home heard wakes
+        // it, and one that came before is "ready" here. A home that cannot be told wakes it
+        // too: it then waits in memory, asking its home again.
+        let ready = match home == self.config.name {
+            true => self.await_mail(&id, after, &home).await,
+            false => {
+                let wait = Request::Await { agent: id, after };
+                let asked = self.peers.ask::<Reply<bool>>(&home, &wait).await;
+                asked.unwrap_or_else(|e| Err(Refusal::Unreachable(e.to_string())))
+            }
+        };
+        if ready != Ok(false) {
+            self.wake(id);
+        }
         true
     }
 
@@ -137,12 +190,19 @@ impl Host {
         let Some(owner) = self.residents.wake(id, flags.clone()) else {
             return;
         };
-        let (image, home, hops) = match self.store.agent(&id) {
+        let (image, home, hops, waiting) = match self.store.agent(&id) {
             Ok(Some(AgentRecord::Resident {
                 image,
-                resume: Resume::Wake { home, hops, .. },
+                resume:
+                    Resume::Wake {
+                        home,
+                        hops,
+                        mail,
+                        until_ms,
+                        ..
+                    },
                 ..
-            })) => (image, home, hops),
+            })) => (image, home, hops, mail.then_some(until_ms)),
             other => {
                 tracing::error!(agent = %id, "no parked image to wake: {other:?}");
                 return self.forget_running(&id);
@@ -152,7 +212,11 @@ impl Host {
             Ok(mut agent) => {
                 agent.adopt_flags(flags);
                 tracing::info!(agent = %id, "woke");
-                self.spawn_agent(agent, Start::Poll);
+                let start = match (waiting, agent.context().pending.clone()) {
+                    (Some(until_ms), Some(op)) => Start::Waiting(op, until_ms),
+                    _ => Start::Poll,
+                };
+                self.spawn_agent(agent, start);
             }
             Err(e) => {
                 tracing::error!(agent = %id, "cannot wake, trying again in {WAKE_RETRY:?}: {e}");

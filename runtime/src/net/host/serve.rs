@@ -5,7 +5,8 @@ use crate::context::AgentId;
 use crate::net::budget::InFlight;
 use crate::net::certs::{Identity, Role};
 use crate::net::host::{Host, REQUEST_DEADLINE, fit_list, incompressible};
-use crate::net::messages::{LaunchEvent, Refusal, Reply, Request, TransferStatus};
+use crate::net::mailbox::SenderKey;
+use crate::net::messages::{LaunchEvent, PostFrom, Refusal, Reply, Request, TransferStatus};
 use crate::net::quota::{HOST_STREAMS, HOST_WINDOW};
 use crate::net::tls::{self};
 use crate::net::wire::{
@@ -13,6 +14,10 @@ use crate::net::wire::{
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The longest a fetch waits for a message: well within the time a peer waits for an answer
+/// ([`crate::net::host::ASK_TIMEOUT`]).
+pub(in crate::net) const FETCH_WAIT_MOST: Duration = Duration::from_secs(2);
 
 /// The chunk a probe sends again and again.
 pub(in crate::net) const PROBE_CHUNK: usize = 1 << 20;
@@ -168,6 +173,54 @@ impl Host {
                     Role::Host => (drain_blob(recv, "probe", self.config.max_image).await)
                         .map_err(|e| Refusal::Unreachable(e.to_string())),
                     Role::User => Err(only_hosts("send probes")),
+                };
+                write_msg(send, &reply).await
+            }
+            Request::Post(post) => {
+                let reply = match (peer.role, &post.from) {
+                    (Role::User, &PostFrom::User { session }) => {
+                        let name = peer.name.clone();
+                        let sender = SenderKey::User { name, session };
+                        self.post(post, sender, &peer.name).await
+                    }
+                    (Role::Host, PostFrom::Agent { id, owner }) => {
+                        let (sender, owner) = (SenderKey::Agent(*id), owner.clone());
+                        self.post(post, sender, &owner).await
+                    }
+                    (Role::User, _) => Err(only_hosts("post for agents")),
+                    (Role::Host, _) => Err(only_users("post as users")),
+                };
+                write_msg(send, &reply).await
+            }
+            Request::Fetch {
+                agent,
+                after,
+                taken,
+                wait_ms,
+            } => {
+                let reply = match peer.role {
+                    Role::Host => {
+                        let wait = Duration::from_millis(wait_ms).min(FETCH_WAIT_MOST);
+                        self.fetch_mail(&agent, (after, taken), wait).await
+                    }
+                    Role::User => Err(only_hosts("fetch messages")),
+                };
+                write_msg(send, &reply).await
+            }
+            Request::Await { agent, after } => {
+                let reply = match peer.role {
+                    Role::Host => self.await_mail(&agent, after, &peer.name).await,
+                    Role::User => Err(only_hosts("wait for messages")),
+                };
+                write_msg(send, &reply).await
+            }
+            Request::Wake { agent } => {
+                let reply = match peer.role {
+                    Role::Host => {
+                        self.wake_for_mail(&agent);
+                        Ok(())
+                    }
+                    Role::User => Err(only_hosts("wake agents")),
                 };
                 write_msg(send, &reply).await
             }

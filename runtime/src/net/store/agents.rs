@@ -79,6 +79,10 @@ pub enum Resume {
         /// that lack it).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         owner: String,
+        /// It waits for a message (its `recv` is pending, not completed): a message wakes it
+        /// too, and `until_ms` is the end of its wait.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        mail: bool,
     },
 }
 

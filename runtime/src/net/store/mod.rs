@@ -2,7 +2,7 @@
 //! modules and large images.
 //!
 //! - `schema`: the tables, their keys and how rows are encoded;
-//! - `agents`, `transfers`, `calls`, `reports`, `home`: the records, each with its row type,
+//! - `agents`, `transfers`, `calls`, `reports`, `home`, `mail`: the records, each with its row type,
 //!   its writes and its reads;
 //! - `blobs`: modules and images, as files or inline in the database;
 //! - `batch`: the group commit every write goes through.
@@ -21,6 +21,7 @@ mod blobs;
 mod calls;
 mod error;
 mod home;
+mod mail;
 mod reports;
 mod schema;
 mod transfers;

@@ -26,6 +26,10 @@ pub(super) const HOME_HOPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new
 pub(super) const CALLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("calls");
 /// Reports not yet acknowledged by their home hosts, keyed by the hash of their contents.
 pub(super) const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
+/// Messages held for agents launched here, keyed (agent, number in its mailbox).
+pub(super) const MAIL: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mail");
+/// The mailboxes of agents launched here, keyed by agent.
+pub(super) const MAILBOXES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mailboxes");
 /// Small images, keyed by their file name.
 pub(super) const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 
@@ -59,6 +63,8 @@ pub(super) fn open(dir: &Path) -> Result<(Database, u64), StoreError> {
     txn.open_table(CALLS)?;
     txn.open_table(OUTBOX)?;
     txn.open_table(IMAGES)?;
+    txn.open_table(MAIL)?;
+    txn.open_table(MAILBOXES)?;
     txn.commit()?;
     Ok((db, next_hop))
 }

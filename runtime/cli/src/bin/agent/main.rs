@@ -6,6 +6,7 @@ mod demo;
 mod format;
 mod launch;
 mod local;
+mod send;
 
 use agent_runtime::builder;
 use anyhow::Context as _;
@@ -58,6 +59,21 @@ enum Command {
     Kill {
         /// The agent's id.
         id: agent_runtime::AgentId,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Send a message to one of your agents, wherever it is: it takes it with `ctx.recv()`,
+    /// once, in order with your other messages. Give the agent's home host (where it was
+    /// launched) as --host.
+    Send {
+        /// The agent's id.
+        id: agent_runtime::AgentId,
+        /// The message, sent as a string.
+        #[arg(required_unless_present = "json")]
+        text: Option<String>,
+        /// The message as a JSON value instead (the agent decodes it as any serde type).
+        #[arg(long, value_name = "VALUE", conflicts_with = "text")]
+        json: Option<String>,
         #[command(flatten)]
         conn: Connection,
     },
@@ -162,6 +178,14 @@ fn main() -> ExitCode {
             block_on(agents::list(&conn, json)).map(|()| ExitCode::SUCCESS)
         }
         Command::Kill { id, conn } => block_on(agents::kill(&conn, id)).map(|()| ExitCode::SUCCESS),
+        Command::Send {
+            id,
+            text,
+            json,
+            conn,
+        } => send::body(text.as_deref(), json.as_deref())
+            .and_then(|body| block_on(send::send(&conn, id, body)))
+            .map(|()| ExitCode::SUCCESS),
         Command::Probe { to, mib, conn } => {
             block_on(agents::probe(&conn, &to, mib)).map(|()| ExitCode::SUCCESS)
         }

@@ -1,0 +1,388 @@
+//! The post office. A message for an agent goes to the agent's home, which holds it in the
+//! agent's mailbox ([`MailboxRow`]) until a stored state of the agent took it; the host the
+//! agent runs on fetches its messages from there, and a home wakes an agent parked waiting
+//! for one. The home is the one place that knows an agent's messages, wherever the agent is:
+//! nothing is held by, or forwarded through, a host the agent left (docs/messaging.md).
+
+use crate::backoff::Backoff;
+use crate::context::AgentId;
+use crate::net::host::Host;
+use crate::net::mailbox::{Accepted, Declined, MailboxRow, SenderKey, Waiter};
+use crate::net::messages::{AgentState, Post, PostFrom, Refusal, Reply, Request};
+use crate::net::store::{AgentRecord, Resume};
+use agent_abi::{MAX_MAIL, Message, Sender};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Messages one fetch returns at most, and bytes of their bodies beyond the first.
+pub(in crate::net) const FETCH_COUNT: usize = 64;
+pub(in crate::net) const FETCH_BYTES: usize = 256 << 10;
+
+/// Homes of receivers a host remembers for its sending agents; past it, it forgets them all.
+const HOMES_REMEMBERED: usize = 10_000;
+
+/// The first pause before a home tries again to wake a waiting agent, and the longest.
+const WAKE_FIRST: Duration = Duration::from_millis(100);
+const WAKE_MOST: Duration = Duration::from_secs(5);
+
+/// One mailbox in memory. Its lock is held across the mailbox's store writes, so that
+/// messages are stored in the order they are numbered.
+#[derive(Default)]
+pub(in crate::net) struct Slot {
+    held: tokio::sync::Mutex<Held>,
+    /// Notified when a message was stored: fetches that wait hear of it.
+    arrived: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Held {
+    row: MailboxRow,
+    /// The agent ended and its mailbox is gone.
+    closed: bool,
+}
+
+/// The mailboxes of agents launched here, and what this host knows of other homes.
+#[derive(Default)]
+pub(in crate::net) struct PostOffice {
+    boxes: Mutex<HashMap<AgentId, Arc<Slot>>>,
+    /// Agents a task is waking.
+    waking: Mutex<HashSet<AgentId>>,
+    /// The home hosts of agents that agents here sent messages to.
+    homes_of: Mutex<HashMap<AgentId, String>>,
+}
+
+impl PostOffice {
+    /// The mailboxes stored here.
+    pub(in crate::net) fn load(rows: Vec<(AgentId, MailboxRow)>) -> PostOffice {
+        let boxes = rows.into_iter().map(|(agent, row)| {
+            let held = Held { row, closed: false };
+            let slot = Slot {
+                held: tokio::sync::Mutex::new(held),
+                arrived: tokio::sync::Notify::new(),
+            };
+            (agent, Arc::new(slot))
+        });
+        PostOffice {
+            boxes: Mutex::new(boxes.collect()),
+            ..PostOffice::default()
+        }
+    }
+
+    /// The mailbox of `agent`, made empty if it has none yet.
+    fn slot(&self, agent: &AgentId) -> Option<Arc<Slot>> {
+        let mut boxes = self.boxes.lock().ok()?;
+        Some(boxes.entry(*agent).or_default().clone())
+    }
+
+    fn home_of(&self, agent: &AgentId) -> Option<String> {
+        self.homes_of.lock().ok()?.get(agent).cloned()
+    }
+
+    fn remember_home(&self, agent: AgentId, home: &str) {
+        if let Ok(mut homes) = self.homes_of.lock() {
+            if homes.len() >= HOMES_REMEMBERED {
+                homes.clear();
+            }
+            homes.insert(agent, home.to_string());
+        }
+    }
+}
+
+impl Host {
+    /// Whether `agent` was launched here, by whom, and whether it still runs.
+    fn homed(&self, agent: &AgentId) -> Option<(String, bool)> {
+        let homes = self.homes.lock().ok()?;
+        let status = &homes.get(agent)?.status;
+        Some((status.owner.clone(), status.state == AgentState::Running))
+    }
+
+    /// The mailbox of an agent launched here, if it was.
+    fn mailbox(&self, agent: &AgentId) -> Reply<Arc<Slot>> {
+        let (_, running) = self.homed(agent).ok_or(Refusal::NoSuchAgent(*agent))?;
+        if !running {
+            return Err(Refusal::Ended(*agent));
+        }
+        self.post.slot(agent).ok_or(Refusal::NoSuchAgent(*agent))
+    }
+
+    /// Home side: takes a message for an agent launched here from `sender`, who acts for
+    /// `owner`, and holds it durably. A message held already (sent again) is acknowledged
+    /// again and not held twice.
+    pub(in crate::net) async fn post(
+        self: &Arc<Self>,
+        post: Post,
+        sender: SenderKey,
+        owner: &str,
+    ) -> Reply<()> {
+        let to = post.to;
+        if post.body.len() > MAX_MAIL {
+            let limit = MAX_MAIL as u64;
+            return Err(Refusal::MailTooLarge { limit });
+        }
+        let (their_owner, _) = self.homed(&to).ok_or(Refusal::NoSuchAgent(to))?;
+        if their_owner != owner {
+            return Err(Refusal::NotYours(to));
+        }
+        let slot = self.mailbox(&to)?;
+        let mut held = slot.held.lock().await;
+        if held.closed {
+            return Err(Refusal::Ended(to));
+        }
+        let mut row = held.row.clone();
+        let n = match row.accept(&sender, post.seq, self.config.mailbox) {
+            Ok(Accepted::Again) => return Ok(()),
+            Ok(Accepted::New(n)) => n,
+            Err(Declined::Full { limit }) => return Err(Refusal::MailboxFull { agent: to, limit }),
+            Err(Declined::Gap { expected }) => return Err(Refusal::OutOfOrder { expected }),
+        };
+        let from = match &post.from {
+            PostFrom::Agent { id, .. } => Sender::Agent(id.to_string()),
+            PostFrom::User { .. } => Sender::User(owner.to_string()),
+        };
+        let message = Message {
+            from,
+            body: post.body,
+        };
+        let stored = self.store.put_mail(&to, &row, Some((n, &message))).await;
+        stored.map_err(|e| Refusal::Store(e.to_string()))?;
+        let waiter = row.waiter.clone();
+        held.row = row;
+        drop(held);
+        slot.arrived.notify_waiters();
+        if let Some(waiter) = waiter.filter(|w| n > w.after) {
+            self.wake_waiter(to, waiter);
+        }
+        Ok(())
+    }
+
+    /// Home side: the messages of `agent` after number `after`, waiting up to `wait` for one
+    /// if there is none; its stored state took those up to `taken`, which go.
+    pub(in crate::net) async fn fetch_mail(
+        &self,
+        agent: &AgentId,
+        (after, taken): (u64, u64),
+        wait: Duration,
+    ) -> Reply<Vec<Message>> {
+        let slot = self.mailbox(agent)?;
+        {
+            let mut held = slot.held.lock().await;
+            if held.closed {
+                return Err(Refusal::Ended(*agent));
+            }
+            if held.row.take(taken.min(after))
+                && let Err(e) = self.store.take_mail(agent, &held.row).await
+            {
+                tracing::warn!(%agent, "cannot drop messages taken: {e}");
+            }
+        }
+        let read = || {
+            let mail = self
+                .store
+                .mail_after(agent, after, FETCH_COUNT, FETCH_BYTES);
+            mail.map_err(|e| Refusal::Store(e.to_string()))
+        };
+        let mail = read()?;
+        if !mail.is_empty() || wait.is_zero() {
+            return Ok(mail);
+        }
+        let arrived = slot.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        let mail = read()?;
+        if !mail.is_empty() {
+            return Ok(mail);
+        }
+        tokio::select! {
+            () = arrived => {}
+            () = tokio::time::sleep(wait) => {}
+            () = self.stopping.cancelled() => {}
+        }
+        read()
+    }
+
+    /// Home side: `agent` is parked on `site` waiting for a message after `after`; `true`
+    /// if one is here already.
+    pub(in crate::net) async fn await_mail(
+        self: &Arc<Self>,
+        agent: &AgentId,
+        after: u64,
+        site: &str,
+    ) -> Reply<bool> {
+        let slot = self.mailbox(agent)?;
+        let mut held = slot.held.lock().await;
+        if held.closed {
+            return Err(Refusal::Ended(*agent));
+        }
+        if held.row.has_after(after) {
+            return Ok(true);
+        }
+        let mut row = held.row.clone();
+        row.waiter = Some(Waiter {
+            site: site.to_string(),
+            after,
+        });
+        let stored = self.store.put_mail(agent, &row, None).await;
+        stored.map_err(|e| Refusal::Store(e.to_string()))?;
+        held.row = row;
+        Ok(false)
+    }
+
+    /// Home side: the agent ended: its mailbox and the messages in it go.
+    pub(in crate::net) async fn close_mailbox(&self, agent: &AgentId) {
+        let slot = self
+            .post
+            .boxes
+            .lock()
+            .ok()
+            .and_then(|mut b| b.remove(agent));
+        let Some(slot) = slot else { return };
+        let mut held = slot.held.lock().await;
+        held.closed = true;
+        if let Err(e) = self.store.remove_mailbox(agent).await {
+            tracing::warn!(%agent, "cannot drop the mailbox of an agent that ended: {e}");
+        }
+    }
+
+    /// Home side, when the host starts: mailboxes of agents that ended go, and agents that
+    /// wait for messages that came are woken.
+    pub(in crate::net) async fn reopen_mailboxes(self: &Arc<Self>) {
+        let boxes: Vec<(AgentId, Arc<Slot>)> = match self.post.boxes.lock() {
+            Ok(boxes) => boxes.iter().map(|(a, s)| (*a, s.clone())).collect(),
+            Err(_) => return,
+        };
+        for (agent, slot) in boxes {
+            if !self.homed(&agent).is_some_and(|(_, running)| running) {
+                self.close_mailbox(&agent).await;
+                continue;
+            }
+            let held = slot.held.lock().await;
+            if let Some(waiter) = held.row.waiter.clone()
+                && held.row.has_after(waiter.after)
+            {
+                self.wake_waiter(agent, waiter);
+            }
+        }
+    }
+
+    /// Home side: wakes an agent parked waiting for a message, trying again until its host
+    /// answers; then forgets where it waited, unless it waits again.
+    fn wake_waiter(self: &Arc<Self>, agent: AgentId, waiter: Waiter) {
+        let first = (self.post.waking.lock()).is_ok_and(|mut w| w.insert(agent));
+        if !first {
+            return;
+        }
+        let host = self.clone();
+        tokio::spawn(async move {
+            let mut pause = Backoff::new(WAKE_FIRST, WAKE_MOST);
+            loop {
+                let woke = match waiter.site == host.config.name {
+                    true => {
+                        host.wake_for_mail(&agent);
+                        Ok(())
+                    }
+                    false => {
+                        let wake = Request::Wake { agent };
+                        let asked = host.peers.ask::<Reply<()>>(&waiter.site, &wake).await;
+                        asked
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                    }
+                };
+                let Err(e) = woke else { break };
+                let site = &waiter.site;
+                tracing::warn!(%agent, %site, "cannot wake an agent waiting for a message: {e}");
+                tokio::select! {
+                    () = tokio::time::sleep(pause.wait()) => {}
+                    () = host.stopping.cancelled() => break,
+                }
+            }
+            let slot = host
+                .post
+                .boxes
+                .lock()
+                .ok()
+                .and_then(|b| b.get(&agent).cloned());
+            if let Some(slot) = slot {
+                let mut held = slot.held.lock().await;
+                if held.row.waiter.as_ref() == Some(&waiter) && !host.stopping() {
+                    let mut row = held.row.clone();
+                    row.waiter = None;
+                    if host.store.put_mail(&agent, &row, None).await.is_ok() {
+                        held.row = row;
+                    }
+                }
+            }
+            let _ = host.post.waking.lock().map(|mut w| w.remove(&agent));
+        });
+    }
+
+    /// An agent's host: a message came for `agent`; if it is parked here waiting for one,
+    /// it wakes.
+    pub(in crate::net) fn wake_for_mail(self: &Arc<Self>, agent: &AgentId) {
+        let waiting = matches!(
+            self.store.agent(agent),
+            Ok(Some(AgentRecord::Resident {
+                resume: Resume::Wake { mail: true, .. },
+                ..
+            }))
+        );
+        if waiting && self.residents.parked_owner(agent).is_some() {
+            self.wake(*agent);
+        }
+    }
+
+    /// An agent's host: sends a message for `from` (of `owner`) to agent `to` at its home,
+    /// found by asking this host, then `hint` (the sender's own home), then every peer; the
+    /// home found is remembered.
+    pub(in crate::net) async fn post_to_home(
+        self: &Arc<Self>,
+        post: &Post,
+        owner: &str,
+        hint: &str,
+    ) -> Reply<()> {
+        let to = post.to;
+        let mut homes: Vec<String> = Vec::new();
+        homes.extend(self.post.home_of(&to));
+        homes.push(self.config.name.clone());
+        homes.push(hint.to_string());
+        homes.extend(self.peers.names());
+        let mut tried = HashSet::new();
+        let mut unreachable = None;
+        for home in homes {
+            if !tried.insert(home.clone()) {
+                continue;
+            }
+            let posted = match home == self.config.name {
+                true => {
+                    let sender = match &post.from {
+                        PostFrom::Agent { id, .. } => SenderKey::Agent(*id),
+                        PostFrom::User { .. } => {
+                            return Err(Refusal::OnlyHosts("post for agents".into()));
+                        }
+                    };
+                    self.post(post.clone(), sender, owner).await
+                }
+                false => match (self.peers)
+                    .ask::<Reply<()>>(&home, &Request::Post(post.clone()))
+                    .await
+                {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        unreachable = Some(Refusal::Unreachable(format!("{home}: {e}")));
+                        continue;
+                    }
+                },
+            };
+            match posted {
+                Err(Refusal::NoSuchAgent(_)) => continue,
+                other => {
+                    self.post.remember_home(to, &home);
+                    return other;
+                }
+            }
+        }
+        // A home that could not be asked may be the one: the sender tries again later.
+        Err(unreachable.unwrap_or(Refusal::NoSuchAgent(to)))
+    }
+}
