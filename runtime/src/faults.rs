@@ -22,9 +22,11 @@
 //! | `source-after-forward` | source: forwarding pointer (and the report to a home elsewhere) committed, perhaps not yet synced |
 //! | `after-call` | any host: a service call journaled, its answer not yet given to the agent |
 //! | `after-emit` | any host: the agent's home holds a value it emitted, the agent has not gone on |
+//! | `after-send` | any host: the receiver's home holds a message the agent sent, the agent has not gone on |
+//! | `home-after-post` | a receiver's home: a message is durably held, its sender not yet told |
 
 /// Names of every crash point (kept here so tests and docs agree).
-pub const POINTS: [&str; 13] = [
+pub const POINTS: [&str; 15] = [
     "source-after-offer",
     "source-mid-module",
     "source-mid-image",
@@ -38,6 +40,8 @@ pub const POINTS: [&str; 13] = [
     "source-after-forward",
     "after-call",
     "after-emit",
+    "after-send",
+    "home-after-post",
 ];
 
 /// Reads `FAILPOINTS` from the environment; the returned guard keeps the points configured.

@@ -10,6 +10,7 @@ mod faults;
 mod hostile;
 mod hosts;
 mod limits;
+mod messages;
 mod migration;
 mod mtls;
 mod network;

@@ -80,7 +80,8 @@ pub enum Request {
     Post(Post),
     /// Host → home host: the messages of `agent` numbered after `after`, waiting up to
     /// `wait_ms` for one if there is none; a stored state of the agent took those up to
-    /// `taken`, which the home may drop. Answered with [`Reply<Vec<Message>>`].
+    /// `taken`, which the home may drop. Answered with
+    /// [`Reply<Fetched>`](crate::net::host::Fetched).
     Fetch {
         /// The agent.
         agent: AgentId,
@@ -92,8 +93,9 @@ pub enum Request {
         wait_ms: u64,
     },
     /// Host → home host: `agent` is parked on the asking host waiting for a message after
-    /// `after`: send [`Request::Wake`] when one comes. Answered with [`Reply<bool>`]: `true`
-    /// when one is there already (wake it now).
+    /// `after`, and its stored state took those up to there: send [`Request::Wake`] when
+    /// one comes. Answered with [`Reply<bool>`]: `true` when one is there already (wake it
+    /// now).
     Await {
         /// The agent.
         agent: AgentId,

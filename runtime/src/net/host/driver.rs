@@ -9,7 +9,7 @@ use crate::faults::crash_point;
 use crate::image::{Compression, EncodeOptions, Encoded};
 use crate::instance::{AgentError, AgentInstance};
 use crate::log::LogLine;
-use crate::net::host::{Host, PARK_AFTER, Start, sleep_unless_killed};
+use crate::net::host::{Fetched, Host, PARK_AFTER, Start, sleep_unless_killed};
 use crate::net::messages::{
     AgentEnd, LaunchEvent, Post, PostFrom, Refusal, Reply, Request, unix_ms,
 };
@@ -67,6 +67,8 @@ struct OnHost {
     uncommitted: Option<tokio::sync::oneshot::Receiver<bool>>,
     /// The messages a stored state of the agent took: its home may drop them.
     taken: u64,
+    /// Messages its mailbox holds at most, as its home last said.
+    limit: u64,
     /// The end of the wait of a `recv` it was parked in (ms since the Unix epoch).
     waited_until: Option<u64>,
 }
@@ -103,7 +105,12 @@ impl OnHost {
     /// Asks the agent's home for its messages after `after`, waiting up to `wait_ms` for one,
     /// and again while the home cannot be reached. `None` if the agent was killed, or this
     /// host began to shut down, meanwhile.
-    async fn fetch(&self, after: u64, wait_ms: u64, flags: &AgentFlags) -> Option<Vec<Message>> {
+    async fn fetch(
+        &mut self,
+        after: u64,
+        wait_ms: u64,
+        flags: &AgentFlags,
+    ) -> Option<Vec<Message>> {
         let host = &self.host;
         let mut pause = Backoff::new(TELL_FIRST, TELL_MOST);
         loop {
@@ -123,7 +130,7 @@ impl OnHost {
                         taken: self.taken,
                         wait_ms,
                     };
-                    let asked = host.peers.ask::<Reply<Vec<Message>>>(&self.home, &fetch);
+                    let asked = host.peers.ask::<Reply<Fetched>>(&self.home, &fetch);
                     tokio::select! {
                         asked = asked => asked.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
                         () = flags.killed.cancelled() => return None,
@@ -131,7 +138,10 @@ impl OnHost {
                 }
             };
             match fetched {
-                Ok(mail) => return Some(mail),
+                Ok(fetched) => {
+                    self.limit = fetched.limit;
+                    return Some(fetched.mail);
+                }
                 Err(e) => {
                     let home = &self.home;
                     tracing::warn!(agent = %self.id, %home, "cannot fetch messages: {e}");
@@ -366,7 +376,7 @@ impl OnHost {
     /// state, it is stored again, so that its home may drop them and its mailbox has room.
     async fn keep_taken(&mut self, mut agent: AgentInstance) -> Flow {
         let received = agent.context().received;
-        let every = (self.host.config.mailbox / KEEP_TAKEN_PART).max(1);
+        let every = (self.limit / KEEP_TAKEN_PART).max(1);
         if received - self.taken >= every {
             match self.host.keep(&mut agent, Resume::Poll).await {
                 Ok(()) => self.taken = received,
@@ -405,6 +415,7 @@ impl Host {
             home: context.home.clone(),
             // An agent starts here from a stored state: an arrival's is its committed image.
             taken: context.received,
+            limit: self.config.mailbox,
             host: self,
             uncommitted,
             waited_until,

@@ -18,6 +18,7 @@ mod serve;
 
 pub(in crate::net) use homes::fit_list;
 pub(in crate::net) use parking::sleep_unless_killed;
+pub use post::Fetched;
 pub(in crate::net) use serve::Stream;
 
 use crate::net::hop::machine::WORTH_PREPARING;

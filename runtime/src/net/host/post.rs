@@ -6,6 +6,7 @@
 
 use crate::backoff::Backoff;
 use crate::context::AgentId;
+use crate::faults::crash_point;
 use crate::net::host::Host;
 use crate::net::mailbox::{Accepted, Declined, MailboxRow, SenderKey, Waiter};
 use crate::net::messages::{AgentState, Post, PostFrom, Refusal, Reply, Request};
@@ -25,6 +26,16 @@ const HOMES_REMEMBERED: usize = 10_000;
 /// The first pause before a home tries again to wake a waiting agent, and the longest.
 const WAKE_FIRST: Duration = Duration::from_millis(100);
 const WAKE_MOST: Duration = Duration::from_secs(5);
+
+/// What a fetch gives an agent's host: messages, and how many its mailbox holds at most, so
+/// that the host stores the agent often enough for its home to make room.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fetched {
+    /// The messages, in order.
+    pub mail: Vec<Message>,
+    /// Messages the agent's mailbox holds at most.
+    pub limit: u64,
+}
 
 /// One mailbox in memory. Its lock is held across the mailbox's store writes, so that
 /// messages are stored in the order they are numbered.
@@ -146,6 +157,7 @@ impl Host {
         };
         let stored = self.store.put_mail(&to, &row, Some((n, &message))).await;
         stored.map_err(|e| Refusal::Store(e.to_string()))?;
+        crash_point("home-after-post");
         let waiter = row.waiter.clone();
         held.row = row;
         drop(held);
@@ -163,35 +175,25 @@ impl Host {
         agent: &AgentId,
         (after, taken): (u64, u64),
         wait: Duration,
-    ) -> Reply<Vec<Message>> {
+    ) -> Reply<Fetched> {
         let slot = self.mailbox(agent)?;
-        {
-            let mut held = slot.held.lock().await;
-            if held.closed {
-                return Err(Refusal::Ended(*agent));
-            }
-            if held.row.take(taken.min(after))
-                && let Err(e) = self.store.take_mail(agent, &held.row).await
-            {
-                tracing::warn!(%agent, "cannot drop messages taken: {e}");
-            }
-        }
+        self.taken(agent, &slot, taken.min(after)).await?;
+        let limit = self.config.mailbox;
         let read = || {
-            let mail = self
-                .store
-                .mail_after(agent, after, FETCH_COUNT, FETCH_BYTES);
-            mail.map_err(|e| Refusal::Store(e.to_string()))
+            let mail = (self.store).mail_after(agent, after, FETCH_COUNT, FETCH_BYTES);
+            let mail = mail.map_err(|e| Refusal::Store(e.to_string()))?;
+            Ok(Fetched { mail, limit })
         };
-        let mail = read()?;
-        if !mail.is_empty() || wait.is_zero() {
-            return Ok(mail);
+        let fetched = read()?;
+        if !fetched.mail.is_empty() || wait.is_zero() {
+            return Ok(fetched);
         }
         let arrived = slot.arrived.notified();
         tokio::pin!(arrived);
         arrived.as_mut().enable();
-        let mail = read()?;
-        if !mail.is_empty() {
-            return Ok(mail);
+        let fetched = read()?;
+        if !fetched.mail.is_empty() {
+            return Ok(fetched);
         }
         tokio::select! {
             () = arrived => {}
@@ -201,8 +203,22 @@ impl Host {
         read()
     }
 
-    /// Home side: `agent` is parked on `site` waiting for a message after `after`; `true`
-    /// if one is here already.
+    /// Home side: a stored state of `agent` took its messages up to `taken`: they go.
+    async fn taken(&self, agent: &AgentId, slot: &Slot, taken: u64) -> Reply<()> {
+        let mut held = slot.held.lock().await;
+        if held.closed {
+            return Err(Refusal::Ended(*agent));
+        }
+        if held.row.take(taken)
+            && let Err(e) = self.store.take_mail(agent, &held.row).await
+        {
+            tracing::warn!(%agent, "cannot drop messages taken: {e}");
+        }
+        Ok(())
+    }
+
+    /// Home side: `agent` is parked on `site` waiting for a message after `after` (its
+    /// stored state took those up to there); `true` if one is here already.
     pub(in crate::net) async fn await_mail(
         self: &Arc<Self>,
         agent: &AgentId,
@@ -210,6 +226,7 @@ impl Host {
         site: &str,
     ) -> Reply<bool> {
         let slot = self.mailbox(agent)?;
+        self.taken(agent, &slot, after).await?;
         let mut held = slot.held.lock().await;
         if held.closed {
             return Err(Refusal::Ended(*agent));
