@@ -10,6 +10,7 @@ mod faults;
 mod hostile;
 mod hosts;
 mod limits;
+mod mail_faults;
 mod messages;
 mod migration;
 mod mtls;

@@ -2,7 +2,7 @@
 //! it receives the text "stop". It emits each message it takes (`agent launch` prints them),
 //! and its result is every message but "stop", in the order it took them.
 //!
-//! `--arg pause_ms=N` (default 10) is how long it waits for messages at each site;
+//! A site it cannot hop to is skipped. `--arg pause_ms=N` (default 10) is how long it waits for messages at each site;
 //! `--arg per_site=N` takes at most N messages at each site before it goes on (default: all
 //! there are); `--arg rounds=N` ends the tour after N rounds. With no itinerary, or after its rounds, it
 //! stays where it is and waits (parked, if long) for each message.
@@ -19,7 +19,9 @@ use std::time::Duration;
 
 /// "stop", or the message's value.
 fn read(message: &Message) -> Result<Option<Value>, String> {
-    let value: Value = message.body().map_err(|e| format!("unreadable message: {e}"))?;
+    let value: Value = message
+        .body()
+        .map_err(|e| format!("unreadable message: {e}"))?;
     Ok((value.as_text() != Some("stop")).then_some(value))
 }
 
@@ -42,8 +44,11 @@ async fn inbox(ctx: Context) -> Result<Vec<Value>, String> {
     let tour = (0..rounds).flat_map(|_| itinerary.iter());
     let mut kept = Vec::new();
     for site in tour.map(Some).chain(std::iter::repeat(None)) {
-        if let Some(site) = site {
-            ctx.hop(site).await.map_err(|e| e.to_string())?;
+        // A site it cannot reach is skipped: it goes on touring from where it is.
+        if let Some(site) = site
+            && let Err(e) = ctx.hop(site).await
+        {
+            ctx.warn(format!("skipping {site}: {e}"));
         }
         // On tour: what came while it travelled, then what comes while it pauses here.
         let taken = match site {

@@ -29,7 +29,9 @@ enum Report {
 
 async fn scouts(ctx: Context) -> Result<BTreeMap<String, Vec<String>>, String> {
     match (ctx.arg("scouts"), ctx.arg("coordinator")) {
-        (Some(n), None) => coordinate(&ctx, n.parse().map_err(|e| format!("bad scouts: {e}"))?).await,
+        (Some(n), None) => {
+            coordinate(&ctx, n.parse().map_err(|e| format!("bad scouts: {e}"))?).await
+        }
         (None, Some(coordinator)) => scout(&ctx, &coordinator).await.map(|()| BTreeMap::new()),
         _ => Err("give --arg scouts=N (coordinator) or --arg coordinator=ID (scout)".into()),
     }
@@ -43,7 +45,9 @@ async fn coordinate(ctx: &Context, scouts: u32) -> Result<BTreeMap<String, Vec<S
         let message = ctx.recv().await;
         match message.body::<Report>()? {
             Report::Found { site, lines } => {
-                ctx.emit(&format!("{} lines from {site}", lines.len())).await.map_err(|e| e.to_string())?;
+                ctx.emit(&format!("{} lines from {site}", lines.len()))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 found.entry(site).or_default().extend(lines);
             }
             Report::Done => done += 1,
@@ -61,12 +65,26 @@ async fn scout(ctx: &Context, coordinator: &str) -> Result<(), String> {
             query: query.clone(),
             limit: 20,
         };
-        let reply: CorpusReply = ctx.call(CORPUS, &request).await.map_err(|e| e.to_string())?;
-        let lines = reply.hits.into_iter().map(|h| format!("{}:{}: {}", h.doc, h.line, h.text)).collect();
-        let report = Report::Found { site: ctx.site(), lines };
-        ctx.send(coordinator, &report).await.map_err(|e| e.to_string())?;
+        let reply: CorpusReply = ctx
+            .call(CORPUS, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let lines = reply
+            .hits
+            .into_iter()
+            .map(|h| format!("{}:{}: {}", h.doc, h.line, h.text))
+            .collect();
+        let report = Report::Found {
+            site: ctx.site(),
+            lines,
+        };
+        ctx.send(coordinator, &report)
+            .await
+            .map_err(|e| e.to_string())?;
     }
-    ctx.send(coordinator, &Report::Done).await.map_err(|e| e.to_string())
+    ctx.send(coordinator, &Report::Done)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 agent_sdk::agent!(scouts);
