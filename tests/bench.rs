@@ -3,10 +3,13 @@
 //! Prints a Markdown report: the environment, then one row per figure with its target.
 //!
 //! `scripts/bench [ROUNDS] [SCENARIO...]` (release build; ROUNDS repeats each measured
-//! scenario, default 5; scenarios: checkpoint memcpy freeze throughput large sparse return
-//! restart parked, default all). `BENCH_PARKED=N` parks N agents instead of 100,000;
+//! scenario, default 5; scenarios: checkpoint memcpy freeze throughput messages large sparse
+//! return restart parked, default all). `BENCH_PARKED=N` parks N agents instead of 100,000;
 //! `BENCH_AGENTS=N` puts N agents in flight in `throughput` instead of 200, `BENCH_HOPS=N` makes
 //! each hop N times instead of 20.
+
+#[path = "bench_messages.rs"]
+mod messages;
 
 use agent_e2e::{Cluster, example, launch, repo, runner};
 use agent_runtime::Limits;
@@ -101,6 +104,13 @@ fn main() -> anyhow::Result<()> {
     }
     if run("throughput") {
         rows.push(runtime.block_on(bench.throughput(rounds))?);
+    }
+    if run("messages") {
+        let inbox = Arc::new(example("inbox"));
+        let client = &bench.client;
+        rows.push(runtime.block_on(messages::latency(client, &inbox, rounds))?);
+        rows.push(runtime.block_on(messages::throughput(client, &inbox, rounds))?);
+        rows.push(runtime.block_on(messages::hopping(client, &inbox, rounds))?);
     }
     if run("large") {
         rows.push(runtime.block_on(bench.large(rounds))?);

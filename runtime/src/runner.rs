@@ -15,7 +15,7 @@ use crate::limits::Limits;
 use crate::log::LogLine;
 use crate::modules::ModuleCache;
 use crate::services::Site;
-use agent_abi::{HopError, Message, OpResult, Outcome, SendError, Sender};
+use agent_abi::{HopError, OpResult, Outcome, SendError};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -361,39 +361,21 @@ impl Place for InProcess<'_> {
         Flow::Go(agent)
     }
 
-    /// A local run has one agent: it may send messages to itself, which it receives in order.
-    async fn send(&mut self, mut agent: AgentInstance, to: AgentId, value: Vec<u8>) -> Flow {
-        let me = agent.context().agent_id;
-        let sent = match to == me {
-            true => {
-                let from = Sender::Agent(me.to_string());
-                (agent.context_mut().inbox).push(Message { from, body: value });
-                Ok(())
-            }
-            false => Err(SendError::NoSuchAgent(to.to_string())),
-        };
+    /// A local run has one agent and no other sender: no agent can be sent a message.
+    async fn send(&mut self, mut agent: AgentInstance, to: AgentId, _value: Vec<u8>) -> Flow {
+        let sent = Err(SendError::NoSuchAgent(to.to_string()));
         agent.complete(OpResult::Send(sent));
         Flow::Go(agent)
     }
 
     async fn recv(&mut self, mut agent: AgentInstance, timeout_ms: Option<u64>) -> Flow {
-        let context = agent.context_mut();
-        let message = match (context.inbox.is_empty(), timeout_ms) {
-            (false, _) => {
-                context.received += 1;
-                Some(context.inbox.remove(0))
-            }
-            (true, Some(ms)) => {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                None
-            }
-            (true, None) => {
-                let why = "it waits for a message, and nothing can send one in a local run";
-                self.report.outcome = Err(AgentError::Stuck(why.into()));
-                return Flow::Stop;
-            }
+        let Some(ms) = timeout_ms else {
+            let why = "it waits for a message, and nothing can send one in a local run";
+            self.report.outcome = Err(AgentError::Stuck(why.into()));
+            return Flow::Stop;
         };
-        agent.complete(OpResult::Recv(message));
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        agent.complete(OpResult::Recv(None));
         Flow::Go(agent)
     }
 

@@ -179,3 +179,42 @@ fn agent_run_prints_what_the_agent_emits_and_json_lists_it_in_order() {
     );
     assert_eq!(report["result"]["emitted"], 5, "{report:#}");
 }
+
+/// A local run has no one to exchange messages with: a send says the receiver does not
+/// exist, a wait with a timeout times out, and a wait without one ends the run.
+#[test]
+fn agent_run_says_no_message_can_come_in_a_local_run() {
+    let run = |wasm: &str, args: &[&str]| {
+        let out = Command::new(agent_bin())
+            .arg("run")
+            .arg(wasm)
+            .args(args)
+            .args(["--json", "--no-disk-cache"])
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (out.status.code(), report)
+    };
+    // The inbox tours twice (its waits time out), then waits for good.
+    let inbox = example_path("inbox");
+    let (code, report) = run(&inbox, &["--sites", "a,b", "--arg", "rounds=2"]);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(
+        report["hops"].as_array().map(Vec::len),
+        Some(4),
+        "{report:#}"
+    );
+    assert_eq!(
+        report["error"],
+        "agent cannot go on: it waits for a message, and nothing can send one in a local run"
+    );
+    let scouts = example_path("scouts");
+    let nobody = "coordinator=0123456789abcdef0123456789abcdef";
+    let (code, report) = run(&scouts, &["--sites", "a", "--arg", nobody]);
+    assert_eq!(code, Some(1), "{report:#}");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("no such agent: 0123456789abcdef0123456789abcdef"),
+        "{report:#}"
+    );
+}

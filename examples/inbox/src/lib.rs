@@ -4,7 +4,7 @@
 //!
 //! A site it cannot hop to is skipped. `--arg pause_ms=N` (default 10) is how long it waits for messages at each site;
 //! `--arg per_site=N` takes at most N messages at each site before it goes on (default: all
-//! there are); `--arg rounds=N` ends the tour after N rounds. With no itinerary, or after its rounds, it
+//! there are); `--arg rounds=N` ends the tour after N rounds; `--arg quiet=true` emits nothing. With no itinerary, or after its rounds, it
 //! stays where it is and waits (parked, if long) for each message.
 //!
 //! ```text
@@ -38,6 +38,7 @@ async fn inbox(ctx: Context) -> Result<Vec<Value>, String> {
         Some(v) => v.parse().map_err(|e| format!("bad rounds: {e}"))?,
         None => u64::MAX,
     };
+    let quiet = ctx.arg("quiet").is_some_and(|v| v == "true");
     let itinerary = ctx.itinerary();
     // No itinerary, no rounds: an empty round would never end.
     let rounds = if itinerary.is_empty() { 0 } else { rounds };
@@ -61,7 +62,9 @@ async fn inbox(ctx: Context) -> Result<Vec<Value>, String> {
             let Some(value) = read(&message)? else {
                 return Ok(kept);
             };
-            ctx.emit(&value).await.map_err(|e| e.to_string())?;
+            if !quiet {
+                ctx.emit(&value).await.map_err(|e| e.to_string())?;
+            }
             kept.push(value);
             here += 1;
             next = match (site, here < per_site) {

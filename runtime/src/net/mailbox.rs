@@ -5,7 +5,9 @@
 //! Each sender numbers its messages to one receiver 1, 2, 3, ...; the mailbox accepts only
 //! the next number from each sender, says "held already" to one it accepted before (a sender
 //! that did not hear the answer sends it again), and gives each message it accepts the next
-//! number of the mailbox. The receiver takes messages in that order: so each message is
+//! number of the mailbox. A message that bears the number of the last one held but other
+//! contents is a new one: its sender gave up on the last one without learning that it was
+//! held, and numbered the next the same. The receiver takes messages in that order: so each message is
 //! delivered once, and in order per sender.
 
 use crate::context::AgentId;
@@ -33,6 +35,17 @@ pub struct Mark {
     pub seq: u64,
     /// The mailbox's number of it.
     pub n: u64,
+    /// A digest of its contents ([`digest`]).
+    #[serde(default)]
+    pub digest: u64,
+}
+
+/// The digest of a message's contents a [`Mark`] keeps.
+pub fn digest(body: &[u8]) -> u64 {
+    let hash = blake3::hash(body);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.as_bytes()[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// Where an agent waits, parked, for a message numbered after `after`.
@@ -95,26 +108,32 @@ impl MailboxRow {
         self.last - self.taken
     }
 
-    /// Accepts message `seq` of `sender` if it is the sender's next one and there is room
-    /// for it among at most `limit` held messages.
+    /// Accepts message `seq` of `sender`, whose contents have `digest`, if it is the
+    /// sender's next one and there is room for it among at most `limit` held messages.
     pub fn accept(
         &mut self,
         sender: &SenderKey,
-        seq: u64,
+        (seq, digest): (u64, u64),
         limit: u64,
     ) -> Result<Accepted, Declined> {
-        let sent = self.senders.get(sender).map_or(0, |m| m.seq);
-        if seq <= sent {
+        let last = self.senders.get(sender).copied();
+        let sent = last.map_or(0, |m| m.seq);
+        let renumbered = last.is_some_and(|m| m.seq == seq && m.digest != digest);
+        if seq <= sent && !renumbered {
             return Ok(Accepted::Again);
         }
-        if seq != sent + 1 {
+        if seq != sent + 1 && !renumbered {
             return Err(Declined::Gap { expected: sent + 1 });
         }
         if self.held() >= limit {
             return Err(Declined::Full { limit });
         }
         self.last += 1;
-        let mark = Mark { seq, n: self.last };
+        let mark = Mark {
+            seq,
+            n: self.last,
+            digest,
+        };
         self.senders.insert(sender.clone(), mark);
         if matches!(sender, SenderKey::User { .. }) {
             self.forget_old_sessions();
@@ -167,29 +186,47 @@ mod tests {
     fn each_message_is_numbered_once_in_the_order_of_its_sender() {
         let mut mailbox = MailboxRow::default();
         let (a, b) = (agent(1), agent(2));
-        assert_eq!(mailbox.accept(&a, 1, 10), Ok(Accepted::New(1)));
-        assert_eq!(mailbox.accept(&b, 1, 10), Ok(Accepted::New(2)));
-        assert_eq!(mailbox.accept(&a, 1, 10), Ok(Accepted::Again));
+        assert_eq!(mailbox.accept(&a, (1, 0), 10), Ok(Accepted::New(1)));
+        assert_eq!(mailbox.accept(&b, (1, 0), 10), Ok(Accepted::New(2)));
+        assert_eq!(mailbox.accept(&a, (1, 0), 10), Ok(Accepted::Again));
         assert_eq!(
-            mailbox.accept(&a, 3, 10),
+            mailbox.accept(&a, (3, 0), 10),
             Err(Declined::Gap { expected: 2 })
         );
-        assert_eq!(mailbox.accept(&a, 2, 10), Ok(Accepted::New(3)));
+        assert_eq!(mailbox.accept(&a, (2, 0), 10), Ok(Accepted::New(3)));
         assert_eq!(mailbox.held(), 3);
+    }
+
+    /// A sender that gave up on a message it did not learn was held numbers its next one
+    /// the same: other contents under that number are a new message, the same are not.
+    #[test]
+    fn a_new_message_under_the_last_ones_number_is_held_too() {
+        let mut mailbox = MailboxRow::default();
+        let a = agent(1);
+        assert_eq!(mailbox.accept(&a, (1, 11), 10), Ok(Accepted::New(1)));
+        assert_eq!(mailbox.accept(&a, (1, 11), 10), Ok(Accepted::Again));
+        assert_eq!(mailbox.accept(&a, (1, 22), 10), Ok(Accepted::New(2)));
+        assert_eq!(mailbox.accept(&a, (1, 22), 10), Ok(Accepted::Again));
+        assert_eq!(mailbox.accept(&a, (2, 33), 10), Ok(Accepted::New(3)));
+        // An older number is held already, whatever it carries.
+        assert_eq!(mailbox.accept(&a, (1, 44), 10), Ok(Accepted::Again));
     }
 
     #[test]
     fn a_full_mailbox_declines_new_messages_until_some_are_taken() {
         let mut mailbox = MailboxRow::default();
         let a = agent(1);
-        assert_eq!(mailbox.accept(&a, 1, 2), Ok(Accepted::New(1)));
-        assert_eq!(mailbox.accept(&a, 2, 2), Ok(Accepted::New(2)));
-        assert_eq!(mailbox.accept(&a, 3, 2), Err(Declined::Full { limit: 2 }));
+        assert_eq!(mailbox.accept(&a, (1, 0), 2), Ok(Accepted::New(1)));
+        assert_eq!(mailbox.accept(&a, (2, 0), 2), Ok(Accepted::New(2)));
+        assert_eq!(
+            mailbox.accept(&a, (3, 0), 2),
+            Err(Declined::Full { limit: 2 })
+        );
         // One held already is still known as such.
-        assert_eq!(mailbox.accept(&a, 2, 2), Ok(Accepted::Again));
+        assert_eq!(mailbox.accept(&a, (2, 0), 2), Ok(Accepted::Again));
         assert!(mailbox.take(1));
         assert!(!mailbox.take(1));
-        assert_eq!(mailbox.accept(&a, 3, 2), Ok(Accepted::New(3)));
+        assert_eq!(mailbox.accept(&a, (3, 0), 2), Ok(Accepted::New(3)));
         // Taking more than was accepted takes what there is.
         mailbox.take(99);
         assert_eq!(mailbox.held(), 0);
@@ -199,14 +236,14 @@ mod tests {
     fn old_user_sessions_are_forgotten_but_agents_are_not() {
         let mut mailbox = MailboxRow::default();
         let a = agent(7);
-        assert_eq!(mailbox.accept(&a, 1, 1000), Ok(Accepted::New(1)));
+        assert_eq!(mailbox.accept(&a, (1, 0), 1000), Ok(Accepted::New(1)));
         for session in 0..(USER_SESSIONS_KEPT as u64 + 5) {
             let user = SenderKey::User {
                 name: "alice".into(),
                 session,
             };
             assert!(matches!(
-                mailbox.accept(&user, 1, 1000),
+                mailbox.accept(&user, (1, 0), 1000),
                 Ok(Accepted::New(_))
             ));
         }
@@ -222,12 +259,12 @@ mod tests {
     #[test]
     fn a_row_reads_back_as_it_was_stored() {
         let mut mailbox = MailboxRow::default();
-        mailbox.accept(&agent(3), 1, 10).unwrap();
+        mailbox.accept(&agent(3), (1, 0), 10).unwrap();
         let user = SenderKey::User {
             name: "bob".into(),
             session: 9,
         };
-        mailbox.accept(&user, 1, 10).unwrap();
+        mailbox.accept(&user, (1, 0), 10).unwrap();
         mailbox.waiter = Some(Waiter {
             site: "siteB".into(),
             after: 1,

@@ -8,7 +8,7 @@ use crate::backoff::Backoff;
 use crate::context::AgentId;
 use crate::faults::crash_point;
 use crate::net::host::Host;
-use crate::net::mailbox::{Accepted, Declined, MailboxRow, SenderKey, Waiter};
+use crate::net::mailbox::{Accepted, Declined, MailboxRow, SenderKey, Waiter, digest};
 use crate::net::messages::{AgentState, Post, PostFrom, Refusal, Reply, Request};
 use crate::net::store::{AgentRecord, Resume};
 use agent_abi::{MAX_MAIL, Message, Sender};
@@ -141,7 +141,8 @@ impl Host {
             return Err(Refusal::Ended(to));
         }
         let mut row = held.row.clone();
-        let n = match row.accept(&sender, post.seq, self.config.mailbox) {
+        let numbered = (post.seq, digest(&post.body));
+        let n = match row.accept(&sender, numbered, self.config.mailbox) {
             Ok(Accepted::Again) => return Ok(()),
             Ok(Accepted::New(n)) => n,
             Err(Declined::Full { limit }) => return Err(Refusal::MailboxFull { agent: to, limit }),
