@@ -350,16 +350,19 @@ impl Host {
         }
     }
 
-    /// An agent's host: sends a message for `from` (of `owner`) to agent `to` at its home,
-    /// found by asking this host, then `hint` (the sender's own home), then every peer; the
-    /// home found is remembered.
+    /// An agent's host: sends a message of one of its agents (of `owner`) to agent `to` at
+    /// its home, found by asking this host, then `hint` (the sender's own home), then every
+    /// peer; the home found is remembered.
     pub(in crate::net) async fn post_to_home(
         self: &Arc<Self>,
         post: &Post,
         owner: &str,
         hint: &str,
     ) -> Reply<()> {
-        let to = post.to;
+        let (to, from) = match &post.from {
+            PostFrom::Agent { id, .. } => (post.to, SenderKey::Agent(*id)),
+            PostFrom::User { .. } => return Err(Refusal::OnlyUsers("post as users".into())),
+        };
         let mut homes: Vec<String> = Vec::new();
         homes.extend(self.post.home_of(&to));
         homes.push(self.config.name.clone());
@@ -372,32 +375,21 @@ impl Host {
                 continue;
             }
             let posted = match home == self.config.name {
-                true => {
-                    let sender = match &post.from {
-                        PostFrom::Agent { id, .. } => SenderKey::Agent(*id),
-                        PostFrom::User { .. } => {
-                            return Err(Refusal::OnlyHosts("post for agents".into()));
+                true => self.post(post.clone(), from.clone(), owner).await,
+                false => {
+                    let request = Request::Post(post.clone());
+                    match self.peers.ask::<Reply<()>>(&home, &request).await {
+                        Ok(reply) => reply,
+                        Err(e) => {
+                            unreachable = Some(Refusal::Unreachable(format!("{home}: {e}")));
+                            continue;
                         }
-                    };
-                    self.post(post.clone(), sender, owner).await
-                }
-                false => match (self.peers)
-                    .ask::<Reply<()>>(&home, &Request::Post(post.clone()))
-                    .await
-                {
-                    Ok(reply) => reply,
-                    Err(e) => {
-                        unreachable = Some(Refusal::Unreachable(format!("{home}: {e}")));
-                        continue;
                     }
-                },
-            };
-            match posted {
-                Err(Refusal::NoSuchAgent(_)) => continue,
-                other => {
-                    self.post.remember_home(to, &home);
-                    return other;
                 }
+            };
+            if !matches!(posted, Err(Refusal::NoSuchAgent(_))) {
+                self.post.remember_home(to, &home);
+                return posted;
             }
         }
         // A home that could not be asked may be the one: the sender tries again later.
