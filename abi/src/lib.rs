@@ -233,8 +233,8 @@ pub enum SendError {
         /// Messages a mailbox holds at most.
         limit: u64,
     },
-    /// The receiver's home could not be reached for a while; try again later (a message
-    /// sent again is not delivered twice).
+    /// The receiver's home could not be reached for a while. The message may have been
+    /// held: send it again, before any other to the same receiver, and it is taken once.
     Unreachable(String),
 }
 

@@ -413,3 +413,56 @@ fn a_message_sent_again_after_its_senders_host_crashed_is_taken_once() {
     assert!(!lines.is_empty() && lines == unique, "{status:#}");
     assert_eq!(status["emits"], 1, "{status:#}");
 }
+
+/// The home crashes right after it stored a message for an agent parked waiting on the home
+/// itself, before it woke the agent: started again, it wakes the agent, which takes it.
+#[test]
+fn an_agent_waiting_at_its_home_is_woken_when_the_home_starts_again() {
+    let up: &[&str] = &[];
+    let mut cluster = Cluster::start(&SITES, &[("siteB", up)]);
+    cluster.start_with("siteA", &[], &[("FAILPOINTS", "home-after-post=return")]);
+    let id = detach(&cluster, "inbox", &[], "siteA");
+    logged(
+        &cluster,
+        "siteA",
+        "parked waiting for a message",
+        Duration::from_secs(30),
+    );
+    // The send may fail or succeed (it tries again once the home is back): the home held it.
+    let sender = cluster.spawn_agent(&["send", &id, "held"], "siteA", "alice");
+    let status = cluster.wait_exit("siteA", Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "siteA should have crashed after the post"
+    );
+    cluster.restart("siteA", &[]);
+    let _ = finish(sender, Duration::from_secs(60));
+    sent(&send(&cluster, &id, &["stop"], "siteA", "alice"));
+    let status = ended(&cluster, &id, "siteA", Duration::from_secs(60));
+    assert_eq!(status["result"], serde_json::json!(["held"]), "{status:#}");
+}
+
+/// While its home is down, an agent's `recv_timeout` still times out: it tours on.
+#[test]
+fn a_wait_with_a_timeout_ends_on_time_while_the_home_is_down() {
+    let mut cluster = three_hosts();
+    let id = detach(&cluster, "inbox", &["--hop", "siteB,siteC"], "siteA");
+    logged(&cluster, "siteC", "agent arrived", Duration::from_secs(30));
+    cluster.kill("siteA");
+    let arrivals = |cluster: &Cluster| {
+        let logs = cluster.log("siteB") + &cluster.log("siteC");
+        logs.matches("agent arrived").count()
+    };
+    let before = arrivals(&cluster);
+    std::thread::sleep(Duration::from_secs(3));
+    let after = arrivals(&cluster);
+    assert!(
+        after >= before + 4,
+        "the agent should tour on while its home is down: {before} then {after} arrivals"
+    );
+    cluster.restart("siteA", &[]);
+    sent(&send(&cluster, &id, &["stop"], "siteA", "alice"));
+    let status = ended(&cluster, &id, "siteA", Duration::from_secs(60));
+    assert_eq!(status["state"], "finished", "{status:#}");
+    assert_eq!(status["result"], serde_json::json!([]), "{status:#}");
+}

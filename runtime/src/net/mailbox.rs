@@ -49,7 +49,7 @@ pub fn digest(body: &[u8]) -> u64 {
 }
 
 /// Where an agent waits, parked, for a message numbered after `after`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Waiter {
     /// The host it is parked on.
     pub site: String,

@@ -9,7 +9,7 @@ use crate::faults::crash_point;
 use crate::image::{Compression, EncodeOptions, Encoded};
 use crate::instance::{AgentError, AgentInstance};
 use crate::log::LogLine;
-use crate::net::host::{Fetched, Host, PARK_AFTER, Start, sleep_unless_killed};
+use crate::net::host::{ASK_TIMEOUT, Fetched, Host, PARK_AFTER, Start, sleep_unless_killed};
 use crate::net::messages::{
     AgentEnd, LaunchEvent, Post, PostFrom, Refusal, Reply, Request, unix_ms,
 };
@@ -53,6 +53,9 @@ const TELL_MOST: Duration = Duration::from_secs(5);
 
 /// How long an agent's host tries to reach a receiver's home before `send` fails.
 const SEND_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long past a `recv_timeout`'s deadline a fetch from its home may take.
+const FETCH_GRACE: Duration = Duration::from_millis(100);
 
 /// An agent is stored again once it took this part of its mailbox's room since it last was.
 const KEEP_TAKEN_PART: u64 = 4;
@@ -102,24 +105,28 @@ impl OnHost {
         }
     }
 
-    /// Asks the agent's home for its messages after `after`, waiting up to `wait_ms` for one,
-    /// and again while the home cannot be reached. `None` if the agent was killed, or this
-    /// host began to shut down, meanwhile.
+    /// Asks the agent's home for its messages after `after`, waiting for one until
+    /// `deadline` (ms since the Unix epoch) at most [`PARK_AFTER`] at a time, and again while
+    /// the home cannot be reached, until the deadline: then there are none. `None` if the
+    /// agent was killed, or this host began to shut down, meanwhile; a refusal if its home
+    /// says it ended or does not know it (no message can come).
     async fn fetch(
         &mut self,
         after: u64,
-        wait_ms: u64,
+        deadline: u64,
         flags: &AgentFlags,
-    ) -> Option<Vec<Message>> {
-        let host = &self.host;
+    ) -> Option<Result<Vec<Message>, Refusal>> {
+        let host = self.host.clone();
         let mut pause = Backoff::new(TELL_FIRST, TELL_MOST);
         loop {
+            let left = deadline.saturating_sub(unix_ms());
+            let wait_ms = left.min(PARK_AFTER.as_millis() as u64);
             let fetched = match self.home == host.config.name {
                 true => {
                     let wait = Duration::from_millis(wait_ms);
                     let fetch = host.fetch_mail(&self.id, (after, self.taken), wait);
                     tokio::select! {
-                        fetched = fetch => fetched.map_err(|e| e.to_string()),
+                        fetched = fetch => Ok(fetched),
                         () = flags.killed.cancelled() => return None,
                     }
                 }
@@ -130,25 +137,41 @@ impl OnHost {
                         taken: self.taken,
                         wait_ms,
                     };
+                    // A home that does not answer (it is down, and dialling it takes seconds)
+                    // does not hold the agent past its deadline.
                     let asked = host.peers.ask::<Reply<Fetched>>(&self.home, &fetch);
+                    let patience = match deadline {
+                        u64::MAX => ASK_TIMEOUT,
+                        _ => Duration::from_millis(left) + FETCH_GRACE,
+                    };
                     tokio::select! {
-                        asked = asked => asked.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+                        asked = tokio::time::timeout(patience, asked) => match asked {
+                            Ok(asked) => asked,
+                            Err(_) => return Some(Ok(Vec::new())),
+                        },
                         () = flags.killed.cancelled() => return None,
                     }
                 }
             };
-            match fetched {
-                Ok(fetched) => {
+            let e = match fetched {
+                Ok(Ok(fetched)) => {
                     self.limit = fetched.limit;
-                    return Some(fetched.mail);
+                    return Some(Ok(fetched.mail));
                 }
-                Err(e) => {
-                    let home = &self.home;
-                    tracing::warn!(agent = %self.id, %home, "cannot fetch messages: {e}");
+                Ok(Err(gone @ (Refusal::Ended(_) | Refusal::NoSuchAgent(_)))) => {
+                    return Some(Err(gone));
                 }
+                Ok(Err(refusal)) => refusal.to_string(),
+                Err(unreachable) => unreachable.to_string(),
+            };
+            let home = &self.home;
+            tracing::warn!(agent = %self.id, %home, "cannot fetch messages: {e}");
+            let left = deadline.saturating_sub(unix_ms());
+            if left == 0 {
+                return Some(Ok(Vec::new()));
             }
             tokio::select! {
-                () = tokio::time::sleep(pause.wait()) => {}
+                () = tokio::time::sleep(pause.wait().min(Duration::from_millis(left))) => {}
                 () = flags.killed.cancelled() => return None,
                 () = host.stopping.cancelled() => return None,
             }
@@ -343,10 +366,16 @@ impl Place for OnHost {
                 return self.keep_taken(agent).await;
             }
             let after = context.received;
-            let left = deadline.saturating_sub(unix_ms());
-            let wait = left.min(PARK_AFTER.as_millis() as u64);
-            let Some(mail) = self.fetch(after, wait, &agent.flags()).await else {
-                return self.cut_short(agent).await;
+            let mail = match self.fetch(after, deadline, &agent.flags()).await {
+                Some(Ok(mail)) => mail,
+                Some(Err(gone)) => {
+                    // Its home holds no mailbox for it: no message can come, ever.
+                    tracing::error!(agent = %self.id, "the agent's home says: {gone}; it stops");
+                    let hops = agent.context().hops();
+                    self.end_with(hops, AgentEnd::Killed).await;
+                    return Flow::Stop;
+                }
+                None => return self.cut_short(agent).await,
             };
             if !mail.is_empty() {
                 agent.context_mut().inbox = mail;

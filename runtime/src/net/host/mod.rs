@@ -307,8 +307,10 @@ impl Host {
         for agent in held {
             host.release_held_later(agent);
         }
-        host.reopen_mailboxes().await;
+        // Residents first: a home wakes the agents parked here waiting for a message that
+        // came, and must find them parked.
         host.resume_residents().await;
+        host.reopen_mailboxes().await;
         tokio::spawn(host.clone().accept_loop());
         tokio::spawn(host.clone().deliver_reports());
         tokio::spawn(host.clone().sync_lazily());

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Messages one fetch returns at most, and bytes of their bodies beyond the first.
+/// Messages one fetch returns at most, and the bytes they may take (the first always comes).
 pub(in crate::net) const FETCH_COUNT: usize = 64;
 pub(in crate::net) const FETCH_BYTES: usize = 256 << 10;
 
@@ -57,8 +57,8 @@ struct Held {
 #[derive(Default)]
 pub(in crate::net) struct PostOffice {
     boxes: Mutex<HashMap<AgentId, Arc<Slot>>>,
-    /// Agents a task is waking.
-    waking: Mutex<HashSet<AgentId>>,
+    /// Agents a task is waking, and where.
+    waking: Mutex<HashSet<(AgentId, Waiter)>>,
     /// The home hosts of agents that agents here sent messages to.
     homes_of: Mutex<HashMap<AgentId, String>>,
 }
@@ -178,7 +178,8 @@ impl Host {
         wait: Duration,
     ) -> Reply<Fetched> {
         let slot = self.mailbox(agent)?;
-        self.taken(agent, &slot, taken.min(after)).await?;
+        // An agent that fetches runs: it waits nowhere.
+        self.taken(agent, &slot, taken.min(after), true).await?;
         let limit = self.config.mailbox;
         let read = || {
             let mail = (self.store).mail_after(agent, after, FETCH_COUNT, FETCH_BYTES);
@@ -204,16 +205,20 @@ impl Host {
         read()
     }
 
-    /// Home side: a stored state of `agent` took its messages up to `taken`: they go.
-    async fn taken(&self, agent: &AgentId, slot: &Slot, taken: u64) -> Reply<()> {
+    /// Home side: a stored state of `agent` took its messages up to `taken`: they go; and
+    /// if it `runs`, it waits nowhere.
+    async fn taken(&self, agent: &AgentId, slot: &Slot, taken: u64, runs: bool) -> Reply<()> {
         let mut held = slot.held.lock().await;
         if held.closed {
             return Err(Refusal::Ended(*agent));
         }
-        if held.row.take(taken)
-            && let Err(e) = self.store.take_mail(agent, &held.row).await
-        {
-            tracing::warn!(%agent, "cannot drop messages taken: {e}");
+        let mut changed = held.row.take(taken);
+        if runs && held.row.waiter.is_some() {
+            held.row.waiter = None;
+            changed = true;
+        }
+        if changed && let Err(e) = self.store.take_mail(agent, &held.row).await {
+            tracing::warn!(%agent, "cannot record what the agent took: {e}");
         }
         Ok(())
     }
@@ -227,7 +232,7 @@ impl Host {
         site: &str,
     ) -> Reply<bool> {
         let slot = self.mailbox(agent)?;
-        self.taken(agent, &slot, after).await?;
+        self.taken(agent, &slot, after, false).await?;
         let mut held = slot.held.lock().await;
         if held.closed {
             return Err(Refusal::Ended(*agent));
@@ -283,31 +288,22 @@ impl Host {
         }
     }
 
-    /// Home side: wakes an agent parked waiting for a message, trying again until its host
-    /// answers; then forgets where it waited, unless it waits again.
+    /// Home side: wakes an agent parked on `waiter.site` waiting for a message, trying again
+    /// until that host answers or the agent no longer waits there (it woke, fetched or
+    /// waits elsewhere: a host it left may be gone for good); then forgets where it waited.
     fn wake_waiter(self: &Arc<Self>, agent: AgentId, waiter: Waiter) {
-        let first = (self.post.waking.lock()).is_ok_and(|mut w| w.insert(agent));
-        if !first {
+        let key = (agent, waiter.clone());
+        if !(self.post.waking.lock()).is_ok_and(|mut w| w.insert(key.clone())) {
             return;
         }
         let host = self.clone();
         tokio::spawn(async move {
             let mut pause = Backoff::new(WAKE_FIRST, WAKE_MOST);
-            loop {
-                let woke = match waiter.site == host.config.name {
-                    true => {
-                        host.wake_for_mail(&agent);
-                        Ok(())
-                    }
-                    false => {
-                        let wake = Request::Wake { agent };
-                        let asked = host.peers.ask::<Reply<()>>(&waiter.site, &wake).await;
-                        asked
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r.map_err(|e| e.to_string()))
-                    }
+            while host.waits_at(&agent, &waiter).await && !host.stopping() {
+                let Err(e) = host.wake_at(agent, &waiter.site).await else {
+                    host.forget_waiter(&agent, &waiter).await;
+                    break;
                 };
-                let Err(e) = woke else { break };
                 let site = &waiter.site;
                 tracing::warn!(%agent, %site, "cannot wake an agent waiting for a message: {e}");
                 tokio::select! {
@@ -315,24 +311,52 @@ impl Host {
                     () = host.stopping.cancelled() => break,
                 }
             }
-            let slot = host
-                .post
-                .boxes
-                .lock()
-                .ok()
-                .and_then(|b| b.get(&agent).cloned());
-            if let Some(slot) = slot {
-                let mut held = slot.held.lock().await;
-                if held.row.waiter.as_ref() == Some(&waiter) && !host.stopping() {
-                    let mut row = held.row.clone();
-                    row.waiter = None;
-                    if host.store.put_mail(&agent, &row, None).await.is_ok() {
-                        held.row = row;
-                    }
-                }
-            }
-            let _ = host.post.waking.lock().map(|mut w| w.remove(&agent));
+            let _ = host.post.waking.lock().map(|mut w| w.remove(&key));
         });
+    }
+
+    /// Whether the home still has `agent` waiting as `waiter` says.
+    async fn waits_at(&self, agent: &AgentId, waiter: &Waiter) -> bool {
+        let slot = self
+            .post
+            .boxes
+            .lock()
+            .ok()
+            .and_then(|b| b.get(agent).cloned());
+        match slot {
+            Some(slot) => slot.held.lock().await.row.waiter.as_ref() == Some(waiter),
+            None => false,
+        }
+    }
+
+    /// Tells `site` that a message came for `agent`.
+    async fn wake_at(self: &Arc<Self>, agent: AgentId, site: &str) -> Result<(), String> {
+        if site == self.config.name {
+            self.wake_for_mail(&agent);
+            return Ok(());
+        }
+        let wake = Request::Wake { agent };
+        let asked = self.peers.ask::<Reply<()>>(site, &wake).await;
+        asked.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+    }
+
+    /// The agent was woken where `waiter` says: unless it waits again, it waits nowhere.
+    async fn forget_waiter(&self, agent: &AgentId, waiter: &Waiter) {
+        let slot = self
+            .post
+            .boxes
+            .lock()
+            .ok()
+            .and_then(|b| b.get(agent).cloned());
+        let Some(slot) = slot else { return };
+        let mut held = slot.held.lock().await;
+        if held.row.waiter.as_ref() == Some(waiter) {
+            let mut row = held.row.clone();
+            row.waiter = None;
+            if self.store.put_mail(agent, &row, None).await.is_ok() {
+                held.row = row;
+            }
+        }
     }
 
     /// An agent's host: a message came for `agent`; if it is parked here waiting for one,

@@ -62,7 +62,7 @@ impl HostStore {
     }
 
     /// Messages of `agent` numbered after `after`, in order: at most `count`, and no more
-    /// than `bytes` of message bodies beyond the first.
+    /// than `bytes` of stored messages (but always the first).
     ///
     /// # Errors
     /// When the database fails or a message does not decode.

@@ -9,6 +9,10 @@ use std::time::Duration;
 /// Tries of one message when the connection fails; a message sent again is held once.
 const TRIES: u32 = 3;
 
+/// How long one try waits for the home's answer: a home that went away mid-request sends
+/// nothing back, and its connection would take the idle timeout to fail.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
 /// The message's CBOR: `text` as a string, or the JSON value `json`.
 pub fn body(text: Option<&str>, json: Option<&str>) -> anyhow::Result<Vec<u8>> {
     let mut bytes = Vec::new();
@@ -40,12 +44,18 @@ pub async fn send(conn: &Connection, agent: AgentId, body: Vec<u8>) -> anyhow::R
         tried += 1;
         let sent = match conn.connect().await {
             Ok(client) => {
-                let sent = client.send_message(&mut mailer, agent, body.clone()).await;
+                let sent = client.send_message(&mut mailer, agent, body.clone());
+                let sent = tokio::time::timeout(ANSWER_WITHIN, sent).await;
                 client.close().await;
-                sent.map_err(|e| match e {
-                    ClientError::Refused(r) => Err(client_error(ClientError::Refused(r))),
-                    other => Ok(client_error(other)),
-                })
+                match sent {
+                    Ok(sent) => sent.map_err(|e| match e {
+                        ClientError::Refused(r) => Err(client_error(ClientError::Refused(r))),
+                        other => Ok(client_error(other)),
+                    }),
+                    Err(_) => Err(Ok(anyhow::anyhow!(
+                        "no answer from the home host within {ANSWER_WITHIN:?}"
+                    ))),
+                }
             }
             Err(e) => Err(Ok(e)),
         };
