@@ -466,3 +466,82 @@ fn a_wait_with_a_timeout_ends_on_time_while_the_home_is_down() {
     assert_eq!(status["state"], "finished", "{status:#}");
     assert_eq!(status["result"], serde_json::json!([]), "{status:#}");
 }
+
+/// Three senders at once, each numbering its own messages: the agent takes every message
+/// once, and each sender's in the order sent, however they interleave.
+#[test]
+fn messages_of_senders_at_once_are_taken_in_each_senders_order() {
+    let cluster = three_hosts();
+    let id = detach(
+        &cluster,
+        "inbox",
+        &[
+            "--hop",
+            "siteB,siteC",
+            "--arg",
+            "per_site=3",
+            "--arg",
+            "quiet=true",
+        ],
+        "siteA",
+    );
+    let agent: AgentId = id.parse().unwrap();
+    const EACH: u64 = 150;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = std::sync::Arc::new(cluster.client("siteA", "alice").await.unwrap());
+        let mut senders = tokio::task::JoinSet::new();
+        for sender in 0..3u64 {
+            let client = client.clone();
+            senders.spawn(async move {
+                let mut mailer = Mailer::new();
+                for n in 0..EACH {
+                    let body = cbor(
+                        vec![sender, n]
+                            .into_iter()
+                            .map(Into::into)
+                            .collect::<Vec<ciborium::Value>>()
+                            .into(),
+                    );
+                    loop {
+                        match client.send_message(&mut mailer, agent, body.clone()).await {
+                            Ok(()) => break,
+                            Err(ClientError::Refused(Refusal::MailboxFull { .. })) => {
+                                tokio::time::sleep(Duration::from_millis(20)).await
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+            });
+        }
+        while let Some(done) = senders.join_next().await {
+            done.unwrap();
+        }
+        let mut mailer = Mailer::new();
+        client
+            .send_message(&mut mailer, agent, cbor("stop".into()))
+            .await
+            .unwrap();
+    });
+    let status = ended(&cluster, &id, "siteA", Duration::from_secs(120));
+    let taken: Vec<(u64, u64)> = status["result"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| (m[0].as_u64().unwrap(), m[1].as_u64().unwrap()))
+        .collect();
+    assert_eq!(taken.len() as u64, 3 * EACH, "{status:#}");
+    for sender in 0..3 {
+        let order: Vec<u64> = taken
+            .iter()
+            .filter(|(s, _)| *s == sender)
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(
+            order,
+            (0..EACH).collect::<Vec<_>>(),
+            "sender {sender}: {status:#}"
+        );
+    }
+}
