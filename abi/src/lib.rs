@@ -233,6 +233,12 @@ pub enum SendError {
         /// Messages a mailbox holds at most.
         limit: u64,
     },
+    /// The mailboxes of the receiver's owner's agents at its home hold as many bytes of
+    /// messages as its home allows a user's; try again later.
+    OwnerFull {
+        /// The bytes they may hold.
+        limit: u64,
+    },
     /// The receiver's home could not be reached for a while. The message may have been
     /// held: send it again, before any other to the same receiver, and it is taken once.
     Unreachable(String),
@@ -259,6 +265,10 @@ impl std::fmt::Display for SendError {
                     "the receiver's mailbox is full ({limit} messages); try again later"
                 )
             }
+            SendError::OwnerFull { limit } => write!(
+                f,
+                "the mailboxes of the receiver's owner hold {limit} bytes of messages at its home, the most allowed; try again later"
+            ),
             SendError::Unreachable(why) => write!(f, "the receiver's home is unreachable: {why}"),
         }
     }

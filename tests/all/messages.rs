@@ -545,3 +545,69 @@ fn messages_of_senders_at_once_are_taken_in_each_senders_order() {
         );
     }
 }
+
+/// The mailboxes of one user's agents on their home hold at most `--user-mail-mib` of
+/// messages together, whatever each mailbox's own room; room comes back as they take them.
+#[test]
+fn the_mailboxes_of_a_users_agents_hold_at_most_the_users_share_of_bytes() {
+    let up: &[&str] = &[];
+    let limits: &[&str] = &["--user-mail-mib", "1"];
+    let mut cluster = Cluster::start(&["siteA", "siteB"], &[("siteA", limits), ("siteB", up)]);
+    let waiting = ["--hop", "siteB", "--arg", "rounds=1", "--arg", "quiet=true"];
+    let ids = [0, 1].map(|_| detach(&cluster, "inbox", &waiting, "siteA"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster
+        .log("siteB")
+        .matches("parked waiting for a message")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "{}", cluster.log("siteB"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The agents take nothing while siteB is down.
+    cluster.kill("siteB");
+    let agents = ids.clone().map(|id| id.parse::<AgentId>().unwrap());
+    let body = cbor(ciborium::Value::Bytes(vec![7; 60_000]));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(cluster.client("siteA", "alice")).unwrap();
+    let mut mailers = [Mailer::new(), Mailer::new()];
+    let mut held = 0u64;
+    let refusal = loop {
+        let at = (held % 2) as usize;
+        let sent = client.send_message(&mut mailers[at], agents[at], body.clone());
+        match rt.block_on(sent) {
+            Ok(()) => held += 1,
+            Err(e) => break e,
+        }
+        assert!(held < 100, "no limit");
+    };
+    let refused = matches!(&refusal, ClientError::Refused(Refusal::UserMailFull { user, limit }) if user == "alice" && *limit == 1 << 20);
+    assert!(refused, "{refusal}");
+    // 1 MiB of ~60 KB messages, in two mailboxes that each hold 1,024.
+    assert!((15..=17).contains(&held), "{held} messages held");
+    let text = refusal.to_string();
+    assert!(
+        text.contains("the mailboxes of alice's agents on this host hold 1048576 bytes"),
+        "{text}"
+    );
+    // Back, the agents take them: there is room again.
+    cluster.restart("siteB", &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let at = (held % 2) as usize;
+    loop {
+        let sent = client.send_message(&mut mailers[at], agents[at], body.clone());
+        match rt.block_on(sent) {
+            Ok(()) => break,
+            Err(ClientError::Refused(Refusal::UserMailFull { .. })) => {
+                assert!(Instant::now() < deadline, "no room came back");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    rt.block_on(client.close());
+    for id in &ids {
+        sent(&cluster.agent(&["kill", id], "siteA", "alice"));
+    }
+}

@@ -76,6 +76,9 @@ pub struct MailboxRow {
     /// Where the agent is parked waiting, if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiter: Option<Waiter>,
+    /// Bytes of the messages held, as stored.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// What a mailbox made of a message.

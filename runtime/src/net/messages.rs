@@ -569,6 +569,17 @@ pub enum Refusal {
         /// Messages a mailbox holds at most.
         limit: u64,
     },
+    /// The mailboxes of a user's agents launched on this host hold as many bytes as a
+    /// user's may.
+    #[error(
+        "the mailboxes of {user}'s agents on this host hold {limit} bytes of messages, the most a user's may (user_mail_mib); try again once they took some"
+    )]
+    UserMailFull {
+        /// The agents' owner.
+        user: String,
+        /// The bytes they may hold.
+        limit: u64,
+    },
     /// A message larger than a home takes.
     #[error("a message may be at most {limit} bytes")]
     MailTooLarge {

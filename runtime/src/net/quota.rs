@@ -35,6 +35,8 @@ pub struct UserLimits {
     pub parked: usize,
     /// Launches per second, on average; as many may come in one burst.
     pub launches_per_sec: f64,
+    /// Bytes of messages the mailboxes of the user's agents launched here may hold.
+    pub mail: u64,
 }
 
 impl UserLimits {
@@ -47,6 +49,7 @@ impl UserLimits {
             running: (max_agents * 3 / 4).max(1),
             parked: 10_000,
             launches_per_sec: 100.0,
+            mail: 256 << 20,
         }
     }
 }

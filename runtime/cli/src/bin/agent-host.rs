@@ -117,6 +117,10 @@ struct ServeArgs {
     /// of the largest size and two messages).
     #[arg(long)]
     user_inflight_mib: Option<u64>,
+    /// MiB of messages the mailboxes of one user's agents launched here may hold together
+    /// (default 256); past it, messages to them are refused until they take some.
+    #[arg(long)]
+    user_mail_mib: Option<u64>,
     /// MiB of requests and images that may be arriving at once from everyone (default
     /// 1536: the largest image and half a GiB more).
     #[arg(long)]
@@ -154,6 +158,7 @@ struct FileConfig {
     user_launches_per_sec: Option<f64>,
     user_connections: Option<usize>,
     user_inflight_mib: Option<u64>,
+    user_mail_mib: Option<u64>,
     max_inflight_mib: Option<u64>,
     segmentation_offload: Option<bool>,
     return_cache_mib: Option<u64>,
@@ -258,6 +263,7 @@ impl FileConfig {
             user_launches_per_sec: args.user_launches_per_sec.or(self.user_launches_per_sec),
             user_connections: args.user_connections.or(self.user_connections),
             user_inflight_mib: args.user_inflight_mib.or(self.user_inflight_mib),
+            user_mail_mib: args.user_mail_mib.or(self.user_mail_mib),
             max_inflight_mib: args.max_inflight_mib.or(self.max_inflight_mib),
             segmentation_offload: match args.no_segmentation_offload {
                 true => Some(false),
@@ -350,6 +356,10 @@ fn user_limits(s: &FileConfig, defaults: UserLimits) -> anyhow::Result<UserLimit
         running: s.user_max_agents.unwrap_or(defaults.running),
         parked: s.user_max_parked.unwrap_or(defaults.parked),
         launches_per_sec: s.user_launches_per_sec.unwrap_or(defaults.launches_per_sec),
+        mail: match s.user_mail_mib {
+            Some(n) => mib(n, "user_mail_mib")?,
+            None => defaults.mail,
+        },
     };
     if limits.launches_per_sec.is_nan() || limits.launches_per_sec <= 0.0 {
         bail!("user_launches_per_sec must be above 0");

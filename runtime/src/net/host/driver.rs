@@ -425,6 +425,7 @@ fn send_error(to: &AgentId, refusal: Refusal) -> SendError {
         Refusal::NotYours(_) => SendError::NotYours(to),
         Refusal::MailboxFull { limit, .. } => SendError::Full { limit },
         Refusal::MailTooLarge { limit } => SendError::TooLarge { limit },
+        Refusal::UserMailFull { limit, .. } => SendError::OwnerFull { limit },
         other => SendError::Unreachable(other.to_string()),
     }
 }

@@ -10,7 +10,7 @@ use crate::faults::crash_point;
 use crate::net::host::Host;
 use crate::net::mailbox::{Accepted, Declined, MailboxRow, SenderKey, Waiter, digest};
 use crate::net::messages::{AgentState, Post, PostFrom, Refusal, Reply, Request};
-use crate::net::store::{AgentRecord, Resume};
+use crate::net::store::{AgentRecord, Resume, mail_size};
 use agent_abi::{MAX_MAIL, Message, Sender};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -61,6 +61,8 @@ pub(in crate::net) struct PostOffice {
     waking: Mutex<HashSet<(AgentId, Waiter)>>,
     /// The home hosts of agents that agents here sent messages to.
     homes_of: Mutex<HashMap<AgentId, String>>,
+    /// Bytes the mailboxes of each user's agents hold.
+    owners: Mutex<HashMap<String, u64>>,
 }
 
 impl PostOffice {
@@ -84,6 +86,31 @@ impl PostOffice {
     fn slot(&self, agent: &AgentId) -> Option<Arc<Slot>> {
         let mut boxes = self.boxes.lock().ok()?;
         Some(boxes.entry(*agent).or_default().clone())
+    }
+
+    /// Counts `bytes` more against `owner`, unless that passes `limit`.
+    fn charge(&self, owner: &str, bytes: u64, limit: u64) -> bool {
+        let Ok(mut owners) = self.owners.lock() else {
+            return false;
+        };
+        let held = owners.entry(owner.to_string()).or_default();
+        if held.saturating_add(bytes) > limit {
+            return false;
+        }
+        *held += bytes;
+        true
+    }
+
+    /// Counts `bytes` less against `owner`.
+    fn refund(&self, owner: &str, bytes: u64) {
+        if let Ok(mut owners) = self.owners.lock()
+            && let Some(held) = owners.get_mut(owner)
+        {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                owners.remove(owner);
+            }
+        }
     }
 
     fn home_of(&self, agent: &AgentId) -> Option<String> {
@@ -156,8 +183,18 @@ impl Host {
             from,
             body: post.body,
         };
+        let size = mail_size(&message);
+        let limit = self.quotas.limits().mail;
+        if !self.post.charge(owner, size, limit) {
+            let user = owner.to_string();
+            return Err(Refusal::UserMailFull { user, limit });
+        }
+        row.bytes += size;
         let stored = self.store.put_mail(&to, &row, Some((n, &message))).await;
-        stored.map_err(|e| Refusal::Store(e.to_string()))?;
+        if let Err(e) = stored {
+            self.post.refund(owner, size);
+            return Err(Refusal::Store(e.to_string()));
+        }
         crash_point("home-after-post");
         let waiter = row.waiter.clone();
         held.row = row;
@@ -212,7 +249,18 @@ impl Host {
         if held.closed {
             return Err(Refusal::Ended(*agent));
         }
-        let mut changed = held.row.take(taken);
+        let upto = taken.min(held.row.last);
+        let mut changed = false;
+        if upto > held.row.taken {
+            let after = held.row.taken;
+            let freed = self.store.mail_bytes(agent, after, upto).unwrap_or(0);
+            held.row.take(upto);
+            held.row.bytes = held.row.bytes.saturating_sub(freed);
+            if let Some((owner, _)) = self.homed(agent) {
+                self.post.refund(&owner, freed);
+            }
+            changed = true;
+        }
         if runs && held.row.waiter.is_some() {
             held.row.waiter = None;
             changed = true;
@@ -262,6 +310,9 @@ impl Host {
         let Some(slot) = slot else { return };
         let mut held = slot.held.lock().await;
         held.closed = true;
+        if let Some((owner, _)) = self.homed(agent) {
+            self.post.refund(&owner, held.row.bytes);
+        }
         if let Err(e) = self.store.remove_mailbox(agent).await {
             tracing::warn!(%agent, "cannot drop the mailbox of an agent that ended: {e}");
         }
@@ -275,15 +326,26 @@ impl Host {
             Err(_) => return,
         };
         for (agent, slot) in boxes {
-            if !self.homed(&agent).is_some_and(|(_, running)| running) {
-                self.close_mailbox(&agent).await;
-                continue;
-            }
+            // Counted first, so that closing the mailbox of an agent that ended takes back
+            // what was counted.
+            let homed = self.homed(&agent);
             let held = slot.held.lock().await;
-            if let Some(waiter) = held.row.waiter.clone()
-                && held.row.has_after(waiter.after)
-            {
-                self.wake_waiter(agent, waiter);
+            if let Some((owner, _)) = &homed {
+                self.post.charge(owner, held.row.bytes, u64::MAX);
+            }
+            let waiter = held
+                .row
+                .waiter
+                .clone()
+                .filter(|w| held.row.has_after(w.after));
+            drop(held);
+            match homed {
+                Some((_, true)) => {
+                    if let Some(waiter) = waiter {
+                        self.wake_waiter(agent, waiter);
+                    }
+                }
+                _ => self.close_mailbox(&agent).await,
             }
         }
     }

@@ -8,6 +8,11 @@ use crate::net::mailbox::MailboxRow;
 use agent_abi::Message;
 use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 
+/// The bytes a message takes in the store, as a mailbox counts them.
+pub fn mail_size(message: &Message) -> u64 {
+    cbor(message).len() as u64
+}
+
 impl HostStore {
     /// Stores a mailbox's row and, if given, message `n` of it, in one durable write.
     ///
@@ -90,6 +95,24 @@ impl HostStore {
             out.push(uncbor(v.value())?);
         }
         Ok(out)
+    }
+
+    /// Bytes of the messages of `agent` numbered after `after` up to `upto`.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub fn mail_bytes(&self, agent: &AgentId, after: u64, upto: u64) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MAIL)?;
+        let (first, last) = (
+            agent_key(agent, after.saturating_add(1)),
+            agent_key(agent, upto),
+        );
+        let mut bytes = 0;
+        for entry in table.range(first.as_slice()..=last.as_slice())? {
+            bytes += entry?.1.value().len() as u64;
+        }
+        Ok(bytes)
     }
 
     /// Every mailbox stored here.

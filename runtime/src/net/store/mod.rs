@@ -35,6 +35,7 @@ pub use blobs::Staged;
 pub use calls::CallEntry;
 pub use error::StoreError;
 pub use home::{HomeRow, HomeWrite, StoredHome};
+pub use mail::mail_size;
 pub use reports::{PendingReport, ReportKey};
 
 use crate::modules::TEMPORARY;
