@@ -375,6 +375,42 @@ impl Cluster {
         );
     }
 
+    /// Hosts for `sites` that all talk to each other through relays losing `loss_per_mille`
+    /// of their packets and delaying each by `delay`; returns the relays with the cluster.
+    pub fn start_lossy(
+        sites: &[&str],
+        loss_per_mille: u32,
+        delay: std::time::Duration,
+    ) -> (Cluster, Vec<relay::Relay>) {
+        let mut cluster = Cluster::start(sites, &[]);
+        let mut relays = Vec::new();
+        for from in sites {
+            for to in sites.iter().filter(|t| *t != from) {
+                let relay = cluster.relay(from, to);
+                relay.set_loss(loss_per_mille);
+                relay.set_delay(delay);
+                relays.push(relay);
+            }
+        }
+        for site in sites {
+            cluster.start_with(site, &[], &[]);
+        }
+        (cluster, relays)
+    }
+
+    /// Hosts for `sites`, with `site` set to abort at crash point `point`.
+    pub fn start_crashing(sites: &[&str], site: &str, point: &str) -> Cluster {
+        let up: &[&str] = &[];
+        let others: Vec<(&str, &[&str])> = (sites.iter())
+            .filter(|s| **s != site)
+            .map(|s| (*s, up))
+            .collect();
+        let mut cluster = Cluster::start(sites, &others);
+        let failpoint = format!("{point}=return");
+        cluster.start_with(site, &[], &[("FAILPOINTS", &failpoint)]);
+        cluster
+    }
+
     /// Sends `from`'s traffic for peer `to` through a new relay (takes effect when `from`
     /// starts next).
     pub fn relay(&mut self, from: &str, to: &str) -> relay::Relay {

@@ -56,15 +56,7 @@ const EITHER: &[&Expect] = &[&C_ABORTED, &ALL_HOPS];
 /// crash, and checks the outcome against the one of `outcomes` with the sites it visited.
 fn crash_and_recover(site: &str, point: &str, outcomes: &[&Expect]) {
     let wasm = example_path("search");
-    let up: &[&str] = &[];
-    let others: Vec<(&str, &[&str])> = SITES
-        .iter()
-        .filter(|s| **s != site)
-        .map(|s| (*s, up))
-        .collect();
-    let mut cluster = Cluster::start(&SITES, &others);
-    let failpoint = format!("{point}=return");
-    cluster.start_with(site, &[], &[("FAILPOINTS", &failpoint)]);
+    let mut cluster = Cluster::start_crashing(&SITES, site, point);
 
     let launch = [
         "launch",

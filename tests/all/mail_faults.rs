@@ -152,15 +152,7 @@ fn took_all_in_order(cluster: &Cluster, agent: AgentId, context: &str) {
 
 /// Crashes `site` at `point` while messages flow, restarts it, and checks the messages.
 fn crash_while_messages_flow(site: &str, point: &str) {
-    let up: &[&str] = &[];
-    let others: Vec<(&str, &[&str])> = SITES
-        .iter()
-        .filter(|s| **s != site)
-        .map(|s| (*s, up))
-        .collect();
-    let mut cluster = Cluster::start(&SITES, &others);
-    let failpoint = format!("{point}=return");
-    cluster.start_with(site, &[], &[("FAILPOINTS", &failpoint)]);
+    let mut cluster = Cluster::start_crashing(&SITES, site, point);
     let agent = launch_inbox(&cluster);
     let sending = Sender::new(&cluster, "siteA").send_all(agent);
     let status = cluster.wait_exit(site, Duration::from_secs(60));
@@ -217,19 +209,7 @@ fn messages_flow_while_the_home_crashes_after_holding_one() {
 
 #[test]
 fn messages_are_taken_once_in_order_while_a_tenth_of_all_packets_are_lost() {
-    let mut cluster = Cluster::start(&SITES, &[]);
-    let mut relays = Vec::new();
-    for from in SITES {
-        for to in SITES.iter().filter(|t| **t != from) {
-            let relay = cluster.relay(from, to);
-            relay.set_loss(100);
-            relay.set_delay(Duration::from_micros(200));
-            relays.push(relay);
-        }
-    }
-    for s in SITES {
-        cluster.start_with(s, &[], &[]);
-    }
+    let (cluster, relays) = Cluster::start_lossy(&SITES, 100, Duration::from_micros(200));
     let agent = launch_inbox(&cluster);
     Sender::new(&cluster, "siteA")
         .send_all(agent)

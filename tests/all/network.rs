@@ -56,19 +56,7 @@ fn assert_visits_once(cluster: &mut Cluster, report: &serde_json::Value) {
 
 #[test]
 fn hops_complete_or_fail_cleanly_while_a_tenth_of_all_packets_are_lost() {
-    let mut cluster = Cluster::start(&SITES, &[]);
-    let mut relays = Vec::new();
-    for from in SITES {
-        for to in SITES.iter().filter(|t| **t != from) {
-            let relay = cluster.relay(from, to);
-            relay.set_loss(100);
-            relay.set_delay(Duration::from_micros(200));
-            relays.push(relay);
-        }
-    }
-    for s in SITES {
-        cluster.start_with(s, &[], &[]);
-    }
+    let (mut cluster, relays) = Cluster::start_lossy(&SITES, 100, Duration::from_micros(200));
     let report = launch(&cluster);
     let mut seen = site_names(&report["result"]["visited"]);
     seen.extend(site_names(&report["result"]["skipped"]));

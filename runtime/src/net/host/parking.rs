@@ -22,6 +22,16 @@ pub(in crate::net) const WAKE_DEFERRED: Duration = Duration::from_secs(1);
 /// Parked agents restored at once.
 pub(in crate::net) const WAKING_AT_ONCE: usize = 4;
 
+/// How parking an agent went.
+enum Parking {
+    /// Stored, its instance freed, its alarm set.
+    Parked,
+    /// Killed meanwhile: it ended.
+    Ended,
+    /// Not stored (its owner's quota, or the store failed): it waits in memory.
+    InMemory,
+}
+
 /// Sleeps `ms` unless the agent is killed meanwhile; `false` if it was.
 pub(in crate::net) async fn sleep_unless_killed(flags: &AgentFlags, ms: u64) -> bool {
     let sleep = tokio::time::sleep(Duration::from_millis(ms.min(1 << 40)));
@@ -39,43 +49,23 @@ impl Host {
         agent: &mut AgentInstance,
         ms: u64,
     ) -> bool {
-        let id = agent.context().agent_id;
-        let owner = agent.context().owner.clone();
-        let parked = self.residents.counts(&owner).parked;
-        if parked >= self.quotas.limits().parked {
-            tracing::info!(agent = %id, %owner, parked, "sleeping in memory: its owner has as many agents parked here as a user may (user_max_parked)");
-            return false;
-        }
         let until_ms = unix_ms().saturating_add(ms);
-        let (home, hops) = (agent.context().home.clone(), agent.context().hops());
+        // Completed in the image: when it is due, it is polled.
         agent.complete(OpResult::Sleep);
-        let resume = Resume::Wake {
-            until_ms,
-            home: home.clone(),
-            hops,
-            owner: owner.clone(),
-            mail: false,
-        };
-        if let Err(e) = self.keep(agent, resume).await {
-            // The sleep stays completed: the agent sleeps in memory and then goes on.
-            tracing::warn!(agent = %id, "sleeping in memory: {e}");
-            return false;
+        match self.park_until(agent, until_ms, false).await {
+            Parking::InMemory => return false,
+            Parking::Ended => return true,
+            Parking::Parked => {}
         }
-        // Into `parked` and out of `running` at once, so that a kill finds it in one of them.
-        let flags = agent.flags();
-        let parked = (self.residents).park(id, &flags, &owner, || self.alarm(id, until_ms));
-        if !parked {
-            self.finish(id, home, hops, AgentEnd::Killed).await;
-            return true;
-        }
-        self.trimmer.freed();
+        let context = agent.context();
+        let id = context.agent_id;
         tracing::info!(agent = %id, until_ms, "parked asleep");
         let event = LaunchEvent::Sleeping {
             site: self.config.name.clone(),
-            seq: agent.context().hop_seq,
+            seq: context.hop_seq,
             until_ms,
         };
-        self.report(id, home, event).await;
+        self.report(id, context.home.clone(), event).await;
         true
     }
 
@@ -89,30 +79,13 @@ impl Host {
         until_ms: u64,
     ) -> bool {
         let context = agent.context();
-        let (id, owner) = (context.agent_id, context.owner.clone());
-        if self.residents.counts(&owner).parked >= self.quotas.limits().parked {
-            return false;
-        }
-        let (home, hops) = (context.home.clone(), context.hops());
+        let (id, home) = (context.agent_id, context.home.clone());
         let after = context.received + context.inbox.len() as u64;
-        let resume = Resume::Wake {
-            until_ms,
-            home: home.clone(),
-            hops,
-            owner: owner.clone(),
-            mail: true,
-        };
-        if let Err(e) = self.keep(agent, resume).await {
-            tracing::warn!(agent = %id, "waiting in memory: {e}");
-            return false;
+        match self.park_until(agent, until_ms, true).await {
+            Parking::InMemory => return false,
+            Parking::Ended => return true,
+            Parking::Parked => {}
         }
-        let flags = agent.flags();
-        let parked = (self.residents).park(id, &flags, &owner, || self.alarm(id, until_ms));
-        if !parked {
-            self.finish(id, home, hops, AgentEnd::Killed).await;
-            return true;
-        }
-        self.trimmer.freed();
         tracing::info!(agent = %id, "parked waiting for a message");
         // Parked first, then its home told: a message that comes after the home heard wakes
         // it, and one that came before is "ready" here. A home that cannot be told wakes it
@@ -129,6 +102,43 @@ impl Host {
             self.wake(id);
         }
         true
+    }
+
+    /// Stores `agent` at its safe point to be woken at `until_ms` (and, if it waits for a
+    /// `mail`, by a message), frees its instance and sets its alarm: into `parked` and out of
+    /// `running` at once, so that a kill finds it in one of them.
+    async fn park_until(
+        self: &Arc<Self>,
+        agent: &mut AgentInstance,
+        until_ms: u64,
+        mail: bool,
+    ) -> Parking {
+        let context = agent.context();
+        let (id, owner) = (context.agent_id, context.owner.clone());
+        let (home, hops) = (context.home.clone(), context.hops());
+        let parked = self.residents.counts(&owner).parked;
+        if parked >= self.quotas.limits().parked {
+            tracing::info!(agent = %id, %owner, parked, "staying in memory: its owner has as many agents parked here as a user may (user_max_parked)");
+            return Parking::InMemory;
+        }
+        let resume = Resume::Wake {
+            until_ms,
+            home: home.clone(),
+            hops,
+            owner: owner.clone(),
+            mail,
+        };
+        if let Err(e) = self.keep(agent, resume).await {
+            tracing::warn!(agent = %id, "staying in memory: {e}");
+            return Parking::InMemory;
+        }
+        let flags = agent.flags();
+        if !(self.residents).park(id, &flags, &owner, || self.alarm(id, until_ms)) {
+            self.finish(id, home, hops, AgentEnd::Killed).await;
+            return Parking::Ended;
+        }
+        self.trimmer.freed();
+        Parking::Parked
     }
 
     /// Sets the alarm of a parked agent (one whose record says [`Resume::Wake`]).

@@ -113,6 +113,11 @@ impl PostOffice {
         }
     }
 
+    /// The mailbox of `agent`, if it has one.
+    fn get(&self, agent: &AgentId) -> Option<Arc<Slot>> {
+        self.boxes.lock().ok()?.get(agent).cloned()
+    }
+
     fn home_of(&self, agent: &AgentId) -> Option<String> {
         self.homes_of.lock().ok()?.get(agent).cloned()
     }
@@ -379,12 +384,7 @@ impl Host {
 
     /// Whether the home still has `agent` waiting as `waiter` says.
     async fn waits_at(&self, agent: &AgentId, waiter: &Waiter) -> bool {
-        let slot = self
-            .post
-            .boxes
-            .lock()
-            .ok()
-            .and_then(|b| b.get(agent).cloned());
+        let slot = self.post.get(agent);
         match slot {
             Some(slot) => slot.held.lock().await.row.waiter.as_ref() == Some(waiter),
             None => false,
@@ -404,12 +404,7 @@ impl Host {
 
     /// The agent was woken where `waiter` says: unless it waits again, it waits nowhere.
     async fn forget_waiter(&self, agent: &AgentId, waiter: &Waiter) {
-        let slot = self
-            .post
-            .boxes
-            .lock()
-            .ok()
-            .and_then(|b| b.get(agent).cloned());
+        let slot = self.post.get(agent);
         let Some(slot) = slot else { return };
         let mut held = slot.held.lock().await;
         if held.row.waiter.as_ref() == Some(waiter) {
