@@ -188,6 +188,17 @@ fn a_parked_agent_is_woken_by_a_message_across_a_restart_of_its_host() {
         "parked waiting for a message",
         Duration::from_secs(30),
     );
+    // Its home says where it waits.
+    let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
+    assert_eq!(status["waiting_on"], "siteB", "{status:#}");
+    let out = cluster.agent(&["status", &id], "siteA", "alice");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("waiting for a message on siteB (parked)"),
+        "{text}"
+    );
+    let out = cluster.agent(&["list"], "siteA", "alice");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("waiting"));
     sent(&send(&cluster, &id, &["first"], "siteA", "alice"));
     // Taken, and parked again once the wait is long.
     logged(&cluster, "siteB", "woke", Duration::from_secs(30));
@@ -211,6 +222,7 @@ fn a_parked_agent_is_woken_by_a_message_across_a_restart_of_its_host() {
         serde_json::json!(["first", "while down"]),
         "{status:#}"
     );
+    assert!(status["waiting_on"].is_null(), "{status:#}");
 }
 
 /// Once the agent's hop away from siteB committed, siteB may go for good: its messages wait

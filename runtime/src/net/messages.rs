@@ -621,6 +621,10 @@ pub struct StatusReply {
     /// may have woken since (compare `until_ms` with the clock).
     #[serde(default)]
     pub sleeping: Option<Asleep>,
+    /// The site it is parked on waiting for a message, if it is. Known from its mailbox, not
+    /// stored with the status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_on: Option<String>,
 }
 
 /// The user's agents on their home host: as many as fit in one message, running ones first.

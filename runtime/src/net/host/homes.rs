@@ -149,6 +149,7 @@ impl HomeEntry {
             error: s.error.clone(),
             emits: s.emits,
             sleeping: s.sleeping.clone(),
+            waiting_on: None,
         };
         let hops = (self.unstored_hops.iter())
             .filter_map(|(_, seq)| s.hops.binary_search_by_key(seq, |h| h.seq).ok())
@@ -230,6 +231,7 @@ impl Host {
             error: None,
             emits: 0,
             sleeping: None,
+            waiting_on: None,
         };
         let _ = self.store.put_home(&status).await;
         if let Ok(mut homes) = self.homes.lock() {
@@ -257,6 +259,9 @@ impl Host {
             Err(_) => Vec::new(),
         };
         list.sort_by_key(|a| (a.state != AgentState::Running, a.agent));
+        for status in list.iter_mut().filter(|s| s.state == AgentState::Running) {
+            status.waiting_on = self.post.waiting_on(&status.agent);
+        }
         list
     }
 
@@ -294,10 +299,11 @@ impl Host {
         peer: &Identity,
     ) -> Option<StatusReply> {
         let homes = self.homes.lock().ok()?;
-        homes
-            .get(agent)
+        let mut status = (homes.get(agent))
             .filter(|h| h.status.owner == peer.name)
-            .map(|h| h.status.clone())
+            .map(|h| h.status.clone())?;
+        status.waiting_on = self.post.waiting_on(agent);
+        Some(status)
     }
 
     /// Records an event of an agent launched here and passes it to its watchers.
@@ -422,6 +428,7 @@ mod tests {
                 error: None,
                 emits: 0,
                 sleeping: None,
+                waiting_on: None,
             },
             watchers: Vec::new(),
             held: None,

@@ -63,6 +63,8 @@ pub(in crate::net) struct PostOffice {
     homes_of: Mutex<HashMap<AgentId, String>>,
     /// Bytes the mailboxes of each user's agents hold.
     owners: Mutex<HashMap<String, u64>>,
+    /// Where agents are parked waiting, as their mailboxes say, for `agent status`.
+    waiting: Mutex<HashMap<AgentId, String>>,
 }
 
 impl PostOffice {
@@ -110,6 +112,21 @@ impl PostOffice {
             if *held == 0 {
                 owners.remove(owner);
             }
+        }
+    }
+
+    /// The site `agent` is parked on waiting for a message, if it is.
+    pub(in crate::net) fn waiting_on(&self, agent: &AgentId) -> Option<String> {
+        self.waiting.lock().ok()?.get(agent).cloned()
+    }
+
+    /// Notes where `agent` waits now (nowhere: `None`), as its mailbox's row says.
+    fn note_waiter(&self, agent: &AgentId, waiter: Option<&Waiter>) {
+        if let Ok(mut waiting) = self.waiting.lock() {
+            match waiter {
+                Some(w) => waiting.insert(*agent, w.site.clone()),
+                None => waiting.remove(agent),
+            };
         }
     }
 
@@ -268,6 +285,7 @@ impl Host {
         }
         if runs && held.row.waiter.is_some() {
             held.row.waiter = None;
+            self.post.note_waiter(agent, None);
             changed = true;
         }
         if changed && let Err(e) = self.store.take_mail(agent, &held.row).await {
@@ -300,6 +318,7 @@ impl Host {
         });
         let stored = self.store.put_mail(agent, &row, None).await;
         stored.map_err(|e| Refusal::Store(e.to_string()))?;
+        self.post.note_waiter(agent, row.waiter.as_ref());
         held.row = row;
         Ok(false)
     }
@@ -315,6 +334,7 @@ impl Host {
         let Some(slot) = slot else { return };
         let mut held = slot.held.lock().await;
         held.closed = true;
+        self.post.note_waiter(agent, None);
         if let Some((owner, _)) = self.homed(agent) {
             self.post.refund(&owner, held.row.bytes);
         }
@@ -338,11 +358,8 @@ impl Host {
             if let Some((owner, _)) = &homed {
                 self.post.charge(owner, held.row.bytes, u64::MAX);
             }
-            let waiter = held
-                .row
-                .waiter
-                .clone()
-                .filter(|w| held.row.has_after(w.after));
+            self.post.note_waiter(&agent, held.row.waiter.as_ref());
+            let waiter = (held.row.waiter.clone()).filter(|w| held.row.has_after(w.after));
             drop(held);
             match homed {
                 Some((_, true)) => {
@@ -411,6 +428,7 @@ impl Host {
             let mut row = held.row.clone();
             row.waiter = None;
             if self.store.put_mail(agent, &row, None).await.is_ok() {
+                self.post.note_waiter(agent, None);
                 held.row = row;
             }
         }

@@ -52,6 +52,7 @@ fn home_status(n: u64) -> StatusReply {
         error: None,
         emits: 0,
         sleeping: None,
+        waiting_on: None,
     }
 }
 

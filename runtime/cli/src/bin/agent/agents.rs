@@ -19,6 +19,9 @@ struct StatusView<'a> {
     site: &'a str,
     sleeping_until_ms: Option<u64>,
     state: &'a str,
+    /// The site it is parked on waiting for a message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    waiting_on: Option<&'a str>,
 }
 
 impl<'a> From<&'a StatusReply> for StatusView<'a> {
@@ -34,6 +37,7 @@ impl<'a> From<&'a StatusReply> for StatusView<'a> {
             site: &s.site,
             sleeping_until_ms: asleep(s).map(|a| a.until_ms),
             state: s.state.as_str(),
+            waiting_on: s.waiting_on.as_deref(),
         }
     }
 }
@@ -58,6 +62,8 @@ fn print_status(s: &StatusReply) {
     .collect();
     let state = if asleep(s).is_some() {
         "sleeping"
+    } else if s.waiting_on.is_some() {
+        "waiting"
     } else {
         s.state.as_str()
     };
@@ -83,6 +89,9 @@ pub async fn status(conn: &Connection, agent: AgentId, json: bool) -> anyhow::Re
     print_status(&s);
     if let Some(sleep) = asleep(&s) {
         println!("asleep on {} {}", sleep.site, wake_time(sleep.until_ms));
+    }
+    if let Some(site) = &s.waiting_on {
+        println!("waiting for a message on {site} (parked)");
     }
     if !s.hops.is_empty() {
         println!("{}", hop_table(&s.hops));
