@@ -45,7 +45,7 @@ pub mod task;
 
 pub use agent_abi::services;
 pub use agent_abi::{CallError, EmitError, HopError, SendError, Sender};
-pub use op::{Call, Checkpoint, Emit, Hop, Message, Recv, SendTo, Sleep};
+pub use op::{BodyError, Call, Checkpoint, Emit, Hop, Message, Recv, SendTo, Sleep};
 
 use agent_abi::{AgentInfo, Op};
 use serde::Serialize;

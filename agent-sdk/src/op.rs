@@ -303,9 +303,9 @@ impl Message {
     /// sends a string, `--json VALUE` any JSON value).
     ///
     /// # Errors
-    /// When the message is not a `T`.
-    pub fn body<T: DeserializeOwned>(&self) -> Result<T, String> {
-        ciborium::from_reader(self.body.as_slice()).map_err(|e| e.to_string())
+    /// A [`BodyError`] when the message is not a `T`.
+    pub fn body<T: DeserializeOwned>(&self) -> Result<T, BodyError> {
+        ciborium::from_reader(self.body.as_slice()).map_err(|e| BodyError(e.to_string()))
     }
 
     /// The sender's agent id, if an agent sent it.
@@ -316,3 +316,20 @@ impl Message {
         }
     }
 }
+
+/// A message that is not of the type it was read as ([`Message::body`]), with the decoder's
+/// words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BodyError(String);
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the message is not of the type it was read as: {}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BodyError {}

@@ -43,7 +43,7 @@ async fn coordinate(ctx: &Context, scouts: u32) -> Result<BTreeMap<String, Vec<S
     let mut done = 0;
     while done < scouts {
         let message = ctx.recv().await;
-        match message.body::<Report>()? {
+        match message.body::<Report>().map_err(|e| e.to_string())? {
             Report::Found { site, lines } => {
                 ctx.emit(&format!("{} lines from {site}", lines.len()))
                     .await

@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod certs;
 pub mod client;
+mod end;
 mod executor;
 pub mod hop;
 pub mod host;

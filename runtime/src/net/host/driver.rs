@@ -97,10 +97,8 @@ impl OnHost {
             let Err(e) = told else { return true };
             let home = &self.home;
             tracing::warn!(agent = %self.id, %home, "cannot tell the home host: {e}");
-            tokio::select! {
-                () = tokio::time::sleep(pause.wait()) => {}
-                () = flags.killed.cancelled() => return false,
-                () = host.stopping.cancelled() => return false,
+            if !self.pause(pause.wait(), flags).await {
+                return false;
             }
         }
     }
@@ -170,10 +168,9 @@ impl OnHost {
             if left == 0 {
                 return Some(Ok(Vec::new()));
             }
-            tokio::select! {
-                () = tokio::time::sleep(pause.wait().min(Duration::from_millis(left))) => {}
-                () = flags.killed.cancelled() => return None,
-                () = host.stopping.cancelled() => return None,
+            let wait = pause.wait().min(Duration::from_millis(left));
+            if !self.pause(wait, flags).await {
+                return None;
             }
         }
     }
@@ -199,11 +196,19 @@ impl OnHost {
                 }
                 other => return Some(other),
             }
-            tokio::select! {
-                () = tokio::time::sleep(pause.wait()) => {}
-                () = flags.killed.cancelled() => return None,
-                () = host.stopping.cancelled() => return None,
+            if !self.pause(pause.wait(), flags).await {
+                return None;
             }
+        }
+    }
+
+    /// Waits `wait` before trying again; `false` if the agent was killed, or this host began
+    /// to shut down, meanwhile.
+    async fn pause(&self, wait: Duration, flags: &AgentFlags) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => true,
+            () = flags.killed.cancelled() => false,
+            () = self.host.stopping.cancelled() => false,
         }
     }
 
@@ -308,18 +313,8 @@ impl Place for OnHost {
         let seq = agent.context().emits + 1;
         let event = LaunchEvent::Emitted { seq, value };
         if !self.tell_home(event, &agent.flags()).await {
-            return match self.host.stopping() {
-                // Stored with its emit pending: the next start tells it again.
-                true => {
-                    self.host.park(agent).await;
-                    Flow::Stop
-                }
-                false => {
-                    self.end_with(agent.context().hops(), AgentEnd::Killed)
-                        .await;
-                    Flow::Stop
-                }
-            };
+            // Stored with its emit pending if the host stops: the next start tells it again.
+            return self.cut_short(agent).await;
         }
         crash_point("after-emit");
         agent.context_mut().emits = seq;
@@ -401,7 +396,7 @@ impl Place for OnHost {
 }
 
 impl OnHost {
-    /// After the agent took a message: once it took [`KEEP_TAKEN`] since its last stored
+    /// After the agent took a message: once it took a [`KEEP_TAKEN_PART`] of its room since its last stored
     /// state, it is stored again, so that its home may drop them and its mailbox has room.
     async fn keep_taken(&mut self, mut agent: AgentInstance) -> Flow {
         let received = agent.context().received;

@@ -157,9 +157,13 @@ impl Host {
         Some((status.owner.clone(), status.state == AgentState::Running))
     }
 
-    /// The mailbox of an agent launched here, if it was.
-    fn mailbox(&self, agent: &AgentId) -> Reply<Arc<Slot>> {
-        let (_, running) = self.homed(agent).ok_or(Refusal::NoSuchAgent(*agent))?;
+    /// The mailbox of an agent launched here that still runs; given an `owner`, only if the
+    /// agent is theirs.
+    fn mailbox(&self, agent: &AgentId, owner: Option<&str>) -> Reply<Arc<Slot>> {
+        let (theirs, running) = self.homed(agent).ok_or(Refusal::NoSuchAgent(*agent))?;
+        if owner.is_some_and(|owner| owner != theirs) {
+            return Err(Refusal::NotYours(*agent));
+        }
         if !running {
             return Err(Refusal::Ended(*agent));
         }
@@ -180,11 +184,7 @@ impl Host {
             let limit = MAX_MAIL as u64;
             return Err(Refusal::MailTooLarge { limit });
         }
-        let (their_owner, _) = self.homed(&to).ok_or(Refusal::NoSuchAgent(to))?;
-        if their_owner != owner {
-            return Err(Refusal::NotYours(to));
-        }
-        let slot = self.mailbox(&to)?;
+        let slot = self.mailbox(&to, Some(owner))?;
         let mut held = slot.held.lock().await;
         if held.closed {
             return Err(Refusal::Ended(to));
@@ -236,7 +236,7 @@ impl Host {
         (after, taken): (u64, u64),
         wait: Duration,
     ) -> Reply<Fetched> {
-        let slot = self.mailbox(agent)?;
+        let slot = self.mailbox(agent, None)?;
         // An agent that fetches runs: it waits nowhere.
         self.taken(agent, &slot, taken.min(after), true).await?;
         let limit = self.config.mailbox;
@@ -302,7 +302,7 @@ impl Host {
         after: u64,
         site: &str,
     ) -> Reply<bool> {
-        let slot = self.mailbox(agent)?;
+        let slot = self.mailbox(agent, None)?;
         self.taken(agent, &slot, after, false).await?;
         let mut held = slot.held.lock().await;
         if held.closed {
@@ -409,14 +409,14 @@ impl Host {
     }
 
     /// Tells `site` that a message came for `agent`.
-    async fn wake_at(self: &Arc<Self>, agent: AgentId, site: &str) -> Result<(), String> {
+    async fn wake_at(self: &Arc<Self>, agent: AgentId, site: &str) -> Reply<()> {
         if site == self.config.name {
             self.wake_for_mail(&agent);
             return Ok(());
         }
         let wake = Request::Wake { agent };
         let asked = self.peers.ask::<Reply<()>>(site, &wake).await;
-        asked.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+        asked.map_err(|e| Refusal::Unreachable(e.to_string()))?
     }
 
     /// The agent was woken where `waiter` says: unless it waits again, it waits nowhere.
