@@ -26,8 +26,9 @@ use std::collections::BTreeMap;
 ///
 /// Version 2 added [`export::CHECKPOINT_FLAG`]: the agent reads a word of its own memory at each
 /// `checkpoint()` and calls the host only when the host has set it. Version 3 added
-/// [`Op::Sleep`], version 4 [`Op::Emit`], version 5 [`Op::Send`] and [`Op::Recv`].
-pub const ABI_VERSION: u32 = 5;
+/// [`Op::Sleep`], version 4 [`Op::Emit`], version 5 [`Op::Send`] and [`Op::Recv`], version 6
+/// [`Op::Clone`].
+pub const ABI_VERSION: u32 = 6;
 
 /// Oldest ABI version a host still runs (version 1 agents ask the host at every checkpoint).
 pub const MIN_ABI_VERSION: u32 = 1;
@@ -163,6 +164,13 @@ pub enum Op {
         /// How long to wait at most; `None`: until a message comes.
         timeout_ms: Option<u64>,
     },
+    /// Fork the agent: one child on each of `sites`, each a copy of the agent as it is now
+    /// (memory and stack) with an id and a mailbox of its own. The parent goes on where it
+    /// is once every child was created or refused.
+    Clone {
+        /// Where the children start, one child per entry (a site may repeat).
+        sites: Vec<String>,
+    },
 }
 
 /// The result of a completed [`Op`].
@@ -182,7 +190,61 @@ pub enum OpResult {
     Send(Result<(), SendError>),
     /// Result of [`Op::Recv`]: the next message, or `None` when the wait timed out.
     Recv(Option<Message>),
+    /// Result of [`Op::Clone`]: what the parent learns, or what each child learns.
+    Clone(Cloned),
 }
+
+/// What [`Op::Clone`] returns: the same operation completes once in the parent and once in
+/// each child.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cloned {
+    /// In the parent: per site asked for, in order, the child's id (32 hex digits) or why no
+    /// child was created there.
+    Parent(Vec<Result<String, CloneError>>),
+    /// In a child.
+    Child {
+        /// Its place in the list of sites its parent asked for, from 0.
+        index: u32,
+        /// The site it started on.
+        site: String,
+        /// Its parent's id.
+        parent: String,
+    },
+}
+
+/// Why a child was not created. The parent goes on either way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CloneError {
+    /// The site could not take the child: unknown, refused, or unreachable.
+    Site(HopError),
+    /// The agent would have more children than its host allows one agent.
+    TooManyChildren {
+        /// Children an agent may have, in all.
+        limit: u64,
+    },
+    /// The owner would have more live agents launched from the agent's home than it allows.
+    OwnerFull {
+        /// Live agents a user may have there.
+        limit: u64,
+    },
+}
+
+impl std::fmt::Display for CloneError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloneError::Site(e) => write!(f, "{e}"),
+            CloneError::TooManyChildren { limit } => {
+                write!(f, "an agent may have {limit} children in all on this host")
+            }
+            CloneError::OwnerFull { limit } => write!(
+                f,
+                "the owner has {limit} live agents launched from this agent's home, the most allowed"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CloneError {}
 
 /// A message taken from an agent's mailbox.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

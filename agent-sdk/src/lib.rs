@@ -44,13 +44,24 @@ mod sys;
 pub mod task;
 
 pub use agent_abi::services;
-pub use agent_abi::{CallError, EmitError, HopError, SendError, Sender};
-pub use op::{BodyError, Call, Checkpoint, Emit, Hop, Message, Recv, SendTo, Sleep};
+pub use agent_abi::{CallError, CloneError, Cloned, EmitError, HopError, SendError, Sender};
+pub use op::{BodyError, Call, Checkpoint, CloneTo, Emit, Hop, Message, Recv, SendTo, Sleep};
 
 use agent_abi::{AgentInfo, Op};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
+
+/// What [`Context::gather`] collected.
+#[derive(Debug)]
+pub struct Gathered<T> {
+    /// Each child that answered, in the order they did, with its first message decoded.
+    pub answers: Vec<(String, Result<T, BodyError>)>,
+    /// The children that sent nothing in time.
+    pub missing: Vec<String>,
+    /// Every other message taken meanwhile.
+    pub others: Vec<Message>,
+}
 
 /// Exports the entry points that let a host run `$agent` as a mobile agent.
 ///
@@ -307,6 +318,65 @@ impl Context {
     pub fn recv_timeout(&self, timeout: std::time::Duration) -> Recv {
         let ms = timeout.as_nanos().div_ceil(1_000_000);
         Recv::new(Some(u64::try_from(ms).unwrap_or(u64::MAX)))
+    }
+
+    /// Forks the agent: one child starts on each of `sites`, a copy of this agent as it is
+    /// at this `.await` (memory, stack, arguments), with an id and a mailbox of its own. The
+    /// same future completes in the parent, with each child's id or why none was created
+    /// there ([`Cloned::Parent`], in the order of `sites`), and in each child, with its index
+    /// and site ([`Cloned::Child`]). Each child is created once, even when a host crashes
+    /// while they are made. Children report with [`Context::send`];
+    /// [`Context::gather`] collects one message from each.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: agent_sdk::Context) -> Result<(), String> {
+    /// use agent_sdk::Cloned;
+    /// use std::time::Duration;
+    /// match ctx.clone_to(&ctx.itinerary()).await {
+    ///     Cloned::Child { parent, site, .. } => {
+    ///         ctx.send(&parent, &format!("hello from {site}")).await.map_err(|e| e.to_string())?;
+    ///     }
+    ///     Cloned::Parent(children) => {
+    ///         let ids: Vec<String> = children.into_iter().filter_map(Result::ok).collect();
+    ///         let heard = ctx.gather::<String>(&ids, Duration::from_secs(60)).await;
+    ///         ctx.log(format!("{} children answered", heard.answers.len()));
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn clone_to<S: AsRef<str>>(&self, sites: &[S]) -> CloneTo {
+        CloneTo::new(sites.iter().map(|s| s.as_ref().to_string()).collect())
+    }
+
+    /// Takes messages until each of `children` (agent ids, as [`Context::clone_to`] gave
+    /// them) sent one, or until no message came for `patience`. Each child's first message
+    /// is decoded as a `T`; messages from anyone else, and later ones from the children,
+    /// are kept in [`Gathered::others`], in the order taken.
+    pub async fn gather<T: DeserializeOwned>(
+        &self,
+        children: &[String],
+        patience: std::time::Duration,
+    ) -> Gathered<T> {
+        let mut gathered = Gathered {
+            answers: Vec::new(),
+            missing: children.to_vec(),
+            others: Vec::new(),
+        };
+        while !gathered.missing.is_empty() {
+            let Some(message) = self.recv_timeout(patience).await else {
+                break;
+            };
+            let child = (message.from_agent())
+                .and_then(|from| gathered.missing.iter().position(|c| c == from));
+            match child {
+                Some(at) => {
+                    let id = gathered.missing.remove(at);
+                    gathered.answers.push((id, message.body()));
+                }
+                None => gathered.others.push(message),
+            }
+        }
+        gathered
     }
 
     /// Writes a line to the host's log for this agent.

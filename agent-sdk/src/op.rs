@@ -6,7 +6,7 @@
 //! then takes the result the host holds for it.
 
 use crate::sys;
-use agent_abi::{CallError, EmitError, HopError, Op, OpResult, SendError, Sender, code};
+use agent_abi::{CallError, Cloned, EmitError, HopError, Op, OpResult, SendError, Sender, code};
 use serde::de::DeserializeOwned;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -284,6 +284,28 @@ impl Future for Recv {
                 from: m.from,
                 body: m.body,
             }),
+            other => mismatch(&other),
+        })
+    }
+}
+
+/// Future of [`Context::clone_to`](crate::Context::clone_to).
+#[must_use = "an agent is cloned only when awaited"]
+#[derive(Debug)]
+pub struct CloneTo(Pending);
+
+impl CloneTo {
+    pub(crate) fn new(sites: Vec<String>) -> Self {
+        CloneTo(Pending::Ready(Op::Clone { sites }))
+    }
+}
+
+impl Future for CloneTo {
+    type Output = Cloned;
+
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.poll().map(|result| match result {
+            OpResult::Clone(cloned) => cloned,
             other => mismatch(&other),
         })
     }

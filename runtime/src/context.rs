@@ -1,7 +1,7 @@
 //! The agent context: everything about an agent that is not its memory and globals, and that
 //! travels with it in every image (identity, itinerary, budgets, the pending operation).
 
-use agent_abi::{Message, Op, OpResult};
+use agent_abi::{Cloned, Message, Op, OpResult};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +19,18 @@ impl AgentId {
         // Linux's getrandom(2) fails only before the kernel's generator is seeded at boot, or
         // with an invalid buffer; neither can happen to a running host.
         getrandom::fill(&mut bytes).expect("the operating system's random generator failed");
+        AgentId(bytes)
+    }
+
+    /// The id of child `index` of this agent's clone number `round`: the same every time the
+    /// clone is made again (after a crash), so that a destination knows a child it holds.
+    pub fn child(&self, round: u64, index: u32) -> AgentId {
+        let mut hasher = blake3::Hasher::new_derive_key("wasm-agents child id v1");
+        hasher.update(&self.0);
+        hasher.update(&round.to_le_bytes());
+        hasher.update(&index.to_le_bytes());
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
         AgentId(bytes)
     }
 }
@@ -109,6 +121,26 @@ pub struct AgentContext {
     /// a crash is known to the receiver's mailbox as the same.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sent: BTreeMap<AgentId, u64>,
+    /// Clones made so far: the next one is number `clones + 1`, which names its children.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub clones: u64,
+    /// Children created so far, over all clones.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub children: u64,
+    /// For a child, where it comes from: its clone completes with this on arrival.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_of: Option<ChildOf>,
+}
+
+/// A child's place among its parent's children.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildOf {
+    /// The parent.
+    pub parent: AgentId,
+    /// Its place in the sites its parent asked for, from 0.
+    pub index: u32,
+    /// The site it starts on.
+    pub site: String,
 }
 
 impl AgentContext {
@@ -136,6 +168,47 @@ impl AgentContext {
             received: 0,
             inbox: Vec::new(),
             sent: BTreeMap::new(),
+            clones: 0,
+            children: 0,
+            child_of: None,
+        }
+    }
+
+    /// The context of child `index` of clone `round`, starting on `site`: a copy of this
+    /// one with an id, a mailbox, a trace and journals of its own.
+    pub fn child(&self, round: u64, index: u32, site: &str) -> AgentContext {
+        AgentContext {
+            agent_id: self.agent_id.child(round, index),
+            hop_seq: 0,
+            cpu_used_us: 0,
+            trace: Vec::new(),
+            hops_before: 0,
+            calls: 0,
+            emits: 0,
+            received: 0,
+            inbox: Vec::new(),
+            sent: BTreeMap::new(),
+            clones: 0,
+            children: 0,
+            child_of: Some(ChildOf {
+                parent: self.agent_id,
+                index,
+                site: site.to_string(),
+            }),
+            ..self.clone()
+        }
+    }
+
+    /// What the operation an agent arrived with returns on its destination: a hop's success,
+    /// or for a new child, its place among its parent's children.
+    pub fn arrived(&self) -> OpResult {
+        match (&self.pending, &self.child_of) {
+            (Some(Op::Clone { .. }), Some(of)) => OpResult::Clone(Cloned::Child {
+                index: of.index,
+                site: of.site.clone(),
+                parent: of.parent.to_string(),
+            }),
+            _ => OpResult::Hop(Ok(())),
         }
     }
 

@@ -83,6 +83,14 @@ pub trait Place: Send {
         timeout_ms: Option<u64>,
     ) -> impl Future<Output = Flow> + Send;
 
+    /// `ctx.clone_to(sites)`: the place completes it in the parent once every child was
+    /// created or refused.
+    fn clone_to(
+        &mut self,
+        agent: AgentInstance,
+        sites: Vec<String>,
+    ) -> impl Future<Output = Flow> + Send;
+
     /// After an operation was performed here (not after a hop away).
     fn after_op(&mut self, agent: AgentInstance) -> impl Future<Output = Flow> + Send {
         async { Flow::Go(agent) }
@@ -169,6 +177,10 @@ pub async fn drive<P: Place>(mut agent: AgentInstance, place: &mut P, start: Sta
                 }
             }
             Op::Recv { timeout_ms } => match place.recv(agent, timeout_ms).await {
+                Flow::Go(agent) => place.after_op(agent).await,
+                Flow::Stop => return,
+            },
+            Op::Clone { sites } => match place.clone_to(agent, sites).await {
                 Flow::Go(agent) => place.after_op(agent).await,
                 Flow::Stop => return,
             },

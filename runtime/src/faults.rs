@@ -24,9 +24,13 @@
 //! | `after-emit` | any host: the agent's home holds a value it emitted, the agent has not gone on |
 //! | `after-send` | any host: the receiver's home holds a message the agent sent, the agent has not gone on |
 //! | `home-after-post` | a receiver's home: a message is durably held, its sender not yet told |
+//! | `clone-after-keep` | a parent's host: the parent stored with its clone pending, its home not yet told of the children |
+//! | `clone-after-register` | a parent's host: the home recorded the children, none made yet |
+//! | `home-after-children` | a parent's home: the children durably recorded, the parent's host not yet told |
+//! | `clone-after-child` | a parent's host: one child committed on its site, the others perhaps not, the parent not yet stored again |
 
 /// Names of every crash point (kept here so tests and docs agree).
-pub const POINTS: [&str; 15] = [
+pub const POINTS: [&str; 19] = [
     "source-after-offer",
     "source-mid-module",
     "source-mid-image",
@@ -42,6 +46,10 @@ pub const POINTS: [&str; 15] = [
     "after-emit",
     "after-send",
     "home-after-post",
+    "clone-after-keep",
+    "clone-after-register",
+    "home-after-children",
+    "clone-after-child",
 ];
 
 /// Reads `FAILPOINTS` from the environment; the returned guard keeps the points configured.

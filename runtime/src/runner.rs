@@ -15,7 +15,7 @@ use crate::limits::Limits;
 use crate::log::LogLine;
 use crate::modules::ModuleCache;
 use crate::services::Site;
-use agent_abi::{HopError, OpResult, Outcome, SendError};
+use agent_abi::{CloneError, Cloned, HopError, OpResult, Outcome, SendError};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -376,6 +376,20 @@ impl Place for InProcess<'_> {
         };
         tokio::time::sleep(Duration::from_millis(ms)).await;
         agent.complete(OpResult::Recv(None));
+        Flow::Go(agent)
+    }
+
+    /// A local run has one agent: no child can be made.
+    async fn clone_to(&mut self, mut agent: AgentInstance, sites: Vec<String>) -> Flow {
+        let refused = |site: String| {
+            Err(CloneError::Site(HopError::Refused {
+                site,
+                reason: "a local run has one agent; clones run on hosts (agent-host)".into(),
+            }))
+        };
+        let outcomes = sites.into_iter().map(refused).collect();
+        agent.context_mut().clones += 1;
+        agent.complete(OpResult::Clone(Cloned::Parent(outcomes)));
         Flow::Go(agent)
     }
 

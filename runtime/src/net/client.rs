@@ -3,7 +3,7 @@
 
 use super::certs::CertError;
 use super::messages::{
-    LaunchEvent, ListReply, Post, PostFrom, Refusal, Reply, Request, StatusReply,
+    Family, LaunchEvent, ListReply, Post, PostFrom, Refusal, Reply, Request, StatusReply,
 };
 use super::tls::{self, Credentials, TlsError};
 use super::wire::{WireError, read_msg, write_blob, write_msg};
@@ -198,8 +198,8 @@ impl Client {
             .map_err(ClientError::Refused)
     }
 
-    /// Launches an agent and calls `on_event` for each event until it finishes (or is
-    /// refused). Returns the last event. The module's bytes travel only if the host does
+    /// Launches an agent and calls `on_event` for each event until it and every child it
+    /// cloned finished (or it is refused). Returns the agent's own end. The module's bytes travel only if the host does
     /// not hold them yet.
     ///
     /// # Errors
@@ -235,6 +235,8 @@ impl Client {
         };
         let (mut send, mut recv) = self.open(&request).await?;
         let mut first = true;
+        let mut family = Family::default();
+        let mut end = None;
         loop {
             let event: LaunchEvent = read_msg(&mut recv).await.map_err(|e| self.explain(e))?;
             if event == LaunchEvent::SendModule {
@@ -250,13 +252,19 @@ impl Client {
             first = false;
             let _ = send.finish();
             on_event(&event);
-            if stop(&event)
-                || matches!(
-                    event,
-                    LaunchEvent::Finished { .. } | LaunchEvent::Refused(_)
-                )
-            {
+            let ended = family.note(&event);
+            if stop(&event) {
                 return Ok(event);
+            }
+            if matches!(
+                event,
+                LaunchEvent::Finished { .. } | LaunchEvent::Refused(_)
+            ) {
+                end = Some(event);
+            }
+            // The agent's own end is the launch's, once its children ended too.
+            if ended && let Some(end) = end.take() {
+                return Ok(end);
             }
         }
     }

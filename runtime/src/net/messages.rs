@@ -107,6 +107,61 @@ pub enum Request {
         /// The agent.
         agent: AgentId,
     },
+    /// Host → home host: `parent`, on the asking host, is about to create `children`: record
+    /// them (again, if the clone is made again after a crash). Answered with [`Reply<()>`]
+    /// once the home's records of them are durable.
+    Children {
+        /// The parent.
+        parent: AgentId,
+        /// What the parent clones into.
+        children: Vec<ChildStart>,
+    },
+}
+
+/// Who of a launched agent's family still runs, as its launcher hears of them: a launch is
+/// followed until the agent and every descendant it made ended.
+#[derive(Debug, Default)]
+pub struct Family {
+    ended: bool,
+    running: std::collections::BTreeSet<AgentId>,
+    gone: std::collections::BTreeSet<AgentId>,
+}
+
+impl Family {
+    /// Notes `event`; whether the agent and all its descendants ended.
+    pub fn note(&mut self, event: &LaunchEvent) -> bool {
+        match event {
+            LaunchEvent::Finished { .. } | LaunchEvent::Refused(_) => self.ended = true,
+            LaunchEvent::Cloning { children, .. } => self.started(children),
+            LaunchEvent::Child { agent, event } => match &**event {
+                LaunchEvent::Finished { .. } => {
+                    self.running.remove(agent);
+                    self.gone.insert(*agent);
+                }
+                LaunchEvent::Cloning { children, .. } => self.started(children),
+                _ => {}
+            },
+            _ => {}
+        }
+        self.ended && self.running.is_empty()
+    }
+
+    /// A clone heard again (made again after a crash) does not bring back a child that ended.
+    fn started(&mut self, children: &[ChildStart]) {
+        let new = children.iter().map(|c| c.agent);
+        self.running.extend(new.filter(|c| !self.gone.contains(c)));
+    }
+}
+
+/// One child a clone creates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildStart {
+    /// The child's id.
+    pub agent: AgentId,
+    /// Its place in the sites its parent asked for.
+    pub index: u32,
+    /// The site it starts on.
+    pub site: String,
 }
 
 /// A message for an agent, to its home host.
@@ -346,6 +401,20 @@ pub enum LaunchEvent {
         #[serde(deserialize_with = "crate::net::end::read_stored")]
         outcome: AgentEnd,
     },
+    /// The agent, on `site`, is creating children: each is its home's agent from now on.
+    Cloning {
+        /// Where the parent is.
+        site: String,
+        /// The children.
+        children: Vec<ChildStart>,
+    },
+    /// An event of a child (or a later descendant) of the agent, passed to its watchers.
+    Child {
+        /// The child.
+        agent: AgentId,
+        /// What happened to it.
+        event: Box<LaunchEvent>,
+    },
 }
 
 /// Why a host refused a request, carried over the wire: callers match on the kind.
@@ -428,6 +497,16 @@ pub enum Refusal {
         /// The number expected.
         expected: u64,
     },
+    /// A user's live agents launched from this home are as many as it allows.
+    #[error(
+        "{user} has {limit} live agents launched from this host, the most a user may (user_agents)"
+    )]
+    TooManyAgents {
+        /// The user.
+        user: String,
+        /// Live agents a user may have.
+        limit: u64,
+    },
 }
 
 /// A host's answer to a request that may be refused.
@@ -461,6 +540,32 @@ pub struct StatusReply {
     /// stored with the status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_on: Option<String>,
+    /// The agent it was cloned from, if it is a child.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<AgentId>,
+    /// The children it cloned, in the order made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<AgentId>,
+}
+
+impl StatusReply {
+    /// The record of a new agent of `owner` that runs on `site`.
+    pub fn new(agent: AgentId, owner: &str, site: &str) -> StatusReply {
+        StatusReply {
+            agent,
+            owner: owner.to_string(),
+            site: site.to_string(),
+            state: AgentState::Running,
+            hops: Vec::new(),
+            result: None,
+            error: None,
+            emits: 0,
+            sleeping: None,
+            waiting_on: None,
+            parent: None,
+            children: Vec::new(),
+        }
+    }
 }
 
 /// The user's agents on their home host: as many as fit in one message, running ones first.

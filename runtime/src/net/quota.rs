@@ -37,6 +37,8 @@ pub struct UserLimits {
     pub launches_per_sec: f64,
     /// Bytes of messages the mailboxes of the user's agents launched here may hold.
     pub mail: u64,
+    /// Live agents launched from this host (clones included), wherever they run.
+    pub agents: usize,
 }
 
 impl UserLimits {
@@ -50,6 +52,7 @@ impl UserLimits {
             parked: 10_000,
             launches_per_sec: 100.0,
             mail: 256 << 20,
+            agents: max_agents.saturating_mul(4).max(1),
         }
     }
 }

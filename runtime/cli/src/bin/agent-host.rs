@@ -1,6 +1,7 @@
 //! `agent-host`: the operator's command: run a host, make certificates.
 
 use agent_runtime::net::certs::{self, Role, Validity};
+use agent_runtime::net::host::DEFAULT_MAX_CHILDREN;
 use agent_runtime::net::host::{Host, HostConfig};
 use agent_runtime::net::mailbox::DEFAULT_MAILBOX;
 use agent_runtime::net::quota::UserLimits;
@@ -137,6 +138,14 @@ struct ServeArgs {
     /// full mailbox is refused with an error saying so, and the sender tries again later.
     #[arg(long)]
     mailbox: Option<u64>,
+    /// Children an agent running here may create in all with `ctx.clone_to` (default 64);
+    /// past it, the clone fails in the agent with an error saying so.
+    #[arg(long)]
+    max_children: Option<u64>,
+    /// Live agents one user may have launched from this host, clones included, wherever they
+    /// run (default 4 × max_agents); past it, a clone fails in the agent with an error.
+    #[arg(long)]
+    user_live_agents: Option<usize>,
 }
 
 /// The TOML configuration file.
@@ -163,6 +172,8 @@ struct FileConfig {
     segmentation_offload: Option<bool>,
     return_cache_mib: Option<u64>,
     mailbox: Option<u64>,
+    max_children: Option<u64>,
+    user_live_agents: Option<usize>,
 }
 
 /// `n` MiB in bytes, or an error naming the setting when that does not fit.
@@ -271,6 +282,8 @@ impl FileConfig {
             },
             return_cache_mib: args.return_cache_mib.or(self.return_cache_mib),
             mailbox: args.mailbox.or(self.mailbox),
+            max_children: args.max_children.or(self.max_children),
+            user_live_agents: args.user_live_agents.or(self.user_live_agents),
         }
     }
 }
@@ -341,6 +354,7 @@ fn host_config(s: FileConfig, name: String, data_dir: PathBuf) -> anyhow::Result
             0 => anyhow::bail!("mailbox = 0 would refuse every message; give 1 or more"),
             n => n,
         },
+        max_children: s.max_children.unwrap_or(DEFAULT_MAX_CHILDREN),
         peers: s.peers,
     })
 }
@@ -360,6 +374,7 @@ fn user_limits(s: &FileConfig, defaults: UserLimits) -> anyhow::Result<UserLimit
             Some(n) => mib(n, "user_mail_mib")?,
             None => defaults.mail,
         },
+        agents: s.user_live_agents.unwrap_or(defaults.agents),
     };
     if limits.launches_per_sec.is_nan() || limits.launches_per_sec <= 0.0 {
         bail!("user_launches_per_sec must be above 0");

@@ -17,7 +17,6 @@ use crate::net::residents::Reserved;
 use crate::net::store::StoreError;
 use crate::net::wire::{Blob, WireError, read_blob, read_blob_into, read_msg_charged, write_msg};
 use crate::{AgentError, AgentModule};
-use agent_abi::OpResult;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -220,7 +219,7 @@ impl Host {
         // stream that breaks first, drops it before it did anything seen.
         let (verdict, committed) = tokio::sync::oneshot::channel();
         let flags = agent.flags();
-        agent.complete(OpResult::Hop(Ok(())));
+        agent.complete(agent.context().arrived());
         self.spawn_agent(agent, Start::Arrived(committed));
         let resumed = (Instant::now(), unix_us());
         arrival.phase("resumed");

@@ -119,7 +119,13 @@ impl SourceHop {
     /// A hop to `site` whose OFFER is on its way and whose departure record is durable
     /// already.
     pub fn offered(site: &str) -> SourceHop {
-        let mut hop = SourceHop::planned(site, Plan::default());
+        SourceHop::recorded(site, Plan::default())
+    }
+
+    /// A hop to `site` sent as `plan` says, whose OFFER is on its way and whose departure is
+    /// durable already (a child's: its parent was stored with the clone pending).
+    pub fn recorded(site: &str, plan: Plan) -> SourceHop {
+        let mut hop = SourceHop::planned(site, plan);
         hop.recording = Recording::Done;
         hop
     }

@@ -110,7 +110,54 @@ impl Host {
         }
         let reply = out.offer_to(self, site).await;
         out.phase("offer answered");
-        let mut step = hop.on_offer_reply(reply);
+        let step = hop.on_offer_reply(reply);
+        self.drive_hop(&mut out, site, hop, step).await
+    }
+
+    /// Sends a new child of an agent of `module` to `site`: `image` is the parent's, with
+    /// the child's context. Its "departure" is durable already: the parent's host stored
+    /// the parent with its clone pending, and makes the same child again after a crash.
+    pub(in crate::net) async fn send_child(
+        self: &Arc<Self>,
+        image: AgentImage,
+        module: Arc<AgentModule>,
+        site: &str,
+    ) -> Result<HopInfo, HopError> {
+        let (frozen, frozen_at_us) = (Instant::now(), unix_us());
+        let unreachable = |reason: String| HopError::Unreachable {
+            site: site.into(),
+            reason,
+        };
+        let encoded = image.encode(EncodeOptions::default());
+        let bytes = Outgoing::Encoded(Arc::new(encoded.map_err(|e| unreachable(e.to_string()))?));
+        let known = self.peer_has(site, &module);
+        let plan = Plan {
+            keep_base: false,
+            ..Plan::new(bytes.len() as u64, known, false)
+        };
+        let offer = offer_of(&image, &module, bytes.len() as u64, plan);
+        let mut out = Outbound::new(
+            (frozen, frozen_at_us),
+            image,
+            (&[], bytes),
+            (offer, plan),
+            module,
+        );
+        let mut hop = SourceHop::recorded(site, plan);
+        let reply = out.offer_to(self, site).await;
+        let step = hop.on_offer_reply(reply);
+        (self.drive_hop(&mut out, site, hop, step).await).map_err(|f| f.error)
+    }
+
+    /// Performs the steps of `hop` from `step` on until it ends: `Ok` once the destination
+    /// owns the agent.
+    async fn drive_hop(
+        self: &Arc<Self>,
+        out: &mut Outbound<'_>,
+        site: &str,
+        mut hop: SourceHop,
+        mut step: SourceStep,
+    ) -> Result<HopInfo, HopFailure> {
         loop {
             step = match step {
                 SourceStep::Transfer { module } => {
@@ -207,29 +254,15 @@ impl Host {
         let base_task = (plan.keep_base)
             .then(|| self.hash_base(seq, &image.pages, offer_binding(&offer)))
             .flatten();
-        Ok(Outbound {
-            seq,
-            frozen,
-            frozen_at_us,
-            plan,
+        let mut out = Outbound::new(
+            (frozen, frozen_at_us),
             image,
-            memory,
-            bytes,
-            offer,
+            (memory, bytes),
+            (offer, plan),
             module,
-            base_task,
-            own_base: None,
-            base: None,
-            partial: None,
-            pages_reused: 0,
-            module_sent: 0,
-            streams: None,
-            offered: Duration::ZERO,
-            recording: None,
-            departure: None,
-            ran_there: Duration::ZERO,
-            resumed_there: 0,
-        })
+        );
+        out.base_task = base_task;
+        Ok(out)
     }
 
     /// Whether peer `site` said it holds `module`.
@@ -341,7 +374,41 @@ struct Outbound<'a> {
     resumed_there: u64,
 }
 
-impl Outbound<'_> {
+impl<'a> Outbound<'a> {
+    /// Hop `image.context.hop_seq`, frozen at `frozen`, whose image is `bytes`, with pages
+    /// that may still lie in `memory`.
+    fn new(
+        frozen: (Instant, u64),
+        image: AgentImage,
+        (memory, bytes): (&'a [u8], Outgoing<'a>),
+        (offer, plan): (Offer, Plan),
+        module: Arc<AgentModule>,
+    ) -> Outbound<'a> {
+        Outbound {
+            seq: image.context.hop_seq,
+            frozen: frozen.0,
+            frozen_at_us: frozen.1,
+            plan,
+            image,
+            memory,
+            bytes,
+            offer,
+            module,
+            base_task: None,
+            own_base: None,
+            base: None,
+            partial: None,
+            pages_reused: 0,
+            module_sent: 0,
+            streams: None,
+            offered: Duration::ZERO,
+            recording: None,
+            departure: None,
+            ran_there: Duration::ZERO,
+            resumed_there: 0,
+        }
+    }
+
     fn phase(&self, name: &str) {
         super::phase(true, self.seq, self.frozen, name);
     }

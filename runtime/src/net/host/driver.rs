@@ -11,10 +11,10 @@ use crate::instance::{AgentError, AgentInstance};
 use crate::log::LogLine;
 use crate::net::host::{ASK_TIMEOUT, Fetched, Host, PARK_AFTER, Start, sleep_unless_killed};
 use crate::net::messages::{
-    AgentEnd, LaunchEvent, Post, PostFrom, Refusal, Reply, Request, unix_ms,
+    AgentEnd, ChildStart, LaunchEvent, Post, PostFrom, Refusal, Reply, Request, unix_ms,
 };
 use crate::net::store::{AgentRecord, CallEntry, Resume, StoreError};
-use agent_abi::{Message, OpResult, Outcome, SendError};
+use agent_abi::{CloneError, Cloned, HopError, Message, OpResult, Outcome, SendError};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -386,6 +386,62 @@ impl Place for OnHost {
         }
     }
 
+    async fn clone_to(&mut self, mut agent: AgentInstance, sites: Vec<String>) -> Flow {
+        let host = self.host.clone();
+        let limit = host.config.max_children;
+        let children = host.children_of(&agent, &sites);
+        let wanted = agent
+            .context()
+            .children
+            .saturating_add(children.len() as u64);
+        let unreachable = |reason: String| {
+            CloneError::Site(HopError::Unreachable {
+                site: host.config.name.clone(),
+                reason,
+            })
+        };
+        let outcomes = if children.is_empty() {
+            host.unmade(&sites, unreachable(String::new()))
+        } else if wanted > limit {
+            host.unmade(&sites, CloneError::TooManyChildren { limit })
+        } else {
+            // Stored with the clone pending first: a restart makes the same children again.
+            match host.keep(&mut agent, Resume::Handle).await {
+                Err(e) => host.unmade(&sites, unreachable(format!("cannot store the parent: {e}"))),
+                Ok(()) => {
+                    crash_point("clone-after-keep");
+                    let Some(registered) = self.register(&children, &agent.flags()).await else {
+                        return self.cut_short(agent).await;
+                    };
+                    match registered {
+                        Ok(()) => {
+                            crash_point("clone-after-register");
+                            let mut outcomes = host.unmade(&sites, unreachable(String::new()));
+                            host.make_children(&mut agent, &children, &mut outcomes)
+                                .await;
+                            outcomes
+                        }
+                        Err(Refusal::TooManyAgents { limit, .. }) => {
+                            host.unmade(&sites, CloneError::OwnerFull { limit })
+                        }
+                        Err(other) => {
+                            host.unmade(&sites, unreachable(format!("its home: {other}")))
+                        }
+                    }
+                }
+            }
+        };
+        let made = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
+        let context = agent.context_mut();
+        context.clones += 1;
+        context.children += made;
+        agent.complete(OpResult::Clone(Cloned::Parent(outcomes)));
+        if !children.is_empty() {
+            host.keep_cloned(&mut agent).await;
+        }
+        Flow::Go(agent)
+    }
+
     async fn end(&mut self, agent: AgentInstance, end: Result<Outcome, AgentError>) {
         let end = match end {
             Ok(outcome) => AgentEnd::from(outcome),
@@ -396,6 +452,24 @@ impl Place for OnHost {
 }
 
 impl OnHost {
+    /// Asks the agent's home to record `children`, and again while it cannot be reached.
+    /// `None` if the agent was killed, or this host began to shut down, meanwhile.
+    async fn register(&self, children: &[ChildStart], flags: &AgentFlags) -> Option<Reply<()>> {
+        let mut pause = Backoff::new(TELL_FIRST, TELL_MOST);
+        loop {
+            match (self.host.register_children(self.id, &self.home, children)).await {
+                Ok(reply) => return Some(reply),
+                Err(e) => {
+                    let home = &self.home;
+                    tracing::warn!(agent = %self.id, %home, "cannot record children at the home: {e}");
+                }
+            }
+            if !self.pause(pause.wait(), flags).await {
+                return None;
+            }
+        }
+    }
+
     /// After the agent took a message: once it took a [`KEEP_TAKEN_PART`] of its room since its last stored
     /// state, it is stored again, so that its home may drop them and its mailbox has room.
     async fn keep_taken(&mut self, mut agent: AgentInstance) -> Flow {

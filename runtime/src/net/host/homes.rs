@@ -120,6 +120,13 @@ impl HomeEntry {
             // Told again (its host crashed before the agent went on): held already.
             LaunchEvent::Emitted { seq, .. } if *seq <= self.status.emits => return,
             LaunchEvent::Emitted { seq, .. } => self.status.emits = *seq,
+            LaunchEvent::Cloning { children, .. } => {
+                for child in children {
+                    if !self.status.children.contains(&child.agent) {
+                        self.status.children.push(child.agent);
+                    }
+                }
+            }
             LaunchEvent::Finished { site, outcome, .. } => {
                 self.status.site = site.clone();
                 self.status.sleeping = None;
@@ -150,6 +157,8 @@ impl HomeEntry {
             emits: s.emits,
             sleeping: s.sleeping.clone(),
             waiting_on: None,
+            parent: s.parent,
+            children: s.children.clone(),
         };
         let hops = (self.unstored_hops.iter())
             .filter_map(|(_, seq)| s.hops.binary_search_by_key(seq, |h| h.seq).ok())
@@ -177,6 +186,14 @@ impl HomeEntry {
             .drain(..later.unwrap_or(self.unheard.len()))
             .collect();
         for (_, event) in heard {
+            // A child's watchers are its parent's launcher's: they hear whose event it is.
+            let event = match self.status.parent {
+                Some(_) => LaunchEvent::Child {
+                    agent: self.status.agent,
+                    event: Box::new(event),
+                },
+                None => event,
+            };
             self.watchers.retain(|w| w.send(event.clone()).is_ok());
         }
     }
@@ -221,18 +238,7 @@ impl Host {
         owner: &str,
         watcher: mpsc::UnboundedSender<LaunchEvent>,
     ) {
-        let status = StatusReply {
-            agent: id,
-            owner: owner.to_string(),
-            site: self.config.name.clone(),
-            state: AgentState::Running,
-            hops: Vec::new(),
-            result: None,
-            error: None,
-            emits: 0,
-            sleeping: None,
-            waiting_on: None,
-        };
+        let status = StatusReply::new(id, owner, &self.config.name);
         let _ = self.store.put_home(&status).await;
         if let Ok(mut homes) = self.homes.lock() {
             homes.insert(id, HomeEntry::new(status, vec![watcher]));
@@ -418,18 +424,7 @@ mod tests {
 
     fn entry() -> HomeEntry {
         HomeEntry {
-            status: StatusReply {
-                agent: AgentId([1; 16]),
-                owner: "alice".into(),
-                site: "siteA".into(),
-                state: AgentState::Running,
-                hops: Vec::new(),
-                result: None,
-                error: None,
-                emits: 0,
-                sleeping: None,
-                waiting_on: None,
-            },
+            status: StatusReply::new(AgentId([1; 16]), "alice", "siteA"),
             watchers: Vec::new(),
             held: None,
             records: 0,

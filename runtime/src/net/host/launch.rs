@@ -7,7 +7,7 @@ use crate::modules::{AgentModule, ModuleHash};
 use crate::net::budget::InFlight;
 use crate::net::certs::{Identity, Role};
 use crate::net::host::{AdmitError, Host, MODULE_DEADLINE, Start, Stream};
-use crate::net::messages::{AgentEnd, LaunchEvent, Refusal, Reply, Request};
+use crate::net::messages::{AgentEnd, Family, LaunchEvent, Refusal, Reply, Request};
 use crate::net::quota::OverQuota;
 use crate::net::residents::{Found, Full, Reserved};
 use crate::net::store::{AgentRecord, Resume, StoreError};
@@ -174,13 +174,14 @@ impl Host {
         send: &mut quinn::SendStream,
         mut rx: mpsc::UnboundedReceiver<LaunchEvent>,
     ) -> Result<(), WireError> {
+        let mut family = Family::default();
         loop {
             let event = tokio::select! {
                 event = rx.recv() => event,
                 _ = send.stopped() => None,
             };
             let Some(event) = event else { break };
-            let last = matches!(event, LaunchEvent::Finished { .. });
+            let last = family.note(&event);
             if write_msg(send, &event).await.is_err() || last {
                 break;
             }

@@ -7,6 +7,7 @@
 //! go to the agent's home host ([`outbox`], [`homes`]), which streams them to the launcher and
 //! answers `status`, `list` and `kill` ([`launch`], [`serve`]).
 
+mod clones;
 mod driver;
 mod homes;
 mod launch;
@@ -16,6 +17,7 @@ mod post;
 mod recovery;
 mod serve;
 
+pub use clones::DEFAULT_MAX_CHILDREN;
 pub(in crate::net) use homes::fit_list;
 pub(in crate::net) use parking::sleep_unless_killed;
 pub use post::Fetched;
@@ -133,6 +135,8 @@ pub struct HostConfig {
     pub user_limits: UserLimits,
     /// Messages an agent's mailbox holds at most (at its home).
     pub mailbox: u64,
+    /// Children an agent running here may have created in all.
+    pub max_children: u64,
 }
 
 /// What a host holds in memory ([`Host::memory`]).

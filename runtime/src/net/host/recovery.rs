@@ -51,7 +51,7 @@ impl Host {
                                 },
                                 Resume::Arrived => {
                                     self.came_home(&agent).await;
-                                    agent.complete(OpResult::Hop(Ok(())));
+                                    agent.complete(agent.context().arrived());
                                     Start::Poll
                                 }
                                 Resume::HopFailed(error) => {

@@ -146,7 +146,7 @@ impl Host {
                 write_msg(send, &reply).await
             }
             Request::List => write_msg(send, &fit_list(self.home_list(&peer.name))).await,
-            Request::Kill { agent } => write_msg(send, &self.kill(&agent, peer).await).await,
+            Request::Kill { agent } => write_msg(send, &self.kill_tree(&agent, peer).await).await,
             Request::Query { agent, seq } => {
                 let reply = match peer.role {
                     Role::Host => self.transfer_status(&agent, seq).await,
@@ -221,6 +221,13 @@ impl Host {
                         Ok(())
                     }
                     Role::User => Err(only_hosts("wake agents")),
+                };
+                write_msg(send, &reply).await
+            }
+            Request::Children { parent, children } => {
+                let reply = match peer.role {
+                    Role::Host => self.add_children(&parent, children, &peer.name).await,
+                    Role::User => Err(only_hosts("clone agents")),
                 };
                 write_msg(send, &reply).await
             }

@@ -42,18 +42,7 @@ async fn a_transfer_is_committed_or_aborted_never_both() {
 }
 
 fn home_status(n: u64) -> StatusReply {
-    StatusReply {
-        agent: AgentId([9; 16]),
-        owner: "alice".into(),
-        site: format!("site{n}"),
-        state: crate::net::messages::AgentState::Running,
-        hops: Vec::new(),
-        result: None,
-        error: None,
-        emits: 0,
-        sleeping: None,
-        waiting_on: None,
-    }
+    StatusReply::new(AgentId([9; 16]), "alice", &format!("site{n}"))
 }
 
 #[tokio::test]

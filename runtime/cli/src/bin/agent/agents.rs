@@ -10,11 +10,17 @@ use serde::Serialize;
 #[derive(Serialize)]
 struct StatusView<'a> {
     agent: String,
+    /// The children it cloned, in the order made.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    children: Vec<String>,
     /// Values it emitted so far.
     emits: u64,
     error: &'a Option<String>,
     hops: Vec<HopView<'a>>,
     owner: &'a str,
+    /// The agent it was cloned from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
     result: Option<serde_json::Value>,
     site: &'a str,
     sleeping_until_ms: Option<u64>,
@@ -28,10 +34,12 @@ impl<'a> From<&'a StatusReply> for StatusView<'a> {
     fn from(s: &'a StatusReply) -> Self {
         StatusView {
             agent: s.agent.to_string(),
+            children: s.children.iter().map(AgentId::to_string).collect(),
             emits: s.emits,
             error: &s.error,
             hops: hop_views(&s.hops),
             owner: &s.owner,
+            parent: s.parent.map(|p| p.to_string()),
             // A result that is not JSON shows as null, as it always did.
             result: (s.result.as_deref()).and_then(|r| serde_json::from_str(r).ok()),
             site: &s.site,
@@ -81,12 +89,25 @@ fn print_status(s: &StatusReply) {
 pub async fn status(conn: &Connection, agent: AgentId, json: bool) -> anyhow::Result<()> {
     let client = conn.connect().await?;
     let s = client.status(agent).await.map_err(client_error)?;
+    let mut children = Vec::new();
+    if !json {
+        for child in &s.children {
+            children.push(client.status(*child).await.map_err(client_error)?);
+        }
+    }
     client.close().await;
     if json {
         println!("{}", serde_json::to_string_pretty(&StatusView::from(&s))?);
         return Ok(());
     }
     print_status(&s);
+    if let Some(parent) = &s.parent {
+        println!("cloned from {parent}");
+    }
+    if !children.is_empty() {
+        println!("children:");
+        children.iter().for_each(print_status);
+    }
     if let Some(sleep) = asleep(&s) {
         println!("asleep on {} {}", sleep.site, wake_time(sleep.until_ms));
     }

@@ -26,6 +26,9 @@ pub struct Submission<'a> {
 #[derive(Serialize)]
 struct LaunchView<'a> {
     agent: Option<String>,
+    /// The children it cloned, in the order made, with how each ended.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    children: Vec<ChildView>,
     /// What the agent emitted, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     emitted: Vec<serde_json::Value>,
@@ -33,6 +36,58 @@ struct LaunchView<'a> {
     hops: Vec<HopView<'a>>,
     ok: bool,
     result: Option<serde_json::Value>,
+}
+
+/// A child in `agent launch --json`.
+#[derive(Clone, Serialize)]
+struct ChildView {
+    agent: String,
+    error: Option<String>,
+    ok: Option<bool>,
+    parent: String,
+    result: Option<serde_json::Value>,
+    site: String,
+}
+
+/// The children a launcher heard of, in the order made.
+#[derive(Default)]
+struct Children(Vec<ChildView>);
+
+impl Children {
+    /// Notes a clone of `parent`, or the end of a child.
+    fn note(&mut self, parent: String, event: &LaunchEvent) {
+        match event {
+            LaunchEvent::Cloning { children, .. } => {
+                for child in children {
+                    let agent = child.agent.to_string();
+                    if !self.0.iter().any(|c| c.agent == agent) {
+                        self.0.push(ChildView {
+                            agent,
+                            error: None,
+                            ok: None,
+                            parent: parent.clone(),
+                            result: None,
+                            site: child.site.clone(),
+                        });
+                    }
+                }
+            }
+            LaunchEvent::Child { agent, event } => {
+                let agent = agent.to_string();
+                if let LaunchEvent::Finished { site, .. } = &**event
+                    && let Some(child) = self.0.iter_mut().find(|c| c.agent == agent)
+                {
+                    let ending = Ending::of(event);
+                    child.ok = Some(ending.ok);
+                    child.result = ending.result;
+                    child.error = ending.error;
+                    child.site = site.clone();
+                }
+                self.note(agent, event);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// `agent launch --detach --json`.
@@ -191,7 +246,11 @@ impl Progress {
                 | LaunchEvent::Sleeping { site, .. }
                 | LaunchEvent::Finished { site, .. } => site.as_str(),
                 LaunchEvent::Moved(hop) => hop.to.as_str(),
-                LaunchEvent::Refused(_) | LaunchEvent::SendModule | LaunchEvent::Emitted { .. } => {
+                LaunchEvent::Refused(_)
+                | LaunchEvent::SendModule
+                | LaunchEvent::Emitted { .. }
+                | LaunchEvent::Cloning { .. }
+                | LaunchEvent::Child { .. } => {
                     return;
                 }
             };
@@ -241,8 +300,37 @@ fn event_line(event: &LaunchEvent, terminal: bool) -> Option<String> {
         LaunchEvent::Refused(why) => format!("launch refused: {why}"),
         LaunchEvent::Finished { site, .. } => format!("agent ended on {site}"),
         LaunchEvent::Emitted { value, .. } => format!("emitted: {}", emitted(value)),
+        LaunchEvent::Cloning { site, children } => {
+            let each: Vec<String> = (children.iter())
+                .map(|c| format!("{} {} {}", short(&c.agent), arrow(terminal), c.site))
+                .collect();
+            format!(
+                "cloned on {site} into {} children: {}",
+                children.len(),
+                each.join(", ")
+            )
+        }
+        LaunchEvent::Child { agent, event } => {
+            let line = match &**event {
+                LaunchEvent::Finished { site, .. } => {
+                    let ending = Ending::of(event);
+                    match (ending.result, ending.error) {
+                        (Some(v), _) => format!("ended on {site}: {v}"),
+                        (None, Some(e)) => format!("failed on {site}: {e}"),
+                        (None, None) => format!("ended on {site}"),
+                    }
+                }
+                other => event_line(other, terminal)?,
+            };
+            format!("  child {}: {line}", short(agent))
+        }
         LaunchEvent::SendModule => return None,
     })
+}
+
+/// The first digits of an agent's id, enough to tell a launch's children apart.
+fn short(agent: &AgentId) -> String {
+    agent.to_string()[..8].to_string()
 }
 
 /// Launches the agent and follows it to its end; prints the hop table and the result, and
@@ -257,7 +345,10 @@ pub async fn launch(
     let mut hops: Vec<HopInfo> = Vec::new();
     let mut launched: Option<String> = None;
     let mut values = Vec::new();
+    let mut children = Children::default();
     let mut on_event = |event: &LaunchEvent| {
+        let parent = launched.clone().unwrap_or_default();
+        children.note(parent, event);
         match event {
             LaunchEvent::Moved(hop) => hops.push(hop.clone()),
             LaunchEvent::Emitted { value, .. } => values.push(emitted(value)),
@@ -291,7 +382,7 @@ pub async fn launch(
     };
     // Reports of hops come from different hosts and may arrive out of order.
     hops.sort_by_key(|h| h.seq);
-    print_ending(launched, &ending, (&hops, values), json)?;
+    print_ending(launched, &ending, (&hops, values, children.0), json)?;
     let code = match ending.ok {
         true => ExitCode::SUCCESS,
         false => ExitCode::FAILURE,
@@ -303,12 +394,13 @@ pub async fn launch(
 fn print_ending(
     agent: Option<String>,
     ending: &Ending,
-    (hops, emitted): (&[HopInfo], Vec<serde_json::Value>),
+    (hops, emitted, children): (&[HopInfo], Vec<serde_json::Value>, Vec<ChildView>),
     json: bool,
 ) -> anyhow::Result<()> {
     if json {
         let view = LaunchView {
             agent,
+            children,
             emitted,
             error: ending.error.clone(),
             hops: hop_views(hops),
