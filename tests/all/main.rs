@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod clone_faults;
 mod clones;
 mod emit;
 mod faults;

@@ -4,7 +4,8 @@
 //! Arguments: `mib=N` carries N MiB of data into the children (each returns its checksum, so
 //! a child proves it inherited its parent's memory); `wait=true` keeps the parent and each
 //! child waiting for a message after the children reported (until a user sends one, or kills
-//! the agent); `patience_secs=N` is how long the parent waits for its children (default 60).
+//! the agent); `patience_secs=N` is how long the parent waits for its children (default 60);
+//! `from=SITE` hops there before it forks.
 
 use agent_sdk::{Cloned, Context};
 use serde::Serialize;
@@ -48,6 +49,10 @@ async fn fork(ctx: Context) -> Result<Report, String> {
         reported: Vec::new(),
         errors: Vec::new(),
     };
+    if let Some(site) = ctx.arg("from") {
+        ctx.hop(&site).await.map_err(|e| e.to_string())?;
+        report.site = site;
+    }
     match ctx.clone_to(&ctx.itinerary()).await {
         Cloned::Child {
             index,

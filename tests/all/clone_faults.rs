@@ -1,0 +1,130 @@
+//! A clone survives a crash of the parent's host, of its home, or of a child's destination
+//! at each step: every child is made once (or reported as not made), the parent hears from
+//! every child that was made, and nothing is left running.
+
+use agent_e2e::{Cluster, example_path, json};
+use std::time::{Duration, Instant};
+
+const SITES: [&str; 3] = ["siteA", "siteB", "siteC"];
+
+/// Launches the fork agent on siteA (its home); it hops to siteB and forks into children on
+/// siteA, siteC and siteB. Crashes `site` at `point`, restarts it, and returns the parent's
+/// report and its launcher's view of the children once all ended.
+fn fork_through_a_crash(site: &str, point: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let mut cluster = Cluster::start_crashing(&SITES, site, point);
+    let wasm = example_path("fork");
+    let line = [
+        "launch",
+        &wasm,
+        "--hop",
+        "siteA,siteC,siteB",
+        "--arg",
+        "from=siteB",
+        "--arg",
+        "mib=1",
+        "--detach",
+    ];
+    let out = cluster.agent(&line, "siteA", "alice");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let status = cluster.wait_exit(site, Duration::from_secs(60));
+    assert!(!status.success(), "{site} should have crashed at {point}");
+    assert!(cluster.log(site).contains(&format!("crash point {point}")));
+    cluster.restart(site, &[]);
+    let logs = |cluster: &Cluster| {
+        (SITES.iter())
+            .map(|s| format!("--- {s}\n{}", cluster.log(s)))
+            .collect::<String>()
+    };
+    let ended = |agent: &str| {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let out = cluster.agent(&["status", agent, "--json"], "siteA", "alice");
+            if out.status.success() {
+                let status = json(&out);
+                if status["state"] != "running" {
+                    return status;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{point}: {agent} did not end\n{}",
+                logs(&cluster)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let parent = ended(&id);
+    assert_eq!(
+        parent["state"],
+        "finished",
+        "{point}: {parent:#}\n{}",
+        logs(&cluster)
+    );
+    let children: Vec<serde_json::Value> = (parent["children"].as_array().unwrap().iter())
+        .map(|c| ended(c.as_str().unwrap()))
+        .collect();
+    assert_eq!(children.len(), 3, "{point}: {parent:#}");
+    (parent["result"].clone(), children)
+}
+
+/// Every child was made once and reported to its parent, which carried its data into each.
+fn all_made(site: &str, point: &str) {
+    let (report, children) = fork_through_a_crash(site, point);
+    assert_eq!(
+        report["reported"],
+        serde_json::json!([0, 1, 2]),
+        "{point}: {report:#}"
+    );
+    assert_eq!(report["errors"], serde_json::json!([]), "{point}");
+    for (child, site) in children.iter().zip(["siteA", "siteC", "siteB"]) {
+        assert_eq!(child["state"], "finished", "{point}: {child:#}");
+        assert_eq!(child["result"]["site"], site, "{point}: {child:#}");
+        assert_eq!(child["result"]["sum"], report["sum"], "{point}: {child:#}");
+    }
+}
+
+#[test]
+fn a_clone_survives_its_parents_host_crashing_once_the_parent_was_stored() {
+    all_made("siteB", "clone-after-keep");
+}
+
+#[test]
+fn a_clone_survives_its_parents_host_crashing_once_the_home_recorded_the_children() {
+    all_made("siteB", "clone-after-register");
+}
+
+#[test]
+fn a_clone_survives_its_parents_host_crashing_after_a_child_was_made() {
+    all_made("siteB", "clone-after-child");
+}
+
+#[test]
+fn a_clone_survives_its_parents_host_crashing_while_sending_a_child() {
+    all_made("siteB", "source-before-departed");
+}
+
+#[test]
+fn a_clone_survives_the_home_crashing_as_it_records_the_children() {
+    all_made("siteA", "home-after-children");
+}
+
+#[test]
+fn a_clone_survives_a_childs_destination_crashing_after_its_commit() {
+    all_made("siteC", "dest-after-commit");
+}
+
+#[test]
+fn a_child_whose_destination_crashed_before_its_commit_is_reported_not_made() {
+    let (report, children) = fork_through_a_crash("siteC", "dest-before-commit");
+    // The child for siteC (index 1) was never made: the parent heard so, and no child ran.
+    assert_eq!(report["reported"], serde_json::json!([0, 2]), "{report:#}");
+    let errors = report["errors"].to_string();
+    assert!(errors.contains("siteC"), "{errors}");
+    assert_eq!(children[1]["state"], "failed", "{:#}", children[1]);
+    assert!(children[1]["error"].to_string().contains("not created"));
+}
