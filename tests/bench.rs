@@ -4,10 +4,12 @@
 //!
 //! `scripts/bench [ROUNDS] [SCENARIO...]` (release build; ROUNDS repeats each measured
 //! scenario, default 5; scenarios: checkpoint memcpy freeze throughput messages large sparse
-//! return restart parked, default all). `BENCH_PARKED=N` parks N agents instead of 100,000;
+//! return restart parked clones, default all). `BENCH_PARKED=N` parks N agents instead of 100,000;
 //! `BENCH_AGENTS=N` puts N agents in flight in `throughput` instead of 200, `BENCH_HOPS=N` makes
 //! each hop N times instead of 20.
 
+#[path = "bench_clones.rs"]
+mod clones;
 #[path = "bench_messages.rs"]
 mod messages;
 
@@ -149,22 +151,42 @@ fn main() -> anyhow::Result<()> {
                 .into(),
         });
     }
+    if run("clones") {
+        // Nine hosts of their own, so that each child has a host.
+        let up: Vec<(&str, &[&str])> = (clones::SITES.iter())
+            .map(|s| (*s, &HOST_FLAGS[..]))
+            .collect();
+        let nine = Cluster::start(&clones::SITES, &up);
+        let fork = example("fork");
+        let client = runtime.block_on(nine.client("siteA", "alice"))?;
+        rows.push(runtime.block_on(clones::fork_cost(&client, &fork, rounds))?);
+        rows.push(runtime.block_on(clones::speedup(&client, &fork, rounds))?);
+        keep_logs(&nine, &clones::SITES, "clones-");
+    }
     for site in ["siteA", "siteB"] {
         cluster.stop(site);
-        // BENCH_LOGS=DIR keeps the host logs (RUST_LOG=agent_runtime=debug logs hop phases).
-        if let Some(dir) = std::env::var_os("BENCH_LOGS") {
-            let log = format!("{site}.log");
-            let to = std::path::Path::new(&dir).join(&log);
-            // A log that cannot be kept must not cost the table the run measured.
-            let kept = std::fs::create_dir_all(&dir)
-                .and_then(|()| std::fs::copy(cluster.dir.path().join(&log), &to));
-            if let Err(e) = kept {
-                eprintln!("bench: cannot keep {} ({e})", to.display());
-            }
-        }
     }
+    keep_logs(&cluster, &["siteA", "siteB"], "");
     print_report(&rows, rounds);
     Ok(())
+}
+
+/// BENCH_LOGS=DIR keeps the logs of `sites`, their names after `prefix`
+/// (RUST_LOG=agent_runtime=debug logs hop phases).
+fn keep_logs(cluster: &Cluster, sites: &[&str], prefix: &str) {
+    let Some(dir) = std::env::var_os("BENCH_LOGS") else {
+        return;
+    };
+    for site in sites {
+        let log = format!("{site}.log");
+        let to = std::path::Path::new(&dir).join(format!("{prefix}{log}"));
+        // A log that cannot be kept must not cost the table the run measured.
+        let kept = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::copy(cluster.dir.path().join(&log), &to));
+        if let Err(e) = kept {
+            eprintln!("bench: cannot keep {} ({e})", to.display());
+        }
+    }
 }
 
 /// `ctx.checkpoint()` when the host has not asked, in-process: N checkpoints against N

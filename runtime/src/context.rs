@@ -174,14 +174,20 @@ impl AgentContext {
         }
     }
 
-    /// The context of child `index` of clone `round`, starting on `site`: a copy of this
-    /// one with an id, a mailbox, a trace and journals of its own.
-    pub fn child(&self, round: u64, index: u32, site: &str) -> AgentContext {
+    /// The context of child `index` of clone `round`, made on `from` to start on `site`: a
+    /// copy of this one with an id, a mailbox and journals of its own, whose trace holds its
+    /// one hop so far, its creation.
+    pub fn child(&self, round: u64, index: u32, (from, site): (&str, &str)) -> AgentContext {
+        let creation = HopRecord {
+            seq: 1,
+            from: from.to_string(),
+            to: site.to_string(),
+        };
         AgentContext {
             agent_id: self.agent_id.child(round, index),
-            hop_seq: 0,
+            hop_seq: 1,
             cpu_used_us: 0,
-            trace: Vec::new(),
+            trace: vec![creation],
             hops_before: 0,
             calls: 0,
             emits: 0,

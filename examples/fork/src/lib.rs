@@ -5,7 +5,9 @@
 //! a child proves it inherited its parent's memory); `wait=true` keeps the parent and each
 //! child waiting for a message after the children reported (until a user sends one, or kills
 //! the agent); `patience_secs=N` is how long the parent waits for its children (default 60);
-//! `from=SITE` hops there before it forks.
+//! `from=SITE` hops there before it forks. For the speed-up benchmark, `work_ms=W` makes each
+//! child spend W ms on its site before it reports (a service that takes that long), and
+//! `tour=true` visits the sites one after another instead, spending W ms on each.
 
 use agent_sdk::{Cloned, Context};
 use serde::Serialize;
@@ -40,6 +42,7 @@ async fn fork(ctx: Context) -> Result<Report, String> {
     let mib = number("mib", 0)?;
     let patience = Duration::from_secs(number("patience_secs", 60)?);
     let wait = ctx.arg("wait").as_deref() == Some("true");
+    let work = Duration::from_millis(number("work_ms", 0)?);
     let data: Vec<u8> = (0..mib << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
     let mut report = Report {
         child: None,
@@ -49,6 +52,14 @@ async fn fork(ctx: Context) -> Result<Report, String> {
         reported: Vec::new(),
         errors: Vec::new(),
     };
+    if ctx.arg("tour").as_deref() == Some("true") {
+        for site in ctx.itinerary() {
+            ctx.hop(&site).await.map_err(|e| e.to_string())?;
+            ctx.sleep(work).await;
+            report.reported.push(report.reported.len() as u32);
+        }
+        return Ok(report);
+    }
     if let Some(site) = ctx.arg("from") {
         ctx.hop(&site).await.map_err(|e| e.to_string())?;
         report.site = site;
@@ -63,6 +74,9 @@ async fn fork(ctx: Context) -> Result<Report, String> {
             report.site = site;
             // Computed again here: the data came with the child's memory.
             report.sum = checksum(&data);
+            if !work.is_zero() {
+                ctx.sleep(work).await;
+            }
             ctx.send(&parent, &index).await.map_err(|e| e.to_string())?;
         }
         Cloned::Parent(children) => {

@@ -13,6 +13,7 @@ const PARALLEL_DIGEST: usize = 1 << 20;
 
 /// An image's digest, fed in its canonical order: format, module, memory size and runs, then
 /// the pages (in as many pieces as they come), then the globals and the context.
+#[derive(Clone)]
 pub(super) struct Digest(blake3::Hasher);
 
 impl Digest {

@@ -125,6 +125,38 @@ impl AgentImage {
         Ok(Encoded { head, body })
     }
 
+    /// Encodes this image once per context of `contexts`, each with that context in its own:
+    /// the pages are compressed and hashed once for all, and the bodies shared (a clone's
+    /// children, which differ only in their contexts).
+    ///
+    /// # Errors
+    /// When zstd fails to compress (out of memory).
+    pub fn encode_each(
+        &self,
+        contexts: Vec<crate::context::AgentContext>,
+    ) -> std::io::Result<Vec<Encoded>> {
+        let pages = self.pages.data.clone();
+        let raw = incompressible(&[&pages])?;
+        let body: bytes::Bytes = match raw {
+            true => pages,
+            false => Compression::default().compress(&pages)?.into(),
+        };
+        let mut hashed = Digest::new(&self.module, self.memory_bytes, &self.pages.runs);
+        hashed.pages(&self.pages.data);
+        let mut each = self.clone();
+        let mut encoded = Vec::with_capacity(contexts.len());
+        for context in contexts {
+            each.context = context;
+            let digest = hashed.clone().finish(&each.globals, &each.context);
+            let head = each.head(body.len(), digest, None, raw);
+            encoded.push(Encoded {
+                head,
+                body: body.clone(),
+            });
+        }
+        Ok(encoded)
+    }
+
     /// Encodes the image without copying its pages, which lie in `memory` at the runs of
     /// `self.pages` (whose data is not read): for an agent that stays suspended while the image
     /// is sent and stored. `None` when the pages are worth compressing, or `memory` does not

@@ -280,6 +280,31 @@ fn an_image_encoded_in_parts_shares_its_raw_pages_and_reads_as_the_whole() {
 }
 
 #[test]
+fn images_encoded_for_many_contexts_are_each_the_image_with_its_context() {
+    for img in [image(), noisy(512)] {
+        let contexts: Vec<AgentContext> = (0..3)
+            .map(|i| img.context.child(1, i, ("siteA", "siteB")))
+            .collect();
+        let each = img.encode_each(contexts.clone()).unwrap();
+        assert_eq!(each.len(), 3);
+        for (encoded, context) in each.iter().zip(contexts) {
+            let alone = AgentImage {
+                context,
+                ..img.clone()
+            };
+            // Byte for byte what encoding it alone gives, and one body shared by all.
+            assert_eq!(encoded.to_vec(), encoded_bytes(&alone));
+            assert_eq!(decode(&encoded.to_vec()), Ok(alone));
+            assert_eq!(encoded.body().as_ptr(), each[0].body().as_ptr());
+        }
+    }
+}
+
+fn encoded_bytes(image: &AgentImage) -> Vec<u8> {
+    encoded(image).unwrap_or_default()
+}
+
+#[test]
 fn the_claimed_digest_is_the_header_hash_of_an_image_that_stands_alone() {
     let img = image();
     let bytes = encoded(&img).unwrap_or_default();

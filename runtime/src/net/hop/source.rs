@@ -115,21 +115,19 @@ impl Host {
     }
 
     /// Sends a new child of an agent of `module` to `site`: `image` is the parent's, with
-    /// the child's context. Its "departure" is durable already: the parent's host stored
+    /// the child's context, and `encoded` its bytes; frozen when the clone began. Its "departure" is durable already: the parent's host stored
     /// the parent with its clone pending, and makes the same child again after a crash.
     pub(in crate::net) async fn send_child(
         self: &Arc<Self>,
-        image: AgentImage,
+        (image, encoded): (AgentImage, Encoded),
         module: Arc<AgentModule>,
         site: &str,
+        (frozen, frozen_at_us): (Instant, u64),
     ) -> Result<HopInfo, HopError> {
-        let (frozen, frozen_at_us) = (Instant::now(), unix_us());
-        let unreachable = |reason: String| HopError::Unreachable {
-            site: site.into(),
-            reason,
-        };
-        let encoded = image.encode(EncodeOptions::default());
-        let bytes = Outgoing::Encoded(Arc::new(encoded.map_err(|e| unreachable(e.to_string()))?));
+        if !self.config.peers.contains_key(site) {
+            return Err(HopError::UnknownSite(site.to_string()));
+        }
+        let bytes = Outgoing::Encoded(Arc::new(encoded));
         let known = self.peer_has(site, &module);
         let plan = Plan {
             keep_base: false,

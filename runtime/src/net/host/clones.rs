@@ -7,9 +7,9 @@
 //! (they report to it as soon as they run), and the parent goes on once every child was
 //! created or refused, stored again with the answer.
 
-use crate::context::{AgentId, HopRecord};
+use crate::context::{AgentContext, AgentId};
 use crate::faults::crash_point;
-use crate::image::AgentImage;
+use crate::image::{AgentImage, Encoded};
 use crate::instance::AgentInstance;
 use crate::net::certs::{Identity, Role};
 use crate::net::host::homes::HomeEntry;
@@ -17,10 +17,12 @@ use crate::net::host::{Host, Start};
 use crate::net::messages::TransferStatus;
 use crate::net::messages::{
     AgentEnd, AgentState, ChildStart, HopInfo, LaunchEvent, Refusal, Reply, Request, StatusReply,
+    unix_us,
 };
 use crate::net::store::Resume;
 use agent_abi::{CloneError, HopError};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Children an agent may create in all, unless its host says otherwise.
 pub const DEFAULT_MAX_CHILDREN: u64 = 64;
@@ -59,25 +61,38 @@ impl Host {
         agent: &mut AgentInstance,
         children: &[ChildStart],
         outcomes: &mut Outcomes,
+        frozen: (Instant, u64),
     ) {
-        let image = agent.capture();
         let module = agent.module().clone();
         let round = agent.context().clones + 1;
+        let mut image = agent.capture();
+        let contexts: Vec<AgentContext> = (children.iter())
+            .map(|c| (image.context).child(round, c.index, (&self.config.name, &c.site)))
+            .collect();
+        // One body for all: the children differ only in their contexts.
+        let encoded = match image.encode_each(contexts.clone()) {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                for child in children {
+                    let error = HopError::Unreachable {
+                        site: child.site.clone(),
+                        reason: format!("cannot encode the child: {e}"),
+                    };
+                    self.not_made(child, &agent.context().home, error, outcomes)
+                        .await;
+                }
+                return;
+            }
+        };
         let mut making = tokio::task::JoinSet::new();
-        for child in children {
-            let mut image = image.clone();
-            image.context = image.context.child(round, child.index, &child.site);
-            image.context.hop_seq = 1;
-            image.context.record_hop(HopRecord {
-                seq: 1,
-                from: self.config.name.clone(),
-                to: child.site.clone(),
-            });
+        for ((child, context), encoded) in children.iter().zip(contexts).zip(encoded) {
+            image.context = context;
             let (host, module, child) = (self.clone(), module.clone(), child.clone());
+            let image = image.clone();
             making.spawn(async move {
                 let made = match child.site == host.config.name {
-                    true => host.child_here(image, &child).await,
-                    false => host.send_child(image, module, &child.site).await,
+                    true => host.child_here((image, encoded), &child, frozen).await,
+                    false => (host.send_child((image, encoded), module, &child.site, frozen)).await,
                 };
                 (child, made)
             });
@@ -96,11 +111,8 @@ impl Host {
                     Ok(child.agent.to_string())
                 }
                 Err(error) => {
-                    tracing::warn!(child = %child.agent, site = %child.site, "no child: {error}");
-                    let end = AgentEnd::Broken(format!("not created: {error}"));
-                    self.report(child.agent, home.clone(), self.ended(0, end))
-                        .await;
-                    Err(CloneError::Site(error))
+                    self.not_made(&child, &home, error, outcomes).await;
+                    continue;
                 }
             };
             if let Some(slot) = outcomes.get_mut(child.index as usize) {
@@ -109,20 +121,38 @@ impl Host {
         }
     }
 
+    /// `child` could not be made: its home hears it ended so, and its parent why.
+    async fn not_made(
+        self: &Arc<Self>,
+        child: &ChildStart,
+        home: &str,
+        error: HopError,
+        outcomes: &mut Outcomes,
+    ) {
+        tracing::warn!(child = %child.agent, site = %child.site, "no child: {error}");
+        let end = AgentEnd::Broken(format!("not created: {error}"));
+        (self.report(child.agent, home.to_string(), self.ended(0, end))).await;
+        if let Some(slot) = outcomes.get_mut(child.index as usize) {
+            *slot = Err(CloneError::Site(error));
+        }
+    }
+
     /// Starts a child on this host: committed like an arrival, so that a clone made again
     /// finds it.
     async fn child_here(
         self: &Arc<Self>,
-        image: AgentImage,
+        (image, encoded): (AgentImage, Encoded),
         child: &ChildStart,
+        (frozen, frozen_at_us): (Instant, u64),
     ) -> Result<HopInfo, HopError> {
         let site = self.config.name.clone();
-        let info = HopInfo {
+        let mut info = HopInfo {
             seq: 1,
             from: site.clone(),
             from_arch: std::env::consts::ARCH.to_string(),
             to: site.clone(),
             memory_bytes: image.memory_bytes,
+            frozen_at_us,
             ..HopInfo::default()
         };
         let status = self.store.transfer(&child.agent, 1).ok().flatten();
@@ -136,13 +166,12 @@ impl Host {
         let place = self
             .reserve(&image.context.owner)
             .map_err(|over| refused(over.to_string()))?;
-        let bytes = (image.encode(Default::default())).map_err(|e| refused(e.to_string()))?;
         let module = self.module(&image.module).await;
         let module = module.map_err(|e| refused(e.to_string()))?;
         let restored =
             AgentInstance::restore(module, self.site.clone(), image, &self.config.limits).await;
         let mut agent = restored.map_err(|e| refused(e.to_string()))?;
-        let bytes = bytes.to_vec();
+        let bytes = encoded.to_vec();
         (self
             .store
             .commit_arrival(&child.agent, 1, &bytes, None)
@@ -151,6 +180,9 @@ impl Host {
         agent.complete(agent.context().arrived());
         self.spawn_agent(agent, Start::Poll);
         drop(place);
+        info.resumed_at_us = unix_us();
+        info.committed_us = frozen.elapsed().as_micros() as u64;
+        info.freeze_us = info.committed_us;
         Ok(info)
     }
 
@@ -195,10 +227,13 @@ impl Host {
             }
             added
         };
-        for status in &added {
-            if let Err(e) = self.store.put_home(status).await {
-                tracing::error!(agent = %status.agent, "cannot record a child: {e}");
+        if let Err(e) = self.store.put_homes(&added).await {
+            // Not recorded, not made: the parent hears why.
+            tracing::error!(%parent, "cannot record the children: {e}");
+            if let Ok(mut homes) = self.homes.lock() {
+                added.iter().for_each(|s| drop(homes.remove(&s.agent)));
             }
+            return Err(Refusal::Store(e.to_string()));
         }
         let site = from.to_string();
         (self.deliver(parent, LaunchEvent::Cloning { site, children })).await;

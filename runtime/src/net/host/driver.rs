@@ -9,9 +9,10 @@ use crate::faults::crash_point;
 use crate::image::{Compression, EncodeOptions, Encoded};
 use crate::instance::{AgentError, AgentInstance};
 use crate::log::LogLine;
+use crate::net::host::clones::Outcomes;
 use crate::net::host::{ASK_TIMEOUT, Fetched, Host, PARK_AFTER, Start, sleep_unless_killed};
 use crate::net::messages::{
-    AgentEnd, ChildStart, LaunchEvent, Post, PostFrom, Refusal, Reply, Request, unix_ms,
+    AgentEnd, ChildStart, LaunchEvent, Post, PostFrom, Refusal, Reply, Request, unix_ms, unix_us,
 };
 use crate::net::store::{AgentRecord, CallEntry, Resume, StoreError};
 use agent_abi::{CloneError, Cloned, HopError, Message, OpResult, Outcome, SendError};
@@ -388,47 +389,16 @@ impl Place for OnHost {
 
     async fn clone_to(&mut self, mut agent: AgentInstance, sites: Vec<String>) -> Flow {
         let host = self.host.clone();
-        let limit = host.config.max_children;
         let children = host.children_of(&agent, &sites);
-        let wanted = agent
-            .context()
-            .children
-            .saturating_add(children.len() as u64);
-        let unreachable = |reason: String| {
-            CloneError::Site(HopError::Unreachable {
-                site: host.config.name.clone(),
-                reason,
-            })
-        };
-        let outcomes = if children.is_empty() {
-            host.unmade(&sites, unreachable(String::new()))
-        } else if wanted > limit {
+        let limit = host.config.max_children;
+        let wanted = (agent.context().children).saturating_add(children.len() as u64);
+        // (With no site this host knows, each site's error is that it is unknown.)
+        let outcomes = if children.is_empty() || wanted > limit {
             host.unmade(&sites, CloneError::TooManyChildren { limit })
         } else {
-            // Stored with the clone pending first: a restart makes the same children again.
-            match host.keep(&mut agent, Resume::Handle).await {
-                Err(e) => host.unmade(&sites, unreachable(format!("cannot store the parent: {e}"))),
-                Ok(()) => {
-                    crash_point("clone-after-keep");
-                    let Some(registered) = self.register(&children, &agent.flags()).await else {
-                        return self.cut_short(agent).await;
-                    };
-                    match registered {
-                        Ok(()) => {
-                            crash_point("clone-after-register");
-                            let mut outcomes = host.unmade(&sites, unreachable(String::new()));
-                            host.make_children(&mut agent, &children, &mut outcomes)
-                                .await;
-                            outcomes
-                        }
-                        Err(Refusal::TooManyAgents { limit, .. }) => {
-                            host.unmade(&sites, CloneError::OwnerFull { limit })
-                        }
-                        Err(other) => {
-                            host.unmade(&sites, unreachable(format!("its home: {other}")))
-                        }
-                    }
-                }
+            match self.make_children(&mut agent, &children, &sites).await {
+                Some(outcomes) => outcomes,
+                None => return self.cut_short(agent).await,
             }
         };
         let made = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
@@ -452,6 +422,48 @@ impl Place for OnHost {
 }
 
 impl OnHost {
+    /// Makes `children` of the agent, one per site of `sites` this host knows: stores the
+    /// agent with its clone pending (a restart makes the same children again), has its home
+    /// record them, then creates them all at once. What became of each site's child; `None`
+    /// if the agent was killed, or this host began to shut down, before its home answered.
+    async fn make_children(
+        &self,
+        agent: &mut AgentInstance,
+        children: &[ChildStart],
+        sites: &[String],
+    ) -> Option<Outcomes> {
+        let frozen = (std::time::Instant::now(), unix_us());
+        let host = &self.host;
+        let unreachable = |reason: String| {
+            CloneError::Site(HopError::Unreachable {
+                site: host.config.name.clone(),
+                reason,
+            })
+        };
+        if let Err(e) = host.keep(agent, Resume::Handle).await {
+            return Some(host.unmade(sites, unreachable(format!("cannot store the parent: {e}"))));
+        }
+        let stored_us = frozen.0.elapsed().as_micros() as u64;
+        crash_point("clone-after-keep");
+        let registered = self.register(children, &agent.flags()).await?;
+        let registered_us = frozen.0.elapsed().as_micros() as u64;
+        let mut outcomes = match registered {
+            Ok(()) => host.unmade(sites, unreachable("not made".into())),
+            Err(Refusal::TooManyAgents { limit, .. }) => {
+                return Some(host.unmade(sites, CloneError::OwnerFull { limit }));
+            }
+            Err(other) => {
+                return Some(host.unmade(sites, unreachable(format!("its home: {other}"))));
+            }
+        };
+        crash_point("clone-after-register");
+        (host.make_children(agent, children, &mut outcomes, frozen)).await;
+        let made_us = frozen.0.elapsed().as_micros() as u64;
+        let (agent, n) = (self.id, children.len());
+        tracing::info!(%agent, children = n, stored_us, registered_us, made_us, "cloned");
+        Some(outcomes)
+    }
+
     /// Asks the agent's home to record `children`, and again while it cannot be reached.
     /// `None` if the agent was killed, or this host began to shut down, meanwhile.
     async fn register(&self, children: &[ChildStart], flags: &AgentFlags) -> Option<Reply<()>> {

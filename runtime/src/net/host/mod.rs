@@ -7,7 +7,7 @@
 //! go to the agent's home host ([`outbox`], [`homes`]), which streams them to the launcher and
 //! answers `status`, `list` and `kill` ([`launch`], [`serve`]).
 
-mod clones;
+pub(in crate::net) mod clones;
 mod driver;
 mod homes;
 mod launch;

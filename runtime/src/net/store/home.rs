@@ -55,13 +55,28 @@ impl HostStore {
     /// # Errors
     /// When the database fails.
     pub async fn put_home(&self, status: &StatusReply) -> Result<(), StoreError> {
-        let row = HomeRow {
-            status: status.clone(),
-            held_end: None,
-        };
-        let (agent, row) = (status.agent, cbor(&row));
+        self.put_homes(std::slice::from_ref(status)).await
+    }
+
+    /// Stores the home records of new agents (a clone's children) in one write.
+    ///
+    /// # Errors
+    /// When the database fails: none is stored.
+    pub async fn put_homes(&self, statuses: &[StatusReply]) -> Result<(), StoreError> {
+        let rows: Vec<(AgentId, Vec<u8>)> = (statuses.iter())
+            .map(|status| {
+                let row = HomeRow {
+                    status: status.clone(),
+                    held_end: None,
+                };
+                (status.agent, cbor(&row))
+            })
+            .collect();
         self.write(move |_, txn| {
-            (txn.open_table(HOME)?).insert(agent.0.as_slice(), row.as_slice())?;
+            let mut table = txn.open_table(HOME)?;
+            for (agent, row) in &rows {
+                table.insert(agent.0.as_slice(), row.as_slice())?;
+            }
             Ok(())
         })
         .await
