@@ -180,8 +180,8 @@ fn agent_run_prints_what_the_agent_emits_and_json_lists_it_in_order() {
     assert_eq!(report["result"]["emitted"], 5, "{report:#}");
 }
 
-/// A local run has no one to exchange messages with: a send says the receiver does not
-/// exist, a wait with a timeout times out, and a wait without one ends the run.
+/// A local run of one agent has no one to exchange messages with: a send says the receiver
+/// does not exist, a wait with a timeout times out, and a wait without one ends the run.
 #[test]
 fn agent_run_says_no_message_can_come_in_a_local_run() {
     let run = |wasm: &str, args: &[&str]| {
@@ -206,7 +206,7 @@ fn agent_run_says_no_message_can_come_in_a_local_run() {
     );
     assert_eq!(
         report["error"],
-        "agent cannot go on: it waits for a message, and nothing can send one in a local run"
+        "agent cannot go on: it waits for a message, and no other agent of this local run can send one"
     );
     let scouts = example_path("scouts");
     let nobody = "coordinator=0123456789abcdef0123456789abcdef";

@@ -1,7 +1,8 @@
 //! Clones: an agent forks into children on other hosts, each created once, and its launcher
 //! sees the tree.
 
-use agent_e2e::{Cluster, example_path, json};
+use agent_e2e::{Cluster, agent_bin, example_path, json, repo};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const SITES: [&str; 3] = ["siteA", "siteB", "siteC"];
@@ -232,5 +233,49 @@ fn killing_a_parent_kills_its_children() {
             assert!(Instant::now() < deadline, "not killed: {status:#}");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// `agent run --json` of `example` on virtual sites.
+fn run_locally(example: &str, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(agent_bin())
+        .arg("run")
+        .arg(example_path(example))
+        .args(args)
+        .args(["--json", "--no-disk-cache", "--data"])
+        .arg(repo().join("examples/search/sites"))
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    (out.status.code(), report)
+}
+
+#[test]
+fn agent_run_runs_clones_beside_their_parent_on_its_virtual_sites() {
+    let sites = ["--sites", "siteA,siteB,siteC", "--arg", "query=migration"];
+    let (code, tour) = run_locally("search", &sites);
+    assert_eq!(code, Some(0), "{tour:#}");
+    let parallel = [&sites[..], &["--arg", "parallel=true"]].concat();
+    let (code, report) = run_locally("search", &parallel);
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(report["result"]["hits"], tour["result"]["hits"]);
+    let children = report["children"].as_array().unwrap();
+    assert_eq!(children.len(), 3, "{report:#}");
+    for child in children {
+        assert_eq!(child["parent"], report["agent_id"]);
+        assert_eq!(child["ok"], true, "{child:#}");
+    }
+    // Children that wait for a message no one sends end the run, as their parent does.
+    let (code, report) = run_locally("fork", &["--sites", "siteA,siteB", "--arg", "wait=true"]);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(report["result"], serde_json::Value::Null);
+    let children = report["children"].as_array().unwrap();
+    assert_eq!(children.len(), 2, "{report:#}");
+    for child in children {
+        let error = child["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("no other agent of this local run"),
+            "{child:#}"
+        );
     }
 }

@@ -18,12 +18,18 @@ use std::time::Duration;
 #[derive(Serialize)]
 struct RunView<'a> {
     agent_id: &'a str,
+    /// Every descendant it cloned, in the order they ended.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    children: Vec<RunView<'a>>,
     cpu_ms: f64,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     emitted: &'a [serde_json::Value],
     error: Option<String>,
     hops: Vec<MoveView<'a>>,
     ok: bool,
+    /// The agent a child was cloned from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<&'a str>,
     result: Option<&'a serde_json::Value>,
     safe_points: u64,
     site: &'a str,
@@ -47,11 +53,13 @@ impl<'a> From<&'a RunReport> for RunView<'a> {
     fn from(report: &'a RunReport) -> Self {
         RunView {
             agent_id: &report.agent_id,
+            children: report.children.iter().map(RunView::from).collect(),
             cpu_ms: report.cpu.as_secs_f64() * 1e3,
             emitted: &report.emitted,
             error: report.outcome.as_ref().err().map(|e| e.to_string()),
             hops: report.moves.iter().map(MoveView::from).collect(),
             ok: report.outcome.is_ok(),
+            parent: report.parent.as_deref(),
             result: report.outcome.as_ref().ok(),
             safe_points: report.safe_points,
             site: &report.site,
@@ -179,6 +187,20 @@ fn print_event(event: &RunEvent, color: bool) {
         RunEvent::LogDropped { lines } => {
             eprintln!("  ({lines} log lines dropped: the agent logs too much)")
         }
+        RunEvent::Cloned { site, children } => {
+            let each: Vec<String> = (children.iter())
+                .map(|(id, to)| format!("{} {} {to}", &id[..8], arrow(color)))
+                .collect();
+            eprintln!(
+                "cloned on {site} into {} children: {}",
+                children.len(),
+                each.join(", ")
+            );
+        }
+        RunEvent::Child { agent, event } => {
+            eprint!("  child {}: ", &agent[..8.min(agent.len())]);
+            print_event(event, color);
+        }
     }
 }
 
@@ -198,6 +220,13 @@ fn print_report(report: &RunReport) -> anyhow::Result<()> {
         report.safe_points,
         report.cpu.as_secs_f64() * 1e3
     );
+    for child in &report.children {
+        let ended = match &child.outcome {
+            Ok(value) => format!("ended on {}: {value}", child.site),
+            Err(e) => format!("failed on {}: {e}", child.site),
+        };
+        eprintln!("child {} {ended}", child.agent_id);
+    }
     match &report.outcome {
         Ok(value) => println!("{}", serde_json::to_string_pretty(value)?),
         Err(e) => eprintln!("error: {e}"),

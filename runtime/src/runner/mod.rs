@@ -5,6 +5,11 @@
 //! This is the agent author's inner loop (`agent run`) and the test bed of the migration
 //! mechanism: with [`Migration::EverySafePoint`] or [`Migration::Chosen`] the runner also
 //! migrates the agent where it did not ask to move, which must not change its result.
+//!
+//! A clone's children run beside their parent in the same process ([`family`]), and the
+//! agents of a run can message each other.
+
+mod family;
 
 use crate::admission::AdmissionError;
 use crate::context::{AgentContext, AgentId};
@@ -15,8 +20,13 @@ use crate::limits::Limits;
 use crate::log::LogLine;
 use crate::modules::ModuleCache;
 use crate::services::Site;
-use agent_abi::{CloneError, Cloned, HopError, OpResult, Outcome, SendError};
+use agent_abi::{CloneError, Cloned, HopError, OpResult, Outcome};
+use family::{Born, Family, Taken};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -99,6 +109,20 @@ pub enum RunEvent {
         /// How many.
         lines: u64,
     },
+    /// The agent cloned itself into children.
+    Cloned {
+        /// Where it is.
+        site: String,
+        /// Each child made: its id and its site.
+        children: Vec<(String, String)>,
+    },
+    /// An event of a child (or a later descendant) of the agent.
+    Child {
+        /// The child's id.
+        agent: String,
+        /// What happened to it.
+        event: Box<RunEvent>,
+    },
 }
 
 /// The end of a run.
@@ -118,6 +142,26 @@ pub struct RunReport {
     pub cpu: Duration,
     /// Site where the agent ended.
     pub site: String,
+    /// The agent it was cloned from, if it is a child.
+    pub parent: Option<String>,
+    /// Every descendant it cloned, in the order they ended, each with its own report.
+    pub children: Vec<RunReport>,
+}
+
+impl RunReport {
+    fn new(agent_id: String, site: &str, parent: Option<String>) -> RunReport {
+        RunReport {
+            agent_id,
+            outcome: Ok(serde_json::Value::Null),
+            moves: Vec::new(),
+            emitted: Vec::new(),
+            safe_points: 0,
+            cpu: Duration::ZERO,
+            site: site.to_string(),
+            parent,
+            children: Vec::new(),
+        }
+    }
 }
 
 /// Why a run could not start.
@@ -178,16 +222,8 @@ impl LocalRunner {
         let module = self.modules.admit(wasm)?;
         let home = self.sites[HOME_SITE].clone();
         let context = AgentContext::new(HOME_SITE, &launch.owner, launch.itinerary, launch.args);
-        let agent_id = context.agent_id.to_string();
-        let mut report = RunReport {
-            agent_id,
-            outcome: Ok(serde_json::Value::Null),
-            moves: Vec::new(),
-            emitted: Vec::new(),
-            safe_points: 0,
-            cpu: Duration::ZERO,
-            site: HOME_SITE.into(),
-        };
+        let id = context.agent_id;
+        let mut report = RunReport::new(id.to_string(), HOME_SITE, None);
         let agent = match AgentInstance::launch(module, home, context, &self.limits).await {
             Ok(agent) => agent,
             Err(e) => {
@@ -195,15 +231,49 @@ impl LocalRunner {
                 return Ok(report);
             }
         };
+        let family = Family::new(id, on_event);
+        let copies = matches!(migration, Migration::EverySafePoint);
+        let mut running: FuturesUnordered<Pin<Box<dyn Future<Output = RunReport> + Send + '_>>> =
+            FuturesUnordered::new();
+        running.push(Box::pin(self.drive(
+            &family,
+            Born { agent, report },
+            migration,
+        )));
+        let (mut root, mut children) = (None, Vec::new());
+        loop {
+            for born in family.newborn() {
+                let migration = match copies {
+                    true => Migration::EverySafePoint,
+                    false => Migration::OnlyHops,
+                };
+                running.push(Box::pin(self.drive(&family, born, migration)));
+            }
+            tokio::select! {
+                ended = running.next() => match ended {
+                    Some(report) if report.parent.is_none() => root = Some(report),
+                    Some(report) => children.push(report),
+                    None => break,
+                },
+                () = family.birth() => {}
+            }
+        }
+        let mut report = root.unwrap_or_else(|| RunReport::new(id.to_string(), HOME_SITE, None));
+        report.children = children;
+        Ok(report)
+    }
+
+    /// Runs one agent of a run to its end; its report.
+    async fn drive(&self, family: &Family<'_>, born: Born, migration: Migration) -> RunReport {
         let mut place = InProcess {
             runner: self,
-            report: &mut report,
+            family,
+            report: born.report,
             migration,
             move_anyway: false,
-            on_event,
         };
-        driver::drive(agent, &mut place, Start::Poll).await;
-        Ok(report)
+        driver::drive(born.agent, &mut place, Start::Poll).await;
+        place.report
     }
 
     /// Moves `agent` to `dest` through an encoded image; the source instance is left intact
@@ -225,6 +295,18 @@ impl LocalRunner {
                 to: dest.name().into(),
             });
         }
+        self.arrive(image, dest, (from, requested), started).await
+    }
+
+    /// Restores `image`, captured from `from` at `started`, on `dest` through its encoded
+    /// bytes.
+    async fn arrive(
+        &self,
+        image: AgentImage,
+        dest: Arc<Site>,
+        (from, requested): (String, bool),
+        started: Instant,
+    ) -> Result<(AgentInstance, HopReport), AgentError> {
         let bytes = image
             .encode(EncodeOptions::default())
             .map_err(|e| AgentError::Abi(format!("cannot encode the image: {e}")))?
@@ -258,19 +340,63 @@ impl LocalRunner {
 }
 
 /// The runner as the place an agent runs in: every site is in this process.
-struct InProcess<'a> {
+struct InProcess<'a, 'e> {
     runner: &'a LocalRunner,
-    report: &'a mut RunReport,
+    family: &'a Family<'e>,
+    report: RunReport,
     migration: Migration,
     /// Whether the agent moves after its current operation although it did not ask to.
     move_anyway: bool,
-    on_event: &'a mut (dyn FnMut(&RunEvent) + Send),
 }
 
-impl InProcess<'_> {
+impl InProcess<'_, '_> {
+    /// Tells the launcher `event` of this agent (as a child's, if it is one).
+    fn tell(&self, event: RunEvent) {
+        let event = match &self.report.parent {
+            Some(_) => RunEvent::Child {
+                agent: self.report.agent_id.clone(),
+                event: Box::new(event),
+            },
+            None => event,
+        };
+        self.family.tell(&event);
+    }
+
+    /// Makes child `index` of clone `round` of `agent` on `site`, and lets the run start it.
+    async fn make_child(
+        &mut self,
+        agent: &mut AgentInstance,
+        (round, index): (u64, u32),
+        site: &str,
+    ) -> Result<String, CloneError> {
+        let Some(dest) = self.runner.sites.get(site).cloned() else {
+            return Err(CloneError::Site(HopError::UnknownSite(site.to_string())));
+        };
+        let started = Instant::now();
+        let from = agent.site().name().to_string();
+        let mut image = agent.capture();
+        image.context = image.context.child(round, index, (&from, site));
+        let id = image.context.agent_id.to_string();
+        let (mut child, hop) = (self.runner.arrive(image, dest, (from, true), started).await)
+            .map_err(|e| {
+                CloneError::Site(HopError::Refused {
+                    site: site.to_string(),
+                    reason: e.to_string(),
+                })
+            })?;
+        child.complete(child.context().arrived());
+        let parent = Some(agent.context().agent_id.to_string());
+        let mut report = RunReport::new(id.clone(), site, parent);
+        report.moves.push(hop);
+        self.family.born(Born {
+            agent: child,
+            report,
+        });
+        Ok(id)
+    }
     /// A hop the agent asked for did not happen: it goes on where it is, with the error.
     async fn stay(&mut self, mut agent: AgentInstance, error: HopError) -> Flow {
-        (self.on_event)(&RunEvent::HopFailed {
+        self.tell(RunEvent::HopFailed {
             site: agent.site().name().into(),
             error: error.clone(),
         });
@@ -279,7 +405,7 @@ impl InProcess<'_> {
     }
 }
 
-impl Place for InProcess<'_> {
+impl Place for InProcess<'_, '_> {
     fn before_poll(&mut self, agent: &mut AgentInstance) {
         if !matches!(self.migration, Migration::OnlyHops) {
             agent.request_checkpoint();
@@ -290,13 +416,13 @@ impl Place for InProcess<'_> {
         self.report.cpu = agent.context().cpu_used();
         self.report.site = agent.site().name().to_string();
         for line in lines {
-            (self.on_event)(&RunEvent::Log {
+            self.tell(RunEvent::Log {
                 site: agent.site().name().into(),
                 line,
             });
         }
         if dropped > 0 {
-            (self.on_event)(&RunEvent::LogDropped { lines: dropped });
+            self.tell(RunEvent::LogDropped { lines: dropped });
         }
     }
 
@@ -316,7 +442,7 @@ impl Place for InProcess<'_> {
         };
         match self.runner.migrate(&mut agent, dest.clone(), true).await {
             Ok((mut moved, hop)) => {
-                (self.on_event)(&RunEvent::Moved(hop.clone()));
+                self.tell(RunEvent::Moved(hop.clone()));
                 self.report.moves.push(hop);
                 agent.retire();
                 moved.complete(OpResult::Hop(Ok(())));
@@ -351,7 +477,7 @@ impl Place for InProcess<'_> {
     async fn emit(&mut self, mut agent: AgentInstance, value: Vec<u8>) -> Flow {
         let site = agent.site().name().to_string();
         let value = cbor_to_json(&value).unwrap_or_default();
-        (self.on_event)(&RunEvent::Emitted {
+        self.tell(RunEvent::Emitted {
             site,
             value: value.clone(),
         });
@@ -361,34 +487,57 @@ impl Place for InProcess<'_> {
         Flow::Go(agent)
     }
 
-    /// A local run has one agent and no other sender: no agent can be sent a message.
-    async fn send(&mut self, mut agent: AgentInstance, to: AgentId, _value: Vec<u8>) -> Flow {
-        let sent = Err(SendError::NoSuchAgent(to.to_string()));
+    /// A message to another agent of the run (a clone's parent or child).
+    async fn send(&mut self, mut agent: AgentInstance, to: AgentId, value: Vec<u8>) -> Flow {
+        let sent = self.family.send(agent.context().agent_id, to, value);
         agent.complete(OpResult::Send(sent));
         Flow::Go(agent)
     }
 
     async fn recv(&mut self, mut agent: AgentInstance, timeout_ms: Option<u64>) -> Flow {
-        let Some(ms) = timeout_ms else {
-            let why = "it waits for a message, and nothing can send one in a local run";
-            self.report.outcome = Err(AgentError::Stuck(why.into()));
-            return Flow::Stop;
-        };
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        agent.complete(OpResult::Recv(None));
+        let id = agent.context().agent_id;
+        let deadline = timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        match self.family.recv(id, deadline).await {
+            Taken::Message(message) => {
+                agent.context_mut().received += 1;
+                agent.complete(OpResult::Recv(Some(message)));
+            }
+            Taken::Wait => agent.complete(OpResult::Recv(None)),
+            Taken::Alone => {
+                let why =
+                    "it waits for a message, and no other agent of this local run can send one";
+                self.report.outcome = Err(AgentError::Stuck(why.into()));
+                self.family.ended(id);
+                return Flow::Stop;
+            }
+        }
         Flow::Go(agent)
     }
 
-    /// A local run has one agent: no child can be made.
+    /// Children run beside their parent in this process, on the virtual sites asked for.
     async fn clone_to(&mut self, mut agent: AgentInstance, sites: Vec<String>) -> Flow {
-        let refused = |site: String| {
-            Err(CloneError::Site(HopError::Refused {
+        let round = agent.context().clones + 1;
+        let mut outcomes = Vec::new();
+        let mut made = Vec::new();
+        for (index, site) in sites.iter().enumerate() {
+            let child = self
+                .make_child(&mut agent, (round, index as u32), site)
+                .await;
+            if let Ok(id) = &child {
+                made.push((id.clone(), site.clone()));
+            }
+            outcomes.push(child);
+        }
+        let context = agent.context_mut();
+        context.clones = round;
+        context.children += made.len() as u64;
+        if !made.is_empty() {
+            let site = agent.site().name().to_string();
+            self.tell(RunEvent::Cloned {
                 site,
-                reason: "a local run has one agent; clones run on hosts (agent-host)".into(),
-            }))
-        };
-        let outcomes = sites.into_iter().map(refused).collect();
-        agent.context_mut().clones += 1;
+                children: made,
+            });
+        }
         agent.complete(OpResult::Clone(Cloned::Parent(outcomes)));
         Flow::Go(agent)
     }
@@ -400,7 +549,7 @@ impl Place for InProcess<'_> {
         let here = agent.site().clone();
         match self.runner.migrate(&mut agent, here, false).await {
             Ok((moved, hop)) => {
-                (self.on_event)(&RunEvent::Moved(hop.clone()));
+                self.tell(RunEvent::Moved(hop.clone()));
                 self.report.moves.push(hop);
                 agent.retire();
                 Flow::Go(moved)
@@ -412,7 +561,8 @@ impl Place for InProcess<'_> {
         }
     }
 
-    async fn end(&mut self, _agent: AgentInstance, end: Result<Outcome, AgentError>) {
+    async fn end(&mut self, agent: AgentInstance, end: Result<Outcome, AgentError>) {
+        self.family.ended(agent.context().agent_id);
         self.report.outcome = match end {
             Ok(Outcome::Ok(bytes)) => {
                 cbor_to_json(&bytes).map_err(|e| AgentError::Abi(e.to_string()))
