@@ -155,8 +155,16 @@ impl Host {
                 write_msg(send, &reply).await
             }
             Request::Report { agent, event } => {
-                // `SendModule` belongs to a launch stream, never to an agent's record.
-                if peer.role == Role::Host && event != LaunchEvent::SendModule {
+                // `SendModule` belongs to a launch stream, never to an agent's record; a
+                // clone's children are recorded by `Children`, and their events are passed to
+                // their parent's launcher by the home itself.
+                let own = !matches!(
+                    event,
+                    LaunchEvent::SendModule
+                        | LaunchEvent::Cloning { .. }
+                        | LaunchEvent::Child { .. }
+                );
+                if peer.role == Role::Host && own {
                     self.deliver(&agent, event).await;
                 }
                 write_msg(send, &()).await
