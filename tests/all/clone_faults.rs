@@ -8,10 +8,8 @@ use std::time::{Duration, Instant};
 const SITES: [&str; 3] = ["siteA", "siteB", "siteC"];
 
 /// Launches the fork agent on siteA (its home); it hops to siteB and forks into children on
-/// siteA, siteC and siteB. Crashes `site` at `point`, restarts it, and returns the parent's
-/// report and its launcher's view of the children once all ended.
-fn fork_through_a_crash(site: &str, point: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
-    let mut cluster = Cluster::start_crashing(&SITES, site, point);
+/// siteA, siteC and siteB. Its id.
+fn launch_fork(cluster: &Cluster) -> String {
     let wasm = example_path("fork");
     let line = [
         "launch",
@@ -30,46 +28,52 @@ fn fork_through_a_crash(site: &str, point: &str) -> (serde_json::Value, Vec<serd
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The status of `agent` once it ended, from its home.
+fn ended(cluster: &Cluster, agent: &str, point: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = cluster.agent(&["status", agent, "--json"], "siteA", "alice");
+        if out.status.success() {
+            let status = json(&out);
+            if status["state"] != "running" {
+                return status;
+            }
+        }
+        let logs: String = (SITES.iter())
+            .map(|s| format!("--- {s}\n{}", cluster.log(s)))
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "{point}: {agent} did not end\n{logs}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The parent's report and its home's records of its children, once all ended.
+fn family(cluster: &Cluster, id: &str, point: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let parent = ended(cluster, id, point);
+    assert_eq!(parent["state"], "finished", "{point}: {parent:#}");
+    let children: Vec<serde_json::Value> = (parent["children"].as_array().unwrap().iter())
+        .map(|c| ended(cluster, c.as_str().unwrap(), point))
+        .collect();
+    assert_eq!(children.len(), 3, "{point}: {parent:#}");
+    (parent["result"].clone(), children)
+}
+
+/// Launches the fork agent, crashes `site` at `point`, restarts it, and returns the parent's
+/// report and its home's records of the children once all ended.
+fn fork_through_a_crash(site: &str, point: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let mut cluster = Cluster::start_crashing(&SITES, site, point);
+    let id = launch_fork(&cluster);
     let status = cluster.wait_exit(site, Duration::from_secs(60));
     assert!(!status.success(), "{site} should have crashed at {point}");
     assert!(cluster.log(site).contains(&format!("crash point {point}")));
     cluster.restart(site, &[]);
-    let logs = |cluster: &Cluster| {
-        (SITES.iter())
-            .map(|s| format!("--- {s}\n{}", cluster.log(s)))
-            .collect::<String>()
-    };
-    let ended = |agent: &str| {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let out = cluster.agent(&["status", agent, "--json"], "siteA", "alice");
-            if out.status.success() {
-                let status = json(&out);
-                if status["state"] != "running" {
-                    return status;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{point}: {agent} did not end\n{}",
-                logs(&cluster)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    let parent = ended(&id);
-    assert_eq!(
-        parent["state"],
-        "finished",
-        "{point}: {parent:#}\n{}",
-        logs(&cluster)
-    );
-    let children: Vec<serde_json::Value> = (parent["children"].as_array().unwrap().iter())
-        .map(|c| ended(c.as_str().unwrap()))
-        .collect();
-    assert_eq!(children.len(), 3, "{point}: {parent:#}");
-    (parent["result"].clone(), children)
+    family(&cluster, &id, point)
 }
 
 /// Every child was made once and reported to its parent, which carried its data into each.
@@ -127,4 +131,33 @@ fn a_child_whose_destination_crashed_before_its_commit_is_reported_not_made() {
     assert!(errors.contains("siteC"), "{errors}");
     assert_eq!(children[1]["state"], "failed", "{:#}", children[1]);
     assert!(children[1]["error"].to_string().contains("not created"));
+}
+
+#[test]
+fn a_clone_made_again_while_a_childs_site_is_down_waits_for_that_sites_word() {
+    let point = "clone-after-child";
+    let mut cluster = Cluster::start_crashing(&SITES, "siteB", point);
+    let id = launch_fork(&cluster);
+    let status = cluster.wait_exit("siteB", Duration::from_secs(60));
+    assert!(!status.success(), "siteB should have crashed at {point}");
+    // siteC may hold its child from before the crash, or not: only siteC can say.
+    cluster.stop("siteC");
+    cluster.restart("siteB", &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let waiting = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
+    assert_eq!(waiting["state"], "running", "{waiting:#}");
+    cluster.restart("siteC", &[]);
+    let (report, children) = family(&cluster, &id, point);
+    // A child the parent heard from is one that ran, and one it was told was not made
+    // never ran.
+    let reported = report["reported"].as_array().unwrap();
+    for (index, child) in children.iter().enumerate() {
+        let heard = reported.contains(&serde_json::json!(index));
+        assert_eq!(child["state"] == "finished", heard, "{child:#}\n{report:#}");
+    }
+    assert_eq!(
+        reported.len() + report["errors"].as_array().unwrap().len(),
+        3,
+        "{report:#}"
+    );
 }

@@ -113,6 +113,8 @@ pub enum Request {
     Children {
         /// The parent.
         parent: AgentId,
+        /// The clone's number among the parent's: the children's ids derive from it.
+        round: u64,
         /// What the parent clones into.
         children: Vec<ChildStart>,
     },
@@ -499,7 +501,7 @@ pub enum Refusal {
     },
     /// A user's live agents launched from this home are as many as it allows.
     #[error(
-        "{user} has {limit} live agents launched from this host, the most a user may (user_agents)"
+        "{user} has {limit} live agents launched from this host, the most a user may (user_live_agents)"
     )]
     TooManyAgents {
         /// The user.

@@ -272,7 +272,10 @@ impl LocalRunner {
             migration,
             move_anyway: false,
         };
+        let id = born.agent.context().agent_id;
         driver::drive(born.agent, &mut place, Start::Poll).await;
+        // However it stopped, it sends no more: those waiting for it learn so.
+        family.ended(id);
         place.report
     }
 
@@ -507,19 +510,25 @@ impl Place for InProcess<'_, '_> {
                 let why =
                     "it waits for a message, and no other agent of this local run can send one";
                 self.report.outcome = Err(AgentError::Stuck(why.into()));
-                self.family.ended(id);
                 return Flow::Stop;
             }
         }
         Flow::Go(agent)
     }
 
-    /// Children run beside their parent in this process, on the virtual sites asked for.
+    /// Children run beside their parent in this process, on the virtual sites asked for, as
+    /// many in all as a host allows by default.
     async fn clone_to(&mut self, mut agent: AgentInstance, sites: Vec<String>) -> Flow {
         let round = agent.context().clones + 1;
         let mut outcomes = Vec::new();
         let mut made = Vec::new();
+        let limit = crate::net::host::DEFAULT_MAX_CHILDREN;
+        let over = agent.context().children.saturating_add(sites.len() as u64) > limit;
         for (index, site) in sites.iter().enumerate() {
+            if over {
+                outcomes.push(Err(CloneError::TooManyChildren { limit }));
+                continue;
+            }
             let child = self
                 .make_child(&mut agent, (round, index as u32), site)
                 .await;
@@ -561,8 +570,7 @@ impl Place for InProcess<'_, '_> {
         }
     }
 
-    async fn end(&mut self, agent: AgentInstance, end: Result<Outcome, AgentError>) {
-        self.family.ended(agent.context().agent_id);
+    async fn end(&mut self, _agent: AgentInstance, end: Result<Outcome, AgentError>) {
         self.report.outcome = match end {
             Ok(Outcome::Ok(bytes)) => {
                 cbor_to_json(&bytes).map_err(|e| AgentError::Abi(e.to_string()))

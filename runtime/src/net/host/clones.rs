@@ -7,6 +7,7 @@
 //! (they report to it as soon as they run), and the parent goes on once every child was
 //! created or refused, stored again with the answer.
 
+use crate::backoff::Backoff;
 use crate::context::{AgentContext, AgentId};
 use crate::faults::crash_point;
 use crate::image::{AgentImage, Encoded};
@@ -21,14 +22,19 @@ use crate::net::messages::{
 };
 use crate::net::store::Resume;
 use agent_abi::{CloneError, HopError};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Children an agent may create in all, unless its host says otherwise.
 pub const DEFAULT_MAX_CHILDREN: u64 = 64;
 
 /// What became of each child a clone asked for, in the order of its sites.
 pub(in crate::net) type Outcomes = Vec<Result<String, CloneError>>;
+
+/// The launchers that follow an agent.
+type Watchers = Vec<tokio::sync::mpsc::UnboundedSender<LaunchEvent>>;
 
 /// Whether a host can be asked to take a child: this one, or a peer.
 pub(in crate::net) fn known_site(host: &Host, site: &str) -> bool {
@@ -54,17 +60,22 @@ impl Host {
             .collect()
     }
 
-    /// Creates `children` of the stored `agent`, all at once, and writes what became of each
-    /// into `outcomes` (at its index).
+    /// Creates `children` of the stored `agent`, all at once, and writes into `outcomes` (at
+    /// each one's index) what became of each; yields those not made, with why, for the caller
+    /// to report once the parent is stored with its answer. `redo`: the clone is being made
+    /// again after a restart, so a child whose site cannot be reached now may have been made
+    /// before: its site settles it. `None` if this host began to shut down meanwhile (the
+    /// parent, stored with its clone pending, makes it again on restart).
     pub(in crate::net) async fn make_children(
         self: &Arc<Self>,
         agent: &mut AgentInstance,
         children: &[ChildStart],
-        outcomes: &mut Outcomes,
+        (outcomes, redo): (&mut Outcomes, bool),
         frozen: (Instant, u64),
-    ) {
+    ) -> Option<Vec<(ChildStart, HopError)>> {
         let module = agent.module().clone();
         let round = agent.context().clones + 1;
+        let home = agent.context().home.clone();
         let mut image = agent.capture();
         let contexts: Vec<AgentContext> = (children.iter())
             .map(|c| (image.context).child(round, c.index, (&self.config.name, &c.site)))
@@ -73,67 +84,107 @@ impl Host {
         let encoded = match image.encode_each(contexts.clone()) {
             Ok(encoded) => encoded,
             Err(e) => {
-                for child in children {
-                    let error = HopError::Unreachable {
-                        site: child.site.clone(),
-                        reason: format!("cannot encode the child: {e}"),
-                    };
-                    self.not_made(child, &agent.context().home, error, outcomes)
-                        .await;
-                }
-                return;
+                let why = |c: &ChildStart| HopError::Unreachable {
+                    site: c.site.clone(),
+                    reason: format!("cannot encode the child: {e}"),
+                };
+                return Some(children.iter().map(|c| (c.clone(), why(c))).collect());
             }
         };
-        let mut making = tokio::task::JoinSet::new();
+        let mut making = FuturesUnordered::new();
         for ((child, context), encoded) in children.iter().zip(contexts).zip(encoded) {
             image.context = context;
-            let (host, module, child) = (self.clone(), module.clone(), child.clone());
             let image = image.clone();
-            making.spawn(async move {
-                let made = match child.site == host.config.name {
-                    true => host.child_here((image, encoded), &child, frozen).await,
-                    false => (host.send_child((image, encoded), module, &child.site, frozen)).await,
+            let module = module.clone();
+            making.push(async move {
+                let made = match child.site == self.config.name {
+                    true => Some(self.child_here((image, encoded), child, frozen).await),
+                    false => {
+                        let sent = self.send_child((image, encoded), module, &child.site, frozen);
+                        match (sent.await, redo) {
+                            (Err(HopError::Unreachable { .. }), true) => {
+                                self.settle_child(child).await
+                            }
+                            (sent, _) => Some(sent),
+                        }
+                    }
                 };
                 (child, made)
             });
         }
-        let home = agent.context().home.clone();
-        while let Some(made) = making.join_next().await {
-            let Ok((child, made)) = made else { continue };
-            let outcome = match made {
-                Ok(hop) => {
+        let mut not_made = Vec::new();
+        let mut stopped = false;
+        while let Some((child, made)) = making.next().await {
+            match made {
+                Some(Ok(hop)) => {
                     crash_point("clone-after-child");
-                    // A child that went to its home was recorded there by its arrival.
-                    if hop.to != home || hop.to == self.config.name {
-                        self.report(child.agent, home.clone(), LaunchEvent::Moved(hop))
-                            .await;
+                    // Told again if the home recorded it already (its arrival there): it
+                    // holds each hop once.
+                    (self.report(child.agent, home.clone(), LaunchEvent::Moved(hop))).await;
+                    if let Some(slot) = outcomes.get_mut(child.index as usize) {
+                        *slot = Ok(child.agent.to_string());
                     }
-                    Ok(child.agent.to_string())
                 }
-                Err(error) => {
-                    self.not_made(&child, &home, error, outcomes).await;
-                    continue;
+                Some(Err(error)) => {
+                    tracing::warn!(child = %child.agent, site = %child.site, "no child: {error}");
+                    if let Some(slot) = outcomes.get_mut(child.index as usize) {
+                        *slot = Err(CloneError::Site(error.clone()));
+                    }
+                    not_made.push((child.clone(), error));
                 }
-            };
-            if let Some(slot) = outcomes.get_mut(child.index as usize) {
-                *slot = outcome;
+                None => stopped = true,
+            }
+        }
+        (!stopped).then_some(not_made)
+    }
+
+    /// A child of a clone made again could not be sent to its site: asks the site whether an
+    /// earlier attempt made it, until it answers. `None` if this host began to shut down.
+    async fn settle_child(&self, child: &ChildStart) -> Option<Result<HopInfo, HopError>> {
+        let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let query = Request::Query {
+            agent: child.agent,
+            seq: 1,
+        };
+        loop {
+            let status = self.peers.ask::<Reply<TransferStatus>>(&child.site, &query);
+            match status.await {
+                Ok(Ok(TransferStatus::Committed)) => {
+                    return Some(Ok(HopInfo {
+                        seq: 1,
+                        from: self.config.name.clone(),
+                        to: child.site.clone(),
+                        ..HopInfo::default()
+                    }));
+                }
+                Ok(Ok(TransferStatus::Aborted)) => {
+                    return Some(Err(HopError::Unreachable {
+                        site: child.site.clone(),
+                        reason: "the child was never made there".into(),
+                    }));
+                }
+                Ok(Ok(TransferStatus::InProgress)) | Ok(Err(_)) | Err(_) => {}
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause.wait()) => {}
+                () = self.stopping.cancelled() => return None,
             }
         }
     }
 
-    /// `child` could not be made: its home hears it ended so, and its parent why.
-    async fn not_made(
+    /// Tells the parent's home that each child of `not_made` was never made, and why.
+    pub(in crate::net) async fn not_made(
         self: &Arc<Self>,
-        child: &ChildStart,
         home: &str,
-        error: HopError,
-        outcomes: &mut Outcomes,
+        not_made: Vec<(ChildStart, HopError)>,
     ) {
-        tracing::warn!(child = %child.agent, site = %child.site, "no child: {error}");
-        let end = AgentEnd::Broken(format!("not created: {error}"));
-        (self.report(child.agent, home.to_string(), self.ended(0, end))).await;
-        if let Some(slot) = outcomes.get_mut(child.index as usize) {
-            *slot = Err(CloneError::Site(error));
+        for (child, error) in not_made {
+            let end = LaunchEvent::Finished {
+                site: child.site.clone(),
+                hops: 0,
+                outcome: AgentEnd::Broken(format!("not created: {error}")),
+            };
+            (self.report(child.agent, home.to_string(), end)).await;
         }
     }
 
@@ -186,59 +237,76 @@ impl Host {
         Ok(info)
     }
 
-    /// Home side: records `children` of `parent` (a clone made again records none twice),
-    /// then tells the parent's watchers. Refused when the owner would have more live agents
-    /// launched here than it may.
+    /// Home side: records `children` of clone `round` of `parent` (a clone made again records
+    /// none twice) durably, then tells the parent's watchers. Refused when the owner would
+    /// have more live agents launched here than it may. A child is known here only once its
+    /// record is durable: one asked for again meanwhile is written again, and answered once
+    /// that write is.
     pub(in crate::net) async fn add_children(
         self: &Arc<Self>,
-        parent: &AgentId,
+        (parent, round): (&AgentId, u64),
         children: Vec<ChildStart>,
         from: &str,
     ) -> Reply<()> {
-        let limit = self.quotas.limits().agents;
-        let added = {
-            let mut homes = (self.homes.lock()).map_err(|_| Refusal::NoSuchAgent(*parent))?;
-            let entry = homes.get(parent).ok_or(Refusal::NoSuchAgent(*parent))?;
-            if entry.status.state != AgentState::Running {
-                return Err(Refusal::Ended(*parent));
-            }
-            let (owner, watchers) = (entry.status.owner.clone(), entry.watchers.clone());
-            let new: Vec<&ChildStart> = (children.iter())
-                .filter(|c| !homes.contains_key(&c.agent))
-                .collect();
-            let live = (homes.values())
-                .filter(|h| h.status.owner == owner && h.status.state == AgentState::Running)
-                .count();
-            if !new.is_empty() && live + new.len() > limit {
-                let (user, limit) = (owner, limit as u64);
-                return Err(Refusal::TooManyAgents { user, limit });
-            }
-            let mut added = Vec::new();
-            for child in new {
-                let status = StatusReply {
-                    parent: Some(*parent),
-                    ..StatusReply::new(child.agent, &owner, &child.site)
-                };
-                homes.insert(
-                    child.agent,
-                    HomeEntry::new(status.clone(), watchers.clone()),
-                );
-                added.push(status);
-            }
-            added
-        };
+        if children
+            .iter()
+            .any(|c| c.agent != parent.child(round, c.index))
+        {
+            return Err(Refusal::NotYours(*parent));
+        }
+        let (added, watchers) = self.new_children(parent, &children)?;
         if let Err(e) = self.store.put_homes(&added).await {
             // Not recorded, not made: the parent hears why.
             tracing::error!(%parent, "cannot record the children: {e}");
-            if let Ok(mut homes) = self.homes.lock() {
-                added.iter().for_each(|s| drop(homes.remove(&s.agent)));
-            }
             return Err(Refusal::Store(e.to_string()));
+        }
+        if let Ok(mut homes) = self.homes.lock() {
+            for status in added {
+                let id = status.agent;
+                (homes.entry(id)).or_insert_with(|| HomeEntry::new(status, watchers.clone()));
+                // Known as the parent's at once: a kill of the parent finds it.
+                if let Some(entry) = homes.get_mut(parent)
+                    && !entry.status.children.contains(&id)
+                {
+                    entry.status.children.push(id);
+                }
+            }
         }
         let site = from.to_string();
         (self.deliver(parent, LaunchEvent::Cloning { site, children })).await;
         crash_point("home-after-children");
         Ok(())
+    }
+
+    /// The records of those of `children` of `parent` not known here yet, within the owner's
+    /// live agents, and the parent's watchers.
+    fn new_children(
+        &self,
+        parent: &AgentId,
+        children: &[ChildStart],
+    ) -> Reply<(Vec<StatusReply>, Watchers)> {
+        let limit = self.quotas.limits().agents;
+        let homes = (self.homes.lock()).map_err(|_| Refusal::NoSuchAgent(*parent))?;
+        let entry = homes.get(parent).ok_or(Refusal::NoSuchAgent(*parent))?;
+        if entry.status.state != AgentState::Running {
+            return Err(Refusal::Ended(*parent));
+        }
+        let owner = &entry.status.owner;
+        let new: Vec<StatusReply> = (children.iter())
+            .filter(|c| !homes.contains_key(&c.agent))
+            .map(|c| StatusReply {
+                parent: Some(*parent),
+                ..StatusReply::new(c.agent, owner, &c.site)
+            })
+            .collect();
+        let live = (homes.values())
+            .filter(|h| &h.status.owner == owner && h.status.state == AgentState::Running)
+            .count();
+        if !new.is_empty() && live + new.len() > limit {
+            let (user, limit) = (owner.clone(), limit as u64);
+            return Err(Refusal::TooManyAgents { user, limit });
+        }
+        Ok((new, entry.watchers.clone()))
     }
 
     /// An agent's descendants that its home here knows, each before its own children.
@@ -285,19 +353,22 @@ impl Host {
         killed
     }
 
-    /// Asks the parent's home to record `children` (here, if it is this host).
+    /// Asks the parent's home to record `children` of its clone `round` (here, if it is this
+    /// host).
     pub(in crate::net) async fn register_children(
         self: &Arc<Self>,
-        parent: AgentId,
+        (parent, round): (AgentId, u64),
         home: &str,
         children: &[ChildStart],
     ) -> Result<Reply<()>, String> {
         if home == self.config.name {
             let name = self.config.name.clone();
-            return Ok(self.add_children(&parent, children.to_vec(), &name).await);
+            let children = children.to_vec();
+            return Ok(self.add_children((&parent, round), children, &name).await);
         }
         let request = Request::Children {
             parent,
+            round,
             children: children.to_vec(),
         };
         (self.peers.ask::<Reply<()>>(home, &request).await).map_err(|e| e.to_string())

@@ -75,6 +75,8 @@ struct OnHost {
     limit: u64,
     /// The end of the wait of a `recv` it was parked in (ms since the Unix epoch).
     waited_until: Option<u64>,
+    /// It starts with a clone pending, stored before a restart: the clone is made again.
+    redo_clone: bool,
 }
 
 impl OnHost {
@@ -389,16 +391,34 @@ impl Place for OnHost {
 
     async fn clone_to(&mut self, mut agent: AgentInstance, sites: Vec<String>) -> Flow {
         let host = self.host.clone();
+        let redo = std::mem::take(&mut self.redo_clone);
         let children = host.children_of(&agent, &sites);
         let limit = host.config.max_children;
         let wanted = (agent.context().children).saturating_add(children.len() as u64);
         // (With no site this host knows, each site's error is that it is unknown.)
-        let outcomes = if children.is_empty() || wanted > limit {
-            host.unmade(&sites, CloneError::TooManyChildren { limit })
+        let (outcomes, not_made) = if children.is_empty() || wanted > limit {
+            (
+                host.unmade(&sites, CloneError::TooManyChildren { limit }),
+                Vec::new(),
+            )
         } else {
-            match self.make_children(&mut agent, &children, &sites).await {
-                Some(outcomes) => outcomes,
-                None => return self.cut_short(agent).await,
+            match self
+                .make_children(&mut agent, &children, &sites, redo)
+                .await
+            {
+                Some(made) => made,
+                None => {
+                    if !host.stopping() {
+                        // Killed: the children its home may have recorded were never made.
+                        let why = |c: &ChildStart| HopError::Unreachable {
+                            site: c.site.clone(),
+                            reason: "its parent was killed first".into(),
+                        };
+                        let never = children.iter().map(|c| (c.clone(), why(c))).collect();
+                        host.not_made(&self.home, never).await;
+                    }
+                    return self.cut_short(agent).await;
+                }
             }
         };
         let made = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
@@ -409,6 +429,9 @@ impl Place for OnHost {
         if !children.is_empty() {
             host.keep_cloned(&mut agent).await;
         }
+        // Only now final: until the parent was stored with its answer, a restart would have
+        // made the clone again, and these children perhaps with it.
+        host.not_made(&self.home, not_made).await;
         Flow::Go(agent)
     }
 
@@ -424,14 +447,16 @@ impl Place for OnHost {
 impl OnHost {
     /// Makes `children` of the agent, one per site of `sites` this host knows: stores the
     /// agent with its clone pending (a restart makes the same children again), has its home
-    /// record them, then creates them all at once. What became of each site's child; `None`
-    /// if the agent was killed, or this host began to shut down, before its home answered.
+    /// record them, then creates them all at once (`redo`: again, after a restart). What
+    /// became of each site's child, and the children not made; `None` if the agent was
+    /// killed, or this host began to shut down, before they were made.
     async fn make_children(
         &self,
         agent: &mut AgentInstance,
         children: &[ChildStart],
         sites: &[String],
-    ) -> Option<Outcomes> {
+        redo: bool,
+    ) -> Option<(Outcomes, Vec<(ChildStart, HopError)>)> {
         let frozen = (std::time::Instant::now(), unix_us());
         let host = &self.host;
         let unreachable = |reason: String| {
@@ -440,36 +465,51 @@ impl OnHost {
                 reason,
             })
         };
+        let refused = |error| Some((host.unmade(sites, error), Vec::new()));
         if let Err(e) = host.keep(agent, Resume::Handle).await {
-            return Some(host.unmade(sites, unreachable(format!("cannot store the parent: {e}"))));
+            return refused(unreachable(format!("cannot store the parent: {e}")));
         }
         let stored_us = frozen.0.elapsed().as_micros() as u64;
         crash_point("clone-after-keep");
-        let registered = self.register(children, &agent.flags()).await?;
+        let round = agent.context().clones + 1;
+        let registered = self.register(round, children, &agent.flags()).await?;
         let registered_us = frozen.0.elapsed().as_micros() as u64;
-        let mut outcomes = match registered {
-            Ok(()) => host.unmade(sites, unreachable("not made".into())),
+        match registered {
+            Ok(()) => {}
             Err(Refusal::TooManyAgents { limit, .. }) => {
-                return Some(host.unmade(sites, CloneError::OwnerFull { limit }));
+                return refused(CloneError::OwnerFull { limit });
             }
-            Err(other) => {
-                return Some(host.unmade(sites, unreachable(format!("its home: {other}"))));
-            }
-        };
+            Err(other) => return refused(unreachable(format!("its home: {other}"))),
+        }
         crash_point("clone-after-register");
-        (host.make_children(agent, children, &mut outcomes, frozen)).await;
+        // A kill that came while the home recorded them: none is made.
+        if agent.flags().kill.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut outcomes = host.unmade(sites, unreachable("not made".into()));
+        let made = host.make_children(agent, children, (&mut outcomes, redo), frozen);
+        let not_made = made.await?;
         let made_us = frozen.0.elapsed().as_micros() as u64;
         let (agent, n) = (self.id, children.len());
         tracing::info!(%agent, children = n, stored_us, registered_us, made_us, "cloned");
-        Some(outcomes)
+        Some((outcomes, not_made))
     }
 
     /// Asks the agent's home to record `children`, and again while it cannot be reached.
     /// `None` if the agent was killed, or this host began to shut down, meanwhile.
-    async fn register(&self, children: &[ChildStart], flags: &AgentFlags) -> Option<Reply<()>> {
+    async fn register(
+        &self,
+        round: u64,
+        children: &[ChildStart],
+        flags: &AgentFlags,
+    ) -> Option<Reply<()>> {
         let mut pause = Backoff::new(TELL_FIRST, TELL_MOST);
         loop {
-            match (self.host.register_children(self.id, &self.home, children)).await {
+            match (self
+                .host
+                .register_children((self.id, round), &self.home, children))
+            .await
+            {
                 Ok(reply) => return Some(reply),
                 Err(e) => {
                     let home = &self.home;
@@ -515,6 +555,7 @@ impl Host {
     /// Runs `agent` here from `start` until it ends, leaves or is stored.
     pub(in crate::net) async fn drive(self: Arc<Self>, agent: AgentInstance, start: Start) {
         let context = agent.context();
+        let redo_clone = matches!(&start, Start::Handle(agent_abi::Op::Clone { .. }));
         let (start, uncommitted, waited_until) = match start {
             Start::Arrived(committed) => (driver::Start::Poll, Some(committed), None),
             Start::Poll => (driver::Start::Poll, None, None),
@@ -530,6 +571,7 @@ impl Host {
             host: self,
             uncommitted,
             waited_until,
+            redo_clone,
         };
         driver::drive(agent, &mut place, start).await;
     }

@@ -232,9 +232,13 @@ impl Host {
                 };
                 write_msg(send, &reply).await
             }
-            Request::Children { parent, children } => {
+            Request::Children {
+                parent,
+                round,
+                children,
+            } => {
                 let reply = match peer.role {
-                    Role::Host => self.add_children(&parent, children, &peer.name).await,
+                    Role::Host => (self.add_children((&parent, round), children, &peer.name)).await,
                     Role::User => Err(only_hosts("clone agents")),
                 };
                 write_msg(send, &reply).await
