@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 const SITES: [&str; 3] = ["siteA", "siteB", "siteC"];
 
 /// Launches the fork agent on siteA (its home); it hops to siteB and forks into children on
-/// siteA, siteC and siteB. Its id.
-fn launch_fork(cluster: &Cluster) -> String {
+/// siteA, siteC and siteB (which wait for a message once they reported, with `wait`). Its id.
+fn launch_fork(cluster: &Cluster, wait: bool) -> String {
     let wasm = example_path("fork");
+    let wait = format!("wait={wait}");
     let line = [
         "launch",
         &wasm,
@@ -20,6 +21,8 @@ fn launch_fork(cluster: &Cluster) -> String {
         "from=siteB",
         "--arg",
         "mib=1",
+        "--arg",
+        &wait,
         "--detach",
     ];
     let out = cluster.agent(&line, "siteA", "alice");
@@ -68,7 +71,7 @@ fn family(cluster: &Cluster, id: &str, point: &str) -> (serde_json::Value, Vec<s
 /// report and its home's records of the children once all ended.
 fn fork_through_a_crash(site: &str, point: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
     let mut cluster = Cluster::start_crashing(&SITES, site, point);
-    let id = launch_fork(&cluster);
+    let id = launch_fork(&cluster, false);
     let status = cluster.wait_exit(site, Duration::from_secs(60));
     assert!(!status.success(), "{site} should have crashed at {point}");
     assert!(cluster.log(site).contains(&format!("crash point {point}")));
@@ -137,7 +140,7 @@ fn a_child_whose_destination_crashed_before_its_commit_is_reported_not_made() {
 fn a_clone_made_again_while_a_childs_site_is_down_waits_for_that_sites_word() {
     let point = "clone-after-child";
     let mut cluster = Cluster::start_crashing(&SITES, "siteB", point);
-    let id = launch_fork(&cluster);
+    let id = launch_fork(&cluster, false);
     let status = cluster.wait_exit("siteB", Duration::from_secs(60));
     assert!(!status.success(), "siteB should have crashed at {point}");
     // siteC may hold its child from before the crash, or not: only siteC can say.
@@ -160,4 +163,41 @@ fn a_clone_made_again_while_a_childs_site_is_down_waits_for_that_sites_word() {
         3,
         "{report:#}"
     );
+}
+
+#[test]
+fn a_parent_killed_while_its_children_are_made_takes_them_down_when_they_are() {
+    let point = "clone-after-child";
+    let mut cluster = Cluster::start_crashing(&SITES, "siteB", point);
+    let id = launch_fork(&cluster, true);
+    assert!(
+        !cluster
+            .wait_exit("siteB", Duration::from_secs(60))
+            .success()
+    );
+    // The clone is made again and waits for siteC's word about its child; the parent is
+    // killed meanwhile.
+    cluster.stop("siteC");
+    cluster.restart("siteB", &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    // (Tried again while the home's old connection to the crashed siteB times out.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster
+        .agent(&["kill", &id], "siteA", "alice")
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the kill never went through");
+    }
+    cluster.restart("siteC", &[]);
+    let parent = ended(&cluster, &id, point);
+    assert_eq!(parent["state"], "killed", "{parent:#}");
+    // No child runs on: each was killed, or never made.
+    for child in parent["children"].as_array().unwrap() {
+        let child = ended(&cluster, child.as_str().unwrap(), point);
+        assert!(
+            child["state"] == "killed" || child["state"] == "failed",
+            "{child:#}"
+        );
+    }
 }

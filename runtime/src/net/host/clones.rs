@@ -20,6 +20,7 @@ use crate::net::messages::{
     AgentEnd, AgentState, ChildStart, HopInfo, LaunchEvent, Refusal, Reply, Request, StatusReply,
     unix_us,
 };
+use crate::net::residents::Found;
 use crate::net::store::Resume;
 use agent_abi::{CloneError, HopError};
 use futures_util::StreamExt;
@@ -351,6 +352,26 @@ impl Host {
             }
         }
         killed
+    }
+
+    /// Kills the children of a parent killed while they were made, where they started.
+    pub(in crate::net) async fn kill_children(&self, children: &[ChildStart], made: &Outcomes) {
+        let made = children
+            .iter()
+            .filter(|c| made.get(c.index as usize).is_some_and(Result::is_ok));
+        for child in made {
+            let killed = match child.site == self.config.name {
+                true => !matches!(self.residents.kill(&child.agent), Found::Absent),
+                false => {
+                    let kill = Request::Kill { agent: child.agent };
+                    let asked = self.peers.ask::<Reply<()>>(&child.site, &kill).await;
+                    matches!(asked, Ok(Ok(())))
+                }
+            };
+            if !killed {
+                tracing::warn!(child = %child.agent, site = %child.site, "cannot kill a child");
+            }
+        }
     }
 
     /// Asks the parent's home to record `children` of its clone `round` (here, if it is this

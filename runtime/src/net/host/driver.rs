@@ -421,6 +421,10 @@ impl Place for OnHost {
                 }
             }
         };
+        if agent.flags().kill.load(Ordering::SeqCst) {
+            // Killed while its children were being made: they go too.
+            host.kill_children(&children, &outcomes).await;
+        }
         let made = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
         let context = agent.context_mut();
         context.clones += 1;
