@@ -32,10 +32,12 @@ enum Command {
         crate_dir: PathBuf,
     },
     /// Run an agent on in-process virtual sites; every hop goes through a real snapshot,
-    /// encode, decode and restore into an instance reset to the module's initial memory.
+    /// encode, decode and restore into an instance reset to the module's initial memory. A
+    /// clone's children run beside their parent.
     Run(RunArgs),
     /// Launch an agent on a host (its home) and follow it across hosts until it ends, printing
-    /// its hops and the values it emits as they come.
+    /// its hops and the values it emits as they come, and its clones' children as they start
+    /// and end (followed until they ended too).
     Launch(LaunchArgs),
     /// Show one of your agents.
     Status {
@@ -55,7 +57,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stop one of your agents, wherever it runs.
+    /// Stop one of your agents, wherever it runs, and every child it cloned.
     Kill {
         /// The agent's id.
         id: agent_runtime::AgentId,
@@ -105,7 +107,8 @@ struct LaunchArgs {
     args: Vec<(String, String)>,
     #[command(flatten)]
     conn: Connection,
-    /// Print one JSON object with the result, the hops and the values emitted, in order.
+    /// Print one JSON object with the result, the hops, the values emitted in order, and the
+    /// children cloned.
     #[arg(long)]
     json: bool,
     /// Return once the home host started the agent, printing its id; it runs on (follow it
