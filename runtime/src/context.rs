@@ -183,25 +183,21 @@ impl AgentContext {
             from: from.to_string(),
             to: site.to_string(),
         };
+        // A new agent's context, with what a child inherits: its launch (home, owner,
+        // itinerary, arguments) and the clone it is stopped in.
+        let (itinerary, args) = (self.itinerary.clone(), self.args.clone());
         AgentContext {
             agent_id: self.agent_id.child(round, index),
             hop_seq: 1,
-            cpu_used_us: 0,
             trace: vec![creation],
-            hops_before: 0,
-            calls: 0,
-            emits: 0,
-            received: 0,
-            inbox: Vec::new(),
-            sent: BTreeMap::new(),
-            clones: 0,
-            children: 0,
+            pending: self.pending.clone(),
+            result: self.result.clone(),
             child_of: Some(ChildOf {
                 parent: self.agent_id,
                 index,
                 site: site.to_string(),
             }),
-            ..self.clone()
+            ..AgentContext::new(&self.home, &self.owner, itinerary, args)
         }
     }
 
@@ -255,6 +251,46 @@ mod tests {
             from: "siteA".into(),
             to: "siteB".into(),
         }
+    }
+
+    /// A child inherits its parent's launch and pending clone, and nothing of its journals,
+    /// mailbox or trace; its id is the same every time it is made.
+    #[test]
+    fn a_child_starts_its_own_journals_and_keeps_its_parents_launch() {
+        let args = BTreeMap::from([("query".to_string(), "x".to_string())]);
+        let mut parent = AgentContext::new("siteA", "alice", vec!["siteB".into()], args);
+        (parent.calls, parent.emits, parent.received, parent.clones) = (3, 2, 5, 1);
+        parent.sent.insert(AgentId([7; 16]), 4);
+        parent.record_hop(hop(1));
+        parent.pending = Some(Op::Clone {
+            sites: vec!["siteB".into()],
+        });
+        let child = parent.child(2, 0, ("siteA", "siteB"));
+        assert_eq!(child.agent_id, parent.agent_id.child(2, 0));
+        assert_ne!(child.agent_id, parent.agent_id.child(2, 1));
+        assert_eq!(
+            (child.home.as_str(), child.owner.as_str()),
+            ("siteA", "alice")
+        );
+        assert_eq!(
+            (&child.itinerary, &child.args),
+            (&parent.itinerary, &parent.args)
+        );
+        assert_eq!(child.pending, parent.pending);
+        assert_eq!(
+            (child.calls, child.emits, child.received, child.clones),
+            (0, 0, 0, 0)
+        );
+        assert!(child.sent.is_empty());
+        assert_eq!((child.hop_seq, child.hops()), (1, 1));
+        assert_eq!(
+            child.arrived(),
+            OpResult::Clone(Cloned::Child {
+                index: 0,
+                site: "siteB".into(),
+                parent: parent.agent_id.to_string(),
+            })
+        );
     }
 
     /// The trace keeps the last hops and counts all of them; a failed hop's record, popped

@@ -20,6 +20,7 @@ use crate::net::messages::{
     AgentEnd, AgentState, ChildStart, HopInfo, LaunchEvent, Refusal, Reply, Request, StatusReply,
     unix_us,
 };
+use crate::net::peers::PeerError;
 use crate::net::residents::Found;
 use crate::net::store::Resume;
 use agent_abi::{CloneError, HopError};
@@ -381,7 +382,7 @@ impl Host {
         (parent, round): (AgentId, u64),
         home: &str,
         children: &[ChildStart],
-    ) -> Result<Reply<()>, String> {
+    ) -> Result<Reply<()>, PeerError> {
         if home == self.config.name {
             let name = self.config.name.clone();
             let children = children.to_vec();
@@ -392,7 +393,7 @@ impl Host {
             round,
             children: children.to_vec(),
         };
-        (self.peers.ask::<Reply<()>>(home, &request).await).map_err(|e| e.to_string())
+        self.peers.ask::<Reply<()>>(home, &request).await
     }
 
     /// What a clone to `sites` says before any child is made: an unknown site is an error,
