@@ -194,27 +194,14 @@ fn killing_a_parent_kills_its_children() {
         String::from_utf8_lossy(&out.stderr)
     );
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let children = loop {
-        let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
-        if let Some(children) = status["children"].as_array().filter(|c| c.len() == 2) {
-            break children.clone();
-        }
-        assert!(Instant::now() < deadline, "no children: {status:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = status_until(&cluster, &id, "two children", |s| {
+        s["children"].as_array().is_some_and(|c| c.len() == 2)
+    });
+    let children = status["children"].as_array().unwrap().clone();
     // Once they reported to the parent, they wait for a message, parked.
     for child in &children {
         let child = child.as_str().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = json(&cluster.agent(&["status", child, "--json"], "siteA", "alice"));
-            if status["waiting_on"].is_string() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "not waiting: {status:#}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        status_until(&cluster, child, "waiting", |s| s["waiting_on"].is_string());
     }
     let out = cluster.agent(&["kill", &id], "siteA", "alice");
     assert!(
@@ -224,15 +211,25 @@ fn killing_a_parent_kills_its_children() {
     );
     for agent in children.iter().chain([&serde_json::json!(id)]) {
         let agent = agent.as_str().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = json(&cluster.agent(&["status", agent, "--json"], "siteA", "alice"));
-            if status["state"] == "killed" {
-                break;
-            }
-            assert!(Instant::now() < deadline, "not killed: {status:#}");
-            std::thread::sleep(Duration::from_millis(100));
+        status_until(&cluster, agent, "killed", |s| s["state"] == "killed");
+    }
+}
+
+/// The status of `agent` at its home siteA once `done` holds of it (`what`), within 30 s.
+fn status_until(
+    cluster: &Cluster,
+    agent: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = json(&cluster.agent(&["status", agent, "--json"], "siteA", "alice"));
+        if done(&status) {
+            return status;
         }
+        assert!(Instant::now() < deadline, "not {what}: {status:#}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
