@@ -4,12 +4,14 @@
 //!
 //! `scripts/bench [ROUNDS] [SCENARIO...]` (release build; ROUNDS repeats each measured
 //! scenario, default 5; scenarios: checkpoint memcpy freeze throughput messages large sparse
-//! return restart parked clones, default all). `BENCH_PARKED=N` parks N agents instead of 100,000;
+//! return restart parked clones gossip, default all). `BENCH_PARKED=N` parks N agents instead of 100,000;
 //! `BENCH_AGENTS=N` puts N agents in flight in `throughput` instead of 200, `BENCH_HOPS=N` makes
 //! each hop N times instead of 20.
 
 #[path = "bench_clones.rs"]
 mod clones;
+#[path = "bench_cluster.rs"]
+mod gossip;
 #[path = "bench_messages.rs"]
 mod messages;
 
@@ -90,6 +92,13 @@ fn main() -> anyhow::Result<()> {
     }
     if run("memcpy") {
         rows.push(memcpy(rounds));
+    }
+    if run("gossip") {
+        rows.extend(gossip::simulation(rounds)?);
+    }
+    if chosen.iter().all(|c| c == "gossip") && !chosen.is_empty() {
+        print_report(&rows, rounds);
+        return Ok(());
     }
 
     let up: [(&str, &[&str]); 2] = [("siteA", &HOST_FLAGS), ("siteB", &HOST_FLAGS)];

@@ -513,3 +513,130 @@ pub mod services {
         pub documents: u64,
     }
 }
+
+/// A destination chosen by the host instead of named by the agent: `ctx.hop(Place::any())`
+/// or, in an itinerary, `--hop any,least-loaded:arch=aarch64`. Travels as the site string
+/// of [`Op::Hop`] (see [`Place::parse`]), so an itinerary mixes names and places.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Place {
+    /// How to choose among the hosts that fit.
+    pub pick: Pick,
+    /// Only hosts of this CPU architecture (as Rust names it: `x86_64`, `aarch64`, `s390x`).
+    pub arch: Option<String>,
+    /// Only hosts that offer this service.
+    pub service: Option<String>,
+}
+
+/// How a [`Place`] chooses among the hosts that fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pick {
+    /// Any other host that is up, at random (`any`).
+    #[default]
+    Any,
+    /// The less loaded of two hosts drawn at random, this one included (`least-loaded`): the
+    /// agent stays where it is when this host wins.
+    LeastLoaded,
+}
+
+impl Place {
+    /// Any other host that is up.
+    pub fn any() -> Place {
+        Place::default()
+    }
+
+    /// A lightly loaded host, possibly this one.
+    pub fn least_loaded() -> Place {
+        Place {
+            pick: Pick::LeastLoaded,
+            ..Place::default()
+        }
+    }
+
+    /// Only hosts of CPU architecture `arch`.
+    pub fn arch(mut self, arch: &str) -> Place {
+        self.arch = Some(arch.to_string());
+        self
+    }
+
+    /// Only hosts offering `service`.
+    pub fn service(mut self, service: &str) -> Place {
+        self.service = Some(service.to_string());
+        self
+    }
+
+    /// Reads a place: `any` or `least-loaded`, then any of `:arch=A` and `:service=S`.
+    /// `None` when `s` is a site's name (names never contain `:` and never are `any` or
+    /// `least-loaded`); `Some(Err)` names what is wrong with a place written badly.
+    pub fn parse(s: &str) -> Option<Result<Place, String>> {
+        let mut parts = s.split(':');
+        let pick = match parts.next()? {
+            "any" => Pick::Any,
+            "least-loaded" => Pick::LeastLoaded,
+            _ if s.contains(':') => {
+                return Some(Err(format!(
+                    "`{s}`: a place starts with `any` or `least-loaded`"
+                )));
+            }
+            _ => return None,
+        };
+        let mut place = Place {
+            pick,
+            ..Place::default()
+        };
+        for part in parts {
+            match part.split_once('=') {
+                Some(("arch", a)) if !a.is_empty() => place.arch = Some(a.to_string()),
+                Some(("service", v)) if !v.is_empty() => place.service = Some(v.to_string()),
+                _ => {
+                    return Some(Err(format!(
+                        "`{s}`: `{part}` is not `arch=ARCH` or `service=NAME`"
+                    )));
+                }
+            }
+        }
+        Some(Ok(place))
+    }
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.pick {
+            Pick::Any => "any",
+            Pick::LeastLoaded => "least-loaded",
+        })?;
+        if let Some(arch) = &self.arch {
+            write!(f, ":arch={arch}")?;
+        }
+        if let Some(service) = &self.service {
+            write!(f, ":service={service}")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<Place> for String {
+    fn from(place: Place) -> String {
+        place.to_string()
+    }
+}
+
+#[cfg(test)]
+mod place_tests {
+    use super::*;
+
+    #[test]
+    fn places_read_back_what_they_write_and_names_are_not_places() {
+        for place in [
+            Place::any(),
+            Place::least_loaded().arch("aarch64"),
+            Place::any().service("corpus").arch("s390x"),
+        ] {
+            assert_eq!(Place::parse(&place.to_string()), Some(Ok(place.clone())));
+        }
+        assert_eq!(Place::parse("siteB"), None);
+        assert_eq!(Place::parse("anyhost"), None);
+        assert!(matches!(Place::parse("any:cpu=x"), Some(Err(e)) if e.contains("cpu=x")));
+        assert!(matches!(Place::parse("siteB:arch=x"), Some(Err(_))));
+        assert!(matches!(Place::parse("any:arch="), Some(Err(_))));
+    }
+}

@@ -44,7 +44,9 @@ mod sys;
 pub mod task;
 
 pub use agent_abi::services;
-pub use agent_abi::{CallError, CloneError, Cloned, EmitError, HopError, SendError, Sender};
+pub use agent_abi::{
+    CallError, CloneError, Cloned, EmitError, HopError, Pick, Place, SendError, Sender,
+};
 pub use op::{BodyError, Call, Checkpoint, CloneTo, Emit, Hop, Message, Recv, SendTo, Sleep};
 
 use agent_abi::{AgentInfo, Op};
@@ -169,24 +171,26 @@ impl Context {
         self.info().args.remove(key)
     }
 
-    /// Moves the agent to `site`; the future completes on the destination.
+    /// Moves the agent to a site, named (`"siteB"`) or chosen by the host ([`Place`]: any
+    /// other host that is up, or a lightly loaded one, of an architecture or offering a
+    /// service); the future completes on the destination, where [`Context::site`] names it.
     ///
     /// # Errors
-    /// A [`HopError`] when the hop did not happen (unknown site, refused, unreachable); the
-    /// agent then still runs where it was and may try another site.
+    /// A [`HopError`] when the hop did not happen (unknown site, no host fits the place,
+    /// refused, unreachable); the agent then still runs where it was and may try elsewhere.
     ///
     /// ```no_run
     /// # async fn f(ctx: agent_sdk::Context) {
+    /// use agent_sdk::Place;
     /// match ctx.hop("siteB").await {
     ///     Ok(()) => assert_eq!(ctx.site(), "siteB"),
     ///     Err(e) => ctx.log(format!("staying on {}: {e}", ctx.site())),
     /// }
+    /// let _ = ctx.hop(Place::least_loaded().arch("aarch64")).await;
     /// # }
     /// ```
-    pub fn hop(&self, site: &str) -> Hop {
-        Hop::new(Op::Hop {
-            site: site.to_string(),
-        })
+    pub fn hop(&self, to: impl Into<String>) -> Hop {
+        Hop::new(Op::Hop { site: to.into() })
     }
 
     /// Calls a service of the current host with a request and decodes its response.

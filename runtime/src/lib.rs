@@ -18,6 +18,7 @@ pub mod admission;
 pub mod backoff;
 pub mod base;
 pub mod builder;
+pub mod cluster;
 pub mod context;
 pub mod cpu;
 mod direct;

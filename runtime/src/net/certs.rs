@@ -73,7 +73,7 @@ pub enum CertError {
     #[error("bad certificate: {0}")]
     Bad(String),
     /// A name unusable as a site or user name.
-    #[error("bad name `{0}`: use letters, digits, `-` and `.`")]
+    #[error("bad name `{0}`: use letters, digits, `-` and `.` (`any` and `least-loaded` are reserved for places)")]
     BadName(String),
     /// `certs init` on a directory that already has a CA.
     #[error("{0} already holds a CA; remove it first or use another directory")]
@@ -94,7 +94,9 @@ pub fn check_name(name: &str) -> Result<(), CertError> {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        && !name.starts_with(['-', '.']);
+        && !name.starts_with(['-', '.'])
+        // Reserved for places in itineraries (`agent_abi::Place`).
+        && !matches!(name, "any" | "least-loaded");
     if ok {
         Ok(())
     } else {
