@@ -60,7 +60,9 @@ fn round(seed: u64) -> anyhow::Result<Round> {
     let dead = n / 3;
     sim.kill(dead);
     let failure = sim
-        .run_while(STEP, Duration::from_secs(120), |s| s.seen_up_by_live(dead) == 0)
+        .run_while(STEP, Duration::from_secs(120), |s| {
+            s.seen_up_by_live(dead) == 0
+        })
         .ok_or_else(|| anyhow::anyhow!("a failure was not known by all in 120 s"))?;
 
     // Launches at 200 agents a second from a few hosts, each placing least-loaded.
@@ -69,7 +71,10 @@ fn round(seed: u64) -> anyhow::Result<Round> {
         let next = sim.now() + Duration::from_millis(5);
         sim.run_until(next);
     }
-    let live: Vec<u32> = (0..=n).filter(|&i| i != dead).map(|i| sim.agents[i]).collect();
+    let live: Vec<u32> = (0..=n)
+        .filter(|&i| i != dead)
+        .map(|i| sim.agents[i])
+        .collect();
     let max = live.iter().copied().max().unwrap_or(0);
     let mean = f64::from(AGENTS) / live.len() as f64;
     Ok(Round {
@@ -119,7 +124,10 @@ pub fn simulation(rounds: usize) -> anyhow::Result<Vec<Row>> {
         Row {
             figure: "gossip bytes per host per second, 1,000 hosts",
             target: "—",
-            measured: format!("**{:.0} B/s** ({:.0}, {:.0})", bytes.p50, bytes.min, bytes.max),
+            measured: format!(
+                "**{:.0} B/s** ({:.0}, {:.0})",
+                bytes.p50, bytes.min, bytes.max
+            ),
             how: how("bytes of membership messages sent by all hosts over 30 s, ÷ hosts ÷ 30"),
         },
         Row {

@@ -181,12 +181,25 @@ pub struct Cluster {
     hosts: Vec<(String, std::process::Child)>,
     /// (from, to) → the address `from` uses for peer `to`, when not `to`'s own (a relay).
     routes: BTreeMap<(String, String), std::net::SocketAddr>,
+    /// Whether each host is given every other as a `--peer` (else hosts find each other
+    /// by membership, from their `--join` flags).
+    static_peers: bool,
 }
 
 impl Cluster {
     /// Certificates for `sites` and users `alice` and `bob`; then starts the sites in `up`
     /// (each knows all of `sites` as peers), with the extra `serve` flags given per site.
     pub fn start(sites: &[&str], up: &[(&str, &[&str])]) -> Cluster {
+        Cluster::start_peered(sites, up, true)
+    }
+
+    /// Like [`Cluster::start`], but no host is given its peers: each finds them through
+    /// the `--join` flags in its extra flags.
+    pub fn start_joining(sites: &[&str], up: &[(&str, &[&str])]) -> Cluster {
+        Cluster::start_peered(sites, up, false)
+    }
+
+    fn start_peered(sites: &[&str], up: &[(&str, &[&str])], static_peers: bool) -> Cluster {
         use agent_runtime::net::certs::{self, Role, Validity};
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
@@ -209,6 +222,7 @@ impl Cluster {
             addrs,
             hosts: Vec::new(),
             routes: BTreeMap::new(),
+            static_peers,
         };
         for (site, extra) in up {
             cluster.spawn(site, extra);
@@ -247,7 +261,8 @@ impl Cluster {
         if corpus.is_dir() {
             cmd.arg("--corpus").arg(corpus);
         }
-        for (peer, addr) in self.addrs.iter().filter(|(p, _)| p.as_str() != site) {
+        let peers = self.addrs.iter().filter(|_| self.static_peers);
+        for (peer, addr) in peers.filter(|(p, _)| p.as_str() != site) {
             let addr = self
                 .routes
                 .get(&(site.to_string(), peer.clone()))

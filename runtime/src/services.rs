@@ -40,6 +40,16 @@ impl Site {
         &self.corpus
     }
 
+    /// The services worth asking for here, as placement filters on them: host facts always,
+    /// the corpus when it holds documents.
+    pub fn services(&self) -> Vec<String> {
+        let mut offered = vec![HOST_INFO.to_string()];
+        if !self.corpus.docs.is_empty() {
+            offered.push(CORPUS.to_string());
+        }
+        offered
+    }
+
     /// Answers one service call.
     ///
     /// # Errors

@@ -7,6 +7,7 @@
 mod cli;
 mod clone_faults;
 mod clones;
+mod cluster;
 mod emit;
 mod faults;
 mod hostile;

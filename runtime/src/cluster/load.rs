@@ -144,7 +144,9 @@ impl Book {
             host: record.host.clone(),
             version: record.version,
         };
-        inner.records.insert(record.host.clone(), Known { record, at_ms });
+        inner
+            .records
+            .insert(record.host.clone(), Known { record, at_ms });
         Some(key)
     }
 }
@@ -153,7 +155,11 @@ impl<T> foca::BroadcastHandler<T> for Book {
     type Key = Key;
     type Error = RecordError;
 
-    fn receive_item(&mut self, data: &[u8], _sender: Option<&T>) -> Result<Option<Key>, RecordError> {
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&T>,
+    ) -> Result<Option<Key>, RecordError> {
         let record: Record =
             ciborium::from_reader(data).map_err(|e| RecordError::Decode(e.to_string()))?;
         Ok(self.take(record))

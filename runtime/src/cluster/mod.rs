@@ -69,6 +69,7 @@ pub enum ClusterError {
 
 /// A host's state as this host sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum HostState {
     /// Answering.
     Up,
@@ -127,7 +128,8 @@ pub fn settings(hosts: u32) -> foca::Config {
     let mut config = foca::Config::new_lan(hosts);
     let decades = f64::from(hosts.get()).log10().max(1.0);
     config.suspect_to_down_after = config.probe_period.mul_f64(3.0 * decades);
-    config.max_packet_size = std::num::NonZeroUsize::new(MAX_MESSAGE).unwrap_or(config.max_packet_size);
+    config.max_packet_size =
+        std::num::NonZeroUsize::new(MAX_MESSAGE).unwrap_or(config.max_packet_size);
     config
 }
 
@@ -206,7 +208,8 @@ impl Cluster {
             load,
         };
         let mut data = Vec::new();
-        ciborium::into_writer(&record, &mut data).map_err(|e| ClusterError::Encode(e.to_string()))?;
+        ciborium::into_writer(&record, &mut data)
+            .map_err(|e| ClusterError::Encode(e.to_string()))?;
         self.book.set_now(now_ms);
         self.foca.add_broadcast(&data)?;
         self.told = Some((load, now_ms));

@@ -104,9 +104,24 @@ mod tests {
     fn any_never_stays_and_filters_hold() {
         let (x86, arm) = (facts("x86_64"), facts("aarch64"));
         let hosts = [
-            Candidate { name: "a", facts: Some(&x86), load: load(0), sent: 0 },
-            Candidate { name: "b", facts: Some(&arm), load: load(9), sent: 0 },
-            Candidate { name: "c", facts: None, load: None, sent: 0 },
+            Candidate {
+                name: "a",
+                facts: Some(&x86),
+                load: load(0),
+                sent: 0,
+            },
+            Candidate {
+                name: "b",
+                facts: Some(&arm),
+                load: load(9),
+                sent: 0,
+            },
+            Candidate {
+                name: "c",
+                facts: None,
+                load: None,
+                sent: 0,
+            },
         ];
         let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
         for _ in 0..50 {
@@ -114,25 +129,55 @@ mod tests {
             let arm_only = Place::least_loaded().arch("aarch64");
             assert_eq!(choose(&arm_only, "a", &hosts, &mut rng), Some("b"));
         }
-        assert_eq!(choose(&Place::any().arch("s390x"), "a", &hosts, &mut rng), None);
-        assert_eq!(choose(&Place::any().service("mail"), "a", &hosts, &mut rng), None);
+        assert_eq!(
+            choose(&Place::any().arch("s390x"), "a", &hosts, &mut rng),
+            None
+        );
+        assert_eq!(
+            choose(&Place::any().service("mail"), "a", &hosts, &mut rng),
+            None
+        );
     }
 
     #[test]
     fn least_loaded_avoids_busy_and_draining_hosts_and_counts_what_it_sent() {
         let f = facts("x86_64");
-        let draining = Some(Load { draining: true, ..Load::default() });
+        let draining = Some(Load {
+            draining: true,
+            ..Load::default()
+        });
         let hosts = [
-            Candidate { name: "idle", facts: Some(&f), load: load(0), sent: 0 },
-            Candidate { name: "busy", facts: Some(&f), load: load(40), sent: 0 },
-            Candidate { name: "gone", facts: Some(&f), load: draining, sent: 0 },
+            Candidate {
+                name: "idle",
+                facts: Some(&f),
+                load: load(0),
+                sent: 0,
+            },
+            Candidate {
+                name: "busy",
+                facts: Some(&f),
+                load: load(40),
+                sent: 0,
+            },
+            Candidate {
+                name: "gone",
+                facts: Some(&f),
+                load: draining,
+                sent: 0,
+            },
         ];
         let mut rng = rand::rngs::SmallRng::seed_from_u64(2);
         for _ in 0..50 {
-            assert_eq!(choose(&Place::least_loaded(), "busy", &hosts, &mut rng), Some("idle"));
+            assert_eq!(
+                choose(&Place::least_loaded(), "busy", &hosts, &mut rng),
+                Some("idle")
+            );
         }
         let mut sent = hosts.clone();
         sent[0].sent = 100;
-        assert_eq!(choose(&Place::least_loaded(), "busy", &sent[..2], &mut rng), Some("busy"));
+        assert_eq!(
+            choose(&Place::least_loaded(), "busy", &sent[..2], &mut rng),
+            Some("busy")
+        );
     }
 }

@@ -15,9 +15,17 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 enum Event {
-    Deliver { to: usize, data: bytes::Bytes },
-    Timer { host: usize, timer: foca::Timer<HostId> },
-    Tick { host: usize },
+    Deliver {
+        to: usize,
+        data: bytes::Bytes,
+    },
+    Timer {
+        host: usize,
+        timer: foca::Timer<HostId>,
+    },
+    Tick {
+        host: usize,
+    },
 }
 
 /// A simulated cluster.
@@ -88,7 +96,12 @@ impl Sim {
             cores: 2,
             services: vec![],
         };
-        let mut cluster = Cluster::new(me.clone(), facts, settings(self.expected), self.rng.random());
+        let mut cluster = Cluster::new(
+            me.clone(),
+            facts,
+            settings(self.expected),
+            self.rng.random(),
+        );
         if let Some(seed) = seed {
             let to = HostId {
                 name: format!("h{seed}").into(),
@@ -258,7 +271,10 @@ mod tests {
         }
         let all = |sim: &Sim| (0..n as usize).all(|i| sim.seen_up(i) == n - 1);
         let formed = sim.run_while(Duration::from_millis(100), Duration::from_secs(60), all);
-        assert!(formed.is_some(), "50 hosts did not all see each other in 60 s");
+        assert!(
+            formed.is_some(),
+            "50 hosts did not all see each other in 60 s"
+        );
 
         let late = sim.start(Some(3));
         let joined = sim.run_while(Duration::from_millis(100), Duration::from_secs(30), |s| {
@@ -270,7 +286,10 @@ mod tests {
         let known = sim.run_while(Duration::from_millis(100), Duration::from_secs(60), |s| {
             s.seen_up_by_live(5) == 0
         });
-        assert!(known.is_some(), "a failure was not known by all within 60 s");
+        assert!(
+            known.is_some(),
+            "a failure was not known by all within 60 s"
+        );
 
         // Agents launched on one host spread, and none goes to the dead one.
         for _ in 0..200 {
@@ -280,6 +299,10 @@ mod tests {
         }
         assert_eq!(sim.agents[5], 0);
         let max = *sim.agents.iter().max().unwrap_or(&0);
-        assert!(max <= 10, "placement piled {max} agents on one host: {:?}", sim.agents);
+        assert!(
+            max <= 10,
+            "placement piled {max} agents on one host: {:?}",
+            sim.agents
+        );
     }
 }

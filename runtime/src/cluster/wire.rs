@@ -78,7 +78,11 @@ fn take<T: serde::de::DeserializeOwned>(buf: impl Buf) -> Result<T, CodecError> 
 impl foca::Codec<HostId> for Cbor {
     type Error = CodecError;
 
-    fn encode_header(&mut self, header: &Header<HostId>, buf: impl BufMut) -> Result<(), Self::Error> {
+    fn encode_header(
+        &mut self,
+        header: &Header<HostId>,
+        buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
         put(header, buf)
     }
 
@@ -86,7 +90,11 @@ impl foca::Codec<HostId> for Cbor {
         take(buf)
     }
 
-    fn encode_member(&mut self, member: &Member<HostId>, buf: impl BufMut) -> Result<(), Self::Error> {
+    fn encode_member(
+        &mut self,
+        member: &Member<HostId>,
+        buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
         put(member, buf)
     }
 
@@ -128,7 +136,10 @@ mod tests {
 
         let mut small = [0u8; 4];
         let mut slot = &mut small[..];
-        assert!(matches!(Cbor.encode_member(&a, &mut slot), Err(CodecError::Full)));
+        assert!(matches!(
+            Cbor.encode_member(&a, &mut slot),
+            Err(CodecError::Full)
+        ));
         assert_eq!(small, [0; 4]);
         assert!(sender(&[0xff, 0x00]).is_err());
     }

@@ -73,7 +73,9 @@ pub enum CertError {
     #[error("bad certificate: {0}")]
     Bad(String),
     /// A name unusable as a site or user name.
-    #[error("bad name `{0}`: use letters, digits, `-` and `.` (`any` and `least-loaded` are reserved for places)")]
+    #[error(
+        "bad name `{0}`: use letters, digits, `-` and `.` (`any` and `least-loaded` are reserved for places)"
+    )]
     BadName(String),
     /// `certs init` on a directory that already has a CA.
     #[error("{0} already holds a CA; remove it first or use another directory")]

@@ -286,6 +286,14 @@ impl Client {
         self.call(&Request::List).await
     }
 
+    /// The hosts this host knows, itself first: their state, facts and last load.
+    ///
+    /// # Errors
+    /// When the connection fails.
+    pub async fn hosts(&self) -> Result<Vec<crate::cluster::HostView>, ClientError> {
+        self.call(&Request::Hosts).await
+    }
+
     /// Kills one of the user's agents, wherever it runs.
     ///
     /// # Errors

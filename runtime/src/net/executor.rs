@@ -31,6 +31,14 @@ impl AgentExecutor {
         })
     }
 
+    /// Tasks waiting in the shared queue for a thread: agents ready to run that no core
+    /// runs now.
+    pub fn queued(&self) -> usize {
+        self.runtime
+            .as_ref()
+            .map_or(0, |r| r.metrics().global_queue_depth())
+    }
+
     /// Runs `task` on the agents' threads.
     pub fn spawn<F>(&self, task: F) -> Option<JoinHandle<F::Output>>
     where

@@ -118,6 +118,15 @@ pub enum Request {
         /// What the parent clones into.
         children: Vec<ChildStart>,
     },
+    /// Host → host: one message of the membership protocol (`crate::cluster`), from the
+    /// host the connection's certificate names. Answered with [`Reply<()>`].
+    Gossip {
+        /// The message.
+        data: serde_bytes::ByteBuf,
+    },
+    /// User or host → host: the hosts it knows, itself first. Answered with
+    /// `Vec<`[`HostView`](crate::cluster::HostView)`>`.
+    Hosts,
 }
 
 /// Who of a launched agent's family still runs, as its launcher hears of them: a launch is
@@ -434,6 +443,9 @@ pub enum Refusal {
     /// A request only users may make.
     #[error("only users {0}")]
     OnlyUsers(String),
+    /// A membership message that is malformed, too large, or not from its sender.
+    #[error("bad membership message: {0}")]
+    BadGossip(String),
     /// A site this host has no address for.
     #[error("unknown site `{0}`")]
     UnknownSite(String),

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod client;
 mod end;
 mod executor;
+pub mod gossip;
 pub mod hop;
 pub mod host;
 pub mod mailbox;

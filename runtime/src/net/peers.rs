@@ -114,10 +114,13 @@ pub enum PeerError {
     Ask(#[from] AskError),
 }
 
-/// The peers of one host.
+/// The peers of one host: those configured, and those membership found.
 pub struct Peers {
     endpoint: quinn::Endpoint,
-    addrs: BTreeMap<String, SocketAddr>,
+    addrs: Mutex<BTreeMap<String, SocketAddr>>,
+    /// Peers whose address the operator gave: membership never changes those (the
+    /// operator may route a peer through a relay, say).
+    fixed: std::collections::BTreeSet<String>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
 }
 
@@ -173,19 +176,79 @@ impl Peers {
     pub fn new(endpoint: quinn::Endpoint, addrs: BTreeMap<String, SocketAddr>) -> Peers {
         Peers {
             endpoint,
-            addrs,
+            fixed: addrs.keys().cloned().collect(),
+            addrs: Mutex::new(addrs),
             slots: Mutex::default(),
         }
     }
 
     /// Whether `site` is a known peer.
     pub fn knows(&self, site: &str) -> bool {
-        self.addrs.contains_key(site)
+        self.addrs.lock().is_ok_and(|a| a.contains_key(site))
     }
 
     /// The names of the peers.
-    pub fn names(&self) -> impl Iterator<Item = String> + '_ {
-        self.addrs.keys().cloned()
+    pub fn names(&self) -> Vec<String> {
+        self.addrs
+            .lock()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Where `site` is reached from now on (unless the operator said where).
+    pub fn learn(&self, site: &str, addr: SocketAddr) {
+        if self.fixed.contains(site) {
+            return;
+        }
+        if let Ok(mut addrs) = self.addrs.lock()
+            && addrs.insert(site.to_string(), addr) != Some(addr)
+        {
+            tracing::debug!(peer = site, %addr, "address learned");
+        }
+    }
+
+    /// Where `site` is reached, unless an address is known already.
+    pub fn learn_if_unknown(&self, site: &str, addr: SocketAddr) {
+        if let Ok(mut addrs) = self.addrs.lock() {
+            addrs.entry(site.to_string()).or_insert(addr);
+        }
+    }
+
+    /// The name of the host at `addr`, read from its certificate (which must be a host's
+    /// from our CA); the connection is kept for the requests that follow.
+    ///
+    /// # Errors
+    /// When nothing answers or the certificate is not a host's.
+    pub async fn learn_name(&self, addr: SocketAddr) -> Result<String, DialError> {
+        let connecting = self
+            .endpoint
+            .connect(addr, tls::ANY_HOST)
+            .map_err(|e| match e {
+                quinn::ConnectError::EndpointStopping => DialError::Stopping,
+                e => DialError::Start(e),
+            })?;
+        let site = format!("the host at {addr}");
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Err(_) => return Err(DialError::Silent { site, addr }),
+            Ok(Err(source)) => return Err(DialError::Connect { site, addr, source }),
+            Ok(Ok(conn)) => conn,
+        };
+        let identity = tls::peer_identity(&conn).map_err(|e| DialError::Identity(Arc::new(e)))?;
+        if identity.role != Role::Host {
+            return Err(DialError::NotThatHost {
+                site,
+                addr,
+                found: identity,
+            });
+        }
+        self.learn(&identity.name, addr);
+        let slot = self.slot(&identity.name);
+        if let Ok(mut state) = slot.state.lock()
+            && state.live().is_none()
+        {
+            state.conn = Some(conn);
+        }
+        Ok(identity.name)
     }
 
     fn slot(&self, site: &str) -> Arc<Slot> {
@@ -203,9 +266,11 @@ impl Peers {
     /// # Cancel safety
     /// Cancel safe: a dial given up half-way counts for nothing.
     pub async fn connect(&self, site: &str) -> Result<quinn::Connection, PeerError> {
-        let addr = *self
+        let addr = self
             .addrs
-            .get(site)
+            .lock()
+            .ok()
+            .and_then(|a| a.get(site).copied())
             .ok_or_else(|| PeerError::Unknown(site.to_string()))?;
         let slot = self.slot(site);
         let seen = {

@@ -4,7 +4,7 @@
 use super::certs::{self, CertFiles, Identity};
 use super::quota::{HOST_STREAMS, HOST_WINDOW, USER_STREAMS, USER_WINDOW};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +49,7 @@ pub enum TlsError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
-    /// The verifier of client certificates could not be built.
+    /// A verifier of certificates could not be built.
     #[error("TLS configuration: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     /// The configuration offers QUIC no cipher suite.
@@ -168,8 +168,70 @@ pub fn server_config(
     Ok(config)
 }
 
-/// Client side: the server must present a certificate from the CA for the name dialled.
-/// See [`transport`] for `segmentation_offload`.
+/// The name a host dials when it knows only an address (`--join ADDR`): the server's
+/// certificate must then be from the CA and valid for the name it carries, whatever that
+/// is; the caller reads the name (and checks the role) from the connection.
+pub const ANY_HOST: &str = "any-host.invalid";
+
+/// Verifies servers as webpki does, for the name dialled, except for [`ANY_HOST`]: then
+/// for the name in the certificate itself.
+#[derive(Debug)]
+struct ServerVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let any = matches!(server_name, ServerName::DnsName(n) if n.as_ref() == ANY_HOST);
+        if !any {
+            let webpki = &self.webpki;
+            return webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            );
+        }
+        let bad = |e: String| rustls::Error::General(format!("the host's certificate: {e}"));
+        let identity = certs::identity(end_entity).map_err(|e| bad(e.to_string()))?;
+        let named = ServerName::try_from(identity.name).map_err(|e| bad(e.to_string()))?;
+        (self.webpki).verify_server_cert(end_entity, intermediates, &named, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// Client side: the server must present a certificate from the CA for the name dialled
+/// (or, dialling [`ANY_HOST`], for the name it carries). See [`transport`] for
+/// `segmentation_offload`.
 ///
 /// # Errors
 /// When rustls rejects the certificate or key.
@@ -177,9 +239,15 @@ pub fn client_config(
     creds: &Credentials,
     segmentation_offload: bool,
 ) -> Result<quinn::ClientConfig, TlsError> {
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        creds.roots.clone(),
+        provider(),
+    )
+    .build()?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(creds.roots.clone())
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServerVerifier { webpki }))
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;

@@ -2,7 +2,7 @@
 
 use agent_runtime::net::certs::{self, Role, Validity};
 use agent_runtime::net::host::DEFAULT_MAX_CHILDREN;
-use agent_runtime::net::host::{Host, HostConfig};
+use agent_runtime::net::host::{Host, HostConfig, Seed};
 use agent_runtime::net::mailbox::DEFAULT_MAILBOX;
 use agent_runtime::net::quota::UserLimits;
 use agent_runtime::net::tls::Credentials;
@@ -84,9 +84,18 @@ struct ServeArgs {
     /// Directory with ca.crt and host-NAME.crt/.key.
     #[arg(long)]
     certs: Option<PathBuf>,
-    /// A peer host, repeatable.
+    /// A peer host known from the start, repeatable. Membership finds the others.
     #[arg(long = "peer", value_name = "NAME=ADDR", value_parser = parse_peer)]
     peers: Vec<(String, SocketAddr)>,
+    /// A host to join the cluster through, repeatable: its address (its name is read from
+    /// its certificate) or NAME@ADDR. The hosts it knows, and those they know, become
+    /// peers; `agent hosts` lists them.
+    #[arg(long = "join", value_name = "ADDR|NAME@ADDR")]
+    join: Vec<Seed>,
+    /// The address peers reach this host at, when it is not the one it listens on (say,
+    /// listening on 0.0.0.0). By default peers use the address they see it connect from.
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
     /// Directory of documents this site's corpus service searches.
     #[arg(long)]
     corpus: Option<PathBuf>,
@@ -158,6 +167,9 @@ struct FileConfig {
     certs: Option<PathBuf>,
     #[serde(default)]
     peers: BTreeMap<String, SocketAddr>,
+    #[serde(default)]
+    join: Vec<String>,
+    advertise: Option<SocketAddr>,
     corpus: Option<PathBuf>,
     max_memory_mib: Option<u64>,
     cpu_budget_secs: Option<u64>,
@@ -259,7 +271,14 @@ impl FileConfig {
     fn overridden_by(self, args: ServeArgs) -> FileConfig {
         let mut peers = self.peers;
         peers.extend(args.peers);
+        let mut join = self.join;
+        join.extend(args.join.iter().map(|seed| match &seed.name {
+            Some(name) => format!("{name}@{}", seed.addr),
+            None => seed.addr.to_string(),
+        }));
         FileConfig {
+            join,
+            advertise: args.advertise.or(self.advertise),
             name: args.name.or(self.name),
             listen: args.listen.or(self.listen),
             data_dir: args.data_dir.or(self.data_dir),
@@ -355,6 +374,10 @@ fn host_config(s: FileConfig, name: String, data_dir: PathBuf) -> anyhow::Result
             n => n,
         },
         max_children: s.max_children.unwrap_or(DEFAULT_MAX_CHILDREN),
+        join: (s.join.iter())
+            .map(|j| j.parse::<Seed>().map_err(|e| anyhow::anyhow!("join: {e}")))
+            .collect::<anyhow::Result<_>>()?,
+        advertise: s.advertise,
         peers: s.peers,
     })
 }

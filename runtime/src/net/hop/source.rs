@@ -95,7 +95,7 @@ impl Host {
         site: &str,
     ) -> Result<HopInfo, HopFailure> {
         let (frozen, frozen_at_us) = (Instant::now(), unix_us());
-        if !self.config.peers.contains_key(site) {
+        if !self.peers.knows(site) {
             return Err(HopError::UnknownSite(site.to_string()).into());
         }
         // The agent stays suspended until the hop ends, so its memory can be read where it lies.
@@ -124,7 +124,7 @@ impl Host {
         site: &str,
         (frozen, frozen_at_us): (Instant, u64),
     ) -> Result<HopInfo, HopError> {
-        if !self.config.peers.contains_key(site) {
+        if !self.peers.knows(site) {
             return Err(HopError::UnknownSite(site.to_string()));
         }
         let bytes = Outgoing::Encoded(Arc::new(encoded));

@@ -40,7 +40,7 @@ type Watchers = Vec<tokio::sync::mpsc::UnboundedSender<LaunchEvent>>;
 
 /// Whether a host can be asked to take a child: this one, or a peer.
 pub(in crate::net) fn known_site(host: &Host, site: &str) -> bool {
-    site == host.config.name || host.config.peers.contains_key(site)
+    site == host.config.name || host.peers.knows(site)
 }
 
 impl Host {

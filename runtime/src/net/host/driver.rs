@@ -270,6 +270,24 @@ impl Place for OnHost {
     }
 
     async fn hop(&mut self, mut agent: AgentInstance, site: String) -> Flow {
+        // A place is chosen now, and again if the hop is made again after a crash: until
+        // the departure is durable no destination commits, so a new choice is as good.
+        let site = match agent_abi::Place::parse(&site) {
+            None => site,
+            Some(Ok(place)) => match self.host.membership.choose(&place) {
+                Some(chosen) => chosen,
+                None => {
+                    let reason = "no host that is up fits".to_string();
+                    let error = HopError::Unreachable { site, reason };
+                    agent.complete(OpResult::Hop(Err(error)));
+                    return Flow::Go(agent);
+                }
+            },
+            Some(Err(bad)) => {
+                agent.complete(OpResult::Hop(Err(HopError::UnknownSite(bad))));
+                return Flow::Go(agent);
+            }
+        };
         if site == self.host.config.name {
             agent.complete(OpResult::Hop(Ok(())));
             return Flow::Go(agent);

@@ -30,6 +30,7 @@ use parking::WAKING_AT_ONCE;
 use post::PostOffice;
 
 use crate::base::BaseCache;
+use crate::cluster::wire::HostId;
 use crate::context::AgentId;
 use crate::image::{AgentImage, DecodeOptions, ImageLimits};
 use crate::instance::AgentInstance;
@@ -37,6 +38,7 @@ use crate::limits::Limits;
 use crate::modules::{AgentModule, ModuleCache, ModuleHash};
 use crate::net::budget::Budget;
 use crate::net::executor::AgentExecutor;
+use crate::net::gossip::{self, Membership};
 use crate::net::hop::spare::Spare;
 use crate::net::peers::Peers;
 use crate::net::quota::{Quotas, UserLimits};
@@ -114,8 +116,12 @@ pub struct HostConfig {
     pub listen: SocketAddr,
     /// Where the store and compiled modules live.
     pub data_dir: PathBuf,
-    /// Known peers: site name → address.
+    /// Peers known from the start: site name → address. Membership finds the others.
     pub peers: BTreeMap<String, SocketAddr>,
+    /// Hosts to join the cluster through (`--join`).
+    pub join: Vec<Seed>,
+    /// The address peers reach this host at, when not the one it listens on (a wildcard).
+    pub advertise: Option<SocketAddr>,
     /// Limits for each agent.
     pub limits: Limits,
     /// Most agents running at once.
@@ -137,6 +143,34 @@ pub struct HostConfig {
     pub mailbox: u64,
     /// Children an agent running here may have created in all.
     pub max_children: u64,
+}
+
+/// A host to join the cluster through: its address, and its name when given (`NAME@ADDR`;
+/// otherwise the name is read from its certificate).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seed {
+    /// Its name, if known.
+    pub name: Option<String>,
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for Seed {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Seed, String> {
+        let (name, addr) = match s.split_once('@') {
+            Some((name, addr)) => {
+                crate::net::certs::check_name(name).map_err(|e| e.to_string())?;
+                (Some(name.to_string()), addr)
+            }
+            None => (None, s),
+        };
+        let addr = addr
+            .parse()
+            .map_err(|e| format!("`{s}`: expected ADDR or NAME@ADDR ({e})"))?;
+        Ok(Seed { name, addr })
+    }
 }
 
 /// What a host holds in memory ([`Host::memory`]).
@@ -232,6 +266,8 @@ pub struct Host {
     pub(in crate::net) spare: Arc<Spare>,
     /// The mailboxes of agents launched here.
     pub(in crate::net) post: PostOffice,
+    /// The other hosts: which are up, how loaded, where agents asking for a place go.
+    pub(in crate::net) membership: Membership,
 }
 
 /// How an agent task starts.
@@ -283,6 +319,12 @@ impl Host {
         let peers = Peers::new(endpoint.clone(), config.peers.clone());
         let quotas = Quotas::new(config.user_limits.clone());
         let inflight = Budget::new("this host", config.max_inflight);
+        let me = HostId {
+            name: config.name.as_str().into(),
+            addr: advertised(&config, &endpoint),
+            start: crate::net::messages::unix_us() / 1000,
+        };
+        let membership = Membership::new(me, gossip::facts(site.services()));
         let host = Arc::new(Host {
             config,
             bases,
@@ -307,6 +349,7 @@ impl Host {
             trimmer: Trimmer::start(),
             spare: Arc::new(Spare::new(WORTH_PREPARING as usize)),
             post,
+            membership,
         });
         for agent in held {
             host.release_held_later(agent);
@@ -318,6 +361,7 @@ impl Host {
         tokio::spawn(host.clone().accept_loop());
         tokio::spawn(host.clone().deliver_reports());
         tokio::spawn(host.clone().sync_lazily());
+        tokio::spawn(host.clone().run_membership());
         Ok(host)
     }
 
@@ -465,6 +509,13 @@ fn endpoint(config: &HostConfig, creds: &Credentials) -> Result<quinn::Endpoint,
         quinn::Endpoint::new(config_, Some(server), socket, runtime).map_err(listen)?;
     endpoint.set_default_client_config(tls::client_config(creds, gso)?);
     Ok(endpoint)
+}
+
+/// Where peers reach this host: `advertise` when set, else the address it listens on (a
+/// wildcard one is replaced by the address each peer sees it connect from).
+fn advertised(config: &HostConfig, endpoint: &quinn::Endpoint) -> SocketAddr {
+    let listening = endpoint.local_addr().unwrap_or(config.listen);
+    config.advertise.unwrap_or(listening)
 }
 
 /// `len` xorshift bytes: data no compressor or cache can make smaller.

@@ -73,7 +73,7 @@ impl Host {
             },
         };
         while let Ok((send, recv)) = conn.accept_bi().await {
-            let from = (peer.clone(), conn.rtt());
+            let from = (peer.clone(), conn.rtt(), conn.remote_address());
             let inflight = (InFlight::new(first.clone()), InFlight::new(budgets.clone()));
             tokio::spawn(self.clone().serve_stream(from, inflight, send, recv));
         }
@@ -85,7 +85,7 @@ impl Host {
     /// `inflight`.
     pub(in crate::net) async fn serve_stream(
         self: Arc<Self>,
-        (peer, rtt): (Identity, Duration),
+        (peer, rtt, remote): (Identity, Duration, std::net::SocketAddr),
         (mut first, mut inflight): (InFlight, InFlight),
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
@@ -121,6 +121,10 @@ impl Host {
                 let now = Instant::now();
                 let offered = (offer, now.checked_sub(rtt).unwrap_or(now));
                 self.serve_offer(&peer, offered, stream).await
+            }
+            Request::Gossip { data } => {
+                let reply = self.gossip_in(&peer, remote, &data);
+                write_msg(&mut send, &reply).await
             }
             request => self.answer(&peer, request, stream.0, stream.1).await,
         };
@@ -243,7 +247,11 @@ impl Host {
                 };
                 write_msg(send, &reply).await
             }
-            Request::Launch { .. } | Request::LaunchHash { .. } | Request::Hop(_) => Ok(()),
+            Request::Hosts => write_msg(send, &self.membership.hosts()).await,
+            Request::Launch { .. }
+            | Request::LaunchHash { .. }
+            | Request::Hop(_)
+            | Request::Gossip { .. } => Ok(()),
         }
     }
 

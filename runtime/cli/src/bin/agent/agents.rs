@@ -151,6 +151,56 @@ pub async fn list(conn: &Connection, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `agent hosts`.
+pub async fn hosts(conn: &Connection, json: bool) -> anyhow::Result<()> {
+    let client = conn.connect().await?;
+    let hosts = client.hosts().await.map_err(client_error);
+    client.close().await;
+    let hosts = hosts?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&hosts)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<22} {:<8} {:<8} {:>5} {:>7} {:>7} {:>6} {:>9}  AGE",
+        "HOST", "ADDRESS", "STATE", "ARCH", "CORES", "RUNNING", "PARKED", "CPU%", "FREE MIB"
+    );
+    for h in &hosts {
+        let facts = h.facts.as_ref();
+        let arch = facts.map_or("?", |f| f.arch.as_str());
+        let cores = facts.map_or("?".into(), |f| f.cores.to_string());
+        let (running, parked, cpu, free) = match &h.load {
+            Some(l) => (
+                l.running.to_string(),
+                l.parked.to_string(),
+                format!("{:.0}", f64::from(l.cpu_permille) / 10.0),
+                l.free_mib.to_string(),
+            ),
+            None => ("?".into(), "?".into(), "?".into(), "?".into()),
+        };
+        let age = h
+            .load_age_ms
+            .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+        let draining = match h.load.is_some_and(|l| l.draining) {
+            true => " (draining)",
+            false => "",
+        };
+        println!(
+            "{:<16} {:<22} {:<8} {:<8} {:>5} {:>7} {:>7} {:>6} {:>9}  {age}{draining}",
+            h.name,
+            h.addr.to_string(),
+            h.state.to_string(),
+            arch,
+            cores,
+            running,
+            parked,
+            cpu,
+            free
+        );
+    }
+    Ok(())
+}
+
 /// `agent kill ID`.
 pub async fn kill(conn: &Connection, agent: AgentId) -> anyhow::Result<()> {
     let client = conn.connect().await?;

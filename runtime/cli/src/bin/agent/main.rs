@@ -57,6 +57,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the hosts a host knows (itself first): address, state (up, suspect, down), CPU
+    /// architecture, cores, and the load it last told (agents running and parked, CPU use,
+    /// free memory). Hosts find each other by gossip: see docs/cluster.md.
+    Hosts {
+        #[command(flatten)]
+        conn: Connection,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop one of your agents, wherever it runs, and every child it cloned.
     Kill {
         /// The agent's id.
@@ -179,6 +189,9 @@ fn main() -> ExitCode {
         }
         Command::List { conn, json } => {
             block_on(agents::list(&conn, json)).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Hosts { conn, json } => {
+            block_on(agents::hosts(&conn, json)).map(|()| ExitCode::SUCCESS)
         }
         Command::Kill { id, conn } => block_on(agents::kill(&conn, id)).map(|()| ExitCode::SUCCESS),
         Command::Send {
