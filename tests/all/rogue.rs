@@ -378,3 +378,68 @@ fn a_large_image_changed_after_it_was_hashed_is_refused_and_the_same_untouched_a
     assert_eq!(log.matches("agent arrived").count(), 1, "{log}");
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// A membership message from a genuine cluster member named `from`, asking siteA in.
+fn announce_from(from: &str, cluster: &Cluster) -> Vec<u8> {
+    use agent_runtime::cluster::wire::HostId;
+    use agent_runtime::cluster::{Cluster as Members, Output, load::Facts, settings};
+    let me = HostId {
+        name: from.into(),
+        addr: "127.0.0.1:9".parse().unwrap(),
+        start: 1,
+    };
+    let mut members = Members::new(me, Facts::default(), settings(4), 1);
+    let site_a = HostId {
+        name: "siteA".into(),
+        addr: cluster.addrs["siteA"],
+        start: 0,
+    };
+    members.join(site_a).unwrap();
+    members
+        .outputs()
+        .into_iter()
+        .find_map(|o| match o {
+            Output::Send { data, .. } => Some(data.to_vec()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_host_cannot_gossip_for_another_and_users_and_garbage_are_refused() {
+    use agent_runtime::net::messages::{Refusal, Reply};
+    let up: &[&str] = &[];
+    let cluster = Cluster::start(&["siteA", "siteB", "siteC"], &[("siteA", up)]);
+    let (peer, host) = as_site_b(&cluster);
+    let gossip = |data: Vec<u8>| Request::Gossip {
+        data: serde_bytes::ByteBuf::from(data),
+    };
+    block_on(async {
+        let client = Client::connect(&host, &peer).await.unwrap();
+        // siteB's certificate, siteC's name in the message.
+        let forged = gossip(announce_from("siteC", &cluster));
+        match client.request::<Reply<()>>(&forged).await.unwrap() {
+            Err(Refusal::BadGossip(why)) => assert!(why.contains("siteC"), "{why}"),
+            other => panic!("a forged sender was taken: {other:?}"),
+        }
+        let garbage = client.request::<Reply<()>>(&gossip(vec![0xff; 64])).await.unwrap();
+        assert!(matches!(garbage, Err(Refusal::BadGossip(_))), "{garbage:?}");
+        let huge = client.request::<Reply<()>>(&gossip(vec![0; 64 << 10])).await.unwrap();
+        assert!(matches!(huge, Err(Refusal::BadGossip(_))), "{huge:?}");
+        // The genuine one is taken.
+        let own = gossip(announce_from("siteB", &cluster));
+        assert_eq!(client.request::<Reply<()>>(&own).await.unwrap(), Ok(()));
+        client.close().await;
+    });
+    let own = gossip(announce_from("siteB", &cluster));
+    let (as_user, hosts) = block_on(async {
+        let user = cluster.client("siteA", "alice").await.unwrap();
+        let as_user = user.request::<Reply<()>>(&own).await;
+        (as_user, user.hosts().await.unwrap())
+    });
+    assert!(matches!(as_user, Ok(Err(Refusal::OnlyHosts(_)))), "{as_user:?}");
+    // siteA knows siteB (which spoke for itself), never siteC.
+    let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+    assert!(names.contains(&"siteB"), "{names:?}");
+    assert!(!names.contains(&"siteC"), "{names:?}");
+}
