@@ -214,6 +214,20 @@ impl AgentContext {
         }
     }
 
+    /// What an agent that arrived does first on its destination: its operation completes
+    /// there (a hop, a new child's clone, a checkpoint), or, for an agent its host moved
+    /// away before its operation took effect (a drain), the operation is performed there.
+    pub fn first_step(&self) -> FirstStep {
+        match &self.pending {
+            None | Some(Op::Hop { .. }) => FirstStep::Complete(OpResult::Hop(Ok(()))),
+            Some(Op::Clone { .. }) if self.child_of.is_some() => {
+                FirstStep::Complete(self.arrived())
+            }
+            Some(Op::Checkpoint) => FirstStep::Complete(OpResult::Checkpoint),
+            Some(op) => FirstStep::Perform(op.clone()),
+        }
+    }
+
     /// CPU time used so far.
     pub fn cpu_used(&self) -> Duration {
         Duration::from_micros(self.cpu_used_us)
@@ -231,6 +245,15 @@ impl AgentContext {
         self.trace.drain(..over);
         self.hops_before += over as u64;
     }
+}
+
+/// What an agent that arrived does first ([`AgentContext::first_step`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FirstStep {
+    /// Its operation completes with this result; then it runs on.
+    Complete(OpResult),
+    /// Its operation is performed here.
+    Perform(Op),
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -255,6 +278,37 @@ mod tests {
 
     /// A child inherits its parent's launch and pending clone, and nothing of its journals,
     /// mailbox or trace; its id is the same every time it is made.
+    #[test]
+    fn an_arrival_completes_what_moves_it_and_performs_what_it_was_moved_before() {
+        let mut context = AgentContext::new("a", "alice", Vec::new(), BTreeMap::new());
+        let first = |pending: Option<Op>, context: &mut AgentContext| {
+            context.pending = pending;
+            context.first_step()
+        };
+        let hop = Some(Op::Hop { site: "b".into() });
+        assert_eq!(
+            first(hop, &mut context),
+            FirstStep::Complete(OpResult::Hop(Ok(())))
+        );
+        let checkpoint = Some(Op::Checkpoint);
+        assert_eq!(
+            first(checkpoint, &mut context),
+            FirstStep::Complete(OpResult::Checkpoint)
+        );
+        let sleep = Op::Sleep { ms: 5 };
+        assert_eq!(
+            first(Some(sleep.clone()), &mut context),
+            FirstStep::Perform(sleep)
+        );
+        let clone = Op::Clone {
+            sites: vec!["b".into()],
+        };
+        assert_eq!(
+            first(Some(clone.clone()), &mut context),
+            FirstStep::Perform(clone)
+        );
+    }
+
     #[test]
     fn a_child_starts_its_own_journals_and_keeps_its_parents_launch() {
         let args = BTreeMap::from([("query".to_string(), "x".to_string())]);

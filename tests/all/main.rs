@@ -8,6 +8,7 @@ mod cli;
 mod clone_faults;
 mod clones;
 mod cluster;
+mod drain;
 mod emit;
 mod faults;
 mod hostile;

@@ -422,9 +422,15 @@ fn a_host_cannot_gossip_for_another_and_users_and_garbage_are_refused() {
             Err(Refusal::BadGossip(why)) => assert!(why.contains("siteC"), "{why}"),
             other => panic!("a forged sender was taken: {other:?}"),
         }
-        let garbage = client.request::<Reply<()>>(&gossip(vec![0xff; 64])).await.unwrap();
+        let garbage = client
+            .request::<Reply<()>>(&gossip(vec![0xff; 64]))
+            .await
+            .unwrap();
         assert!(matches!(garbage, Err(Refusal::BadGossip(_))), "{garbage:?}");
-        let huge = client.request::<Reply<()>>(&gossip(vec![0; 64 << 10])).await.unwrap();
+        let huge = client
+            .request::<Reply<()>>(&gossip(vec![0; 64 << 10]))
+            .await
+            .unwrap();
         assert!(matches!(huge, Err(Refusal::BadGossip(_))), "{huge:?}");
         // The genuine one is taken.
         let own = gossip(announce_from("siteB", &cluster));
@@ -437,7 +443,10 @@ fn a_host_cannot_gossip_for_another_and_users_and_garbage_are_refused() {
         let as_user = user.request::<Reply<()>>(&own).await;
         (as_user, user.hosts().await.unwrap())
     });
-    assert!(matches!(as_user, Ok(Err(Refusal::OnlyHosts(_)))), "{as_user:?}");
+    assert!(
+        matches!(as_user, Ok(Err(Refusal::OnlyHosts(_)))),
+        "{as_user:?}"
+    );
     // siteA knows siteB (which spoke for itself), never siteC.
     let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
     assert!(names.contains(&"siteB"), "{names:?}");

@@ -161,6 +161,14 @@ impl AgentInstance {
         context.result = Some(result);
     }
 
+    /// Makes the agent wait on `op` again, its result taken back: a parked sleeper that a
+    /// draining host moves sleeps the rest of its sleep where it goes.
+    pub fn pend(&mut self, op: agent_abi::Op) {
+        let context = &mut self.store.data_mut().context;
+        context.pending = Some(op);
+        context.result = None;
+    }
+
     /// Flags other tasks use to kill the agent or ask it to checkpoint.
     pub fn flags(&self) -> Arc<crate::state::AgentFlags> {
         self.store.data().flags.clone()

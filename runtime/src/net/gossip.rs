@@ -200,7 +200,7 @@ impl Host {
         self.carry(outputs.unwrap_or_default());
     }
 
-    fn tell_load(self: &Arc<Self>) {
+    pub(in crate::net) fn tell_load(self: &Arc<Self>) {
         let cpu_permille = match self.membership.cpu.lock() {
             Ok(mut clock) => {
                 let now = CpuClock::now();
@@ -217,7 +217,7 @@ impl Host {
             cpu_permille,
             free_mib: free_mib(),
             parked: self.residents.parked() as u32,
-            draining: false,
+            draining: self.draining(),
         };
         let now = self.membership.now_ms();
         let outputs = self.membership.cluster.lock().map(|mut c| {
@@ -280,7 +280,10 @@ impl Host {
                         let request = Request::Gossip {
                             data: serde_bytes::ByteBuf::from(data.to_vec()),
                         };
-                        let sent = host.peers.ask::<Reply<()>>(&to.name, &request).await;
+                        let sent = host
+                            .peers
+                            .ask_quietly::<Reply<()>>(&to.name, &request)
+                            .await;
                         match sent {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => tracing::debug!(peer = %to.name, "gossip refused: {e}"),

@@ -127,6 +127,19 @@ pub enum Request {
     /// User or host → host: the hosts it knows, itself first. Answered with
     /// `Vec<`[`HostView`](crate::cluster::HostView)`>`.
     Hosts,
+    /// The host itself (its own certificate: `agent-host drain`) → host: move every agent
+    /// away and stop once none is left. Answered with [`Reply<DrainStatus>`]; asked again,
+    /// it says what is left.
+    Drain,
+}
+
+/// What a draining host has left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainStatus {
+    /// Agents running (or arriving).
+    pub running: u64,
+    /// Agents parked.
+    pub parked: u64,
 }
 
 /// Who of a launched agent's family still runs, as its launcher hears of them: a launch is
@@ -443,6 +456,9 @@ pub enum Refusal {
     /// A request only users may make.
     #[error("only users {0}")]
     OnlyUsers(String),
+    /// Only the host itself may ask for this.
+    #[error("only host {0} itself (its own certificate) may drain it")]
+    NotOperator(String),
     /// A membership message that is malformed, too large, or not from its sender.
     #[error("bad membership message: {0}")]
     BadGossip(String),

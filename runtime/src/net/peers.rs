@@ -266,6 +266,18 @@ impl Peers {
     /// # Cancel safety
     /// Cancel safe: a dial given up half-way counts for nothing.
     pub async fn connect(&self, site: &str) -> Result<quinn::Connection, PeerError> {
+        self.connect_counted(site, true).await
+    }
+
+    /// Like [`Peers::connect`]; a failed dial that is not `counted` does not count towards
+    /// the peer being down: membership's messages, sent to peers whether or not anyone else
+    /// needs them, must not make a peer that was unreachable for a while look down (and
+    /// fail hops at once) after it is back.
+    async fn connect_counted(
+        &self,
+        site: &str,
+        counted: bool,
+    ) -> Result<quinn::Connection, PeerError> {
         let addr = self
             .addrs
             .lock()
@@ -295,6 +307,9 @@ impl Peers {
             }
         }
         let dialled = dial(&self.endpoint, site, addr).await;
+        if !counted && dialled.is_err() {
+            return Ok(dialled?);
+        }
         let redial = settle(&slot, site, &dialled);
         if redial {
             let (endpoint, slot) = (self.endpoint.clone(), Arc::downgrade(&slot));
@@ -313,20 +328,43 @@ impl Peers {
         site: &str,
         request: &Request,
     ) -> Result<T, PeerError> {
-        let conn = self.connect(site).await?;
-        let exchange = async {
-            let (mut send, mut recv) = conn.open_bi().await?;
-            write_msg(&mut send, request).await?;
-            let _ = send.finish();
-            Ok::<T, AskError>(read_msg(&mut recv).await?)
-        };
-        let reply = tokio::time::timeout(ASK_TIMEOUT, exchange)
-            .await
-            .unwrap_or_else(|_| Err(AskError::Silent(site.to_string())));
+        self.ask_counted(site, request, true).await
+    }
+
+    /// Like [`Peers::ask`], but a failed dial does not count towards the peer being down
+    /// (see [`Peers::connect_counted`]).
+    pub async fn ask_quietly<T: serde::de::DeserializeOwned>(
+        &self,
+        site: &str,
+        request: &Request,
+    ) -> Result<T, PeerError> {
+        self.ask_counted(site, request, false).await
+    }
+
+    async fn ask_counted<T: serde::de::DeserializeOwned>(
+        &self,
+        site: &str,
+        request: &Request,
+        counted: bool,
+    ) -> Result<T, PeerError> {
+        let conn = self.connect_counted(site, counted).await?;
+        let reply = exchange(&conn, site, request).await;
         if reply.is_err() {
             self.forget(site, &conn);
         }
-        Ok(reply?)
+        match reply {
+            // The connection died under the request: it may have been one to an earlier run
+            // of the peer, found dead only now; requests between hosts may be made again.
+            Err(_) if conn.close_reason().is_some() => {
+                let conn = self.connect_counted(site, counted).await?;
+                let reply = exchange(&conn, site, request).await;
+                if reply.is_err() {
+                    self.forget(site, &conn);
+                }
+                Ok(reply?)
+            }
+            reply => Ok(reply?),
+        }
     }
 
     /// Forgets the cached connection to `site` if it is still `conn`. It is not closed: a
@@ -342,6 +380,23 @@ impl Peers {
             state.conn = None;
         }
     }
+}
+
+/// One request and its reply on `conn`, within [`ASK_TIMEOUT`].
+async fn exchange<T: serde::de::DeserializeOwned>(
+    conn: &quinn::Connection,
+    site: &str,
+    request: &Request,
+) -> Result<T, AskError> {
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_msg(&mut send, request).await?;
+        let _ = send.finish();
+        Ok::<T, AskError>(read_msg(&mut recv).await?)
+    };
+    tokio::time::timeout(ASK_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| Err(AskError::Silent(site.to_string())))
 }
 
 fn poisoned(site: &str) -> PeerError {

@@ -254,6 +254,11 @@ impl Residents {
         inner.running.len() + inner.reserved
     }
 
+    /// The agents parked here.
+    pub fn parked_ids(&self) -> Vec<AgentId> {
+        self.lock().parked.keys().copied().collect()
+    }
+
     /// How many agents are parked here.
     pub fn parked(&self) -> usize {
         self.lock().parked.len()

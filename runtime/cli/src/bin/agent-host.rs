@@ -1,9 +1,11 @@
 //! `agent-host`: the operator's command: run a host, make certificates.
 
 use agent_runtime::net::certs::{self, Role, Validity};
+use agent_runtime::net::client::{Client, HostAddr};
 use agent_runtime::net::host::DEFAULT_MAX_CHILDREN;
 use agent_runtime::net::host::{Host, HostConfig, Seed};
 use agent_runtime::net::mailbox::DEFAULT_MAILBOX;
+use agent_runtime::net::messages::{DrainStatus, Reply, Request};
 use agent_runtime::net::quota::UserLimits;
 use agent_runtime::net::tls::Credentials;
 use agent_runtime::{Corpus, Limits, Site};
@@ -34,6 +36,13 @@ enum Command {
     /// Run a host. With no options at all: a local development host named `localhost` on
     /// 127.0.0.1:4433, with development certificates generated in ./agent-host-data/certs.
     Serve(Box<ServeArgs>),
+    /// Drain a running host: every agent on it leaves at its next safe point for the least
+    /// loaded host that is up (parked ones too, sleeping the rest of their sleep there),
+    /// launches and arriving agents are refused, and the host stops once none is left.
+    /// Takes the host's own settings (its --config, or --name, --listen and --certs) and
+    /// speaks to it with its own certificate; prints what is left until it is empty. The host
+    /// stays the home of the agents launched on it: their reports wait for it to return.
+    Drain(Box<ServeArgs>),
     /// Create a private CA and issue host and user certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -218,6 +227,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Serve(Box::default())) {
         Command::Serve(args) => serve(*args),
+        Command::Drain(args) => drain(*args),
         Command::Certs(cmd) => certs_command(cmd),
     };
     match result {
@@ -307,11 +317,9 @@ impl FileConfig {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let dev = args.config.is_none()
-        && args.name.is_none()
-        && args.certs.is_none()
-        && args.data_dir.is_none();
+/// A host's settings: its file's, with the command line's laid over them; its name, data
+/// directory and certificate directory (defaults filled in).
+fn settings(args: ServeArgs) -> anyhow::Result<(FileConfig, String, PathBuf, PathBuf)> {
     let file: FileConfig = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -325,11 +333,62 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     certs::check_name(&name)?;
     let data_dir = (settings.data_dir.clone()).unwrap_or_else(|| PathBuf::from("agent-host-data"));
     let certs_dir = (settings.certs.clone()).unwrap_or_else(|| data_dir.join("certs"));
+    Ok((settings, name, data_dir, certs_dir))
+}
+
+/// The host's own credentials.
+fn host_credentials(name: &str, certs_dir: &Path) -> anyhow::Result<Credentials> {
+    Credentials::load(&certs::ca_files(certs_dir).cert, &certs::files(certs_dir, Role::Host, name))
+        .with_context(|| format!("no host certificate for {name} in {} (make one with `agent-host certs issue --dir DIR --host {name}`)", certs_dir.display()))
+}
+
+fn drain(args: ServeArgs) -> anyhow::Result<()> {
+    let (settings, name, _, certs_dir) = settings(args)?;
+    let creds = host_credentials(&name, &certs_dir)?;
+    let mut addr = (settings.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4433)));
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let host = HostAddr {
+        name: name.clone(),
+        addr,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let client = Client::connect(&host, &creds).await.map_err(anyhow::Error::msg)?;
+        let mut last = None;
+        loop {
+            let left = client.request::<Reply<DrainStatus>>(&Request::Drain).await;
+            let left = match left {
+                Ok(reply) => reply.map_err(anyhow::Error::msg)?,
+                // It stopped between two questions, once empty.
+                Err(e) if last.is_some() && e.to_string().contains("shutting down") => break,
+                Err(e) => bail!("lost {name} while it drained: {e} (see its log; a restart resumes the agents left and `drain` goes on)"),
+            };
+            if last != Some(left) {
+                eprintln!("{name}: {} agents running, {} parked", left.running, left.parked);
+            }
+            if left.running == 0 && left.parked == 0 {
+                break;
+            }
+            last = Some(left);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        eprintln!("{name} is drained and stops");
+        anyhow::Ok(())
+    })
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let dev = args.config.is_none()
+        && args.name.is_none()
+        && args.certs.is_none()
+        && args.data_dir.is_none();
+    let (settings, name, data_dir, certs_dir) = settings(args)?;
     if dev && !certs::ca_files(&certs_dir).cert.exists() {
         make_dev_certs(&certs_dir, &name)?;
     }
-    let creds = Credentials::load(&certs::ca_files(&certs_dir).cert, &certs::files(&certs_dir, Role::Host, &name))
-        .with_context(|| format!("no host certificate for {name} in {} (make one with `agent-host certs issue --dir DIR --host {name}`)", certs_dir.display()))?;
+    let creds = host_credentials(&name, &certs_dir)?;
     let corpus = match &settings.corpus {
         Some(dir) => Corpus::load(dir)
             .with_context(|| format!("cannot load the corpus {}", dir.display()))?,
@@ -436,8 +495,12 @@ fn run_host(
             );
         }
         tokio::spawn(log_memory(host.clone()));
-        wait_for_signal().await;
-        tracing::info!("shutting down: parking agents at their next safe point");
+        tokio::select! {
+            () = wait_for_signal() => {
+                tracing::info!("shutting down: parking agents at their next safe point");
+            }
+            () = host.drained() => tracing::info!("drained: no agent is left; stopping"),
+        }
         host.shutdown(Duration::from_secs(10)).await;
         anyhow::Ok(())
     })

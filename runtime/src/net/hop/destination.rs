@@ -1,5 +1,5 @@
 use crate::base::{Base, WORTH_A_BASE};
-use crate::context::{AgentContext, AgentId};
+use crate::context::{AgentContext, AgentId, FirstStep};
 use crate::faults::crash_point;
 use crate::image::{AgentImage, DecodeOptions, EncodeOptions, ImageError, Unverified, Verify};
 use crate::instance::AgentInstance;
@@ -143,6 +143,7 @@ impl Host {
             max_memory: self.config.limits.max_memory,
             max_image: self.config.max_image,
             max_module: self.config.max_module,
+            draining: self.draining(),
         };
         let mut reply = decide_offer(&offer, peer, &view);
         // A place for the agent, held until it is enrolled at its commit (or the transfer
@@ -219,8 +220,14 @@ impl Host {
         // stream that breaks first, drops it before it did anything seen.
         let (verdict, committed) = tokio::sync::oneshot::channel();
         let flags = agent.flags();
-        agent.complete(agent.context().arrived());
-        self.spawn_agent(agent, Start::Arrived(committed));
+        let start = match agent.context().first_step() {
+            FirstStep::Complete(result) => {
+                agent.complete(result);
+                Start::Arrived(committed, None)
+            }
+            FirstStep::Perform(op) => Start::Arrived(committed, Some(op)),
+        };
+        self.spawn_agent(agent, start);
         let resumed = (Instant::now(), unix_us());
         arrival.phase("resumed");
         let checking = unverified.map(|u| tokio::task::spawn_blocking(move || u.check()));

@@ -28,6 +28,8 @@ pub struct DestView {
     pub max_image: u64,
     /// Largest module accepted.
     pub max_module: u64,
+    /// The host is draining: it takes no agent.
+    pub draining: bool,
 }
 
 /// Phase 1 at the destination: accept or refuse an OFFER before any state moves.
@@ -45,6 +47,9 @@ pub fn decide_offer(offer: &Offer, from: &Identity, view: &DestView) -> OfferRep
             "transfer of agent {} at seq {} was aborted",
             offer.agent, offer.seq
         ));
+    }
+    if view.draining {
+        return OfferReply::Refuse("the host is draining: it takes no agents".into());
     }
     if offer.abi != agent_abi::ABI_VERSION {
         return OfferReply::Refuse(format!(
@@ -124,6 +129,7 @@ mod tests {
             max_memory: 64 << 20,
             max_image: 1 << 20,
             max_module: 1 << 20,
+            draining: false,
             ..DestView::default()
         }
     }
@@ -168,6 +174,23 @@ mod tests {
                     ..view()
                 }
             ),
+            OfferReply::AlreadyCommitted
+        );
+        // A draining host takes no agent, but still confirms one it committed.
+        let draining = DestView {
+            draining: true,
+            ..view()
+        };
+        assert!(matches!(
+            decide_offer(&offer(), &host, &draining),
+            OfferReply::Refuse(why) if why.contains("draining")
+        ));
+        let committed = DestView {
+            committed: true,
+            ..draining
+        };
+        assert_eq!(
+            decide_offer(&offer(), &host, &committed),
             OfferReply::AlreadyCommitted
         );
     }

@@ -18,7 +18,7 @@ use crate::net::store::{AgentRecord, CallEntry, Resume, StoreError};
 use agent_abi::{CloneError, Cloned, HopError, Message, OpResult, Outcome, SendError};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Why an agent could not be stored at its safe point.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +49,10 @@ fn kept(
 }
 
 /// The first pause before an agent's host tells its home again, and the longest.
+/// After a move away failed or found no host, the agent performs its operations here this
+/// long before it tries again.
+const MOVE_RETRY: Duration = Duration::from_secs(1);
+
 const TELL_FIRST: Duration = Duration::from_millis(100);
 const TELL_MOST: Duration = Duration::from_secs(5);
 
@@ -69,6 +73,8 @@ struct OnHost {
     /// An arrival runs before its commit is durable, but nothing it does takes effect before:
     /// its first operation, or its end, waits for this verdict.
     uncommitted: Option<tokio::sync::oneshot::Receiver<bool>>,
+    /// A move away (the host drains) failed or had nowhere to go: not again before this.
+    next_move: Option<Instant>,
     /// The messages a stored state of the agent took: its home may drop them.
     taken: u64,
     /// Messages its mailbox holds at most, as its home last said.
@@ -228,6 +234,44 @@ impl OnHost {
         Flow::Stop
     }
 
+    /// Sends the agent to `site` (a hop it asked for, or a move); `Stop` once it is there,
+    /// else it stays here (a hop's error completes its operation).
+    async fn go_to(&mut self, mut agent: AgentInstance, site: &str) -> Flow {
+        match self.host.send_agent(&mut agent, site).await {
+            Ok(info) => {
+                crash_point("source-after-committed");
+                self.host.forget_running(&self.id);
+                agent.retire();
+                (self.host.forwarded(self.id, self.home.clone(), info)).await;
+                Flow::Stop
+            }
+            Err(failure) => {
+                let departure = failure.departure.as_deref();
+                (self.host.hop_failed(&mut agent, departure, failure.error)).await;
+                Flow::Go(agent)
+            }
+        }
+    }
+
+    /// Moves the agent away from a draining host before its operation takes effect there;
+    /// with nowhere to go, or when the move fails, it stays and tries again a while later.
+    async fn leave(&mut self, agent: AgentInstance) -> Flow {
+        let Some(site) = self.host.leave_to() else {
+            self.next_move = Some(Instant::now() + MOVE_RETRY);
+            return Flow::Go(agent);
+        };
+        match self.go_to(agent, &site).await {
+            Flow::Stop => {
+                self.host.log_drain(&self.id, &site);
+                Flow::Stop
+            }
+            Flow::Go(agent) => {
+                self.next_move = Some(Instant::now() + MOVE_RETRY);
+                Flow::Go(agent)
+            }
+        }
+    }
+
     async fn end_with(&self, hops: u64, end: AgentEnd) {
         let host = &self.host;
         (host.finish(self.id, self.home.clone(), hops, end)).await;
@@ -255,6 +299,11 @@ impl Place for OnHost {
     }
 
     async fn before_op(&mut self, agent: AgentInstance) -> Flow {
+        // An arrival moved before its operation took effect performs it only once its
+        // commit is durable (one polled first waited in `polled`).
+        if !self.polled().await {
+            return Flow::Stop;
+        }
         if self.host.stopping() {
             self.host.park(agent).await;
             return Flow::Stop;
@@ -265,6 +314,10 @@ impl Place for OnHost {
             self.end_with(agent.context().hops(), AgentEnd::Killed)
                 .await;
             return Flow::Stop;
+        }
+        let may_move = self.next_move.is_none_or(|at| Instant::now() >= at);
+        if may_move && self.host.should_leave(agent.context().pending.as_ref()) {
+            return self.leave(agent).await;
         }
         Flow::Go(agent)
     }
@@ -292,20 +345,7 @@ impl Place for OnHost {
             agent.complete(OpResult::Hop(Ok(())));
             return Flow::Go(agent);
         }
-        match self.host.send_agent(&mut agent, &site).await {
-            Ok(info) => {
-                crash_point("source-after-committed");
-                self.host.forget_running(&self.id);
-                agent.retire();
-                (self.host.forwarded(self.id, self.home.clone(), info)).await;
-                Flow::Stop
-            }
-            Err(failure) => {
-                let departure = failure.departure.as_deref();
-                (self.host.hop_failed(&mut agent, departure, failure.error)).await;
-                Flow::Go(agent)
-            }
-        }
+        self.go_to(agent, &site).await
     }
 
     async fn call(
@@ -579,7 +619,10 @@ impl Host {
         let context = agent.context();
         let redo_clone = matches!(&start, Start::Handle(agent_abi::Op::Clone { .. }));
         let (start, uncommitted, waited_until) = match start {
-            Start::Arrived(committed) => (driver::Start::Poll, Some(committed), None),
+            Start::Arrived(committed, None) => (driver::Start::Poll, Some(committed), None),
+            Start::Arrived(committed, Some(op)) => {
+                (driver::Start::Handle(op), Some(committed), None)
+            }
             Start::Poll => (driver::Start::Poll, None, None),
             Start::Handle(op) => (driver::Start::Handle(op), None, None),
             Start::Waiting(op, until_ms) => (driver::Start::Handle(op), None, Some(until_ms)),
@@ -594,6 +637,7 @@ impl Host {
             uncommitted,
             waited_until,
             redo_clone,
+            next_move: None,
         };
         driver::drive(agent, &mut place, start).await;
     }

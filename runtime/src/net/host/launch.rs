@@ -93,6 +93,10 @@ impl Host {
         if self.stopping() {
             return write_msg(send, &refused("the host is shutting down".into())).await;
         }
+        if self.draining() {
+            let why = "the host is draining: launch on another host".into();
+            return write_msg(send, &refused(why)).await;
+        }
         // A place for the agent, held from here until it runs (or the launch fails).
         let place = match self.may_launch(&peer.name) {
             Ok(place) => place,

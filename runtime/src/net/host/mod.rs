@@ -8,6 +8,7 @@
 //! answers `status`, `list` and `kill` ([`launch`], [`serve`]).
 
 pub(in crate::net) mod clones;
+mod drain;
 mod driver;
 mod homes;
 mod launch;
@@ -268,6 +269,8 @@ pub struct Host {
     pub(in crate::net) post: PostOffice,
     /// The other hosts: which are up, how loaded, where agents asking for a place go.
     pub(in crate::net) membership: Membership,
+    /// Every agent leaves at its next safe point and none is taken (`agent-host drain`).
+    pub(in crate::net) draining: std::sync::atomic::AtomicBool,
 }
 
 /// How an agent task starts.
@@ -279,9 +282,10 @@ pub(in crate::net) enum Start {
     /// Handle its pending `recv` (it was parked waiting for a message), whose wait ends at
     /// `until_ms` (milliseconds since the Unix epoch).
     Waiting(Op, u64),
-    /// Poll an agent that arrived but whose commit is still being made: `true` once it is
-    /// durable, `false` (or dropped) if it never will be.
-    Arrived(tokio::sync::oneshot::Receiver<bool>),
+    /// Start an agent that arrived but whose commit is still being made (`true` once it
+    /// is durable, `false` or dropped if it never will be): poll it, or perform its
+    /// operation when it was moved before that took effect.
+    Arrived(tokio::sync::oneshot::Receiver<bool>, Option<Op>),
 }
 
 impl Host {
@@ -350,6 +354,7 @@ impl Host {
             spare: Arc::new(Spare::new(WORTH_PREPARING as usize)),
             post,
             membership,
+            draining: Default::default(),
         });
         for agent in held {
             host.release_held_later(agent);
@@ -445,7 +450,7 @@ impl Host {
     }
 
     pub(in crate::net) fn spawn_agent(self: &Arc<Self>, agent: AgentInstance, start: Start) {
-        if !matches!(start, Start::Arrived(_)) {
+        if !matches!(start, Start::Arrived(..)) {
             let context = agent.context();
             self.enroll(context.agent_id, &context.owner, agent.flags());
         }

@@ -200,7 +200,7 @@ impl Host {
         let Some(owner) = self.residents.wake(id, flags.clone()) else {
             return;
         };
-        let (image, home, hops, waiting) = match self.store.agent(&id) {
+        let (image, home, hops, waiting, until_ms) = match self.store.agent(&id) {
             Ok(Some(AgentRecord::Resident {
                 image,
                 resume:
@@ -212,7 +212,7 @@ impl Host {
                         ..
                     },
                 ..
-            })) => (image, home, hops, mail.then_some(until_ms)),
+            })) => (image, home, hops, mail.then_some(until_ms), until_ms),
             other => {
                 tracing::error!(agent = %id, "no parked image to wake: {other:?}");
                 return self.forget_running(&id);
@@ -222,10 +222,13 @@ impl Host {
             Ok(mut agent) => {
                 agent.adopt_flags(flags);
                 tracing::info!(agent = %id, "woke");
-                let start = match (waiting, agent.context().pending.clone()) {
+                let mut start = match (waiting, agent.context().pending.clone()) {
                     (Some(until_ms), Some(op)) => Start::Waiting(op, until_ms),
                     _ => Start::Poll,
                 };
+                if self.draining() {
+                    start = Host::start_to_leave(&mut agent, until_ms, start);
+                }
                 self.spawn_agent(agent, start);
             }
             Err(e) => {

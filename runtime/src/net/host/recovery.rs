@@ -1,7 +1,7 @@
 //! Recovery after a restart: agents that live here go on from their stored images, and
 //! departures that were under way are settled by asking their destinations.
 
-use crate::context::AgentId;
+use crate::context::{AgentId, FirstStep};
 use crate::image::{AgentImage, DecodeOptions};
 use crate::instance::AgentInstance;
 use crate::net::hop::machine::{SourceHop, SourceStep};
@@ -9,7 +9,7 @@ use crate::net::hop::source::LinkError;
 use crate::net::host::{Host, RestoreError, Start};
 use crate::net::messages::{HopInfo, LaunchEvent, Reply, Request, TransferStatus};
 use crate::net::store::{AgentRecord, Resume};
-use agent_abi::{HopError, OpResult};
+use agent_abi::{HopError, Op, OpResult};
 use std::sync::Arc;
 
 /// A departure image already counts the hop it was made for; when that hop failed, the agent
@@ -51,13 +51,27 @@ impl Host {
                                 },
                                 Resume::Arrived => {
                                     self.came_home(&agent).await;
-                                    agent.complete(agent.context().arrived());
-                                    Start::Poll
+                                    match agent.context().first_step() {
+                                        FirstStep::Complete(result) => {
+                                            agent.complete(result);
+                                            Start::Poll
+                                        }
+                                        FirstStep::Perform(op) => Start::Handle(op),
+                                    }
                                 }
                                 Resume::HopFailed(error) => {
                                     forget_failed_hop(&mut agent);
-                                    agent.complete(OpResult::Hop(Err(error)));
-                                    Start::Poll
+                                    // A move (a drain's) that failed leaves its operation to
+                                    // be performed here; a hop that failed returns its error.
+                                    match agent.context().pending.clone() {
+                                        Some(op) if !matches!(op, Op::Hop { .. }) => {
+                                            Start::Handle(op)
+                                        }
+                                        _ => {
+                                            agent.complete(OpResult::Hop(Err(error)));
+                                            Start::Poll
+                                        }
+                                    }
                                 }
                             };
                             self.spawn_agent(agent, start);
@@ -162,6 +176,8 @@ impl Host {
             },
         )
         .await;
-        agent.complete(OpResult::Hop(Err(error)));
+        if matches!(agent.context().pending, Some(Op::Hop { .. })) {
+            agent.complete(OpResult::Hop(Err(error)));
+        }
     }
 }

@@ -248,6 +248,7 @@ impl Host {
                 write_msg(send, &reply).await
             }
             Request::Hosts => write_msg(send, &self.membership.hosts()).await,
+            Request::Drain => write_msg(send, &self.drain_request(peer)).await,
             Request::Launch { .. }
             | Request::LaunchHash { .. }
             | Request::Hop(_)
