@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 /// `checkpoint()` and calls the host only when the host has set it. Version 3 added
 /// [`Op::Sleep`], version 4 [`Op::Emit`], version 5 [`Op::Send`] and [`Op::Recv`], version 6
 /// [`Op::Clone`].
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Oldest ABI version a host still runs (version 1 agents ask the host at every checkpoint).
 pub const MIN_ABI_VERSION: u32 = 1;
@@ -171,6 +171,12 @@ pub enum Op {
         /// Where the children start, one child per entry (a site may repeat).
         sites: Vec<String>,
     },
+    /// Allow (or forbid again) the host to move the agent, at its checkpoints, to a less
+    /// loaded host when its own host is busy. Completes at once.
+    AllowMoves {
+        /// Whether moves are allowed from now on.
+        allow: bool,
+    },
 }
 
 /// The result of a completed [`Op`].
@@ -192,6 +198,8 @@ pub enum OpResult {
     Recv(Option<Message>),
     /// Result of [`Op::Clone`]: what the parent learns, or what each child learns.
     Clone(Cloned),
+    /// Result of [`Op::AllowMoves`].
+    AllowMoves,
 }
 
 /// What [`Op::Clone`] returns: the same operation completes once in the parent and once in

@@ -47,7 +47,9 @@ pub use agent_abi::services;
 pub use agent_abi::{
     CallError, CloneError, Cloned, EmitError, HopError, Pick, Place, SendError, Sender,
 };
-pub use op::{BodyError, Call, Checkpoint, CloneTo, Emit, Hop, Message, Recv, SendTo, Sleep};
+pub use op::{
+    AllowMoves, BodyError, Call, Checkpoint, CloneTo, Emit, Hop, Message, Recv, SendTo, Sleep,
+};
 
 use agent_abi::{AgentInfo, Op};
 use serde::Serialize;
@@ -236,6 +238,24 @@ impl Context {
     #[inline]
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint::new(sys::checkpoint_requested())
+    }
+
+    /// Allows the host to move the agent, at its checkpoints ([`Context::checkpoint`]), to a
+    /// less loaded host when its own is busy (`false` forbids it again). The agent then goes
+    /// on where it was moved, as after a hop: [`Context::site`] says where. Meant for work
+    /// that can run anywhere, such as a long computation that checkpoints now and then.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: agent_sdk::Context) {
+    /// ctx.allow_moves(true).await;
+    /// for chunk in 0..1000 {
+    ///     // ... compute ...
+    ///     ctx.checkpoint().await; // where the host may move it
+    /// }
+    /// # }
+    /// ```
+    pub fn allow_moves(&self, allow: bool) -> AllowMoves {
+        AllowMoves::new(allow)
     }
 
     /// Waits at least `duration` (rounded up to whole milliseconds). Nothing of the agent runs

@@ -163,6 +163,28 @@ fn suspend(pending: &mut Pending) -> Poll<()> {
     })
 }
 
+/// Future of [`Context::allow_moves`](crate::Context::allow_moves).
+#[must_use = "moves are allowed only once awaited"]
+#[derive(Debug)]
+pub struct AllowMoves(Pending);
+
+impl AllowMoves {
+    pub(crate) fn new(allow: bool) -> Self {
+        AllowMoves(Pending::Ready(Op::AllowMoves { allow }))
+    }
+}
+
+impl Future for AllowMoves {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+        self.0.poll().map(|result| match result {
+            OpResult::AllowMoves => (),
+            other => mismatch(&other),
+        })
+    }
+}
+
 /// Future of [`Context::sleep`](crate::Context::sleep).
 #[must_use = "a sleep happens only when awaited"]
 #[derive(Debug)]

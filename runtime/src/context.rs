@@ -127,6 +127,9 @@ pub struct AgentContext {
     /// Children created so far, over all clones.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub children: u64,
+    /// The agent allows its host to move it at its checkpoints (`ctx.allow_moves`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub movable: bool,
     /// For a child, where it comes from: its clone completes with this on arrival.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child_of: Option<ChildOf>,
@@ -171,6 +174,7 @@ impl AgentContext {
             clones: 0,
             children: 0,
             child_of: None,
+            movable: false,
         }
     }
 
@@ -184,7 +188,7 @@ impl AgentContext {
             to: site.to_string(),
         };
         // A new agent's context, with what a child inherits: its launch (home, owner,
-        // itinerary, arguments) and the clone it is stopped in.
+        // itinerary, arguments), the clone it is stopped in, and whether it may be moved.
         let (itinerary, args) = (self.itinerary.clone(), self.args.clone());
         AgentContext {
             agent_id: self.agent_id.child(round, index),
@@ -192,6 +196,7 @@ impl AgentContext {
             trace: vec![creation],
             pending: self.pending.clone(),
             result: self.result.clone(),
+            movable: self.movable,
             child_of: Some(ChildOf {
                 parent: self.agent_id,
                 index,

@@ -143,6 +143,11 @@ pub async fn drive<P: Place>(mut agent: AgentInstance, place: &mut P, start: Sta
                 agent.complete(OpResult::Checkpoint);
                 place.after_op(agent).await
             }
+            Op::AllowMoves { allow } => {
+                agent.context_mut().movable = allow;
+                agent.complete(OpResult::AllowMoves);
+                place.after_op(agent).await
+            }
             Op::Sleep { ms } => match place.sleep(agent, ms).await {
                 Flow::Go(agent) => place.after_op(agent).await,
                 Flow::Stop => return,

@@ -159,3 +159,64 @@ fn a_host_whose_seed_does_not_answer_serves_alone_and_says_why() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `count` spin agents launched on siteA that stay there unless moved; their reports.
+fn spin_on_site_a(cluster: &Cluster, count: usize, movable: bool) -> Vec<serde_json::Value> {
+    let spin = example_path("spin");
+    let movable = format!("movable={movable}");
+    let n = format!("n={N}");
+    let args = [
+        "launch",
+        &spin,
+        "--arg",
+        &n,
+        "--arg",
+        "every=200",
+        "--arg",
+        &movable,
+        "--json",
+    ];
+    let children: Vec<_> = (0..count)
+        .map(|_| cluster.spawn_agent(&args, "siteA", "alice"))
+        .collect();
+    let (primes, sum) = crate::drain::primes_below(N);
+    children
+        .into_iter()
+        .map(|child| {
+            let report = json(&agent_e2e::finish(child, Duration::from_secs(180)));
+            assert_eq!(report["ok"], true, "{report}");
+            assert_eq!(report["result"]["primes"], primes, "{report}");
+            assert_eq!(report["result"]["sum"], sum, "{report}");
+            report
+        })
+        .collect()
+}
+
+const N: u64 = 2_000_000;
+
+#[test]
+fn a_busy_host_moves_the_agents_that_allow_it_to_less_loaded_hosts() {
+    let up: &[&str] = &[];
+    let three = ["siteA", "siteB", "siteC"];
+    let cluster = Cluster::start(&three, &[("siteA", up), ("siteB", up), ("siteC", up)]);
+    let all_up: Vec<(&str, &str)> = three.iter().map(|s| (*s, "up")).collect();
+    wait_for(&cluster, "siteA", &all_up, Duration::from_secs(30));
+
+    // Agents that do not allow it stay on siteA, however busy it is.
+    let kept = spin_on_site_a(&cluster, 8, false);
+    for report in &kept {
+        assert_eq!(report["hops"], serde_json::json!([]), "{report}");
+    }
+    // Those that allow it spread from the busy siteA to the idle hosts, and their counts
+    // come out the same.
+    let moved = spin_on_site_a(&cluster, 8, true);
+    let left: Vec<String> = (moved.iter())
+        .filter_map(|r| r["hops"][0]["to"].as_str().map(str::to_string))
+        .collect();
+    assert!(left.len() >= 2, "only {left:?} moved");
+    assert!(
+        left.iter().all(|s| s == "siteB" || s == "siteC"),
+        "{left:?}"
+    );
+    assert!(cluster.log("siteA").contains("moved to balance the load"));
+}

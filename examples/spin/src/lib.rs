@@ -1,6 +1,7 @@
 //! Test agent that is CPU-bound: goes to the sites of its itinerary (if any), then counts
 //! primes below `n` (default 100000) by trial division and calls `ctx.checkpoint()` every
-//! `every` numbers (default 1000), so a host can stop it.
+//! `every` numbers (default 1000), so a host can stop it. With `movable=true` it allows its
+//! host to move it at those checkpoints when the host is busy (`ctx.allow_moves`).
 
 use agent_sdk::Context;
 use serde::Serialize;
@@ -33,6 +34,9 @@ async fn count(ctx: Context) -> Result<Report, String> {
         .unwrap_or(1000);
     for site in ctx.itinerary() {
         ctx.hop(&site).await.map_err(|e| e.to_string())?;
+    }
+    if ctx.arg("movable").as_deref() == Some("true") {
+        ctx.allow_moves(true).await;
     }
     let (mut primes, mut sum, mut sqrt_sum) = (0u64, 0u64, 0f64);
     for k in 0..n {

@@ -273,6 +273,23 @@ impl Cluster {
         all
     }
 
+    /// The lowest load (agents per core) of the other hosts that are up and take agents,
+    /// among those whose load is fresh.
+    pub fn lightest(&self, now_ms: u64) -> Option<f64> {
+        let records = self.book.records();
+        let stale = STALE.as_millis() as u64;
+        (self.foca.iter_members())
+            .filter_map(|m| records.get(&*m.id().name))
+            .filter(|k| now_ms.saturating_sub(k.at_ms) < stale && !k.record.load.draining)
+            .map(|k| k.record.load.per_core(k.record.facts.cores))
+            .min_by(f64::total_cmp)
+    }
+
+    /// This host's cores.
+    pub fn cores(&self) -> u32 {
+        self.facts.cores
+    }
+
     /// The host an agent here asking for `place` goes to (this one, for `least-loaded`,
     /// when it wins), counted as sent there; `None` when no host that is up fits.
     pub fn choose(&mut self, place: &Place, now_ms: u64) -> Option<String> {

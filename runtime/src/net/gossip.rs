@@ -70,6 +70,16 @@ impl Membership {
         self.cluster.lock().ok()?.choose(place, now)
     }
 
+    /// The lowest load (agents per core) of the other hosts that take agents, and this
+    /// host's cores.
+    pub fn lightest(&self) -> (Option<f64>, u32) {
+        let now = self.now_ms();
+        self.cluster
+            .lock()
+            .map(|c| (c.lightest(now), c.cores()))
+            .unwrap_or((None, 1))
+    }
+
     /// Whether `name` is this host or up.
     pub fn is_up(&self, name: &str) -> bool {
         self.cluster.lock().is_ok_and(|c| c.is_up(name))
@@ -144,7 +154,10 @@ impl Host {
                     });
                     self.carry(outputs.unwrap_or_default());
                 }
-                _ = load.tick() => self.tell_load(),
+                _ = load.tick() => {
+                    self.tell_load();
+                    self.balance();
+                }
                 _ = rejoin.tick() => {
                     // A host that knows nobody (its seeds were down when it started, or
                     // everyone declared it down) asks them again.

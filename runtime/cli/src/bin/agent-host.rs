@@ -2,7 +2,7 @@
 
 use agent_runtime::net::certs::{self, Role, Validity};
 use agent_runtime::net::client::{Client, HostAddr};
-use agent_runtime::net::host::DEFAULT_MAX_CHILDREN;
+use agent_runtime::net::host::{DEFAULT_BALANCE_ABOVE, DEFAULT_MAX_CHILDREN};
 use agent_runtime::net::host::{Host, HostConfig, Seed};
 use agent_runtime::net::mailbox::DEFAULT_MAILBOX;
 use agent_runtime::net::messages::{DrainStatus, Reply, Request};
@@ -164,6 +164,11 @@ struct ServeArgs {
     /// run (default 4 × max_agents); past it, a clone fails in the agent with an error.
     #[arg(long)]
     user_live_agents: Option<usize>,
+    /// Agents per core above which this host moves agents that allow it
+    /// (`ctx.allow_moves(true)`) to less loaded hosts at their checkpoints (default 2; 0
+    /// never moves them).
+    #[arg(long)]
+    balance_above: Option<f64>,
 }
 
 /// The TOML configuration file.
@@ -195,6 +200,7 @@ struct FileConfig {
     mailbox: Option<u64>,
     max_children: Option<u64>,
     user_live_agents: Option<usize>,
+    balance_above: Option<f64>,
 }
 
 /// `n` MiB in bytes, or an error naming the setting when that does not fit.
@@ -313,6 +319,7 @@ impl FileConfig {
             mailbox: args.mailbox.or(self.mailbox),
             max_children: args.max_children.or(self.max_children),
             user_live_agents: args.user_live_agents.or(self.user_live_agents),
+            balance_above: args.balance_above.or(self.balance_above),
         }
     }
 }
@@ -433,6 +440,10 @@ fn host_config(s: FileConfig, name: String, data_dir: PathBuf) -> anyhow::Result
             n => n,
         },
         max_children: s.max_children.unwrap_or(DEFAULT_MAX_CHILDREN),
+        balance_above: match s.balance_above.unwrap_or(DEFAULT_BALANCE_ABOVE) {
+            n if n.is_finite() && n >= 0.0 => n,
+            n => anyhow::bail!("balance_above = {n}: give a number of agents per core, 0 or more"),
+        },
         join: (s.join.iter())
             .map(|j| j.parse::<Seed>().map_err(|e| anyhow::anyhow!("join: {e}")))
             .collect::<anyhow::Result<_>>()?,

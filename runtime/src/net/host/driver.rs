@@ -298,7 +298,7 @@ impl Place for OnHost {
         }
     }
 
-    async fn before_op(&mut self, agent: AgentInstance) -> Flow {
+    async fn before_op(&mut self, mut agent: AgentInstance) -> Flow {
         // An arrival moved before its operation took effect performs it only once its
         // commit is durable (one polled first waited in `polled`).
         if !self.polled().await {
@@ -318,6 +318,21 @@ impl Place for OnHost {
         let may_move = self.next_move.is_none_or(|at| Instant::now() >= at);
         if may_move && self.host.should_leave(agent.context().pending.as_ref()) {
             return self.leave(agent).await;
+        }
+        if let Some(site) = self.host.balance_to(&agent) {
+            match self.go_to(agent, &site).await {
+                Flow::Stop => {
+                    tracing::info!(agent = %self.id, to = site, "moved to balance the load");
+                    return Flow::Stop;
+                }
+                Flow::Go(stays) => agent = stays,
+            }
+        }
+        if matches!(agent.context().pending, Some(agent_abi::Op::Checkpoint))
+            && !self.host.draining()
+        {
+            // Asked to stop here to balance the load (or not moved): on with no more stops.
+            agent.flags().checkpoint.store(false, Ordering::SeqCst);
         }
         Flow::Go(agent)
     }

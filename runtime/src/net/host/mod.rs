@@ -7,6 +7,7 @@
 //! go to the agent's home host ([`outbox`], [`homes`]), which streams them to the launcher and
 //! answers `status`, `list` and `kill` ([`launch`], [`serve`]).
 
+mod balance;
 pub(in crate::net) mod clones;
 mod drain;
 mod driver;
@@ -18,6 +19,7 @@ mod post;
 mod recovery;
 mod serve;
 
+pub use balance::DEFAULT_BALANCE_ABOVE;
 pub use clones::DEFAULT_MAX_CHILDREN;
 pub(in crate::net) use homes::fit_list;
 pub(in crate::net) use parking::sleep_unless_killed;
@@ -144,6 +146,9 @@ pub struct HostConfig {
     pub mailbox: u64,
     /// Children an agent running here may have created in all.
     pub max_children: u64,
+    /// Agents per core above which agents that allow it move to less loaded hosts at their
+    /// checkpoints (0: never).
+    pub balance_above: f64,
 }
 
 /// A host to join the cluster through: its address, and its name when given (`NAME@ADDR`;
@@ -271,6 +276,8 @@ pub struct Host {
     pub(in crate::net) membership: Membership,
     /// Every agent leaves at its next safe point and none is taken (`agent-host drain`).
     pub(in crate::net) draining: std::sync::atomic::AtomicBool,
+    /// Agents that may still move away this second to balance the load.
+    pub(in crate::net) moves_left: std::sync::atomic::AtomicU32,
 }
 
 /// How an agent task starts.
@@ -355,6 +362,7 @@ impl Host {
             post,
             membership,
             draining: Default::default(),
+            moves_left: Default::default(),
         });
         for agent in held {
             host.release_held_later(agent);
