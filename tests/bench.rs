@@ -4,10 +4,12 @@
 //!
 //! `scripts/bench [ROUNDS] [SCENARIO...]` (release build; ROUNDS repeats each measured
 //! scenario, default 5; scenarios: checkpoint memcpy freeze throughput messages large sparse
-//! return restart parked clones gossip, default all). `BENCH_PARKED=N` parks N agents instead of 100,000;
+//! return restart parked clones gossip balance, default all). `BENCH_PARKED=N` parks N agents instead of 100,000;
 //! `BENCH_AGENTS=N` puts N agents in flight in `throughput` instead of 200, `BENCH_HOPS=N` makes
 //! each hop N times instead of 20.
 
+#[path = "bench_balance.rs"]
+mod balance;
 #[path = "bench_clones.rs"]
 mod clones;
 #[path = "bench_cluster.rs"]
@@ -96,7 +98,12 @@ fn main() -> anyhow::Result<()> {
     if run("gossip") {
         rows.extend(gossip::simulation(rounds)?);
     }
-    if chosen.iter().all(|c| c == "gossip") && !chosen.is_empty() {
+    if run("balance") {
+        rows.extend(balance::balance(rounds)?);
+    }
+    // Scenarios that start hosts of their own (or none) need not the two below.
+    let standalone = ["gossip", "balance"];
+    if !chosen.is_empty() && chosen.iter().all(|c| standalone.contains(&c.as_str())) {
         print_report(&rows, rounds);
         return Ok(());
     }

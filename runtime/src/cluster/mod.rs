@@ -54,6 +54,8 @@ pub enum Output {
     Up(HostId),
     /// A host was declared down.
     Down(HostId),
+    /// A host started again: what was open to its earlier run is dead.
+    Restarted(HostId),
 }
 
 /// What went wrong in the membership protocol.
@@ -229,7 +231,12 @@ impl Cluster {
             match note {
                 OwnedNotification::MemberUp(id) => out.push(Output::Up(id)),
                 OwnedNotification::MemberDown(id) => out.push(Output::Down(id)),
-                OwnedNotification::Rename(_, id) => out.push(Output::Up(id)),
+                OwnedNotification::Rename(old, id) => {
+                    if old.start != id.start {
+                        out.push(Output::Restarted(id.clone()));
+                    }
+                    out.push(Output::Up(id));
+                }
                 _ => {}
             }
         }

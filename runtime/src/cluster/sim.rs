@@ -177,6 +177,7 @@ impl Sim {
                 Output::Up(id) | Output::Down(id) if *id.name == *format!("h{i}") => {}
                 Output::Up(id) => self.view(i, &id.name, true),
                 Output::Down(id) => self.view(i, &id.name, false),
+                Output::Restarted(_) => {}
             }
         }
     }

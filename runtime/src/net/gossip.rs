@@ -318,6 +318,11 @@ impl Host {
                     tracing::info!(host = %id.name, addr = %id.addr, "host up");
                 }
                 Output::Down(id) => tracing::warn!(host = %id.name, "host down"),
+                Output::Restarted(id) => {
+                    // A connection to its earlier run would only time out.
+                    tracing::info!(host = %id.name, "host restarted");
+                    self.peers.forget_connection(&id.name);
+                }
             }
         }
     }

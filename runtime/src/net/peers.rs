@@ -352,18 +352,17 @@ impl Peers {
         if reply.is_err() {
             self.forget(site, &conn);
         }
-        match reply {
-            // The connection died under the request: it may have been one to an earlier run
-            // of the peer, found dead only now; requests between hosts may be made again.
-            Err(_) if conn.close_reason().is_some() => {
-                let conn = self.connect_counted(site, counted).await?;
-                let reply = exchange(&conn, site, request).await;
-                if reply.is_err() {
-                    self.forget(site, &conn);
-                }
-                Ok(reply?)
-            }
-            reply => Ok(reply?),
+        Ok(reply?)
+    }
+
+    /// Forgets the cached connection to `site`, whichever it is (the peer restarted), and
+    /// the failed dials to its earlier run.
+    pub fn forget_connection(&self, site: &str) {
+        let slot = self.slot(site);
+        if let Ok(mut state) = slot.state.lock() {
+            state.conn = None;
+            state.failed = 0;
+            state.failing_since = None;
         }
     }
 

@@ -419,25 +419,6 @@ impl<'a> Outbound<'a> {
     /// Sends the offer (and the image, if it follows) and reads the answer.
     async fn offer_to(&mut self, host: &Host, site: &str) -> Result<OfferReply, LinkError> {
         let conn = host.peers.connect(site).await?;
-        match self.offer_on(host, site, &conn).await {
-            // The connection died under the offer: it may have been one to an earlier run of
-            // the peer (which restarted since), found dead only now. Nothing was decided
-            // before DEPARTED, so the offer is made again on a new connection.
-            Err(_) if conn.close_reason().is_some() => {
-                host.peers.forget(site, &conn);
-                let conn = host.peers.connect(site).await?;
-                self.offer_on(host, site, &conn).await
-            }
-            reply => reply,
-        }
-    }
-
-    async fn offer_on(
-        &mut self,
-        host: &Host,
-        site: &str,
-        conn: &quinn::Connection,
-    ) -> Result<OfferReply, LinkError> {
         let (mut send, mut recv) = conn.open_bi().await?;
         self.offered = self.frozen.elapsed();
         write_msg(&mut send, &Request::Hop(self.offer.clone())).await?;
