@@ -21,6 +21,9 @@ use std::time::Duration;
 /// How often a draining host looks for agents parked since, and whether it is empty.
 const DRAIN_CHECK: Duration = Duration::from_millis(500);
 
+/// How long a drained host waits for its homes to take the reports it holds.
+pub const REPORTS_GRACE: Duration = Duration::from_secs(30);
+
 impl Host {
     /// Whether this host is draining.
     pub fn draining(&self) -> bool {
@@ -61,14 +64,28 @@ impl Host {
         }
     }
 
-    /// Resolves once the host drained: no agent runs or is parked here.
+    /// Resolves once the host drained: no agent runs or is parked here, and the reports of
+    /// agents' hops and ends it holds reached their homes (or [`REPORTS_GRACE`] passed, for
+    /// homes that are down: the reports stay stored for the host's next start).
     pub async fn drained(&self) {
         loop {
             let status = self.drain_status();
             if self.draining() && status.running == 0 && status.parked == 0 {
-                return;
+                break;
             }
             tokio::time::sleep(DRAIN_CHECK).await;
+        }
+        let unsent = || self.store.reports().map_or(0, |r| r.len());
+        let grace = tokio::time::Instant::now() + REPORTS_GRACE;
+        while unsent() > 0 && tokio::time::Instant::now() < grace {
+            self.outbox.notify_one();
+            tokio::time::sleep(DRAIN_CHECK).await;
+        }
+        if unsent() > 0 {
+            tracing::warn!(
+                reports = unsent(),
+                "drained, with reports its homes did not take yet: they are sent after the next start"
+            );
         }
     }
 
