@@ -140,6 +140,15 @@ pub struct DrainStatus {
     pub running: u64,
     /// Agents parked.
     pub parked: u64,
+    /// Agents whose departure's outcome is still being asked (after a restart).
+    pub settling: u64,
+}
+
+impl DrainStatus {
+    /// Whether nothing is left.
+    pub fn is_empty(&self) -> bool {
+        self.running == 0 && self.parked == 0 && self.settling == 0
+    }
 }
 
 /// Who of a launched agent's family still runs, as its launcher hears of them: a launch is

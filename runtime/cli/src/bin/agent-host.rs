@@ -373,9 +373,12 @@ fn drain(args: ServeArgs) -> anyhow::Result<()> {
                 Err(e) => bail!("lost {name} while it drained: {e} (see its log; a restart resumes the agents left and `drain` goes on)"),
             };
             if last != Some(left) {
-                eprintln!("{name}: {} agents running, {} parked", left.running, left.parked);
+                eprintln!(
+                    "{name}: {} agents running, {} parked, {} in departures being settled",
+                    left.running, left.parked, left.settling
+                );
             }
-            if left.running == 0 && left.parked == 0 {
+            if left.is_empty() {
                 break;
             }
             last = Some(left);

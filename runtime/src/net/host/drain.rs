@@ -48,9 +48,14 @@ impl Host {
     }
 
     fn drain_status(&self) -> DrainStatus {
+        let stored = self.store.residents().map_or(u64::MAX, |r| r.len() as u64);
+        let (running, parked) = (self.residents.running(), self.residents.parked());
         DrainStatus {
-            running: self.residents.running() as u64,
-            parked: self.residents.parked() as u64,
+            running: running as u64,
+            parked: parked as u64,
+            // Departures whose outcome a restart is still asking the destination for: the
+            // agent may yet be here.
+            settling: stored.saturating_sub((running + parked) as u64),
         }
     }
 
@@ -64,13 +69,13 @@ impl Host {
         }
     }
 
-    /// Resolves once the host drained: no agent runs or is parked here, and the reports of
+    /// Resolves once the host drained: no agent runs or is parked here or is in a departure
+    /// whose outcome is not known yet, and the reports of
     /// agents' hops and ends it holds reached their homes (or [`REPORTS_GRACE`] passed, for
     /// homes that are down: the reports stay stored for the host's next start).
     pub async fn drained(&self) {
         loop {
-            let status = self.drain_status();
-            if self.draining() && status.running == 0 && status.parked == 0 {
+            if self.draining() && self.drain_status().is_empty() {
                 break;
             }
             tokio::time::sleep(DRAIN_CHECK).await;
