@@ -327,6 +327,19 @@ impl Cluster {
         }
     }
 
+    /// Waits (a minute at most) until `site`'s log has `count` lines containing `text`.
+    pub fn wait_for_log(&self, site: &str, text: &str, count: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.log(site).matches(text).count() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {count} `{text}` in {site}'s log:\n{}",
+                self.log(site)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// A host's log so far.
     pub fn log(&self, site: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{site}.log"))).unwrap_or_default()

@@ -25,7 +25,7 @@ fn states(cluster: &Cluster, site: &str) -> Vec<(String, String)> {
 }
 
 /// Waits until `site` sees each host in `want` (name, state), within `within`.
-fn wait_for(cluster: &Cluster, site: &str, want: &[(&str, &str)], within: Duration) {
+pub fn wait_for(cluster: &Cluster, site: &str, want: &[(&str, &str)], within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let seen = states(cluster, site);

@@ -49,34 +49,11 @@ fn drain(cluster: &Cluster, site: &str) -> std::process::Output {
         .unwrap()
 }
 
-/// Waits until `site`'s log has `count` lines containing `text`.
-fn wait_for_log(cluster: &Cluster, site: &str, text: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while cluster.log(site).matches(text).count() < count {
-        assert!(
-            Instant::now() < deadline,
-            "no {count} `{text}` in:\n{}",
-            cluster.log(site)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Waits until every host sees the others up.
 fn wait_for_membership(cluster: &Cluster) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let all_up: Vec<(&str, &str)> = SITES.iter().map(|s| (*s, "up")).collect();
     for site in SITES {
-        loop {
-            let hosts = json(&cluster.agent(&["hosts", "--json"], site, "alice"));
-            let up = (hosts.as_array().into_iter().flatten())
-                .filter(|h| h["state"] == "up")
-                .count();
-            if up == SITES.len() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{site} sees {hosts}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        crate::cluster::wait_for(cluster, site, &all_up, Duration::from_secs(30));
     }
 }
 
@@ -93,7 +70,7 @@ fn busy_site_b(cluster: &Cluster) -> (Vec<Child>, Vec<Child>, Instant) {
     let sleepers = (0..2)
         .map(|_| launch(cluster, &bench, &["dirty_kib=64", "sleep_ms=6000"]))
         .collect();
-    wait_for_log(cluster, "siteB", "parked asleep", 2);
+    cluster.wait_for_log("siteB", "parked asleep", 2);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let list = json(&cluster.agent(&["list", "--json"], "siteA", "alice"));

@@ -37,19 +37,6 @@ fn launch(cluster: &Cluster, sleep_ms: &str) -> serde_json::Value {
     json(&out)
 }
 
-/// Waits until `site`'s log has `count` lines containing `text`.
-fn wait_for_log(cluster: &Cluster, site: &str, text: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while cluster.log(site).matches(text).count() < count {
-        assert!(
-            Instant::now() < deadline,
-            "no `{text}` in {site}'s log:\n{}",
-            cluster.log(site)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The id of alice's only agent launched on siteA.
 fn only_agent(cluster: &Cluster) -> String {
     let list = json(&cluster.agent(&["list", "--json"], "siteA", "alice"));
@@ -89,7 +76,7 @@ fn a_parked_agent_wakes_after_its_host_crashed() {
     let args = launch_args(&wasm, "4000");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let launcher = cluster.spawn_agent(&args, "siteA", "alice");
-    wait_for_log(&cluster, "siteB", "parked asleep", 1);
+    cluster.wait_for_log("siteB", "parked asleep", 1);
 
     // The home host heard of the sleep.
     let id = only_agent(&cluster);
@@ -125,7 +112,7 @@ fn killing_a_parked_agent_ends_it_without_waking_it() {
         .unwrap_or_else(|| panic!("no id in {launched}"))
         .to_string();
     assert_eq!(launched["site"], "siteA");
-    wait_for_log(&cluster, "siteB", "parked asleep", 1);
+    cluster.wait_for_log("siteB", "parked asleep", 1);
     assert_eq!(only_agent(&cluster), id);
 
     let killed = cluster.agent(&["kill", &id], "siteA", "alice");
