@@ -6,6 +6,8 @@
 use crate::{Row, stats};
 use agent_abi::Place;
 use agent_runtime::cluster::sim::Sim;
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
 use std::time::Duration;
 
 /// Hosts simulated (`BENCH_HOSTS=N` for another number).
@@ -18,8 +20,8 @@ fn hosts() -> u32 {
 
 const STEP: Duration = Duration::from_millis(100);
 
-/// Agents launched in the placement figure, and how many hosts launch them.
-const AGENTS: u32 = 4000;
+/// Agents launched per host in the placement figure, and how many hosts launch them.
+const AGENTS_PER_HOST: u32 = 20;
 const LAUNCHERS: usize = 10;
 
 struct Round {
@@ -27,6 +29,8 @@ struct Round {
     failure: f64,
     bytes_per_host_sec: f64,
     max_over_mean: f64,
+    /// The same launch placed by two choices on true loads, as the reference.
+    ideal_max_over_mean: f64,
 }
 
 fn round(seed: u64) -> anyhow::Result<Round> {
@@ -67,23 +71,32 @@ fn round(seed: u64) -> anyhow::Result<Round> {
         })
         .ok_or_else(|| anyhow::anyhow!("a failure was not known by all in 120 s"))?;
 
-    // Launches at 200 agents a second from a few hosts, each placing least-loaded.
-    for k in 0..AGENTS {
+    // Launches at 200 agents a second from a few hosts, each placing least-loaded; beside
+    // them, the same number placed by two choices on the true counts.
+    let live: Vec<usize> = (0..=n).filter(|&i| i != dead).collect();
+    let agents = AGENTS_PER_HOST * live.len() as u32;
+    let mut reference = vec![0u32; live.len()];
+    let mut rng = SmallRng::seed_from_u64(seed);
+    for k in 0..agents {
         sim.place(k as usize % LAUNCHERS, &Place::least_loaded());
         let next = sim.now() + Duration::from_millis(5);
         sim.run_until(next);
+        let (a, b) = (
+            rng.random_range(0..live.len()),
+            rng.random_range(0..live.len()),
+        );
+        let lighter = if reference[a] <= reference[b] { a } else { b };
+        reference[lighter] += 1;
     }
-    let live: Vec<u32> = (0..=n)
-        .filter(|&i| i != dead)
-        .map(|i| sim.agents[i])
-        .collect();
-    let max = live.iter().copied().max().unwrap_or(0);
-    let mean = f64::from(AGENTS) / live.len() as f64;
+    let max = live.iter().map(|&i| sim.agents[i]).max().unwrap_or(0);
+    let ideal_max = reference.iter().copied().max().unwrap_or(0);
+    let mean = f64::from(AGENTS_PER_HOST);
     Ok(Round {
         join: join.as_secs_f64(),
         failure: failure.as_secs_f64(),
         bytes_per_host_sec,
         max_over_mean: f64::from(max) / mean,
+        ideal_max_over_mean: f64::from(ideal_max) / mean,
     })
 }
 
@@ -93,11 +106,12 @@ pub fn simulation(rounds: usize) -> anyhow::Result<Vec<Row>> {
         .map(round)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let pick = |f: fn(&Round) -> f64| stats(runs.iter().map(f).collect());
-    let (join, failure, bytes, spread) = (
+    let (join, failure, bytes, spread, ideal) = (
         pick(|r| r.join),
         pick(|r| r.failure),
         pick(|r| r.bytes_per_host_sec),
         pick(|r| r.max_over_mean),
+        pick(|r| r.ideal_max_over_mean),
     );
     let how = |what: &str| {
         format!(
@@ -133,15 +147,17 @@ pub fn simulation(rounds: usize) -> anyhow::Result<Vec<Row>> {
             how: how("bytes of membership messages sent by all hosts over 30 s, ÷ hosts ÷ 30"),
         },
         Row {
-            figure: "spread of a skewed launch, 1,000 hosts: max ÷ mean agents per host",
-            target: "≤ 1.25",
+            figure: "spread of a skewed launch, 1,000 hosts: max ÷ mean agents per host \
+                     (gossiped loads; true loads)",
+            target: "—",
             measured: format!(
-                "**{:.2}** ({:.2}, {:.2})",
-                spread.p50, spread.min, spread.max
+                "**{:.2}** ({:.2}, {:.2}); {:.2}",
+                spread.p50, spread.min, spread.max, ideal.p50
             ),
             how: how(&format!(
-                "{AGENTS} agents launched on {LAUNCHERS} of the hosts at 200 a second, each \
-                 placed `least-loaded` on gossiped loads"
+                "{AGENTS_PER_HOST} agents per live host launched on {LAUNCHERS} of the hosts \
+                 at 200 a second, each placed `least-loaded` on the loads the launcher heard; \
+                 beside it, the same count placed by two choices on the true counts"
             )),
         },
     ])

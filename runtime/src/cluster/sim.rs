@@ -45,6 +45,8 @@ pub struct Sim {
     seen_up: Vec<u32>,
     /// Bytes sent by all hosts.
     pub bytes: u64,
+    /// The largest message sent.
+    pub largest: usize,
     rng: SmallRng,
     expected: u32,
 }
@@ -67,6 +69,7 @@ impl Sim {
             views: Vec::new(),
             seen_up: Vec::new(),
             bytes: 0,
+            largest: 0,
             rng: SmallRng::seed_from_u64(seed),
             expected,
         }
@@ -166,6 +169,7 @@ impl Sim {
             match out {
                 Output::Send { to, data } => {
                     self.bytes += data.len() as u64;
+                    self.largest = self.largest.max(data.len());
                     if let Some(&to) = self.index.get(&*to.name) {
                         let delay = self.rng.random_range(500..2_000);
                         self.at(delay, Event::Deliver { to, data });
@@ -227,7 +231,7 @@ impl Sim {
                         ..Load::default()
                     };
                     if let Some(h) = self.hosts[host].as_mut() {
-                        let _ = h.tell_load(load, now_ms);
+                        h.tell_load(load);
                         self.at(1_000_000, Event::Tick { host });
                     }
                     host
@@ -276,6 +280,7 @@ mod tests {
             formed.is_some(),
             "50 hosts did not all see each other in 60 s"
         );
+        assert!(sim.largest <= super::super::wire::MAX_MESSAGE);
 
         let late = sim.start(Some(3));
         let joined = sim.run_while(Duration::from_millis(100), Duration::from_secs(30), |s| {

@@ -1,4 +1,5 @@
-//! How hosts name each other in the membership protocol, and its messages in CBOR.
+//! How hosts name each other in the membership protocol, and its messages: the sender's
+//! own load record (length-prefixed CBOR), then the protocol's message in CBOR.
 
 use bytes::{Buf, BufMut};
 use foca::{Header, Member};
@@ -41,6 +42,10 @@ impl foca::Identity for HostId {
 /// Largest membership message: one UDP datagram's worth, as SWIM assumes.
 pub const MAX_MESSAGE: usize = 1400;
 
+/// Room in each message for the sender's record, its length prefix included; the protocol
+/// fills the rest.
+pub const RECORD_ROOM: usize = 400;
+
 /// Why a membership message could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -53,6 +58,9 @@ pub enum CodecError {
     /// No room left in the message for the item.
     #[error("no room for the item")]
     Full,
+    /// The record's length prefix is missing or says more than the message holds.
+    #[error("bad membership message: the record's length runs past its end")]
+    Truncated,
 }
 
 /// The CBOR codec of membership messages.
@@ -103,13 +111,36 @@ impl foca::Codec<HostId> for Cbor {
     }
 }
 
+/// One message: the sender's `record`, then the protocol's `swim` message.
+pub fn frame(record: &[u8], swim: &[u8]) -> bytes::Bytes {
+    let mut data = Vec::with_capacity(2 + record.len() + swim.len());
+    data.put_u16(record.len() as u16);
+    data.put_slice(record);
+    data.put_slice(swim);
+    data.into()
+}
+
+/// A message's record and protocol message.
+///
+/// # Errors
+/// When the record's length prefix is missing or too long.
+pub fn unframe(data: &[u8]) -> Result<(&[u8], &[u8]), CodecError> {
+    let (len, rest) = data.split_first_chunk::<2>().ok_or(CodecError::Truncated)?;
+    let len = usize::from(u16::from_be_bytes(*len));
+    if len > rest.len() {
+        return Err(CodecError::Truncated);
+    }
+    Ok(rest.split_at(len))
+}
+
 /// The sender named in a membership message, read without the rest: a host checks it
 /// against the certificate of the connection the message came on.
 ///
 /// # Errors
-/// When the message does not start with a header.
-pub fn sender(mut data: &[u8]) -> Result<HostId, CodecError> {
-    let header: Header<HostId> = take(&mut data)?;
+/// When the message is not framed or its protocol part does not start with a header.
+pub fn sender(data: &[u8]) -> Result<HostId, CodecError> {
+    let (_, mut swim) = unframe(data)?;
+    let header: Header<HostId> = take(&mut swim)?;
     Ok(header.src)
 }
 
@@ -141,6 +172,13 @@ mod tests {
             Err(CodecError::Full)
         ));
         assert_eq!(small, [0; 4]);
-        assert!(sender(&[0xff, 0x00]).is_err());
+        assert!(sender(&[0, 0, 0xff, 0x00]).is_err());
+        assert!(matches!(unframe(&[0]), Err(CodecError::Truncated)));
+        assert!(matches!(unframe(&[0, 3, 1, 2]), Err(CodecError::Truncated)));
+        let framed = frame(b"rec", b"swim");
+        assert_eq!(
+            unframe(&framed).expect("framed"),
+            (&b"rec"[..], &b"swim"[..])
+        );
     }
 }

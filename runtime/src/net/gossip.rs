@@ -55,6 +55,11 @@ impl Membership {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// Whether no other host is up.
+    pub fn alone(&self) -> bool {
+        self.cluster.lock().is_ok_and(|c| c.alone())
+    }
+
     /// Every host known, this one first.
     pub fn hosts(&self) -> Vec<HostView> {
         let now = self.now_ms();
@@ -161,10 +166,7 @@ impl Host {
                 _ = rejoin.tick() => {
                     // A host that knows nobody (its seeds were down when it started, or
                     // everyone declared it down) asks them again.
-                    let alone = self.membership.hosts().iter().skip(1).all(|h| {
-                        h.state == crate::cluster::HostState::Down
-                    });
-                    if alone {
+                    if self.membership.alone() {
                         self.join_seeds().await;
                     }
                 }
@@ -232,14 +234,9 @@ impl Host {
             parked: self.residents.parked() as u32,
             draining: self.draining(),
         };
-        let now = self.membership.now_ms();
-        let outputs = self.membership.cluster.lock().map(|mut c| {
-            if let Err(e) = c.tell_load(load, now) {
-                tracing::warn!("{e}");
-            }
-            c.outputs()
-        });
-        self.carry(outputs.unwrap_or_default());
+        if let Ok(mut cluster) = self.membership.cluster.lock() {
+            cluster.tell_load(load);
+        }
     }
 
     /// A membership message from `peer`, whose connection comes from `remote`.
