@@ -29,7 +29,7 @@ pub enum AdmissionError {
     NotACoreModule,
     /// The module has no ABI section: it was not built with agent-sdk.
     #[error(
-        "not an agent: the module has no `{ABI_SECTION}` section; build it with agent-sdk (`agent build CRATE_DIR`)"
+        "not an agent: the module has no `{ABI_SECTION}` section, which `agent_sdk::agent!(entry)` adds: call it once in the crate's lib.rs with the agent's async entry function, then `agent build CRATE_DIR`"
     )]
     NotAnAgent,
     /// The module was built for another ABI version.

@@ -22,6 +22,17 @@ pub enum BuildError {
     /// cargo reported errors.
     #[error("cargo build failed ({0}); see the errors above")]
     Failed(String),
+    /// The module built could not be read back.
+    #[error("cannot read the module built, {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// The module built is not an agent (the `agent!` macro is missing, say).
+    #[error("{path}: {reason}")]
+    NotAnAgent {
+        /// The module built.
+        path: PathBuf,
+        /// What admission says.
+        reason: crate::admission::AdmissionError,
+    },
     /// The crate produced no Wasm module.
     #[error("{0} built no .wasm: add `[lib] crate-type = [\"cdylib\"]` to its Cargo.toml")]
     NoModule(PathBuf),
@@ -103,5 +114,12 @@ pub fn build(dir: &Path) -> Result<PathBuf, BuildError> {
     if !status.success() {
         return Err(BuildError::Failed(status.to_string()));
     }
-    module.ok_or_else(|| BuildError::NoModule(dir.to_path_buf()))
+    let module = module.ok_or_else(|| BuildError::NoModule(dir.to_path_buf()))?;
+    // What a host would refuse is said now, not at the first launch.
+    let wasm = std::fs::read(&module).map_err(|e| BuildError::Read(module.clone(), e))?;
+    crate::admission::inspect(&wasm).map_err(|reason| BuildError::NotAnAgent {
+        path: module.clone(),
+        reason,
+    })?;
+    Ok(module)
 }

@@ -75,6 +75,31 @@ fn agent_run_searches_three_sites_and_prints_hops_and_hits() {
             "no hit on {site}"
         );
     }
+    assert!(value.get("truncated").is_none(), "{value}");
+
+    // With one hit allowed per site, the report says where more matched.
+    let out = Command::new(agent_bin())
+        .arg("run")
+        .arg(search_wasm())
+        .args([
+            "--sites",
+            "siteA,siteB",
+            "--arg",
+            "query=migration",
+            "--arg",
+            "limit=1",
+        ])
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .arg("--data")
+        .arg(repo().join("examples/search/sites"))
+        .output()
+        .unwrap();
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // siteA has six matching lines, siteB one.
+    assert_eq!(value["truncated"], serde_json::json!(["siteA"]), "{value}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("raise --arg limit=1"), "{stderr}");
 }
 
 #[test]
@@ -116,7 +141,31 @@ fn agent_run_refuses_a_module_that_is_not_an_agent_and_a_missing_corpus() {
         stderr.contains("module refused: not an agent: the module has no `agent-abi` section"),
         "{stderr}"
     );
+    assert_eq!(stderr.matches("not an agent").count(), 1, "said twice: {stderr}");
 
+    // A site without a folder under --data is a site without documents; one made
+    // unreachable is skipped by the search agent, as a host that is down would be.
+    let out = Command::new(agent_bin())
+        .arg("run")
+        .arg(search_wasm())
+        .args(["--sites", "nowhere,gone", "--unreachable", "gone", "--json"])
+        .args(["--arg", "query=x", "--no-disk-cache", "--data"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let report = agent_e2e::json(&out);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["result"]["visited"], serde_json::json!(["nowhere"]));
+    let skipped = report["result"]["skipped"].to_string();
+    assert!(
+        skipped.contains("gone: ") && skipped.contains("unreachable"),
+        "{report}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("site nowhere has no documents"), "{stderr}");
+
+    // A file where the site's folder should be is still an error.
+    std::fs::write(dir.path().join("nowhere"), b"not a folder").unwrap();
     let out = Command::new(agent_bin())
         .arg("run")
         .arg(search_wasm())
@@ -217,4 +266,58 @@ fn agent_run_says_no_message_can_come_in_a_local_run() {
         error.contains("no such agent: 0123456789abcdef0123456789abcdef"),
         "{report:#}"
     );
+}
+
+/// `agent new` makes a crate that builds and runs at once, in a directory of its own; the
+/// same crate without its `agent!` line fails at `agent build`, saying the macro is missing.
+#[test]
+fn a_new_agent_builds_and_runs_and_one_without_its_macro_fails_at_build() {
+    example("search"); // the examples' target dir holds the SDK built for wasm32-wasip1
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |args: &[&str]| {
+        Command::new(agent_bin())
+            .current_dir(dir.path())
+            // Shares the SDK and its dependencies the examples built.
+            .env("CARGO_TARGET_DIR", repo().join("examples/target"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let made = agent(&["new", "e2e-first-agent"]);
+    assert!(made.status.success(), "{made:?}");
+    let taken = agent(&["new", "e2e-first-agent"]);
+    assert_eq!(taken.status.code(), Some(2), "{taken:?}");
+    assert!(String::from_utf8_lossy(&taken.stderr).contains("already exists"));
+    let bad_name = agent(&["new", "1st"]);
+    assert_eq!(bad_name.status.code(), Some(2), "{bad_name:?}");
+
+    let built = agent(&["build", "e2e-first-agent"]);
+    let stderr = String::from_utf8_lossy(&built.stderr);
+    assert!(built.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    let module = stdout.lines().last().unwrap_or_default().to_string();
+    let cache = dir.path().join("cache");
+    let run = agent(&[
+        "run",
+        &module,
+        "--sites",
+        "a,b",
+        "--json",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    let report = agent_e2e::json(&run);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["hops"].as_array().map(Vec::len), Some(2), "{report}");
+    let result = report["result"].to_string();
+    assert!(result.contains("a (") && result.contains("b ("), "{report}");
+
+    let lib = dir.path().join("e2e-first-agent/src/lib.rs");
+    let source = std::fs::read_to_string(&lib).unwrap();
+    std::fs::write(&lib, source.replace("agent_sdk::agent!(tour);", "")).unwrap();
+    let unmarked = agent(&["build", "e2e-first-agent"]);
+    assert_eq!(unmarked.status.code(), Some(2), "{unmarked:?}");
+    let stderr = String::from_utf8_lossy(&unmarked.stderr);
+    assert!(stderr.contains("agent_sdk::agent!"), "{stderr}");
+    assert_eq!(stderr.matches("not an agent").count(), 1, "{stderr}");
 }

@@ -27,13 +27,34 @@ struct Report {
     visited: Vec<String>,
     skipped: Vec<String>,
     hits: Vec<Hit>,
+    /// Sites where more lines matched than `--arg limit` (default 20) let through.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    truncated: Vec<String>,
     /// A child's: the parent it sent its hits to.
     #[serde(skip_serializing_if = "Option::is_none")]
     sent_to: Option<String>,
 }
 
+/// What one site gave.
+#[derive(Serialize, Deserialize)]
+struct Found {
+    hits: Vec<Hit>,
+    /// More lines matched than the limit let through.
+    truncated: bool,
+}
+
+impl Report {
+    fn add(&mut self, site: String, found: Found) {
+        if found.truncated {
+            self.truncated.push(site.clone());
+        }
+        self.visited.push(site);
+        self.hits.extend(found.hits);
+    }
+}
+
 /// The hits of `query` on the site the agent is on.
-async fn search_here(ctx: &Context, query: &str, limit: u32) -> Result<Vec<Hit>, String> {
+async fn search_here(ctx: &Context, query: &str, limit: u32) -> Result<Found, String> {
     let site = ctx.site();
     let request = CorpusQuery {
         query: query.to_string(),
@@ -41,15 +62,25 @@ async fn search_here(ctx: &Context, query: &str, limit: u32) -> Result<Vec<Hit>,
     };
     let reply: CorpusReply =
         (ctx.call(CORPUS, &request).await).map_err(|e| format!("search on {site} failed: {e}"))?;
-    ctx.log(format!("{} hits on {site}", reply.hits.len()));
-    Ok((reply.hits.into_iter())
+    match reply.truncated {
+        true => ctx.log(format!(
+            "{} hits on {site}, and more: raise --arg limit={limit} to see them",
+            reply.hits.len()
+        )),
+        false => ctx.log(format!("{} hits on {site}", reply.hits.len())),
+    }
+    let hits = (reply.hits.into_iter())
         .map(|h| Hit {
             site: site.clone(),
             doc: h.doc,
             line: h.line,
             text: h.text,
         })
-        .collect())
+        .collect();
+    Ok(Found {
+        hits,
+        truncated: reply.truncated,
+    })
 }
 
 /// One child per site at once; the parent gathers their hits.
@@ -57,8 +88,8 @@ async fn parallel(ctx: Context, mut report: Report, limit: u32) -> Result<Report
     let sites = ctx.itinerary();
     let children = match ctx.clone_to(&sites).await {
         Cloned::Child { parent, site, .. } => {
-            let hits = search_here(&ctx, &report.query, limit).await;
-            let sent = ctx.send(&parent, &hits).await;
+            let found = search_here(&ctx, &report.query, limit).await;
+            let sent = ctx.send(&parent, &found).await;
             sent.map_err(|e| format!("cannot send the hits to {parent}: {e}"))?;
             report.visited.push(site);
             report.sent_to = Some(parent);
@@ -81,16 +112,13 @@ async fn parallel(ctx: Context, mut report: Report, limit: u32) -> Result<Report
             .map_err(|e| format!("bad --arg patience_secs={s}: {e}"))?,
         None => 300,
     });
-    let mut gathered = ctx.gather::<Result<Vec<Hit>, String>>(&ids, patience).await;
+    let mut gathered = ctx.gather::<Result<Found, String>>(&ids, patience).await;
     // In itinerary order, whatever order the children answered in.
     for (site, child) in sites.iter().zip(slots) {
         let Some(child) = child else { continue };
         let at = gathered.answers.iter().position(|(id, _)| *id == child);
         match at.map(|at| gathered.answers.remove(at).1) {
-            Some(Ok(Ok(hits))) => {
-                report.visited.push(site.clone());
-                report.hits.extend(hits);
-            }
+            Some(Ok(Ok(found))) => report.add(site.clone(), found),
             Some(Ok(Err(e))) => report.skipped.push(format!("{site}: {e}")),
             Some(Err(e)) => report.skipped.push(format!("{site}: bad answer: {e}")),
             None => report
@@ -114,6 +142,7 @@ async fn search(ctx: Context) -> Result<Report, String> {
         visited: Vec::new(),
         skipped: Vec::new(),
         hits: Vec::new(),
+        truncated: Vec::new(),
         sent_to: None,
     };
     if ctx.arg("parallel").as_deref() == Some("true") {
@@ -125,24 +154,8 @@ async fn search(ctx: Context) -> Result<Report, String> {
             report.skipped.push(format!("{site}: {e}"));
             continue;
         }
-        let reply: CorpusReply = ctx
-            .call(
-                CORPUS,
-                &CorpusQuery {
-                    query: query.clone(),
-                    limit,
-                },
-            )
-            .await
-            .map_err(|e| format!("search on {site} failed: {e}"))?;
-        ctx.log(format!("{} hits on {site}", reply.hits.len()));
-        report.visited.push(ctx.site());
-        report.hits.extend(reply.hits.into_iter().map(|h| Hit {
-            site: site.clone(),
-            doc: h.doc,
-            line: h.line,
-            text: h.text,
-        }));
+        let found = search_here(&ctx, &query, limit).await?;
+        report.add(ctx.site(), found);
     }
     Ok(report)
 }

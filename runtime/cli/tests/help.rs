@@ -115,3 +115,56 @@ fn a_missing_user_certificate_says_how_to_make_one() {
         "{text}"
     );
 }
+
+/// `certs issue --out DIR` leaves DIR ready for `serve` (the CA's certificate copied, never
+/// its key); and `serve` names the file that is missing.
+#[test]
+fn issued_certificates_are_ready_to_serve_and_a_missing_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, host) = (dir.path().join("ca"), dir.path().join("host"));
+    let host_cmd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_agent-host"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ca_arg = ca.to_str().unwrap();
+    let host_arg = host.to_str().unwrap();
+    assert!(
+        host_cmd(&["certs", "init", "--dir", ca_arg])
+            .status
+            .success()
+    );
+    let issued = host_cmd(&[
+        "certs", "issue", "--dir", ca_arg, "--host", "siteA", "--out", host_arg,
+    ]);
+    assert!(issued.status.success(), "{issued:?}");
+    assert!(host.join("ca.crt").is_file());
+    assert!(!host.join("ca.key").exists());
+
+    let data = dir.path().join("data");
+    let serve = |name: &str| {
+        let out = host_cmd(&[
+            "serve",
+            "--name",
+            name,
+            "--listen",
+            "127.0.0.1:0",
+            "--certs",
+            host_arg,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let text = serve("siteB");
+    assert!(
+        text.contains("no host certificate for siteB")
+            && text.contains("host-siteB.crt is missing"),
+        "{text}"
+    );
+    std::fs::remove_file(host.join("ca.crt")).unwrap();
+    let text = serve("siteA");
+    assert!(text.contains("ca.crt is missing"), "{text}");
+}

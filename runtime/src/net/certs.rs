@@ -243,6 +243,12 @@ pub fn issue(
     let files = files(out_dir, role, name);
     write_key(&files.key, &key.serialize_pem())?;
     std::fs::write(&files.cert, cert.pem()).map_err(io(&files.cert))?;
+    // A host or user given this directory also needs the CA's certificate (never its key)
+    // to check its peers.
+    let out_ca = ca_files(out_dir).cert;
+    if !out_ca.exists() {
+        std::fs::write(&out_ca, &ca_cert).map_err(io(&out_ca))?;
+    }
     Ok(files)
 }
 

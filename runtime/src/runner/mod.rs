@@ -167,15 +167,23 @@ impl RunReport {
 /// Why a run could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The module was refused.
+    /// The module was refused (the reason is in the message, not repeated as a source).
     #[error("module refused: {0}")]
-    Admission(#[from] AdmissionError),
+    Admission(AdmissionError),
+}
+
+impl From<AdmissionError> for RunError {
+    fn from(e: AdmissionError) -> Self {
+        RunError::Admission(e)
+    }
 }
 
 /// Runs agents on virtual sites inside this process.
 pub struct LocalRunner {
     modules: ModuleCache,
     sites: BTreeMap<String, Arc<Site>>,
+    /// Sites a hop to fails as though the network were down (`agent run --unreachable`).
+    unreachable: std::collections::BTreeSet<String>,
     limits: Limits,
     image_limits: ImageLimits,
 }
@@ -197,9 +205,18 @@ impl LocalRunner {
         LocalRunner {
             modules,
             sites,
+            unreachable: std::collections::BTreeSet::new(),
             limits,
             image_limits,
         }
+    }
+
+    /// The same runner, where a hop to any of `sites` fails as unreachable: to try how an
+    /// agent copes with a host that is down.
+    #[must_use]
+    pub fn with_unreachable(mut self, sites: impl IntoIterator<Item = String>) -> LocalRunner {
+        self.unreachable.extend(sites);
+        self
     }
 
     /// The module cache (for statistics).
@@ -440,6 +457,12 @@ impl Place for InProcess<'_, '_> {
     }
 
     async fn hop(&mut self, mut agent: AgentInstance, site: String) -> Flow {
+        if self.runner.unreachable.contains(&site) {
+            let reason = "made unreachable for this run (--unreachable)".to_string();
+            return self
+                .stay(agent, HopError::Unreachable { site, reason })
+                .await;
+        }
         let Some(dest) = self.runner.sites.get(&site).cloned() else {
             return self.stay(agent, HopError::UnknownSite(site)).await;
         };

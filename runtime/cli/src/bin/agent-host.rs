@@ -345,8 +345,31 @@ fn settings(args: ServeArgs) -> anyhow::Result<(FileConfig, String, PathBuf, Pat
 
 /// The host's own credentials.
 fn host_credentials(name: &str, certs_dir: &Path) -> anyhow::Result<Credentials> {
-    Credentials::load(&certs::ca_files(certs_dir).cert, &certs::files(certs_dir, Role::Host, name))
-        .with_context(|| format!("no host certificate for {name} in {} (make one with `agent-host certs issue --dir DIR --host {name}`)", certs_dir.display()))
+    let ca = certs::ca_files(certs_dir).cert;
+    let own = certs::files(certs_dir, Role::Host, name);
+    // Say which file is missing, and how it is made.
+    if !ca.exists() {
+        bail!(
+            "{} is missing: copy the CA's certificate (ca.crt, not its key) there",
+            ca.display()
+        );
+    }
+    for file in [&own.cert, &own.key] {
+        if !file.exists() {
+            bail!(
+                "no host certificate for {name}: {} is missing (make it with `agent-host certs \
+                 issue --dir CA_DIR --host {name} --out {}`)",
+                file.display(),
+                certs_dir.display()
+            );
+        }
+    }
+    Credentials::load(&ca, &own).with_context(|| {
+        format!(
+            "cannot load the certificates of {name} in {}",
+            certs_dir.display()
+        )
+    })
 }
 
 fn drain(args: ServeArgs) -> anyhow::Result<()> {

@@ -297,7 +297,8 @@ fn event_line(event: &LaunchEvent, terminal: bool) -> Option<String> {
             "asleep on {site} {} (parked: stored, memory freed)",
             wake_time(*until_ms)
         ),
-        LaunchEvent::Refused(why) => format!("launch refused: {why}"),
+        // Said once, as the error the command ends with.
+        LaunchEvent::Refused(_) => return None,
         LaunchEvent::Finished { site, .. } => format!("agent ended on {site}"),
         LaunchEvent::Emitted { value, .. } => format!("emitted: {}", emitted(value)),
         LaunchEvent::Cloning { site, children } => {

@@ -138,11 +138,10 @@ fn runner(args: &RunArgs) -> anyhow::Result<LocalRunner> {
     } else {
         args.cache_dir.clone().or_else(default_cache_dir)
     };
-    Ok(LocalRunner::new(
-        ModuleCache::new(&engine, cache_dir)?,
-        sites,
-        limits,
-    ))
+    Ok(
+        LocalRunner::new(ModuleCache::new(&engine, cache_dir)?, sites, limits)
+            .with_unreachable(args.unreachable.iter().cloned()),
+    )
 }
 
 fn default_cache_dir() -> Option<PathBuf> {
@@ -158,9 +157,16 @@ fn load_sites(names: &[String], data: Option<&Path>) -> anyhow::Result<Vec<Site>
         if name.is_empty() || name.contains(['/', '\\']) || name == ".." {
             bail!("bad site name `{name}`");
         }
-        let corpus = match data {
-            Some(dir) => Corpus::load(&dir.join(name))
+        let corpus = match data.map(|dir| dir.join(name)) {
+            Some(dir) if dir.exists() => Corpus::load(&dir)
                 .with_context(|| format!("cannot load the corpus of site {name}"))?,
+            Some(dir) => {
+                eprintln!(
+                    "site {name} has no documents: {} does not exist",
+                    dir.display()
+                );
+                Corpus::empty()
+            }
             None => Corpus::empty(),
         };
         sites.push(Site::new(name, corpus));

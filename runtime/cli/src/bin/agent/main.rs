@@ -6,6 +6,7 @@ mod demo;
 mod format;
 mod launch;
 mod local;
+mod new;
 mod send;
 
 use agent_runtime::builder;
@@ -26,6 +27,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Make a new agent crate in PATH that builds and runs as it is:
+    /// `agent new hello && agent run $(agent build hello) --sites a,b`.
+    New(new::NewArgs),
     /// Build an agent crate for wasm32-wasip1 (release); prints the module's path last.
     Build {
         /// Directory of the agent crate.
@@ -131,12 +135,18 @@ struct LaunchArgs {
 pub struct RunArgs {
     /// The agent module (.wasm).
     pub module: PathBuf,
-    /// Sites to create and give the agent as its itinerary, comma-separated.
+    /// Sites to create and give the agent as its itinerary, comma-separated. The agent
+    /// starts on one more site, `home`, and hops from there.
     #[arg(long, value_delimiter = ',', required = true)]
     pub sites: Vec<String>,
-    /// Directory of site corpora: site X serves the documents under DIR/X/.
+    /// Directory of site corpora: site X serves the documents under DIR/X/ (a site without
+    /// a folder there has no documents).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Sites of the itinerary that cannot be reached, comma-separated: a hop to one fails as
+    /// when its host is down, to try how the agent copes.
+    #[arg(long, value_delimiter = ',', value_name = "SITES")]
+    pub unreachable: Vec<String>,
     /// Argument for the agent, repeatable.
     #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_kv)]
     pub args: Vec<(String, String)>,
@@ -176,6 +186,13 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::New(args) => new::new(&args).map(|dir| {
+            eprintln!(
+                "made {0}: try `agent run $(agent build {0}) --sites siteA,siteB`",
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }),
         Command::Build { crate_dir } => builder::build(&crate_dir)
             .map(|path| {
                 println!("{}", path.display());
