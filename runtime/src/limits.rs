@@ -27,7 +27,11 @@ impl Default for Limits {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LimitExceeded {
     /// The agent tried to grow its memory past [`Limits::max_memory`].
-    #[error("memory limit of {} MiB exceeded: the agent asked for {} MiB", limit >> 20, wanted >> 20)]
+    #[error(
+        "memory limit of {} exceeded: the agent asked to grow its memory to {}",
+        mib(*limit),
+        mib(*wanted)
+    )]
     Memory {
         /// The limit in bytes.
         limit: u64,
@@ -40,6 +44,15 @@ pub enum LimitExceeded {
         /// The budget.
         budget: Duration,
     },
+}
+
+/// `bytes` in MiB, with two decimals unless whole: a limit of 256 MiB and a request for
+/// 256 MiB and one page must not read alike.
+fn mib(bytes: u64) -> String {
+    match bytes % (1 << 20) {
+        0 => format!("{} MiB", bytes >> 20),
+        _ => format!("{:.2} MiB", bytes as f64 / f64::from(1 << 20)),
+    }
 }
 
 /// Refuses memory growth past the limit with an error (a trap), not a silent `-1`, so the

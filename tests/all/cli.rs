@@ -141,7 +141,11 @@ fn agent_run_refuses_a_module_that_is_not_an_agent_and_a_missing_corpus() {
         stderr.contains("module refused: not an agent: the module has no `agent-abi` section"),
         "{stderr}"
     );
-    assert_eq!(stderr.matches("not an agent").count(), 1, "said twice: {stderr}");
+    assert_eq!(
+        stderr.matches("not an agent").count(),
+        1,
+        "said twice: {stderr}"
+    );
 
     // A site without a folder under --data is a site without documents; one made
     // unreachable is skipped by the search agent, as a host that is down would be.

@@ -70,6 +70,11 @@ fn hostile_agents_get_clear_errors_and_the_host_keeps_serving_others() {
     }
     let good = report(&finish(good, Duration::from_secs(120)));
     assert_eq!(good["ok"], true, "{good}");
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "a refused launch did not run"
+    );
     let refused = report(&refused);
     let error = refused["error"].as_str().unwrap_or_default();
     assert!(

@@ -142,6 +142,26 @@ fn the_search_agent_visits_three_host_processes_and_a_second_launch_sends_no_mod
         "no host that has the module gets its bytes again"
     );
     assert_eq!(again["result"], first["result"]);
+
+    // --quiet: the result alone on stdout, nothing of the hops on stderr.
+    let quiet = [
+        "launch",
+        &wasm,
+        "--hop",
+        "siteB",
+        "--arg",
+        "query=migration",
+        "-q",
+    ];
+    let out = cluster.agent(&quiet, "siteA", "alice");
+    assert!(out.status.success(), "{out:?}");
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["visited"], serde_json::json!(["siteB"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("siteA") && !stderr.contains("hop"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -184,6 +204,12 @@ fn unknown_and_down_sites_are_hop_errors_the_agent_skips() {
         "{}",
         skipped[1]
     );
+    // The agent's `ctx.warn` is a warning in the host's log, which a file gets without
+    // colour codes.
+    let log = cluster.log("siteB");
+    let warned = log.lines().find(|l| l.contains("skipping atlantis"));
+    assert!(warned.is_some_and(|l| l.contains(" WARN ")), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file");
 }
 
 #[test]

@@ -51,8 +51,15 @@ fn a_memory_bomb_hits_the_memory_limit() {
     .to_string();
     assert_eq!(
         message,
-        "memory limit of 32 MiB exceeded: the agent asked for 33 MiB"
+        "memory limit of 32 MiB exceeded: the agent asked to grow its memory to 33 MiB"
     );
+    // One page over the limit does not read as the limit itself.
+    let message = LimitExceeded::Memory {
+        limit: 256 << 20,
+        wanted: (256 << 20) + (64 << 10),
+    }
+    .to_string();
+    assert!(message.ends_with("to 256.06 MiB"), "{message}");
 }
 
 #[test]

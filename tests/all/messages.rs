@@ -191,6 +191,12 @@ fn a_parked_agent_is_woken_by_a_message_across_a_restart_of_its_host() {
     // Its home says where it waits.
     let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
     assert_eq!(status["waiting_on"], "siteB", "{status:#}");
+    // The same words in JSON as in text: its life, and what it is doing.
+    assert_eq!(
+        (&status["state"], &status["activity"]),
+        (&"running".into(), &"waiting".into()),
+        "{status:#}"
+    );
     let out = cluster.agent(&["status", &id], "siteA", "alice");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -198,7 +204,7 @@ fn a_parked_agent_is_woken_by_a_message_across_a_restart_of_its_host() {
         "{text}"
     );
     let out = cluster.agent(&["list"], "siteA", "alice");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("waiting"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("running (waiting)"));
     sent(&send(&cluster, &id, &["first"], "siteA", "alice"));
     // Taken, and parked again once the wait is long.
     logged(&cluster, "siteB", "woke", Duration::from_secs(30));

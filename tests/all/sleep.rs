@@ -82,6 +82,7 @@ fn a_parked_agent_wakes_after_its_host_crashed() {
     let id = only_agent(&cluster);
     let status = json(&cluster.agent(&["status", &id, "--json"], "siteA", "alice"));
     assert!(status["sleeping_until_ms"].as_u64().is_some(), "{status}");
+    assert_eq!(status["activity"], "sleeping", "{status}");
     assert_eq!(status["site"], "siteB", "{status}");
 
     cluster.kill("siteB");

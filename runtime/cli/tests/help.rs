@@ -168,3 +168,34 @@ fn issued_certificates_are_ready_to_serve_and_a_missing_file_is_named() {
     let text = serve("siteA");
     assert!(text.contains("ca.crt is missing"), "{text}");
 }
+
+/// An address where nothing listens fails as fast as hosts give up on each other, with a
+/// hint at what to check, rather than after QUIC's 30 s idle timeout.
+#[test]
+fn a_host_address_where_nothing_listens_fails_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().to_str().unwrap();
+    for args in [
+        &["certs", "init", "--dir", certs][..],
+        &["certs", "issue", "--dir", certs, "--user", "dana"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_agent-host"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    // A UDP port bound but never read: nothing will answer there.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let host = format!("siteA@{}", silent.local_addr().unwrap());
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["list", "--host", &host, "--certs", certs])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("no answer from siteA@") && text.contains("within 3s: check that"),
+        "{text}"
+    );
+}

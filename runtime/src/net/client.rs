@@ -40,6 +40,13 @@ pub enum ClientError {
         #[source]
         source: quinn::ConnectionError,
     },
+    /// Nothing answered at the address.
+    #[error(
+        "no answer from {0} within {timeout:?}: check that `agent-host serve` runs there, that \
+         its --listen address is this one, and that UDP reaches it",
+        timeout = crate::net::peers::CONNECT_TIMEOUT
+    )]
+    NoAnswer(HostAddr),
     /// The host closed the connection because it does not accept our certificate.
     #[error("the host refused our certificate: {0}")]
     CertificateRefused(#[source] quinn::ConnectionError),
@@ -144,9 +151,12 @@ impl Client {
         let mut endpoint =
             quinn::Endpoint::client(bind_addr(host.addr)).map_err(ClientError::Socket)?;
         endpoint.set_default_client_config(tls::client_config(creds, true)?);
-        let conn = endpoint
-            .connect(host.addr, &host.name)?
+        let connecting = endpoint.connect(host.addr, &host.name)?;
+        // As fast as hosts give up on each other: an address where nothing answers is the
+        // commonest mistake, and waiting for QUIC's idle timeout would take 30 s.
+        let conn = tokio::time::timeout(crate::net::peers::CONNECT_TIMEOUT, connecting)
             .await
+            .map_err(|_| ClientError::NoAnswer(host.clone()))?
             .map_err(|source| ClientError::Connect {
                 host: host.clone(),
                 source,

@@ -108,10 +108,11 @@ struct ServeArgs {
     /// Directory of documents this site's corpus service searches.
     #[arg(long)]
     corpus: Option<PathBuf>,
-    /// Most memory per agent, in MiB.
+    /// Most memory per agent, in MiB (default 256).
     #[arg(long)]
     max_memory_mib: Option<u64>,
-    /// CPU time each agent may use in its whole life, on all hosts together, in seconds.
+    /// CPU time each agent may use in its whole life, on all hosts together, in seconds
+    /// (default 60).
     #[arg(long)]
     cpu_budget_secs: Option<u64>,
     /// Most agents running at once (default 1000). Launches and arriving hops over it are
@@ -227,6 +228,8 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Crash points for the fault-injection tests; nothing in normal builds.
     let _faults = agent_runtime::faults::setup();

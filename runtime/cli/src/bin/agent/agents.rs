@@ -24,7 +24,12 @@ struct StatusView<'a> {
     result: Option<serde_json::Value>,
     site: &'a str,
     sleeping_until_ms: Option<u64>,
+    /// Its life: running, finished, failed or killed (the text output's first word).
     state: &'a str,
+    /// What a running agent is doing: computing (`running`), `sleeping` or `waiting` for a
+    /// message (the text output's word in parentheses).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    activity: Option<&'static str>,
     /// The site it is parked on waiting for a message.
     #[serde(skip_serializing_if = "Option::is_none")]
     waiting_on: Option<&'a str>,
@@ -45,8 +50,22 @@ impl<'a> From<&'a StatusReply> for StatusView<'a> {
             site: &s.site,
             sleeping_until_ms: asleep(s).map(|a| a.until_ms),
             state: s.state.as_str(),
+            activity: activity(s),
             waiting_on: s.waiting_on.as_deref(),
         }
+    }
+}
+
+/// What a running agent is doing; `None` once it ended.
+fn activity(s: &StatusReply) -> Option<&'static str> {
+    if s.state != AgentState::Running {
+        None
+    } else if asleep(s).is_some() {
+        Some("sleeping")
+    } else if s.waiting_on.is_some() {
+        Some("waiting")
+    } else {
+        Some("running")
     }
 }
 
@@ -68,15 +87,12 @@ fn print_status(s: &StatusReply) {
     )
     .chain(s.hops.iter().map(|h| h.to.as_str()))
     .collect();
-    let state = if asleep(s).is_some() {
-        "sleeping"
-    } else if s.waiting_on.is_some() {
-        "waiting"
-    } else {
-        s.state.as_str()
+    let state = match activity(s) {
+        Some("running") | None => s.state.as_str().to_string(),
+        Some(doing) => format!("{} ({doing})", s.state.as_str()),
     };
     println!(
-        "{}  {:<9} on {:<10} owner {:<10} path {}",
+        "{}  {:<19} on {:<10} owner {:<10} path {}",
         s.agent,
         state,
         s.site,

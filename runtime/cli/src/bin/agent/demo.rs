@@ -161,7 +161,7 @@ async fn search(home: &Connection, wasm: &[u8], query: &str) -> anyhow::Result<E
         ],
         args: BTreeMap::from([("query".to_string(), query.to_string())]),
     };
-    let (code, result) = launch::launch(home, submission, false).await?;
+    let (code, result) = launch::launch(home, submission, launch::Show::Text).await?;
     if let Some(hits) = result.as_ref().and_then(|r| r["hits"].as_array()) {
         eprintln!(
             "{} hits for `{query}` from {} sites",

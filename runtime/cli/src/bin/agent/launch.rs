@@ -102,6 +102,8 @@ struct Ending {
     ok: bool,
     result: Option<serde_json::Value>,
     error: Option<String>,
+    /// The home refused the launch: the agent never ran.
+    refused: bool,
 }
 
 impl Ending {
@@ -110,6 +112,7 @@ impl Ending {
             ok: false,
             result: None,
             error: Some(error),
+            refused: false,
         }
     }
 
@@ -121,11 +124,15 @@ impl Ending {
                     ok: true,
                     result: Some(v),
                     error: None,
+                    refused: false,
                 },
                 Some(Err(e)) => Ending::failed(e.to_string()),
                 None => Ending::failed(outcome.error().unwrap_or_default()),
             },
-            LaunchEvent::Refused(why) => Ending::failed(format!("launch refused: {why}")),
+            LaunchEvent::Refused(why) => Ending {
+                refused: true,
+                ..Ending::failed(format!("launch refused: {why}"))
+            },
             other => Ending::failed(format!("unexpected end: {other:?}")),
         }
     }
@@ -139,6 +146,7 @@ impl Ending {
             ok: status.state == AgentState::Finished,
             result,
             error: status.error.clone(),
+            refused: false,
         })
     }
 }
@@ -339,10 +347,10 @@ fn short(agent: &AgentId) -> String {
 pub async fn launch(
     conn: &Connection,
     submission: Submission<'_>,
-    json: bool,
+    show: Show,
 ) -> anyhow::Result<(ExitCode, Option<serde_json::Value>)> {
     let client = conn.connect().await?;
-    let progress = Progress::new(json);
+    let progress = Progress::new(show != Show::Text);
     let mut hops: Vec<HopInfo> = Vec::new();
     let mut launched: Option<String> = None;
     let mut values = Vec::new();
@@ -356,7 +364,7 @@ pub async fn launch(
             LaunchEvent::Launched { agent, .. } => launched = Some(agent.to_string()),
             _ => {}
         }
-        if !json {
+        if show == Show::Text {
             progress.show(event, hops.len());
         }
     };
@@ -383,12 +391,24 @@ pub async fn launch(
     };
     // Reports of hops come from different hosts and may arrive out of order.
     hops.sort_by_key(|h| h.seq);
-    print_ending(launched, &ending, (&hops, values, children.0), json)?;
-    let code = match ending.ok {
-        true => ExitCode::SUCCESS,
-        false => ExitCode::FAILURE,
+    print_ending(launched, &ending, (&hops, values, children.0), show)?;
+    let code = match (ending.ok, ending.refused) {
+        (true, _) => ExitCode::SUCCESS,
+        (false, true) => ExitCode::from(2),
+        (false, false) => ExitCode::FAILURE,
     };
     Ok((code, ending.result))
+}
+
+/// What `agent launch` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Show {
+    /// Each event as it comes, then the hop table and the result.
+    Text,
+    /// Only the result (stdout) or the error (stderr).
+    Quiet,
+    /// One JSON object at the end.
+    Json,
 }
 
 /// Prints how the agent ended: one JSON object, or the hop table and the result.
@@ -396,9 +416,9 @@ fn print_ending(
     agent: Option<String>,
     ending: &Ending,
     (hops, emitted, children): (&[HopInfo], Vec<serde_json::Value>, Vec<ChildView>),
-    json: bool,
+    show: Show,
 ) -> anyhow::Result<()> {
-    if json {
+    if show == Show::Json {
         let view = LaunchView {
             agent,
             children,
@@ -411,7 +431,7 @@ fn print_ending(
         println!("{}", serde_json::to_string_pretty(&view)?);
         return Ok(());
     }
-    if !hops.is_empty() {
+    if !hops.is_empty() && show == Show::Text {
         eprintln!("{}", hop_table(hops));
     }
     match (&ending.result, &ending.error) {

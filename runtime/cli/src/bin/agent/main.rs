@@ -17,9 +17,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// How `agent` exits, shown by `--help`.
+const EXIT_STATUS: &str = "Exit status: 0 when the command succeeded (for run and launch: the \
+agent returned Ok); 1 when the agent ended in an error or failed (run, launch); 2 when the \
+command could not do its work: bad arguments, a module or launch refused, a host that cannot \
+be reached, a missing certificate.";
+
 /// Build and run WebAssembly mobile agents.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_help = EXIT_STATUS)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,10 +44,12 @@ enum Command {
     /// Run an agent on in-process virtual sites; every hop goes through a real snapshot,
     /// encode, decode and restore into an instance reset to the module's initial memory. A
     /// clone's children run beside their parent.
+    #[command(after_help = EXIT_STATUS)]
     Run(RunArgs),
     /// Launch an agent on a host (its home) and follow it across hosts until it ends, printing
     /// its hops and the values it emits as they come, and its clones' children as they start
     /// and end (followed until they ended too).
+    #[command(after_help = EXIT_STATUS)]
     Launch(LaunchArgs),
     /// Show one of your agents.
     Status {
@@ -113,8 +121,10 @@ enum Command {
 struct LaunchArgs {
     /// The agent module (.wasm).
     module: PathBuf,
-    /// Sites to visit, comma-separated (the agent's itinerary).
-    #[arg(long, value_delimiter = ',')]
+    /// Sites to visit, comma-separated (the agent's itinerary): names, or places such as
+    /// `any` and `least-loaded:arch=aarch64`. Without it the itinerary is empty: the agent
+    /// starts on the host and goes only where its own code sends it.
+    #[arg(long, value_delimiter = ',', value_name = "SITES")]
     hop: Vec<String>,
     /// Argument for the agent, repeatable.
     #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_kv)]
@@ -125,6 +135,9 @@ struct LaunchArgs {
     /// children cloned.
     #[arg(long)]
     json: bool,
+    /// Print only the result (or the error): no hops as they happen, no hop table.
+    #[arg(long, short, conflicts_with = "json")]
+    quiet: bool,
     /// Return once the home host started the agent, printing its id; it runs on (follow it
     /// with `agent status ID`).
     #[arg(long)]
@@ -248,5 +261,10 @@ fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     if args.detach {
         return block_on(launch::launch_detached(&args.conn, submission, args.json));
     }
-    block_on(launch::launch(&args.conn, submission, args.json)).map(|(code, _)| code)
+    let show = match (args.json, args.quiet) {
+        (true, _) => launch::Show::Json,
+        (false, true) => launch::Show::Quiet,
+        (false, false) => launch::Show::Text,
+    };
+    block_on(launch::launch(&args.conn, submission, show)).map(|(code, _)| code)
 }
