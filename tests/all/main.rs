@@ -16,6 +16,7 @@ mod hosts;
 mod limits;
 mod mail_faults;
 mod messages;
+mod metrics;
 mod migration;
 mod mtls;
 mod network;

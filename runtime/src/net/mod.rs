@@ -1,6 +1,7 @@
 //! Hosts over the network: certificates, mutually authenticated QUIC, the hop protocol, the
 //! durable store, the host itself and the user's client.
 
+pub mod admin;
 pub mod budget;
 pub mod certs;
 pub mod client;
@@ -11,6 +12,7 @@ pub mod hop;
 pub mod host;
 pub mod mailbox;
 pub mod messages;
+pub mod metrics;
 mod peers;
 pub mod quota;
 mod residents;

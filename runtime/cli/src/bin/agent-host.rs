@@ -108,6 +108,10 @@ struct ServeArgs {
     /// Directory of documents this site's corpus service searches.
     #[arg(long)]
     corpus: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (off by default; use a loopback or
+    /// private address: the page has no authentication).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Most memory per agent, in MiB (default 256).
     #[arg(long)]
     max_memory_mib: Option<u64>,
@@ -186,6 +190,7 @@ struct FileConfig {
     join: Vec<String>,
     advertise: Option<SocketAddr>,
     corpus: Option<PathBuf>,
+    metrics: Option<SocketAddr>,
     max_memory_mib: Option<u64>,
     cpu_budget_secs: Option<u64>,
     max_agents: Option<usize>,
@@ -304,6 +309,7 @@ impl FileConfig {
             certs: args.certs.or(self.certs),
             peers,
             corpus: args.corpus.or(self.corpus),
+            metrics: args.metrics.or(self.metrics),
             max_memory_mib: args.max_memory_mib.or(self.max_memory_mib),
             cpu_budget_secs: args.cpu_budget_secs.or(self.cpu_budget_secs),
             max_agents: args.max_agents.or(self.max_agents),
@@ -431,9 +437,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => Corpus::empty(),
     };
     let documents = corpus.len();
+    let metrics = settings.metrics;
     let config = host_config(settings, name.clone(), data_dir)?;
     let site = Site::new(&name, corpus);
-    run_host(config, creds, (site, documents), dev.then_some(&certs_dir))
+    run_host(
+        config,
+        creds,
+        (site, documents),
+        (dev.then_some(&certs_dir), metrics),
+    )
 }
 
 /// The host's configuration from its settings, with the defaults for what they leave out.
@@ -510,7 +522,7 @@ fn run_host(
     config: HostConfig,
     creds: Credentials,
     (site, documents): (Site, usize),
-    dev_certs: Option<&Path>,
+    (dev_certs, metrics): (Option<&Path>, Option<SocketAddr>),
 ) -> anyhow::Result<()> {
     let (name, listen) = (config.name.clone(), config.listen);
     // Without its background threads jemalloc gives freed pages back only when the thread
@@ -533,6 +545,18 @@ fn run_host(
                 "connect with: agent launch AGENT.wasm --hop {name} --host {name}@{addr} --certs {}",
                 certs_dir.display()
             );
+        }
+        if let Some(at) = metrics {
+            let listener = (tokio::net::TcpListener::bind(at).await)
+                .with_context(|| format!("cannot serve metrics on {at}"))?;
+            let at = listener.local_addr().unwrap_or(at);
+            tracing::info!("metrics on http://{at}/metrics");
+            let host = host.clone();
+            tokio::spawn(async move {
+                if let Err(e) = agent_runtime::net::admin::serve(host, listener).await {
+                    tracing::warn!("metrics no longer served: {e}");
+                }
+            });
         }
         tokio::spawn(log_memory(host.clone()));
         tokio::select! {

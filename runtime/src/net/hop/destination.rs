@@ -186,6 +186,7 @@ impl Host {
         let OfferReply::Accept { need_module, .. } = *reply else {
             if let OfferReply::Refuse(why) = reply {
                 tracing::info!(agent = %offer.agent, %peer, "refused offer: {why}");
+                self.metrics.hop_in("refused");
             }
             return Ok(());
         };
@@ -214,7 +215,10 @@ impl Host {
         let (mut agent, whole, unverified) =
             match self.receive(offer, wasm, &image, base, filling).await {
                 Ok(arrived) => arrived,
-                Err(why) => return arrival.refuse(send, receiving, why).await,
+                Err(why) => {
+                    self.metrics.hop_in("failed");
+                    return arrival.refuse(send, receiving, why).await;
+                }
             };
         // It runs while DEPARTED comes and the commit is made; a commit that fails, or a
         // stream that breaks first, drops it before it did anything seen.
@@ -241,8 +245,10 @@ impl Host {
         arrival.phase("committed");
         if let Err(why) = commit {
             let _ = verdict.send(false);
+            self.metrics.hop_in("failed");
             return arrival.refuse(send, receiving, why).await;
         }
+        self.metrics.hop_in("committed");
         // Before the agent is let go, so that a crash here leaves it where the commit did.
         crash_point("dest-after-commit");
         self.enroll(offer.agent, &offer.owner, flags);

@@ -94,6 +94,16 @@ impl Host {
         agent: &mut AgentInstance,
         site: &str,
     ) -> Result<HopInfo, HopFailure> {
+        let ended = self.try_send_agent(agent, site).await;
+        self.count_hop_out(&ended);
+        ended
+    }
+
+    async fn try_send_agent(
+        self: &Arc<Self>,
+        agent: &mut AgentInstance,
+        site: &str,
+    ) -> Result<HopInfo, HopFailure> {
         let (frozen, frozen_at_us) = (Instant::now(), unix_us());
         if !self.peers.knows(site) {
             return Err(HopError::UnknownSite(site.to_string()).into());
@@ -112,6 +122,30 @@ impl Host {
         out.phase("offer answered");
         let step = hop.on_offer_reply(reply);
         self.drive_hop(&mut out, site, hop, step).await
+    }
+
+    /// Counts a hop from here for the host's metrics.
+    fn count_hop_out(&self, ended: &Result<HopInfo, HopFailure>) {
+        let us = Duration::from_micros;
+        match ended {
+            Ok(info) => self.metrics.hop_out(
+                "committed",
+                Some((
+                    us(info.freeze_us),
+                    us(info.committed_us),
+                    info.image_bytes,
+                    info.module_bytes,
+                )),
+            ),
+            Err(failure) => self.metrics.hop_out(
+                match failure.error {
+                    HopError::UnknownSite(_) => "unknown_site",
+                    HopError::Refused { .. } => "refused",
+                    HopError::Unreachable { .. } => "unreachable",
+                },
+                None,
+            ),
+        }
     }
 
     /// Sends a new child of an agent of `module` to `site`: `image` is the parent's, with

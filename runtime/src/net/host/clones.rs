@@ -120,6 +120,7 @@ impl Host {
             match made {
                 Some(Ok(hop)) => {
                     crash_point("clone-after-child");
+                    self.metrics.clone_made();
                     // Told again if the home recorded it already (its arrival there): it
                     // holds each hop once.
                     (self.report(child.agent, home.clone(), LaunchEvent::Moved(hop))).await;

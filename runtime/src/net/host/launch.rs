@@ -85,42 +85,49 @@ impl Host {
         (known, itinerary, args): (Option<ModuleHash>, Vec<String>, BTreeMap<String, String>),
         (send, recv, inflight): Stream<'_>,
     ) -> Result<(), WireError> {
-        let refused = |why: String| LaunchEvent::Refused(why);
+        // Counted by a reason of a few kinds, the message says the rest.
+        let refused = |kind: &str, why: String| {
+            self.metrics.launch(kind);
+            LaunchEvent::Refused(why)
+        };
         if peer.role != Role::User {
             let why = format!("only users launch agents, and {peer} is not a user");
-            return write_msg(send, &refused(why)).await;
+            return write_msg(send, &refused("refused_not_a_user", why)).await;
         }
         if self.stopping() {
-            return write_msg(send, &refused("the host is shutting down".into())).await;
+            let why = "the host is shutting down".into();
+            return write_msg(send, &refused("refused_stopping", why)).await;
         }
         if self.draining() {
             let why = "the host is draining: launch on another host".into();
-            return write_msg(send, &refused(why)).await;
+            return write_msg(send, &refused("refused_draining", why)).await;
         }
         // A place for the agent, held from here until it runs (or the launch fails).
         let place = match self.may_launch(&peer.name) {
             Ok(place) => place,
             Err(over) => {
                 tracing::info!(%peer, "refused a launch: {over}");
-                return write_msg(send, &refused(over.to_string())).await;
+                return write_msg(send, &refused("refused_over_limit", over.to_string())).await;
             }
         };
         let read = self.launch_module(&peer.name, known, send, recv, inflight);
         let module = match tokio::time::timeout(MODULE_DEADLINE, read).await {
             Ok(Ok(Ok(module))) => module,
-            Ok(Ok(Err(no))) => return write_msg(send, &refused(no.to_string())).await,
+            Ok(Ok(Err(no))) => {
+                return write_msg(send, &refused("refused_module", no.to_string())).await;
+            }
             Err(_) => {
                 let late = WireError::Late {
                     what: "module",
                     within: MODULE_DEADLINE,
                 };
-                let _ = write_msg(send, &refused(late.to_string())).await;
+                let _ = write_msg(send, &refused("refused_late", late.to_string())).await;
                 return Err(late);
             }
             Ok(Err(e)) => {
                 // Told, in case the stream still carries it (a budget was full, say).
                 let why = format!("the module was not received: {e}");
-                let _ = write_msg(send, &refused(why)).await;
+                let _ = write_msg(send, &refused("refused_module_lost", why)).await;
                 return Err(e);
             }
         };
@@ -138,6 +145,7 @@ impl Host {
                 drop(place);
                 // Said once the agent is stored: a detached launcher may leave at this point.
                 // Its events wait in `rx` until this is written.
+                self.metrics.launch("launched");
                 let launched = LaunchEvent::Launched {
                     agent: id,
                     module: module.hash,

@@ -43,6 +43,7 @@ use crate::net::budget::Budget;
 use crate::net::executor::AgentExecutor;
 use crate::net::gossip::{self, Membership};
 use crate::net::hop::spare::Spare;
+use crate::net::metrics::Metrics;
 use crate::net::peers::Peers;
 use crate::net::quota::{Quotas, UserLimits};
 use crate::net::residents::Residents;
@@ -278,6 +279,8 @@ pub struct Host {
     pub(in crate::net) draining: std::sync::atomic::AtomicBool,
     /// Agents that may still move away this second to balance the load.
     pub(in crate::net) moves_left: std::sync::atomic::AtomicU32,
+    /// What operators' monitoring reads (`--metrics`).
+    pub(in crate::net) metrics: Metrics,
 }
 
 /// How an agent task starts.
@@ -296,6 +299,13 @@ pub(in crate::net) enum Start {
 }
 
 impl Host {
+    /// The host's metrics as Prometheus text, its agents counted now.
+    pub fn metrics_text(&self) -> String {
+        let (running, parked) = (self.residents.running(), self.residents.parked());
+        self.metrics.agents(running, parked);
+        self.metrics.text()
+    }
+
     /// Opens the store, binds the endpoint and resumes agents that live here.
     ///
     /// # Errors
@@ -336,6 +346,7 @@ impl Host {
             start: crate::net::messages::unix_us() / 1000,
         };
         let membership = Membership::new(me, gossip::facts(site.services()));
+        let metrics = Metrics::new(store.commit_durations());
         let host = Arc::new(Host {
             config,
             bases,
@@ -361,6 +372,7 @@ impl Host {
             spare: Arc::new(Spare::new(WORTH_PREPARING as usize)),
             post,
             membership,
+            metrics,
             draining: Default::default(),
             moves_left: Default::default(),
         });

@@ -218,6 +218,7 @@ impl Host {
             return Err(Refusal::Store(e.to_string()));
         }
         crash_point("home-after-post");
+        self.metrics.message();
         let waiter = row.waiter.clone();
         held.row = row;
         drop(held);

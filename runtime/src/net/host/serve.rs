@@ -42,11 +42,15 @@ impl Host {
     pub(in crate::net) async fn serve_connection(self: Arc<Self>, incoming: quinn::Incoming) {
         let conn = match incoming.await {
             Ok(c) => c,
-            Err(e) => return tracing::info!("refused a connection: {e}"),
+            Err(e) => {
+                self.metrics.connection("handshake_failed");
+                return tracing::info!("refused a connection: {e}");
+            }
         };
         let peer = match tls::peer_identity(&conn) {
             Ok(id) => id,
             Err(e) => {
+                self.metrics.connection("no_identity");
                 tracing::warn!(remote = %conn.remote_address(), "no usable identity: {e}");
                 return conn.close(1u32.into(), b"no usable certificate");
             }
@@ -67,11 +71,13 @@ impl Host {
                     (Some(user), first, budgets)
                 }
                 Err(over) => {
+                    self.metrics.connection("over_quota");
                     tracing::info!(%peer, "refused a connection: {over}");
                     return conn.close(2u32.into(), over.to_string().as_bytes());
                 }
             },
         };
+        self.metrics.connection("accepted");
         while let Ok((send, recv)) = conn.accept_bi().await {
             let from = (peer.clone(), conn.rtt(), conn.remote_address());
             let inflight = (InFlight::new(first.clone()), InFlight::new(budgets.clone()));

@@ -106,6 +106,8 @@ pub(crate) struct Batcher<C: ?Sized> {
     lazy: AtomicBool,
     /// Transactions committed: fewer than the writes when writers meet in batches.
     commits: AtomicU64,
+    /// How long each durable commit took (the host's metrics read it).
+    durations: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl<C: ?Sized> Default for Batcher<C> {
@@ -120,6 +122,7 @@ impl<C: ?Sized> Default for Batcher<C> {
             }),
             lazy: AtomicBool::new(false),
             commits: AtomicU64::new(0),
+            durations: crate::net::metrics::seconds(),
         }
     }
 }
@@ -140,6 +143,11 @@ impl<C: ?Sized> Batcher<C> {
     #[cfg(test)]
     pub(crate) fn lazy_pending(&self) -> bool {
         self.lazy.load(Ordering::Acquire)
+    }
+
+    /// How long durable commits took, for the host's metrics.
+    pub(crate) fn durations(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.durations.clone()
     }
 
     /// Transactions committed so far.
@@ -256,8 +264,12 @@ impl<C: ?Sized> Batcher<C> {
                 settled.push((jobs.remove(at).ticket, Ok(())));
                 continue;
             }
+            let started = std::time::Instant::now();
             match txn.commit() {
                 Ok(()) => {
+                    if durable {
+                        self.durations.observe(started.elapsed().as_secs_f64());
+                    }
                     self.lazy.store(!durable, Ordering::Release);
                     self.commits.fetch_add(1, Ordering::Relaxed);
                     settled.extend(jobs.into_iter().map(|j| (j.ticket, Ok(()))));

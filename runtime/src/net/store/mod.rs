@@ -58,6 +58,11 @@ pub struct HostStore {
 }
 
 impl HostStore {
+    /// How long the store's durable commits took, for the host's metrics.
+    pub(crate) fn commit_durations(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.batch.durations()
+    }
+
     /// Opens (or creates) the store under `dir`.
     ///
     /// # Errors
