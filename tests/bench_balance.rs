@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 const SITES: [&str; 4] = ["siteA", "siteB", "siteC", "siteD"];
 const AGENTS: usize = 400;
-/// Primes counted up to by each agent: about a fifth of a second of CPU here.
+/// Primes counted up to by each agent: about a third of a second of CPU on this VM.
 const N: &str = "2000000";
 
 /// Pins every thread of host `pid` to `cpu`.

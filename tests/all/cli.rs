@@ -168,6 +168,20 @@ fn agent_run_refuses_a_module_that_is_not_an_agent_and_a_missing_corpus() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("site nowhere has no documents"), "{stderr}");
 
+    // A site made unreachable must be one of the run's sites.
+    let out = Command::new(agent_bin())
+        .arg("run")
+        .arg(search_wasm())
+        .args(["--sites", "a", "--unreachable", "b", "--no-disk-cache"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--unreachable b: not one of the --sites"),
+        "{stderr}"
+    );
+
     // A file where the site's folder should be is still an error.
     std::fs::write(dir.path().join("nowhere"), b"not a folder").unwrap();
     let out = Command::new(agent_bin())

@@ -171,8 +171,8 @@ fn a_host_that_crashes_while_draining_drains_after_its_restart_and_loses_none() 
     let (spinners, sleepers, started) = busy_site_b(&cluster);
 
     let lost = drain(&cluster, "siteB");
-    assert!(!lost.status.success());
     let said = String::from_utf8_lossy(&lost.stderr);
+    assert!(!lost.status.success(), "{said}\n{}", cluster.log("siteB"));
     assert!(said.contains("lost siteB while it drained"), "{said}");
     cluster.wait_exit("siteB", Duration::from_secs(30));
     assert!(

@@ -219,7 +219,7 @@ fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
             .expect_err("a host must refuse a user of another version");
         let e = tls::connect_error(&refused);
         assert!(
-            e.contains("another version of the protocol than wasm-agents/6"),
+            e.contains("another version of the protocol than wasm-agents/7"),
             "{e}"
         );
 
@@ -251,7 +251,7 @@ fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
             .expect_err("a host of another version must be refused");
         assert!(
             e.starts_with("cannot connect to siteB")
-                && e.contains("another version of the protocol than wasm-agents/6"),
+                && e.contains("another version of the protocol than wasm-agents/7"),
             "{e}"
         );
         let failed = accepting.await.unwrap();

@@ -141,6 +141,20 @@ fn issued_certificates_are_ready_to_serve_and_a_missing_file_is_named() {
     assert!(issued.status.success(), "{issued:?}");
     assert!(host.join("ca.crt").is_file());
     assert!(!host.join("ca.key").exists());
+    // Another CA's certificate into the same directory would not verify there: refused.
+    let other = dir.path().join("other-ca");
+    let other_arg = other.to_str().unwrap();
+    assert!(
+        host_cmd(&["certs", "init", "--dir", other_arg])
+            .status
+            .success()
+    );
+    let mixed = host_cmd(&[
+        "certs", "issue", "--dir", other_arg, "--host", "siteC", "--out", host_arg,
+    ]);
+    assert_eq!(mixed.status.code(), Some(2), "{mixed:?}");
+    assert!(String::from_utf8_lossy(&mixed.stderr).contains("another CA's certificate"));
+    assert!(!host.join("host-siteC.crt").exists());
 
     let data = dir.path().join("data");
     let serve = |name: &str| {

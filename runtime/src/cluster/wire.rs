@@ -113,6 +113,8 @@ impl foca::Codec<HostId> for Cbor {
 
 /// One message: the sender's `record`, then the protocol's `swim` message.
 pub fn frame(record: &[u8], swim: &[u8]) -> bytes::Bytes {
+    // Records are encoded within RECORD_ROOM ([`super::Cluster`]).
+    debug_assert!(record.len() < RECORD_ROOM);
     let mut data = Vec::with_capacity(2 + record.len() + swim.len());
     data.put_u16(record.len() as u16);
     data.put_slice(record);

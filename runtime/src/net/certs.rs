@@ -240,15 +240,22 @@ pub fn issue(
     let cert = params.signed_by(&key, &issuer)?;
 
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
-    let files = files(out_dir, role, name);
-    write_key(&files.key, &key.serialize_pem())?;
-    std::fs::write(&files.cert, cert.pem()).map_err(io(&files.cert))?;
     // A host or user given this directory also needs the CA's certificate (never its key)
     // to check its peers.
     let out_ca = ca_files(out_dir).cert;
-    if !out_ca.exists() {
-        std::fs::write(&out_ca, &ca_cert).map_err(io(&out_ca))?;
+    match std::fs::read_to_string(&out_ca) {
+        Ok(there) if there != ca_cert => {
+            return Err(CertError::Bad(format!(
+                "{} is another CA's certificate: give --out a directory of this CA",
+                out_ca.display()
+            )));
+        }
+        Ok(_) => {}
+        Err(_) => std::fs::write(&out_ca, &ca_cert).map_err(io(&out_ca))?,
     }
+    let files = files(out_dir, role, name);
+    write_key(&files.key, &key.serialize_pem())?;
+    std::fs::write(&files.cert, cert.pem()).map_err(io(&files.cert))?;
     Ok(files)
 }
 

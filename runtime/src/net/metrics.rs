@@ -45,7 +45,6 @@ pub struct Metrics {
     module_bytes: Counter,
     agents: Family<AgentsIn, Gauge>,
     launches: ByOutcome,
-    refusals: ByOutcome,
     store_commit: Histogram,
     connections: ByOutcome,
     messages: Counter,
@@ -67,7 +66,6 @@ impl Metrics {
             module_bytes: Counter::default(),
             agents: Family::default(),
             launches: ByOutcome::default(),
-            refusals: ByOutcome::default(),
             store_commit,
             connections: ByOutcome::default(),
             messages: Counter::default(),
@@ -113,11 +111,6 @@ impl Metrics {
             "launches",
             "Launches of agents by users, by outcome",
             m.launches.clone(),
-        );
-        registry.register(
-            "refusals",
-            "Requests refused, by reason",
-            m.refusals.clone(),
         );
         registry.register(
             "store_commit_seconds",
@@ -170,11 +163,6 @@ impl Metrics {
     /// A user's launch was taken or refused.
     pub fn launch(&self, outcome: &str) {
         self.launches.get_or_create(&Self::label(outcome)).inc();
-    }
-
-    /// A request was refused for `reason`.
-    pub fn refused(&self, reason: &str) {
-        self.refusals.get_or_create(&Self::label(reason)).inc();
     }
 
     /// A connection's handshake ended: `accepted`, or why not.

@@ -12,7 +12,7 @@ use std::time::Duration;
 /// ALPN protocol id: our protocol and its version. A host or client of another version fails
 /// the handshake (TLS alert 120) instead of exchanging messages it reads differently
 /// (docs/protocol.md says what each version changed).
-pub const ALPN: &[u8] = b"wasm-agents/6";
+pub const ALPN: &[u8] = b"wasm-agents/7";
 
 /// The TLS alert a peer sends when it speaks none of the protocols offered in ALPN.
 const NO_APPLICATION_PROTOCOL: u8 = 120;

@@ -178,6 +178,9 @@ impl From<AdmissionError> for RunError {
     }
 }
 
+/// Why a hop or clone to a site made unreachable fails.
+const UNREACHABLE: &str = "made unreachable for this run (--unreachable)";
+
 /// Runs agents on virtual sites inside this process.
 pub struct LocalRunner {
     modules: ModuleCache,
@@ -389,6 +392,10 @@ impl InProcess<'_, '_> {
         (round, index): (u64, u32),
         site: &str,
     ) -> Result<String, CloneError> {
+        if self.runner.unreachable.contains(site) {
+            let (site, reason) = (site.to_string(), UNREACHABLE.to_string());
+            return Err(CloneError::Site(HopError::Unreachable { site, reason }));
+        }
         let Some(dest) = self.runner.sites.get(site).cloned() else {
             return Err(CloneError::Site(HopError::UnknownSite(site.to_string())));
         };
@@ -458,7 +465,7 @@ impl Place for InProcess<'_, '_> {
 
     async fn hop(&mut self, mut agent: AgentInstance, site: String) -> Flow {
         if self.runner.unreachable.contains(&site) {
-            let reason = "made unreachable for this run (--unreachable)".to_string();
+            let reason = UNREACHABLE.to_string();
             return self
                 .stay(agent, HopError::Unreachable { site, reason })
                 .await;

@@ -535,6 +535,14 @@ fn run_host(
         .build()?;
     runtime.block_on(async move {
         // Its message names the cause already: as a chain `{:#}` would print it twice.
+        // Bound before the host starts: an address that cannot be served stops nothing.
+        let metrics = match metrics {
+            Some(at) => Some(
+                (tokio::net::TcpListener::bind(at).await)
+                    .with_context(|| format!("cannot serve metrics on {at}"))?,
+            ),
+            None => None,
+        };
         let started = Host::start(config, creds, site).await;
         let host = started.map_err(anyhow::Error::msg)?;
         let addr = host.local_addr().unwrap_or(listen);
@@ -546,11 +554,10 @@ fn run_host(
                 certs_dir.display()
             );
         }
-        if let Some(at) = metrics {
-            let listener = (tokio::net::TcpListener::bind(at).await)
-                .with_context(|| format!("cannot serve metrics on {at}"))?;
-            let at = listener.local_addr().unwrap_or(at);
-            tracing::info!("metrics on http://{at}/metrics");
+        if let Some(listener) = metrics {
+            if let Ok(at) = listener.local_addr() {
+                tracing::info!("metrics on http://{at}/metrics");
+            }
             let host = host.clone();
             tokio::spawn(async move {
                 if let Err(e) = agent_runtime::net::admin::serve(host, listener).await {

@@ -124,6 +124,7 @@ impl Host {
         if peer.role != Role::Host {
             // Refused for who sent it, before anything is looked up.
             let refused = decide_offer(&offer, peer, &DestView::default());
+            self.metrics.hop_in("refused");
             return write_msg(stream.0, &refused).await;
         }
         let status = self.store.transfer(&offer.agent, offer.seq).ok().flatten();
@@ -198,9 +199,8 @@ impl Host {
             base,
             started: Instant::now(),
         };
-        let (image, wasm, filling) = self
-            .read_transfer(offer, need_module, recv, inflight)
-            .await?;
+        let read = self.read_transfer(offer, need_module, recv, inflight).await;
+        let (image, wasm, filling) = read.inspect_err(|_| self.metrics.hop_in("failed"))?;
         arrival.phase("image read");
         crash_point("dest-mid-image");
         // An image that must stand alone (no base was offered) is what gets stored: a large
@@ -235,7 +235,8 @@ impl Host {
         let resumed = (Instant::now(), unix_us());
         arrival.phase("resumed");
         let checking = unverified.map(|u| tokio::task::spawn_blocking(move || u.check()));
-        let departed: Departed = read_msg_charged(recv, inflight).await?;
+        let departed = read_msg_charged::<Departed>(recv, inflight).await;
+        let departed = departed.inspect_err(|_| self.metrics.hop_in("failed"))?;
         arrival.phase("departed");
         crash_point("dest-before-commit");
         let stored = whole.as_deref().unwrap_or(&image[..]);

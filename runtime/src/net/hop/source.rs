@@ -159,6 +159,7 @@ impl Host {
         (frozen, frozen_at_us): (Instant, u64),
     ) -> Result<HopInfo, HopError> {
         if !self.peers.knows(site) {
+            self.metrics.hop_out("unknown_site", None);
             return Err(HopError::UnknownSite(site.to_string()));
         }
         let bytes = Outgoing::Encoded(Arc::new(encoded));
@@ -178,7 +179,10 @@ impl Host {
         let mut hop = SourceHop::recorded(site, plan);
         let reply = out.offer_to(self, site).await;
         let step = hop.on_offer_reply(reply);
-        (self.drive_hop(&mut out, site, hop, step).await).map_err(|f| f.error)
+        // A child's move counts as a hop from here, as it counts as one where it arrives.
+        let ended = self.drive_hop(&mut out, site, hop, step).await;
+        self.count_hop_out(&ended);
+        ended.map_err(|f| f.error)
     }
 
     /// Performs the steps of `hop` from `step` on until it ends: `Ok` once the destination

@@ -155,6 +155,7 @@ impl Host {
             }
             Err(end) => {
                 drop(place);
+                self.metrics.launch("failed_to_start");
                 self.deliver(&id, self.ended(0, end)).await;
             }
         }

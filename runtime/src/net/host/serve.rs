@@ -130,6 +130,9 @@ impl Host {
             }
             Request::Gossip { data } => {
                 let reply = self.gossip_in(&peer, remote, &data);
+                if let Err(why) = &reply {
+                    tracing::info!(%peer, "refused a membership message: {why}");
+                }
                 write_msg(&mut send, &reply).await
             }
             request => self.answer(&peer, request, stream.0, stream.1).await,

@@ -132,6 +132,9 @@ fn runner(args: &RunArgs) -> anyhow::Result<LocalRunner> {
         ..Limits::default()
     };
     let sites = load_sites(&args.sites, args.data.as_deref())?;
+    if let Some(stray) = (args.unreachable.iter()).find(|s| !args.sites.contains(s)) {
+        bail!("--unreachable {stray}: not one of the --sites");
+    }
     let engine = new_engine().map_err(|e| anyhow::anyhow!("cannot start wasmtime: {e}"))?;
     let cache_dir = if args.no_disk_cache {
         None
