@@ -28,6 +28,23 @@ pub struct LogLine {
     pub text: String,
 }
 
+impl LogLine {
+    /// Writes the line to the host's log for `agent`: `ctx.warn` and errors at the levels
+    /// operators filter on, the rest at INFO.
+    pub fn trace(&self, agent: &dyn std::fmt::Display) {
+        let (source, text) = (&self.source, &self.text);
+        match self.source {
+            LogSource::Agent(agent_abi::level::ERROR) => {
+                tracing::error!(agent = %agent, source = ?source, "{text}");
+            }
+            LogSource::Agent(agent_abi::level::WARN) => {
+                tracing::warn!(agent = %agent, source = ?source, "{text}");
+            }
+            _ => tracing::info!(agent = %agent, source = ?source, "{text}"),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Buffer {
     lines: Vec<LogLine>,

@@ -7,11 +7,10 @@
 //! a host sends also carries its own [`Record`] (its facts and load), the way MOSIX spread
 //! loads: each host hears the loads of the hosts it talks to (in a quiet cluster, the one it
 //! probes each second and those probing it), at a cost per message that does not grow with
-//! the cluster, where spreading
-//! every record to every host would cost each host in proportion to the hosts. A record is
-//! taken only from the host it describes. This module does no I/O: the
-//! host delivers messages and timers and carries out the [`Output`]s, so a simulation runs
-//! the very same code with virtual time (`cluster` bench, tests below).
+//! the cluster, where spreading every record to every host would cost each host in
+//! proportion to the hosts. A record is taken only from the host it describes. This module
+//! does no I/O: the host delivers messages and timers and carries out the [`Output`]s, so a
+//! simulation runs the very same code with virtual time (`cluster` bench, tests below).
 
 pub mod load;
 pub mod place;
@@ -205,7 +204,7 @@ impl Cluster {
     /// When the message is malformed or not for this host.
     pub fn receive(&mut self, data: &[u8], now_ms: u64) -> Result<(), ClusterError> {
         let (record, swim) = wire::unframe(data)?;
-        let sender = wire::sender(data)?;
+        let sender = wire::swim_sender(swim)?;
         let record: Record =
             ciborium::from_reader(record).map_err(|e| ClusterError::Record(e.to_string()))?;
         if record.host != *sender.name {

@@ -141,7 +141,15 @@ pub fn unframe(data: &[u8]) -> Result<(&[u8], &[u8]), CodecError> {
 /// # Errors
 /// When the message is not framed or its protocol part does not start with a header.
 pub fn sender(data: &[u8]) -> Result<HostId, CodecError> {
-    let (_, mut swim) = unframe(data)?;
+    let (_, swim) = unframe(data)?;
+    swim_sender(swim)
+}
+
+/// The sender named in the protocol part of a message (see [`unframe`]).
+///
+/// # Errors
+/// When it does not start with a header.
+pub fn swim_sender(mut swim: &[u8]) -> Result<HostId, CodecError> {
     let header: Header<HostId> = take(&mut swim)?;
     Ok(header.src)
 }

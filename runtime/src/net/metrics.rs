@@ -8,7 +8,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// One label: how a hop, an admission or a connection went, or why it was refused.
@@ -36,7 +35,8 @@ pub(crate) fn seconds() -> Histogram {
 
 /// A host's figures.
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    /// Filled once at construction; encoding only reads it.
+    registry: Registry,
     hops_out: ByOutcome,
     hops_in: ByOutcome,
     freeze: Histogram,
@@ -56,8 +56,8 @@ impl Metrics {
     /// store's own record of its commits.
     pub fn new(store_commit: Histogram) -> Metrics {
         let mut registry = Registry::with_prefix("agent_host");
-        let metrics = Metrics {
-            registry: Mutex::new(Registry::default()),
+        let mut metrics = Metrics {
+            registry: Registry::default(),
             hops_out: ByOutcome::default(),
             hops_in: ByOutcome::default(),
             freeze: seconds(),
@@ -132,9 +132,7 @@ impl Metrics {
             "Children made by agents running here",
             m.clones.clone(),
         );
-        if let Ok(mut slot) = metrics.registry.lock() {
-            *slot = registry;
-        }
+        metrics.registry = registry;
         metrics
     }
 
@@ -195,10 +193,8 @@ impl Metrics {
     /// Everything, as Prometheus (OpenMetrics) text.
     pub fn text(&self) -> String {
         let mut text = String::new();
-        if let Ok(registry) = self.registry.lock() {
-            // Writing to a String cannot fail.
-            let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
-        }
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
     }
 }

@@ -8,7 +8,7 @@ use crate::driver::{self, CallAnswer, Flow, Place};
 use crate::faults::crash_point;
 use crate::image::{Compression, EncodeOptions, Encoded};
 use crate::instance::{AgentError, AgentInstance};
-use crate::log::{LogLine, LogSource};
+use crate::log::LogLine;
 use crate::net::host::clones::Outcomes;
 use crate::net::host::{ASK_TIMEOUT, Fetched, Host, PARK_AFTER, Start, sleep_unless_killed};
 use crate::net::messages::{
@@ -291,17 +291,7 @@ impl Place for OnHost {
 
     fn log(&mut self, _agent: &AgentInstance, lines: Vec<LogLine>, dropped: u64) {
         for line in lines {
-            let (id, source, text) = (&self.id, &line.source, &line.text);
-            // `ctx.warn` and errors at the levels operators filter on.
-            match line.source {
-                LogSource::Agent(agent_abi::level::ERROR) => {
-                    tracing::error!(agent = %id, source = ?source, "{text}");
-                }
-                LogSource::Agent(agent_abi::level::WARN) => {
-                    tracing::warn!(agent = %id, source = ?source, "{text}");
-                }
-                _ => tracing::info!(agent = %id, source = ?source, "{text}"),
-            }
+            line.trace(&self.id);
         }
         if dropped > 0 {
             tracing::warn!(agent = %self.id, dropped, "agent log lines dropped");
